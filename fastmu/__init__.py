@@ -1,0 +1,55 @@
+"""fastmu: fast multiplicative-update NMF and its deep-unrolled learned variants.
+
+``import fastmu`` is light: NumPy only. Numba kernels, torch and anything
+GPU-related load on first use of the attribute that needs them.
+
+Public API
+----------
+mu
+    Batched Lee-Seung MU solver (NumPy, torch and CuPy arrays in and out).
+EPS
+    The ε added to every MU denominator, the same on every backend.
+metrics
+    SAD (mean cosine similarity), spectral angle, RMSE/NMSE, Hungarian matching.
+NALMU, ALMU
+    Learned unrolled MU models (``torch.nn.Module``).
+data, nn, losses
+    Data generation, differentiable layers, the paper's loss.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+#: ε added to every MU denominator (``num / (den + EPS)``), on every backend and dtype.
+EPS = 1e-12
+
+_LAZY = {
+    "mu": ("fastmu.solver", "mu"),
+    "available_backends": ("fastmu.dispatch", "available_backends"),
+    "NMF": ("fastmu.estimator", "NMF"),
+    "NALMU": ("fastmu.nn.models", "NALMU"),
+    "ALMU": ("fastmu.nn.models", "ALMU"),
+}
+_SUBMODULES = {"metrics", "data", "nn", "losses", "solver", "reference", "interop", "dispatch"}
+
+__all__ = ["EPS", "__version__", *sorted(_LAZY), *sorted(_SUBMODULES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"fastmu.{name}")
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastmu' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,5 @@
+import sys
+
+from fastmu.cli import main
+
+sys.exit(main())

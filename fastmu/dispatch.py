@@ -1,0 +1,210 @@
+"""Backends: one MU logic, thin engines per device.
+
+An *engine* owns the solver state of a batch of problems on one device and
+advances it with its fused kernel. The solver (:mod:`fastmu.solver`) drives
+any engine the same way::
+
+    eng = Engine(X, A, S, W, eps)   # native arrays of the backend; A, S are owned
+    eng.run(n_iter)                 # n_iter MU iterations, no return to Python between them
+    eng.objective()                 # 0.5‖X − AS‖² per problem, float64 NumPy (b,)
+    eng.factors()                   # (A, S) native arrays, views of the state
+
+Engines:
+
+``cpu``
+    Numba parallel fused kernels (:mod:`fastmu.kernels.cpu`), NumPy arrays.
+``torch``
+    The pure-torch reference update, on whatever device the tensors live on.
+``cuda``
+    Numba CUDA fused kernels (:mod:`fastmu.kernels.cuda`), loaded on demand.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import numpy as np
+
+from fastmu.interop import array_kind, is_device_array, numpy_to_kind, torch_to_numpy
+
+
+class Engine(Protocol):
+    name: str
+    #: the array namespace the engine takes and returns: "numpy", "torch" or "cuda"
+    native: str
+
+    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float) -> None: ...
+
+    def run(self, n_iter: int) -> None: ...
+
+    def objective(self) -> np.ndarray: ...
+
+    def factors(self) -> tuple[Any, Any]: ...
+
+    @staticmethod
+    def adopt(x: Any, like: Any | None) -> Any:
+        """Caller array (or a host NumPy array) -> native array, zero-copy where possible.
+
+        ``like`` is the native X (``None`` while adopting X itself): adopted
+        arrays go to its device.
+        """
+
+    @staticmethod
+    def release(x: Any, kind: str, like: Any) -> Any:
+        """Native array -> the caller's array kind, on the caller's device."""
+
+
+class CPUEngine:
+    """Fused Numba CPU kernels; ``X (b, m, t)``, ``A``, ``S`` C-contiguous NumPy arrays."""
+
+    name = "cpu"
+    native = "numpy"
+
+    def __init__(self, X: np.ndarray, A: np.ndarray, S: np.ndarray, W: np.ndarray | None, eps: float):
+        import numba
+
+        from fastmu.kernels import cpu
+
+        self._k = cpu
+        self._nthreads = numba.config.NUMBA_NUM_THREADS
+        b, m, _ = X.shape
+        n = A.shape[2]
+        self.X, self.A, self.S = X, A, S
+        self.W = np.ones((1, m, n), X.dtype) if W is None else np.ascontiguousarray(W, X.dtype)
+        self.eps = float(eps)
+        self.P = np.empty((b, m, n), X.dtype)
+        self.G = np.empty((b, n, n), X.dtype)
+        self._pg_valid = False
+        self._x2: np.ndarray | None = None
+
+    def run(self, n_iter: int) -> None:
+        self._k.mu_run(
+            self.X, self.A, self.S, self.W, self.P, self.G,
+            int(n_iter), self.eps, self._pg_valid, True, self._nthreads,
+        )
+        self._pg_valid = True
+
+    def objective(self) -> np.ndarray:
+        if not self._pg_valid:
+            self.run(0)
+        if self._x2 is None:
+            self._x2 = np.einsum("bij,bij->b", self.X, self.X, dtype=np.float64)
+        out = np.empty(self.X.shape[0], np.float64)
+        self._k.objective_from_pg(self._x2, self.A, self.P, self.G, out)
+        return out
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.A, self.S
+
+    @staticmethod
+    def adopt(x: Any, like: Any | None) -> np.ndarray:
+        if array_kind(x) == "torch":
+            if x.device.type != "cpu":
+                raise ValueError(
+                    f"backend='cpu' needs host arrays, got a tensor on {x.device}; "
+                    "use backend='cuda' or 'torch', or move it with .cpu()"
+                )
+            x = torch_to_numpy(x)
+        elif is_device_array(x):
+            raise ValueError("backend='cpu' needs host arrays, got a GPU array; use backend='cuda'")
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def release(x: np.ndarray, kind: str, like: Any) -> Any:
+        return numpy_to_kind(x, kind, like)  # zero-copy for torch CPU
+
+
+class TorchEngine:
+    """The pure-torch reference update, on the tensors' own device (the fallback)."""
+
+    name = "torch"
+    native = "torch"
+
+    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float):
+        self.X, self.A, self.S, self.W, self.eps = X, A, S, W, float(eps)
+
+    def run(self, n_iter: int) -> None:
+        import torch
+
+        from fastmu.reference import mu_step_torch
+
+        with torch.no_grad():
+            A, S = self.A, self.S
+            for _ in range(int(n_iter)):
+                A, S = mu_step_torch(self.X, A, S, self.W, self.eps)
+            self.A, self.S = A, S
+
+    def objective(self) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            R = self.X.double() - self.A.double() @ self.S.double()
+            return (0.5 * (R * R).sum(dim=(-2, -1))).cpu().numpy()
+
+    def factors(self) -> tuple[Any, Any]:
+        return self.A, self.S
+
+    @staticmethod
+    def adopt(x: Any, like: Any | None) -> Any:
+        import torch
+
+        kind = array_kind(x)
+        if kind == "cupy":
+            x = torch.from_dlpack(x)
+        elif kind == "numpy":
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        if like is not None and x.device != like.device:
+            x = x.to(like.device)
+        return x.contiguous()
+
+    @staticmethod
+    def release(x: Any, kind: str, like: Any) -> Any:
+        if kind == "torch":
+            return x
+        if kind == "cupy":
+            import cupy
+
+            return cupy.from_dlpack(x)
+        return x.cpu().numpy()
+
+
+_ENGINES: dict[str, str] = {
+    "cpu": "fastmu.dispatch:CPUEngine",
+    "torch": "fastmu.dispatch:TorchEngine",
+    "cuda": "fastmu.cuda_engine:CUDAEngine",
+}
+
+BACKENDS = ("auto", *_ENGINES)
+
+
+def get_engine(name: str) -> type:
+    """The engine class for a backend name (importing its module on demand)."""
+    try:
+        target = _ENGINES[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}") from None
+    module, attr = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise RuntimeError(f"backend {name!r} is not available here: {exc}") from exc
+
+
+def cuda_available() -> bool:
+    """True when Numba can run CUDA kernels here (a GPU, or the CUDA simulator)."""
+    try:
+        from numba import cuda
+    except ImportError:
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver install reports itself as unavailable
+        return False
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine now."""
+    out = ["cpu", "torch"]
+    if cuda_available():
+        out.append("cuda")
+    return out

@@ -1,0 +1,363 @@
+"""The batched Lee-Seung MU solver, :func:`mu`."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from fastmu import EPS
+from fastmu.dispatch import BACKENDS, cuda_available, get_engine
+from fastmu.interop import ArrayKind, array_kind, is_device_array
+from fastmu.validation import (
+    as_numpy_input,
+    check_dtype,
+    check_eps,
+    check_positive_int,
+    check_same_kind_and_device,
+    check_shape,
+    check_values,
+)
+
+INITS = ("random", "constant", "nndsvda")
+
+Callback = Callable[[int, Any, Any], Any]
+
+
+def mu(
+    X: Any,
+    n_components: int | None = None,
+    *,
+    A0: Any = None,
+    S0: Any = None,
+    n_iter: int = 200,
+    tol: float | None = None,
+    eps: float = EPS,
+    init: str = "random",
+    random_state: int | np.random.RandomState | None = None,
+    backend: str = "auto",
+    callback: Callback | None = None,
+    callback_every: int = 1,
+    check_every: int = 10,
+    progress: bool = False,
+) -> tuple[Any, Any]:
+    """Factorise ``X ≈ A S`` with Lee-Seung multiplicative updates (Frobenius loss).
+
+    One iteration updates A first, then S with the new A (DESIGN §1)::
+
+        A ← A ⊙ (X Sᵀ) ⊘ (A S Sᵀ + ε)
+        S ← S ⊙ (Aᵀ X) ⊘ (Aᵀ A S + ε)
+
+    Parameters
+    ----------
+    X : array of shape (m, t) or (b, m, t)
+        Non-negative data: m channels × t pixels, optionally a batch of b
+        independent problems. NumPy, torch (CPU or CUDA) or CuPy; float32 and
+        float64 are kept, integers become float64.
+    n_components : int, optional
+        Rank n. May be omitted when ``A0``/``S0`` are given.
+    A0, S0 : arrays of shape ([b,] m, n) and ([b,] n, t), optional
+        Explicit start (both, or neither). Copied, never modified.
+    n_iter : int, default 200
+        Maximum number of iterations.
+    tol : float, optional
+        Stop early when, for every problem, the objective decreased by less
+        than ``tol`` times its initial value since the previous check
+        (checked every ``check_every`` iterations, as in scikit-learn).
+        ``None`` runs exactly ``n_iter`` iterations.
+    eps : float, default :data:`fastmu.EPS` (1e-12)
+        Added to every denominator; the same on every backend.
+    init : {"random", "constant", "nndsvda"}
+        Start when ``A0``/``S0`` are not given: ``"random"`` is scikit-learn's
+        (``|N(0,1)|·sqrt(mean(X)/n)``, S drawn before A; identical to
+        scikit-learn for one problem and an integer seed), ``"constant"``
+        fills both with ``sqrt(mean(X)/n)`` (the learned models' start),
+        ``"nndsvda"`` is the NNDSVD start with zeros filled by the mean.
+    random_state : int, RandomState or None
+        Seed of the random start. The start is drawn on the host, so one
+        seed gives the same start on every backend.
+    backend : {"auto", "cpu", "cuda", "torch"}
+        ``"auto"``: host arrays run on the fused CPU kernels, GPU arrays on
+        the fused CUDA kernels (torch's reference update when Numba CUDA is
+        missing). ``"torch"`` runs the pure-torch reference anywhere.
+    callback : callable(iteration, A, S), optional
+        Called after every ``callback_every`` iterations with the current
+        factors in the caller's array type (views of the solver state: copy
+        what you keep). Return ``True`` to stop. Without a callback the
+        iterations run inside the kernels without returning to Python.
+    callback_every : int, default 1
+    check_every : int, default 10
+        Iterations between objective checks when ``tol`` is set.
+    progress : bool, default False
+        Show a progress bar (tqdm).
+
+    Returns
+    -------
+    A : array ([b,] m, n)
+    S : array ([b,] n, t)
+        In the caller's array type, dtype and device; 2-D in, 2-D out.
+
+    Examples
+    --------
+    >>> import numpy as np, fastmu
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.random((65, 4)) @ rng.random((4, 1000))
+    >>> A, S = fastmu.mu(X, 4, n_iter=500, random_state=0)
+    >>> A.shape, S.shape
+    ((65, 4), (4, 1000))
+    >>> bool(np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 0.05)
+    True
+    """
+    n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
+    callback_every = check_positive_int(callback_every, "callback_every")
+    check_every = check_positive_int(check_every, "check_every")
+    eps = check_eps(eps)
+    if tol is not None:
+        tol = float(tol)
+        if not np.isfinite(tol) or tol < 0:
+            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+
+    kind, Xc, dtype, squeeze = _check_X(X)
+    b, m, t = Xc.shape
+    engine_cls = get_engine(_resolve_backend(backend, X, kind))
+
+    Xn = engine_cls.adopt(_cast(Xc, kind, dtype), None)
+    A, S = _initial_factors(
+        X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn
+    )
+    engine = engine_cls(Xn, A, S, None, eps)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_iter, desc=f"MU ({engine.name})", unit="it")
+    # The kernels run uninterrupted between events: callbacks, tolerance checks.
+    step = n_iter
+    if callback is not None:
+        step = min(step, callback_every)
+    if tol is not None:
+        step = min(step, check_every)
+    if bar is not None:
+        step = min(step, max(1, n_iter // 100))
+    step = max(step, 1)
+
+    f_init = f_prev = engine.objective() if tol is not None else None
+    done = 0
+    try:
+        while done < n_iter:
+            k = min(step, n_iter - done)
+            engine.run(k)
+            done += k
+            if bar is not None:
+                bar.update(k)
+            if callback is not None and done % callback_every == 0:
+                A_v, S_v = (
+                    engine_cls.release(a, kind, X) for a in engine.factors()
+                )
+                if squeeze:
+                    A_v, S_v = A_v[0], S_v[0]
+                if callback(done, A_v, S_v) is True:
+                    break
+            if tol is not None and done % check_every == 0:
+                f = engine.objective()
+                scale = np.where(f_init > 0, f_init, 1.0)
+                if np.all((f_prev - f) / scale < tol):
+                    break
+                f_prev = f
+    finally:
+        if bar is not None:
+            bar.close()
+
+    A_out, S_out = (engine_cls.release(a, kind, X) for a in engine.factors())
+    if squeeze:
+        A_out, S_out = A_out[0], S_out[0]
+    return A_out, S_out
+
+
+def _resolve_backend(backend: str, X: Any, kind: ArrayKind) -> str:
+    on_gpu = is_device_array(X)
+    if backend == "auto":
+        if not on_gpu:
+            return "cpu"
+        if cuda_available():
+            return "cuda"
+        if kind == "torch":
+            return "torch"
+        raise RuntimeError("X is a GPU array but Numba CUDA cannot run here; install fastmu[cuda12] or fastmu[cuda13]")
+    if backend == "cuda" and not cuda_available():
+        raise RuntimeError(
+            "backend='cuda' was asked for but no CUDA GPU is visible to Numba "
+            "(and NUMBA_ENABLE_CUDASIM is not set); use backend='cpu' or install the CUDA extra"
+        )
+    return backend
+
+
+def _check_X(X: Any) -> tuple[ArrayKind, Any, str, bool]:
+    """Validate X; return (kind, X as a 3-D array of the caller's kind, dtype name, was_2d)."""
+    kind = array_kind(X)
+    Xc = as_numpy_input(X, "X") if kind == "numpy" else X
+    check_shape(tuple(Xc.shape), "X", (2, 3))
+    dtype = check_dtype(Xc, "X", kind)
+    check_values(Xc, "X", kind)
+    squeeze = Xc.ndim == 2
+    if squeeze:
+        Xc = Xc[None]
+    return kind, Xc, dtype, squeeze
+
+
+def _cast(x: Any, kind: ArrayKind, dtype: str) -> Any:
+    """``x`` in ``dtype``, a new array only when the dtype differs."""
+    if kind == "torch":
+        import torch
+
+        return x.to(getattr(torch, dtype))
+    return x.astype(dtype, copy=False)
+
+
+def _initial_factors(
+    X: Any,
+    Xc: Any,
+    kind: ArrayKind,
+    dtype: str,
+    n_components: int | None,
+    A0: Any,
+    S0: Any,
+    init: str,
+    random_state: Any,
+    engine_cls: type,
+    Xn: Any,
+) -> tuple[Any, Any]:
+    b, m, t = Xc.shape
+    if (A0 is None) != (S0 is None):
+        raise ValueError("give both A0 and S0, or neither")
+    if A0 is not None:
+        A = _check_factor(A0, "A0", X, kind, dtype, b, (m, None))
+        S = _check_factor(S0, "S0", X, kind, dtype, b, (None, t))
+        n = A.shape[-1]
+        if S.shape[-2] != n:
+            raise ValueError(f"A0 has {n} components but S0 has {S.shape[-2]}")
+        if n_components is not None and check_positive_int(n_components, "n_components") != n:
+            raise ValueError(f"n_components={n_components} but A0/S0 have {n} components")
+        # Copies: the engine updates its factors in place.
+        A = _copy_native(engine_cls.adopt(_cast(A, kind, dtype), Xn), engine_cls)
+        S = _copy_native(engine_cls.adopt(_cast(S, kind, dtype), Xn), engine_cls)
+        return A, S
+    if n_components is None:
+        raise ValueError("n_components is required when A0 and S0 are not given")
+    n = check_positive_int(n_components, "n_components")
+    means = _per_problem_means(Xc, kind)
+    A_h, S_h = initial_factors(means, m, t, n, init, random_state, X=_host(Xc, kind) if init == "nndsvda" else None)
+    return engine_cls.adopt(A_h.astype(dtype), Xn), engine_cls.adopt(S_h.astype(dtype), Xn)
+
+
+def _check_factor(F: Any, name: str, X: Any, kind: ArrayKind, dtype: str, b: int, dims: tuple) -> Any:
+    fk = array_kind(F)
+    if fk != kind:
+        raise TypeError(f"{name} is a {fk} array but X is a {kind} array; pass the same kind")
+    Fc = as_numpy_input(F, name) if kind == "numpy" else F
+    if kind != "numpy":
+        check_same_kind_and_device(X, Fc, "X", name)
+    check_shape(tuple(Fc.shape), name, (2, 3))
+    check_dtype(Fc, name, kind)
+    if Fc.ndim == 2:
+        Fc = Fc[None]
+    if Fc.shape[0] != b:
+        raise ValueError(f"{name} has batch size {Fc.shape[0]} but X has {b}")
+    for axis, want in zip((1, 2), dims):
+        if want is not None and Fc.shape[axis] != want:
+            raise ValueError(f"{name} has shape {tuple(Fc.shape)}, incompatible with X of shape ({b}, ...)"
+                             f": dimension {axis} must be {want}")
+    check_values(Fc, name, kind)
+    if kind == "numpy" and Fc.dtype.kind != "f":
+        Fc = Fc.astype(np.float64)
+    return Fc
+
+
+def _copy_native(x: Any, engine_cls: type) -> Any:
+    return x.clone() if hasattr(x, "clone") else x.copy()
+
+
+def _host(Xc: Any, kind: ArrayKind) -> np.ndarray:
+    if kind == "torch":
+        return Xc.detach().cpu().double().numpy()
+    if kind == "cupy":
+        return Xc.get().astype(np.float64)
+    return np.asarray(Xc, dtype=np.float64)
+
+
+def _per_problem_means(Xc: Any, kind: ArrayKind) -> np.ndarray:
+    if kind == "numpy":
+        return Xc.mean(axis=(1, 2), dtype=np.float64)
+    if kind == "torch":
+        return Xc.double().mean(dim=(1, 2)).cpu().numpy()
+    return Xc.mean(axis=(1, 2), dtype="float64").get()
+
+
+def initial_factors(
+    means: np.ndarray,
+    m: int,
+    t: int,
+    n: int,
+    init: str = "random",
+    random_state: Any = None,
+    X: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host float64 starting factors ``A (b, m, n)``, ``S (b, n, t)`` for ``b = len(means)``.
+
+    ``"random"`` draws, per problem in batch order, S then A from one
+    ``RandomState`` exactly as scikit-learn's NMF does, so a single problem
+    with an integer seed starts where scikit-learn starts.
+    """
+    b = len(means)
+    avg = np.sqrt(np.maximum(means, 0.0) / n)
+    if init == "constant":
+        A = np.broadcast_to(avg[:, None, None], (b, m, n)).copy()
+        S = np.broadcast_to(avg[:, None, None], (b, n, t)).copy()
+        return A, S
+    if init == "random":
+        rng = random_state if isinstance(random_state, np.random.RandomState) else np.random.RandomState(random_state)
+        A = np.empty((b, m, n))
+        S = np.empty((b, n, t))
+        for p in range(b):
+            S[p] = np.abs(avg[p] * rng.standard_normal(size=(n, t)))
+            A[p] = np.abs(avg[p] * rng.standard_normal(size=(m, n)))
+        return A, S
+    if init == "nndsvda":
+        assert X is not None
+        A = np.empty((b, m, n))
+        S = np.empty((b, n, t))
+        for p in range(b):
+            A[p], S[p] = _nndsvd(X[p], n)
+            A[p][A[p] == 0] = means[p]
+            S[p][S[p] == 0] = means[p]
+        return A, S
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def _nndsvd(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """NNDSVD (Boutsidis & Gallopoulos, 2008): the positive parts of the leading singular pairs."""
+    U, sv, Vt = np.linalg.svd(X, full_matrices=False)
+    m, t = X.shape
+    A = np.zeros((m, n))
+    S = np.zeros((n, t))
+    A[:, 0] = np.sqrt(sv[0]) * np.abs(U[:, 0])
+    S[0] = np.sqrt(sv[0]) * np.abs(Vt[0])
+    for j in range(1, min(n, len(sv))):
+        x, y = U[:, j], Vt[j]
+        xp, xn = np.maximum(x, 0), np.maximum(-x, 0)
+        yp, yn = np.maximum(y, 0), np.maximum(-y, 0)
+        npos = np.linalg.norm(xp) * np.linalg.norm(yp)
+        nneg = np.linalg.norm(xn) * np.linalg.norm(yn)
+        if npos >= nneg:
+            u, v, s = xp / (np.linalg.norm(xp) or 1), yp / (np.linalg.norm(yp) or 1), npos
+        else:
+            u, v, s = xn / (np.linalg.norm(xn) or 1), yn / (np.linalg.norm(yn) or 1), nneg
+        A[:, j] = np.sqrt(sv[j] * s) * u
+        S[j] = np.sqrt(sv[j] * s) * v
+    return A, S
