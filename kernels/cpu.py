@@ -26,6 +26,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fastmu.kernels.fpenv import enter_ftz, leave_ftz
+
 #: pixels per column block: 65 rows × 256 float32 = 66 kB of X, resident in L2
 #: between the S update and the P accumulation; measured best of 128/256/512.
 _TB = 256
@@ -36,46 +38,170 @@ _FM = {"reassoc", "contract", "nsz"}
 
 
 @nb.njit(cache=True, fastmath=_FM, inline="always")
-def _x_s_block(Xp, Srow_blk, m, j0, L, Pc, k):
-    """``Pc[:, k] += X[:, j0:j0+L] @ s`` with ``s`` a block row of S (4 rows of X at a time)."""
-    i = 0
-    while i + 4 <= m:
+def _p_4x4(Xp, Sb, Pc, i, k, j0, L):
+    """``Pc[i:i+4, k:k+4] += X[i:i+4, blk] @ Sb[k:k+4, :L]ᵀ``: 16 register accumulators.
+
+    Each pixel vector of the 4 X rows and 4 S rows feeds 16 FMAs, so the loop
+    is bound by arithmetic rather than by loads.
+    """
+    x0 = Xp[i, j0 : j0 + L]
+    x1 = Xp[i + 1, j0 : j0 + L]
+    x2 = Xp[i + 2, j0 : j0 + L]
+    x3 = Xp[i + 3, j0 : j0 + L]
+    s0 = Sb[k]
+    s1 = Sb[k + 1]
+    s2 = Sb[k + 2]
+    s3 = Sb[k + 3]
+    z = Pc.dtype.type(0)
+    p00 = p01 = p02 = p03 = z
+    p10 = p11 = p12 = p13 = z
+    p20 = p21 = p22 = p23 = z
+    p30 = p31 = p32 = p33 = z
+    for jj in range(L):
+        v0 = x0[jj]
+        v1 = x1[jj]
+        v2 = x2[jj]
+        v3 = x3[jj]
+        w0 = s0[jj]
+        w1 = s1[jj]
+        w2 = s2[jj]
+        w3 = s3[jj]
+        p00 += v0 * w0
+        p01 += v0 * w1
+        p02 += v0 * w2
+        p03 += v0 * w3
+        p10 += v1 * w0
+        p11 += v1 * w1
+        p12 += v1 * w2
+        p13 += v1 * w3
+        p20 += v2 * w0
+        p21 += v2 * w1
+        p22 += v2 * w2
+        p23 += v2 * w3
+        p30 += v3 * w0
+        p31 += v3 * w1
+        p32 += v3 * w2
+        p33 += v3 * w3
+    Pc[i, k] += p00
+    Pc[i, k + 1] += p01
+    Pc[i, k + 2] += p02
+    Pc[i, k + 3] += p03
+    Pc[i + 1, k] += p10
+    Pc[i + 1, k + 1] += p11
+    Pc[i + 1, k + 2] += p12
+    Pc[i + 1, k + 3] += p13
+    Pc[i + 2, k] += p20
+    Pc[i + 2, k + 1] += p21
+    Pc[i + 2, k + 2] += p22
+    Pc[i + 2, k + 3] += p23
+    Pc[i + 3, k] += p30
+    Pc[i + 3, k + 1] += p31
+    Pc[i + 3, k + 2] += p32
+    Pc[i + 3, k + 3] += p33
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _p_block(Xp, Sb, m, n, j0, L, Pc):
+    """``Pc += X[:, j0:j0+L] @ Sb[:, :L]ᵀ`` (4×4 register blocks, then the remainders)."""
+    n4 = n - n % 4
+    m4 = m - m % 4
+    for k in range(0, n4, 4):
+        for i in range(0, m4, 4):
+            _p_4x4(Xp, Sb, Pc, i, k, j0, L)
+    # Remainders: rows past m4 for every k, and components past n4 for rows < m4.
+    for i in range(m4, m):
         x0 = Xp[i, j0 : j0 + L]
-        x1 = Xp[i + 1, j0 : j0 + L]
-        x2 = Xp[i + 2, j0 : j0 + L]
-        x3 = Xp[i + 3, j0 : j0 + L]
-        a0 = Pc.dtype.type(0)
-        a1 = Pc.dtype.type(0)
-        a2 = Pc.dtype.type(0)
-        a3 = Pc.dtype.type(0)
+        for k in range(n):
+            s = Sb[k]
+            acc = Pc.dtype.type(0)
+            for jj in range(L):
+                acc += x0[jj] * s[jj]
+            Pc[i, k] += acc
+    for k in range(n4, n):
+        s = Sb[k]
+        for i in range(m4):
+            x0 = Xp[i, j0 : j0 + L]
+            acc = Pc.dtype.type(0)
+            for jj in range(L):
+                acc += x0[jj] * s[jj]
+            Pc[i, k] += acc
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _r_4x4(Xp, Ap, R, i, k, j0, L):
+    """``R[k:k+4, :L] += A[i:i+4, k:k+4]ᵀ X[i:i+4, blk]``: 16 coefficients held in registers."""
+    x0 = Xp[i, j0 : j0 + L]
+    x1 = Xp[i + 1, j0 : j0 + L]
+    x2 = Xp[i + 2, j0 : j0 + L]
+    x3 = Xp[i + 3, j0 : j0 + L]
+    r0 = R[k]
+    r1 = R[k + 1]
+    r2 = R[k + 2]
+    r3 = R[k + 3]
+    a00 = Ap[i, k]
+    a01 = Ap[i, k + 1]
+    a02 = Ap[i, k + 2]
+    a03 = Ap[i, k + 3]
+    a10 = Ap[i + 1, k]
+    a11 = Ap[i + 1, k + 1]
+    a12 = Ap[i + 1, k + 2]
+    a13 = Ap[i + 1, k + 3]
+    a20 = Ap[i + 2, k]
+    a21 = Ap[i + 2, k + 1]
+    a22 = Ap[i + 2, k + 2]
+    a23 = Ap[i + 2, k + 3]
+    a30 = Ap[i + 3, k]
+    a31 = Ap[i + 3, k + 1]
+    a32 = Ap[i + 3, k + 2]
+    a33 = Ap[i + 3, k + 3]
+    for jj in range(L):
+        v0 = x0[jj]
+        v1 = x1[jj]
+        v2 = x2[jj]
+        v3 = x3[jj]
+        r0[jj] += a00 * v0 + a10 * v1 + a20 * v2 + a30 * v3
+        r1[jj] += a01 * v0 + a11 * v1 + a21 * v2 + a31 * v3
+        r2[jj] += a02 * v0 + a12 * v1 + a22 * v2 + a32 * v3
+        r3[jj] += a03 * v0 + a13 * v1 + a23 * v2 + a33 * v3
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _r_block(Xp, Ap, m, n, j0, L, R):
+    """``R[:, :L] = A'ᵀ X[:, j0:j0+L]`` (4×4 register blocks, then the remainders)."""
+    for k in range(n):
         for jj in range(L):
-            s = Srow_blk[jj]
-            a0 += x0[jj] * s
-            a1 += x1[jj] * s
-            a2 += x2[jj] * s
-            a3 += x3[jj] * s
-        Pc[i, k] += a0
-        Pc[i + 1, k] += a1
-        Pc[i + 2, k] += a2
-        Pc[i + 3, k] += a3
-        i += 4
-    while i < m:
+            R[k, jj] = 0
+    n4 = n - n % 4
+    m4 = m - m % 4
+    for i in range(0, m4, 4):
+        for k in range(0, n4, 4):
+            _r_4x4(Xp, Ap, R, i, k, j0, L)
+    for i in range(m4, m):
         x0 = Xp[i, j0 : j0 + L]
-        a0 = Pc.dtype.type(0)
-        for jj in range(L):
-            a0 += x0[jj] * Srow_blk[jj]
-        Pc[i, k] += a0
-        i += 1
+        for k in range(n):
+            c = Ap[i, k]
+            r = R[k]
+            for jj in range(L):
+                r[jj] += c * x0[jj]
+    for k in range(n4, n):
+        r = R[k]
+        for i in range(m4):
+            c = Ap[i, k]
+            x0 = Xp[i, j0 : j0 + L]
+            for jj in range(L):
+                r[jj] += c * x0[jj]
 
 
 @nb.njit(cache=True, fastmath=_FM, inline="always")
 def _gram_block(Sb, n, L, Gc):
     """``Gc += Sb[:, :L] @ Sb[:, :L]ᵀ`` (upper triangle computed, mirrored)."""
     for k in range(n):
+        sk = Sb[k, :L]  # 1-D row views: LLVM vectorises these, not 2-D indexing
         for l in range(k, n):
+            sl = Sb[l, :L]
             acc = Gc.dtype.type(0)
             for jj in range(L):
-                acc += Sb[k, jj] * Sb[l, jj]
+                acc += sk[jj] * sl[jj]
             Gc[k, l] += acc
             if l != k:
                 Gc[l, k] += acc
@@ -83,75 +209,49 @@ def _gram_block(Sb, n, L, Gc):
 
 @nb.njit(cache=True, fastmath=_FM)
 def _pg_chunk(Xp, Sp, j0, L, Pc, Gc, Sb):
-    """Partial ``P = X Sᵀ`` and ``G = S Sᵀ`` over one column block (no S update)."""
+    """Add one column block's ``X Sᵀ`` and ``S Sᵀ`` to ``Pc``, ``Gc`` (no S update)."""
     m = Xp.shape[0]
     n = Sp.shape[0]
-    Pc[:, :] = 0
-    Gc[:, :] = 0
     for k in range(n):
         for jj in range(L):
             Sb[k, jj] = Sp[k, j0 + jj]
-    for k in range(n):
-        _x_s_block(Xp, Sb[k], m, j0, L, Pc, k)
+    _p_block(Xp, Sb, m, n, j0, L, Pc)
     _gram_block(Sb, n, L, Gc)
 
 
 @nb.njit(cache=True, fastmath=_FM)
 def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
-    """S update on one column block, then (optionally) its partial P and G.
+    """S update on one column block, then (optionally) add its ``X S'ᵀ``, ``S' S'ᵀ`` to Pc, Gc.
 
     ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` for the block's pixels j, with
     ``H = A'ᵀ A'`` precomputed; ``R`` (n × _TB) and ``Dk`` (_TB) are scratch.
     """
     m = Xp.shape[0]
     n = Sp.shape[0]
-    # R = A'ᵀ X_blk, four rows of X per sweep over the block.
+    _r_block(Xp, Ap, m, n, j0, L, R)
+    # R ← S ⊙ R ⊘ (H S + ε), row by row; the old S is read for every k, so the
+    # new values stay in R until all rows are done.
     for k in range(n):
+        d = Dk[:L]
         for jj in range(L):
-            R[k, jj] = 0
-    i = 0
-    while i + 4 <= m:
-        x0 = Xp[i, j0 : j0 + L]
-        x1 = Xp[i + 1, j0 : j0 + L]
-        x2 = Xp[i + 2, j0 : j0 + L]
-        x3 = Xp[i + 3, j0 : j0 + L]
-        for k in range(n):
-            c0 = Ap[i, k]
-            c1 = Ap[i + 1, k]
-            c2 = Ap[i + 2, k]
-            c3 = Ap[i + 3, k]
-            r = R[k]
-            for jj in range(L):
-                r[jj] += c0 * x0[jj] + c1 * x1[jj] + c2 * x2[jj] + c3 * x3[jj]
-        i += 4
-    while i < m:
-        x0 = Xp[i, j0 : j0 + L]
-        for k in range(n):
-            c0 = Ap[i, k]
-            r = R[k]
-            for jj in range(L):
-                r[jj] += c0 * x0[jj]
-        i += 1
-    # R ← S ⊙ R ⊘ (H S + ε), row by row (old S is read for every k, so the
-    # result stays in R until all rows are done).
-    for k in range(n):
-        for jj in range(L):
-            Dk[jj] = eps
+            d[jj] = eps
         for l in range(n):
             h = Hp[k, l]
+            sl = Sp[l, j0 : j0 + L]
             for jj in range(L):
-                Dk[jj] += h * Sp[l, j0 + jj]
-        r = R[k]
+                d[jj] += h * sl[jj]
+        r = R[k, :L]
+        sk = Sp[k, j0 : j0 + L]
         for jj in range(L):
-            r[jj] = Sp[k, j0 + jj] * r[jj] / Dk[jj]
+            r[jj] = sk[jj] * r[jj] / d[jj]
     for k in range(n):
+        r = R[k, :L]
+        sk = Sp[k, j0 : j0 + L]
         for jj in range(L):
-            Sp[k, j0 + jj] = R[k, jj]
+            sk[jj] = r[jj]
     if accumulate:
-        Pc[:, :] = 0
-        Gc[:, :] = 0
-        for k in range(n):
-            _x_s_block(Xp, R[k], m, j0, L, Pc, k)
+        # The block of X is still in L1/L2: this is the fused second use.
+        _p_block(Xp, R, m, n, j0, L, Pc)
         _gram_block(R, n, L, Gc)
 
 
@@ -207,43 +307,85 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     nthreads
         ``numba.config.NUMBA_NUM_THREADS`` (sizes the per-thread scratch; a
         run-time argument so that cached machine code stays valid).
+
+    Notes
+    -----
+    Two schedules, chosen by the batch size:
+
+    - *problem-major* (``b`` a multiple of the thread count, or at least four
+      per thread): each thread runs all iterations of its own problems, so a
+      problem's X stays in that core's L2 across iterations and threads never
+      wait for each other;
+    - *block-parallel* (one or a few problems): the column blocks of every
+      problem are spread over the threads and the partial P, G are reduced
+      after each iteration.
     """
     b, m, t = X.shape
     n = A.shape[2]
     nblk = (t + _TB - 1) // _TB
-    nchunks = b * nblk
     dt = X.dtype
     epsd = dt.type(eps)
-    Ppart = np.empty((nchunks, m, n), dt)
-    Gpart = np.empty((nchunks, n, n), dt)
     H = np.empty((b, n, n), dt)
     Erow = np.empty((b, n), dt)
     R = np.empty((nthreads, n, _TB), dt)
     Dk = np.empty((nthreads, _TB), dt)
     wstep = 0 if W.shape[0] == 1 else 1  # W shared by the batch, or one per problem
 
+    if b % nthreads == 0 or b >= 4 * nthreads:
+        for p in prange(b):
+            fp = enter_ftz()  # subnormals are slow: see fpenv.py
+            tid = nb.get_thread_id()
+            Pp = P[p]
+            Gp = G[p]
+            if not pg_valid:
+                Pp[:, :] = 0
+                Gp[:, :] = 0
+                for blk in range(nblk):
+                    j0 = blk * _TB
+                    _pg_chunk(X[p], S[p], j0, min(_TB, t - j0), Pp, Gp, R[tid])
+            for it in range(n_iter):
+                acc = accumulate_last or it < n_iter - 1
+                _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
+                Pp[:, :] = 0
+                Gp[:, :] = 0
+                for blk in range(nblk):
+                    j0 = blk * _TB
+                    _s_chunk(X[p], A[p], H[p], S[p], j0, min(_TB, t - j0), epsd, acc,
+                             Pp, Gp, R[tid], Dk[tid])
+            leave_ftz(fp)
+        return
+
+    nchunks = b * nblk
+    Ppart = np.zeros((nchunks, m, n), dt)
+    Gpart = np.zeros((nchunks, n, n), dt)
     if not pg_valid:
         for c in prange(nchunks):
+            fp = enter_ftz()
             p = c // nblk
             j0 = (c % nblk) * _TB
-            L = min(_TB, t - j0)
-            tid = nb.get_thread_id()
-            _pg_chunk(X[p], S[p], j0, L, Ppart[c], Gpart[c], R[tid])
+            _pg_chunk(X[p], S[p], j0, min(_TB, t - j0), Ppart[c], Gpart[c], R[nb.get_thread_id()])
+            leave_ftz(fp)
         for p in prange(b):
             _reduce_problem(Ppart, Gpart, p * nblk, nblk, P[p], G[p])
 
     for it in range(n_iter):
         acc = accumulate_last or it < n_iter - 1
         for p in prange(b):
+            fp = enter_ftz()
             if it > 0:
                 _reduce_problem(Ppart, Gpart, p * nblk, nblk, P[p], G[p])
             _a_update(A[p], W[p * wstep], P[p], G[p], epsd, H[p], Erow[p])
+            leave_ftz(fp)
         for c in prange(nchunks):
             p = c // nblk
             j0 = (c % nblk) * _TB
-            L = min(_TB, t - j0)
+            fp = enter_ftz()
             tid = nb.get_thread_id()
-            _s_chunk(X[p], A[p], H[p], S[p], j0, L, epsd, acc, Ppart[c], Gpart[c], R[tid], Dk[tid])
+            Ppart[c, :, :] = 0
+            Gpart[c, :, :] = 0
+            _s_chunk(X[p], A[p], H[p], S[p], j0, min(_TB, t - j0), epsd, acc,
+                     Ppart[c], Gpart[c], R[tid], Dk[tid])
+            leave_ftz(fp)
     if n_iter > 0 and accumulate_last:
         for p in prange(b):
             _reduce_problem(Ppart, Gpart, p * nblk, nblk, P[p], G[p])

@@ -1,0 +1,227 @@
+"""Natural-image source maps: photo crops and procedural natural-image models.
+
+The paper trains on natural images (Tiny ImageNet); offline we use random
+crops (with flips, 90-degree rotations and rescaling) of the photographs that
+ship inside the scikit-image wheel, and two procedural models of natural-image
+statistics: dead leaves (occlusion of random discs, the classic model of
+natural-image edges and scale invariance) and 1/f^beta Gaussian fields (the
+power spectrum of natural scenes).  All maps are non-negative and scaled to a
+maximum of 1.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "SKIMAGE_IMAGES",
+    "natural_images",
+    "photo_crops",
+    "dead_leaves",
+    "power_law_field",
+]
+
+#: scikit-image sample images bundled in the wheel (load without network)
+SKIMAGE_IMAGES = (
+    "astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins",
+    "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page",
+    "retina", "rocket", "text",
+)
+
+_SKIMAGE_HINT = "natural-image crops need scikit-image: pip install fastmu[data]"
+
+
+def _check_size(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (int(size), int(size))
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 2:
+        raise ValueError(f"size must be an int or (h, w) with h, w >= 2, got {size}")
+    return size
+
+
+def _unit_max(x: np.ndarray) -> np.ndarray:
+    x = x - x.min()
+    mx = x.max()
+    return x / mx if mx > 0 else np.full_like(x, 1.0)
+
+
+@lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    try:
+        import skimage.data as skd
+        from skimage.color import rgb2gray, rgba2rgb
+    except ImportError as exc:  # pragma: no cover - exercised only without skimage
+        raise ImportError(_SKIMAGE_HINT) from exc
+    out = []
+    for name in SKIMAGE_IMAGES:
+        try:  # an image a given skimage build fetches over the network is skipped
+            im = np.asarray(getattr(skd, name)())
+        except Exception:  # noqa: BLE001 - any fetch/IO failure means "not bundled"
+            continue
+        if im.ndim == 3:
+            im = rgb2gray(rgba2rgb(im) if im.shape[2] == 4 else im)
+        out.append(np.asarray(im, dtype=np.float64) / (255.0 if im.max() > 1.0 else 1.0))
+    if not out:
+        raise ImportError("no scikit-image sample image could be loaded; " + _SKIMAGE_HINT)
+    return tuple(out)
+
+
+def photo_crops(n: int, size=128, *, seed: int | None = None) -> np.ndarray:
+    """Random crops of scikit-image's bundled photographs.
+
+    Each crop picks an image, a scale in [0.5, 1.5] (the crop window is
+    ``size / scale`` pixels, then resized to ``size`` with anti-aliasing), a
+    position, a random flip and a multiple of 90 degrees of rotation.
+
+    Parameters
+    ----------
+    n : int
+        Number of maps.
+    size : int or (int, int)
+        Output size (h, w).
+    seed : int or None
+        Seed; the same seed gives the same maps.
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), float64, values in [0, 1] with max 1.
+
+    Raises
+    ------
+    ImportError
+        If scikit-image is not installed (``pip install fastmu[data]``).
+    """
+    h, w = _check_size(size)
+    photos = _photos()
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, h, w))
+    for i in range(n):
+        im = photos[rng.integers(len(photos))]
+        scale = rng.uniform(0.5, 1.5)
+        ch = min(im.shape[0], max(2, int(round(h / scale))))
+        cw = min(im.shape[1], max(2, int(round(w / scale))))
+        y = rng.integers(0, im.shape[0] - ch + 1)
+        x = rng.integers(0, im.shape[1] - cw + 1)
+        crop = resize(im[y:y + ch, x:x + cw], (h, w), anti_aliasing=True)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        k = int(rng.integers(4))
+        if h == w:
+            crop = np.rot90(crop, k)
+        elif k % 2 == 0:
+            crop = np.rot90(crop, k)
+        out[i] = _unit_max(crop)
+    return out
+
+
+def dead_leaves(n: int, size=128, *, seed: int | None = None, r_min: float = 2.0,
+                r_max: float | None = None, alpha: float = 3.0) -> np.ndarray:
+    """Dead-leaves images: random discs of random grey level occluding one another.
+
+    Radii follow the scale-invariant law ``p(r) ~ r^-alpha`` on
+    ``[r_min, r_max]``; discs are stacked until the image is covered.
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), float64, max 1.
+    """
+    h, w = _check_size(size)
+    r_max = float(r_max if r_max is not None else max(h, w) / 3)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((n, h, w))
+    a1 = 1.0 - alpha
+    chunk = 128
+    for i in range(n):
+        img = np.full((h, w), np.nan)
+        # painted front to back: a disc only fills pixels still empty (occlusion);
+        # discs are tested a chunk at a time, the first in a chunk wins
+        for _ in range(400):
+            u = rng.random(chunk)
+            r = ((r_max**a1 - r_min**a1) * u + r_min**a1) ** (1.0 / a1)
+            cy = rng.uniform(-r, h + r)
+            cx = rng.uniform(-r, w + r)
+            grey = rng.random(chunk)
+            empty = np.isnan(img)
+            ys, xs = yy[empty], xx[empty]
+            hit = (ys[None, :] - cy[:, None]) ** 2 + (xs[None, :] - cx[:, None]) ** 2 <= (r * r)[:, None]
+            any_hit = hit.any(0)
+            first = hit.argmax(0)
+            vals = np.where(any_hit, grey[first], np.nan)
+            img[empty] = vals
+            if np.isnan(img).mean() < 0.003:
+                break
+        holes = np.isnan(img)
+        if holes.any():  # the last specks take most of the discs: give them their nearest leaf
+            from scipy.ndimage import distance_transform_edt
+
+            idx = distance_transform_edt(holes, return_distances=False, return_indices=True)
+            img = img[idx[0], idx[1]]
+        out[i] = _unit_max(img)
+    return out
+
+
+def power_law_field(n: int, size=128, *, seed: int | None = None,
+                    beta: tuple[float, float] = (1.6, 2.4)) -> np.ndarray:
+    """Gaussian random fields with a ``1/f^beta`` power spectrum, made positive.
+
+    ``beta`` is drawn per map in the given range (natural scenes: ~2).  The
+    field is exponentiated (a log-normal field, like the intensity of clouds
+    and textures), then scaled to max 1.
+    """
+    h, w = _check_size(size)
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fy**2 + fx**2)
+    f[0, 0] = 1.0
+    out = np.empty((n, h, w))
+    for i in range(n):
+        b = rng.uniform(*beta)
+        spec = (rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) * f ** (-b / 2)
+        spec[0, 0] = 0.0
+        field = np.fft.irfft2(spec, s=(h, w))
+        field = (field - field.mean()) / (field.std() + 1e-12)
+        out[i] = _unit_max(np.exp(rng.uniform(0.3, 0.8) * field))
+    return out
+
+
+def natural_images(n: int, size=128, *, seed: int | None = None,
+                   kinds: tuple[str, ...] = ("photo", "dead_leaves", "power_law")) -> np.ndarray:
+    """A mix of natural-image maps, each map drawn from one of ``kinds``.
+
+    Each map has its own sub-seed, derived from ``seed`` and its index, so the
+    i-th map does not depend on ``n``.
+
+    Parameters
+    ----------
+    n : int
+        Number of maps.
+    size : int or (int, int)
+        Output size.
+    seed : int or None
+        Seed.
+    kinds : tuple of str
+        Any of ``"photo"`` (needs scikit-image), ``"dead_leaves"``, ``"power_law"``.
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), float64, max 1 per map.
+    """
+    gens = {"photo": photo_crops, "dead_leaves": dead_leaves, "power_law": power_law_field}
+    bad = [k for k in kinds if k not in gens]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {tuple(gens)}, got {kinds}")
+    h, w = _check_size(size)
+    ss = np.random.SeedSequence(seed)
+    children = ss.spawn(n)
+    out = np.empty((n, h, w))
+    for i, child in enumerate(children):
+        r = np.random.default_rng(child)
+        kind = kinds[int(r.integers(len(kinds)))]
+        out[i] = gens[kind](1, (h, w), seed=int(r.integers(2**63)))[0]
+    return out

@@ -1,0 +1,14 @@
+"""Small test problems shared by several test modules."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def low_rank_problem(rng, b, m, n, t, dtype=np.float64, noise=0.0):
+    """X = A S (+ noise) with non-negative A, S; returns X and a random start A0, S0."""
+    A = rng.random((b, m, n))
+    S = rng.random((b, n, t))
+    X = A @ S + noise * rng.random((b, m, t))
+    A0 = rng.random((b, m, n)) + 0.1
+    S0 = rng.random((b, n, t)) + 0.1
+    return X.astype(dtype), A0.astype(dtype), S0.astype(dtype)

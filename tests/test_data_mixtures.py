@@ -1,0 +1,121 @@
+"""Mixtures: exact SNR, determinism, the paper's set descriptions."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastmu.data import MixtureSet, measured_snr_db, mix, paper_sets, remnant, spectra  # noqa: E402
+
+SHARED = Path(os.environ.get("FASTMU_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def _inputs(b=6, size=16):
+    A = spectra(b, seed=0)
+    S = np.stack([remnant(size, seed=i) for i in range(b)])
+    return A, S
+
+
+@pytest.mark.parametrize("snr", [0.0, 20.0, 60.0, 95.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_snr_exact(snr, dtype):
+    A, S = _inputs()
+    X, At, St = mix(A, S, snr, seeds=3, dtype=dtype)
+    assert X.shape == (6, 65, 256) and At.shape == (6, 65, 4) and St.shape == (6, 4, 256)
+    assert X.dtype == dtype
+    got = measured_snr_db(X, At, St)
+    # float32 rounding of X limits how small a noise can be measured: 95 dB needs float64
+    tol = 0.1 if (dtype == torch.float64 or snr <= 60) else 1.0
+    np.testing.assert_allclose(got, snr, atol=tol)
+
+
+def test_noise_deterministic_and_per_sample():
+    A, S = _inputs()
+    X1, _, _ = mix(A, S, 30.0, seeds=[10, 11, 12, 13, 14, 15])
+    X2, _, _ = mix(A, S, 30.0, seeds=[10, 11, 12, 13, 14, 15])
+    torch.testing.assert_close(X1, X2, rtol=0, atol=0)
+    # a sample's noise depends only on its seed, not on the batch around it
+    X3, _, _ = mix(A[2:4], S[2:4], 30.0, seeds=[12, 13])
+    torch.testing.assert_close(X1[2:4], X3, rtol=0, atol=0)
+    X4, _, _ = mix(A, S, 30.0, seeds=[99, 11, 12, 13, 14, 15])
+    assert not torch.equal(X1[0], X4[0])
+
+
+def test_noiseless():
+    A, S = _inputs(2)
+    X, At, St = mix(A, S, None, dtype=torch.float64)
+    torch.testing.assert_close(X, torch.bmm(At, St))
+
+
+@pytest.mark.parametrize("snr", [float("nan"), float("inf"), -float("inf")])
+def test_snr_not_finite(snr):
+    A, S = _inputs(1)
+    with pytest.raises(ValueError, match="finite"):
+        mix(A, S, snr)
+
+
+def test_shape_errors():
+    A, S = _inputs(2)
+    with pytest.raises(ValueError, match="do not match"):
+        mix(A, S[:1], 60.0)
+    with pytest.raises(ValueError, match="rank"):
+        mix(A, S[:, :, 0, 0], 60.0)
+    with pytest.raises(TypeError):
+        mix(A, S, "loud")
+
+
+def test_mixture_set_batches():
+    A, S = _inputs(5)
+    ms = MixtureSet(A, S, 60.0, seeds=np.arange(5) + 100)
+    assert len(ms) == 5 and ms.shape == (5, 65, 256)
+    X, At, St = ms.batch([4, 1])
+    Xr, _, _ = mix(A[[4, 1]], S[[4, 1]], 60.0, seeds=[104, 101])
+    torch.testing.assert_close(X, Xr)
+    seen = sum(b[0].shape[0] for b in ms.batches(2, shuffle=True, seed=0))
+    assert seen == 5
+    with pytest.raises(ValueError, match="finite"):
+        MixtureSet(A, S, float("nan"), seeds=np.arange(5))
+    with pytest.raises(ValueError, match="map_index"):
+        MixtureSet(A, S, 60.0, seeds=np.arange(5), map_index=np.arange(5) + 1)
+
+
+def test_paper_sets_small():
+    sets = paper_sets("small", seed=0, kinds=("dead_leaves", "power_law"))
+    assert [len(sets[k]) for k in ("train", "test_simple", "test_realistic")] == [64, 16, 16]
+    X, A, S = sets["train"].batch(np.arange(4))
+    assert X.shape == (4, 65, 1024) and X.dtype == torch.float32
+    np.testing.assert_allclose(measured_snr_db(X.double(), A, S), 60.0, atol=0.1)
+    # same seed, same data; test spectra are held out from training
+    again = paper_sets("small", seed=0, kinds=("dead_leaves", "power_law"))
+    torch.testing.assert_close(again["train"].batch([3])[0], sets["train"].batch([3])[0], rtol=0, atol=0)
+    assert not np.allclose(sets["train"].A[:16], sets["test_realistic"].A)
+    # the paper preset describes 750/150/150 sets of 128x128 maps without making them
+    paper = paper_sets("paper", seed=0, kinds=("power_law",), realistic_maps="remnant")
+    assert [len(paper[k]) for k in ("train", "test_simple", "test_realistic")] == [750, 150, 150]
+    assert paper["train"].shape == (750, 65, 16384)
+
+
+def test_realistic_uses_casa_when_present():
+    f = SHARED / "casa_source_maps.npz"
+    if not f.exists():
+        pytest.skip(f"Cas A maps not found at {f}")
+    sets = paper_sets("small", seed=0, kinds=("power_law",), realistic_maps=f)
+    assert "Cas A" in sets["test_realistic"].name
+    X, A, S = sets["test_realistic"].batch([0, 1])
+    torch.testing.assert_close(S[0], S[1])  # same maps, different spectra
+    assert not torch.equal(A[0], A[1])
+    np.testing.assert_allclose(S.amax(-1).numpy(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_data_on_gpu():
+    A, S = _inputs(3)
+    Xc, _, _ = mix(A, S, 40.0, seeds=5, dtype=torch.float64)
+    Xg, _, _ = mix(A, S, 40.0, seeds=5, dtype=torch.float64, device="cuda")
+    assert Xg.device.type == "cuda"
+    torch.testing.assert_close(Xg.cpu(), Xc, rtol=1e-12, atol=1e-12)

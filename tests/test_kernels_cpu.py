@@ -1,0 +1,122 @@
+"""The fused Numba CPU kernels against the plain NumPy reference."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastmu import EPS
+from fastmu.kernels import cpu
+from fastmu.reference import mu_numpy, mu_step_numpy, objective_numpy
+
+from helpers import low_rank_problem
+
+NT = numba.config.NUMBA_NUM_THREADS
+# Relative tolerance after a few iterations: float32 rounding grows a little
+# with each iteration, float64 stays near machine precision.
+RTOL = {np.float32: 2e-4, np.float64: 1e-10}
+
+
+def run(X, A, S, W=None, n_iter=1, pg=None):
+    b, m, t = X.shape
+    n = A.shape[2]
+    A, S = A.copy(), S.copy()
+    W = np.ones((1, m, n), X.dtype) if W is None else W
+    P = np.empty((b, m, n), X.dtype) if pg is None else pg[0]
+    G = np.empty((b, n, n), X.dtype) if pg is None else pg[1]
+    cpu.mu_run(X, A, S, W, P, G, n_iter, EPS, pg is not None, True, NT)
+    return A, S, P, G
+
+
+def rel_err(x, ref):
+    return float(np.abs(x - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "b,m,n,t",
+    [
+        (1, 65, 4, 700),  # block-parallel schedule, t not a multiple of the block
+        (3, 13, 4, 300),  # block-parallel with batching
+        (8, 7, 3, 520),  # problem-major schedule; m, n off the 4×4 register blocks
+        (2, 9, 5, 256),  # n past one 4-block
+        (4, 4, 1, 33),  # rank one, t shorter than a block
+    ],
+)
+def test_mu_run_matches_numpy(rng, dtype, b, m, n, t):
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype, noise=0.05)
+    A, S, P, G = run(X, A0, S0, n_iter=6)
+    Ar, Sr = mu_numpy(X.astype(np.float64), A0.astype(np.float64), S0.astype(np.float64), 6)
+    assert A.dtype == dtype and S.dtype == dtype
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
+    # P and G are returned for the final S.
+    assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+    assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shared", [True, False])
+def test_learned_step_with_w(rng, dtype, shared):
+    b, m, n, t = 3, 11, 4, 300
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype)
+    W = (rng.random((1 if shared else b, m, n)) * 2).astype(dtype)
+    A, S, _, _ = run(X, A0, S0, W=W, n_iter=1)
+    Ar, Sr = mu_step_numpy(*(a.astype(np.float64) for a in (X, A0, S0, W)))
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_pg_carry_between_calls(rng, b):
+    """3 + 4 iterations with P, G carried equal 7 in one call (bit for bit)."""
+    X, A0, S0 = low_rank_problem(rng, b, 10, 4, 600)
+    A7, S7, _, _ = run(X, A0, S0, n_iter=7)
+    A3, S3, P, G = run(X, A0, S0, n_iter=3)
+    A, S, _, _ = run(X, A3, S3, n_iter=4, pg=(P, G))
+    np.testing.assert_array_equal(A, A7)
+    np.testing.assert_array_equal(S, S7)
+
+
+def test_zero_iterations_only_computes_pg(rng):
+    X, A0, S0 = low_rank_problem(rng, 2, 6, 3, 100)
+    A, S, P, G = run(X, A0, S0, n_iter=0)
+    np.testing.assert_array_equal(A, A0)
+    np.testing.assert_array_equal(S, S0)
+    np.testing.assert_allclose(P, X @ S0.transpose(0, 2, 1), rtol=1e-12)
+
+
+def test_objective_from_pg(rng):
+    X, A0, S0 = low_rank_problem(rng, 3, 12, 4, 400, noise=0.1)
+    A, S, P, G = run(X, A0, S0, n_iter=5)
+    out = np.empty(3)
+    cpu.objective_from_pg(np.einsum("bij,bij->b", X, X), A, P, G, out)
+    np.testing.assert_allclose(out, objective_numpy(X, A, S), rtol=1e-8)
+
+
+def test_deterministic_across_runs(rng):
+    X, A0, S0 = low_rank_problem(rng, 1, 65, 4, 3000, np.float32)
+    A1, S1, _, _ = run(X, A0, S0, n_iter=5)
+    A2, S2, _, _ = run(X, A0, S0, n_iter=5)
+    np.testing.assert_array_equal(A1, A2)
+    np.testing.assert_array_equal(S1, S2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 5),
+    m=st.integers(1, 12),
+    n=st.integers(1, 6),
+    t=st.integers(1, 600),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_any_shape_matches_reference(b, m, n, t, seed):
+    rng = np.random.default_rng(seed)
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t)
+    A, S, _, _ = run(X, A0, S0, n_iter=3)
+    Ar, Sr = mu_numpy(X, A0, S0, 3)
+    np.testing.assert_allclose(A, Ar, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(S, Sr, rtol=1e-9, atol=1e-12)
+    assert (A >= 0).all() and (S >= 0).all()

@@ -1,0 +1,194 @@
+"""fastmu.mu: agreement with NumPy and scikit-learn, monotonicity, edge cases, interop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastmu
+from fastmu.reference import mu_numpy, objective_numpy
+from fastmu.solver import initial_factors
+
+from helpers import low_rank_problem
+
+
+def shared_problem(shared_data, n_pix=24):
+    """X = A* S* from the real Chandra spectra and Cas A maps (downsampled), max X = 1."""
+    A = np.load(shared_data / "chandra_mixing_matrices.npz")["A"][:3]  # (3, 65, 4)
+    maps = np.load(shared_data / "casa_source_maps.npz")["S"]  # (4, 346, 346)
+    step = maps.shape[1] // n_pix
+    S = maps[:, ::step, ::step][:, :n_pix, :n_pix].reshape(4, -1)
+    X = A @ S[None]
+    return X / X.max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matches_numpy_loop_on_real_data(shared_data, dtype):
+    X = shared_problem(shared_data)
+    A0, S0 = initial_factors(X.mean(axis=(1, 2)), 65, X.shape[2], 4, "random", 0)
+    A, S = fastmu.mu(X.astype(dtype), A0=A0.astype(dtype), S0=S0.astype(dtype), n_iter=100)
+    Ar, Sr = mu_numpy(X, A0, S0, 100)
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    assert A.dtype == dtype
+    np.testing.assert_allclose(A, Ar, rtol=tol, atol=tol * np.abs(Ar).max())
+    np.testing.assert_allclose(S, Sr, rtol=tol, atol=tol * np.abs(Sr).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("source", ["random", "shared"])
+def test_matches_scikit_learn(request, dtype, source):
+    sk = pytest.importorskip("sklearn.decomposition")
+    if source == "shared":
+        X = shared_problem(request.getfixturevalue("shared_data"))[1]
+    else:
+        X = low_rank_problem(np.random.default_rng(3), 1, 40, 4, 500, noise=0.01)[0][0]
+    X = X.astype(dtype)
+    A0, S0 = fastmu.mu(X, 4, n_iter=0, random_state=7)
+    model = sk.NMF(4, init="custom", solver="mu", beta_loss="frobenius", max_iter=150, tol=0)
+    W = model.fit_transform(X, W=A0.copy(), H=S0.copy())
+    A, S = fastmu.mu(X, A0=A0, S0=S0, n_iter=150)
+    tol = 2e-3 if dtype == np.float32 else 1e-8
+    np.testing.assert_allclose(A, W, rtol=tol, atol=tol * np.abs(W).max())
+    np.testing.assert_allclose(S, model.components_, rtol=tol, atol=tol * np.abs(S).max())
+
+
+def test_random_init_is_scikit_learns(rng):
+    sk_nmf = pytest.importorskip("sklearn.decomposition._nmf")
+    X = rng.random((30, 50))
+    W, H = sk_nmf._initialize_nmf(X, 3, init="random", random_state=42)
+    A, S = fastmu.mu(X, 3, n_iter=0, random_state=42)
+    np.testing.assert_array_equal(A, W)
+    np.testing.assert_array_equal(S, H)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    m=st.integers(2, 20),
+    n=st.integers(1, 5),
+    t=st.integers(2, 300),
+    seed=st.integers(0, 10_000),
+)
+def test_objective_never_increases(b, m, n, t, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.random((b, m, t)) ** 3  # non-negative, not low rank
+    f = []
+    fastmu.mu(X, n, n_iter=40, random_state=seed,
+              callback=lambda i, A, S: f.append(objective_numpy(X, A, S)))
+    f = np.array(f)
+    # Lee-Seung MU is monotone; allow only rounding-level increases.
+    assert np.all(np.diff(f, axis=0) <= 1e-10 * f[:-1] + 1e-14)
+
+
+def test_batched_equals_one_by_one(rng):
+    X, A0, S0 = low_rank_problem(rng, 4, 12, 3, 200, noise=0.1)
+    A, S = fastmu.mu(X, A0=A0, S0=S0, n_iter=30)
+    for p in range(4):
+        Ap, Sp = fastmu.mu(X[p], A0=A0[p], S0=S0[p], n_iter=30)
+        np.testing.assert_allclose(A[p], Ap, rtol=1e-12)
+        np.testing.assert_allclose(S[p], Sp, rtol=1e-12)
+
+
+def test_inputs_not_modified(rng):
+    X, A0, S0 = low_rank_problem(rng, 2, 8, 3, 50)
+    copies = [a.copy() for a in (X, A0, S0)]
+    fastmu.mu(X, A0=A0, S0=S0, n_iter=5)
+    for a, c in zip((X, A0, S0), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_two_d_in_two_d_out_and_batched_shapes(rng):
+    X = rng.random((5, 9, 40))
+    A, S = fastmu.mu(X, 2, n_iter=3, random_state=0)
+    assert A.shape == (5, 9, 2) and S.shape == (5, 2, 40)
+    A, S = fastmu.mu(X[0], 2, n_iter=3, random_state=0)
+    assert A.shape == (9, 2) and S.shape == (2, 40)
+
+
+def test_integer_counts_become_float64(rng):
+    X = rng.poisson(5.0, size=(10, 60))
+    A, S = fastmu.mu(X, 3, n_iter=10, random_state=0)
+    assert A.dtype == np.float64 and np.isfinite(A).all()
+
+
+def test_zero_pixels_and_channels_stay_finite(rng):
+    X = rng.random((12, 80)).astype(np.float32)
+    X[:, 5:9] = 0  # dark pixels
+    X[3] = 0  # dead channel
+    A, S = fastmu.mu(X, 4, n_iter=300, random_state=0)
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+    assert np.all(A[3] == 0)
+    assert np.all(S[:, 5:9] == 0)
+    Z = np.zeros((6, 10))
+    A, S = fastmu.mu(Z, 2, n_iter=5, random_state=0)
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+
+
+def test_float32_ten_thousand_iterations_finite(rng):
+    X = (rng.random((65, 4)) @ rng.random((4, 256))).astype(np.float32)
+    X[:, :3] = 0
+    A, S = fastmu.mu(X, 4, n_iter=10_000, random_state=1)
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+    assert np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 1e-2
+
+
+def test_tol_stops_early_and_callback_can_stop(rng):
+    X, _, _ = low_rank_problem(rng, 1, 20, 3, 100)
+    seen = []
+    fastmu.mu(X, 3, n_iter=5000, tol=1e-4, random_state=0, callback=lambda i, A, S: seen.append(i))
+    assert 10 <= seen[-1] < 5000
+    seen.clear()
+    fastmu.mu(X, 3, n_iter=100, random_state=0, callback=lambda i, A, S: seen.append(i) or i >= 7)
+    assert seen == list(range(1, 8))
+
+
+def test_callback_every(rng):
+    X, _, _ = low_rank_problem(rng, 1, 5, 2, 30)
+    seen = []
+    fastmu.mu(X, 2, n_iter=20, callback=lambda i, A, S: seen.append(i), callback_every=5)
+    assert seen == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_in_torch_out(rng, dtype):
+    X, A0, S0 = low_rank_problem(rng, 2, 10, 3, 90)
+    Xt, At0, St0 = (torch.from_numpy(a).to(dtype) for a in (X, A0, S0))
+    A, S = fastmu.mu(Xt, A0=At0, S0=St0, n_iter=20)
+    assert isinstance(A, torch.Tensor) and A.dtype == dtype and A.shape == (2, 10, 3)
+    Ar, Sr = mu_numpy(X, A0, S0, 20)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    np.testing.assert_allclose(A.numpy(), Ar, rtol=tol, atol=tol)
+    A2, S2 = fastmu.mu(Xt, A0=At0, S0=St0, n_iter=20, backend="torch")
+    np.testing.assert_allclose(A2.numpy(), A.numpy(), rtol=10 * tol, atol=tol)
+
+
+def test_numpy_backend_torch_reference(rng):
+    X, A0, S0 = low_rank_problem(rng, 1, 10, 3, 90)
+    A, S = fastmu.mu(X, A0=A0, S0=S0, n_iter=15, backend="torch")
+    assert isinstance(A, np.ndarray)
+    Ar, Sr = mu_numpy(X, A0, S0, 15)
+    np.testing.assert_allclose(A, Ar, rtol=1e-10)
+
+
+def test_cuda_backend_without_gpu_is_a_clear_error(rng, monkeypatch):
+    import fastmu.solver as solver
+
+    monkeypatch.setattr(solver, "cuda_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        fastmu.mu(rng.random((4, 10)), 2, backend="cuda")
+
+
+def test_constant_init_keeps_columns_identical(rng):
+    """DESIGN §1: under plain MU a constant start never separates the components."""
+    X, _, _ = low_rank_problem(rng, 1, 15, 3, 120)
+    A, S = fastmu.mu(X[0], 3, n_iter=50, init="constant")
+    np.testing.assert_allclose(A, A[:, :1].repeat(3, axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("init", ["random", "nndsvda"])
+def test_inits_converge(rng, init):
+    X, _, _ = low_rank_problem(rng, 1, 15, 3, 120)
+    A, S = fastmu.mu(X[0], 3, n_iter=400, init=init, random_state=0)
+    assert np.linalg.norm(X[0] - A @ S) / np.linalg.norm(X[0]) < 0.05

@@ -1,0 +1,93 @@
+"""Bad input to fastmu.mu: clear errors, nothing modified."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastmu
+
+X = np.random.default_rng(0).random((6, 20))
+A0 = np.ones((6, 2))
+S0 = np.ones((2, 20))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(X=-X), ValueError, "non-negative"),
+        (dict(X=np.where(X > 0.5, np.nan, X)), ValueError, "NaN or infinite"),
+        (dict(X=np.where(X > 0.5, np.inf, X)), ValueError, "NaN or infinite"),
+        (dict(X=X[0]), ValueError, "2-D or 3-D"),
+        (dict(X=X[None, None]), ValueError, "2-D or 3-D"),
+        (dict(X=np.zeros((0, 5))), ValueError, "zero-size"),
+        (dict(X=np.zeros((3, 0))), ValueError, "zero-size"),
+        (dict(X=X.astype(complex)), TypeError, "complex"),
+        (dict(X=X.astype(str)), TypeError, "dtype"),
+        (dict(X=X.astype(object)), TypeError, "dtype"),
+        (dict(X="not an array"), TypeError, "must be an array"),
+        (dict(X=X.astype(np.float16)), TypeError, "float16"),
+        (dict(X=torch.ones(3, 4, dtype=torch.complex64)), TypeError, "complex64"),
+        (dict(X=torch.ones(3, 4, dtype=torch.float16)), TypeError, "float16"),
+        (dict(n_components=0), ValueError, "n_components must be >= 1"),
+        (dict(n_components=-3), ValueError, "n_components must be >= 1"),
+        (dict(n_components=2.5), TypeError, "n_components must be an integer"),
+        (dict(n_components=None), ValueError, "n_components is required"),
+        (dict(A0=A0), ValueError, "both A0 and S0"),
+        (dict(A0=np.ones((5, 2)), S0=S0), ValueError, "A0 has shape"),
+        (dict(A0=A0, S0=np.ones((2, 19))), ValueError, "S0 has shape"),
+        (dict(A0=A0, S0=np.ones((3, 20))), ValueError, "components"),
+        (dict(A0=-A0, S0=S0), ValueError, "A0 must be non-negative"),
+        (dict(A0=A0, S0=S0 * np.nan), ValueError, "S0 contains NaN"),
+        (dict(A0=np.ones((2, 6, 2)), S0=np.ones((2, 2, 20))), ValueError, "batch size"),
+        (dict(A0=torch.ones(6, 2), S0=S0), TypeError, "torch array but X is a numpy"),
+        (dict(n_iter=-1), ValueError, "n_iter"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(tol=-1.0), ValueError, "tol"),
+        (dict(init="svd"), ValueError, "init must be one of"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+        (dict(callback=3), TypeError, "callback must be callable"),
+    ],
+)
+def test_bad_input(kwargs, exc, match):
+    args = dict(X=X, n_components=2, n_iter=2)
+    if "A0" in kwargs:
+        args["n_components"] = None
+    args.update(kwargs)
+    Xarg = args.pop("X")
+    ncomp = args.pop("n_components")
+    with pytest.raises(exc, match=match):
+        fastmu.mu(Xarg, ncomp, **args)
+
+
+def test_n_components_mismatch_with_start():
+    with pytest.raises(ValueError, match="n_components=3"):
+        fastmu.mu(X, 3, A0=A0, S0=S0)
+
+
+def test_failed_call_modifies_nothing():
+    Xc = X.copy()
+    Xc[0, 0] = -1
+    before = Xc.copy()
+    with pytest.raises(ValueError):
+        fastmu.mu(Xc, 2)
+    np.testing.assert_array_equal(Xc, before)
+
+
+def test_non_contiguous_input_is_handled():
+    big = np.random.default_rng(1).random((12, 40))
+    Xs = big[::2, ::2]
+    assert not Xs.flags.c_contiguous
+    A, S = fastmu.mu(Xs, 2, n_iter=5, random_state=0)
+    A2, S2 = fastmu.mu(np.ascontiguousarray(Xs), 2, n_iter=5, random_state=0)
+    np.testing.assert_array_equal(A, A2)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, fastmu; print(sorted(m for m in ('torch','numba','cupy','matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
