@@ -29,7 +29,6 @@ EPS = 1e-12
 _LAZY = {
     "mu": ("fastmu.solver", "mu"),
     "available_backends": ("fastmu.dispatch", "available_backends"),
-    "NMF": ("fastmu.estimator", "NMF"),
     "NALMU": ("fastmu.nn.models", "NALMU"),
     "ALMU": ("fastmu.nn.models", "ALMU"),
 }

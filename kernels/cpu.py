@@ -34,10 +34,12 @@ _TB = 256
 
 # Reassociation lets LLVM vectorise the reductions over pixels; no 'arcp' or
 # 'nnan': divisions stay exact IEEE divisions and NaN propagation is kept.
+# error_model="numpy" drops Python's ZeroDivisionError check, whose branch
+# kept every division loop scalar (ε keeps denominators positive anyway).
 _FM = {"reassoc", "contract", "nsz"}
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _p_4x4(Xp, Sb, Pc, i, k, j0, L):
     """``Pc[i:i+4, k:k+4] += X[i:i+4, blk] @ Sb[k:k+4, :L]ᵀ``: 16 register accumulators.
 
@@ -100,7 +102,7 @@ def _p_4x4(Xp, Sb, Pc, i, k, j0, L):
     Pc[i + 3, k + 3] += p33
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _p_block(Xp, Sb, m, n, j0, L, Pc):
     """``Pc += X[:, j0:j0+L] @ Sb[:, :L]ᵀ`` (4×4 register blocks, then the remainders)."""
     n4 = n - n % 4
@@ -127,7 +129,7 @@ def _p_block(Xp, Sb, m, n, j0, L, Pc):
             Pc[i, k] += acc
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _r_4x4(Xp, Ap, R, i, k, j0, L):
     """``R[k:k+4, :L] += A[i:i+4, k:k+4]ᵀ X[i:i+4, blk]``: 16 coefficients held in registers."""
     x0 = Xp[i, j0 : j0 + L]
@@ -165,7 +167,7 @@ def _r_4x4(Xp, Ap, R, i, k, j0, L):
         r3[jj] += a03 * v0 + a13 * v1 + a23 * v2 + a33 * v3
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _r_block(Xp, Ap, m, n, j0, L, R):
     """``R[:, :L] = A'ᵀ X[:, j0:j0+L]`` (4×4 register blocks, then the remainders)."""
     for k in range(n):
@@ -192,7 +194,7 @@ def _r_block(Xp, Ap, m, n, j0, L, R):
                 r[jj] += c * x0[jj]
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _gram_block(Sb, n, L, Gc):
     """``Gc += Sb[:, :L] @ Sb[:, :L]ᵀ`` (upper triangle computed, mirrored)."""
     for k in range(n):
@@ -207,7 +209,7 @@ def _gram_block(Sb, n, L, Gc):
                 Gc[l, k] += acc
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _pg_chunk(Xp, Sp, j0, L, Pc, Gc, Sb):
     """Add one column block's ``X Sᵀ`` and ``S Sᵀ`` to ``Pc``, ``Gc`` (no S update)."""
     m = Xp.shape[0]
@@ -219,7 +221,7 @@ def _pg_chunk(Xp, Sp, j0, L, Pc, Gc, Sb):
     _gram_block(Sb, n, L, Gc)
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
     """S update on one column block, then (optionally) add its ``X S'ᵀ``, ``S' S'ᵀ`` to Pc, Gc.
 
@@ -229,8 +231,113 @@ def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
     m = Xp.shape[0]
     n = Sp.shape[0]
     _r_block(Xp, Ap, m, n, j0, L, R)
-    # R ← S ⊙ R ⊘ (H S + ε), row by row; the old S is read for every k, so the
-    # new values stay in R until all rows are done.
+    if n == 4:
+        _s_update4(Hp, Sp, j0, L, eps, R)
+    else:
+        _s_update(Hp, Sp, j0, L, eps, R, Dk)
+    if accumulate:
+        # The block of X is still in L1/L2: this is the fused second use.
+        _p_block(Xp, R, m, n, j0, L, Pc)
+        if n == 4:
+            _gram4(R, L, Gc)
+        else:
+            _gram_block(R, n, L, Gc)
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
+def _s_update4(Hp, Sp, j0, L, eps, R):
+    """Rank-4 S update of one block in a single sweep: all four old values sit in registers.
+
+    ``S'_k = S_k R_k / (Σ_l H_kl S_l + ε)``; new values go to S and to R (the
+    contiguous copy that the P accumulation reads next).
+    """
+    s0 = Sp[0, j0 : j0 + L]
+    s1 = Sp[1, j0 : j0 + L]
+    s2 = Sp[2, j0 : j0 + L]
+    s3 = Sp[3, j0 : j0 + L]
+    r0 = R[0]
+    r1 = R[1]
+    r2 = R[2]
+    r3 = R[3]
+    h00 = Hp[0, 0]
+    h01 = Hp[0, 1]
+    h02 = Hp[0, 2]
+    h03 = Hp[0, 3]
+    h11 = Hp[1, 1]
+    h12 = Hp[1, 2]
+    h13 = Hp[1, 3]
+    h22 = Hp[2, 2]
+    h23 = Hp[2, 3]
+    h33 = Hp[3, 3]
+    for jj in range(L):
+        a0 = s0[jj]
+        a1 = s1[jj]
+        a2 = s2[jj]
+        a3 = s3[jj]
+        # H is symmetric: h_lk = h_kl.
+        n0 = a0 * r0[jj] / (eps + h00 * a0 + h01 * a1 + h02 * a2 + h03 * a3)
+        n1 = a1 * r1[jj] / (eps + h01 * a0 + h11 * a1 + h12 * a2 + h13 * a3)
+        n2 = a2 * r2[jj] / (eps + h02 * a0 + h12 * a1 + h22 * a2 + h23 * a3)
+        n3 = a3 * r3[jj] / (eps + h03 * a0 + h13 * a1 + h23 * a2 + h33 * a3)
+        s0[jj] = n0
+        s1[jj] = n1
+        s2[jj] = n2
+        s3[jj] = n3
+        r0[jj] = n0
+        r1[jj] = n1
+        r2[jj] = n2
+        r3[jj] = n3
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
+def _gram4(Sb, L, Gc):
+    """Rank-4 ``Gc += Sb Sbᵀ`` in one sweep (10 accumulators)."""
+    s0 = Sb[0]
+    s1 = Sb[1]
+    s2 = Sb[2]
+    s3 = Sb[3]
+    z = Gc.dtype.type(0)
+    g00 = g01 = g02 = g03 = g11 = g12 = g13 = g22 = g23 = g33 = z
+    for jj in range(L):
+        a0 = s0[jj]
+        a1 = s1[jj]
+        a2 = s2[jj]
+        a3 = s3[jj]
+        g00 += a0 * a0
+        g01 += a0 * a1
+        g02 += a0 * a2
+        g03 += a0 * a3
+        g11 += a1 * a1
+        g12 += a1 * a2
+        g13 += a1 * a3
+        g22 += a2 * a2
+        g23 += a2 * a3
+        g33 += a3 * a3
+    Gc[0, 0] += g00
+    Gc[1, 1] += g11
+    Gc[2, 2] += g22
+    Gc[3, 3] += g33
+    Gc[0, 1] += g01
+    Gc[1, 0] += g01
+    Gc[0, 2] += g02
+    Gc[2, 0] += g02
+    Gc[0, 3] += g03
+    Gc[3, 0] += g03
+    Gc[1, 2] += g12
+    Gc[2, 1] += g12
+    Gc[1, 3] += g13
+    Gc[3, 1] += g13
+    Gc[2, 3] += g23
+    Gc[3, 2] += g23
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
+def _s_update(Hp, Sp, j0, L, eps, R, Dk):
+    """Any-rank S update of one block: ``R ← S ⊙ R ⊘ (H S + ε)``, then S ← R.
+
+    The old S is read for every k, so new values stay in R until all rows are done.
+    """
+    n = Sp.shape[0]
     for k in range(n):
         d = Dk[:L]
         for jj in range(L):
@@ -249,13 +356,9 @@ def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
         sk = Sp[k, j0 : j0 + L]
         for jj in range(L):
             sk[jj] = r[jj]
-    if accumulate:
-        # The block of X is still in L1/L2: this is the fused second use.
-        _p_block(Xp, R, m, n, j0, L, Pc)
-        _gram_block(R, n, L, Gc)
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _reduce_problem(Ppart, Gpart, c0, nblk, Pp, Gp):
     """Sum the partials of one problem's blocks, in block order."""
     Pp[:, :] = Ppart[c0]
@@ -265,7 +368,7 @@ def _reduce_problem(Ppart, Gpart, c0, nblk, Pp, Gp):
         Gp += Gpart[c]
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _a_update(Ap, Wp, Pp, Gp, eps, Hp, Erow):
     """``A ← A ⊙ W ⊙ P ⊘ (A G + ε)`` in place (row-wise independent), then ``H = AᵀA``."""
     m, n = Ap.shape
@@ -286,7 +389,7 @@ def _a_update(Ap, Wp, Pp, Gp, eps, Hp, Erow):
             Hp[l, k] = acc
 
 
-@nb.njit(cache=True, parallel=True, fastmath=_FM)
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     """Run ``n_iter`` fused (learned) MU iterations in place on ``A`` and ``S``.
 
@@ -312,10 +415,10 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     -----
     Two schedules, chosen by the batch size:
 
-    - *problem-major* (``b`` a multiple of the thread count, or at least four
-      per thread): each thread runs all iterations of its own problems, so a
-      problem's X stays in that core's L2 across iterations and threads never
-      wait for each other;
+    - *problem-major* (``b`` a multiple of the thread count, at least four
+      per thread, or too little work to share): each thread runs all
+      iterations of its own problems, so a problem's X stays in that core's L2
+      across iterations and threads never wait for each other;
     - *block-parallel* (one or a few problems): the column blocks of every
       problem are spread over the threads and the partial P, G are reduced
       after each iteration.
@@ -331,7 +434,9 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     Dk = np.empty((nthreads, _TB), dt)
     wstep = 0 if W.shape[0] == 1 else 1  # W shared by the batch, or one per problem
 
-    if b % nthreads == 0 or b >= 4 * nthreads:
+    # Problem-major also for tiny work (fewer blocks than two per thread), where
+    # one parallel region per iteration would cost more than the iteration.
+    if b % nthreads == 0 or b >= 4 * nthreads or b * nblk < 2 * nthreads:
         for p in prange(b):
             fp = enter_ftz()  # subnormals are slow: see fpenv.py
             tid = nb.get_thread_id()
@@ -355,43 +460,68 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
             leave_ftz(fp)
         return
 
-    nchunks = b * nblk
-    Ppart = np.zeros((nchunks, m, n), dt)
-    Gpart = np.zeros((nchunks, n, n), dt)
-    if not pg_valid:
+    # Block-parallel: each problem's blocks are cut into `cpp` chunks, about two
+    # per thread overall. One parallel region per iteration: every chunk sums its
+    # problem's partial P, G of the previous iteration and recomputes the tiny
+    # A update itself, so no second barrier is needed. A and the partials are
+    # double-buffered (read slot it % 2, write the other), so a chunk never
+    # reads what another chunk of the same iteration writes.
+    cpp = min(nblk, max(1, (2 * nthreads + b - 1) // b))
+    bpc = (nblk + cpp - 1) // cpp  # blocks per chunk
+    cpp = (nblk + bpc - 1) // bpc
+    nchunks = b * cpp
+    Ppart = np.zeros((2, nchunks, m, n), dt)
+    Gpart = np.zeros((2, nchunks, n, n), dt)
+    Abuf = np.empty((2, b, m, n), dt)
+    Al = np.empty((nthreads, m, n), dt)
+    Pl = np.empty((nthreads, m, n), dt)
+    Gl = np.empty((nthreads, n, n), dt)
+    Hl = np.empty((nthreads, n, n), dt)
+    El = np.empty((nthreads, n), dt)
+    Abuf[0] = A
+    if pg_valid:
+        for p in range(b):
+            Ppart[0, p * cpp] = P[p]
+            Gpart[0, p * cpp] = G[p]
+    else:
         for c in prange(nchunks):
             fp = enter_ftz()
-            p = c // nblk
-            j0 = (c % nblk) * _TB
-            _pg_chunk(X[p], S[p], j0, min(_TB, t - j0), Ppart[c], Gpart[c], R[nb.get_thread_id()])
+            p = c // cpp
+            tid = nb.get_thread_id()
+            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
+                j0 = blk * _TB
+                _pg_chunk(X[p], S[p], j0, min(_TB, t - j0), Ppart[0, c], Gpart[0, c], R[tid])
             leave_ftz(fp)
-        for p in prange(b):
-            _reduce_problem(Ppart, Gpart, p * nblk, nblk, P[p], G[p])
 
     for it in range(n_iter):
+        src = it % 2
+        dst = 1 - src
         acc = accumulate_last or it < n_iter - 1
-        for p in prange(b):
-            fp = enter_ftz()
-            if it > 0:
-                _reduce_problem(Ppart, Gpart, p * nblk, nblk, P[p], G[p])
-            _a_update(A[p], W[p * wstep], P[p], G[p], epsd, H[p], Erow[p])
-            leave_ftz(fp)
         for c in prange(nchunks):
-            p = c // nblk
-            j0 = (c % nblk) * _TB
             fp = enter_ftz()
+            p = c // cpp
             tid = nb.get_thread_id()
-            Ppart[c, :, :] = 0
-            Gpart[c, :, :] = 0
-            _s_chunk(X[p], A[p], H[p], S[p], j0, min(_TB, t - j0), epsd, acc,
-                     Ppart[c], Gpart[c], R[tid], Dk[tid])
+            _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
+            Ap = Al[tid]
+            Ap[:, :] = Abuf[src, p]
+            _a_update(Ap, W[p * wstep], Pl[tid], Gl[tid], epsd, Hl[tid], El[tid])
+            if c % cpp == 0:
+                Abuf[dst, p] = Ap
+            Ppart[dst, c] = 0
+            Gpart[dst, c] = 0
+            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
+                j0 = blk * _TB
+                _s_chunk(X[p], Ap, Hl[tid], S[p], j0, min(_TB, t - j0), epsd, acc,
+                         Ppart[dst, c], Gpart[dst, c], R[tid], Dk[tid])
             leave_ftz(fp)
-    if n_iter > 0 and accumulate_last:
-        for p in prange(b):
-            _reduce_problem(Ppart, Gpart, p * nblk, nblk, P[p], G[p])
+    last = n_iter % 2
+    A[:] = Abuf[last]
+    if n_iter == 0 or accumulate_last:
+        for p in range(b):
+            _reduce_problem(Ppart[last], Gpart[last], p * cpp, cpp, P[p], G[p])
 
 
-@nb.njit(cache=True, parallel=True, fastmath=_FM)
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def objective_from_pg(X2, A, P, G, out):
     """``0.5‖X − A S‖²`` per problem from ``‖X‖²``, ``P = X Sᵀ``, ``G = S Sᵀ`` (float64).
 

@@ -1,0 +1,80 @@
+"""The fastmu command line, run in-process as a user would."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastmu.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("unmix", "bench", "data"):
+        assert cmd in out
+
+
+def test_unmix_npy_with_truth(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    A, S = rng.random((12, 3)), rng.random((3, 200)) ** 4
+    np.save(tmp_path / "X.npy", A @ S)
+    np.savez(tmp_path / "truth.npz", A=A, S=S)
+    out = tmp_path / "res.npz"
+    rc = main(["unmix", str(tmp_path / "X.npy"), "-n", "3", "--iters", "800", "--dtype", "float64",
+               "--truth", str(tmp_path / "truth.npz"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = np.load(out)
+    assert res["A"].shape == (12, 3) and res["S"].shape == (3, 200)
+    assert res["score_cos_A"] > 0.95
+    assert "mean cosine" in capsys.readouterr().out
+
+
+def test_unmix_cube_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    cube = rng.random((6, 7, 10))  # rows, cols, bands
+    np.savez(tmp_path / "cube.npz", X=cube)
+    out = tmp_path / "r.npz"
+    assert main(["unmix", str(tmp_path / "cube.npz"), "--layout", "hwm", "-n", "2", "--iters", "5",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = np.load(out)
+    assert res["A"].shape == (10, 2) and res["S_maps"].shape == (2, 6, 7)
+
+
+def test_unmix_demo_runs(tmp_path):
+    out = tmp_path / "demo.npz"
+    fig = tmp_path / "demo.png"
+    assert main(["unmix", "--demo", "--iters", "50", "--out", str(out), "--figure", str(fig), "--no-progress"]) == 0
+    assert np.load(out)["S_maps"].shape == (4, 128, 128)
+    assert fig.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["unmix"], "give an input"),
+        (["unmix", "missing.npy", "-n", "2"], "does not exist"),
+        (["unmix", "{bad}", "-n", "2"], "must be non-negative"),
+        (["unmix", "{x}"], "n-components is required"),
+        (["unmix", "{x}", "-n", "2", "--layout", "hwm"], "expects a 3-D array"),
+    ],
+)
+def test_unmix_errors(tmp_path, capsys, argv, msg):
+    np.save(tmp_path / "bad.npy", -np.ones((3, 4)))
+    np.save(tmp_path / "x.npy", np.ones((3, 4)))
+    argv = [a.replace("{bad}", str(tmp_path / "bad.npy")).replace("{x}", str(tmp_path / "x.npy")) for a in argv]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--workload", "paper", "--iters", "3", "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    peers = {r["peer"] for r in res["results"]}
+    assert {"fastmu", "numpy", "torch"} <= peers
+    assert res["machine"]["cpu"] and res["machine"]["packages"]["numpy"]
+    assert "fastmu speedup" in capsys.readouterr().out
