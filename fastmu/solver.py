@@ -280,6 +280,9 @@ def _check_factor(F: Any, name: str, X: Any, kind: ArrayKind, dtype: str, b: int
 
 
 def _copy_native(x: Any, engine_cls: type) -> Any:
+    copier = getattr(engine_cls, "copy", None)  # engines whose arrays lack .copy()/.clone()
+    if copier is not None:
+        return copier(x)
     return x.clone() if hasattr(x, "clone") else x.copy()
 
 

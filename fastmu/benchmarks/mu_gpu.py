@@ -1,0 +1,324 @@
+"""GPU benchmark workloads for ``fastmu bench --device cuda`` (DESIGN §3, issue 3).
+
+W1: one 65×16384 problem, rank 4, float32, ``iters`` MU iterations.
+W2: ``batch`` such problems at once (the paper's MU baseline on a test set).
+
+Each workload is timed for fastmu's fused kernels (both launch designs, so the
+faster one for the shape is visible) beside its peers on the same GPU:
+torch eager (batched ``@``/``bmm``), ``torch.compile`` of the same loop (when
+it compiles), and a CuPy NumPy-style loop. Timing uses CUDA events after a
+warm-up run (which also pays compilation). Throughput is reported under the
+one-pass traffic model ``itemsize·(m·t + 2·n·t)`` bytes per iteration and
+problem, and as a fraction of the device's measured copy bandwidth (a large
+device-to-device copy, bytes read + bytes written).
+
+Usage::
+
+    from fastmu.benchmarks.mu_gpu import run_gpu_benchmarks
+    result = run_gpu_benchmarks()            # dict, JSON-serialisable
+    # or: python -m fastmu.benchmarks.mu_gpu --quick --out bench/results/gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+M, N, T = 65, 4, 16384
+EPS = 1e-12
+
+
+def _require_gpu() -> Any:
+    import numba
+    from numba import cuda
+
+    if getattr(numba.config, "ENABLE_CUDASIM", 0):
+        raise RuntimeError("GPU benchmarks cannot run in the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    if not cuda.is_available():
+        raise RuntimeError("GPU benchmarks need a CUDA GPU visible to Numba; none is available here")
+    return cuda
+
+
+def _versions(cuda: Any) -> dict[str, Any]:
+    import numba
+
+    import fastmu
+
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    out: dict[str, Any] = {
+        "device": name,
+        "compute_capability": list(dev.compute_capability),
+        "multiprocessors": int(dev.MULTIPROCESSOR_COUNT),
+        "python": platform.python_version(),
+        "fastmu": fastmu.__version__,
+        "numba": numba.__version__,
+    }
+    try:
+        from numba.cuda.cudadrv.driver import driver
+
+        v = driver.get_version()
+        out["driver_cuda_version"] = f"{v[0]}.{v[1]}"
+    except Exception as exc:  # pragma: no cover - informational only
+        out["driver_cuda_version"] = f"unknown ({exc})"
+    try:
+        v = cuda.runtime.get_version()
+        out["runtime_cuda_version"] = f"{v[0]}.{v[1]}"
+    except Exception as exc:  # pragma: no cover
+        out["runtime_cuda_version"] = f"unknown ({exc})"
+    for mod in ("numba_cuda", "cupy", "torch"):
+        try:
+            out[mod.replace("_", "-")] = __import__(mod).__version__
+        except Exception:
+            out[mod.replace("_", "-")] = None
+    try:
+        import pynvml  # optional: the driver's own version string
+
+        pynvml.nvmlInit()
+        out["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:
+        try:
+            import cupy
+
+            out["driver"] = str(cupy.cuda.runtime.driverGetVersion())
+        except Exception:
+            out["driver"] = None
+    return out
+
+
+def _data(b: int, dtype: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host X (b, M, T) = A* S* + noise and a random positive start (A, S)."""
+    rng = np.random.default_rng(seed)
+    A_true = rng.random((b, M, N), dtype=np.float32)
+    S_true = rng.random((b, N, T), dtype=np.float32)
+    X = (A_true @ S_true).astype(dtype)
+    X += 0.01 * rng.random(X.shape, dtype=np.float32)
+    A0 = (0.5 + rng.random((b, M, N), dtype=np.float32)).astype(dtype)
+    S0 = (0.5 + rng.random((b, N, T), dtype=np.float32)).astype(dtype)
+    return X, A0, S0
+
+
+def _numba_time(cuda: Any, fn: Callable[[], None]) -> float:
+    """Seconds between CUDA events around ``fn`` on the default stream."""
+    start, stop = cuda.event(timing=True), cuda.event(timing=True)
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return cuda.event_elapsed_time(start, stop) / 1e3
+
+
+def copy_bandwidth(cuda: Any, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    n = nbytes // 4
+    src = cuda.device_array(n, np.float32)
+    dst = cuda.device_array(n, np.float32)
+    dst.copy_to_device(src)  # warm-up
+    cuda.synchronize()
+    best = min(_numba_time(cuda, lambda: dst.copy_to_device(src)) for _ in range(repeats))
+    return 2 * n * 4 / best
+
+
+def _model_bytes(b: int, iters: int, itemsize: int = 4) -> int:
+    return itemsize * (M * T + 2 * N * T) * b * iters
+
+
+def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> dict[str, Any]:
+    gbs = _model_bytes(b, iters) / seconds / 1e9
+    return {
+        "seconds": seconds,
+        "ms_per_iter": 1e3 * seconds / iters,
+        "achieved_GBps_one_pass_model": gbs,
+        "fraction_of_copy_bandwidth": gbs * 1e9 / copy_bw,
+        **extra,
+    }
+
+
+def _fastmu(cuda: Any, X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int, mode: str) -> tuple[float, np.ndarray]:
+    from fastmu.kernels import cuda as kc
+
+    saved = kc.get_config()["mode"]
+    kc.set_mode(mode)
+    try:
+        b = X.shape[0]
+        dX = cuda.to_device(X)
+        W = cuda.to_device(np.ones((1, M, N), X.dtype))
+        P = cuda.device_array((b, M, N), X.dtype)
+        G = cuda.device_array((b, N, N), X.dtype)
+        ws = kc.GridWorkspace()
+
+        def run(n: int) -> tuple[Any, Any]:
+            dA, dS = cuda.to_device(A0), cuda.to_device(S0)
+            cuda.synchronize()
+            t = _numba_time(cuda, lambda: kc.mu_run(dX, dA, dS, W, P, G, n, EPS, False, True, 0, ws))
+            return t, dS
+
+        run(min(iters, kc._GRAPH_LEN + 8))  # warm-up: compilation and the CUDA graph capture
+        t, dS = run(iters)
+        return t, dS.copy_to_host()
+    finally:
+        kc.set_mode(saved)
+
+
+def _torch_loop(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int, compiled: bool) -> tuple[float, np.ndarray]:
+    import torch
+
+    from fastmu.reference import mu_step_torch
+
+    dev = torch.device("cuda")
+    Xt, A, S = (torch.as_tensor(a, device=dev) for a in (X, A0, S0))
+    step = mu_step_torch
+    if compiled:
+        step = torch.compile(mu_step_torch, fullgraph=True)
+
+    def run(n: int) -> tuple[float, Any]:
+        a, s = A.clone(), S.clone()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        with torch.no_grad():
+            for _ in range(n):
+                a, s = step(Xt, a, s, None, EPS)
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3, s
+
+    run(min(iters, 20))
+    t, s = run(iters)
+    return t, s.cpu().numpy()
+
+
+def _cupy_loop(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int) -> tuple[float, np.ndarray]:
+    import cupy as cp
+
+    Xc, A, S = (cp.asarray(a) for a in (X, A0, S0))
+
+    def run(n: int) -> tuple[float, Any]:
+        a, s = A.copy(), S.copy()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        cp.cuda.Device().synchronize()
+        start.record()
+        for _ in range(n):  # the NumPy formula of fastmu.reference.mu_step_numpy
+            St = s.transpose(0, 2, 1)
+            a = a * (Xc @ St) / (a @ (s @ St) + EPS)
+            At = a.transpose(0, 2, 1)
+            s = s * (At @ Xc) / ((At @ a) @ s + EPS)
+        stop.record()
+        stop.synchronize()
+        return cp.cuda.get_elapsed_time(start, stop) / 1e3, s
+
+    run(min(iters, 20))
+    t, s = run(iters)
+    return t, cp.asnumpy(s)
+
+
+def _agreement(S: np.ndarray, S_ref: np.ndarray) -> float:
+    """Max relative difference of S against fastmu's (a sanity check, float32)."""
+    return float(np.max(np.abs(S - S_ref)) / max(float(np.max(np.abs(S_ref))), 1e-30))
+
+
+def run_gpu_benchmarks(iters: int = 10_000, batch: int = 150, quick: bool = False) -> dict[str, Any]:
+    """Time W1 and W2 for fastmu and its peers on the current GPU; return a JSON-able dict.
+
+    Parameters
+    ----------
+    iters : int
+        MU iterations per timed run (10 000 in the issue).
+    batch : int
+        Problems in W2 (150: the paper's test set).
+    quick : bool
+        A smoke run: 200 iterations, batch 8.
+
+    Raises
+    ------
+    RuntimeError
+        No CUDA GPU (or the simulator is on).
+    """
+    cuda = _require_gpu()
+    if quick:
+        iters, batch = min(iters, 200), min(batch, 8)
+    from fastmu.kernels import cuda as kc
+
+    info = _versions(cuda)
+    t0 = time.time()
+    copy_bw = copy_bandwidth(cuda)
+    result: dict[str, Any] = {
+        "suite": "gpu",
+        **info,
+        "kernel_config": kc.get_config(),
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "traffic_model": "itemsize*(m*t + 2*n*t) bytes per iteration and problem (X read once, S read+written once)",
+        "shape": {"m": M, "n": N, "t": T, "dtype": "float32"},
+        "iters": iters,
+        "workloads": {},
+    }
+    for wname, b in (("W1", 1), ("W2", batch)):
+        X, A0, S0 = _data(b, np.float32, seed=b)
+        entries: dict[str, Any] = {}
+        ref_S = None
+        for mode in ("block", "grid"):
+            label = f"fastmu_{mode}"
+            try:
+                secs, S = _fastmu(cuda, X, A0, S0, iters, mode)
+                if ref_S is None:
+                    ref_S = S
+                entries[label] = _entry(secs, b, iters, copy_bw, max_rel_diff_vs_fastmu=_agreement(S, ref_S))
+            except Exception as exc:
+                entries[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        peers = {
+            "torch_eager": lambda: _torch_loop(X, A0, S0, iters, compiled=False),
+            "torch_compile": lambda: _torch_loop(X, A0, S0, iters, compiled=True),
+            "cupy_loop": lambda: _cupy_loop(X, A0, S0, iters),
+        }
+        for label, fn in peers.items():
+            try:
+                secs, S = fn()
+                extra = {} if ref_S is None else {"max_rel_diff_vs_fastmu": _agreement(S, ref_S)}
+                entries[label] = _entry(secs, b, iters, copy_bw, **extra)
+            except Exception as exc:  # a missing library or a failed compile is reported, not fatal
+                entries[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        ok = {k: v["seconds"] for k, v in entries.items() if "seconds" in v}
+        result["workloads"][wname] = {"batch": b, "results": entries, "fastest": min(ok, key=ok.get) if ok else None}
+    result["wall_seconds"] = time.time() - t0
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The GPU results as a text table: seconds, ms/iteration, GB/s and fraction of copy bandwidth."""
+    head = f"{'workload':<8} {'peer':<14} {'seconds':>9} {'ms/iter':>9} {'GB/s':>8} {'of copy bw':>10}"
+    lines = [f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s", head, "-" * len(head)]
+    for wname, w in result["workloads"].items():
+        for label, e in w["results"].items():
+            if "seconds" not in e:
+                lines.append(f"{wname:<8} {label:<14} {e.get('error', '')[:60]}")
+                continue
+            lines.append(
+                f"{wname:<8} {label:<14} {e['seconds']:>9.3f} {e['ms_per_iter']:>9.4f} "
+                f"{e['achieved_GBps_one_pass_model']:>8.1f} {e['fraction_of_copy_bandwidth']:>10.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=150)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    args = ap.parse_args(argv)
+    res = run_gpu_benchmarks(args.iters, args.batch, args.quick)
+    text = json.dumps(res, indent=2)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

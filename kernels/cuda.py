@@ -1,0 +1,774 @@
+"""Fused multiplicative-update kernels for NVIDIA GPUs (Numba CUDA).
+
+The same semantics as :func:`fastmu.kernels.cpu.mu_run` (DESIGN §3): per
+iteration, the tiny A update ``A' = A ⊙ W ⊙ P ⊘ (A G + ε)`` and
+``H = A'ᵀA'`` from the carried ``P = X Sᵀ`` and ``G = S Sᵀ``, then the
+column-parallel S update ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` fused with
+the reductions ``P += X_j S'_jᵀ``, ``G += S'_j S'_jᵀ`` that the next
+iteration's A update needs: one pass over X per iteration.
+
+Two launch designs, both keeping every barrier inside a thread block (the
+CUDA simulator, which CI runs, has no real grid-wide barrier and no warp
+shuffles — DESIGN §6):
+
+``"block"`` — one block per problem, persistent
+    Block ``p`` owns problem ``p`` for the whole call and loops over all
+    iterations inside one launch: no Python between iterations, no global
+    synchronisation. Fills the GPU when the batch is large (the 150-problem
+    test set), but a single problem then runs on one multiprocessor.
+``"grid"`` — several blocks per problem, one launch per iteration
+    Each block recomputes the tiny A update redundantly (m·n² work), updates
+    its own column tiles, and adds its partial P, G to global accumulators
+    with atomics; the launch boundary is the grid-wide barrier. Iteration
+    state rotates through small ring buffers (A: 2, P/G: 3), so a launch
+    never reads what the same launch writes. The per-iteration launches are
+    captured in a CUDA graph (through CuPy, when installed) and replayed, so
+    Python launch overhead (tens of µs per Numba launch, DESIGN §5, while an
+    iteration at 65×16384 moves only 4.78 MB) is paid once per graph, not
+    once per iteration. Without CuPy the launches are queued asynchronously.
+
+Inside a block, one thread owns one pixel column of the current tile (the
+tile width is the block size). Its column of S and the accumulators for the
+n components live in registers (``n`` is a compile-time constant: kernels are
+specialised per dtype, block size and n ≤ :data:`MAX_N`). ``P += X S'ᵀ`` is a
+reduction over the tile's columns: the tile's rows of X are staged through
+shared memory (``rc`` rows at a time, padded against bank conflicts), each
+thread sums ``rc``-row × column-group products in registers and adds them to
+the block's shared ``P`` with one shared atomic per component. The X tile is
+read from DRAM once per iteration; its second read (for P) is served from
+L1/L2.
+
+Memory traffic per iteration and problem: X read once, S read and written
+once: ``itemsize·(m·t + 2·n·t)`` bytes (the one-pass model of DESIGN §3).
+
+All arrays are C-contiguous Numba device arrays of one float dtype:
+``X (b, m, t)``, ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)`` with
+``bw`` 1 (shared) or ``b`` (per problem), ``P (b, m, n)``, ``G (b, n, n)``.
+
+Tuning knobs (module level, also read from the environment at import):
+
+- ``FASTMU_CUDA_THREADS`` / :func:`set_threads`: threads per block, which is
+  also the pixel tile width (default 128; tests use 32 so that tiny problems
+  span several tiles and blocks).
+- ``FASTMU_CUDA_MODE`` / :func:`set_mode`: ``"auto"``, ``"block"`` or ``"grid"``.
+- ``FASTMU_CUDA_BLOCKS_PER_PROBLEM`` / :func:`set_blocks_per_problem`: blocks
+  per problem in grid mode (default: enough to give every multiprocessor two).
+- ``FASTMU_CUDA_GRAPHS`` / :func:`set_graphs`: ``"auto"`` (use CUDA graphs
+  when CuPy is importable), ``"1"`` (required), ``"0"`` (never).
+
+None of the block sizes, heuristics or graph lengths here has been measured on
+a GPU yet (no GPU was available while they were written): treat the defaults
+as starting points for ``fastmu bench --device cuda``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda
+
+#: largest rank the kernels are compiled for: per-thread accumulators are
+#: ``n`` (S column, A'ᵀX column) plus ``n²`` (G) registers.
+MAX_N = 8
+
+#: static shared memory the kernels may use per block (the CUDA default limit
+#: without an opt-in is 48 KiB); half is reserved for the m-dependent part.
+_SHARED_LIMIT = 48 * 1024
+_STATIC_BUDGET = 24 * 1024
+
+#: launches per captured CUDA graph in grid mode (a multiple of 6 so that the
+#: 2- and 3-deep ring buffers are back at their starting phase after it).
+_GRAPH_LEN = 120
+
+_MODES = ("auto", "block", "grid")
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass
+class _Config:
+    threads: int = 128
+    mode: str = "auto"
+    blocks_per_problem: int | None = None
+    graphs: str = "auto"
+
+
+_config = _Config()
+
+
+def set_threads(threads: int) -> None:
+    """Set the threads per block (= pixel tile width) of every later launch.
+
+    Parameters
+    ----------
+    threads : int
+        A power of two between 32 and 1024. Small values (32) let simulator
+        tests cover several tiles and blocks with tiny problems.
+    """
+    threads = int(threads)
+    if threads < 32 or threads > 1024 or threads & (threads - 1):
+        raise ValueError(f"threads per block must be a power of two in [32, 1024], got {threads}")
+    _config.threads = threads
+
+
+def set_mode(mode: str) -> None:
+    """Choose the launch design: ``"auto"``, ``"block"`` (one persistent block per problem) or ``"grid"``."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    _config.mode = mode
+
+
+def set_blocks_per_problem(blocks: int | None) -> None:
+    """Blocks per problem in grid mode (``None``: chosen from the multiprocessor count)."""
+    if blocks is not None and int(blocks) < 1:
+        raise ValueError(f"blocks per problem must be >= 1, got {blocks}")
+    _config.blocks_per_problem = None if blocks is None else int(blocks)
+
+
+def set_graphs(graphs: str | bool) -> None:
+    """CUDA graphs in grid mode: ``"auto"`` (when CuPy is importable), ``True``/``"1"``, ``False``/``"0"``."""
+    g = {True: "1", False: "0"}.get(graphs, graphs) if isinstance(graphs, bool) else str(graphs)
+    if g not in ("auto", "0", "1"):
+        raise ValueError(f"graphs must be 'auto', '0' or '1' (or a bool), got {graphs!r}")
+    _config.graphs = g
+
+
+def get_config() -> dict[str, Any]:
+    """The current tuning knobs as a dict (recorded by the benchmarks)."""
+    return {
+        "threads": _config.threads,
+        "mode": _config.mode,
+        "blocks_per_problem": _config.blocks_per_problem,
+        "graphs": _config.graphs,
+    }
+
+
+set_threads(_env_int("FASTMU_CUDA_THREADS", 128))
+set_mode(os.environ.get("FASTMU_CUDA_MODE", "auto") or "auto")
+set_blocks_per_problem(_env_int("FASTMU_CUDA_BLOCKS_PER_PROBLEM", None))
+set_graphs(os.environ.get("FASTMU_CUDA_GRAPHS", "auto") or "auto")
+
+
+def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
+    """Rows of X staged in shared memory at once: the largest power of two ≤ min(32, tpb)
+    whose staging buffer keeps the static shared memory within its budget."""
+    fixed = (n * tpb + 2 * n * n) * itemsize
+    rc = min(32, tpb)
+    while rc > 1 and fixed + rc * (tpb + 1) * itemsize > _STATIC_BUDGET:
+        rc //= 2
+    return rc
+
+
+def static_shared_bytes(dtype: Any, threads: int, n: int) -> int:
+    """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``."""
+    isz = np.dtype(dtype).itemsize
+    rc = _rows_per_chunk(threads, n, isz)
+    return (n * threads + 2 * n * n + rc * (threads + 1)) * isz
+
+
+def dynamic_shared_bytes(dtype: Any, m: int, n: int) -> int:
+    """Dynamic shared memory per block: A' and the block's P, ``2·m·n`` values."""
+    return 2 * m * n * np.dtype(dtype).itemsize
+
+
+@dataclass
+class _Kernels:
+    """The kernels compiled for one (dtype, threads per block, n)."""
+
+    tpb: int
+    n: int
+    rc: int
+    launch_bounds: tuple[int, int]
+    mu_block: Any
+    mu_grid_step: Any
+    sumsq: Any
+    zero: Any
+    device_funcs: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(dtype_name: str, tpb: int, n: int) -> _Kernels:
+    """Define the kernels for one configuration; Numba compiles them on first launch.
+
+    ``tpb``, ``n`` and the derived ``rc`` are closure constants, so loops over
+    components unroll and the per-thread accumulators stay in registers.
+    """
+    nbt = numba.float32 if dtype_name == "float32" else numba.float64
+    isz = 4 if dtype_name == "float32" else 8
+    rc = _rows_per_chunk(tpb, n, isz)
+    ng = tpb // rc  # column groups in the P reduction
+    tp1 = tpb + 1  # padded row stride of the X staging buffer (bank conflicts)
+    nn = n * n
+    # Cap registers at 128 per thread (at least 512 resident threads per SM):
+    # unbounded, NVVM unrolls the reductions up to ~220-240 registers, which
+    # would leave one or two blocks per SM for a bandwidth-bound kernel.
+    # (ptxas -v at sm_90: 128 registers, no spills in float32, a 48-byte
+    # stack in float64.) The simulator's jit has no launch_bounds.
+    bounds = (tpb, max(1, 512 // tpb))
+    kjit = cuda.jit if _in_simulator() else functools.partial(cuda.jit, launch_bounds=bounds)
+
+    @cuda.jit(device=True)
+    def a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid):
+        """``A' = A ⊙ W ⊙ P ⊘ (A G + ε)`` in shared memory, then ``H = A'ᵀA'``.
+
+        Consumes the block's ``Psh``, ``Gsh`` and leaves them zeroed for the
+        next sweep's accumulation. Ends with a barrier.
+        """
+        arow = cuda.local.array(n, nbt)
+        for i in range(tid, m, tpb):  # rows are independent: one thread per row
+            for k in range(n):
+                arow[k] = Ash[i * n + k]
+            for k in range(n):
+                e = eps
+                for l in range(n):
+                    e += arow[l] * Gsh[l, k]
+                Ash[i * n + k] = arow[k] * W[wp, i, k] * Psh[i * n + k] / e
+        cuda.syncthreads()
+        for q in range(tid, nn, tpb):
+            k = q // n
+            l = q % n
+            h = nbt(0)
+            for i in range(m):
+                h += Ash[i * n + k] * Ash[i * n + l]
+            Hsh[k, l] = h
+        # P and G were read before the barrier above: clear them for the sweep.
+        for q in range(tid, m * n, tpb):
+            Psh[q] = 0
+        for q in range(tid, nn, tpb):
+            Gsh[q // n, q % n] = 0
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, c0, cstep, m, t, eps, update, accumulate, tid):
+        """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update (when ``update``)
+        and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
+        (when ``accumulate``; both flags are uniform over the block, so the
+        barriers below are reached by every thread). Ends with a barrier."""
+        s = cuda.local.array(n, nbt)
+        r = cuda.local.array(n, nbt)
+        pa = cuda.local.array(n, nbt)
+        gl = cuda.local.array(nn, nbt)
+        for q in range(nn):
+            gl[q] = 0
+        ii = tid % rc  # row of the staged chunk this thread reduces
+        g = tid // rc  # its column group
+        ntiles = (t + tpb - 1) // tpb
+        for c in range(c0, ntiles, cstep):
+            j = c * tpb + tid
+            valid = j < t
+            if valid:
+                for k in range(n):
+                    s[k] = S[p, k, j]
+                if update:
+                    for k in range(n):
+                        r[k] = 0
+                    for i in range(m):  # A'ᵀ X_j: the one DRAM read of X
+                        x = X[p, i, j]
+                        for k in range(n):
+                            r[k] += Ash[i * n + k] * x
+                    for k in range(n):
+                        d = eps
+                        for l in range(n):
+                            d += Hsh[k, l] * s[l]
+                        r[k] = s[k] * r[k] / d
+                    for k in range(n):
+                        S[p, k, j] = r[k]
+                else:
+                    for k in range(n):
+                        r[k] = s[k]
+                for k in range(n):
+                    Ssh[k, tid] = r[k]
+                if accumulate:
+                    for k in range(n):
+                        for l in range(k, n):
+                            gl[k * n + l] += r[k] * r[l]
+            else:
+                for k in range(n):
+                    Ssh[k, tid] = 0
+            if accumulate:
+                cuda.syncthreads()  # the tile's S' columns are all in Ssh
+                for r0 in range(0, m, rc):
+                    rows = min(rc, m - r0)
+                    for q in range(rows):  # stage X rows (coalesced; an L1/L2 hit)
+                        Xsh[q, tid] = X[p, r0 + q, j] if valid else 0
+                    cuda.syncthreads()
+                    if ii < rows:
+                        for k in range(n):
+                            pa[k] = 0
+                        for jj in range(g, tpb, ng):
+                            x = Xsh[ii, jj]
+                            for k in range(n):
+                                pa[k] += x * Ssh[k, jj]
+                        for k in range(n):
+                            cuda.atomic.add(Psh, (r0 + ii) * n + k, pa[k])
+                    cuda.syncthreads()  # before Xsh / Ssh are overwritten
+        if accumulate:
+            for k in range(n):
+                for l in range(k, n):
+                    cuda.atomic.add(Gsh, (k, l), gl[k * n + l])
+            cuda.syncthreads()
+            for q in range(tid, nn, tpb):  # mirror the upper triangle
+                k = q // n
+                l = q % n
+                if l < k:
+                    Gsh[k, l] = Gsh[l, k]
+        cuda.syncthreads()
+
+    @kjit
+    def mu_block(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last):
+        """One persistent block per problem: all ``n_iter`` iterations in one launch."""
+        p = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        m = X.shape[1]
+        t = X.shape[2]
+        dyn = cuda.shared.array(0, nbt)
+        Ash = dyn[: m * n]
+        Psh = dyn[m * n : 2 * m * n]
+        Gsh = cuda.shared.array((n, n), nbt)
+        Hsh = cuda.shared.array((n, n), nbt)
+        Ssh = cuda.shared.array((n, tpb), nbt)
+        Xsh = cuda.shared.array((rc, tp1), nbt)
+        wp = 0 if W.shape[0] == 1 else p
+        for q in range(tid, m * n, tpb):
+            Ash[q] = A[p, q // n, q % n]
+            Psh[q] = P[p, q // n, q % n] if pg_valid else 0
+        for q in range(tid, nn, tpb):
+            Gsh[q // n, q % n] = G[p, q // n, q % n] if pg_valid else 0
+        cuda.syncthreads()
+        # it = -1 is the P/G pass over the initial S (no update); one call
+        # site for sweep keeps the register allocation of a single copy.
+        for it in range(0 if pg_valid else -1, n_iter):
+            if it >= 0:
+                a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+            sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, 0, 1, m, t, eps, it >= 0, acc_last or it < n_iter - 1, tid)
+        for q in range(tid, m * n, tpb):
+            A[p, q // n, q % n] = Ash[q]
+        if acc_last or n_iter == 0:
+            for q in range(tid, m * n, tpb):
+                P[p, q // n, q % n] = Psh[q]
+            for q in range(tid, nn, tpb):
+                G[p, q // n, q % n] = Gsh[q // n, q % n]
+
+    @kjit
+    def mu_grid_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
+        """One iteration (or, with ``update`` false, the P/G pass) with
+        ``gridDim.x`` blocks per problem ``blockIdx.y``.
+
+        Reads ``Ar[phase % 2]``, ``Pr/Gr[phase % 3]``; writes
+        ``Ar[(phase + 1) % 2]`` (block 0 only), adds into
+        ``Pr/Gr[(phase + 1) % 3]`` and clears ``Pr/Gr[(phase + 2) % 3]`` for
+        the next launch. No launch touches a buffer both ways.
+        """
+        bx = cuda.blockIdx.x
+        p = cuda.blockIdx.y
+        nbx = cuda.gridDim.x
+        tid = cuda.threadIdx.x
+        m = X.shape[1]
+        t = X.shape[2]
+        cur = phase % 3
+        nxt = (phase + 1) % 3
+        old = (phase + 2) % 3
+        dyn = cuda.shared.array(0, nbt)
+        Ash = dyn[: m * n]
+        Psh = dyn[m * n : 2 * m * n]
+        Gsh = cuda.shared.array((n, n), nbt)
+        Hsh = cuda.shared.array((n, n), nbt)
+        Ssh = cuda.shared.array((n, tpb), nbt)
+        Xsh = cuda.shared.array((rc, tp1), nbt)
+        wp = 0 if W.shape[0] == 1 else p
+        if update:
+            for q in range(tid, m * n, tpb):
+                Ash[q] = Ar[phase % 2, p, q // n, q % n]
+                Psh[q] = Pr[cur, p, q // n, q % n]
+            for q in range(tid, nn, tpb):
+                Gsh[q // n, q % n] = Gr[cur, p, q // n, q % n]
+            cuda.syncthreads()
+            a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+            if bx == 0:
+                for q in range(tid, m * n, tpb):
+                    Ar[(phase + 1) % 2, p, q // n, q % n] = Ash[q]
+        else:
+            for q in range(tid, m * n, tpb):
+                Psh[q] = 0
+            for q in range(tid, nn, tpb):
+                Gsh[q // n, q % n] = 0
+            cuda.syncthreads()
+        if bx == 0:
+            for q in range(tid, m * n, tpb):
+                Pr[old, p, q // n, q % n] = 0
+            for q in range(tid, nn, tpb):
+                Gr[old, p, q // n, q % n] = 0
+        sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, bx, nbx, m, t, eps, update, accumulate, tid)
+        if accumulate:
+            for q in range(tid, m * n, tpb):
+                cuda.atomic.add(Pr, (nxt, p, q // n, q % n), Psh[q])
+            for q in range(tid, nn, tpb):
+                cuda.atomic.add(Gr, (nxt, p, q // n, q % n), Gsh[q // n, q % n])
+
+    @cuda.jit
+    def sumsq(X, out):
+        """``out[p] += Σ X[p]²`` in float64, ``gridDim.x`` blocks per problem ``blockIdx.y``."""
+        p = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        m = X.shape[1]
+        t = X.shape[2]
+        red = cuda.shared.array(tpb, numba.float64)
+        acc = 0.0
+        start = cuda.blockIdx.x * tpb + tid
+        stride = cuda.gridDim.x * tpb
+        for q in range(start, m * t, stride):
+            x = numba.float64(X[p, q // t, q % t])
+            acc += x * x
+        red[tid] = acc
+        cuda.syncthreads()
+        half = tpb // 2
+        while half > 0:  # tree reduction in shared memory (no warp shuffles: simulator-safe)
+            if tid < half:
+                red[tid] += red[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            cuda.atomic.add(out, p, red[0])
+
+    @cuda.jit
+    def zero(Z):
+        """``Z[:] = 0`` for a 1-D device array (used on flattened ring buffers)."""
+        q = cuda.grid(1)
+        if q < Z.shape[0]:
+            Z[q] = 0
+
+    return _Kernels(
+        tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step, sumsq=sumsq, zero=zero,
+        device_funcs={"a_update": a_update, "sweep": sweep},
+    )
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _check_args(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, int, int]:
+    """Shapes and dtypes of the kernel arguments; ValueError/TypeError naming the problem."""
+    for name, arr, nd in (("X", X, 3), ("A", A, 3), ("S", S, 3), ("W", W, 3), ("P", P, 3), ("G", G, 3)):
+        if not cuda.devicearray.is_cuda_ndarray(arr):
+            raise TypeError(
+                f"{name} must be a Numba CUDA device array (numba.cuda.to_device / as_cuda_array), "
+                f"got {type(arr).__name__}"
+            )
+        if len(arr.shape) != nd:
+            raise ValueError(f"{name} must be {nd}-D, got shape {tuple(arr.shape)}")
+        if not arr.is_c_contiguous():
+            raise ValueError(f"{name} must be C-contiguous")
+        if np.dtype(arr.dtype) != np.dtype(X.dtype):
+            raise TypeError(f"{name} has dtype {arr.dtype} but X has {X.dtype}; all arrays need one dtype")
+    if np.dtype(X.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"the CUDA kernels compute in float32 or float64, got {X.dtype}")
+    b, m, t = X.shape
+    n = A.shape[2]
+    if n > MAX_N:
+        raise ValueError(
+            f"the CUDA kernels support at most n = {MAX_N} components (per-thread register "
+            f"accumulators), got n = {n}; use backend='cpu' or 'torch' for larger ranks"
+        )
+    want = {"A": (b, m, n), "S": (b, n, t), "P": (b, m, n), "G": (b, n, n)}
+    for name, arr in (("A", A), ("S", S), ("P", P), ("G", G)):
+        if tuple(arr.shape) != want[name]:
+            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {want[name]}")
+    if tuple(W.shape[1:]) != (m, n) or W.shape[0] not in (1, b):
+        raise ValueError(f"W has shape {tuple(W.shape)}, expected (1, {m}, {n}) or ({b}, {m}, {n})")
+    return b, m, t, n
+
+
+def _multiprocessors() -> int:
+    """SM count of the current device (a nominal 2 in the simulator, which has none)."""
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:
+        return 2
+
+
+def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
+    """The launch design and blocks per problem for ``b`` problems of ``t`` pixels.
+
+    Heuristic (unmeasured; override with :func:`set_mode`): one persistent
+    block per problem when the batch alone gives every multiprocessor a
+    block, or a problem has only one tile; otherwise enough blocks per
+    problem for two per multiprocessor, no more than there are tiles.
+    """
+    tpb = threads or _config.threads
+    tiles = -(-t // tpb)
+    if _config.mode == "block":
+        return "block", 1
+    if _config.blocks_per_problem is not None:
+        bpp = min(_config.blocks_per_problem, tiles)
+    else:
+        bpp = min(tiles, max(1, -(-2 * _multiprocessors() // b)))
+    if _config.mode == "grid":
+        return "grid", bpp
+    if b >= _multiprocessors() or tiles == 1 or bpp == 1:
+        return "block", 1
+    return "grid", bpp
+
+
+def _stream_ptr(stream: Any) -> int:
+    if stream is None or isinstance(stream, int):
+        return int(stream or 0)
+    h = stream.handle
+    try:
+        return int(h)
+    except TypeError:
+        return int(h.value or 0)
+
+
+class GridWorkspace:
+    """Ring buffers and captured CUDA graphs of the grid-mode path for one set of arrays.
+
+    Keep one per solver state (the engine does) so that repeated
+    :func:`mu_run` calls reuse the buffers and graphs instead of allocating
+    and capturing again.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.Ar: Any = None
+        self.Pr: Any = None
+        self.Gr: Any = None
+        self.graph: Any = None
+        self.graph_key: tuple | None = None
+
+    def prepare(self, b: int, m: int, n: int, dtype: np.dtype, stream: Any) -> None:
+        key = (b, m, n, np.dtype(dtype).str)
+        if key != self.key:
+            self.Ar = cuda.device_array((2, b, m, n), dtype, stream=stream)
+            self.Pr = cuda.device_array((3, b, m, n), dtype, stream=stream)
+            self.Gr = cuda.device_array((3, b, n, n), dtype, stream=stream)
+            self.key = key
+            self.graph = None
+            self.graph_key = None
+
+
+def _zero(k: _Kernels, arr: Any, stream: Any) -> None:
+    flat = arr.reshape(arr.size)
+    nb = -(-flat.shape[0] // k.tpb)
+    k.zero[nb, k.tpb, stream](flat)
+
+
+def _graphs_wanted() -> bool:
+    """Whether grid mode should capture CUDA graphs (never in the simulator: it has no streams)."""
+    if _config.graphs == "0" or _in_simulator():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        if _config.graphs == "1":
+            raise RuntimeError("CUDA graphs were required (FASTMU_CUDA_GRAPHS=1) but CuPy is not installed")
+        return False
+    return True
+
+
+def _in_simulator() -> bool:
+    """True when Numba runs CUDA kernels in its CPU simulator."""
+    return bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
+
+
+def _capture_graph(launch_range: Any, n_launch: int) -> Any:
+    """Capture ``launch_range(stream, 0, n_launch)`` into a CuPy CUDA graph."""
+    import cupy
+
+    cap = cupy.cuda.Stream(non_blocking=True)
+    nstream = cuda.external_stream(cap.ptr)
+    cap.begin_capture(cupy.cuda.runtime.streamCaptureModeRelaxed)
+    try:
+        launch_range(nstream, 0, n_launch)
+    finally:
+        graph = cap.end_capture()  # always leave capture mode, even on error
+    cap.synchronize()
+    return graph
+
+
+def mu_run(
+    X: Any,
+    A: Any,
+    S: Any,
+    W: Any,
+    P: Any,
+    G: Any,
+    n_iter: int,
+    eps: float,
+    pg_valid: bool,
+    accumulate_last: bool,
+    stream: Any = 0,
+    workspace: GridWorkspace | None = None,
+) -> None:
+    """Run ``n_iter`` fused (learned) MU iterations in place on device arrays ``A`` and ``S``.
+
+    Same semantics as :func:`fastmu.kernels.cpu.mu_run`.
+
+    Parameters
+    ----------
+    X, A, S, W
+        Numba device arrays (see the module docstring). ``A`` and ``S`` are
+        overwritten.
+    P, G
+        ``(b, m, n)`` and ``(b, n, n)``: ``X Sᵀ`` and ``S Sᵀ`` of the current
+        S. Read when ``pg_valid`` (carried between calls), recomputed
+        otherwise; on return they hold the values for the returned S when
+        ``accumulate_last`` or when ``n_iter`` is 0.
+    n_iter
+        Number of iterations (A update, then S update with the new A).
+    eps
+        ε added to every denominator (cast to the arrays' dtype).
+    pg_valid, accumulate_last
+        As in the CPU kernel.
+    stream
+        A Numba stream (e.g. ``numba.cuda.external_stream(ptr)`` of the
+        caller's CuPy/torch stream) or 0 for the default stream. Everything is
+        queued on it; nothing synchronises the host.
+    workspace
+        Grid-mode buffers and graphs to reuse between calls (optional).
+
+    Raises
+    ------
+    ValueError
+        ``n`` above :data:`MAX_N`, inconsistent shapes, non-contiguous arrays,
+        or ``m`` too large for the block's shared memory.
+    TypeError
+        Mixed dtypes or a dtype other than float32/float64.
+    """
+    b, m, t, n = _check_args(X, A, S, W, P, G)
+    n_iter = int(n_iter)
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if n_iter == 0 and pg_valid:
+        return
+    dtype = np.dtype(X.dtype)
+    tpb = _config.threads
+    dyn = dynamic_shared_bytes(dtype, m, n)
+    if dyn + static_shared_bytes(dtype, tpb, n) > _SHARED_LIMIT:
+        m_max = (_SHARED_LIMIT - static_shared_bytes(dtype, tpb, n)) // (2 * n * dtype.itemsize)
+        raise ValueError(
+            f"m = {m} channels do not fit the CUDA kernels' shared memory at n = {n}, {dtype}, "
+            f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
+            "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
+        )
+    k = _build(dtype.name, tpb, n)
+    epsd = dtype.type(eps)
+    mode, bpp = choose_mode(b, t, tpb)
+
+    if mode == "block":
+        k.mu_block[b, tpb, stream, dyn](X, A, S, W, P, G, n_iter, epsd, bool(pg_valid), bool(accumulate_last))
+        return
+
+    ws = workspace if workspace is not None else GridWorkspace()
+    ws.prepare(b, m, n, dtype, stream)
+    Ar, Pr, Gr = ws.Ar, ws.Pr, ws.Gr
+    grid = (bpp, b)
+    step = k.mu_grid_step
+
+    Ar[0].copy_to_device(A, stream=stream)
+    if pg_valid:
+        Pr[0].copy_to_device(P, stream=stream)
+        Gr[0].copy_to_device(G, stream=stream)
+    else:
+        _zero(k, Pr[0], stream)
+        _zero(k, Gr[0], stream)
+        # phase 2: accumulates into ring slot 0 and clears slot 1
+        step[grid, tpb, stream, dyn](X, S, W, Ar, Pr, Gr, 2, epsd, False, True)
+    if n_iter > 0:
+        # slot 1 is cleared by the P/G pass above or must be cleared here; slot 2 by launch 0
+        if pg_valid:
+            _zero(k, Pr[1], stream)
+            _zero(k, Gr[1], stream)
+
+        def launch_range(s: Any, first: int, last: int) -> None:
+            for it in range(first, last):
+                step[grid, tpb, s, dyn](X, S, W, Ar, Pr, Gr, it % 6, epsd, True, True)
+
+        n_full = n_iter - 1  # the last launch may skip the P/G accumulation
+        done = 0
+        if n_full >= _GRAPH_LEN + 6 and _graphs_wanted():
+            # Six direct launches first: the kernel is compiled and loaded
+            # before capture, and the ring phase is back at 0 afterwards.
+            launch_range(stream, 0, 6)
+            done = 6
+            gkey = (
+                _ptr(X), _ptr(S), _ptr(W), _ptr(Ar), _ptr(Pr), _ptr(Gr), float(epsd), grid, tpb, dtype.str,
+            )
+            try:
+                if ws.graph_key != gkey:
+                    ws.graph = _capture_graph(launch_range, _GRAPH_LEN)
+                    ws.graph_key = gkey
+                import cupy
+
+                caller = cupy.cuda.ExternalStream(_stream_ptr(stream))
+                while n_full - done >= _GRAPH_LEN:
+                    ws.graph.launch(caller)
+                    done += _GRAPH_LEN
+            except Exception as exc:  # capture unsupported here: fall back to queued launches
+                if _config.graphs == "1":
+                    raise
+                warnings.warn(f"CUDA graph capture failed ({exc}); launching per iteration", RuntimeWarning)
+                ws.graph = ws.graph_key = None
+        launch_range(stream, done, n_full)
+        step[grid, tpb, stream, dyn](X, S, W, Ar, Pr, Gr, n_full % 6, epsd, True, bool(accumulate_last))
+    A.copy_to_device(Ar[n_iter % 2], stream=stream)
+    if accumulate_last or n_iter == 0:
+        P.copy_to_device(Pr[n_iter % 3], stream=stream)
+        G.copy_to_device(Gr[n_iter % 3], stream=stream)
+
+
+def _ptr(a: Any) -> int:
+    return int(a.__cuda_array_interface__["data"][0])
+
+
+def sum_squares(X: Any, stream: Any = 0) -> Any:
+    """``‖X[p]‖²`` per problem as a float64 device array ``(b,)`` (for the objective)."""
+    b, m, t = X.shape
+    tpb = _config.threads
+    k = _build(np.dtype(X.dtype).name, tpb, 1)
+    out = cuda.device_array(b, np.float64, stream=stream)
+    k.zero[-(-b // tpb), tpb, stream](out)
+    nbx = max(1, min(-(-m * t // tpb), -(-4 * _multiprocessors() // b)))
+    k.sumsq[(nbx, b), tpb, stream](X, out)
+    return out
+
+
+def objective_from_pg(x2: np.ndarray, A: np.ndarray, P: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """``0.5‖X − A S‖²`` per problem from host copies of ``‖X‖²``, A, P, G (float64).
+
+    ``‖X − AS‖² = ‖X‖² − 2⟨A, P⟩ + ⟨AᵀA, G⟩`` (as the CPU kernel): no pass
+    over X, accurate to about ``eps(dtype)·‖X‖²``.
+    """
+    A = A.astype(np.float64)
+    cross = np.einsum("bik,bik->b", A, P.astype(np.float64))
+    quad = np.einsum("bkl,bkl->b", np.einsum("bik,bil->bkl", A, A), G.astype(np.float64))
+    return 0.5 * np.maximum(x2 - 2.0 * cross + quad, 0.0)
+
+
+__all__ = [
+    "MAX_N",
+    "GridWorkspace",
+    "choose_mode",
+    "dynamic_shared_bytes",
+    "get_config",
+    "mu_run",
+    "objective_from_pg",
+    "set_blocks_per_problem",
+    "set_graphs",
+    "set_mode",
+    "set_threads",
+    "static_shared_bytes",
+    "sum_squares",
+]

@@ -1,0 +1,160 @@
+"""The CUDA backend on a real GPU: zero-copy CuPy/torch interop, streams, both launch designs.
+
+Skipped without a CUDA GPU (and under the simulator, which has no streams
+and no CuPy/torch device memory). Run on a lent GPU machine with
+``python -m pytest -m gpu tests/test_cuda_gpu.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu_available() -> bool:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+if not _gpu_available():
+    pytest.skip("needs a real CUDA GPU (numba.cuda.is_available() is False or the simulator is on)",
+                allow_module_level=True)
+
+from numba import cuda  # noqa: E402
+
+import fastmu  # noqa: E402
+from fastmu.cuda_engine import CUDAEngine  # noqa: E402
+from fastmu.kernels import cuda as kc  # noqa: E402
+from fastmu.reference import mu_numpy  # noqa: E402
+
+EPS = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _restore_config():
+    saved = kc.get_config()
+    yield
+    kc.set_threads(saved["threads"])
+    kc.set_mode(saved["mode"])
+    kc.set_blocks_per_problem(saved["blocks_per_problem"])
+    kc.set_graphs(saved["graphs"])
+
+
+def _problem(b, m, n, t, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((b, m, n)) @ rng.random((b, n, t)) + 0.01 * rng.random((b, m, t))
+    A = 0.5 + rng.random((b, m, n))
+    S = 0.5 + rng.random((b, n, t))
+    return X, A, S
+
+
+def _run_kernel(X, A, S, n_iter, dtype):
+    d = [cuda.to_device(np.ascontiguousarray(a, dtype)) for a in (X, A, S)]
+    b, m, t = X.shape
+    n = A.shape[2]
+    W = cuda.to_device(np.ones((1, m, n), dtype))
+    P = cuda.device_array((b, m, n), dtype)
+    G = cuda.device_array((b, n, n), dtype)
+    kc.mu_run(d[0], d[1], d[2], W, P, G, n_iter, EPS, False, True)
+    return d[1].copy_to_host(), d[2].copy_to_host()
+
+
+@pytest.mark.parametrize("mode", ["block", "grid"])
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-3), (np.float64, 1e-10)])
+def test_w1_shape_matches_reference(mode, dtype, rtol):
+    """One 65×16384 rank-4 problem, 30 iterations, against float64 NumPy."""
+    kc.set_mode(mode)
+    X, A, S = _problem(1, 65, 4, 16384)
+    A1, S1 = _run_kernel(X, A, S, 30, dtype)
+    Ar, Sr = mu_numpy(X, A, S, 30, EPS)
+    np.testing.assert_allclose(A1, Ar, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(S1, Sr, rtol=rtol, atol=1e-6)
+
+
+def test_graphs_equal_direct_launches():
+    pytest.importorskip("cupy")
+    kc.set_mode("grid")
+    X, A, S = _problem(2, 65, 4, 4096, seed=1)
+    kc.set_graphs(False)
+    A0, S0 = _run_kernel(X, A, S, 300, np.float64)
+    kc.set_graphs(True)
+    A1, S1 = _run_kernel(X, A, S, 300, np.float64)
+    np.testing.assert_allclose(A1, A0, rtol=1e-12)
+    np.testing.assert_allclose(S1, S0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [32, 128, 256, 1024])
+def test_thread_counts(threads):
+    kc.set_threads(threads)
+    X, A, S = _problem(3, 65, 4, 3000, seed=2)
+    for mode in ("block", "grid"):
+        kc.set_mode(mode)
+        A1, S1 = _run_kernel(X, A, S, 5, np.float64)
+        Ar, Sr = mu_numpy(X, A, S, 5, EPS)
+        np.testing.assert_allclose(S1, Sr, rtol=1e-10)
+
+
+def test_cupy_zero_copy_and_stream():
+    cp = pytest.importorskip("cupy")
+    X, _, _ = _problem(3, 20, 3, 500, seed=3)
+    Xc = cp.asarray(X, dtype=cp.float32)
+    assert CUDAEngine.adopt(Xc, None).__cuda_array_interface__["data"][0] == Xc.data.ptr
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        A, S = fastmu.mu(Xc, 3, n_iter=50, random_state=0, backend="cuda")
+        assert isinstance(A, cp.ndarray) and A.dtype == cp.float32
+        R = float(cp.linalg.norm(Xc - A @ S) / cp.linalg.norm(Xc))
+    A_h, S_h = fastmu.mu(X.astype(np.float32), 3, n_iter=50, random_state=0, backend="cpu")
+    np.testing.assert_allclose(cp.asnumpy(A), A_h, rtol=2e-3, atol=1e-6)
+    assert R < 0.2
+
+
+def test_torch_zero_copy_stream_and_noncontiguous():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    X, _, _ = _problem(2, 20, 3, 400, seed=4)
+    Xt = torch.tensor(X, device="cuda")
+    assert CUDAEngine.adopt(Xt, None).__cuda_array_interface__["data"][0] == Xt.data_ptr()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        A, S = fastmu.mu(Xt, 3, n_iter=40, random_state=0, backend="cuda")
+    s.synchronize()
+    assert isinstance(A, torch.Tensor) and A.is_cuda and A.dtype == torch.float64
+    A_h, S_h = fastmu.mu(X, 3, n_iter=40, random_state=0, backend="cpu")
+    np.testing.assert_allclose(A.cpu().numpy(), A_h, rtol=1e-9)
+    # a non-contiguous view is copied once and gives the same answer
+    Xnc = torch.tensor(np.ascontiguousarray(X.transpose(0, 2, 1)), device="cuda").transpose(1, 2)
+    assert not Xnc.is_contiguous()
+    A2, _ = fastmu.mu(Xnc, 3, n_iter=40, random_state=0, backend="cuda")
+    np.testing.assert_allclose(A2.cpu().numpy(), A_h, rtol=1e-9)
+
+
+def test_device_dtype_refused():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    with pytest.raises(TypeError, match="float16|half"):
+        fastmu.mu(torch.ones((1, 4, 10), device="cuda", dtype=torch.float16), 2, backend="cuda")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        CUDAEngine.adopt(torch.ones((1, 4, 10), device="cuda", dtype=torch.float16), None)
+
+
+def test_arrays_on_different_devices():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    X = torch.rand((1, 4, 50), device="cuda:0")
+    A0 = torch.rand((1, 4, 2), device="cuda:1")
+    S0 = torch.rand((1, 2, 50), device="cuda:1")
+    with pytest.raises(ValueError, match="device"):
+        fastmu.mu(X, A0=A0, S0=S0, backend="cuda")

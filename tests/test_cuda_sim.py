@@ -1,0 +1,287 @@
+"""The Numba CUDA kernels, run in Numba's CUDA simulator (DESIGN §6).
+
+Run in their own process, with the simulator switched on before Numba is
+imported::
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/
+
+The main ``pytest`` run skips this module. Blocks of 32 threads (= 32-pixel
+tiles) make the tiny problems here span several tiles, several blocks per
+problem in grid mode, and several row chunks of X in the P reduction.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.cudasim
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip(
+        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
+        allow_module_level=True,
+    )
+
+import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from fastmu.reference import mu_step_numpy  # noqa: E402
+
+kc = pytest.importorskip("fastmu.kernels.cuda")
+
+TOL = {np.float32: dict(rtol=2e-4, atol=1e-6), np.float64: dict(rtol=1e-11, atol=1e-13)}
+EPS = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _tiny_blocks():
+    """32 threads per block, automatic mode, for every test (restored afterwards)."""
+    saved = kc.get_config()
+    kc.set_threads(32)
+    kc.set_mode("auto")
+    kc.set_blocks_per_problem(None)
+    yield
+    kc.set_threads(saved["threads"])
+    kc.set_mode(saved["mode"])
+    kc.set_blocks_per_problem(saved["blocks_per_problem"])
+
+
+def _problem(b, m, n, t, dtype, seed=0, zero_cols=()):
+    rng = np.random.default_rng(seed)
+    X = (rng.random((b, m, n)) @ rng.random((b, n, t)) + 0.05 * rng.random((b, m, t))).astype(dtype)
+    for j in zero_cols:
+        X[:, :, j] = 0
+    A = (0.5 + rng.random((b, m, n))).astype(dtype)
+    S = (0.5 + rng.random((b, n, t))).astype(dtype)
+    return X, A, S
+
+
+def _reference(X, A, S, W, n_iter):
+    """float64 reference iterations (W ``None`` or (bw, m, n) broadcast over the batch)."""
+    A, S = A.astype(np.float64), S.astype(np.float64)
+    Wr = None if W is None else W.astype(np.float64)
+    for _ in range(n_iter):
+        A, S = mu_step_numpy(X.astype(np.float64), A, S, Wr, EPS)
+    return A, S
+
+
+def _run(X, A, S, W, n_iter, mode, bpp=None, pg=None, acc_last=True):
+    """Run the kernel on device copies; return host (A, S, P, G)."""
+    kc.set_mode(mode)
+    kc.set_blocks_per_problem(bpp)
+    b, m, t = X.shape
+    n = A.shape[2]
+    Wd = np.ones((1, m, n), X.dtype) if W is None else W
+    dX, dA, dS, dW = (cuda.to_device(np.ascontiguousarray(a)) for a in (X, A, S, Wd))
+    if pg is None:
+        dP = cuda.device_array((b, m, n), X.dtype)
+        dG = cuda.device_array((b, n, n), X.dtype)
+        valid = False
+    else:
+        dP, dG = cuda.to_device(pg[0]), cuda.to_device(pg[1])
+        valid = True
+    kc.mu_run(dX, dA, dS, dW, dP, dG, n_iter, EPS, valid, acc_last)
+    return dA.copy_to_host(), dS.copy_to_host(), dP.copy_to_host(), dG.copy_to_host()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "mode,b,bpp",
+    [("block", 1, None), ("block", 3, None), ("grid", 1, 2), ("grid", 3, 3)],
+)
+def test_matches_reference(dtype, mode, b, bpp):
+    # t = 75 is not a multiple of the 32-pixel tile; m = 9 spans two staged row chunks
+    # when the chunk is smaller than m (float64 at 32 threads stages 32 rows: one chunk).
+    X, A, S = _problem(b, 9, 3, 75, dtype, seed=b)
+    n_iter = 3
+    A1, S1, P1, G1 = _run(X, A, S, None, n_iter, mode, bpp)
+    Ar, Sr = _reference(X, A, S, None, n_iter)
+    np.testing.assert_allclose(A1, Ar, **TOL[dtype])
+    np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+    # P, G carried out describe the returned S
+    Xd = X.astype(np.float64)
+    np.testing.assert_allclose(P1, Xd @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mode", ["block", "grid"])
+def test_learned_weights(dtype, shared, mode):
+    b, m, n, t = 2, 7, 4, 70
+    X, A, S = _problem(b, m, n, t, dtype, seed=5)
+    rng = np.random.default_rng(9)
+    W = (0.5 + rng.random((1 if shared else b, m, n))).astype(dtype)
+    A1, S1, _, _ = _run(X, A, S, W, 2, mode, 3 if mode == "grid" else None)
+    Ar, Sr = _reference(X, A, S, W if not shared else W[0], 2)
+    np.testing.assert_allclose(A1, Ar, **TOL[dtype])
+    np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["block", "grid"])
+def test_more_rows_than_one_staged_chunk(mode):
+    """m = 37 > the 32 rows of X staged per chunk: the P reduction loops over chunks."""
+    X, A, S = _problem(1, 37, 2, 40, np.float32, seed=8)
+    A1, S1, P1, _ = _run(X, A, S, None, 1, mode, 2)
+    Ar, Sr = _reference(X, A, S, None, 1)
+    np.testing.assert_allclose(A1, Ar, **TOL[np.float32])
+    np.testing.assert_allclose(S1, Sr, **TOL[np.float32])
+    np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[np.float32])
+
+
+@pytest.mark.parametrize("mode", ["block", "grid"])
+def test_pg_carry_across_calls(mode):
+    """3 then 4 iterations with the carried P, G equal 7 in one call."""
+    X, A, S = _problem(2, 6, 2, 50, np.float64, seed=3)
+    A7, S7, P7, G7 = _run(X, A, S, None, 7, mode, 2)
+    A3, S3, P3, G3 = _run(X, A, S, None, 3, mode, 2)
+    A34, S34, P34, G34 = _run(X, A3, S3, None, 4, mode, 2, pg=(P3, G3))
+    for got, want in ((A34, A7), (S34, S7), (P34, P7), (G34, G7)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["block", "grid"])
+def test_zero_iterations_and_no_last_accumulation(mode):
+    X, A, S = _problem(1, 5, 2, 40, np.float64, seed=4)
+    A0, S0, P0, G0 = _run(X, A, S, None, 0, mode, 2)
+    np.testing.assert_array_equal(A0, A)
+    np.testing.assert_array_equal(S0, S)
+    np.testing.assert_allclose(P0, X @ S.transpose(0, 2, 1), rtol=1e-12)
+    np.testing.assert_allclose(G0, S @ S.transpose(0, 2, 1), rtol=1e-12)
+    # accumulate_last=False changes nothing about the factors
+    A2, S2, _, _ = _run(X, A, S, None, 2, mode, 2, acc_last=False)
+    Ar, Sr = _reference(X, A, S, None, 2)
+    np.testing.assert_allclose(A2, Ar, rtol=1e-11)
+    np.testing.assert_allclose(S2, Sr, rtol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zero_pixel_columns_stay_finite(dtype):
+    X, A, S = _problem(2, 5, 2, 40, dtype, seed=6, zero_cols=(0, 17, 39))
+    A1, S1, _, _ = _run(X, A, S, None, 4, "block")
+    assert np.isfinite(A1).all() and np.isfinite(S1).all()
+    Ar, Sr = _reference(X, A, S, None, 4)
+    np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+
+
+def test_auto_mode_choice():
+    # the simulator reports 2 multiprocessors: 1 problem of 3 tiles -> grid, 3 problems -> block
+    assert kc.choose_mode(1, 75)[0] == "grid"
+    assert kc.choose_mode(3, 75) == ("block", 1)
+    assert kc.choose_mode(1, 20) == ("block", 1)  # a single tile
+
+
+def test_sum_squares_and_objective():
+    X, A, S = _problem(3, 5, 2, 45, np.float32, seed=7)
+    x2 = kc.sum_squares(cuda.to_device(X)).copy_to_host()
+    np.testing.assert_allclose(x2, (X.astype(np.float64) ** 2).sum(axis=(1, 2)), rtol=1e-6)
+    Xd, Ad, Sd = (a.astype(np.float64) for a in (X, A, S))
+    obj = kc.objective_from_pg(x2, A, Xd @ Sd.transpose(0, 2, 1), Sd @ Sd.transpose(0, 2, 1))
+    R = Xd - Ad @ Sd
+    np.testing.assert_allclose(obj, 0.5 * (R * R).sum(axis=(1, 2)), rtol=1e-5)
+
+
+def test_bad_input():
+    X, A, S = _problem(1, 5, 9, 40, np.float32)
+    with pytest.raises(ValueError, match="at most n = 8"):
+        _run(X, A, S, None, 1, "block")
+    X, A, S = _problem(1, 5, 2, 40, np.float32)
+    dX = cuda.to_device(X)
+    dA = cuda.to_device(A.astype(np.float64))
+    args = (cuda.to_device(S), cuda.to_device(np.ones((1, 5, 2), np.float32)),
+            cuda.device_array((1, 5, 2), np.float32), cuda.device_array((1, 2, 2), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        kc.mu_run(dX, dA, *args, 1, EPS, False, True)
+    h = [a.astype(np.float16) for a in (X, A, S, np.ones((1, 5, 2)), np.ones((1, 5, 2)), np.ones((1, 2, 2)))]
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kc.mu_run(*(cuda.to_device(a) for a in h), 1, EPS, False, True)
+    with pytest.raises(TypeError, match="device array"):
+        kc.mu_run(X, cuda.to_device(A), *args, 1, EPS, False, True)
+    with pytest.raises(ValueError, match="shape"):
+        kc.mu_run(dX, cuda.to_device(A[:, :4]), *args, 1, EPS, False, True)
+    with pytest.raises(ValueError, match="power of two"):
+        kc.set_threads(48)
+    with pytest.raises(ValueError, match="mode"):
+        kc.set_mode("warp")
+
+
+def test_m_too_large_for_shared_memory():
+    kc.set_threads(1024)
+    X = np.ones((1, 2000, 8), np.float64)
+    d = cuda.to_device
+    with pytest.raises(ValueError, match="shared memory"):
+        kc.mu_run(d(X), d(np.ones((1, 2000, 8))), d(np.ones((1, 8, 8))), d(np.ones((1, 2000, 8))),
+                  d(np.ones((1, 2000, 8))), d(np.ones((1, 8, 8))), 1, EPS, False, True)
+
+
+# ----------------------------------------------------------------------------- engine / solver
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mu_backend_cuda_host_arrays(dtype):
+    """fastmu.mu(X_numpy, backend="cuda"): host -> device -> host, same result as the CPU backend."""
+    import fastmu
+
+    rng = np.random.default_rng(11)
+    X = (rng.random((2, 6, 3)) @ rng.random((2, 3, 70))).astype(dtype)
+    kw = dict(n_iter=4, random_state=0, init="random")
+    A_g, S_g = fastmu.mu(X, 3, backend="cuda", **kw)
+    A_c, S_c = fastmu.mu(X, 3, backend="cpu", **kw)
+    assert isinstance(A_g, np.ndarray) and A_g.dtype == dtype and A_g.shape == (2, 6, 3)
+    np.testing.assert_allclose(A_g, A_c, **TOL[dtype])
+    np.testing.assert_allclose(S_g, S_c, **TOL[dtype])
+    # 2-D in, 2-D out, and the tolerance path (objective from P, G) runs
+    A2, S2 = fastmu.mu(X[0], 3, backend="cuda", n_iter=4, tol=1e-9, check_every=2, random_state=0)
+    assert A2.shape == (6, 3) and S2.shape == (3, 70)
+
+
+def test_engine_objective_and_callbacks():
+    from fastmu.cuda_engine import CUDAEngine
+    from fastmu.reference import objective_numpy
+
+    X, A, S = _problem(2, 5, 2, 40, np.float64, seed=12)
+    eng = CUDAEngine(*(CUDAEngine.adopt(a, None) for a in (X, A, S)), None, EPS)
+    np.testing.assert_allclose(eng.objective(), objective_numpy(X, A, S), rtol=1e-10)
+    eng.run(2)
+    eng.run(1)
+    A3, S3 = (CUDAEngine.release(a, "numpy", X) for a in eng.factors())
+    Ar, Sr = _reference(X, A, S, None, 3)
+    np.testing.assert_allclose(A3, Ar, rtol=1e-11)
+    np.testing.assert_allclose(eng.objective(), objective_numpy(X, Ar, Sr), rtol=1e-9)
+    # a copy is independent of the state
+    C = CUDAEngine.copy(eng.A)
+    eng.run(1)
+    np.testing.assert_array_equal(C.copy_to_host(), A3)
+
+
+def test_engine_learned_weights_and_torch_cpu():
+    import torch
+
+    from fastmu.cuda_engine import CUDAEngine
+
+    X, A, S = _problem(2, 5, 2, 40, np.float32, seed=13)
+    W = (0.5 + np.random.default_rng(1).random((5, 2))).astype(np.float32)
+    Xt = torch.from_numpy(X)
+    dX = CUDAEngine.adopt(Xt, None)
+    eng = CUDAEngine(dX, CUDAEngine.adopt(A, dX), CUDAEngine.adopt(S, dX), W, EPS)
+    eng.run(2)
+    At = CUDAEngine.release(eng.A, "torch", Xt)
+    assert isinstance(At, torch.Tensor) and At.device.type == "cpu"
+    Ar, _ = _reference(X, A, S, W, 2)
+    np.testing.assert_allclose(At.numpy(), Ar, **TOL[np.float32])
+
+
+def test_engine_bad_input():
+    from fastmu.cuda_engine import CUDAEngine
+
+    with pytest.raises(TypeError, match="float32 or float64"):
+        CUDAEngine.adopt(np.ones((1, 3, 4), np.int32), None)
+    dX = CUDAEngine.adopt(np.ones((1, 3, 4), np.float32), None)
+    with pytest.raises(TypeError, match="dtype"):
+        CUDAEngine.adopt(np.ones((1, 3, 2), np.float64), dX)
+    with pytest.raises(ValueError, match="at most 8"):
+        CUDAEngine(dX, CUDAEngine.adopt(np.ones((1, 3, 9), np.float32), dX),
+                   CUDAEngine.adopt(np.ones((1, 9, 4), np.float32), dX), None, EPS)
+    with pytest.raises(TypeError, match="Numba device arrays"):
+        CUDAEngine(np.ones((1, 3, 4), np.float32), dX, dX, None, EPS)
