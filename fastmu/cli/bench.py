@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workload", choices=("paper", "batched", "all"), default="all",
                    help="mu suite: paper = 1×65×16384, batched = 150×65×1024 (CPU); W1/W2 on CUDA")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the workload's)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per peer; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per peer (mu: the fastest counts; nalmu: the median, default there 5)")
     p.add_argument("--quick", action="store_true", help="100 iterations, 1 repeat: a smoke run")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: fastmu-bench-<suite>-<device>.json)")
     p.set_defaults(func=run)
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         from fastmu.benchmarks import nalmu
 
-        res = nalmu.run_nalmu_benchmark(device=args.device, quick=args.quick)
+        kw = dict(n_layers=10, t=1024, repeats=1, measure_memory=False) if args.quick else dict(repeats=args.repeats)
+        res = nalmu.run_nalmu_benchmark(device=args.device, **kw)
         print(nalmu.format_table(res))
         result.update(res)
     out = args.out or Path(f"fastmu-bench-{args.suite}-{args.device}.json")

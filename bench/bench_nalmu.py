@@ -1,0 +1,64 @@
+"""NALMU training-step benchmark: fused kernels + handwritten backward vs plain torch autograd.
+
+Usage::
+
+    python bench/bench_nalmu.py                      # CPU, batch 25, 65×4096, 50 layers
+    python bench/bench_nalmu.py --device cuda --t 16384
+    python bench/bench_nalmu.py --objective loss --out bench/results/nalmu_cpu_loss.json
+
+Prints a summary and writes the full result (with the machine description)
+as JSON. The workload itself is :func:`fastmu.benchmarks.nalmu.run_nalmu_benchmark`
+(``fastmu bench`` runs the same function).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastmu.benchmarks.nalmu import run_nalmu_benchmark
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--m", type=int, default=65)
+    ap.add_argument("--t", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=50)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--objective", default="upstream", choices=("upstream", "loss"))
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/nalmu_<device>_<objective>.json)")
+    args = ap.parse_args(argv)
+
+    res = run_nalmu_benchmark(
+        batch=args.batch, m=args.m, t=args.t, n_layers=args.layers, device=args.device, n=args.n,
+        dtype=args.dtype, repeats=args.repeats, measure_memory=not args.no_memory, objective=args.objective,
+    )
+    try:
+        from fastmu.benchmarks.machine import machine_info
+
+        res["machine"] = machine_info()
+    except ImportError:  # pragma: no cover
+        pass
+    f, p = res["fused"], res["plain"]
+    print(f"NALMU {args.layers} layers, batch {args.batch}, {args.m}×{args.t}, n={args.n}, {args.dtype}, "
+          f"{args.device} ({res['device_name']}), objective={args.objective}")
+    print(f"  fused: {f['time_s'] * 1e3:8.1f} ms median ({f['time_min_s'] * 1e3:.1f} min)")
+    print(f"  plain: {p['time_s'] * 1e3:8.1f} ms median ({p['time_min_s'] * 1e3:.1f} min)")
+    print(f"  speedup {res['speedup']:.2f}× (median), {res['speedup_min']:.2f}× (best steps)")
+    if f["peak_bytes"] is not None:
+        print(f"  peak memory: fused {f['peak_bytes'] / 2**20:.1f} MiB, plain {p['peak_bytes'] / 2**20:.1f} MiB "
+              f"(ratio {res['memory_ratio']:.2f}); {res['memory_method']}")
+    out = args.out or Path(__file__).parent / "results" / f"nalmu_{args.device.split(':')[0]}_{args.objective}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"  written to {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Learned unrolled MU models: NALMU and ALMU (``torch.nn.Module``).
+
+NALMU
+    ``L`` unrolled learned-MU layers, layer ``l`` with its own non-negative
+    ``W_l (m, n)`` shared by every problem of a batch.
+ALMU
+    A NALMU front of ``L1`` layers whose output ``A_NALMU`` feeds one MLP per
+    following layer; MLP ``l`` predicts that layer's ``W_l`` for each problem
+    (``(b, m, n)``). Trained in two stages: the front first (as a NALMU),
+    then frozen (:meth:`ALMU.freeze_front`) while the MLPs train.
+
+Choices (and why)
+-----------------
+Non-negative W in NALMU: ``W_l = exp(θ_l)`` with ``θ_l = 0`` at init, so an
+untrained NALMU is *exactly* MU (``exp(0) == 1`` in every dtype). The
+exponential keeps W strictly positive without clipping, and an optimiser step
+on θ is a *relative* change of W, which suits a multiplicative update whose W
+scales A entry-wise. (Softplus with an inverse-softplus init gives W = 1 only
+to rounding, and its gradient vanishes as W → 0.)
+
+Non-negative W in ALMU: ``W = softplus(MLP(z))``; the MLP's last layer starts
+with zero weights and bias ``softplus⁻¹(1)``, so an untrained ALMU is MU too
+(to rounding: ``softplus(log(e − 1))`` is 1 ± 1 ulp). Softplus, not exp, because
+an MLP output is unbounded and exp of it could overflow early in training.
+
+Initial factors: the constant ``sqrt(mean(X)/n)`` for every entry of A and
+S, per problem — the same start as ``fastmu.mu(..., init="constant")``. Under
+MU the layer output does not depend on the constant (the updates are
+homogeneous of degree 0 in the scale of A and of S, up to ε), so the value
+only keeps ``A S`` at the scale of X, which keeps ε = 1e-12 negligible for
+data of any scale. With constant factors every column starts identical;
+only the column-specific ``W`` separate them, which is why the learned
+models output components in the training order (DESIGN §1).
+
+Backends: ``fused=True`` uses :func:`fastmu.nn.learned_mu_step_pg` (fused
+kernels, handwritten backward; CPU and CUDA); ``fused=False`` runs the same
+model through :func:`fastmu.reference.mu_step_torch` with plain autograd —
+the reference the tests and the benchmark compare against, and the fallback
+for devices without a fused kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fastmu import EPS
+from fastmu.nn.functional import learned_mu_step_pg
+
+__all__ = ["NALMU", "ALMU", "constant_init"]
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+#: softplus⁻¹(1) = log(e − 1): the bias that makes an untrained ALMU MLP output W = 1
+_INV_SOFTPLUS_1 = math.log(math.e - 1.0)
+
+
+def constant_init(X: torch.Tensor, n: int) -> Factors:
+    """Constant starting factors ``sqrt(mean(X)/n)`` per problem (not differentiated).
+
+    Parameters
+    ----------
+    X : Tensor (b, m, t)
+    n : int
+
+    Returns
+    -------
+    A0 : Tensor (b, m, n)
+    S0 : Tensor (b, n, t)
+    """
+    b, m, t = X.shape
+    with torch.no_grad():
+        c = torch.sqrt(X.mean(dim=(1, 2)).clamp_min(0) / n)
+        # A problem with an all-zero X would start at 0 and stay there; start
+        # at 1 instead (MU then still returns 0 · anything for it).
+        c = torch.where(c > 0, c, torch.ones_like(c))
+        A0 = c.view(b, 1, 1).expand(b, m, n).contiguous()
+        S0 = c.view(b, 1, 1).expand(b, n, t).contiguous()
+    return A0, S0
+
+
+def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Validate ``X`` for a model of ``m`` channels; returns the batched X and whether it was 2-D."""
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    squeeze = X.dim() == 2
+    if squeeze:
+        X = X.unsqueeze(0)
+    if X.dim() != 3:
+        raise ValueError(f"X must be (m, t) or (b, m, t), got shape {tuple(X.shape)}")
+    if X.shape[1] != m:
+        raise ValueError(f"X has {X.shape[1]} channels but the model was built for m={m}")
+    if X.dtype != ref.dtype:
+        raise TypeError(
+            f"X has dtype {X.dtype} but the model's parameters are {ref.dtype}; "
+            f"convert one of them (e.g. model.to({X.dtype}))"
+        )
+    if X.device != ref.device:
+        raise ValueError(f"X is on {X.device} but the model is on {ref.device}; move one of them")
+    return X.contiguous(), squeeze
+
+
+class _Unroller:
+    """Runs a stack of learned-MU layers with one backend (fused or plain autograd)."""
+
+    def __init__(self, fused: bool, eps: float):
+        self.fused = fused
+        self.eps = eps
+        self.pg: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def step(self, X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, W: torch.Tensor, last: bool) -> Factors:
+        if self.fused and X.device.type in ("cpu", "cuda"):
+            A, S, self.pg = learned_mu_step_pg(X, A, S, W, self.eps, self.pg, want_pg=not last)
+            return A, S
+        from fastmu.reference import mu_step_torch
+
+        return mu_step_torch(X, A, S, W, self.eps)
+
+
+class NALMU(nn.Module):
+    """Non-adaptive learned MU: ``n_layers`` unrolled MU iterations with trainable ``W_l``.
+
+    Parameters
+    ----------
+    n_layers : int, default 50
+    m : int, default 65
+        Channels (rows of X).
+    n : int, default 4
+        Components.
+    fused : bool, default True
+        Fused kernels with the handwritten backward (CPU, CUDA); ``False``
+        runs the same model with torch ops and autograd.
+    eps : float, default :data:`fastmu.EPS`
+    dtype, device
+        Of the parameters (X must match them).
+
+    Attributes
+    ----------
+    theta : Parameter (n_layers, m, n)
+        ``W_l = exp(θ_l)``; zeros at init (untrained NALMU == MU).
+
+    Examples
+    --------
+    >>> import torch, fastmu
+    >>> model = fastmu.NALMU(n_layers=5, m=8, n=3)
+    >>> X = torch.rand(2, 8, 64)
+    >>> A, S = model(X)
+    >>> A.shape, S.shape
+    (torch.Size([2, 8, 3]), torch.Size([2, 3, 64]))
+    """
+
+    def __init__(
+        self,
+        n_layers: int = 50,
+        m: int = 65,
+        n: int = 4,
+        *,
+        fused: bool = True,
+        eps: float = EPS,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        for name, v in (("n_layers", n_layers), ("m", m), ("n", n)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.n_layers, self.m, self.n = n_layers, m, n
+        self.fused = bool(fused)
+        self.eps = float(eps)
+        self.theta = nn.Parameter(torch.zeros(n_layers, m, n, dtype=dtype, device=device))
+
+    def weights(self) -> torch.Tensor:
+        """The layer weights ``W = exp(θ)``, shape ``(n_layers, m, n)``, all positive."""
+        return torch.exp(self.theta)
+
+    def unroll(
+        self, X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, return_all: bool = False
+    ) -> Factors | list[Factors]:
+        """Run the layers from given factors (X batched, contiguous, validated)."""
+        run = _Unroller(self.fused, self.eps)
+        W = self.weights()
+        outs: list[Factors] = []
+        for l in range(self.n_layers):
+            A, S = run.step(X, A, S, W[l], last=l == self.n_layers - 1)
+            if return_all:
+                outs.append((A, S))
+        return outs if return_all else (A, S)
+
+    def forward(self, X: torch.Tensor, return_all: bool = False) -> Factors | list[Factors]:
+        """Unmix ``X``.
+
+        Parameters
+        ----------
+        X : Tensor (b, m, t) or (m, t)
+            Non-negative data, the dtype and device of the model.
+        return_all : bool
+            Return every layer's ``(A_l, S_l)`` (for the layer-weighted loss)
+            instead of only the last.
+
+        Returns
+        -------
+        (A, S), or a list of ``n_layers`` such pairs; 2-D input gives unbatched factors.
+        """
+        X, squeeze = _check_model_input(X, self.m, self.theta)
+        A0, S0 = constant_init(X, self.n)
+        out = self.unroll(X, A0, S0, return_all)
+        return _squeeze(out, squeeze)
+
+    def extra_repr(self) -> str:
+        return f"n_layers={self.n_layers}, m={self.m}, n={self.n}, fused={self.fused}"
+
+
+def _squeeze(out: Factors | list[Factors], squeeze: bool) -> Factors | list[Factors]:
+    if not squeeze:
+        return out
+    if isinstance(out, list):
+        return [(A[0], S[0]) for A, S in out]
+    return out[0][0], out[1][0]
+
+
+class _WeightMLP(nn.Module):
+    """Linear–ReLU–Linear–ReLU–Linear, softplus output: one ALMU layer's ``W`` per problem."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, dtype, device):
+        super().__init__()
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b, dtype=dtype, device=device), nn.ReLU()]
+        last = nn.Linear(widths[-1], out_features, dtype=dtype, device=device)
+        # Zero weights and bias softplus⁻¹(1): W = 1 for every input at init.
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, _INV_SOFTPLUS_1)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(self.net(z))
+
+
+class ALMU(nn.Module):
+    """Adaptive learned MU: a NALMU front, then layers whose ``W`` MLPs predict from ``A_NALMU``.
+
+    Parameters
+    ----------
+    nalmu_layers : int, default 25
+        Layers of the NALMU front (``L1``).
+    almu_layers : int, default 25
+        Adaptive layers (``L2``), each with its own MLP.
+    m, n : int, default 65, 4
+    hidden : sequence of int, default (130, 75)
+        Hidden widths of every MLP (paper: three linear layers, ReLU, 130 and 75).
+    in_features : int, optional
+        MLP input width; default ``m·n`` (``vec(A_NALMU)``). Set it when
+        subclassing :meth:`features` to feed something else.
+    normalize_input : bool, default True
+        Feed ``A_NALMU`` with unit-norm columns, so the MLPs see the shape of
+        the spectra, not the data's intensity scale (which MU spreads
+        arbitrarily between A and S). ``False`` feeds ``vec(A_NALMU)`` as is.
+    fused, eps, dtype, device
+        As in :class:`NALMU`.
+
+    Notes
+    -----
+    Stage 1: train ``model.front`` (a :class:`NALMU`) alone. Stage 2:
+    ``model.freeze_front()`` and train the MLPs on ``model(X)`` — the frozen
+    front then runs without building a graph. ``return_all`` returns the
+    ``L1 + L2`` layers' factors; the stage-2 loss usually weighs
+    ``outs[model.nalmu_layers:]``.
+    """
+
+    def __init__(
+        self,
+        nalmu_layers: int = 25,
+        almu_layers: int = 25,
+        m: int = 65,
+        n: int = 4,
+        *,
+        hidden: Sequence[int] = (130, 75),
+        in_features: int | None = None,
+        normalize_input: bool = True,
+        fused: bool = True,
+        eps: float = EPS,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if isinstance(almu_layers, bool) or not isinstance(almu_layers, int) or almu_layers < 1:
+            raise ValueError(f"almu_layers must be a positive integer, got {almu_layers!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden widths must be positive, got {hidden}")
+        self.front = NALMU(nalmu_layers, m, n, fused=fused, eps=eps, dtype=dtype, device=device)
+        self.nalmu_layers, self.almu_layers, self.m, self.n = nalmu_layers, almu_layers, m, n
+        self.normalize_input = bool(normalize_input)
+        self.in_features = m * n if in_features is None else int(in_features)
+        self.hidden = hidden
+        self.mlps = nn.ModuleList(
+            _WeightMLP(self.in_features, hidden, m * n, dtype, device) for _ in range(almu_layers)
+        )
+
+    @property
+    def fused(self) -> bool:
+        return self.front.fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.front.fused = bool(value)
+
+    def freeze_front(self, frozen: bool = True) -> "ALMU":
+        """Freeze (or unfreeze) the NALMU front for the second training stage."""
+        self.front.requires_grad_(not frozen)
+        return self
+
+    def features(self, A: torch.Tensor) -> torch.Tensor:
+        """MLP input from ``A_NALMU (b, m, n)``: ``vec(A)``, columns unit-norm if ``normalize_input``."""
+        if self.normalize_input:
+            A = A / A.norm(dim=1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+        return A.reshape(A.shape[0], -1)
+
+    def predict_weights(self, A_nalmu: torch.Tensor) -> torch.Tensor:
+        """Every adaptive layer's ``W`` for each problem: ``(almu_layers, b, m, n)``."""
+        z = self.features(A_nalmu)
+        b = A_nalmu.shape[0]
+        return torch.stack([mlp(z).view(b, self.m, self.n) for mlp in self.mlps])
+
+    def forward(self, X: torch.Tensor, return_all: bool = False) -> Factors | list[Factors]:
+        """Unmix ``X`` (see :meth:`NALMU.forward`); ``return_all`` gives all ``L1 + L2`` layers."""
+        X, squeeze = _check_model_input(X, self.m, self.front.theta)
+        A, S = constant_init(X, self.n)
+        frozen = not any(p.requires_grad for p in self.front.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            front = self.front.unroll(X, A, S, return_all)
+        outs: list[Factors] = list(front) if return_all else []
+        A, S = front[-1] if return_all else front
+        Ws = self.predict_weights(A)
+        run = _Unroller(self.fused, self.front.eps)
+        for l in range(self.almu_layers):
+            A, S = run.step(X, A, S, Ws[l].contiguous(), last=l == self.almu_layers - 1)
+            if return_all:
+                outs.append((A, S))
+        return _squeeze(outs if return_all else (A, S), squeeze)
+
+    def extra_repr(self) -> str:
+        return (
+            f"nalmu_layers={self.nalmu_layers}, almu_layers={self.almu_layers}, m={self.m}, n={self.n}, "
+            f"hidden={self.hidden}, normalize_input={self.normalize_input}"
+        )

@@ -1,0 +1,616 @@
+"""One learned-MU layer on the CPU (Numba, parallel): forward and handwritten backward.
+
+The layer (DESIGN §1, §4), batched over ``b`` problems::
+
+    P = X Sᵀ,  G = S Sᵀ,  E = A G + ε,  A' = A ⊙ W ⊙ P ⊘ E
+    R = A'ᵀ X, H = A'ᵀ A', D = H S + ε, S' = S ⊙ R ⊘ D
+
+Shapes: ``X (b, m, t)``, ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)``
+with ``bw`` 1 (one W shared by the batch, NALMU) or ``b`` (one per problem,
+ALMU), ``P (b, m, n)``, ``G (b, n, n)``. All arrays C-contiguous, one float
+dtype (float32 or float64).
+
+Why a layer forward lives here beside the backward
+--------------------------------------------------
+:func:`fastmu.kernels.cpu.mu_run` computes the same layer, but a deep model
+needs two things it does not offer at full speed: outputs written to fresh
+arrays (autograd keeps every layer's inputs), and ``P``, ``G`` of the new S
+handed to the next layer so each layer reads X once. And the register-blocked
+micro-kernels below (8 rows of X × 4 components per sweep for ``Cᵀ X``, 4 × 4
+accumulators for ``X Sᵀ``) measured ~2.5× faster than the loops in
+``kernels/cpu.py`` on the 2-core dev machine (≈90 vs ≈35 GFLOP/s float32),
+which the ≥ 2× target over torch autograd needs.
+
+Backward (DESIGN §4)
+--------------------
+Given the layer inputs ``X, A, S, W`` and ``P, G`` (``X Sᵀ`` and ``S Sᵀ``,
+saved by the forward: O(m·n) per problem, and saving them spares a third pass
+over X), and the upstream gradients ``gA'``, ``gS'``:
+
+1. per problem (tiny): ``E, A', H`` recomputed from ``A, W, P, G``;
+2. pass 1 over X, column-block parallel: recompute ``R`` and ``D`` for the
+   block, form ``gR = gS' ⊙ S ⊘ D``, ``gU = −gS' ⊙ S' ⊘ D``, write the
+   column-local part of ``gS`` (``gS' ⊙ R ⊘ D + H gU``) and accumulate the
+   block's partial ``X gRᵀ`` and ``gU Sᵀ``;
+3. per problem (tiny): the partials summed in block order, then
+   ``gA'``, ``gA``, ``gW``, ``gP``, ``gQ``, ``gG`` (the §4 equations);
+4. pass 2 over X, column-block parallel: ``gS += gPᵀ X + (gG + gGᵀ) S`` and,
+   only when asked, ``gX = gP S + A' gR`` (``gR`` recomputed: no X needed).
+
+Determinism: every reduction over pixels is split into fixed column blocks
+whose partials are summed in a fixed order; the thread schedule only decides
+who computes a block, never the order of a sum. ``gW`` of a shared W is
+summed over the batch in problem order.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+#: pixels per column block: 65 rows × 256 × 4 B = 66 kB of X stays in L2
+#: between the two sweeps of a block (R, then X gRᵀ); 512 measured the same.
+TB = 256
+
+# Reassociation lets LLVM vectorise the pixel reductions; no 'arcp'/'nnan':
+# divisions stay IEEE divisions and NaN propagates (same flags as kernels/cpu.py).
+_FM = {"reassoc", "contract", "nsz"}
+
+
+# ---------------------------------------------------------------------------
+# Micro-kernels. Each is inlined into a (non-inlined) per-block function: a
+# prange body that inlines them directly measured 10× slower (Numba outlines
+# the parfor body and loses the contiguity of the slices).
+# ---------------------------------------------------------------------------
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _bc8x4(Xp, i0, j0, L, C, k0, R):
+    """``R[k0:k0+4, :L] += C[i0:i0+8, k0:k0+4]ᵀ X[i0:i0+8, j0:j0+L]``.
+
+    Eight rows of X per sweep: each accumulator row is loaded and stored once
+    per 32 FMAs, so the sweep is FMA-bound, not load/store-bound.
+    """
+    x0 = Xp[i0, j0 : j0 + L]
+    x1 = Xp[i0 + 1, j0 : j0 + L]
+    x2 = Xp[i0 + 2, j0 : j0 + L]
+    x3 = Xp[i0 + 3, j0 : j0 + L]
+    x4 = Xp[i0 + 4, j0 : j0 + L]
+    x5 = Xp[i0 + 5, j0 : j0 + L]
+    x6 = Xp[i0 + 6, j0 : j0 + L]
+    x7 = Xp[i0 + 7, j0 : j0 + L]
+    r0 = R[k0, :L]
+    r1 = R[k0 + 1, :L]
+    r2 = R[k0 + 2, :L]
+    r3 = R[k0 + 3, :L]
+    # All four output rows in one sweep: each loaded X vector feeds four FMA
+    # chains (a loop over the components instead measured 25% slower).
+    a00 = C[i0, k0]; a01 = C[i0, k0 + 1]; a02 = C[i0, k0 + 2]; a03 = C[i0, k0 + 3]  # noqa: E702
+    a10 = C[i0 + 1, k0]; a11 = C[i0 + 1, k0 + 1]; a12 = C[i0 + 1, k0 + 2]; a13 = C[i0 + 1, k0 + 3]  # noqa: E702
+    a20 = C[i0 + 2, k0]; a21 = C[i0 + 2, k0 + 1]; a22 = C[i0 + 2, k0 + 2]; a23 = C[i0 + 2, k0 + 3]  # noqa: E702
+    a30 = C[i0 + 3, k0]; a31 = C[i0 + 3, k0 + 1]; a32 = C[i0 + 3, k0 + 2]; a33 = C[i0 + 3, k0 + 3]  # noqa: E702
+    a40 = C[i0 + 4, k0]; a41 = C[i0 + 4, k0 + 1]; a42 = C[i0 + 4, k0 + 2]; a43 = C[i0 + 4, k0 + 3]  # noqa: E702
+    a50 = C[i0 + 5, k0]; a51 = C[i0 + 5, k0 + 1]; a52 = C[i0 + 5, k0 + 2]; a53 = C[i0 + 5, k0 + 3]  # noqa: E702
+    a60 = C[i0 + 6, k0]; a61 = C[i0 + 6, k0 + 1]; a62 = C[i0 + 6, k0 + 2]; a63 = C[i0 + 6, k0 + 3]  # noqa: E702
+    a70 = C[i0 + 7, k0]; a71 = C[i0 + 7, k0 + 1]; a72 = C[i0 + 7, k0 + 2]; a73 = C[i0 + 7, k0 + 3]  # noqa: E702
+    for jj in range(L):
+        v0 = x0[jj]; v1 = x1[jj]; v2 = x2[jj]; v3 = x3[jj]  # noqa: E702
+        v4 = x4[jj]; v5 = x5[jj]; v6 = x6[jj]; v7 = x7[jj]  # noqa: E702
+        r0[jj] += a00 * v0 + a10 * v1 + a20 * v2 + a30 * v3 + a40 * v4 + a50 * v5 + a60 * v6 + a70 * v7
+        r1[jj] += a01 * v0 + a11 * v1 + a21 * v2 + a31 * v3 + a41 * v4 + a51 * v5 + a61 * v6 + a71 * v7
+        r2[jj] += a02 * v0 + a12 * v1 + a22 * v2 + a32 * v3 + a42 * v4 + a52 * v5 + a62 * v6 + a72 * v7
+        r3[jj] += a03 * v0 + a13 * v1 + a23 * v2 + a33 * v3 + a43 * v4 + a53 * v5 + a63 * v6 + a73 * v7
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _bc1(Xp, i, j0, L, C, k, R):
+    """``R[k, :L] += C[i, k] X[i, j0:j0+L]`` (remainder rows / components)."""
+    a = C[i, k]
+    x = Xp[i, j0 : j0 + L]
+    r = R[k, :L]
+    for jj in range(L):
+        r[jj] += a * x[jj]
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _bc1x4_init(Xp, i, j0, L, C, k0, R):
+    """``R[k0:k0+4, :L] = C[i, k0:k0+4]ᵀ X[i, j0:j0+L]`` (assign: replaces zero-filling)."""
+    x = Xp[i, j0 : j0 + L]
+    a0 = C[i, k0]
+    a1 = C[i, k0 + 1]
+    a2 = C[i, k0 + 2]
+    a3 = C[i, k0 + 3]
+    r0 = R[k0, :L]
+    r1 = R[k0 + 1, :L]
+    r2 = R[k0 + 2, :L]
+    r3 = R[k0 + 3, :L]
+    for jj in range(L):
+        v = x[jj]
+        r0[jj] = a0 * v
+        r1[jj] = a1 * v
+        r2[jj] = a2 * v
+        r3[jj] = a3 * v
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _bcast(Xp, j0, L, C, R):
+    """``R[:, :L] = Cᵀ X[:, j0:j0+L]`` for ``C (m, n)``, ``R (n, ≥L)`` scratch."""
+    m = Xp.shape[0]
+    n = C.shape[1]
+    n4 = n - n % 4
+    m8 = m - m % 8
+    for k0 in range(0, n4, 4):
+        # The leftover rows (m = 65: one) go first and *assign* R: one sweep
+        # instead of a zero-fill sweep plus four read-modify-write sweeps.
+        if m8 < m:
+            _bc1x4_init(Xp, m8, j0, L, C, k0, R)
+            for i in range(m8 + 1, m):
+                for c in range(4):
+                    _bc1(Xp, i, j0, L, C, k0 + c, R)
+        else:
+            for c in range(4):
+                for jj in range(L):
+                    R[k0 + c, jj] = 0
+        for i0 in range(0, m8, 8):
+            _bc8x4(Xp, i0, j0, L, C, k0, R)
+    for k in range(n4, n):
+        for jj in range(L):
+            R[k, jj] = 0
+        for i in range(m):
+            _bc1(Xp, i, j0, L, C, k, R)
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _rd4x4(Xp, i0, j0, L, Sr, so, k0, P):
+    """``P[i0:i0+4, k0:k0+4] += X[i0:i0+4, j0:j0+L] Sr[k0:k0+4, so:so+L]ᵀ``.
+
+    Sixteen scalar accumulators: LLVM turns each into a vector accumulator,
+    so every pixel vector of X and of S is loaded once for four FMAs.
+    """
+    x0 = Xp[i0, j0 : j0 + L]
+    x1 = Xp[i0 + 1, j0 : j0 + L]
+    x2 = Xp[i0 + 2, j0 : j0 + L]
+    x3 = Xp[i0 + 3, j0 : j0 + L]
+    s0 = Sr[k0, so : so + L]
+    s1 = Sr[k0 + 1, so : so + L]
+    s2 = Sr[k0 + 2, so : so + L]
+    s3 = Sr[k0 + 3, so : so + L]
+    z = P.dtype.type(0)
+    c00 = z; c01 = z; c02 = z; c03 = z  # noqa: E702
+    c10 = z; c11 = z; c12 = z; c13 = z  # noqa: E702
+    c20 = z; c21 = z; c22 = z; c23 = z  # noqa: E702
+    c30 = z; c31 = z; c32 = z; c33 = z  # noqa: E702
+    for jj in range(L):
+        v0 = x0[jj]
+        v1 = x1[jj]
+        v2 = x2[jj]
+        v3 = x3[jj]
+        w0 = s0[jj]
+        w1 = s1[jj]
+        w2 = s2[jj]
+        w3 = s3[jj]
+        c00 += v0 * w0; c01 += v0 * w1; c02 += v0 * w2; c03 += v0 * w3  # noqa: E702
+        c10 += v1 * w0; c11 += v1 * w1; c12 += v1 * w2; c13 += v1 * w3  # noqa: E702
+        c20 += v2 * w0; c21 += v2 * w1; c22 += v2 * w2; c23 += v2 * w3  # noqa: E702
+        c30 += v3 * w0; c31 += v3 * w1; c32 += v3 * w2; c33 += v3 * w3  # noqa: E702
+    P[i0, k0] += c00; P[i0, k0 + 1] += c01; P[i0, k0 + 2] += c02; P[i0, k0 + 3] += c03  # noqa: E702
+    P[i0 + 1, k0] += c10; P[i0 + 1, k0 + 1] += c11; P[i0 + 1, k0 + 2] += c12; P[i0 + 1, k0 + 3] += c13  # noqa: E702
+    P[i0 + 2, k0] += c20; P[i0 + 2, k0 + 1] += c21; P[i0 + 2, k0 + 2] += c22; P[i0 + 2, k0 + 3] += c23  # noqa: E702
+    P[i0 + 3, k0] += c30; P[i0 + 3, k0 + 1] += c31; P[i0 + 3, k0 + 2] += c32; P[i0 + 3, k0 + 3] += c33  # noqa: E702
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _rd1(Xp, i, j0, L, Sr, so, k, P):
+    """``P[i, k] += X[i, j0:j0+L] · Sr[k, so:so+L]`` (remainder rows / components)."""
+    x = Xp[i, j0 : j0 + L]
+    s = Sr[k, so : so + L]
+    acc = P.dtype.type(0)
+    for jj in range(L):
+        acc += x[jj] * s[jj]
+    P[i, k] += acc
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _reduce(Xp, j0, L, Sr, so, P):
+    """``P += X[:, j0:j0+L] Sr[:, so:so+L]ᵀ`` for ``P (m, n)``."""
+    m = Xp.shape[0]
+    n = P.shape[1]
+    n4 = n - n % 4
+    m4 = m - m % 4
+    for k0 in range(0, n4, 4):
+        for i0 in range(0, m4, 4):
+            _rd4x4(Xp, i0, j0, L, Sr, so, k0, P)
+        for i in range(m4, m):
+            for c in range(4):
+                _rd1(Xp, i, j0, L, Sr, so, k0 + c, P)
+    for k in range(n4, n):
+        for i in range(m):
+            _rd1(Xp, i, j0, L, Sr, so, k, P)
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _cross(U, uo, V, vo, L, out):
+    """``out[k, l] += Σ_j U[k, uo+j] V[l, vo+j]`` (n × n, not assumed symmetric)."""
+    n = out.shape[0]
+    for k in range(n):
+        u = U[k, uo : uo + L]
+        for l in range(n):
+            v = V[l, vo : vo + L]
+            acc = out.dtype.type(0)
+            for jj in range(L):
+                acc += u[jj] * v[jj]
+            out[k, l] += acc
+
+
+@nb.njit(cache=True, fastmath=_FM, inline="always")
+def _denominator(Hp, Sp, j0, L, eps, D):
+    """``D[:, :L] = H S[:, j0:j0+L] + ε``."""
+    n = Hp.shape[0]
+    for k in range(n):
+        d = D[k, :L]
+        for jj in range(L):
+            d[jj] = eps
+        for l in range(n):
+            h = Hp[k, l]
+            s = Sp[l, j0 : j0 + L]
+            for jj in range(L):
+                d[jj] += h * s[jj]
+
+
+# ---------------------------------------------------------------------------
+# Per-problem tiny algebra (m·n² work).
+# ---------------------------------------------------------------------------
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _a_prime(Ap, Wp, Pp, Gp, eps, Ep, Aq, Hp):
+    """``E = A G + ε``, ``A' = A ⊙ W ⊙ P ⊘ E`` (into ``Aq``), ``H = A'ᵀA'``."""
+    m, n = Ap.shape
+    for i in range(m):
+        for k in range(n):
+            acc = eps
+            for l in range(n):
+                acc += Ap[i, l] * Gp[l, k]
+            Ep[i, k] = acc
+        for k in range(n):
+            Aq[i, k] = Ap[i, k] * Wp[i, k] * Pp[i, k] / Ep[i, k]
+    for k in range(n):
+        for l in range(k, n):
+            acc = Hp.dtype.type(0)
+            for i in range(m):
+                acc += Aq[i, k] * Aq[i, l]
+            Hp[k, l] = acc
+            Hp[l, k] = acc
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _sum_blocks(part, c0, nblk, out):
+    """``out = Σ_c part[c0 + c]`` in block order (deterministic)."""
+    out[:, :] = part[c0]
+    for c in range(c0 + 1, c0 + nblk):
+        out += part[c]
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _fwd_pg_block(Xp, Sp, j0, L, Pc, Gc):
+    """Partial ``X Sᵀ`` and ``S Sᵀ`` of one column block."""
+    Pc[:, :] = 0
+    Gc[:, :] = 0
+    _reduce(Xp, j0, L, Sp, j0, Pc)
+    _cross(Sp, j0, Sp, j0, L, Gc)
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _fwd_s_block(Xp, Aq, Hp, Sp, So, j0, L, eps, accumulate, Pc, Gc, R, D):
+    """``S'`` on one column block (into ``So``), then optionally its partial P, G."""
+    n = Sp.shape[0]
+    _bcast(Xp, j0, L, Aq, R)
+    _denominator(Hp, Sp, j0, L, eps, D)
+    for k in range(n):
+        s = Sp[k, j0 : j0 + L]
+        o = So[k, j0 : j0 + L]
+        r = R[k, :L]
+        d = D[k, :L]
+        for jj in range(L):
+            o[jj] = s[jj] * r[jj] / d[jj]
+    if accumulate:
+        Pc[:, :] = 0
+        Gc[:, :] = 0
+        _reduce(Xp, j0, L, So, j0, Pc)
+        _cross(So, j0, So, j0, L, Gc)
+
+
+@nb.njit(cache=True, parallel=True, fastmath=_FM)
+def layer_forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, nthreads):
+    """One learned-MU layer, out of place.
+
+    Parameters
+    ----------
+    X, A, S, W
+        Layer inputs (read only).
+    P, G
+        ``X Sᵀ`` and ``S Sᵀ`` of the input S: read when ``pg_valid``, written
+        otherwise (the backward needs them either way).
+    eps
+        ε of every denominator.
+    pg_valid
+        Whether ``P``, ``G`` already hold the input's values (handed on by the
+        previous layer), which saves a pass over X.
+    accumulate
+        Also compute ``P_out = X S'ᵀ`` and ``G_out = S' S'ᵀ`` for the next layer
+        during the S update (no extra pass over X).
+    A_out, S_out, P_out, G_out
+        Outputs (``P_out``, ``G_out`` untouched unless ``accumulate``).
+    nthreads
+        ``numba.config.NUMBA_NUM_THREADS`` (sizes per-thread scratch).
+    """
+    b, m, t = X.shape
+    n = A.shape[2]
+    dt = X.dtype
+    epsd = dt.type(eps)
+    nblk = (t + TB - 1) // TB
+    nchunks = b * nblk
+    wstep = 0 if W.shape[0] == 1 else 1
+    Ppart = np.empty((nchunks, m, n), dt)
+    Gpart = np.empty((nchunks, n, n), dt)
+    E = np.empty((b, m, n), dt)
+    H = np.empty((b, n, n), dt)
+    R = np.empty((nthreads, n, TB), dt)
+    D = np.empty((nthreads, n, TB), dt)
+
+    if not pg_valid:
+        for c in prange(nchunks):
+            p = c // nblk
+            j0 = (c % nblk) * TB
+            _fwd_pg_block(X[p], S[p], j0, min(TB, t - j0), Ppart[c], Gpart[c])
+        for p in prange(b):
+            _sum_blocks(Ppart, p * nblk, nblk, P[p])
+            _sum_blocks(Gpart, p * nblk, nblk, G[p])
+    for p in prange(b):
+        _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], A_out[p], H[p])
+    for c in prange(nchunks):
+        p = c // nblk
+        j0 = (c % nblk) * TB
+        tid = nb.get_thread_id()
+        _fwd_s_block(
+            X[p], A_out[p], H[p], S[p], S_out[p], j0, min(TB, t - j0), epsd,
+            accumulate, Ppart[c], Gpart[c], R[tid], D[tid],
+        )
+    if accumulate:
+        for p in prange(b):
+            _sum_blocks(Ppart, p * nblk, nblk, P_out[p])
+            _sum_blocks(Gpart, p * nblk, nblk, G_out[p])
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _bwd_pass1_block(Xp, Aq, Hp, Sp, gSo, j0, L, eps, need_gS, gS, XgRc, gHc, R, D, gR, gU):
+    """Pass 1 on one column block: column-local ``gS``, partial ``X gRᵀ`` and ``gU Sᵀ``."""
+    n = Sp.shape[0]
+    _bcast(Xp, j0, L, Aq, R)
+    _denominator(Hp, Sp, j0, L, eps, D)
+    for k in range(n):
+        s = Sp[k, j0 : j0 + L]
+        g = gSo[k, j0 : j0 + L]
+        r = R[k, :L]
+        d = D[k, :L]
+        gr = gR[k, :L]
+        gu = gU[k, :L]
+        for jj in range(L):
+            q = g[jj] / d[jj]
+            so = s[jj] * r[jj] / d[jj]  # S', rounded as in the forward
+            gr[jj] = q * s[jj]
+            gu[jj] = -q * so
+            r[jj] = q * r[jj]  # R now holds gS' ⊙ R ⊘ D
+    if need_gS:
+        # gS = gS' ⊙ R ⊘ D + H gU  (H symmetric)
+        for k in range(n):
+            o = gS[k, j0 : j0 + L]
+            r = R[k, :L]
+            for jj in range(L):
+                o[jj] = r[jj]
+            for l in range(n):
+                h = Hp[k, l]
+                gu = gU[l, :L]
+                for jj in range(L):
+                    o[jj] += h * gu[jj]
+    XgRc[:, :] = 0
+    gHc[:, :] = 0
+    _reduce(Xp, j0, L, gR, 0, XgRc)
+    _cross(gU, 0, Sp, j0, L, gHc)
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _bwd_tiny(Ap, Wp, Pp, Gp, Ep, Aq, gAo, has_gSo, XgR, gH, need_gA, need_gW, gA, gWp, gP, Gs):
+    """Through A' (per problem): ``gA'`` total, then ``gA``, ``gW``, ``gP`` and ``gG + gGᵀ``.
+
+    On return ``gP`` holds ``gP`` and ``Gs`` holds ``gG + gGᵀ``; ``XgR`` is
+    reused as scratch for the total ``gA'`` and then for ``gQ``.
+    """
+    m, n = Ap.shape
+    # gA' += X gRᵀ + A' (gH + gHᵀ)
+    for i in range(m):
+        for k in range(n):
+            acc = gAo[i, k]
+            if has_gSo:
+                acc += XgR[i, k]
+                for l in range(n):
+                    acc += Aq[i, l] * (gH[l, k] + gH[k, l])
+            XgR[i, k] = acc
+    gAt = XgR
+    for i in range(m):
+        for k in range(n):
+            g = gAt[i, k] / Ep[i, k]
+            if need_gA:
+                gA[i, k] = g * Wp[i, k] * Pp[i, k]
+            if need_gW:
+                gWp[i, k] = g * Ap[i, k] * Pp[i, k]
+            gP[i, k] = g * Ap[i, k] * Wp[i, k]
+            gAt[i, k] = -g * Aq[i, k]  # gQ = −gA' ⊙ A' ⊘ E
+    gQ = gAt
+    if need_gA:
+        # gA += gQ G   (G symmetric)
+        for i in range(m):
+            for k in range(n):
+                acc = gA.dtype.type(0)
+                for l in range(n):
+                    acc += gQ[i, l] * Gp[l, k]
+                gA[i, k] += acc
+    # gG = Aᵀ gQ ;  Gs = gG + gGᵀ
+    for k in range(n):
+        for l in range(n):
+            acc = Gs.dtype.type(0)
+            for i in range(m):
+                acc += Ap[i, k] * gQ[i, l]
+            Gs[k, l] = acc
+    for k in range(n):
+        for l in range(k, n):
+            v = Gs[k, l] + Gs[l, k]
+            Gs[k, l] = v
+            Gs[l, k] = v
+
+
+@nb.njit(cache=True, fastmath=_FM)
+def _bwd_pass2_block(
+    Xp, Aq, Hp, Sp, gSo, gPp, Gsp, j0, L, eps, has_gSo, need_gS, need_gX, gS, gX, R, D, gR
+):
+    """Pass 2 on one column block: ``gS += gPᵀX + Gs S``; ``gX = gP S + A' gR`` if asked."""
+    m = Xp.shape[0]
+    n = Sp.shape[0]
+    if need_gS:
+        _bcast(Xp, j0, L, gPp, R)
+        for k in range(n):
+            o = gS[k, j0 : j0 + L]
+            r = R[k, :L]
+            if has_gSo:
+                for jj in range(L):
+                    o[jj] += r[jj]
+            else:  # pass 1 did not run: nothing to add to
+                for jj in range(L):
+                    o[jj] = r[jj]
+            for l in range(n):
+                c = Gsp[k, l]
+                s = Sp[l, j0 : j0 + L]
+                for jj in range(L):
+                    o[jj] += c * s[jj]
+    if need_gX:
+        if has_gSo:
+            _denominator(Hp, Sp, j0, L, eps, D)
+            for k in range(n):
+                s = Sp[k, j0 : j0 + L]
+                g = gSo[k, j0 : j0 + L]
+                d = D[k, :L]
+                gr = gR[k, :L]
+                for jj in range(L):
+                    gr[jj] = g[jj] / d[jj] * s[jj]
+        for i in range(m):
+            o = gX[i, j0 : j0 + L]
+            for jj in range(L):
+                o[jj] = 0
+            for k in range(n):
+                c = gPp[i, k]
+                s = Sp[k, j0 : j0 + L]
+                for jj in range(L):
+                    o[jj] += c * s[jj]
+                if has_gSo:
+                    a = Aq[i, k]
+                    gr = gR[k, :L]
+                    for jj in range(L):
+                        o[jj] += a * gr[jj]
+
+
+@nb.njit(cache=True, parallel=True, fastmath=_FM)
+def layer_backward(
+    X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
+    need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, nthreads,
+):
+    """Gradients of one learned-MU layer (DESIGN §4).
+
+    Parameters
+    ----------
+    X, A, S, W, P, G
+        The layer's inputs and ``P = X Sᵀ``, ``G = S Sᵀ`` (from the forward).
+    gAo, gSo
+        Upstream gradients w.r.t. ``A'`` (b, m, n) and ``S'`` (b, n, t).
+        ``gSo`` is ignored when ``has_gSo`` is False (zero upstream for S':
+        pass 1 is skipped); pass a ``(1, n, 1)`` dummy then.
+    eps
+        ε of the forward.
+    need_gA, need_gS, need_gW, need_gX
+        Which gradients to compute; the others' output arrays are never written
+        (pass 3-D dummies with a leading dimension of 1). Pass 2 runs only for
+        ``gS`` or ``gX``.
+    gA, gS, gW, gX
+        Outputs: ``(b, m, n)``, ``(b, n, t)``, ``(bw, m, n)`` (summed over the
+        batch when ``bw == 1``), ``(b, m, t)``.
+    nthreads
+        ``numba.config.NUMBA_NUM_THREADS``.
+    """
+    b, m, t = X.shape
+    n = A.shape[2]
+    dt = X.dtype
+    epsd = dt.type(eps)
+    nblk = (t + TB - 1) // TB
+    nchunks = b * nblk
+    bw = W.shape[0]
+    wstep = 0 if bw == 1 else 1
+    E = np.empty((b, m, n), dt)
+    Aq = np.empty((b, m, n), dt)
+    H = np.empty((b, n, n), dt)
+    XgR = np.zeros((b, m, n), dt)
+    gH = np.zeros((b, n, n), dt)
+    gP = np.empty((b, m, n), dt)
+    Gs = np.empty((b, n, n), dt)
+    gWb = np.empty((b if (need_gW and bw == 1) else 0, m, n), dt)
+    R = np.empty((nthreads, n, TB), dt)
+    D = np.empty((nthreads, n, TB), dt)
+    gR = np.zeros((nthreads, n, TB), dt)
+    gU = np.empty((nthreads, n, TB), dt)
+
+    for p in prange(b):
+        _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], Aq[p], H[p])
+
+    if has_gSo:
+        XgRpart = np.empty((nchunks, m, n), dt)
+        gHpart = np.empty((nchunks, n, n), dt)
+        for c in prange(nchunks):
+            p = c // nblk
+            j0 = (c % nblk) * TB
+            tid = nb.get_thread_id()
+            _bwd_pass1_block(
+                X[p], Aq[p], H[p], S[p], gSo[p], j0, min(TB, t - j0), epsd, need_gS,
+                gS[p] if need_gS else gS[0], XgRpart[c], gHpart[c], R[tid], D[tid], gR[tid], gU[tid],
+            )
+        for p in prange(b):
+            _sum_blocks(XgRpart, p * nblk, nblk, XgR[p])
+            _sum_blocks(gHpart, p * nblk, nblk, gH[p])
+
+    for p in prange(b):
+        gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
+        _bwd_tiny(
+            A[p], W[p * wstep], P[p], G[p], E[p], Aq[p], gAo[p], has_gSo, XgR[p], gH[p],
+            need_gA, need_gW, gA[p] if need_gA else gA[0], gWp, gP[p], Gs[p],
+        )
+    if need_gW and bw == 1:
+        _sum_blocks(gWb, 0, b, gW[0])
+
+    if need_gS or need_gX:
+        for c in prange(nchunks):
+            p = c // nblk
+            j0 = (c % nblk) * TB
+            tid = nb.get_thread_id()
+            _bwd_pass2_block(
+                X[p], Aq[p], H[p], S[p], gSo[p if has_gSo else 0], gP[p], Gs[p], j0, min(TB, t - j0), epsd,
+                has_gSo, need_gS, need_gX,
+                gS[p] if need_gS else gS[0], gX[p] if need_gX else gX[0],
+                R[tid], D[tid], gR[tid],
+            )

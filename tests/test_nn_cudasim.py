@@ -1,0 +1,170 @@
+"""The CUDA learned-MU layer (forward + handwritten backward) in Numba's CUDA simulator.
+
+Own process, simulator on before Numba is imported::
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/test_nn_cudasim.py
+
+torch has no CUDA tensors here, so the kernels are driven with simulator
+device arrays, and a small autograd Function around them lets
+``torch.autograd.gradcheck`` check them against finite differences; their
+gradients are also compared with autograd through the pure-torch reference.
+Blocks of 16 threads (backward; the forward kernels need ≥ 32) make the tiny problems span several pixel tiles.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.cudasim
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip(
+        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
+        allow_module_level=True,
+    )
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from fastmu.reference import mu_step_torch  # noqa: E402
+
+kb = pytest.importorskip("fastmu.kernels.cuda_backward")
+kc = pytest.importorskip("fastmu.kernels.cuda")
+
+EPS = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _tiny_blocks():
+    saved_fwd = kc.get_config()
+    saved_bwd = kb._threads
+    kc.set_threads(32)
+    kb.set_threads(16)
+    yield
+    kc.set_threads(saved_fwd["threads"])
+    kb.set_threads(saved_bwd)
+
+
+def _sim_forward(X, A, S, W3, P=None, G=None, want_pg=False):
+    """numpy in, numpy out through the simulator kernels."""
+    b, m, t = X.shape
+    n = A.shape[2]
+    d = [cuda.to_device(np.ascontiguousarray(v)) for v in (X, A, S, W3)]
+    pg_valid = P is not None
+    dP = cuda.to_device(P) if pg_valid else cuda.device_array((b, m, n), X.dtype)
+    dG = cuda.to_device(G) if pg_valid else cuda.device_array((b, n, n), X.dtype)
+    outs = [cuda.device_array(s, X.dtype) for s in ((b, m, n), (b, n, t), (b, m, n), (b, n, n))]
+    kb.layer_forward(*d, dP, dG, EPS, pg_valid, want_pg, *outs)
+    return [o.copy_to_host() for o in outs] + [dP.copy_to_host(), dG.copy_to_host()]
+
+
+def _sim_backward(X, A, S, W3, P, G, gAo, gSo, need):
+    need_gX, need_gA, need_gS, need_gW = need
+    dt = X.dtype
+    n = A.shape[2]
+    has = gSo is not None
+    d = [cuda.to_device(np.ascontiguousarray(v)) for v in (X, A, S, W3, P, G, gAo)]
+    dgS = cuda.to_device(np.ascontiguousarray(gSo)) if has else cuda.device_array((1, n, 1), dt)
+    dummy = cuda.device_array((1, 1, 1), dt)
+    outs = [cuda.device_array(v.shape, dt) if f else dummy for v, f in ((A, need_gA), (S, need_gS), (W3, need_gW), (X, need_gX))]
+    kb.layer_backward(*d, dgS, EPS, has, need_gA, need_gS, need_gW, need_gX, *outs)
+    gA, gS, gW, gX = [o.copy_to_host() if f else None for o, f in zip(outs, (need_gA, need_gS, need_gW, need_gX))]
+    return gX, gA, gS, gW
+
+
+class _SimLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X, A, S, W):
+        W3 = W.unsqueeze(0) if W.dim() == 2 else W
+        A1, S1, _, _, P, G = _sim_forward(*(v.detach().numpy() for v in (X, A, S, W3)))
+        ctx.save_for_backward(X, A, S, W, torch.from_numpy(P), torch.from_numpy(G))
+        return torch.from_numpy(A1), torch.from_numpy(S1)
+
+    @staticmethod
+    def backward(ctx, gA, gS):
+        X, A, S, W, P, G = ctx.saved_tensors
+        W3 = W.unsqueeze(0) if W.dim() == 2 else W
+        need = tuple(bool(x) for x in ctx.needs_input_grad)
+        res = _sim_backward(*(v.numpy() for v in (X, A, S, W3, P, G, gA)), gS.numpy(), need)
+        gX, gA_, gS_, gW = (None if r is None else torch.from_numpy(r) for r in res)
+        if gW is not None and W.dim() == 2:
+            gW = gW.reshape(W.shape)
+        return gX, gA_, gS_, gW
+
+
+def _inputs(b, m, n, t, dtype=torch.float64, per_problem=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(b, m, t, generator=g, dtype=dtype)
+    A = torch.rand(b, m, n, generator=g, dtype=dtype) + 0.1
+    S = torch.rand(b, n, t, generator=g, dtype=dtype) + 0.1
+    W = torch.rand(*((b,) if per_problem else ()), m, n, generator=g, dtype=dtype) + 0.5
+    return X, A, S, W
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_forward_matches_reference_and_pg(dtype, rtol, per_problem):
+    X, A, S, W = _inputs(2, 5, 3, 37, dtype=dtype, per_problem=per_problem)
+    W3 = W.unsqueeze(0) if W.dim() == 2 else W
+    A1, S1, P1, G1, P, G = _sim_forward(*(v.numpy() for v in (X, A, S, W3)), want_pg=True)
+    rA, rS = mu_step_torch(X.double(), A.double(), S.double(), W.double())
+    np.testing.assert_allclose(A1, rA.numpy(), rtol=rtol)
+    np.testing.assert_allclose(S1, rS.numpy(), rtol=rtol)
+    Xd, Sd = X.double().numpy(), S.double().numpy()
+    np.testing.assert_allclose(P, Xd @ Sd.transpose(0, 2, 1), rtol=rtol * 10)
+    np.testing.assert_allclose(G, Sd @ Sd.transpose(0, 2, 1), rtol=rtol * 10)
+    np.testing.assert_allclose(P1, Xd @ rS.numpy().transpose(0, 2, 1), rtol=rtol * 10)
+    # handing P, G in gives the same layer
+    A2, S2, *_ = _sim_forward(*(v.numpy() for v in (X, A, S, W3)), P=P, G=G)
+    np.testing.assert_allclose(A2, A1, rtol=rtol)
+    np.testing.assert_allclose(S2, S1, rtol=rtol)
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_gradcheck_simulator(per_problem):
+    X, A, S, W = _inputs(2, 3, 2, 20, per_problem=per_problem, seed=1)
+    for v in (X, A, S, W):
+        v.requires_grad_(True)
+    # fast_mode: finite differences along random directions (a few simulator
+    # launches instead of one per input entry); the full Jacobians are compared
+    # with autograd through the reference in test_gradients_match_reference.
+    assert torch.autograd.gradcheck(
+        _SimLayer.apply, (X, A, S, W), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True
+    )
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+@pytest.mark.parametrize("upstream", ["both", "A_only"])
+def test_gradients_match_reference(per_problem, upstream):
+    X, A, S, W = _inputs(2, 6, 3, 40, per_problem=per_problem, seed=2)
+    g = torch.Generator().manual_seed(3)
+    gA = torch.randn(A.shape, generator=g, dtype=A.dtype)
+    gS = torch.randn(S.shape, generator=g, dtype=S.dtype) * (upstream == "both")
+    grads = []
+    for f in (_SimLayer.apply, mu_step_torch):
+        ins = [v.clone().requires_grad_(True) for v in (X, A, S, W)]
+        A1, S1 = f(*ins)
+        ((A1 * gA).sum() + (S1 * gS).sum()).backward()
+        grads.append([v.grad for v in ins])
+    for mine, ref in zip(*grads):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-13)
+    # the has_gSo=False path (no upstream for S') agrees as well
+    if upstream == "A_only":
+        W3 = W.unsqueeze(0) if W.dim() == 2 else W
+        *_, P, G = _sim_forward(*(v.numpy() for v in (X, A, S, W3)))
+        res = _sim_backward(*(v.numpy() for v in (X, A, S, W3)), P, G, gA.numpy(), None, (True, True, True, True))
+        for mine, ref in zip(res, grads[1]):
+            np.testing.assert_allclose(mine.reshape(ref.shape), ref.numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_only_w_gradient_and_float32():
+    X, A, S, W = _inputs(2, 6, 3, 40, dtype=torch.float32, seed=4)
+    W.requires_grad_(True)
+    A1, S1 = _SimLayer.apply(X, A, S, W)
+    (A1.sum() + S1.square().sum()).backward()
+    Wr = W.detach().double().requires_grad_(True)
+    rA, rS = mu_step_torch(X.double(), A.double(), S.double(), Wr)
+    (rA.sum() + rS.square().sum()).backward()
+    torch.testing.assert_close(W.grad.double(), Wr.grad, rtol=1e-4, atol=1e-5)

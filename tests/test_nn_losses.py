@@ -1,0 +1,67 @@
+"""The paper's layer-weighted cosine loss (eq. 3) on hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastmu.losses import layer_weights, mean_component_cosine, unrolled_loss
+
+
+def test_layer_weights():
+    torch.testing.assert_close(layer_weights(1), torch.tensor([1.0], dtype=torch.float64))
+    torch.testing.assert_close(layer_weights(2), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(layer_weights(5), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        layer_weights(0)
+
+
+def test_mean_component_cosine_hand_computed():
+    # columns: (1,0) vs (1,1) -> 1/√2 ; (0,1) vs (0,3) -> 1
+    est = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    true = torch.tensor([[[1.0, 0.0], [1.0, 3.0]]], dtype=torch.float64)
+    torch.testing.assert_close(mean_component_cosine(est, true, dim=-2), torch.tensor([(1 / math.sqrt(2) + 1) / 2], dtype=torch.float64))
+    # rows: (1,0) vs (1,0) -> 1 ; (0,1) vs (1,3) -> 3/√10
+    torch.testing.assert_close(mean_component_cosine(est, true, dim=-1), torch.tensor([(1 + 3 / math.sqrt(10)) / 2], dtype=torch.float64))
+    # a zero component scores 0, not NaN
+    assert float(mean_component_cosine(torch.zeros(1, 2, 2), torch.ones(1, 2, 2), dim=-1)) == 0.0
+
+
+def test_unrolled_loss_hand_computed():
+    A_true = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)  # (1, 2, 2)
+    S_true = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)  # (1, 2, 3)
+    A_bad = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)  # each column: cos 1/√2
+    S_bad = torch.ones(1, 2, 3, dtype=torch.float64)  # each row: cos 1/√3
+    outs = [(A_bad, S_bad), (A_bad, S_true), (A_true, S_true)]  # v = 0, 0.5, 1
+    expected = -(0.5 * (1 / math.sqrt(2) + 1) + 1.0 * 2)
+    torch.testing.assert_close(unrolled_loss(outs, A_true, S_true), torch.tensor(expected, dtype=torch.float64))
+    # one pair = L = 1, weight 1
+    torch.testing.assert_close(
+        unrolled_loss((A_bad, S_bad), A_true, S_true),
+        torch.tensor(-(1 / math.sqrt(2) + 1 / math.sqrt(3)), dtype=torch.float64),
+    )
+    # explicit weights; sum vs mean over the batch
+    torch.testing.assert_close(
+        unrolled_loss(outs, A_true, S_true, weights=[1.0, 0.0, 0.0]),
+        torch.tensor(-(1 / math.sqrt(2) + 1 / math.sqrt(3)), dtype=torch.float64),
+    )
+    two = [(A.expand(2, -1, -1), S.expand(2, -1, -1)) for A, S in outs]
+    At, St = A_true.expand(2, -1, -1), S_true.expand(2, -1, -1)
+    torch.testing.assert_close(unrolled_loss(two, At, St), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(unrolled_loss(two, At, St, reduction="sum"), torch.tensor(2 * expected, dtype=torch.float64))
+
+
+def test_unrolled_loss_gradient_and_errors():
+    A = torch.rand(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    S = torch.rand(2, 2, 5, dtype=torch.float64, requires_grad=True)
+    At, St = torch.rand(2, 4, 2, dtype=torch.float64), torch.rand(2, 2, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, s: unrolled_loss([(a, s)], At, St), (A, S))
+    with pytest.raises(ValueError, match="one value per layer"):
+        unrolled_loss([(A, S)], At, St, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="reduction"):
+        unrolled_loss([(A, S)], At, St, reduction="max")
+    with pytest.raises(ValueError, match="shape"):
+        unrolled_loss([(A, S)], At[:, :3], St)
+    with pytest.raises(ValueError, match="empty"):
+        unrolled_loss([], At, St)
