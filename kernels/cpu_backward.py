@@ -48,9 +48,12 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-#: pixels per column block: 65 rows × 256 × 4 B = 66 kB of X stays in L2
-#: between the two sweeps of a block (R, then X gRᵀ); 512 measured the same.
-TB = 256
+from fastmu.kernels.fpenv import enter_ftz, leave_ftz
+
+#: pixels per column block: 65 rows × 1024 × 4 B = 266 kB of X stays in L2
+#: between the sweeps of a block; 1024 measured 12% faster than 256 (longer
+#: pixel loops amortise the per-tile setup), 2048 the same.
+TB = 1024
 
 # Reassociation lets LLVM vectorise the pixel reductions; no 'arcp'/'nnan':
 # divisions stay IEEE divisions and NaN propagates (same flags as kernels/cpu.py).
@@ -64,7 +67,7 @@ _FM = {"reassoc", "contract", "nsz"}
 # ---------------------------------------------------------------------------
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _bc8x4(Xp, i0, j0, L, C, k0, R):
     """``R[k0:k0+4, :L] += C[i0:i0+8, k0:k0+4]ᵀ X[i0:i0+8, j0:j0+L]``.
 
@@ -102,7 +105,7 @@ def _bc8x4(Xp, i0, j0, L, C, k0, R):
         r3[jj] += a03 * v0 + a13 * v1 + a23 * v2 + a33 * v3 + a43 * v4 + a53 * v5 + a63 * v6 + a73 * v7
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _bc1(Xp, i, j0, L, C, k, R):
     """``R[k, :L] += C[i, k] X[i, j0:j0+L]`` (remainder rows / components)."""
     a = C[i, k]
@@ -112,7 +115,7 @@ def _bc1(Xp, i, j0, L, C, k, R):
         r[jj] += a * x[jj]
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _bc1x4_init(Xp, i, j0, L, C, k0, R):
     """``R[k0:k0+4, :L] = C[i, k0:k0+4]ᵀ X[i, j0:j0+L]`` (assign: replaces zero-filling)."""
     x = Xp[i, j0 : j0 + L]
@@ -132,7 +135,7 @@ def _bc1x4_init(Xp, i, j0, L, C, k0, R):
         r3[jj] = a3 * v
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _bcast(Xp, j0, L, C, R):
     """``R[:, :L] = Cᵀ X[:, j0:j0+L]`` for ``C (m, n)``, ``R (n, ≥L)`` scratch."""
     m = Xp.shape[0]
@@ -160,7 +163,7 @@ def _bcast(Xp, j0, L, C, R):
             _bc1(Xp, i, j0, L, C, k, R)
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _rd4x4(Xp, i0, j0, L, Sr, so, k0, P):
     """``P[i0:i0+4, k0:k0+4] += X[i0:i0+4, j0:j0+L] Sr[k0:k0+4, so:so+L]ᵀ``.
 
@@ -199,7 +202,7 @@ def _rd4x4(Xp, i0, j0, L, Sr, so, k0, P):
     P[i0 + 3, k0] += c30; P[i0 + 3, k0 + 1] += c31; P[i0 + 3, k0 + 2] += c32; P[i0 + 3, k0 + 3] += c33  # noqa: E702
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _rd1(Xp, i, j0, L, Sr, so, k, P):
     """``P[i, k] += X[i, j0:j0+L] · Sr[k, so:so+L]`` (remainder rows / components)."""
     x = Xp[i, j0 : j0 + L]
@@ -210,7 +213,7 @@ def _rd1(Xp, i, j0, L, Sr, so, k, P):
     P[i, k] += acc
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _reduce(Xp, j0, L, Sr, so, P):
     """``P += X[:, j0:j0+L] Sr[:, so:so+L]ᵀ`` for ``P (m, n)``."""
     m = Xp.shape[0]
@@ -228,7 +231,7 @@ def _reduce(Xp, j0, L, Sr, so, P):
             _rd1(Xp, i, j0, L, Sr, so, k, P)
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _cross(U, uo, V, vo, L, out):
     """``out[k, l] += Σ_j U[k, uo+j] V[l, vo+j]`` (n × n, not assumed symmetric)."""
     n = out.shape[0]
@@ -242,7 +245,7 @@ def _cross(U, uo, V, vo, L, out):
             out[k, l] += acc
 
 
-@nb.njit(cache=True, fastmath=_FM, inline="always")
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _denominator(Hp, Sp, j0, L, eps, D):
     """``D[:, :L] = H S[:, j0:j0+L] + ε``."""
     n = Hp.shape[0]
@@ -262,7 +265,7 @@ def _denominator(Hp, Sp, j0, L, eps, D):
 # ---------------------------------------------------------------------------
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _a_prime(Ap, Wp, Pp, Gp, eps, Ep, Aq, Hp):
     """``E = A G + ε``, ``A' = A ⊙ W ⊙ P ⊘ E`` (into ``Aq``), ``H = A'ᵀA'``."""
     m, n = Ap.shape
@@ -283,7 +286,7 @@ def _a_prime(Ap, Wp, Pp, Gp, eps, Ep, Aq, Hp):
             Hp[l, k] = acc
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _sum_blocks(part, c0, nblk, out):
     """``out = Σ_c part[c0 + c]`` in block order (deterministic)."""
     out[:, :] = part[c0]
@@ -296,7 +299,7 @@ def _sum_blocks(part, c0, nblk, out):
 # ---------------------------------------------------------------------------
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _fwd_pg_block(Xp, Sp, j0, L, Pc, Gc):
     """Partial ``X Sᵀ`` and ``S Sᵀ`` of one column block."""
     Pc[:, :] = 0
@@ -305,7 +308,7 @@ def _fwd_pg_block(Xp, Sp, j0, L, Pc, Gc):
     _cross(Sp, j0, Sp, j0, L, Gc)
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _fwd_s_block(Xp, Aq, Hp, Sp, So, j0, L, eps, accumulate, Pc, Gc, R, D):
     """``S'`` on one column block (into ``So``), then optionally its partial P, G."""
     n = Sp.shape[0]
@@ -325,7 +328,7 @@ def _fwd_s_block(Xp, Aq, Hp, Sp, So, j0, L, eps, accumulate, Pc, Gc, R, D):
         _cross(So, j0, So, j0, L, Gc)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=_FM)
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def layer_forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, nthreads):
     """One learned-MU layer, out of place.
 
@@ -392,7 +395,7 @@ def layer_forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_o
 # ---------------------------------------------------------------------------
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _bwd_pass1_block(Xp, Aq, Hp, Sp, gSo, j0, L, eps, need_gS, gS, XgRc, gHc, R, D, gR, gU):
     """Pass 1 on one column block: column-local ``gS``, partial ``X gRᵀ`` and ``gU Sᵀ``."""
     n = Sp.shape[0]
@@ -429,7 +432,7 @@ def _bwd_pass1_block(Xp, Aq, Hp, Sp, gSo, j0, L, eps, need_gS, gS, XgRc, gHc, R,
     _cross(gU, 0, Sp, j0, L, gHc)
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _bwd_tiny(Ap, Wp, Pp, Gp, Ep, Aq, gAo, has_gSo, XgR, gH, need_gA, need_gW, gA, gWp, gP, Gs):
     """Through A' (per problem): ``gA'`` total, then ``gA``, ``gW``, ``gP`` and ``gG + gGᵀ``.
 
@@ -479,7 +482,7 @@ def _bwd_tiny(Ap, Wp, Pp, Gp, Ep, Aq, gAo, has_gSo, XgR, gH, need_gA, need_gW, g
             Gs[l, k] = v
 
 
-@nb.njit(cache=True, fastmath=_FM)
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _bwd_pass2_block(
     Xp, Aq, Hp, Sp, gSo, gPp, Gsp, j0, L, eps, has_gSo, need_gS, need_gX, gS, gX, R, D, gR
 ):
@@ -528,7 +531,7 @@ def _bwd_pass2_block(
                         o[jj] += a * gr[jj]
 
 
-@nb.njit(cache=True, parallel=True, fastmath=_FM)
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def layer_backward(
     X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
     need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, nthreads,
@@ -575,6 +578,46 @@ def layer_backward(
     D = np.empty((nthreads, n, TB), dt)
     gR = np.zeros((nthreads, n, TB), dt)
     gU = np.empty((nthreads, n, TB), dt)
+
+    if b % nthreads == 0 or b >= 4 * nthreads:
+        # Problem-major (as in kernels/cpu.py): each thread runs both passes of
+        # its own problems, so a problem's X is still in L2 for pass 2 and the
+        # threads meet only once; sums keep the same block order.
+        XgRt = np.empty((nthreads, m, n), dt)
+        gHt = np.empty((nthreads, n, n), dt)
+        gstep = 1 if has_gSo else 0  # gSo is a (1, n, 1) dummy without upstream for S'
+
+        for p in prange(b):
+            fp = enter_ftz()
+            tid = nb.get_thread_id()
+            _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], Aq[p], H[p])
+            if has_gSo:
+                for blk in range(nblk):
+                    j0 = blk * TB
+                    _bwd_pass1_block(
+                        X[p], Aq[p], H[p], S[p], gSo[p], j0, min(TB, t - j0), epsd, need_gS,
+                        gS[p] if need_gS else gS[0], XgRt[tid], gHt[tid], R[tid], D[tid], gR[tid], gU[tid],
+                    )
+                    XgR[p] += XgRt[tid]
+                    gH[p] += gHt[tid]
+            gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
+            _bwd_tiny(
+                A[p], W[p * wstep], P[p], G[p], E[p], Aq[p], gAo[p], has_gSo, XgR[p], gH[p],
+                need_gA, need_gW, gA[p] if need_gA else gA[0], gWp, gP[p], Gs[p],
+            )
+            if need_gS or need_gX:
+                for blk in range(nblk):
+                    j0 = blk * TB
+                    _bwd_pass2_block(
+                        X[p], Aq[p], H[p], S[p], gSo[p * gstep], gP[p], Gs[p], j0, min(TB, t - j0),
+                        epsd, has_gSo, need_gS, need_gX,
+                        gS[p] if need_gS else gS[0], gX[p] if need_gX else gX[0],
+                        R[tid], D[tid], gR[tid],
+                    )
+            leave_ftz(fp)
+        if need_gW and bw == 1:
+            _sum_blocks(gWb, 0, b, gW[0])
+        return
 
     for p in prange(b):
         _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], Aq[p], H[p])

@@ -136,12 +136,22 @@ def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
     P_out = torch.empty(shape_pg[0], dtype=X.dtype, device=X.device)
     G_out = torch.empty(shape_pg[1], dtype=X.dtype, device=X.device)
     if X.device.type == "cpu":
-        from fastmu.kernels import cpu_backward as kb
+        # The solver's fused iteration (kernels.cpu.mu_run), run once in place on
+        # the fresh outputs: it picks the problem-major schedule for batches,
+        # which measured faster than a column-block-parallel layer forward.
+        from fastmu.kernels import cpu as kf
 
-        kb.layer_forward(
-            _np(X), _np(A), _np(S), _np(W3), _np(P), _np(G), float(eps), bool(pg_valid), bool(want_pg),
-            _np(A_out), _np(S_out), _np(P_out), _np(G_out), _nthreads(),
-        )
+        Xn, Pn, Gn = _np(X), _np(P), _np(G)
+        if not pg_valid:  # P, G of the input S: the backward needs them too
+            kf.mu_run(Xn, _np(A), _np(S), _np(W3), Pn, Gn, 0, float(eps), False, True, _nthreads())
+        A_out.copy_(A)
+        S_out.copy_(S)
+        Pw = P_out if want_pg else torch.empty_like(P)
+        Gw = G_out if want_pg else torch.empty_like(G)
+        Pw.copy_(P)
+        Gw.copy_(G)
+        kf.mu_run(Xn, _np(A_out), _np(S_out), _np(W3), _np(Pw), _np(Gw), 1, float(eps), True,
+                  bool(want_pg), _nthreads())
     elif X.device.type == "cuda":
         from fastmu.kernels import cuda_backward as kc
 
