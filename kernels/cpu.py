@@ -41,8 +41,8 @@ _FM = {"reassoc", "contract", "nsz"}
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _p_4x4(Xp, Sb, Pc, i, k, j0, L):
-    """``Pc[i:i+4, k:k+4] += X[i:i+4, blk] @ Sb[k:k+4, :L]ᵀ``: 16 register accumulators.
+def _p_4x4(Xp, Sb, Pc, i, k, j0, L, so=0):
+    """``Pc[i:i+4, k:k+4] += X[i:i+4, j0:j0+L] @ Sb[k:k+4, so:so+L]ᵀ``: 16 register accumulators.
 
     Each pixel vector of the 4 X rows and 4 S rows feeds 16 FMAs, so the loop
     is bound by arithmetic rather than by loads.
@@ -51,10 +51,10 @@ def _p_4x4(Xp, Sb, Pc, i, k, j0, L):
     x1 = Xp[i + 1, j0 : j0 + L]
     x2 = Xp[i + 2, j0 : j0 + L]
     x3 = Xp[i + 3, j0 : j0 + L]
-    s0 = Sb[k]
-    s1 = Sb[k + 1]
-    s2 = Sb[k + 2]
-    s3 = Sb[k + 3]
+    s0 = Sb[k, so : so + L]
+    s1 = Sb[k + 1, so : so + L]
+    s2 = Sb[k + 2, so : so + L]
+    s3 = Sb[k + 3, so : so + L]
     z = Pc.dtype.type(0)
     p00 = p01 = p02 = p03 = z
     p10 = p11 = p12 = p13 = z

@@ -1,4 +1,4 @@
-"""One learned-MU layer on the CPU (Numba, parallel): forward and handwritten backward.
+"""Handwritten backward of one learned-MU layer on the CPU (Numba, parallel).
 
 The layer (DESIGN §1, §4), batched over ``b`` problems::
 
@@ -10,16 +10,12 @@ with ``bw`` 1 (one W shared by the batch, NALMU) or ``b`` (one per problem,
 ALMU), ``P (b, m, n)``, ``G (b, n, n)``. All arrays C-contiguous, one float
 dtype (float32 or float64).
 
-Why a layer forward lives here beside the backward
---------------------------------------------------
-:func:`fastmu.kernels.cpu.mu_run` computes the same layer, but a deep model
-needs two things it does not offer at full speed: outputs written to fresh
-arrays (autograd keeps every layer's inputs), and ``P``, ``G`` of the new S
-handed to the next layer so each layer reads X once. And the register-blocked
-micro-kernels below (8 rows of X × 4 components per sweep for ``Cᵀ X``, 4 × 4
-accumulators for ``X Sᵀ``) measured ~2.5× faster than the loops in
-``kernels/cpu.py`` on the 2-core dev machine (≈90 vs ≈35 GFLOP/s float32),
-which the ≥ 2× target over torch autograd needs.
+The forward
+-----------
+The layer's forward is the solver's fused iteration,
+:func:`fastmu.kernels.cpu.mu_run` with one iteration: it hands ``P``, ``G`` of
+the new S to the next layer, so a deep model reads X once per layer forward.
+The register tiles (``_r_8x4``, ``_p_4x4``) are shared with it.
 
 Backward (DESIGN §4)
 --------------------
@@ -48,6 +44,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fastmu.kernels.cpu import _p_4x4, _r_8x4  # the register tiles are shared
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
 #: pixels per column block: 65 rows × 1024 × 4 B = 266 kB of X stays in L2
@@ -65,44 +62,6 @@ _FM = {"reassoc", "contract", "nsz"}
 # prange body that inlines them directly measured 10× slower (Numba outlines
 # the parfor body and loses the contiguity of the slices).
 # ---------------------------------------------------------------------------
-
-
-@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _bc8x4(Xp, i0, j0, L, C, k0, R):
-    """``R[k0:k0+4, :L] += C[i0:i0+8, k0:k0+4]ᵀ X[i0:i0+8, j0:j0+L]``.
-
-    Eight rows of X per sweep: each accumulator row is loaded and stored once
-    per 32 FMAs, so the sweep is FMA-bound, not load/store-bound.
-    """
-    x0 = Xp[i0, j0 : j0 + L]
-    x1 = Xp[i0 + 1, j0 : j0 + L]
-    x2 = Xp[i0 + 2, j0 : j0 + L]
-    x3 = Xp[i0 + 3, j0 : j0 + L]
-    x4 = Xp[i0 + 4, j0 : j0 + L]
-    x5 = Xp[i0 + 5, j0 : j0 + L]
-    x6 = Xp[i0 + 6, j0 : j0 + L]
-    x7 = Xp[i0 + 7, j0 : j0 + L]
-    r0 = R[k0, :L]
-    r1 = R[k0 + 1, :L]
-    r2 = R[k0 + 2, :L]
-    r3 = R[k0 + 3, :L]
-    # All four output rows in one sweep: each loaded X vector feeds four FMA
-    # chains (a loop over the components instead measured 25% slower).
-    a00 = C[i0, k0]; a01 = C[i0, k0 + 1]; a02 = C[i0, k0 + 2]; a03 = C[i0, k0 + 3]  # noqa: E702
-    a10 = C[i0 + 1, k0]; a11 = C[i0 + 1, k0 + 1]; a12 = C[i0 + 1, k0 + 2]; a13 = C[i0 + 1, k0 + 3]  # noqa: E702
-    a20 = C[i0 + 2, k0]; a21 = C[i0 + 2, k0 + 1]; a22 = C[i0 + 2, k0 + 2]; a23 = C[i0 + 2, k0 + 3]  # noqa: E702
-    a30 = C[i0 + 3, k0]; a31 = C[i0 + 3, k0 + 1]; a32 = C[i0 + 3, k0 + 2]; a33 = C[i0 + 3, k0 + 3]  # noqa: E702
-    a40 = C[i0 + 4, k0]; a41 = C[i0 + 4, k0 + 1]; a42 = C[i0 + 4, k0 + 2]; a43 = C[i0 + 4, k0 + 3]  # noqa: E702
-    a50 = C[i0 + 5, k0]; a51 = C[i0 + 5, k0 + 1]; a52 = C[i0 + 5, k0 + 2]; a53 = C[i0 + 5, k0 + 3]  # noqa: E702
-    a60 = C[i0 + 6, k0]; a61 = C[i0 + 6, k0 + 1]; a62 = C[i0 + 6, k0 + 2]; a63 = C[i0 + 6, k0 + 3]  # noqa: E702
-    a70 = C[i0 + 7, k0]; a71 = C[i0 + 7, k0 + 1]; a72 = C[i0 + 7, k0 + 2]; a73 = C[i0 + 7, k0 + 3]  # noqa: E702
-    for jj in range(L):
-        v0 = x0[jj]; v1 = x1[jj]; v2 = x2[jj]; v3 = x3[jj]  # noqa: E702
-        v4 = x4[jj]; v5 = x5[jj]; v6 = x6[jj]; v7 = x7[jj]  # noqa: E702
-        r0[jj] += a00 * v0 + a10 * v1 + a20 * v2 + a30 * v3 + a40 * v4 + a50 * v5 + a60 * v6 + a70 * v7
-        r1[jj] += a01 * v0 + a11 * v1 + a21 * v2 + a31 * v3 + a41 * v4 + a51 * v5 + a61 * v6 + a71 * v7
-        r2[jj] += a02 * v0 + a12 * v1 + a22 * v2 + a32 * v3 + a42 * v4 + a52 * v5 + a62 * v6 + a72 * v7
-        r3[jj] += a03 * v0 + a13 * v1 + a23 * v2 + a33 * v3 + a43 * v4 + a53 * v5 + a63 * v6 + a73 * v7
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
@@ -155,51 +114,12 @@ def _bcast(Xp, j0, L, C, R):
                 for jj in range(L):
                     R[k0 + c, jj] = 0
         for i0 in range(0, m8, 8):
-            _bc8x4(Xp, i0, j0, L, C, k0, R)
+            _r_8x4(Xp, C, R, i0, k0, j0, L)
     for k in range(n4, n):
         for jj in range(L):
             R[k, jj] = 0
         for i in range(m):
             _bc1(Xp, i, j0, L, C, k, R)
-
-
-@nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _rd4x4(Xp, i0, j0, L, Sr, so, k0, P):
-    """``P[i0:i0+4, k0:k0+4] += X[i0:i0+4, j0:j0+L] Sr[k0:k0+4, so:so+L]ᵀ``.
-
-    Sixteen scalar accumulators: LLVM turns each into a vector accumulator,
-    so every pixel vector of X and of S is loaded once for four FMAs.
-    """
-    x0 = Xp[i0, j0 : j0 + L]
-    x1 = Xp[i0 + 1, j0 : j0 + L]
-    x2 = Xp[i0 + 2, j0 : j0 + L]
-    x3 = Xp[i0 + 3, j0 : j0 + L]
-    s0 = Sr[k0, so : so + L]
-    s1 = Sr[k0 + 1, so : so + L]
-    s2 = Sr[k0 + 2, so : so + L]
-    s3 = Sr[k0 + 3, so : so + L]
-    z = P.dtype.type(0)
-    c00 = z; c01 = z; c02 = z; c03 = z  # noqa: E702
-    c10 = z; c11 = z; c12 = z; c13 = z  # noqa: E702
-    c20 = z; c21 = z; c22 = z; c23 = z  # noqa: E702
-    c30 = z; c31 = z; c32 = z; c33 = z  # noqa: E702
-    for jj in range(L):
-        v0 = x0[jj]
-        v1 = x1[jj]
-        v2 = x2[jj]
-        v3 = x3[jj]
-        w0 = s0[jj]
-        w1 = s1[jj]
-        w2 = s2[jj]
-        w3 = s3[jj]
-        c00 += v0 * w0; c01 += v0 * w1; c02 += v0 * w2; c03 += v0 * w3  # noqa: E702
-        c10 += v1 * w0; c11 += v1 * w1; c12 += v1 * w2; c13 += v1 * w3  # noqa: E702
-        c20 += v2 * w0; c21 += v2 * w1; c22 += v2 * w2; c23 += v2 * w3  # noqa: E702
-        c30 += v3 * w0; c31 += v3 * w1; c32 += v3 * w2; c33 += v3 * w3  # noqa: E702
-    P[i0, k0] += c00; P[i0, k0 + 1] += c01; P[i0, k0 + 2] += c02; P[i0, k0 + 3] += c03  # noqa: E702
-    P[i0 + 1, k0] += c10; P[i0 + 1, k0 + 1] += c11; P[i0 + 1, k0 + 2] += c12; P[i0 + 1, k0 + 3] += c13  # noqa: E702
-    P[i0 + 2, k0] += c20; P[i0 + 2, k0 + 1] += c21; P[i0 + 2, k0 + 2] += c22; P[i0 + 2, k0 + 3] += c23  # noqa: E702
-    P[i0 + 3, k0] += c30; P[i0 + 3, k0 + 1] += c31; P[i0 + 3, k0 + 2] += c32; P[i0 + 3, k0 + 3] += c33  # noqa: E702
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
@@ -222,7 +142,7 @@ def _reduce(Xp, j0, L, Sr, so, P):
     m4 = m - m % 4
     for k0 in range(0, n4, 4):
         for i0 in range(0, m4, 4):
-            _rd4x4(Xp, i0, j0, L, Sr, so, k0, P)
+            _p_4x4(Xp, Sr, P, i0, k0, j0, L, so)
         for i in range(m4, m):
             for c in range(4):
                 _rd1(Xp, i, j0, L, Sr, so, k0 + c, P)
@@ -297,97 +217,6 @@ def _sum_blocks(part, c0, nblk, out):
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
-
-
-@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _fwd_pg_block(Xp, Sp, j0, L, Pc, Gc):
-    """Partial ``X Sᵀ`` and ``S Sᵀ`` of one column block."""
-    Pc[:, :] = 0
-    Gc[:, :] = 0
-    _reduce(Xp, j0, L, Sp, j0, Pc)
-    _cross(Sp, j0, Sp, j0, L, Gc)
-
-
-@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _fwd_s_block(Xp, Aq, Hp, Sp, So, j0, L, eps, accumulate, Pc, Gc, R, D):
-    """``S'`` on one column block (into ``So``), then optionally its partial P, G."""
-    n = Sp.shape[0]
-    _bcast(Xp, j0, L, Aq, R)
-    _denominator(Hp, Sp, j0, L, eps, D)
-    for k in range(n):
-        s = Sp[k, j0 : j0 + L]
-        o = So[k, j0 : j0 + L]
-        r = R[k, :L]
-        d = D[k, :L]
-        for jj in range(L):
-            o[jj] = s[jj] * r[jj] / d[jj]
-    if accumulate:
-        Pc[:, :] = 0
-        Gc[:, :] = 0
-        _reduce(Xp, j0, L, So, j0, Pc)
-        _cross(So, j0, So, j0, L, Gc)
-
-
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def layer_forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, nthreads):
-    """One learned-MU layer, out of place.
-
-    Parameters
-    ----------
-    X, A, S, W
-        Layer inputs (read only).
-    P, G
-        ``X Sᵀ`` and ``S Sᵀ`` of the input S: read when ``pg_valid``, written
-        otherwise (the backward needs them either way).
-    eps
-        ε of every denominator.
-    pg_valid
-        Whether ``P``, ``G`` already hold the input's values (handed on by the
-        previous layer), which saves a pass over X.
-    accumulate
-        Also compute ``P_out = X S'ᵀ`` and ``G_out = S' S'ᵀ`` for the next layer
-        during the S update (no extra pass over X).
-    A_out, S_out, P_out, G_out
-        Outputs (``P_out``, ``G_out`` untouched unless ``accumulate``).
-    nthreads
-        ``numba.config.NUMBA_NUM_THREADS`` (sizes per-thread scratch).
-    """
-    b, m, t = X.shape
-    n = A.shape[2]
-    dt = X.dtype
-    epsd = dt.type(eps)
-    nblk = (t + TB - 1) // TB
-    nchunks = b * nblk
-    wstep = 0 if W.shape[0] == 1 else 1
-    Ppart = np.empty((nchunks, m, n), dt)
-    Gpart = np.empty((nchunks, n, n), dt)
-    E = np.empty((b, m, n), dt)
-    H = np.empty((b, n, n), dt)
-    R = np.empty((nthreads, n, TB), dt)
-    D = np.empty((nthreads, n, TB), dt)
-
-    if not pg_valid:
-        for c in prange(nchunks):
-            p = c // nblk
-            j0 = (c % nblk) * TB
-            _fwd_pg_block(X[p], S[p], j0, min(TB, t - j0), Ppart[c], Gpart[c])
-        for p in prange(b):
-            _sum_blocks(Ppart, p * nblk, nblk, P[p])
-            _sum_blocks(Gpart, p * nblk, nblk, G[p])
-    for p in prange(b):
-        _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], A_out[p], H[p])
-    for c in prange(nchunks):
-        p = c // nblk
-        j0 = (c % nblk) * TB
-        tid = nb.get_thread_id()
-        _fwd_s_block(
-            X[p], A_out[p], H[p], S[p], S_out[p], j0, min(TB, t - j0), epsd,
-            accumulate, Ppart[c], Gpart[c], R[tid], D[tid],
-        )
-    if accumulate:
-        for p in prange(b):
-            _sum_blocks(Ppart, p * nblk, nblk, P_out[p])
-            _sum_blocks(Gpart, p * nblk, nblk, G_out[p])
 
 
 # ---------------------------------------------------------------------------
