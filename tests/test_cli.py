@@ -78,3 +78,14 @@ def test_bench_quick_writes_json(tmp_path, capsys):
     assert {"fastmu", "numpy", "torch"} <= peers
     assert res["machine"]["cpu"] and res["machine"]["packages"]["numpy"]
     assert "fastmu speedup" in capsys.readouterr().out
+
+
+def test_cuda_without_gpu_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    import fastmu.solver as solver
+
+    monkeypatch.setattr(solver, "cuda_available", lambda: False)
+    np.save(tmp_path / "x.npy", np.ones((3, 4)))
+    rc = main(["unmix", str(tmp_path / "x.npy"), "-n", "2", "--backend", "cuda", "--no-progress",
+               "--out", str(tmp_path / "o.npz")])
+    assert rc == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
         print(f"fastmu {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(rc or 0)
