@@ -52,10 +52,15 @@ def mean_component_cosine(est: torch.Tensor, true: torch.Tensor, dim: int) -> to
     """
     if est.shape != true.shape:
         raise ValueError(f"estimate shape {tuple(est.shape)} differs from the truth's {tuple(true.shape)}")
+    return _mean_cosine(est, true, true.norm(dim=dim), dim)
+
+
+def _mean_cosine(est: torch.Tensor, true: torch.Tensor, true_norm: torch.Tensor, dim: int) -> torch.Tensor:
+    # vecdot avoids the (b, n, t) product temporary; the truth's norms are
+    # computed once per loss, not once per layer.
     tiny = torch.finfo(est.dtype).tiny
-    dot = (est * true).sum(dim=dim)
-    norms = est.norm(dim=dim) * true.norm(dim=dim)
-    return (dot / norms.clamp_min(tiny)).mean(dim=-1)
+    dot = torch.linalg.vecdot(est, true, dim=dim)
+    return (dot / (est.norm(dim=dim) * true_norm).clamp_min(tiny)).mean(dim=-1)
 
 
 def unrolled_loss(
@@ -106,9 +111,16 @@ def unrolled_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     total = ref.new_zeros(())
+    nA = A_true.norm(dim=-2)
+    nS = S_true.norm(dim=-1)
     for vl, (A, S) in zip(v, outputs):
         if float(vl) == 0.0:  # v_1 = 0: skip the work (and the graph) for that layer
             continue
-        per = mean_component_cosine(A, A_true, dim=-2) + mean_component_cosine(S, S_true, dim=-1)
+        if A.shape != A_true.shape or S.shape != S_true.shape:
+            raise ValueError(
+                f"layer output shapes {tuple(A.shape)}, {tuple(S.shape)} differ from the truth's "
+                f"{tuple(A_true.shape)}, {tuple(S_true.shape)}"
+            )
+        per = _mean_cosine(A, A_true, nA, -2) + _mean_cosine(S, S_true, nS, -1)
         total = total + vl * (per.mean() if reduction == "mean" else per.sum())
     return -total
