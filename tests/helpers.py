@@ -12,3 +12,16 @@ def low_rank_problem(rng, b, m, n, t, dtype=np.float64, noise=0.0):
     A0 = rng.random((b, m, n)) + 0.1
     S0 = rng.random((b, n, t)) + 0.1
     return X.astype(dtype), A0.astype(dtype), S0.astype(dtype)
+
+
+def learned_layer_inputs(b, m, n, t, dtype=None, per_problem=False, seed=0):
+    """Positive torch inputs X, A, S, W of one learned-MU layer (W (m, n) or (b, m, n))."""
+    import torch
+
+    dtype = dtype or torch.float64
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(b, m, t, generator=g, dtype=dtype)
+    A = torch.rand(b, m, n, generator=g, dtype=dtype) + 0.1
+    S = torch.rand(b, n, t, generator=g, dtype=dtype) + 0.1
+    W = torch.rand(*((b,) if per_problem else ()), m, n, generator=g, dtype=dtype) + 0.5
+    return X, A, S, W

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from fastmu.reference import mu_step_torch  # noqa: E402
+from helpers import learned_layer_inputs
 
 kb = pytest.importorskip("fastmu.kernels.cuda_backward")
 kc = pytest.importorskip("fastmu.kernels.cuda")
@@ -94,13 +95,7 @@ class _SimLayer(torch.autograd.Function):
         return gX, gA_, gS_, gW
 
 
-def _inputs(b, m, n, t, dtype=torch.float64, per_problem=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.rand(b, m, t, generator=g, dtype=dtype)
-    A = torch.rand(b, m, n, generator=g, dtype=dtype) + 0.1
-    S = torch.rand(b, n, t, generator=g, dtype=dtype) + 0.1
-    W = torch.rand(*((b,) if per_problem else ()), m, n, generator=g, dtype=dtype) + 0.5
-    return X, A, S, W
+_inputs = learned_layer_inputs
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
