@@ -1,6 +1,6 @@
 """The ``cuda`` backend: the fused Numba CUDA kernels behind the solver's engine protocol.
 
-Interop policy (DESIGN §2, layer 2):
+Interop policy:
 
 - **CuPy arrays and torch CUDA tensors** are used in place, without copies:
   Numba views their memory through ``__cuda_array_interface__``

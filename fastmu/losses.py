@@ -8,7 +8,7 @@
 outputs are scored, and ``cos(·, ·)`` is the mean cosine similarity of
 same-position components — columns of A (spectra), rows of S (maps): the
 paper's "SAD", 1 for a perfect estimate. No permutation matching: the learned
-models output components in the training order (DESIGN §1).
+models output components in the training order.
 
 Reduction: ``reduction="mean"`` (default) divides the sum over ``d`` by the
 batch size, so the loss does not change scale with the batch size and lies in

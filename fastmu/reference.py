@@ -2,7 +2,7 @@
 
 These are the oracles every kernel is tested against, and the torch one is
 also the fallback backend on devices without a fused kernel. They follow
-DESIGN §1 to the letter: the A update first, then the S update with the new A,
+the update rule to the letter: the A update first, then the S update with the new A,
 with ε added to each denominator::
 
     A' = A ⊙ W ⊙ (X Sᵀ) ⊘ (A S Sᵀ + ε)

@@ -42,7 +42,7 @@ def mu(
 ) -> tuple[Any, Any]:
     """Factorise ``X ≈ A S`` with Lee-Seung multiplicative updates (Frobenius loss).
 
-    One iteration updates A first, then S with the new A (DESIGN §1)::
+    One iteration updates A first, then S with the new A::
 
         A ← A ⊙ (X Sᵀ) ⊘ (A S Sᵀ + ε)
         S ← S ⊙ (Aᵀ X) ⊘ (Aᵀ A S + ε)

@@ -1,6 +1,6 @@
 """Fused multiplicative-update kernels for the CPU (Numba, parallel).
 
-One pass over X per iteration (DESIGN §3). The S update of iteration l is
+One pass over X per iteration. The S update of iteration l is
 fused with the reductions ``P = X S'ᵀ`` and ``G = S' S'ᵀ`` that the A update
 of iteration l+1 needs, so each column block of X is read once per iteration
 while it sits in L1/L2.

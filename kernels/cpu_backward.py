@@ -1,6 +1,6 @@
 """Handwritten backward of one learned-MU layer on the CPU (Numba, parallel).
 
-The layer (DESIGN §1, §4), batched over ``b`` problems::
+The layer, batched over ``b`` problems::
 
     P = X Sᵀ,  G = S Sᵀ,  E = A G + ε,  A' = A ⊙ W ⊙ P ⊘ E
     R = A'ᵀ X, H = A'ᵀ A', D = H S + ε, S' = S ⊙ R ⊘ D
@@ -17,8 +17,8 @@ The layer's forward is the solver's fused iteration,
 the new S to the next layer, so a deep model reads X once per layer forward.
 The register tiles (``_r_8x4``, ``_p_4x4``) are shared with it.
 
-Backward (DESIGN §4)
---------------------
+Backward
+--------
 Given the layer inputs ``X, A, S, W`` and ``P, G`` (``X Sᵀ`` and ``S Sᵀ``,
 saved by the forward: O(m·n) per problem, and saving them spares a third pass
 over X), and the upstream gradients ``gA'``, ``gS'``:
@@ -365,7 +365,7 @@ def layer_backward(
     X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
     need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, nthreads,
 ):
-    """Gradients of one learned-MU layer (DESIGN §4).
+    """Gradients of one learned-MU layer (the equations in the module docstring).
 
     Parameters
     ----------

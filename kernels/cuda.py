@@ -1,6 +1,6 @@
 """Fused multiplicative-update kernels for NVIDIA GPUs (Numba CUDA).
 
-The same semantics as :func:`fastmu.kernels.cpu.mu_run` (DESIGN §3): per
+The same semantics as :func:`fastmu.kernels.cpu.mu_run` : per
 iteration, the tiny A update ``A' = A ⊙ W ⊙ P ⊘ (A G + ε)`` and
 ``H = A'ᵀA'`` from the carried ``P = X Sᵀ`` and ``G = S Sᵀ``, then the
 column-parallel S update ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` fused with
@@ -9,7 +9,7 @@ iteration's A update needs: one pass over X per iteration.
 
 Two launch designs, both keeping every barrier inside a thread block (the
 CUDA simulator, which CI runs, has no real grid-wide barrier and no warp
-shuffles — DESIGN §6):
+shuffles):
 
 ``"block"`` — one block per problem, persistent
     Block ``p`` owns problem ``p`` for the whole call and loops over all
@@ -23,7 +23,7 @@ shuffles — DESIGN §6):
     state rotates through small ring buffers (A: 2, P/G: 3), so a launch
     never reads what the same launch writes. The per-iteration launches are
     captured in a CUDA graph (through CuPy, when installed) and replayed, so
-    Python launch overhead (tens of µs per Numba launch, DESIGN §5, while an
+    Python launch overhead (tens of µs per Numba launch, while an
     iteration at 65×16384 moves only 4.78 MB) is paid once per graph, not
     once per iteration. Without CuPy the launches are queued asynchronously.
 
@@ -39,7 +39,7 @@ read from DRAM once per iteration; its second read (for P) is served from
 L1/L2.
 
 Memory traffic per iteration and problem: X read once, S read and written
-once: ``itemsize·(m·t + 2·n·t)`` bytes (the one-pass model of DESIGN §3).
+once: ``itemsize·(m·t + 2·n·t)`` bytes (the one-pass traffic model).
 
 All arrays are C-contiguous Numba device arrays of one float dtype:
 ``X (b, m, t)``, ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)`` with

@@ -1,7 +1,7 @@
 """One learned-MU layer on NVIDIA GPUs (Numba CUDA): forward and handwritten backward.
 
 Same math, arguments and semantics as :mod:`fastmu.kernels.cpu_backward`
-(DESIGN §4); arrays are C-contiguous Numba device arrays (e.g.
+(the equations of :mod:`fastmu.kernels.cpu_backward`); arrays are C-contiguous Numba device arrays (e.g.
 ``numba.cuda.as_cuda_array`` of torch tensors), and everything is queued on
 the caller's stream without synchronising the host.
 
@@ -10,7 +10,7 @@ Forward: the fused one-iteration kernel of :mod:`fastmu.kernels.cuda`
 in and out so that a model reads X once per layer.
 
 Backward, five launches, every barrier inside a block (the CUDA simulator,
-which CI runs, has no grid-wide barrier and no warp shuffles — DESIGN §6):
+which CI runs, has no grid-wide barrier and no warp shuffles):
 
 1. ``prep`` — one block per problem: ``E = A G + ε``, ``A' = A ⊙ W ⊙ P ⊘ E``,
    ``H = A'ᵀA'``.

@@ -1,4 +1,4 @@
-"""The Numba CUDA kernels, run in Numba's CUDA simulator (DESIGN §6).
+"""The Numba CUDA kernels, run in Numba's CUDA simulator.
 
 Run in their own process, with the simulator switched on before Numba is
 imported::

@@ -181,7 +181,7 @@ def test_cuda_backend_without_gpu_is_a_clear_error(rng, monkeypatch):
 
 
 def test_constant_init_keeps_columns_identical(rng):
-    """DESIGN §1: under plain MU a constant start never separates the components."""
+    """Under plain MU a constant start never separates the components."""
     X, _, _ = low_rank_problem(rng, 1, 15, 3, 120)
     A, S = fastmu.mu(X[0], 3, n_iter=50, init="constant")
     np.testing.assert_allclose(A, A[:, :1].repeat(3, axis=1), rtol=1e-12)

@@ -1,6 +1,6 @@
 """CPU throughput of plain MU: fastmu's fused kernels beside NumPy, torch eager and scikit-learn.
 
-Two workloads (float32, rank 4, m = 65), as the core issue specifies:
+Two workloads (float32, rank 4, m = 65):
 
 ``paper``
     one 65×16384 problem (the paper's image size), 1000 iterations;
@@ -17,7 +17,7 @@ Peers, all on the same inputs and the same start, all running exactly
 ``sklearn``      ``NMF(solver="mu", tol=0, init="custom")`` (paper workload; one problem).
 
 Work per iteration and problem: ``4·m·n·t`` FLOP (``X Sᵀ`` and ``Aᵀ X``; the
-rest is O(n·t + m·n²)) and, under the one-pass traffic model of DESIGN §3,
+rest is O(n·t + m·n²)) and, under the one-pass traffic model,
 ``s·(m·t + 2·n·t)`` bytes (X read once, S read and written once; s = 4 for
 float32). On a CPU with X in cache the FLOPs are the bound, so both rates are
 reported.

@@ -1,4 +1,4 @@
-"""GPU benchmark workloads for ``fastmu bench --device cuda`` (DESIGN §3, issue 3).
+"""GPU benchmark workloads for ``fastmu bench --device cuda``.
 
 W1: one 65×16384 problem, rank 4, float32, ``iters`` MU iterations.
 W2: ``batch`` such problems at once (the paper's MU baseline on a test set).
@@ -227,7 +227,7 @@ def run_gpu_benchmarks(iters: int = 10_000, batch: int = 150, quick: bool = Fals
     Parameters
     ----------
     iters : int
-        MU iterations per timed run (10 000 in the issue).
+        MU iterations per timed run (10 000: the paper's MU baselines).
     batch : int
         Problems in W2 (150: the paper's test set).
     quick : bool

@@ -1,6 +1,6 @@
 """The differentiable learned-MU layer: a ``torch.autograd.Function`` on fused kernels.
 
-One layer (DESIGN §1)::
+One layer::
 
     A' = A ⊙ W ⊙ (X Sᵀ) ⊘ (A S Sᵀ + ε)
     S' = S ⊙ (A'ᵀ X) ⊘ (A'ᵀ A' S + ε)
@@ -8,7 +8,7 @@ One layer (DESIGN §1)::
 The forward runs the fused Numba kernel of the tensors' device (CPU:
 :mod:`fastmu.kernels.cpu_backward`; CUDA: :mod:`fastmu.kernels.cuda_backward`)
 on zero-copy views of the tensors, writing fresh output tensors. The backward
-runs the handwritten backward kernel (DESIGN §4) of the same module.
+runs the handwritten backward kernel of the same module.
 
 What is saved per layer: the inputs ``X, A, S, W`` (X is shared by every
 layer of a model, so it is stored once) and the small ``P = X Sᵀ`` and

@@ -30,7 +30,7 @@ homogeneous of degree 0 in the scale of A and of S, up to ε), so the value
 only keeps ``A S`` at the scale of X, which keeps ε = 1e-12 negligible for
 data of any scale. With constant factors every column starts identical;
 only the column-specific ``W`` separate them, which is why the learned
-models output components in the training order (DESIGN §1).
+models output components in the training order.
 
 Backends: ``fused=True`` uses :func:`fastmu.nn.learned_mu_step_pg` (fused
 kernels, handwritten backward; CPU and CUDA); ``fused=False`` runs the same
