@@ -55,6 +55,8 @@ Tuning knobs (module level, also read from the environment at import):
   per problem in grid mode (default: enough to give every multiprocessor two).
 - ``FASTMU_CUDA_GRAPHS`` / :func:`set_graphs`: ``"auto"`` (use CUDA graphs
   when CuPy is importable), ``"1"`` (required), ``"0"`` (never).
+- ``FASTMU_CUDA_UNROLL`` / :func:`set_unroll`: rows of X each thread loads
+  ahead in the S update (memory-level parallelism).
 
 None of the block sizes, heuristics or graph lengths here has been measured on
 a GPU yet (no GPU was available while they were written): treat the defaults
@@ -104,6 +106,7 @@ class _Config:
     mode: str = "auto"
     blocks_per_problem: int | None = None
     graphs: str = "auto"
+    unroll: int = 1
 
 
 _config = _Config()
@@ -146,6 +149,19 @@ def set_graphs(graphs: str | bool) -> None:
     _config.graphs = g
 
 
+def set_unroll(unroll: int) -> None:
+    """Rows of X each thread loads ahead in the S update (1, 2, 4, 8 or 16).
+
+    Loading ``unroll`` rows into registers before using them keeps that many
+    independent DRAM reads in flight per thread (memory-level parallelism);
+    1 leaves the scheduling of the plain row loop to the compiler.
+    """
+    unroll = int(unroll)
+    if unroll not in (1, 2, 4, 8, 16):
+        raise ValueError(f"unroll must be 1, 2, 4, 8 or 16, got {unroll}")
+    _config.unroll = unroll
+
+
 def get_config() -> dict[str, Any]:
     """The current tuning knobs as a dict (recorded by the benchmarks)."""
     return {
@@ -153,6 +169,7 @@ def get_config() -> dict[str, Any]:
         "mode": _config.mode,
         "blocks_per_problem": _config.blocks_per_problem,
         "graphs": _config.graphs,
+        "unroll": _config.unroll,
     }
 
 
@@ -160,6 +177,7 @@ set_threads(_env_int("FASTMU_CUDA_THREADS", 128))
 set_mode(os.environ.get("FASTMU_CUDA_MODE", "auto") or "auto")
 set_blocks_per_problem(_env_int("FASTMU_CUDA_BLOCKS_PER_PROBLEM", None))
 set_graphs(os.environ.get("FASTMU_CUDA_GRAPHS", "auto") or "auto")
+set_unroll(_env_int("FASTMU_CUDA_UNROLL", 1))
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -200,11 +218,12 @@ class _Kernels:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(dtype_name: str, tpb: int, n: int) -> _Kernels:
+def _build(dtype_name: str, tpb: int, n: int, ur: int = 1) -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
-    ``tpb``, ``n`` and the derived ``rc`` are closure constants, so loops over
-    components unroll and the per-thread accumulators stay in registers.
+    ``tpb``, ``n``, the X-row unroll ``ur`` and the derived ``rc`` are closure
+    constants, so loops over components unroll and the per-thread
+    accumulators stay in registers.
     """
     nbt = numba.float32 if dtype_name == "float32" else numba.float64
     isz = 4 if dtype_name == "float32" else 8
@@ -261,6 +280,7 @@ def _build(dtype_name: str, tpb: int, n: int) -> _Kernels:
         r = cuda.local.array(n, nbt)
         pa = cuda.local.array(n, nbt)
         gl = cuda.local.array(nn, nbt)
+        xs = cuda.local.array(ur, nbt)
         for q in range(nn):
             gl[q] = 0
         ii = tid % rc  # row of the staged chunk this thread reduces
@@ -275,7 +295,16 @@ def _build(dtype_name: str, tpb: int, n: int) -> _Kernels:
                 if update:
                     for k in range(n):
                         r[k] = 0
-                    for i in range(m):  # A'ᵀ X_j: the one DRAM read of X
+                    i0 = 0
+                    if ur > 1:  # ur independent loads in flight before their first use
+                        while i0 + ur <= m:
+                            for u in range(ur):
+                                xs[u] = X[p, i0 + u, j]
+                            for u in range(ur):
+                                for k in range(n):
+                                    r[k] += Ash[(i0 + u) * n + k] * xs[u]
+                            i0 += ur
+                    for i in range(i0, m):  # A'ᵀ X_j: the one DRAM read of X
                         x = X[p, i, j]
                         for k in range(n):
                             r[k] += Ash[i * n + k] * x
@@ -540,7 +569,9 @@ class GridWorkspace:
     and capturing again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, alloc: Any = None) -> None:
+        #: ``alloc(shape, dtype)`` for the ring buffers (default: Numba allocations)
+        self.alloc = alloc
         self.key: tuple | None = None
         self.Ar: Any = None
         self.Pr: Any = None
@@ -551,9 +582,10 @@ class GridWorkspace:
     def prepare(self, b: int, m: int, n: int, dtype: np.dtype, stream: Any) -> None:
         key = (b, m, n, np.dtype(dtype).str)
         if key != self.key:
-            self.Ar = cuda.device_array((2, b, m, n), dtype, stream=stream)
-            self.Pr = cuda.device_array((3, b, m, n), dtype, stream=stream)
-            self.Gr = cuda.device_array((3, b, n, n), dtype, stream=stream)
+            alloc = self.alloc or (lambda shape, dt: cuda.device_array(shape, dt, stream=stream))
+            self.Ar = alloc((2, b, m, n), dtype)
+            self.Pr = alloc((3, b, m, n), dtype)
+            self.Gr = alloc((3, b, n, n), dtype)
             self.key = key
             self.graph = None
             self.graph_key = None
@@ -663,7 +695,7 @@ def mu_run(
             f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
             "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
         )
-    k = _build(dtype.name, tpb, n)
+    k = _build(dtype.name, tpb, n, _config.unroll)
     epsd = dtype.type(eps)
     mode, bpp = choose_mode(b, t, tpb)
 
@@ -769,6 +801,7 @@ __all__ = [
     "set_graphs",
     "set_mode",
     "set_threads",
+    "set_unroll",
     "static_shared_bytes",
     "sum_squares",
 ]

@@ -283,14 +283,26 @@ def _check(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, in
     return b, m, t, n
 
 
-def layer_forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, stream=0) -> None:
+def _device_alloc(stream: Any):
+    def alloc(shape: tuple[int, ...], dtype: Any) -> Any:
+        return cuda.device_array(shape, dtype, stream=stream)
+
+    return alloc
+
+
+def layer_forward(
+    X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, stream=0, alloc=None,
+) -> None:
     """One learned-MU layer, out of place (see :func:`fastmu.kernels.cpu_backward.layer_forward`).
 
     ``P``, ``G`` are read when ``pg_valid`` and written otherwise; ``P_out``,
-    ``G_out`` receive ``X S'ᵀ``, ``S' S'ᵀ`` when ``accumulate``.
+    ``G_out`` receive ``X S'ᵀ``, ``S' S'ᵀ`` when ``accumulate``. ``alloc(shape,
+    dtype)`` makes scratch device arrays (default: Numba allocations on
+    ``stream``; the torch layer passes torch's caching allocator).
     """
     from fastmu.kernels import cuda as kcuda
 
+    alloc = alloc or _device_alloc(stream)
     b, m, t, n = _check(X, A, S, W, P, G)
     A_out.copy_to_device(A, stream=stream)
     S_out.copy_to_device(S, stream=stream)
@@ -300,18 +312,23 @@ def layer_forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_o
     if accumulate:
         Pw, Gw = P_out, G_out
     else:  # mu_run updates P, G in place; the saved input values must survive
-        Pw = cuda.device_array(P.shape, P.dtype, stream=stream)
-        Gw = cuda.device_array(G.shape, G.dtype, stream=stream)
+        Pw = alloc(P.shape, P.dtype)
+        Gw = alloc(G.shape, G.dtype)
     Pw.copy_to_device(P, stream=stream)
     Gw.copy_to_device(G, stream=stream)
-    kcuda.mu_run(X, A_out, S_out, W, Pw, Gw, 1, eps, True, bool(accumulate), stream=stream)
+    ws = kcuda.GridWorkspace(alloc)
+    kcuda.mu_run(X, A_out, S_out, W, Pw, Gw, 1, eps, True, bool(accumulate), stream=stream, workspace=ws)
 
 
 def layer_backward(
     X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
-    need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, stream=0,
+    need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, stream=0, alloc=None,
 ) -> None:
-    """Gradients of one learned-MU layer (see :func:`fastmu.kernels.cpu_backward.layer_backward`)."""
+    """Gradients of one learned-MU layer (see :func:`fastmu.kernels.cpu_backward.layer_backward`).
+
+    ``alloc(shape, dtype)`` makes the scratch arrays, as in :func:`layer_forward`.
+    """
+    alloc = alloc or _device_alloc(stream)
     b, m, t, n = _check(X, A, S, W, P, G)
     dt = np.dtype(X.dtype)
     tpb = _threads
@@ -321,7 +338,7 @@ def layer_backward(
     epsd = dt.type(eps)
 
     def buf(*shape: int) -> Any:
-        return cuda.device_array(shape, dt, stream=stream)
+        return alloc(shape, dt)
 
     E, Aq, gP, gQ = buf(b, m, n), buf(b, m, n), buf(b, m, n), buf(b, m, n)
     H, gH, gG, Gs = buf(b, n, n), buf(b, n, n), buf(b, n, n), buf(b, n, n)

@@ -42,11 +42,14 @@ def _compile(fn, sig, bounds):
         raise
 
 
-@pytest.mark.parametrize("dtype,tpb,n", [("float32", 128, 4), ("float64", 256, 8), ("float32", 32, 1)])
-def test_kernels_compile_to_ptx(no_device, dtype, tpb, n):
+@pytest.mark.parametrize(
+    "dtype,tpb,n,ur",
+    [("float32", 128, 4, 1), ("float32", 128, 4, 8), ("float64", 256, 8, 4), ("float32", 32, 1, 16)],
+)
+def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur):
     from fastmu.kernels import cuda as kc
 
-    k = kc._build(dtype, tpb, n)
+    k = kc._build(dtype, tpb, n, ur)
     f = getattr(types, dtype)
     a1, a3, a4 = (types.Array(f, d, "C") for d in (1, 3, 4))
     flags = (types.int64, f, types.boolean, types.boolean)
@@ -58,3 +61,19 @@ def test_kernels_compile_to_ptx(no_device, dtype, tpb, n):
     assert "atom.global.add" in ptx or "red.global.add" in ptx
     _compile(k.sumsq.py_func, (a3, types.Array(types.float64, 1, "C")), None)
     _compile(k.zero.py_func, (a1,), None)
+
+
+@pytest.mark.parametrize("dtype,n,tpb", [("float32", 4, 128), ("float64", 3, 32)])
+def test_backward_kernels_compile_to_ptx(no_device, dtype, n, tpb):
+    from fastmu.kernels import cuda_backward as kb
+
+    prep, pass1, tiny, sum_w, pass2, _ = kb._build(dtype, n, tpb)
+    f = getattr(types, dtype)
+    a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
+    b = types.boolean
+    _compile(prep.py_func, (a3,) * 4 + (f,) + (a3,) * 3, None)
+    _compile(pass1.py_func, (a3,) * 5 + (f, b, a3, a4, a4), None)
+    _compile(tiny.py_func, (a3,) * 7 + (b, a4, a4, b, b) + (a3,) * 7, None)
+    _compile(sum_w.py_func, (a3, a3), None)
+    ptx = _compile(pass2.py_func, (a3,) * 7 + (f, b, b, b, a3, a3), None)
+    assert ".local" not in ptx

@@ -45,6 +45,7 @@ def _tiny_blocks():
     kc.set_threads(saved["threads"])
     kc.set_mode(saved["mode"])
     kc.set_blocks_per_problem(saved["blocks_per_problem"])
+    kc.set_unroll(saved["unroll"])
 
 
 def _problem(b, m, n, t, dtype, seed=0, zero_cols=()):
@@ -117,6 +118,18 @@ def test_learned_weights(dtype, shared, mode):
     Ar, Sr = _reference(X, A, S, W if not shared else W[0], 2)
     np.testing.assert_allclose(A1, Ar, **TOL[dtype])
     np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+
+
+@pytest.mark.parametrize("ur", [4, 8])
+@pytest.mark.parametrize("mode", ["block", "grid"])
+def test_unrolled_row_loads(mode, ur):
+    """m = 13 is not a multiple of the unroll: the unrolled loop plus its remainder."""
+    kc.set_unroll(ur)
+    X, A, S = _problem(2, 13, 3, 40, np.float64, seed=11)
+    A1, S1, _, _ = _run(X, A, S, None, 2, mode, 2 if mode == "grid" else None)
+    Ar, Sr = _reference(X, A, S, None, 2)
+    np.testing.assert_allclose(A1, Ar, **TOL[np.float64])
+    np.testing.assert_allclose(S1, Sr, **TOL[np.float64])
 
 
 @pytest.mark.parametrize("mode", ["block", "grid"])
@@ -204,6 +217,8 @@ def test_bad_input():
         kc.set_threads(48)
     with pytest.raises(ValueError, match="mode"):
         kc.set_mode("warp")
+    with pytest.raises(ValueError, match="unroll"):
+        kc.set_unroll(3)
 
 
 def test_m_too_large_for_shared_memory():

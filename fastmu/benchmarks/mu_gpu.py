@@ -138,14 +138,37 @@ def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> 
     }
 
 
-def _fastmu(cuda: Any, X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int, mode: str) -> tuple[float, np.ndarray]:
+_KNOBS = ("threads", "unroll", "blocks_per_problem")
+
+
+def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
+    """Set the kernel knobs in ``config`` (threads, unroll, blocks_per_problem); return the old ones."""
+    saved = kc.get_config()
+    for key, value in (config or {}).items():
+        if key not in _KNOBS:
+            raise ValueError(f"unknown kernel knob {key!r}; expected one of {_KNOBS}")
+        getattr(kc, f"set_{key}")(value)
+    return saved
+
+
+def _restore(kc: Any, saved: dict[str, Any]) -> None:
+    kc.set_threads(saved["threads"])
+    kc.set_unroll(saved["unroll"])
+    kc.set_blocks_per_problem(saved["blocks_per_problem"])
+    kc.set_mode(saved["mode"])
+
+
+def _fastmu(
+    cuda: Any, X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int, mode: str,
+    config: dict[str, Any] | None = None, dX: Any = None,
+) -> tuple[float, np.ndarray]:
     from fastmu.kernels import cuda as kc
 
-    saved = kc.get_config()["mode"]
+    saved = _apply(kc, config)
     kc.set_mode(mode)
     try:
         b = X.shape[0]
-        dX = cuda.to_device(X)
+        dX = cuda.to_device(X) if dX is None else dX
         W = cuda.to_device(np.ones((1, M, N), X.dtype))
         P = cuda.device_array((b, M, N), X.dtype)
         G = cuda.device_array((b, N, N), X.dtype)
@@ -161,7 +184,7 @@ def _fastmu(cuda: Any, X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int
         t, dS = run(iters)
         return t, dS.copy_to_host()
     finally:
-        kc.set_mode(saved)
+        _restore(kc, saved)
 
 
 def _torch_loop(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, iters: int, compiled: bool) -> tuple[float, np.ndarray]:
@@ -221,7 +244,13 @@ def _agreement(S: np.ndarray, S_ref: np.ndarray) -> float:
     return float(np.max(np.abs(S - S_ref)) / max(float(np.max(np.abs(S_ref))), 1e-30))
 
 
-def run_gpu_benchmarks(iters: int = 10_000, batch: int = 150, quick: bool = False) -> dict[str, Any]:
+def run_gpu_benchmarks(
+    iters: int = 10_000,
+    batch: int = 150,
+    quick: bool = False,
+    configs: dict[str, dict[str, Any]] | None = None,
+    partial: str | None = None,
+) -> dict[str, Any]:
     """Time W1 and W2 for fastmu and its peers on the current GPU; return a JSON-able dict.
 
     Parameters
@@ -232,6 +261,13 @@ def run_gpu_benchmarks(iters: int = 10_000, batch: int = 150, quick: bool = Fals
         Problems in W2 (150: the paper's test set).
     quick : bool
         A smoke run: 200 iterations, batch 8.
+    configs : dict, optional
+        Kernel knobs per workload for fastmu's entries, e.g.
+        ``{"W2": {"threads": 256, "unroll": 8}}`` (default: the module's
+        current settings). Recorded in the result.
+    partial : str, optional
+        A JSON file rewritten after every entry, so that a run cut short
+        still leaves what it measured.
 
     Raises
     ------
@@ -259,16 +295,28 @@ def run_gpu_benchmarks(iters: int = 10_000, batch: int = 150, quick: bool = Fals
     for wname, b in (("W1", 1), ("W2", batch)):
         X, A0, S0 = _data(b, np.float32, seed=b)
         entries: dict[str, Any] = {}
+        cfg = dict((configs or {}).get(wname, {}))
+        saved = _apply(kc, cfg)
+        try:
+            auto = kc.choose_mode(b, T)
+            used = kc.get_config()
+        finally:
+            _restore(kc, saved)
+        result["workloads"][wname] = {
+            "batch": b, "kernel_config": used, "auto_choice": {"mode": auto[0], "blocks_per_problem": auto[1]},
+            "results": entries,
+        }
         ref_S = None
         for mode in ("block", "grid"):
             label = f"fastmu_{mode}"
             try:
-                secs, S = _fastmu(cuda, X, A0, S0, iters, mode)
+                secs, S = _fastmu(cuda, X, A0, S0, iters, mode, cfg)
                 if ref_S is None:
                     ref_S = S
                 entries[label] = _entry(secs, b, iters, copy_bw, max_rel_diff_vs_fastmu=_agreement(S, ref_S))
             except Exception as exc:
-                entries[label] = {"error": f"{type(exc).__name__}: {exc}"}
+                entries[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            _dump(result, partial)
         peers = {
             "torch_eager": lambda: _torch_loop(X, A0, S0, iters, compiled=False),
             "torch_compile": lambda: _torch_loop(X, A0, S0, iters, compiled=True),
@@ -281,24 +329,88 @@ def run_gpu_benchmarks(iters: int = 10_000, batch: int = 150, quick: bool = Fals
                 entries[label] = _entry(secs, b, iters, copy_bw, **extra)
             except Exception as exc:  # a missing library or a failed compile is reported, not fatal
                 entries[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            _dump(result, partial)
         ok = {k: v["seconds"] for k, v in entries.items() if "seconds" in v}
-        result["workloads"][wname] = {"batch": b, "results": entries, "fastest": min(ok, key=ok.get) if ok else None}
+        result["workloads"][wname]["fastest"] = min(ok, key=ok.get) if ok else None
+        eager = entries.get("torch_eager", {}).get("seconds")
+        if eager:
+            result["workloads"][wname]["speedup_vs_torch_eager"] = {
+                k: eager / v for k, v in ok.items() if k.startswith("fastmu")
+            }
+        del X, A0, S0
     result["wall_seconds"] = time.time() - t0
+    _dump(result, partial)
     return result
 
 
+def _dump(result: dict[str, Any], path: str | None) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+
+def sweep_kernel_configs(
+    iters: int = 247,
+    batches: tuple[int, ...] = (1, 150),
+    threads: tuple[int, ...] = (128, 256),
+    unrolls: tuple[int, ...] = (1, 8),
+    partial: str | None = None,
+) -> dict[str, Any]:
+    """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
+
+    Every (threads, unroll) pair is timed in block mode and in grid mode at
+    several blocks per problem (all tiles, a quarter, a sixteenth, one).
+    ``iters`` = 6 + 2·120 + 1 makes grid mode run whole CUDA graphs. Returns
+    the rows (ms/iteration, GB/s under the one-pass model) and the best
+    configuration per batch size.
+    """
+    cuda = _require_gpu()
+    from fastmu.kernels import cuda as kc
+
+    copy_bw = copy_bandwidth(cuda)
+    out: dict[str, Any] = {"suite": "gpu-sweep", **_versions(cuda), "copy_bandwidth_GBps": copy_bw / 1e9,
+                           "iters": iters, "rows": [], "best": {}}
+    for b in batches:
+        X, A0, S0 = _data(b, np.float32, seed=b)
+        dX = cuda.to_device(X)
+        for tpb in threads:
+            tiles = -(-T // tpb)
+            bpps = sorted({tiles, max(1, tiles // 4), max(1, tiles // 16), 1}, reverse=True)
+            for ur in unrolls:
+                for mode, bpp in [("block", None)] + [("grid", q) for q in bpps]:
+                    cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp}
+                    row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
+                    try:
+                        secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
+                        row.update(_entry(secs, b, iters, copy_bw))
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    out["rows"].append(row)
+                    _dump(out, partial)
+        ok = [r for r in out["rows"] if r["batch"] == b and "ms_per_iter" in r]
+        if ok:
+            out["best"][str(b)] = min(ok, key=lambda r: r["ms_per_iter"])
+        del X, A0, S0, dX
+    _dump(out, partial)
+    return out
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The GPU results as a text table: seconds, ms/iteration, GB/s and fraction of copy bandwidth."""
-    head = f"{'workload':<8} {'peer':<14} {'seconds':>9} {'ms/iter':>9} {'GB/s':>8} {'of copy bw':>10}"
-    lines = [f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s", head, "-" * len(head)]
+    """The GPU results as a text table: seconds, ms/iteration, GB/s, fraction of copy bandwidth, speed-up."""
+    head = (f"{'workload':<8} {'peer':<14} {'seconds':>9} {'ms/iter':>9} {'GB/s':>8} {'of copy bw':>10} "
+            f"{'vs torch eager':>14}")
+    lines = [f"{result.get('device', '?')}: copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s, "
+             f"{result.get('iters')} iterations", head, "-" * len(head)]
     for wname, w in result["workloads"].items():
+        eager = w["results"].get("torch_eager", {}).get("seconds")
         for label, e in w["results"].items():
             if "seconds" not in e:
                 lines.append(f"{wname:<8} {label:<14} {e.get('error', '')[:60]}")
                 continue
+            ratio = f"{eager / e['seconds']:>13.2f}x" if eager else f"{'':>14}"
             lines.append(
                 f"{wname:<8} {label:<14} {e['seconds']:>9.3f} {e['ms_per_iter']:>9.4f} "
-                f"{e['achieved_GBps_one_pass_model']:>8.1f} {e['fraction_of_copy_bandwidth']:>10.2f}"
+                f"{e['achieved_GBps_one_pass_model']:>8.1f} {e['fraction_of_copy_bandwidth']:>10.2f} {ratio}"
             )
     return "\n".join(lines)
 
@@ -308,9 +420,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=150)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time the kernel knobs instead of the peers")
+    ap.add_argument("--configs", default=None,
+                    help='JSON: kernel knobs per workload, e.g. {"W2": {"threads": 256, "unroll": 8}}')
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     args = ap.parse_args(argv)
-    res = run_gpu_benchmarks(args.iters, args.batch, args.quick)
+    if args.sweep:
+        res = sweep_kernel_configs(partial=args.out)
+    else:
+        configs = json.loads(args.configs) if args.configs else None
+        res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out)
     text = json.dumps(res, indent=2)
     if args.out:
         with open(args.out, "w") as fh:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastmu import EPS
@@ -114,7 +115,25 @@ def _np(x: torch.Tensor):
 def _cuda_arrays(*xs: torch.Tensor):
     from numba import cuda
 
-    return [cuda.as_cuda_array(x.detach()) for x in xs]
+    # sync=False: the kernels are queued on torch's current stream, so no
+    # host synchronisation is needed (the default would block per array).
+    return [cuda.as_cuda_array(x.detach(), sync=False) for x in xs]
+
+
+def _torch_alloc(device: torch.device):
+    """An allocator for the kernels' scratch arrays backed by torch's caching allocator.
+
+    Scratch memory then shows in ``torch.cuda.max_memory_allocated`` (and
+    is reused stream-ordered like any torch temporary) instead of being
+    hidden in separate Numba allocations.
+    """
+    from numba import cuda
+
+    def alloc(shape, dtype):
+        t = torch.empty(tuple(int(s) for s in shape), dtype=getattr(torch, np.dtype(dtype).name), device=device)
+        return cuda.as_cuda_array(t, sync=False)  # keeps a reference to t
+
+    return alloc
 
 
 def _cuda_stream(device: torch.device):
@@ -157,7 +176,8 @@ def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
 
         with torch.cuda.device(X.device):
             arrs = _cuda_arrays(X, A, S, W3, P, G, A_out, S_out, P_out, G_out)
-            kc.layer_forward(*arrs[:6], float(eps), bool(pg_valid), bool(want_pg), *arrs[6:], stream=_cuda_stream(X.device))
+            kc.layer_forward(*arrs[:6], float(eps), bool(pg_valid), bool(want_pg), *arrs[6:],
+                             stream=_cuda_stream(X.device), alloc=_torch_alloc(X.device))
     else:  # pragma: no cover - validated before
         raise ValueError(f"no fused learned-MU kernel for device {X.device}")
     return A_out, S_out, P, G, P_out, G_out
@@ -191,7 +211,7 @@ def _backward(X, A, S, W3, P, G, gA_out, gS_out, eps, need):
             arrs = _cuda_arrays(X, A, S, W3, P, G, gA_out, gS_in, gA, gS, gW, gX)
             kc.layer_backward(
                 *arrs[:8], float(eps), has_gS, need_gA, need_gS, need_gW, need_gX, *arrs[8:],
-                stream=_cuda_stream(dev),
+                stream=_cuda_stream(dev), alloc=_torch_alloc(dev),
             )
     return (
         gX if need_gX else None,

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One GPU session, run from the repository root on a machine with an NVIDIA GPU:
+# environment report, GPU tests, kernel-knob sweep, W1/W2 benchmark with peers,
+# NALMU benchmark. Each step has its own time limit and a failed step does not
+# stop the next. Results (JSON, env, test log) land in $OUT (default
+# bench/results/gpu_session), every step's log in $OUT/logs.tgz.
+#
+#   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
+set -u
+OUT=${OUT:-bench/results/gpu_session}
+LOGDIR=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# A numba-cuda older than the one fastmu is tested with: use carried wheels (.whl/) if any.
+if [ -d .whl ] && ! python3 -c "import numba_cuda, sys; sys.exit(tuple(map(int, numba_cuda.__version__.split('.')[:2])) < (0, 30))" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# From a bare checkout (no pip install): make kernels/ importable as fastmu.kernels.
+if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
+  [ -e fastmu/kernels ] || ln -s ../kernels fastmu/kernels
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $OUT/NAME.log, report rc and time
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+}
+
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 - <<'PY'
+import importlib, platform
+print("python", platform.python_version())
+for m in ("numpy", "numba", "numba_cuda", "cupy", "torch", "llvmlite"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, "missing:", e)
+from numba import cuda
+print("numba sees GPU:", cuda.is_available(), cuda.get_current_device().name)
+PY
+} >"$OUT/env.txt" 2>&1
+tail -n 12 "$OUT/env.txt"
+
+step gpu_tests "${TESTS_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider -n 6 \
+  tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_cuda_ptx.py --junitxml="$LOGDIR/gpu_tests.xml"
+cp "$LOGDIR/gpu_tests.log" "$OUT/"
+tail -n 15 "$OUT/gpu_tests.log"
+
+step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --out "$OUT/mu_gpu_sweep.json"
+CONFIGS=$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
+import json, sys
+try:
+    best = json.load(open(sys.argv[1]))["best"]
+except Exception:
+    best = {}
+cfg = {}
+for w, b in (("W1", "1"), ("W2", "150")):
+    if b in best:
+        r = best[b]
+        cfg[w] = {"threads": r["threads"], "unroll": r["unroll"], "blocks_per_problem": r["blocks_per_problem"]}
+print(json.dumps(cfg))
+PY
+)
+echo "configs from the sweep: $CONFIGS" | tee -a "$OUT/steps.txt"
+python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except Exception as e:
+    rows = []; print("no sweep:", e)
+for r in rows:
+    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"],
+          "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
+          if "ms_per_iter" in r else r.get("error"))
+PY
+
+step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" --out "$OUT/mu_gpu.json"
+step nalmu_bench "${NALMU_LIMIT:-110}" python3 bench/bench_nalmu.py --device cuda --t 16384 --out "$OUT/nalmu_cuda.json"
+tail -n 8 "$LOGDIR/nalmu_bench.log"
+python3 - "$OUT/mu_gpu.json" <<'PY'
+import json, sys
+from fastmu.benchmarks.mu_gpu import format_table
+try:
+    print(format_table(json.load(open(sys.argv[1]))))
+except Exception as e:
+    print("no MU benchmark table:", e)
+PY
+cat "$OUT/steps.txt"
+tar czf "$OUT/logs.tgz" -C "$LOGDIR" .

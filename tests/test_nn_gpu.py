@@ -1,0 +1,121 @@
+"""The learned-MU layer and NALMU on a real GPU: forward, gradcheck, gradients vs autograd.
+
+Skipped without a CUDA GPU visible to both torch and Numba (and under the
+simulator, whose device arrays are host memory). Run on a GPU machine with
+``python -m pytest -m gpu tests/test_nn_gpu.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu_available() -> bool:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or not torch.cuda.is_available():
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+if not _gpu_available():
+    pytest.skip("needs a CUDA GPU visible to torch and Numba (simulator off)", allow_module_level=True)
+
+from fastmu.losses import unrolled_loss  # noqa: E402
+from fastmu.nn import NALMU, learned_mu_step  # noqa: E402
+from fastmu.reference import mu_step_torch  # noqa: E402
+from helpers import learned_layer_inputs  # noqa: E402
+
+
+def _cuda_inputs(*shape, **kw):
+    return [v.cuda() for v in learned_layer_inputs(*shape, **kw)]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("per_problem", [False, True])
+@pytest.mark.parametrize("shape", [(3, 13, 5, 300), (2, 65, 4, 5000), (1, 7, 1, 1)])
+def test_forward_matches_reference_on_gpu(dtype, rtol, per_problem, shape):
+    X, A, S, W = _cuda_inputs(*shape, dtype=dtype, per_problem=per_problem)
+    A1, S1 = learned_mu_step(X, A, S, W)
+    assert A1.is_cuda and S1.is_cuda and A1.dtype == dtype
+    rA, rS = mu_step_torch(X.double(), A.double(), S.double(), W.double())
+    torch.testing.assert_close(A1.double(), rA, rtol=rtol, atol=0)
+    torch.testing.assert_close(S1.double(), rS, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 37), (2, 9, 4, 300)])  # 300 > one 128-pixel tile
+def test_gradcheck_on_gpu(per_problem, shape):
+    ins = _cuda_inputs(*shape, per_problem=per_problem)
+    for v in ins:
+        v.requires_grad_(True)
+    assert torch.autograd.gradcheck(learned_mu_step, tuple(ins), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_gradients_match_autograd_and_cpu(per_problem):
+    """GPU gradients equal autograd through the torch reference and the CPU kernels' gradients."""
+    X, A, S, W = learned_layer_inputs(3, 65, 4, 2000, per_problem=per_problem, seed=3)
+    g = torch.Generator().manual_seed(7)
+    gA = torch.randn(A.shape, generator=g, dtype=A.dtype)
+    gS = torch.randn(S.shape, generator=g, dtype=S.dtype)
+    grads = []
+    for f, dev in ((learned_mu_step, "cuda"), (mu_step_torch, "cuda"), (learned_mu_step, "cpu")):
+        ins = [v.to(dev).requires_grad_(True) for v in (X, A, S, W)]
+        A1, S1 = f(*ins)
+        ((A1 * gA.to(dev)).sum() + (S1 * gS.to(dev)).sum()).backward()
+        grads.append([v.grad.cpu() for v in ins])
+    for mine, ref, cpu in zip(*grads):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+        torch.testing.assert_close(mine, cpu, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_gpu_backward_is_deterministic():
+    X, A, S, W = _cuda_inputs(4, 65, 4, 3000, dtype=torch.float32, seed=9)
+    out = []
+    for _ in range(2):
+        ins = [v.clone().requires_grad_(True) for v in (X, A, S, W)]
+        A1, S1 = learned_mu_step(*ins)
+        ((A1 ** 2).sum() + S1.sin().sum()).backward()
+        out.append([v.grad for v in ins])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_fused_nalmu_matches_plain_on_gpu():
+    g = torch.Generator().manual_seed(2)
+    X = (3.0 * torch.rand(2, 9, 700, generator=g, dtype=torch.float64)).cuda()
+    theta = (0.2 * torch.randn(6, 9, 3, generator=g, dtype=torch.float64)).cuda()
+    A_true = torch.rand(2, 9, 3, generator=g, dtype=torch.float64).cuda()
+    S_true = torch.rand(2, 3, 700, generator=g, dtype=torch.float64).cuda()
+    res = []
+    for fused in (True, False):
+        model = NALMU(6, 9, 3, fused=fused, dtype=torch.float64, device="cuda")
+        with torch.no_grad():
+            model.theta.copy_(theta)
+        outs = model(X, return_all=True)
+        loss = unrolled_loss(outs, A_true, S_true)
+        loss.backward()
+        res.append((loss.detach(), outs[-1][1].detach(), model.theta.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_layer_runs_on_callers_stream():
+    X, A, S, W = _cuda_inputs(2, 20, 3, 4000, dtype=torch.float32, seed=4)
+    ref = learned_mu_step(X, A, S, W)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = learned_mu_step(X, A, S, W)
+    s.synchronize()
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=0)
