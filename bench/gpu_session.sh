@@ -59,7 +59,7 @@ cfg = {}
 for w, b in (("W1", "1"), ("W2", "150")):
     if b in best:
         r = best[b]
-        cfg[w] = {"threads": r["threads"], "unroll": r["unroll"], "blocks_per_problem": r["blocks_per_problem"]}
+        cfg[w] = {k: r[k] for k in ("threads", "unroll", "blocks_per_problem", "occupancy") if k in r}
 print(json.dumps(cfg))
 PY
 )
@@ -71,7 +71,7 @@ try:
 except Exception as e:
     rows = []; print("no sweep:", e)
 for r in rows:
-    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"],
+    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"),
           "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
           if "ms_per_iter" in r else r.get("error"))
 PY

@@ -57,6 +57,8 @@ Tuning knobs (module level, also read from the environment at import):
   when CuPy is importable), ``"1"`` (required), ``"0"`` (never).
 - ``FASTMU_CUDA_UNROLL`` / :func:`set_unroll`: rows of X each thread loads
   ahead in the S update (memory-level parallelism).
+- ``FASTMU_CUDA_OCCUPANCY`` / :func:`set_occupancy`: resident threads per SM
+  the launch bounds ask for (caps registers per thread).
 
 None of the block sizes, heuristics or graph lengths here has been measured on
 a GPU yet (no GPU was available while they were written): treat the defaults
@@ -107,6 +109,7 @@ class _Config:
     blocks_per_problem: int | None = None
     graphs: str = "auto"
     unroll: int = 1
+    occupancy: int = 512
 
 
 _config = _Config()
@@ -162,6 +165,19 @@ def set_unroll(unroll: int) -> None:
     _config.unroll = unroll
 
 
+def set_occupancy(threads_per_sm: int) -> None:
+    """Resident threads per multiprocessor the kernels are compiled for (512, 1024 or 2048).
+
+    Sets the launch bounds' minimum blocks per SM (``threads_per_sm //
+    threads``), which caps registers per thread at ``65536 / threads_per_sm``
+    (128, 64, 32): more warps to hide memory latency, at the risk of spills.
+    """
+    threads_per_sm = int(threads_per_sm)
+    if threads_per_sm not in (512, 1024, 2048):
+        raise ValueError(f"occupancy must be 512, 1024 or 2048 threads per SM, got {threads_per_sm}")
+    _config.occupancy = threads_per_sm
+
+
 def get_config() -> dict[str, Any]:
     """The current tuning knobs as a dict (recorded by the benchmarks)."""
     return {
@@ -170,6 +186,7 @@ def get_config() -> dict[str, Any]:
         "blocks_per_problem": _config.blocks_per_problem,
         "graphs": _config.graphs,
         "unroll": _config.unroll,
+        "occupancy": _config.occupancy,
     }
 
 
@@ -178,6 +195,7 @@ set_mode(os.environ.get("FASTMU_CUDA_MODE", "auto") or "auto")
 set_blocks_per_problem(_env_int("FASTMU_CUDA_BLOCKS_PER_PROBLEM", None))
 set_graphs(os.environ.get("FASTMU_CUDA_GRAPHS", "auto") or "auto")
 set_unroll(_env_int("FASTMU_CUDA_UNROLL", 1))
+set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", 512))
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -218,7 +236,7 @@ class _Kernels:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(dtype_name: str, tpb: int, n: int, ur: int = 1) -> _Kernels:
+def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
     ``tpb``, ``n``, the X-row unroll ``ur`` and the derived ``rc`` are closure
@@ -231,12 +249,13 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1) -> _Kernels:
     ng = tpb // rc  # column groups in the P reduction
     tp1 = tpb + 1  # padded row stride of the X staging buffer (bank conflicts)
     nn = n * n
-    # Cap registers at 128 per thread (at least 512 resident threads per SM):
+    # Cap registers at 128 per thread (at least 512 resident threads per SM;
+    # ``occ`` raises that):
     # unbounded, NVVM unrolls the reductions up to ~220-240 registers, which
     # would leave one or two blocks per SM for a bandwidth-bound kernel.
     # (ptxas -v at sm_90: 128 registers, no spills in float32, a 48-byte
     # stack in float64.) The simulator's jit has no launch_bounds.
-    bounds = (tpb, max(1, 512 // tpb))
+    bounds = (tpb, max(1, occ // tpb))
     kjit = cuda.jit if _in_simulator() else functools.partial(cuda.jit, launch_bounds=bounds)
 
     @cuda.jit(device=True)
@@ -695,7 +714,7 @@ def mu_run(
             f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
             "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
         )
-    k = _build(dtype.name, tpb, n, _config.unroll)
+    k = _build(dtype.name, tpb, n, _config.unroll, _config.occupancy)
     epsd = dtype.type(eps)
     mode, bpp = choose_mode(b, t, tpb)
 
@@ -801,6 +820,7 @@ __all__ = [
     "set_graphs",
     "set_mode",
     "set_threads",
+    "set_occupancy",
     "set_unroll",
     "static_shared_bytes",
     "sum_squares",

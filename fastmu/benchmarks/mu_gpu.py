@@ -138,7 +138,7 @@ def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> 
     }
 
 
-_KNOBS = ("threads", "unroll", "blocks_per_problem")
+_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy")
 
 
 def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -155,6 +155,7 @@ def _restore(kc: Any, saved: dict[str, Any]) -> None:
     kc.set_threads(saved["threads"])
     kc.set_unroll(saved["unroll"])
     kc.set_blocks_per_problem(saved["blocks_per_problem"])
+    kc.set_occupancy(saved["occupancy"])
     kc.set_mode(saved["mode"])
 
 
@@ -354,12 +355,16 @@ def sweep_kernel_configs(
     batches: tuple[int, ...] = (1, 150),
     threads: tuple[int, ...] = (128, 256),
     unrolls: tuple[int, ...] = (1, 8),
+    occupancies: tuple[int, ...] = (512,),
+    bpp_fractions: tuple[int, ...] = (1, 4, 16, 0),
+    block_mode: bool = True,
     partial: str | None = None,
 ) -> dict[str, Any]:
     """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
 
-    Every (threads, unroll) pair is timed in block mode and in grid mode at
-    several blocks per problem (all tiles, a quarter, a sixteenth, one).
+    Every (threads, unroll, occupancy) triple is timed in block mode and in
+    grid mode at several blocks per problem: ``tiles // f`` for each ``f`` in
+    ``bpp_fractions`` (0 meaning one block per problem).
     ``iters`` = 6 + 2·120 + 1 makes grid mode run whole CUDA graphs. Returns
     the rows (ms/iteration, GB/s under the one-pass model) and the best
     configuration per batch size.
@@ -375,10 +380,11 @@ def sweep_kernel_configs(
         dX = cuda.to_device(X)
         for tpb in threads:
             tiles = -(-T // tpb)
-            bpps = sorted({tiles, max(1, tiles // 4), max(1, tiles // 16), 1}, reverse=True)
-            for ur in unrolls:
-                for mode, bpp in [("block", None)] + [("grid", q) for q in bpps]:
-                    cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp}
+            bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions}, reverse=True)
+            runs = [(ur, occ) for ur in unrolls for occ in occupancies]
+            for ur, occ in runs:
+                for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
+                    cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ}
                     row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
                     try:
                         secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
@@ -421,12 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=150)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time the kernel knobs instead of the peers")
+    ap.add_argument("--sweep-args", default=None,
+                    help='JSON for the sweep, e.g. {"batches": [150], "occupancies": [512, 1024]}')
     ap.add_argument("--configs", default=None,
                     help='JSON: kernel knobs per workload, e.g. {"W2": {"threads": 256, "unroll": 8}}')
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     args = ap.parse_args(argv)
     if args.sweep:
-        res = sweep_kernel_configs(partial=args.out)
+        kw = json.loads(args.sweep_args) if args.sweep_args else {}
+        res = sweep_kernel_configs(partial=args.out, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
     else:
         configs = json.loads(args.configs) if args.configs else None
         res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out)
