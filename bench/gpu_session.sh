@@ -43,7 +43,12 @@ PY
 } >"$OUT/env.txt" 2>&1
 tail -n 12 "$OUT/env.txt"
 
-step gpu_tests "${TESTS_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider -n 6 \
+# per-test names (-v) so that a run cut short still says what passed; xdist and
+# pytest-timeout only where installed
+PYTEST_EXTRA=()
+python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
+python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
+step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
   tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_cuda_ptx.py --junitxml="$LOGDIR/gpu_tests.xml"
 cp "$LOGDIR/gpu_tests.log" "$OUT/"
 tail -n 15 "$OUT/gpu_tests.log"

@@ -60,9 +60,9 @@ Tuning knobs (module level, also read from the environment at import):
 - ``FASTMU_CUDA_OCCUPANCY`` / :func:`set_occupancy`: resident threads per SM
   the launch bounds ask for (caps registers per thread).
 
-None of the block sizes, heuristics or graph lengths here has been measured on
-a GPU yet (no GPU was available while they were written): treat the defaults
-as starting points for ``fastmu bench --device cuda``.
+The automatic choices (:func:`choose_mode`, :func:`choose_knobs`) come from
+one sweep on an H200 (``bench/results/mu_gpu_sweep*_h200.json``); other GPUs
+may prefer others: ``python -m fastmu.benchmarks.mu_gpu --sweep`` measures them.
 """
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ class _Config:
     mode: str = "auto"
     blocks_per_problem: int | None = None
     graphs: str = "auto"
-    unroll: int = 1
-    occupancy: int = 512
+    unroll: int | None = None  # None: chosen per launch (choose_knobs)
+    occupancy: int | None = None
 
 
 _config = _Config()
@@ -152,26 +152,33 @@ def set_graphs(graphs: str | bool) -> None:
     _config.graphs = g
 
 
-def set_unroll(unroll: int) -> None:
-    """Rows of X each thread loads ahead in the S update (1, 2, 4, 8 or 16).
+def set_unroll(unroll: int | None) -> None:
+    """Rows of X each thread loads ahead in the S update (1, 2, 4, 8 or 16; None: automatic).
 
     Loading ``unroll`` rows into registers before using them keeps that many
     independent DRAM reads in flight per thread (memory-level parallelism);
-    1 leaves the scheduling of the plain row loop to the compiler.
+    1 leaves the scheduling of the plain row loop to the compiler. ``None``
+    lets :func:`choose_knobs` pick per launch.
     """
+    if unroll is None:
+        _config.unroll = None
+        return
     unroll = int(unroll)
     if unroll not in (1, 2, 4, 8, 16):
         raise ValueError(f"unroll must be 1, 2, 4, 8 or 16, got {unroll}")
     _config.unroll = unroll
 
 
-def set_occupancy(threads_per_sm: int) -> None:
-    """Resident threads per multiprocessor the kernels are compiled for (512, 1024 or 2048).
+def set_occupancy(threads_per_sm: int | None) -> None:
+    """Resident threads per multiprocessor the kernels are compiled for (512, 1024, 2048; None: automatic).
 
     Sets the launch bounds' minimum blocks per SM (``threads_per_sm //
     threads``), which caps registers per thread at ``65536 / threads_per_sm``
     (128, 64, 32): more warps to hide memory latency, at the risk of spills.
     """
+    if threads_per_sm is None:
+        _config.occupancy = None
+        return
     threads_per_sm = int(threads_per_sm)
     if threads_per_sm not in (512, 1024, 2048):
         raise ValueError(f"occupancy must be 512, 1024 or 2048 threads per SM, got {threads_per_sm}")
@@ -194,8 +201,8 @@ set_threads(_env_int("FASTMU_CUDA_THREADS", 128))
 set_mode(os.environ.get("FASTMU_CUDA_MODE", "auto") or "auto")
 set_blocks_per_problem(_env_int("FASTMU_CUDA_BLOCKS_PER_PROBLEM", None))
 set_graphs(os.environ.get("FASTMU_CUDA_GRAPHS", "auto") or "auto")
-set_unroll(_env_int("FASTMU_CUDA_UNROLL", 1))
-set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", 512))
+set_unroll(_env_int("FASTMU_CUDA_UNROLL", None))
+set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", None))
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -550,10 +557,15 @@ def _multiprocessors() -> int:
 def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
     """The launch design and blocks per problem for ``b`` problems of ``t`` pixels.
 
-    Heuristic (unmeasured; override with :func:`set_mode`): one persistent
-    block per problem when the batch alone gives every multiprocessor a
-    block, or a problem has only one tile; otherwise enough blocks per
-    problem for two per multiprocessor, no more than there are tiles.
+    Grid mode with about eight blocks per multiprocessor in all
+    (``bpp = min(tiles, ceil(8·SMs / b))``), unless a problem is a single
+    tile (then one persistent block per problem, which saves the
+    per-iteration launches). Measured on an H200 (132 SMs, 128 threads,
+    ``bench/results/mu_gpu_sweep_h200.json``): for 150 problems of 128 tiles,
+    grid mode at 8 blocks per problem ran 1.39 ms/iteration against 1.46 (32),
+    2.48 (128), 3.17 (1) and 4.0 in block mode; for one problem, 128 blocks
+    ran 0.076 ms against 0.15 (32) and 2.5 in block mode. Override with
+    :func:`set_mode` and :func:`set_blocks_per_problem`.
     """
     tpb = threads or _config.threads
     tiles = -(-t // tpb)
@@ -562,12 +574,28 @@ def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
     if _config.blocks_per_problem is not None:
         bpp = min(_config.blocks_per_problem, tiles)
     else:
-        bpp = min(tiles, max(1, -(-2 * _multiprocessors() // b)))
+        bpp = min(tiles, max(1, -(-8 * _multiprocessors() // b)))
     if _config.mode == "grid":
         return "grid", bpp
-    if b >= _multiprocessors() or tiles == 1 or bpp == 1:
+    if tiles == 1:
         return "block", 1
     return "grid", bpp
+
+
+def choose_knobs(b: int, bpp: int) -> tuple[int, int]:
+    """X-row unroll and occupancy for a launch of ``b × bpp`` blocks (unless set explicitly).
+
+    With several blocks per multiprocessor to schedule, 8-row unrolled loads
+    and 2048 resident threads per SM (32 registers) measured best (H200, 150
+    problems: 1.07 ms/iteration against 1.39 at unroll 8 / 512 threads and
+    1.64 at unroll 1 / 512; ``mu_gpu_sweep_occupancy_h200.json``); with at
+    most a few blocks per SM (one problem), the plain loop at 512 threads was
+    best (0.076 ms against 0.11 unrolled at any occupancy).
+    """
+    busy = b * bpp >= 4 * _multiprocessors()
+    ur = _config.unroll if _config.unroll is not None else (8 if busy else 1)
+    occ = _config.occupancy if _config.occupancy is not None else (2048 if busy else 512)
+    return ur, occ
 
 
 def _stream_ptr(stream: Any) -> int:
@@ -714,9 +742,9 @@ def mu_run(
             f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
             "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
         )
-    k = _build(dtype.name, tpb, n, _config.unroll, _config.occupancy)
-    epsd = dtype.type(eps)
     mode, bpp = choose_mode(b, t, tpb)
+    k = _build(dtype.name, tpb, n, *choose_knobs(b, bpp))
+    epsd = dtype.type(eps)
 
     if mode == "block":
         k.mu_block[b, tpb, stream, dyn](X, A, S, W, P, G, n_iter, epsd, bool(pg_valid), bool(accumulate_last))
@@ -811,6 +839,7 @@ def objective_from_pg(x2: np.ndarray, A: np.ndarray, P: np.ndarray, G: np.ndarra
 __all__ = [
     "MAX_N",
     "GridWorkspace",
+    "choose_knobs",
     "choose_mode",
     "dynamic_shared_bytes",
     "get_config",

@@ -47,6 +47,8 @@ def _restore_config():
     kc.set_mode(saved["mode"])
     kc.set_blocks_per_problem(saved["blocks_per_problem"])
     kc.set_graphs(saved["graphs"])
+    kc.set_unroll(saved["unroll"])
+    kc.set_occupancy(saved["occupancy"])
 
 
 def _problem(b, m, n, t, seed=0):

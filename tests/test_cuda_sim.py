@@ -46,6 +46,7 @@ def _tiny_blocks():
     kc.set_mode(saved["mode"])
     kc.set_blocks_per_problem(saved["blocks_per_problem"])
     kc.set_unroll(saved["unroll"])
+    kc.set_occupancy(saved["occupancy"])
 
 
 def _problem(b, m, n, t, dtype, seed=0, zero_cols=()):
@@ -179,10 +180,20 @@ def test_zero_pixel_columns_stay_finite(dtype):
 
 
 def test_auto_mode_choice():
-    # the simulator reports 2 multiprocessors: 1 problem of 3 tiles -> grid, 3 problems -> block
-    assert kc.choose_mode(1, 75)[0] == "grid"
-    assert kc.choose_mode(3, 75) == ("block", 1)
+    # the simulator reports 2 multiprocessors: about 16 blocks in all, at most one per tile
+    assert kc.choose_mode(1, 75) == ("grid", 3)
+    assert kc.choose_mode(3, 75) == ("grid", 3)
+    assert kc.choose_mode(8, 32 * 40) == ("grid", 2)
     assert kc.choose_mode(1, 20) == ("block", 1)  # a single tile
+    kc.set_mode("block")
+    assert kc.choose_mode(1, 75) == ("block", 1)
+    kc.set_mode("auto")
+    # unroll / occupancy: busy launches (>= 4 blocks per SM) unroll and raise occupancy
+    assert kc.choose_knobs(1, 3) == (1, 512)
+    assert kc.choose_knobs(8, 2) == (8, 2048)
+    kc.set_unroll(4)
+    kc.set_occupancy(1024)
+    assert kc.choose_knobs(8, 2) == (4, 1024)
 
 
 def test_sum_squares_and_objective():

@@ -301,6 +301,7 @@ def run_gpu_benchmarks(
         try:
             auto = kc.choose_mode(b, T)
             used = kc.get_config()
+            used["auto_unroll_occupancy"] = list(kc.choose_knobs(b, auto[1]))
         finally:
             _restore(kc, saved)
         result["workloads"][wname] = {
