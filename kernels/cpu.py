@@ -26,7 +26,10 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from fastmu.kernels.cpu_target import prefer_512bit_vectors
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
+
+prefer_512bit_vectors()  # before the first kernel compiles or loads from cache
 
 #: pixels per column block: 65 rows × 1024 float32 = 266 kB of X, resident in L2
 #: between the S update and the P accumulation; measured best of 128 to 2048

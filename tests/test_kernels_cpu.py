@@ -120,3 +120,42 @@ def test_property_any_shape_matches_reference(b, m, n, t, seed):
     np.testing.assert_allclose(A, Ar, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(S, Sr, rtol=1e-9, atol=1e-12)
     assert (A >= 0).all() and (S >= 0).all()
+
+
+def _zmm_status_in_subprocess(env_extra):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numba.core.config as c, fastmu.kernels.cpu\n"
+            "from fastmu.kernels.cpu_target import status\n"
+            "print(json.dumps([status(), c.CPU_FEATURES]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTMU_CPU_ZMM", "NUMBA_CPU_FEATURES")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_512bit_vector_preference_rules():
+    import llvmlite.binding as ll
+
+    st, feats = _zmm_status_in_subprocess({})
+    if ll.get_host_cpu_features().get("avx512f", False):
+        assert st["active"] is True and feats.endswith(",-prefer-256-bit")
+    else:
+        assert st["active"] is False and "AVX-512" in st["reason"] and feats is None
+    st, feats = _zmm_status_in_subprocess({"FASTMU_CPU_ZMM": "0"})
+    assert st["active"] is False and "FASTMU_CPU_ZMM" in st["reason"] and feats is None
+    st, feats = _zmm_status_in_subprocess({"NUMBA_CPU_FEATURES": "+avx2"})
+    assert st["active"] is False and feats == "+avx2"  # the user's choice is kept
+
+
+def test_512bit_preference_skipped_after_numba_compiled_something():
+    import subprocess
+    import sys
+
+    code = ("import numba\n@numba.njit\ndef f(x):\n    return x + 1\nf(1)\n"
+            "import fastmu.kernels.cpu\nfrom fastmu.kernels.cpu_target import status\nprint(status()['reason'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "already" in out.stdout or "AVX-512" in out.stdout

@@ -57,5 +57,13 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "packages": package_versions(),
         "blas": blas_info(),
-        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
+                                           "NUMBA_CPU_FEATURES", "FASTMU_CPU_ZMM") if k in os.environ},
+        "cpu_vectors_512bit": _zmm_status(),
     }
+
+
+def _zmm_status() -> dict[str, object]:
+    from fastmu.kernels.cpu_target import status
+
+    return status()
