@@ -64,6 +64,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def _zmm_status() -> dict[str, object]:
+    """The CPU kernels' vector-width setting (importing them applies it, as a solver call would)."""
+    import fastmu.kernels.cpu  # noqa: F401
     from fastmu.kernels.cpu_target import status
 
     return status()
