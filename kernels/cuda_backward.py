@@ -28,7 +28,8 @@ which CI runs, has no grid-wide barrier and no warp shuffles):
    ``gS += gPᵀX + (gG + gGᵀ) S``; ``gX = gP S + A' gR`` when asked.
 
 All sums run in a fixed order (partials per tile, reduced in tile order), so
-the result is bit-reproducible run to run, as on the CPU.
+the backward is bit-reproducible run to run, as on the CPU (the forward's
+P, G reductions use atomics, whose order varies on a GPU).
 
 Kernels are specialised per (dtype, n, threads per block): ``n`` sizes the
 per-thread register arrays. ``FASTMU_CUDA_BWD_THREADS`` (default 128; tests

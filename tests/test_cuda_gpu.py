@@ -90,8 +90,10 @@ def test_graphs_equal_direct_launches():
     A0, S0 = _run_kernel(X, A, S, 300, np.float64)
     kc.set_graphs(True)
     A1, S1 = _run_kernel(X, A, S, 300, np.float64)
-    np.testing.assert_allclose(A1, A0, rtol=1e-12)
-    np.testing.assert_allclose(S1, S0, rtol=1e-12)
+    # grid mode adds partial P, G with atomics, whose order varies run to run:
+    # equal up to rounding, not bit for bit
+    np.testing.assert_allclose(A1, A0, rtol=1e-10)
+    np.testing.assert_allclose(S1, S0, rtol=1e-10)
 
 
 @pytest.mark.parametrize("threads", [32, 128, 256, 1024])
