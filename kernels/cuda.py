@@ -185,6 +185,24 @@ def set_occupancy(threads_per_sm: int | None) -> None:
     _config.occupancy = threads_per_sm
 
 
+def set_config(**knobs: Any) -> None:
+    """Set several knobs at once, by the names :func:`get_config` returns.
+
+    ``set_config(**saved)`` restores a configuration saved with
+    :func:`get_config`. Unknown names raise ValueError; each value is
+    checked by its own setter.
+    """
+    setters = {
+        "threads": set_threads, "mode": set_mode, "blocks_per_problem": set_blocks_per_problem,
+        "graphs": set_graphs, "unroll": set_unroll, "occupancy": set_occupancy,
+    }
+    unknown = sorted(set(knobs) - set(setters))
+    if unknown:
+        raise ValueError(f"unknown CUDA kernel knob(s) {unknown}; expected some of {sorted(setters)}")
+    for name, value in knobs.items():
+        setters[name](value)
+
+
 def get_config() -> dict[str, Any]:
     """The current tuning knobs as a dict (recorded by the benchmarks)."""
     return {
@@ -846,6 +864,7 @@ __all__ = [
     "mu_run",
     "objective_from_pg",
     "set_blocks_per_problem",
+    "set_config",
     "set_graphs",
     "set_mode",
     "set_threads",

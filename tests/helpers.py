@@ -25,3 +25,17 @@ def learned_layer_inputs(b, m, n, t, dtype=None, per_problem=False, seed=0):
     S = torch.rand(b, n, t, generator=g, dtype=dtype) + 0.1
     W = torch.rand(*((b,) if per_problem else ()), m, n, generator=g, dtype=dtype) + 0.5
     return X, A, S, W
+
+
+def real_cuda_gpu() -> bool:
+    """True when Numba sees a real CUDA GPU (and the simulator is off)."""
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False

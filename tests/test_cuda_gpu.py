@@ -6,26 +6,14 @@ and no CuPy/torch device memory). Run on a lent GPU machine with
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
+from helpers import real_cuda_gpu
+
 pytestmark = pytest.mark.gpu
 
-
-def _gpu_available() -> bool:
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return False
-    try:
-        from numba import cuda
-
-        return bool(cuda.is_available())
-    except Exception:
-        return False
-
-
-if not _gpu_available():
+if not real_cuda_gpu():
     pytest.skip("needs a real CUDA GPU (numba.cuda.is_available() is False or the simulator is on)",
                 allow_module_level=True)
 
@@ -43,12 +31,7 @@ EPS = 1e-12
 def _restore_config():
     saved = kc.get_config()
     yield
-    kc.set_threads(saved["threads"])
-    kc.set_mode(saved["mode"])
-    kc.set_blocks_per_problem(saved["blocks_per_problem"])
-    kc.set_graphs(saved["graphs"])
-    kc.set_unroll(saved["unroll"])
-    kc.set_occupancy(saved["occupancy"])
+    kc.set_config(**saved)
 
 
 def _problem(b, m, n, t, seed=0):

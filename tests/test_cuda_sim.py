@@ -38,15 +38,9 @@ EPS = 1e-12
 def _tiny_blocks():
     """32 threads per block, automatic mode, for every test (restored afterwards)."""
     saved = kc.get_config()
-    kc.set_threads(32)
-    kc.set_mode("auto")
-    kc.set_blocks_per_problem(None)
+    kc.set_config(threads=32, mode="auto", blocks_per_problem=None)
     yield
-    kc.set_threads(saved["threads"])
-    kc.set_mode(saved["mode"])
-    kc.set_blocks_per_problem(saved["blocks_per_problem"])
-    kc.set_unroll(saved["unroll"])
-    kc.set_occupancy(saved["occupancy"])
+    kc.set_config(**saved)
 
 
 def _problem(b, m, n, t, dtype, seed=0, zero_cols=()):
@@ -230,6 +224,8 @@ def test_bad_input():
         kc.set_mode("warp")
     with pytest.raises(ValueError, match="unroll"):
         kc.set_unroll(3)
+    with pytest.raises(ValueError, match="unknown CUDA kernel knob"):
+        kc.set_config(colour=1)
 
 
 def test_m_too_large_for_shared_memory():

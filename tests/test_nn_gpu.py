@@ -6,33 +6,20 @@ simulator, whose device arrays are host memory). Run on a GPU machine with
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from helpers import learned_layer_inputs, real_cuda_gpu
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.gpu
 
-
-def _gpu_available() -> bool:
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or not torch.cuda.is_available():
-        return False
-    try:
-        from numba import cuda
-
-        return bool(cuda.is_available())
-    except Exception:
-        return False
-
-
-if not _gpu_available():
+if not (torch.cuda.is_available() and real_cuda_gpu()):
     pytest.skip("needs a CUDA GPU visible to torch and Numba (simulator off)", allow_module_level=True)
 
 from fastmu.losses import unrolled_loss  # noqa: E402
 from fastmu.nn import NALMU, learned_mu_step  # noqa: E402
 from fastmu.reference import mu_step_torch  # noqa: E402
-from helpers import learned_layer_inputs  # noqa: E402
 
 
 def _cuda_inputs(*shape, **kw):

@@ -142,21 +142,17 @@ _KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy")
 
 
 def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
-    """Set the kernel knobs in ``config`` (threads, unroll, blocks_per_problem); return the old ones."""
+    """Set the kernel knobs in ``config`` (threads, unroll, blocks_per_problem, occupancy); return the old ones."""
+    unknown = set(config or {}) - set(_KNOBS)
+    if unknown:
+        raise ValueError(f"unknown kernel knob(s) {sorted(unknown)}; expected some of {_KNOBS}")
     saved = kc.get_config()
-    for key, value in (config or {}).items():
-        if key not in _KNOBS:
-            raise ValueError(f"unknown kernel knob {key!r}; expected one of {_KNOBS}")
-        getattr(kc, f"set_{key}")(value)
+    kc.set_config(**(config or {}))
     return saved
 
 
 def _restore(kc: Any, saved: dict[str, Any]) -> None:
-    kc.set_threads(saved["threads"])
-    kc.set_unroll(saved["unroll"])
-    kc.set_blocks_per_problem(saved["blocks_per_problem"])
-    kc.set_occupancy(saved["occupancy"])
-    kc.set_mode(saved["mode"])
+    kc.set_config(**saved)
 
 
 def _fastmu(
