@@ -608,7 +608,7 @@ def choose_knobs(b: int, bpp: int) -> tuple[int, int]:
     problems: 1.07 ms/iteration against 1.39 at unroll 8 / 512 threads and
     1.64 at unroll 1 / 512; ``mu_gpu_sweep_occupancy_h200.json``); with at
     most a few blocks per SM (one problem), the plain loop at 512 threads was
-    best (0.076 ms against 0.11 unrolled at any occupancy).
+    best (0.076 ms against 0.11–0.13 unrolled at any occupancy).
     """
     busy = b * bpp >= 4 * _multiprocessors()
     ur = _config.unroll if _config.unroll is not None else (8 if busy else 1)
