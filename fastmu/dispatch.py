@@ -63,9 +63,8 @@ class CPUEngine:
     def __init__(self, X: np.ndarray, A: np.ndarray, S: np.ndarray, W: np.ndarray | None, eps: float):
         import numba
 
-        from fastmu.kernels import cpu
+        from fastmu.kernels import cpu, cpu_tiled
 
-        self._k = cpu
         self._nthreads = numba.config.NUMBA_NUM_THREADS
         b, m, _ = X.shape
         n = A.shape[2]
@@ -76,13 +75,31 @@ class CPUEngine:
         self.G = np.empty((b, n, n), X.dtype)
         self._pg_valid = False
         self._x2: np.ndarray | None = None
+        # Rank 4 with 512-bit vectors: the tiled kernel, on a tiled copy of X
+        # made once here (one extra X in memory); S lives in its padded copy
+        # until factors() is asked for.
+        self._tiled = cpu_tiled.available(n)
+        if self._tiled:
+            self._k = cpu_tiled
+            self._Xt, self._Sp = cpu_tiled.make_tiled(X, S)
+            self._s_stale = False
+        else:
+            self._k = cpu
+
+    @property
+    def kernel(self) -> str:
+        """``"tiled"`` or ``"blocked"``: which CPU kernel runs the iterations."""
+        return "tiled" if self._tiled else "blocked"
 
     def run(self, n_iter: int) -> None:
+        x, s = (self._Xt, self._Sp) if self._tiled else (self.X, self.S)
         self._k.mu_run(
-            self.X, self.A, self.S, self.W, self.P, self.G,
+            x, self.A, s, self.W, self.P, self.G,
             int(n_iter), self.eps, self._pg_valid, True, self._nthreads,
         )
         self._pg_valid = True
+        if self._tiled:
+            self._s_stale = True
 
     def objective(self) -> np.ndarray:
         if not self._pg_valid:
@@ -94,6 +111,9 @@ class CPUEngine:
         return out
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._tiled and self._s_stale:
+            self._k.unpack_s(self._Sp, self.S)
+            self._s_stale = False
         return self.A, self.S
 
     @staticmethod

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             rows += mu_cpu.run_workload(name, n_iter=iters, repeats=repeats)
         print(mu_cpu.format_table(rows))
         result["workloads"] = {k: dict(mu_cpu.WORKLOADS[k], n_iter=iters or mu_cpu.WORKLOADS[k]["n_iter"]) for k in names}
+        result["cpu_kernel"] = mu_cpu.cpu_kernel(4)
         result["results"] = mu_cpu.as_json(rows)
     elif args.suite == "mu":
         from fastmu.benchmarks import mu_gpu

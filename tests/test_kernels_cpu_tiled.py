@@ -1,0 +1,226 @@
+"""The tiled rank-4 CPU kernel and its SIMD vocabulary, against the NumPy reference.
+
+The kernel's results do not depend on the vector width (only its speed
+does), so these run wherever Numba runs, whether or not the engine would
+pick the tiled kernel on this CPU.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastmu
+from fastmu import EPS
+from fastmu.dispatch import CPUEngine
+from fastmu.kernels import cpu_tiled, simd
+from fastmu.reference import mu_numpy, mu_step_numpy
+
+from helpers import low_rank_problem
+
+NT = numba.config.NUMBA_NUM_THREADS
+RTOL = {np.float32: 2e-4, np.float64: 1e-10}
+
+
+def run(X, A, S, W=None, n_iter=1, state=None, accumulate_last=True):
+    """``n_iter`` tiled iterations; ``state`` = (Xt, Sp, P, G) carries on from an earlier call."""
+    b, m, t = X.shape
+    A = A.copy()
+    W = np.ones((1, m, 4), X.dtype) if W is None else W
+    if state is None:
+        Xt, Sp = cpu_tiled.make_tiled(X, S)
+        P, G, valid = np.empty((b, m, 4), X.dtype), np.empty((b, 4, 4), X.dtype), False
+    else:
+        (Xt, Sp, P, G), valid = state, True
+    cpu_tiled.mu_run(Xt, A, Sp, W, P, G, n_iter, EPS, valid, accumulate_last, NT)
+    S_out = np.empty_like(S)
+    cpu_tiled.unpack_s(Sp, S_out)
+    return A, S_out, (Xt, Sp, P, G)
+
+
+def rel_err(x, ref):
+    return float(np.abs(x - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "b,m,t",
+    [
+        (1, 65, 700),  # block-parallel schedule, last tile padded
+        (3, 13, 300),  # block-parallel with batching
+        (8, 7, 520),  # problem-major schedule
+        (4, 4, 33),  # t shorter than one tile
+        (2, 65, 64),  # exactly one float32 tile, two float64 tiles
+        (1, 1, 5),  # one row
+    ],
+)
+def test_matches_numpy(rng, dtype, b, m, t):
+    X, A0, S0 = low_rank_problem(rng, b, m, 4, t, dtype, noise=0.05)
+    A, S, (_, _, P, G) = run(X, A0, S0, n_iter=6)
+    Ar, Sr = mu_numpy(X.astype(np.float64), A0.astype(np.float64), S0.astype(np.float64), 6)
+    assert A.dtype == dtype and S.dtype == dtype
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
+    assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+    assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_padding_stays_zero(rng, dtype):
+    X, A0, S0 = low_rank_problem(rng, 2, 9, 4, 70, dtype)
+    _, _, (Xt, Sp, _, _) = run(X, A0, S0, n_iter=4)
+    assert Sp.shape[2] > 70
+    assert not Sp[:, :, 70:].any()
+    assert not Xt.reshape(2, -1, 9, Xt.shape[3])[:, -1, :, 70 - (Xt.shape[1] - 1) * Xt.shape[3]:].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shared", [True, False])
+def test_learned_step_with_w(rng, dtype, shared):
+    b, m, t = 3, 11, 300
+    X, A0, S0 = low_rank_problem(rng, b, m, 4, t, dtype)
+    W = (rng.random((1 if shared else b, m, 4)) * 2).astype(dtype)
+    A, S, _ = run(X, A0, S0, W=W, n_iter=1)
+    Ar, Sr = mu_step_numpy(*(a.astype(np.float64) for a in (X, A0, S0, W)))
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_state_carries_between_calls(rng, b):
+    """3 + 4 iterations with the tiled state carried equal 7 in one call (bit for bit)."""
+    X, A0, S0 = low_rank_problem(rng, b, 10, 4, 600)
+    A7, S7, _ = run(X, A0, S0, n_iter=7)
+    A3, _, state = run(X, A0, S0, n_iter=3)
+    A, S, _ = run(X, A3, S0, n_iter=4, state=state)  # S0 only gives the output shape here
+    np.testing.assert_array_equal(A, A7)
+    np.testing.assert_array_equal(S, S7)
+
+
+def test_zero_iterations_only_computes_pg(rng):
+    X, A0, S0 = low_rank_problem(rng, 2, 6, 4, 100)
+    A, S, (_, _, P, G) = run(X, A0, S0, n_iter=0)
+    np.testing.assert_array_equal(A, A0)
+    np.testing.assert_array_equal(S, S0)
+    np.testing.assert_allclose(P, X @ S0.transpose(0, 2, 1), rtol=1e-12)
+    np.testing.assert_allclose(G, S0 @ S0.transpose(0, 2, 1), rtol=1e-12)
+
+
+def test_without_final_accumulation_factors_agree(rng):
+    X, A0, S0 = low_rank_problem(rng, 3, 8, 4, 200)
+    A1, S1, _ = run(X, A0, S0, n_iter=5)
+    A2, S2, _ = run(X, A0, S0, n_iter=5, accumulate_last=False)
+    np.testing.assert_array_equal(A1, A2)
+    np.testing.assert_array_equal(S1, S2)
+
+
+def test_deterministic_across_runs(rng):
+    X, A0, S0 = low_rank_problem(rng, 1, 65, 4, 3000, np.float32)
+    A1, S1, _ = run(X, A0, S0, n_iter=5)
+    A2, S2, _ = run(X, A0, S0, n_iter=5)
+    np.testing.assert_array_equal(A1, A2)
+    np.testing.assert_array_equal(S1, S2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 5),
+    m=st.integers(1, 12),
+    t=st.integers(1, 300),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_any_shape_matches_reference(b, m, t, seed):
+    rng = np.random.default_rng(seed)
+    X, A0, S0 = low_rank_problem(rng, b, m, 4, t)
+    A, S, _ = run(X, A0, S0, n_iter=3)
+    Ar, Sr = mu_numpy(X, A0, S0, 3)
+    np.testing.assert_allclose(A, Ar, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(S, Sr, rtol=1e-9, atol=1e-12)
+    assert (A >= 0).all() and (S >= 0).all()
+
+
+def test_aligned_empty():
+    for shape, dt in [((3, 5), np.float32), ((1000, 1001), np.float64), ((0,), np.float32)]:
+        a = cpu_tiled.aligned_empty(shape, dt)
+        assert a.shape == shape and a.dtype == dt and a.flags.c_contiguous
+        assert a.size == 0 or a.ctypes.data % 64 == 0
+
+
+# -- engine choice --------------------------------------------------------------------------
+
+
+def test_engine_choice_and_switch(rng, monkeypatch):
+    X, A0, S0 = low_rank_problem(rng, 2, 6, 4, 100, np.float32)
+    eng = CPUEngine(X, A0.copy(), S0.copy(), None, EPS)
+    assert eng.kernel == ("tiled" if simd.VECTOR_BYTES == 64 else "blocked")
+    X3, A3, S3 = low_rank_problem(rng, 2, 6, 3, 100, np.float32)
+    assert CPUEngine(X3, A3, S3, None, EPS).kernel == "blocked"  # rank 4 only
+    monkeypatch.setenv("FASTMU_CPU_TILED", "0")
+    assert CPUEngine(X, A0.copy(), S0.copy(), None, EPS).kernel == "blocked"
+
+
+@pytest.mark.parametrize("tiled", ["1", "0"])
+def test_solver_same_answer_either_kernel(rng, monkeypatch, tiled):
+    """fastmu.mu gives the reference answer through either kernel, with callbacks reading S mid-run."""
+    monkeypatch.setenv("FASTMU_CPU_TILED", tiled)
+    X, A0, S0 = low_rank_problem(rng, 3, 20, 4, 150)
+    seen = []
+    A, S = fastmu.mu(X, A0=A0, S0=S0, n_iter=10, backend="cpu", callback=lambda k, A, S: seen.append(S.copy()),
+                     callback_every=5)
+    Ar, Sr = mu_numpy(X, A0, S0, 10)
+    np.testing.assert_allclose(A, Ar, rtol=1e-9)
+    np.testing.assert_allclose(S, Sr, rtol=1e-9)
+    np.testing.assert_allclose(seen[0], mu_numpy(X, A0, S0, 5)[1], rtol=1e-9)
+    np.testing.assert_array_equal(seen[1], S)
+
+
+# -- SIMD vocabulary ------------------------------------------------------------------------
+
+
+@numba.njit
+def _hsum_first(a):
+    return simd.vhsum(simd.vload(a, 0))
+
+
+@numba.njit
+def _axpy_store(a, x, y, out):
+    simd.vstore(out, 0, simd.vfma(simd.vsplat(a), simd.vload(x, 0), simd.vload(y, 0)))
+    return simd.vlanes(out)
+
+
+@numba.njit
+def _div(x, y, out):
+    simd.vstore(out, 0, simd.vdiv(simd.vmul(simd.vload(x, 0), simd.vload(y, 0)), simd.vadd(simd.vload(y, 0),
+                                                                                          simd.vload(x, 0))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_simd_lane_ops(dtype):
+    w = simd.lanes_for(np.dtype(dtype).itemsize)
+    x = (np.arange(w) + 1.5).astype(dtype)
+    y = (np.arange(w)[::-1] * 0.25 + 1).astype(dtype)
+    out = np.zeros(w + 3, dtype)  # a tail the store must not touch
+    assert _axpy_store(dtype(2.0), x, y, out) == w
+    np.testing.assert_array_equal(out[:w], 2 * x + y)
+    assert not out[w:].any()
+    _div(x, y, out)
+    np.testing.assert_array_equal(out[:w], (x * y) / (y + x))  # exact IEEE lane-wise
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_simd_hsum_is_pairwise_in_fixed_order(dtype):
+    w = simd.lanes_for(np.dtype(dtype).itemsize)
+    v = np.random.default_rng(1).standard_normal(w).astype(dtype) * 1e3
+    ref = v.copy()
+    while ref.size > 1:  # halves added lane-wise, as documented
+        ref = ref[: ref.size // 2] + ref[ref.size // 2 :]
+    assert _hsum_first(v) == ref[0]
+
+
+def test_simd_rejects_bad_arrays():
+    with pytest.raises(numba.TypingError, match="C-contiguous"):
+        _hsum_first(np.ones(64)[::2])
+    with pytest.raises(numba.TypingError, match="float32/float64"):
+        _hsum_first(np.ones(64, np.int64))
