@@ -77,7 +77,8 @@ class CPUEngine:
         self._x2: np.ndarray | None = None
         # Rank 4 with 512-bit vectors: the tiled kernel, on a tiled copy of X
         # made once here (one extra X in memory); S lives in its padded copy
-        # until factors() is asked for.
+        # until factors() is asked for. Otherwise the blocked kernel, on X
+        # itself when it is cache-line aligned, else on an aligned copy.
         self._tiled = cpu_tiled.available(n)
         if self._tiled:
             self._k = cpu_tiled
@@ -85,6 +86,12 @@ class CPUEngine:
             self._s_stale = False
         else:
             self._k = cpu
+            if X.size and X.ctypes.data % cpu_tiled.LINE:
+                # NumPy starts large arrays 16 bytes past a page, so most vector
+                # loads straddle two cache lines: the blocked kernel measured
+                # about 1.25x faster on an aligned copy (512- and 256-bit code).
+                self.X = cpu_tiled.aligned_empty(X.shape, X.dtype)
+                self.X[...] = X
 
     @property
     def kernel(self) -> str:
