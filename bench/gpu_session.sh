@@ -53,7 +53,9 @@ step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -v -rfE -p no:cacheprovid
 cp "$LOGDIR/gpu_tests.log" "$OUT/"
 tail -n 15 "$OUT/gpu_tests.log"
 
-step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --out "$OUT/mu_gpu_sweep.json"
+# the knobs that mattered on the H200 (grid mode, 128 threads) crossed with the two stagings of X
+SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 1024, 2048], "stagings": ["rows", "tile"], "bpp_fractions": [1, 16], "block_mode": false}'}
+step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" --out "$OUT/mu_gpu_sweep.json"
 CONFIGS=$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
 import json, sys
 try:
@@ -64,7 +66,7 @@ cfg = {}
 for w, b in (("W1", "1"), ("W2", "150")):
     if b in best:
         r = best[b]
-        cfg[w] = {k: r[k] for k in ("threads", "unroll", "blocks_per_problem", "occupancy") if k in r}
+        cfg[w] = {k: r[k] for k in ("threads", "unroll", "blocks_per_problem", "occupancy", "staging") if k in r}
 print(json.dumps(cfg))
 PY
 )
@@ -76,7 +78,7 @@ try:
 except Exception as e:
     rows = []; print("no sweep:", e)
 for r in rows:
-    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"),
+    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"), r.get("staging"),
           "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
           if "ms_per_iter" in r else r.get("error"))
 PY

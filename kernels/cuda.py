@@ -59,6 +59,9 @@ Tuning knobs (module level, also read from the environment at import):
   ahead in the S update (memory-level parallelism).
 - ``FASTMU_CUDA_OCCUPANCY`` / :func:`set_occupancy`: resident threads per SM
   the launch bounds ask for (caps registers per thread).
+- ``FASTMU_CUDA_STAGING`` / :func:`set_staging`: how ``P += X S'ᵀ`` reads
+  the tile of X: ``"rows"`` (re-read in row chunks) or ``"tile"`` (the whole
+  tile kept in shared memory by the S update; not yet measured on a GPU).
 
 The automatic choices (:func:`choose_mode`, :func:`choose_knobs`) come from
 one sweep on an H200 (``bench/results/mu_gpu_sweep*_h200.json``); other GPUs
@@ -110,6 +113,7 @@ class _Config:
     graphs: str = "auto"
     unroll: int | None = None  # None: chosen per launch (choose_knobs)
     occupancy: int | None = None
+    staging: str = "rows"
 
 
 _config = _Config()
@@ -185,6 +189,29 @@ def set_occupancy(threads_per_sm: int | None) -> None:
     _config.occupancy = threads_per_sm
 
 
+_STAGINGS = ("rows", "tile", "auto")
+
+
+def set_staging(staging: str) -> None:
+    """How the second use of X (``P += X S'ᵀ``) reaches it: ``"rows"``, ``"tile"`` or ``"auto"``.
+
+    ``"rows"`` (the default): after the S update, the tile's rows of X are
+    re-read from global memory (L1/L2 hits) ``rc`` rows at a time into a
+    shared staging buffer and reduced there, with two barriers and one
+    shared atomic per component per chunk. ``"tile"``: the S update stores
+    each X value it loads into a shared copy of the whole tile (``m ×
+    (threads + 1)`` values of dynamic shared memory), and after one barrier
+    each of ``m`` row-owner threads sums its row against the tile's S' columns
+    into registers that persist over all the block's tiles: two barriers per
+    tile, no per-tile atomics, no second read of global memory. It needs
+    ``m ≤ threads`` and the tile in shared memory. ``"auto"`` takes
+    ``"tile"`` where it fits, ``"rows"`` elsewhere.
+    """
+    if staging not in _STAGINGS:
+        raise ValueError(f"staging must be one of {_STAGINGS}, got {staging!r}")
+    _config.staging = staging
+
+
 def set_config(**knobs: Any) -> None:
     """Set several knobs at once, by the names :func:`get_config` returns.
 
@@ -194,7 +221,7 @@ def set_config(**knobs: Any) -> None:
     """
     setters = {
         "threads": set_threads, "mode": set_mode, "blocks_per_problem": set_blocks_per_problem,
-        "graphs": set_graphs, "unroll": set_unroll, "occupancy": set_occupancy,
+        "graphs": set_graphs, "unroll": set_unroll, "occupancy": set_occupancy, "staging": set_staging,
     }
     unknown = sorted(set(knobs) - set(setters))
     if unknown:
@@ -212,6 +239,7 @@ def get_config() -> dict[str, Any]:
         "graphs": _config.graphs,
         "unroll": _config.unroll,
         "occupancy": _config.occupancy,
+        "staging": _config.staging,
     }
 
 
@@ -221,6 +249,7 @@ set_blocks_per_problem(_env_int("FASTMU_CUDA_BLOCKS_PER_PROBLEM", None))
 set_graphs(os.environ.get("FASTMU_CUDA_GRAPHS", "auto") or "auto")
 set_unroll(_env_int("FASTMU_CUDA_UNROLL", None))
 set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", None))
+set_staging(os.environ.get("FASTMU_CUDA_STAGING", "rows") or "rows")
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -233,16 +262,46 @@ def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
     return rc
 
 
-def static_shared_bytes(dtype: Any, threads: int, n: int) -> int:
-    """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``."""
+def static_shared_bytes(dtype: Any, threads: int, n: int, staging: str = "rows") -> int:
+    """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``, ``staging``."""
     isz = np.dtype(dtype).itemsize
     rc = _rows_per_chunk(threads, n, isz)
-    return (n * threads + 2 * n * n + rc * (threads + 1)) * isz
+    stage = rc * (threads + 1) if staging == "rows" else 1
+    return (n * threads + 2 * n * n + stage) * isz
 
 
-def dynamic_shared_bytes(dtype: Any, m: int, n: int) -> int:
-    """Dynamic shared memory per block: A' and the block's P, ``2·m·n`` values."""
-    return 2 * m * n * np.dtype(dtype).itemsize
+def dynamic_shared_bytes(dtype: Any, m: int, n: int, threads: int = 0, staging: str = "rows") -> int:
+    """Dynamic shared memory per block: A' and the block's P (``2·m·n`` values), plus the
+    ``m × (threads + 1)`` tile of X with ``"tile"`` staging."""
+    extra = m * (threads + 1) if staging == "tile" else 0
+    return (2 * m * n + extra) * np.dtype(dtype).itemsize
+
+
+def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> str:
+    """The staging of X used for ``m`` channels (see :func:`set_staging`); ValueError if none fits."""
+    tpb = threads or _config.threads
+
+    def fits(st: str) -> bool:
+        return (dynamic_shared_bytes(dtype, m, n, tpb, st) + static_shared_bytes(dtype, tpb, n, st)
+                <= _SHARED_LIMIT and (st == "rows" or m <= tpb))
+
+    want = _config.staging
+    if want == "tile" and not fits("tile"):
+        raise ValueError(
+            f"staging='tile' needs m <= threads per block and the m × (threads + 1) tile of X in shared "
+            f"memory; m = {m}, {tpb} threads, {np.dtype(dtype)} do not fit (use staging 'rows' or 'auto')"
+        )
+    if want == "auto":
+        want = "tile" if fits("tile") else "rows"
+    if not fits(want):
+        st = static_shared_bytes(dtype, tpb, n)
+        m_max = (_SHARED_LIMIT - st) // (2 * n * np.dtype(dtype).itemsize)
+        raise ValueError(
+            f"m = {m} channels do not fit the CUDA kernels' shared memory at n = {n}, {np.dtype(dtype)}, "
+            f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
+            "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
+        )
+    return want
 
 
 @dataclass
@@ -261,7 +320,7 @@ class _Kernels:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _Kernels:
+def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, staging: str = "rows") -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
     ``tpb``, ``n``, the X-row unroll ``ur`` and the derived ``rc`` are closure
@@ -274,6 +333,8 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
     ng = tpb // rc  # column groups in the P reduction
     tp1 = tpb + 1  # padded row stride of the X staging buffer (bank conflicts)
     nn = n * n
+    tile = staging == "tile"
+    xrows, xcols = (1, 1) if tile else (rc, tp1)  # the static row-chunk buffer ("rows" staging only)
     # Cap registers at 128 per thread (at least 512 resident threads per SM;
     # ``occ`` raises that):
     # unbounded, NVVM unrolls the reductions up to ~220-240 registers, which
@@ -315,7 +376,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
         """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update (when ``update``)
         and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
         (when ``accumulate``; both flags are uniform over the block, so the
@@ -400,6 +461,92 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
                     Gsh[k, l] = Gsh[l, k]
         cuda.syncthreads()
 
+    @cuda.jit(device=True)
+    def sweep_tile(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+        """:func:`sweep` with ``"tile"`` staging: the S update copies each X value it
+        loads into the shared tile ``Xt`` (row stride ``tpb + 1``), and row-owner
+        threads reduce ``P`` from it in registers kept over all tiles. Needs ``m ≤ tpb``."""
+        s = cuda.local.array(n, nbt)
+        r = cuda.local.array(n, nbt)
+        pa = cuda.local.array(n, nbt)
+        gl = cuda.local.array(nn, nbt)
+        xs = cuda.local.array(ur, nbt)
+        for q in range(nn):
+            gl[q] = 0
+        for k in range(n):
+            pa[k] = 0
+        npart = tpb // m  # threads per row of P (m ≤ tpb)
+        row = tid % m
+        part = tid // m
+        owner = part < npart
+        ntiles = (t + tpb - 1) // tpb
+        for c in range(c0, ntiles, cstep):
+            j = c * tpb + tid
+            valid = j < t
+            for k in range(n):
+                s[k] = S[p, k, j] if valid else 0
+                r[k] = 0
+            # Load the tile's column (zeros past t), keep it in Xt, and (with
+            # `update`) accumulate A'ᵀ X_j on the way: the one read of X.
+            i0 = 0
+            if ur > 1:  # ur independent loads in flight before their first use
+                while i0 + ur <= m:
+                    for u in range(ur):
+                        xs[u] = X[p, i0 + u, j] if valid else 0
+                    for u in range(ur):
+                        Xt[(i0 + u) * tp1 + tid] = xs[u]
+                        if update:
+                            for k in range(n):
+                                r[k] += Ash[(i0 + u) * n + k] * xs[u]
+                    i0 += ur
+            for i in range(i0, m):
+                x = X[p, i, j] if valid else 0
+                Xt[i * tp1 + tid] = x
+                if update:
+                    for k in range(n):
+                        r[k] += Ash[i * n + k] * x
+            if update:
+                for k in range(n):
+                    d = eps
+                    for l in range(n):
+                        d += Hsh[k, l] * s[l]
+                    r[k] = s[k] * r[k] / d  # 0 past t: s = 0
+                if valid:
+                    for k in range(n):
+                        S[p, k, j] = r[k]
+            else:
+                for k in range(n):
+                    r[k] = s[k]
+            if accumulate:
+                for k in range(n):
+                    Ssh[k, tid] = r[k]
+                for k in range(n):
+                    for l in range(k, n):
+                        gl[k * n + l] += r[k] * r[l]
+                cuda.syncthreads()  # the tile of X and its S' columns are complete
+                if owner:
+                    for jj in range(part, tpb, npart):
+                        x = Xt[row * tp1 + jj]
+                        for k in range(n):
+                            pa[k] += x * Ssh[k, jj]
+                cuda.syncthreads()  # before the next tile overwrites Xt and Ssh
+        if accumulate:
+            if owner:
+                for k in range(n):
+                    cuda.atomic.add(Psh, row * n + k, pa[k])
+            for k in range(n):
+                for l in range(k, n):
+                    cuda.atomic.add(Gsh, (k, l), gl[k * n + l])
+            cuda.syncthreads()
+            for q in range(tid, nn, tpb):  # mirror the upper triangle
+                k = q // n
+                l = q % n
+                if l < k:
+                    Gsh[k, l] = Gsh[l, k]
+        cuda.syncthreads()
+
+    sweep_fn = sweep_tile if tile else sweep
+
     @kjit
     def mu_block(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last):
         """One persistent block per problem: all ``n_iter`` iterations in one launch."""
@@ -413,7 +560,8 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
         Gsh = cuda.shared.array((n, n), nbt)
         Hsh = cuda.shared.array((n, n), nbt)
         Ssh = cuda.shared.array((n, tpb), nbt)
-        Xsh = cuda.shared.array((rc, tp1), nbt)
+        Xsh = cuda.shared.array((xrows, xcols), nbt)
+        Xt = dyn[2 * m * n :]  # the X tile ("tile" staging; empty otherwise)
         wp = 0 if W.shape[0] == 1 else p
         for q in range(tid, m * n, tpb):
             Ash[q] = A[p, q // n, q % n]
@@ -426,7 +574,8 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
         for it in range(0 if pg_valid else -1, n_iter):
             if it >= 0:
                 a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
-            sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, 0, 1, m, t, eps, it >= 0, acc_last or it < n_iter - 1, tid)
+            sweep_fn(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, 0, 1, m, t, eps, it >= 0, acc_last or it < n_iter - 1,
+                     tid)
         for q in range(tid, m * n, tpb):
             A[p, q // n, q % n] = Ash[q]
         if acc_last or n_iter == 0:
@@ -460,7 +609,8 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
         Gsh = cuda.shared.array((n, n), nbt)
         Hsh = cuda.shared.array((n, n), nbt)
         Ssh = cuda.shared.array((n, tpb), nbt)
-        Xsh = cuda.shared.array((rc, tp1), nbt)
+        Xsh = cuda.shared.array((xrows, xcols), nbt)
+        Xt = dyn[2 * m * n :]  # the X tile ("tile" staging; empty otherwise)
         wp = 0 if W.shape[0] == 1 else p
         if update:
             for q in range(tid, m * n, tpb):
@@ -484,7 +634,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
                 Pr[old, p, q // n, q % n] = 0
             for q in range(tid, nn, tpb):
                 Gr[old, p, q // n, q % n] = 0
-        sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, bx, nbx, m, t, eps, update, accumulate, tid)
+        sweep_fn(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, bx, nbx, m, t, eps, update, accumulate, tid)
         if accumulate:
             for q in range(tid, m * n, tpb):
                 cuda.atomic.add(Pr, (nxt, p, q // n, q % n), Psh[q])
@@ -525,7 +675,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512) -> _K
 
     return _Kernels(
         tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step, sumsq=sumsq, zero=zero,
-        device_funcs={"a_update": a_update, "sweep": sweep},
+        device_funcs={"a_update": a_update, "sweep": sweep_fn},
     )
 
 
@@ -600,7 +750,7 @@ def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
     return "grid", bpp
 
 
-def choose_knobs(b: int, bpp: int) -> tuple[int, int]:
+def choose_knobs(b: int, bpp: int, staging: str = "rows") -> tuple[int, int]:
     """X-row unroll and occupancy for a launch of ``b × bpp`` blocks (unless set explicitly).
 
     With several blocks per multiprocessor to schedule, 8-row unrolled loads
@@ -609,10 +759,15 @@ def choose_knobs(b: int, bpp: int) -> tuple[int, int]:
     1.64 at unroll 1 / 512; ``mu_gpu_sweep_occupancy_h200.json``); with at
     most a few blocks per SM (one problem), the plain loop at 512 threads was
     best (0.076 ms against 0.11–0.13 unrolled at any occupancy).
+
+    With ``"tile"`` staging a block holds about 38 kB of shared memory (m =
+    65, float32, 128 threads), so at most six blocks share an SM: the
+    automatic occupancy is then 1024 (64 registers), never 2048.
     """
     busy = b * bpp >= 4 * _multiprocessors()
     ur = _config.unroll if _config.unroll is not None else (8 if busy else 1)
-    occ = _config.occupancy if _config.occupancy is not None else (2048 if busy else 512)
+    occ = _config.occupancy if _config.occupancy is not None else (
+        (1024 if staging == "tile" else 2048) if busy else 512)
     return ur, occ
 
 
@@ -752,16 +907,10 @@ def mu_run(
         return
     dtype = np.dtype(X.dtype)
     tpb = _config.threads
-    dyn = dynamic_shared_bytes(dtype, m, n)
-    if dyn + static_shared_bytes(dtype, tpb, n) > _SHARED_LIMIT:
-        m_max = (_SHARED_LIMIT - static_shared_bytes(dtype, tpb, n)) // (2 * n * dtype.itemsize)
-        raise ValueError(
-            f"m = {m} channels do not fit the CUDA kernels' shared memory at n = {n}, {dtype}, "
-            f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
-            "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
-        )
+    staging = choose_staging(dtype, m, n, tpb)
+    dyn = dynamic_shared_bytes(dtype, m, n, tpb, staging)
     mode, bpp = choose_mode(b, t, tpb)
-    k = _build(dtype.name, tpb, n, *choose_knobs(b, bpp))
+    k = _build(dtype.name, tpb, n, *choose_knobs(b, bpp, staging), staging=staging)
     epsd = dtype.type(eps)
 
     if mode == "block":
@@ -869,7 +1018,9 @@ __all__ = [
     "set_mode",
     "set_threads",
     "set_occupancy",
+    "set_staging",
     "set_unroll",
+    "choose_staging",
     "static_shared_bytes",
     "sum_squares",
 ]

@@ -43,13 +43,14 @@ def _compile(fn, sig, bounds):
 
 
 @pytest.mark.parametrize(
-    "dtype,tpb,n,ur",
-    [("float32", 128, 4, 1), ("float32", 128, 4, 8), ("float64", 256, 8, 4), ("float32", 32, 1, 16)],
+    "dtype,tpb,n,ur,staging",
+    [("float32", 128, 4, 1, "rows"), ("float32", 128, 4, 8, "rows"), ("float64", 256, 8, 4, "rows"),
+     ("float32", 32, 1, 16, "rows"), ("float32", 128, 4, 8, "tile"), ("float64", 64, 4, 1, "tile")],
 )
-def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur):
+def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging):
     from fastmu.kernels import cuda as kc
 
-    k = kc._build(dtype, tpb, n, ur)
+    k = kc._build(dtype, tpb, n, ur, staging=staging)
     f = getattr(types, dtype)
     a1, a3, a4 = (types.Array(f, d, "C") for d in (1, 3, 4))
     flags = (types.int64, f, types.boolean, types.boolean)

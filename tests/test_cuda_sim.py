@@ -36,11 +36,18 @@ EPS = 1e-12
 
 @pytest.fixture(autouse=True)
 def _tiny_blocks():
-    """32 threads per block, automatic mode, for every test (restored afterwards)."""
+    """32 threads per block, automatic mode, row staging, for every test (restored afterwards)."""
     saved = kc.get_config()
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None)
+    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows")
     yield
     kc.set_config(**saved)
+
+
+@pytest.fixture(params=["rows", "tile"])
+def staged(request):
+    """Run a kernel test with both stagings of X (see kernels.cuda.set_staging)."""
+    kc.set_staging(request.param)
+    return request.param
 
 
 def _problem(b, m, n, t, dtype, seed=0, zero_cols=()):
@@ -86,7 +93,7 @@ def _run(X, A, S, W, n_iter, mode, bpp=None, pg=None, acc_last=True):
     "mode,b,bpp",
     [("block", 1, None), ("block", 3, None), ("grid", 1, 2), ("grid", 3, 3)],
 )
-def test_matches_reference(dtype, mode, b, bpp):
+def test_matches_reference(dtype, mode, b, bpp, staged):
     # t = 75 is not a multiple of the 32-pixel tile; m = 9 spans two staged row chunks
     # when the chunk is smaller than m (float64 at 32 threads stages 32 rows: one chunk).
     X, A, S = _problem(b, 9, 3, 75, dtype, seed=b)
@@ -117,7 +124,7 @@ def test_learned_weights(dtype, shared, mode):
 
 @pytest.mark.parametrize("ur", [4, 8])
 @pytest.mark.parametrize("mode", ["block", "grid"])
-def test_unrolled_row_loads(mode, ur):
+def test_unrolled_row_loads(mode, ur, staged):
     """m = 13 is not a multiple of the unroll: the unrolled loop plus its remainder."""
     kc.set_unroll(ur)
     X, A, S = _problem(2, 13, 3, 40, np.float64, seed=11)
@@ -139,7 +146,7 @@ def test_more_rows_than_one_staged_chunk(mode):
 
 
 @pytest.mark.parametrize("mode", ["block", "grid"])
-def test_pg_carry_across_calls(mode):
+def test_pg_carry_across_calls(mode, staged):
     """3 then 4 iterations with the carried P, G equal 7 in one call."""
     X, A, S = _problem(2, 6, 2, 50, np.float64, seed=3)
     A7, S7, P7, G7 = _run(X, A, S, None, 7, mode, 2)
@@ -150,7 +157,7 @@ def test_pg_carry_across_calls(mode):
 
 
 @pytest.mark.parametrize("mode", ["block", "grid"])
-def test_zero_iterations_and_no_last_accumulation(mode):
+def test_zero_iterations_and_no_last_accumulation(mode, staged):
     X, A, S = _problem(1, 5, 2, 40, np.float64, seed=4)
     A0, S0, P0, G0 = _run(X, A, S, None, 0, mode, 2)
     np.testing.assert_array_equal(A0, A)
@@ -165,7 +172,7 @@ def test_zero_iterations_and_no_last_accumulation(mode):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_zero_pixel_columns_stay_finite(dtype):
+def test_zero_pixel_columns_stay_finite(dtype, staged):
     X, A, S = _problem(2, 5, 2, 40, dtype, seed=6, zero_cols=(0, 17, 39))
     A1, S1, _, _ = _run(X, A, S, None, 4, "block")
     assert np.isfinite(A1).all() and np.isfinite(S1).all()
@@ -185,6 +192,7 @@ def test_auto_mode_choice():
     # unroll / occupancy: busy launches (>= 4 blocks per SM) unroll and raise occupancy
     assert kc.choose_knobs(1, 3) == (1, 512)
     assert kc.choose_knobs(8, 2) == (8, 2048)
+    assert kc.choose_knobs(8, 2, "tile") == (8, 1024)  # shared memory caps the blocks per SM
     kc.set_unroll(4)
     kc.set_occupancy(1024)
     assert kc.choose_knobs(8, 2) == (4, 1024)
@@ -226,6 +234,33 @@ def test_bad_input():
         kc.set_unroll(3)
     with pytest.raises(ValueError, match="unknown CUDA kernel knob"):
         kc.set_config(colour=1)
+
+
+def test_staging_choice():
+    kc.set_staging("auto")
+    assert kc.choose_staging(np.float32, 32, 4) == "tile"
+    assert kc.choose_staging(np.float32, 33, 4) == "rows"  # more rows than threads
+    kc.set_threads(128)
+    assert kc.choose_staging(np.float32, 65, 4) == "tile"  # the paper's shape: 65 × 129 × 4 B
+    assert kc.choose_staging(np.float64, 65, 4) == "rows"  # 67 kB: past the 48 kB
+    kc.set_staging("tile")
+    with pytest.raises(ValueError, match="staging='tile'"):
+        kc.choose_staging(np.float64, 65, 4)
+    kc.set_staging("rows")
+    assert kc.choose_staging(np.float32, 65, 4) == "rows"
+    with pytest.raises(ValueError, match="staging"):
+        kc.set_staging("warp")
+
+
+def test_tile_staging_with_several_threads_per_row():
+    """m = 9 ≤ 32 / 3: three threads share each row of P (atomics into the block's P)."""
+    kc.set_staging("tile")
+    X, A, S = _problem(2, 9, 4, 90, np.float64, seed=12)
+    A1, S1, P1, G1 = _run(X, A, S, None, 3, "grid", 2)
+    Ar, Sr = _reference(X, A, S, None, 3)
+    np.testing.assert_allclose(A1, Ar, **TOL[np.float64])
+    np.testing.assert_allclose(S1, Sr, **TOL[np.float64])
+    np.testing.assert_allclose(P1, X @ Sr.transpose(0, 2, 1), **TOL[np.float64])
 
 
 def test_m_too_large_for_shared_memory():

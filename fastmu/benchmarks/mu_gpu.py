@@ -138,11 +138,11 @@ def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> 
     }
 
 
-_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy")
+_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging")
 
 
 def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
-    """Set the kernel knobs in ``config`` (threads, unroll, blocks_per_problem, occupancy); return the old ones."""
+    """Set the kernel knobs in ``config`` (any of :data:`_KNOBS`); return the old ones."""
     unknown = set(config or {}) - set(_KNOBS)
     if unknown:
         raise ValueError(f"unknown kernel knob(s) {sorted(unknown)}; expected some of {_KNOBS}")
@@ -297,7 +297,8 @@ def run_gpu_benchmarks(
         try:
             auto = kc.choose_mode(b, T)
             used = kc.get_config()
-            used["auto_unroll_occupancy"] = list(kc.choose_knobs(b, auto[1]))
+            used["staging_used"] = kc.choose_staging(np.float32, M, N)
+            used["auto_unroll_occupancy"] = list(kc.choose_knobs(b, auto[1], used["staging_used"]))
         finally:
             _restore(kc, saved)
         result["workloads"][wname] = {
@@ -353,18 +354,21 @@ def sweep_kernel_configs(
     threads: tuple[int, ...] = (128, 256),
     unrolls: tuple[int, ...] = (1, 8),
     occupancies: tuple[int, ...] = (512,),
+    stagings: tuple[str, ...] = ("rows", "tile"),
     bpp_fractions: tuple[int, ...] = (1, 4, 16, 0),
     block_mode: bool = True,
     partial: str | None = None,
 ) -> dict[str, Any]:
     """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
 
-    Every (threads, unroll, occupancy) triple is timed in block mode and in
+    Every (threads, unroll, occupancy, staging) combination is timed in block mode and in
     grid mode at several blocks per problem: ``tiles // f`` for each ``f`` in
     ``bpp_fractions`` (0 meaning one block per problem).
     ``iters`` = 6 + 2·120 + 1 makes grid mode run whole CUDA graphs. Returns
     the rows (ms/iteration, GB/s under the one-pass model) and the best
-    configuration per batch size.
+    configuration per batch size. A staging that does not fit the shape
+    (``"tile"`` with more rows than threads or too little shared memory)
+    gives a row with its error.
     """
     cuda = _require_gpu()
     from fastmu.kernels import cuda as kc
@@ -378,10 +382,10 @@ def sweep_kernel_configs(
         for tpb in threads:
             tiles = -(-T // tpb)
             bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions}, reverse=True)
-            runs = [(ur, occ) for ur in unrolls for occ in occupancies]
-            for ur, occ in runs:
+            runs = [(ur, occ, st) for st in stagings for ur in unrolls for occ in occupancies]
+            for ur, occ, st in runs:
                 for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
-                    cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ}
+                    cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st}
                     row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
                     try:
                         secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
