@@ -42,13 +42,32 @@ LINE = 64
 def available(n_components: int) -> bool:
     """Whether the tiled kernel serves rank ``n_components`` on this process's CPU target.
 
-    Rank 4 only, and only with 512-bit vectors: with 256-bit registers
+    Ranks 1 to 4 (below 4 through :func:`pad_rank`), and only with 512-bit
+    vectors: with 256-bit registers
     (16 of them on AVX2) the 16 accumulators spill, and the tiled kernel
     measured about half the speed of the blocked one
     (``NUMBA_CPU_NAME=haswell`` on the dev machine). ``FASTMU_CPU_TILED=0``
     turns it off (read on every call, for A/B runs).
     """
-    return n_components == 4 and VECTOR_BYTES == 64 and os.environ.get("FASTMU_CPU_TILED", "1") != "0"
+    return 1 <= n_components <= 4 and VECTOR_BYTES == 64 and os.environ.get("FASTMU_CPU_TILED", "1") != "0"
+
+
+def pad_rank(A: np.ndarray, S: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank-4 copies of ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)`` for ``n < 4``.
+
+    The added components are zero in A and S, so they stay exactly zero
+    (``0·W·P / (… + ε) = 0``, ``0·R / (… + ε) = 0``) and contribute exact zeros
+    to ``P``, ``G`` and ``H``: the real components follow the rank-n
+    iteration. W's added columns are ones (any value would do).
+    """
+    b, m, n = A.shape
+    A4 = np.zeros((b, m, 4), A.dtype)
+    A4[:, :, :n] = A
+    S4 = np.zeros((b, 4, S.shape[2]), S.dtype)
+    S4[:, :n] = S
+    W4 = np.ones((W.shape[0], m, 4), W.dtype)
+    W4[:, :, :n] = W
+    return A4, S4, W4
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = LINE) -> np.ndarray:

@@ -155,10 +155,45 @@ def test_engine_choice_and_switch(rng, monkeypatch):
     X, A0, S0 = low_rank_problem(rng, 2, 6, 4, 100, np.float32)
     eng = CPUEngine(X, A0.copy(), S0.copy(), None, EPS)
     assert eng.kernel == ("tiled" if simd.VECTOR_BYTES == 64 else "blocked")
-    X3, A3, S3 = low_rank_problem(rng, 2, 6, 3, 100, np.float32)
-    assert CPUEngine(X3, A3, S3, None, EPS).kernel == "blocked"  # rank 4 only
+    tiled = "tiled" if simd.VECTOR_BYTES == 64 else "blocked"
+    for n in (1, 3):  # ranks below 4 are padded
+        Xn, An, Sn = low_rank_problem(rng, 2, 6, n, 100, np.float32)
+        assert CPUEngine(Xn, An, Sn, None, EPS).kernel == tiled
+    X5, A5, S5 = low_rank_problem(rng, 2, 6, 5, 100, np.float32)
+    assert CPUEngine(X5, A5, S5, None, EPS).kernel == "blocked"
     monkeypatch.setenv("FASTMU_CPU_TILED", "0")
     assert CPUEngine(X, A0.copy(), S0.copy(), None, EPS).kernel == "blocked"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_padded_ranks_match_reference(rng, n):
+    """Rank n < 4 through the rank-4 kernel: the zero components stay zero, the rest is rank-n MU."""
+    X, A0, S0 = low_rank_problem(rng, 3, 10, n, 130, noise=0.05)
+    W = rng.random((3, 10, n)) + 0.5
+    A4, S4, W4 = cpu_tiled.pad_rank(A0, S0, W)
+    A, S, (_, _, P, G) = run(X, A4, S4, W=W4, n_iter=5)
+    assert not A[:, :, n:].any() and not S[:, n:].any()
+    assert not P[:, :, n:].any() and not G[:, n:].any() and not G[:, :, n:].any()
+    Ar, Sr = A0, S0
+    for _ in range(5):
+        Ar, Sr = mu_step_numpy(X, Ar, Sr, W)
+    np.testing.assert_allclose(A[:, :, :n], Ar, rtol=1e-10)
+    np.testing.assert_allclose(S[:, :n], Sr, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5])
+def test_solver_tolerance_and_objective_every_rank(rng, n):
+    """The objective the tolerance test uses is right whichever kernel (and padding) runs."""
+    from fastmu.reference import objective_numpy
+
+    X, A0, S0 = low_rank_problem(rng, 2, 12, n, 200, noise=0.1)
+    eng = CPUEngine(X, A0.copy(), S0.copy(), None, EPS)
+    eng.run(7)
+    A, S = eng.factors()
+    assert A.shape == A0.shape and S.shape == S0.shape and A.flags.c_contiguous
+    np.testing.assert_allclose(eng.objective(), objective_numpy(X, A, S), rtol=1e-8)
+    A1, S1 = fastmu.mu(X, A0=A0, S0=S0, n_iter=500, tol=1e-5, check_every=10, backend="cpu")
+    assert A1.shape == A0.shape and np.isfinite(A1).all() and np.isfinite(S1).all()
 
 
 def test_blocked_engine_aligns_x(rng, monkeypatch):

@@ -11,7 +11,7 @@ Peers, all on the same inputs and the same start, all running exactly
 ``n_iter`` iterations:
 
 ``fastmu``       :func:`fastmu.mu` on the fused Numba CPU kernels (the kernel the
-                 solver picks: ``tiled`` for rank 4 with 512-bit vectors);
+                 solver picks: ``tiled`` for ranks ≤ 4 with 512-bit vectors);
 ``fastmu-blocked`` the same call forced onto the blocked kernel
                  (``FASTMU_CPU_TILED=0``), listed when the tiled one is the default;
 ``numpy``        the plain NumPy loop (:func:`fastmu.reference.mu_numpy`), one problem
