@@ -16,7 +16,27 @@ import argparse
 import json
 from pathlib import Path
 
-from fastmu.benchmarks.nalmu import run_nalmu_benchmark
+from fastmu.benchmarks.nalmu import make_step, run_nalmu_benchmark
+from fastmu.benchmarks.profile import profile_call
+
+
+def profile_steps(args: argparse.Namespace) -> dict:
+    """One warmed-up fused step and one plain step under the profiler; tables to ``args.profile``."""
+    summary, text = {}, []
+    for fused in (True, False):
+        step, _ = make_step(fused, args.batch, args.m, args.t, args.n, args.layers, args.dtype, args.device, 0,
+                            args.objective)
+        step()  # warm-up: compilation, caching allocator
+        prof = profile_call(step, args.device)
+        name = "fused" if fused else "plain"
+        text.append(f"== {name} step: wall {prof['wall_ms']:.1f} ms, device kernels "
+                    f"{prof['device_kernel_ms']} ms in {prof['device_kernels']} kernels\n{prof['table']}")
+        summary[name] = {k: v for k, v in prof.items() if k != "table"}
+        print(f"  profile {name}: wall {prof['wall_ms']:.1f} ms, kernels {prof['device_kernel_ms']} ms "
+              f"({prof['device_kernels']}), busy {prof['device_busy_fraction']}")
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text("\n\n".join(text) + "\n")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--objective", default="upstream", choices=("upstream", "loss"))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/nalmu_<device>_<objective>.json)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also profile one fused and one plain step (host vs device time) into this text file")
     args = ap.parse_args(argv)
 
     res = run_nalmu_benchmark(
@@ -53,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     if f["peak_bytes"] is not None:
         print(f"  peak memory: fused {f['peak_bytes'] / 2**20:.1f} MiB, plain {p['peak_bytes'] / 2**20:.1f} MiB "
               f"(ratio {res['memory_ratio']:.2f}); {res['memory_method']}")
+    if args.profile is not None:
+        res["profile"] = profile_steps(args)
     out = args.out or Path(__file__).parent / "results" / f"nalmu_{args.device.split(':')[0]}_{args.objective}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))

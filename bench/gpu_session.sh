@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session, run from the repository root on a machine with an NVIDIA GPU:
 # environment report, GPU tests, kernel-knob sweep, W1/W2 benchmark with peers,
-# NALMU benchmark. Each step has its own time limit and a failed step does not
+# kernel-vs-wall-time profile, NALMU benchmark (with its profile). Each step has its own time limit and a failed step does not
 # stop the next. Results (JSON, env, test log) land in $OUT (default
 # bench/results/gpu_session), every step's log in $OUT/logs.tgz.
 #
@@ -84,7 +84,10 @@ for r in rows:
 PY
 
 step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" --out "$OUT/mu_gpu.json"
-step nalmu_bench "${NALMU_LIMIT:-110}" python3 bench/bench_nalmu.py --device cuda --t 16384 --out "$OUT/nalmu_cuda.json"
+step mu_profile "${PROFILE_LIMIT:-90}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
+  --out "$OUT/mu_gpu_profile.json"
+step nalmu_bench "${NALMU_LIMIT:-150}" python3 bench/bench_nalmu.py --device cuda --t 16384 --out "$OUT/nalmu_cuda.json" \
+  --profile "$LOGDIR/nalmu_profile_tables.txt"
 tail -n 8 "$LOGDIR/nalmu_bench.log"
 python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys

@@ -402,6 +402,48 @@ def sweep_kernel_configs(
     return out
 
 
+def profile_fastmu(batches: tuple[int, ...] = (1, 150), iters: tuple[int, ...] = (246, 30),
+                   table_path: str | None = None) -> dict[str, Any]:
+    """Profile fastmu's MU kernels at W1/W2 shapes: summed kernel time against wall time.
+
+    A wall time well above the kernel time means the GPU waits on the host
+    (launch overhead); kernel time per iteration well above the traffic
+    model's bound means the kernels themselves are slow. Operator tables go
+    to ``table_path``.
+    """
+    cuda = _require_gpu()
+    from fastmu.benchmarks.profile import profile_call
+    from fastmu.kernels import cuda as kc
+
+    out: dict[str, Any] = {"suite": "gpu-profile", **_versions(cuda), "kernel_config": kc.get_config(), "runs": []}
+    tables = []
+    for b, it in zip(batches, iters):
+        X, A0, S0 = _data(b, np.float32, seed=b)
+        dX = cuda.to_device(X)
+        W = cuda.to_device(np.ones((1, M, N), X.dtype))
+        P = cuda.device_array((b, M, N), X.dtype)
+        G = cuda.device_array((b, N, N), X.dtype)
+        ws = kc.GridWorkspace()
+        dA, dS = cuda.to_device(A0), cuda.to_device(S0)
+
+        def run() -> None:
+            kc.mu_run(dX, dA, dS, W, P, G, it, EPS, False, True, 0, ws)
+
+        run()  # warm-up: compilation, graph capture
+        cuda.synchronize()
+        prof = profile_call(run, "cuda")
+        row = {"batch": b, "iters": it, "mode": kc.choose_mode(b, T)[0],
+               **{k: v for k, v in prof.items() if k != "table"}}
+        row["kernel_ms_per_iter"] = (prof["device_kernel_ms"] or 0.0) / it
+        row["wall_ms_per_iter"] = prof["wall_ms"] / it
+        out["runs"].append(row)
+        tables.append(f"== batch {b}, {it} iterations: {row}\n{prof['table']}")
+    if table_path:
+        with open(table_path, "w") as fh:
+            fh.write("\n\n".join(tables) + "\n")
+    return out
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The GPU results as a text table: seconds, ms/iteration, GB/s, fraction of copy bandwidth, speed-up."""
     head = (f"{'workload':<8} {'peer':<14} {'seconds':>9} {'ms/iter':>9} {'GB/s':>8} {'of copy bw':>10} "
@@ -433,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=None,
                     help='JSON: kernel knobs per workload, e.g. {"W2": {"threads": 256, "unroll": 8}}')
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    ap.add_argument("--profile", default=None, metavar="TABLES",
+                    help="profile the kernels at W1/W2 shapes (kernel vs wall time); operator tables to TABLES")
     args = ap.parse_args(argv)
-    if args.sweep:
+    if args.profile:
+        res = profile_fastmu(table_path=args.profile)
+    elif args.sweep:
         kw = json.loads(args.sweep_args) if args.sweep_args else {}
         res = sweep_kernel_configs(partial=args.out, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
     else:

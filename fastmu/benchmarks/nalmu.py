@@ -63,7 +63,7 @@ def _problem(batch: int, m: int, t: int, n: int, dtype: str, device: str, seed: 
     return (X.to(device=device, dtype=dt).contiguous(), A.to(device=device, dtype=dt), S.to(device=device, dtype=dt))
 
 
-def _make_step(
+def make_step(
     fused: bool, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, device: str, seed: int,
     objective: str = "upstream",
 ):
@@ -125,7 +125,7 @@ def step_peak_rss_bytes(
     fused: bool, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, seed: int, objective: str = "upstream"
 ) -> int:
     """Peak resident memory one CPU step adds (run this in a fresh process; see the module doc)."""
-    step, _ = _make_step(fused, batch, m, t, n, n_layers, dtype, "cpu", seed, objective)
+    step, _ = make_step(fused, batch, m, t, n, n_layers, dtype, "cpu", seed, objective)
     step()  # warm-up: compile / load caches, touch code pages
     import gc
 
@@ -202,7 +202,7 @@ def run_nalmu_benchmark(
     steps = {}
     losses = {}
     for name, fused in (("fused", True), ("plain", False)):
-        step, _ = _make_step(fused, device=device, **kw)
+        step, _ = make_step(fused, device=device, **kw)
         losses[name] = step()  # warm-up
         _sync(device)
         steps[name] = step
