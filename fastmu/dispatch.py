@@ -54,6 +54,24 @@ class Engine(Protocol):
         """Native array -> the caller's array kind, on the caller's device."""
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _copy_affordable(nbytes: int) -> bool:
+    """Whether a private copy of ``nbytes`` leaves at least half the available memory free."""
+    avail = _available_memory()
+    return avail is None or 2 * nbytes <= avail
+
+
 class CPUEngine:
     """Fused Numba CPU kernels; ``X (b, m, t)``, ``A``, ``S`` C-contiguous NumPy arrays."""
 
@@ -81,7 +99,10 @@ class CPUEngine:
         # (still 2-2.7x faster than the blocked kernel at rank 3). Otherwise the
         # blocked kernel, on X itself when it is cache-line aligned, else on an
         # aligned copy.
-        self._tiled = cpu_tiled.available(n)
+        # The copies of X are skipped where they would take more than half the
+        # memory still available: the kernels then run on the caller's X.
+        affordable = _copy_affordable(X.nbytes)
+        self._tiled = cpu_tiled.available(n) and affordable
         self._ka = A  # the A the kernel updates (padded to rank 4 by the tiled path)
         self._kw = self.W
         if self._tiled:
@@ -94,7 +115,7 @@ class CPUEngine:
             self._stale = False
         else:
             self._k = cpu
-            if X.size and X.ctypes.data % cpu_tiled.LINE:
+            if X.size and X.ctypes.data % cpu_tiled.LINE and affordable:
                 # NumPy starts large arrays 16 bytes past a page, so most vector
                 # loads straddle two cache lines: the blocked kernel measured
                 # about 1.25x faster on an aligned copy (512- and 256-bit code).

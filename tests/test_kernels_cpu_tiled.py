@@ -196,6 +196,28 @@ def test_solver_tolerance_and_objective_every_rank(rng, n):
     assert A1.shape == A0.shape and np.isfinite(A1).all() and np.isfinite(S1).all()
 
 
+def test_engine_skips_copies_when_memory_is_short(rng, monkeypatch):
+    """Where a copy of X would take more than half the available memory, run on X itself."""
+    import fastmu.dispatch as dispatch
+
+    X, A0, S0 = low_rank_problem(rng, 2, 9, 4, 160)
+    buf = np.empty(X.nbytes + 64, np.uint8)
+    off = (8 - buf.ctypes.data) % 64
+    Xm = buf[off : off + X.nbytes].view(X.dtype).reshape(X.shape)
+    Xm[...] = X
+    monkeypatch.setattr(dispatch, "_available_memory", lambda: X.nbytes)
+    eng = CPUEngine(Xm, A0.copy(), S0.copy(), None, EPS)
+    assert eng.kernel == "blocked" and eng.X is Xm
+    eng.run(3)
+    np.testing.assert_allclose(eng.factors()[1], mu_numpy(X, A0, S0, 3)[1], rtol=1e-10)
+    monkeypatch.setattr(dispatch, "_available_memory", lambda: None)  # unknown: copies allowed
+    eng = CPUEngine(Xm, A0.copy(), S0.copy(), None, EPS)
+    if simd.VECTOR_BYTES == 64:
+        assert eng.kernel == "tiled"
+    else:
+        assert eng.kernel == "blocked" and eng.X is not Xm  # the aligned copy
+
+
 def test_blocked_engine_aligns_x(rng, monkeypatch):
     """A misaligned X gets an aligned private copy; the caller's X is untouched; same answer."""
     monkeypatch.setenv("FASTMU_CPU_TILED", "0")
