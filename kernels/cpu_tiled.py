@@ -19,7 +19,8 @@ would compete for the same L1 sets). S lives in a padded copy
 and S = 0, so their update gives ``0·0/ε = 0`` and adds nothing to P or G.
 
 Semantics are those of :func:`fastmu.kernels.cpu.mu_run` for ``n = 4``;
-the schedules (problem-major, block-parallel) are the same.
+the schedules (problem-major, block-parallel) are the same. Lower ranks run
+through it padded with zero components (:func:`pad_rank`).
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def available(n_components: int) -> bool:
     """Whether the tiled kernel serves rank ``n_components`` on this process's CPU target.
 
     Ranks 1 to 4 (below 4 through :func:`pad_rank`), and only with 512-bit
-    vectors: with 256-bit registers
-    (16 of them on AVX2) the 16 accumulators spill, and the tiled kernel
-    measured about half the speed of the blocked one
+    vectors: with 256-bit registers (16 of them on AVX2) the 16 accumulators
+    spill and the tiled kernel measured about half the speed of the blocked
+    one, and a two-vector variant without spills 0.71-0.74x
     (``NUMBA_CPU_NAME=haswell`` on the dev machine). ``FASTMU_CPU_TILED=0``
     turns it off (read on every call, for A/B runs).
     """
