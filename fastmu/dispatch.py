@@ -94,25 +94,19 @@ class CPUEngine:
         self._x2: np.ndarray | None = None
         # Rank <= 4 with 512-bit vectors: the tiled kernel, on a tiled copy of X
         # made once here (one extra X in memory); S lives in its padded copy
-        # until factors() is asked for. Ranks below 4 are padded with zero
-        # components, which stay exactly zero and add exact zeros to every sum
-        # (still 2-2.7x faster than the blocked kernel at rank 3). Otherwise the
-        # blocked kernel, on X itself when it is cache-line aligned, else on an
-        # aligned copy.
-        # The copies of X are skipped where they would take more than half the
+        # until factors() is asked for. Otherwise the blocked kernel, on X
+        # itself when it is cache-line aligned, else on an aligned copy. Both
+        # may run at a padded rank (kernels.cpu.padded_rank): the added zero
+        # components stay exactly zero and add exact zeros to every sum. The
+        # copies of X are skipped where they would take more than half the
         # memory still available: the kernels then run on the caller's X.
         affordable = _copy_affordable(X.nbytes)
         self._tiled = cpu_tiled.available(n) and affordable
-        self._ka = A  # the A the kernel updates (padded to rank 4 by the tiled path)
-        self._kw = self.W
+        nk = 4 if self._tiled else cpu.padded_rank(n)
+        self._ka, self._ks, self._kw = (A, S, self.W) if nk == n else cpu.pad_rank(A, S, self.W, nk)
         if self._tiled:
             self._k = cpu_tiled
-            if n < 4:
-                self._ka, S4, self._kw = cpu_tiled.pad_rank(A, S, self.W)
-            else:
-                S4 = S
-            self._Xt, self._Sp = cpu_tiled.make_tiled(X, S4)
-            self._stale = False
+            self._Xt, self._ks = cpu_tiled.make_tiled(X, self._ks)
         else:
             self._k = cpu
             if X.size and X.ctypes.data % cpu_tiled.LINE and affordable:
@@ -121,7 +115,7 @@ class CPUEngine:
                 # about 1.25x faster on an aligned copy (512- and 256-bit code).
                 self.X = cpu_tiled.aligned_empty(X.shape, X.dtype)
                 self.X[...] = X
-        nk = self._ka.shape[2]
+        self._stale = False  # factors() must copy the kernel's A, S out
         self.P = np.empty((b, m, nk), X.dtype)
         self.G = np.empty((b, nk, nk), X.dtype)
 
@@ -131,14 +125,13 @@ class CPUEngine:
         return "tiled" if self._tiled else "blocked"
 
     def run(self, n_iter: int) -> None:
-        x, s = (self._Xt, self._Sp) if self._tiled else (self.X, self.S)
+        x = self._Xt if self._tiled else self.X
         self._k.mu_run(
-            x, self._ka, s, self._kw, self.P, self.G,
+            x, self._ka, self._ks, self._kw, self.P, self.G,
             int(n_iter), self.eps, self._pg_valid, True, self._nthreads,
         )
         self._pg_valid = True
-        if self._tiled:
-            self._stale = True
+        self._stale = self._ks is not self.S or self._ka is not self.A
 
     def objective(self) -> np.ndarray:
         if not self._pg_valid:
@@ -150,10 +143,12 @@ class CPUEngine:
         return out
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._tiled and self._stale:
-            self._k.unpack_s(self._Sp, self.S)  # the first n rows of the padded S
+        if self._stale:
+            n = self.A.shape[2]
+            if self._ks is not self.S:  # the first n rows (and t columns) of the kernel's S
+                self._cpu.copy_rows(self._ks, self.S)
             if self._ka is not self.A:
-                self.A[...] = self._ka[:, :, : self.A.shape[2]]
+                self.A[...] = self._ka[:, :, :n]
             self._stale = False
         return self.A, self.S
 

@@ -20,7 +20,7 @@ and S = 0, so their update gives ``0·0/ε = 0`` and adds nothing to P or G.
 
 Semantics are those of :func:`fastmu.kernels.cpu.mu_run` for ``n = 4``;
 the schedules (problem-major, block-parallel) are the same. Lower ranks run
-through it padded with zero components (:func:`pad_rank`).
+through it padded with zero components (:func:`fastmu.kernels.cpu.pad_rank`).
 """
 from __future__ import annotations
 
@@ -43,32 +43,15 @@ LINE = 64
 def available(n_components: int) -> bool:
     """Whether the tiled kernel serves rank ``n_components`` on this process's CPU target.
 
-    Ranks 1 to 4 (below 4 through :func:`pad_rank`), and only with 512-bit
-    vectors: with 256-bit registers (16 of them on AVX2) the 16 accumulators
+    Ranks 1 to 4 (below 4 padded by the caller with
+    :func:`fastmu.kernels.cpu.pad_rank`), and only with 512-bit vectors: with
+    256-bit registers (16 of them on AVX2) the 16 accumulators
     spill and the tiled kernel measured about half the speed of the blocked
     one, and a two-vector variant without spills 0.71-0.74x
     (``NUMBA_CPU_NAME=haswell`` on the dev machine). ``FASTMU_CPU_TILED=0``
     turns it off (read on every call, for A/B runs).
     """
     return 1 <= n_components <= 4 and VECTOR_BYTES == 64 and os.environ.get("FASTMU_CPU_TILED", "1") != "0"
-
-
-def pad_rank(A: np.ndarray, S: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rank-4 copies of ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)`` for ``n < 4``.
-
-    The added components are zero in A and S, so they stay exactly zero
-    (``0·W·P / (… + ε) = 0``, ``0·R / (… + ε) = 0``) and contribute exact zeros
-    to ``P``, ``G`` and ``H``: the real components follow the rank-n
-    iteration. W's added columns are ones (any value would do).
-    """
-    b, m, n = A.shape
-    A4 = np.zeros((b, m, 4), A.dtype)
-    A4[:, :, :n] = A
-    S4 = np.zeros((b, 4, S.shape[2]), S.dtype)
-    S4[:, :n] = S
-    W4 = np.ones((W.shape[0], m, 4), W.dtype)
-    W4[:, :, :n] = W
-    return A4, S4, W4
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = LINE) -> np.ndarray:
@@ -120,17 +103,6 @@ def pack(X, S, Xt, Sp):
                 Sp[p, k, j0 + jj] = S[p, k, j0 + jj]
             for jj in range(L, tw):
                 Sp[p, k, j0 + jj] = 0
-
-
-@nb.njit(cache=True, parallel=True)
-def unpack_s(Sp, S):
-    """``S[...] = Sp[..., :t]``."""
-    b, n, t = S.shape
-    for c in prange(b * n):
-        p = c // n
-        k = c % n
-        for j in range(t):
-            S[p, k, j] = Sp[p, k, j]
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
@@ -283,7 +255,7 @@ def _aligned_rows(nrows, rowlen, like):
 def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     """:func:`fastmu.kernels.cpu.mu_run` for ``n = 4`` on ``Xt``/``Sp`` from :func:`pack`.
 
-    ``Sp`` holds S (padded) and is updated in place; :func:`unpack_s` copies it out.
+    ``Sp`` holds S (padded) and is updated in place; :func:`fastmu.kernels.cpu.copy_rows` copies it out.
     """
     b, ntile, m, tw = Xt.shape
     n = A.shape[2]

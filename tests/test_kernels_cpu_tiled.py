@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import fastmu
 from fastmu import EPS
 from fastmu.dispatch import CPUEngine
-from fastmu.kernels import cpu_tiled, simd
+from fastmu.kernels import cpu, cpu_tiled, simd
 from fastmu.reference import mu_numpy, mu_step_numpy
 
 from helpers import low_rank_problem
@@ -36,7 +36,7 @@ def run(X, A, S, W=None, n_iter=1, state=None, accumulate_last=True):
         (Xt, Sp, P, G), valid = state, True
     cpu_tiled.mu_run(Xt, A, Sp, W, P, G, n_iter, EPS, valid, accumulate_last, NT)
     S_out = np.empty_like(S)
-    cpu_tiled.unpack_s(Sp, S_out)
+    cpu.copy_rows(Sp, S_out)
     return A, S_out, (Xt, Sp, P, G)
 
 
@@ -170,7 +170,7 @@ def test_padded_ranks_match_reference(rng, n):
     """Rank n < 4 through the rank-4 kernel: the zero components stay zero, the rest is rank-n MU."""
     X, A0, S0 = low_rank_problem(rng, 3, 10, n, 130, noise=0.05)
     W = rng.random((3, 10, n)) + 0.5
-    A4, S4, W4 = cpu_tiled.pad_rank(A0, S0, W)
+    A4, S4, W4 = cpu.pad_rank(A0, S0, W, 4)
     A, S, (_, _, P, G) = run(X, A4, S4, W=W4, n_iter=5)
     assert not A[:, :, n:].any() and not S[:, n:].any()
     assert not P[:, :, n:].any() and not G[:, n:].any() and not G[:, :, n:].any()
@@ -181,11 +181,13 @@ def test_padded_ranks_match_reference(rng, n):
     np.testing.assert_allclose(S[:, :n], Sr, rtol=1e-10)
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 5])
-def test_solver_tolerance_and_objective_every_rank(rng, n):
+@pytest.mark.parametrize("tiled", ["1", "0"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_solver_tolerance_and_objective_every_rank(rng, monkeypatch, n, tiled):
     """The objective the tolerance test uses is right whichever kernel (and padding) runs."""
     from fastmu.reference import objective_numpy
 
+    monkeypatch.setenv("FASTMU_CPU_TILED", tiled)
     X, A0, S0 = low_rank_problem(rng, 2, 12, n, 200, noise=0.1)
     eng = CPUEngine(X, A0.copy(), S0.copy(), None, EPS)
     eng.run(7)
@@ -194,6 +196,26 @@ def test_solver_tolerance_and_objective_every_rank(rng, n):
     np.testing.assert_allclose(eng.objective(), objective_numpy(X, A, S), rtol=1e-8)
     A1, S1 = fastmu.mu(X, A0=A0, S0=S0, n_iter=500, tol=1e-5, check_every=10, backend="cpu")
     assert A1.shape == A0.shape and np.isfinite(A1).all() and np.isfinite(S1).all()
+
+
+def test_padded_rank_policy():
+    assert [cpu.padded_rank(n) for n in range(1, 14)] == [4, 4, 4, 4, 5, 8, 8, 8, 9, 12, 12, 12, 13]
+
+
+@pytest.mark.parametrize("n", [2, 3, 6, 7])
+def test_blocked_kernel_at_padded_rank_matches_reference(rng, n):
+    X, A0, S0 = low_rank_problem(rng, 2, 11, n, 150, noise=0.05)
+    W = rng.random((2, 11, n)) + 0.5
+    Ak, Sk, Wk = cpu.pad_rank(A0, S0, W, cpu.padded_rank(n))
+    P = np.empty((2, 11, Ak.shape[2]))
+    G = np.empty((2, Ak.shape[2], Ak.shape[2]))
+    cpu.mu_run(X, Ak, Sk, Wk, P, G, 4, EPS, False, True, NT)
+    assert not Ak[:, :, n:].any() and not Sk[:, n:].any()
+    Ar, Sr = A0, S0
+    for _ in range(4):
+        Ar, Sr = mu_step_numpy(X, Ar, Sr, W)
+    np.testing.assert_allclose(Ak[:, :, :n], Ar, rtol=1e-10)
+    np.testing.assert_allclose(Sk[:, :n], Sr, rtol=1e-10)
 
 
 def test_engine_skips_copies_when_memory_is_short(rng, monkeypatch):
