@@ -645,7 +645,7 @@ def padded_rank(n: int) -> int:
     remainder loops; zero components (:func:`pad_rank`) cost arithmetic but
     run in the tiles. Measured on the dev machine (150 × 65×1024, 156 ×
     9025, 65 × 16384; 512- and 256-bit code): padding won for ranks 1, 2, 3,
-    6 and 7 (up to 2.5x at rank 3) and lost for rank 5 (1.2-1.6x slower),
+    6 and 7 (up to 2.5x at rank 3) and lost for rank 5 (1.1-1.6x slower),
     so ranks ``4k + 1`` above 4 keep their rank.
     """
     r = n % 4
