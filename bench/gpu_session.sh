@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session, run from the repository root on a machine with an NVIDIA GPU:
 # environment report, GPU tests, kernel-knob sweep, W1/W2 benchmark with peers,
-# kernel-vs-wall-time profile, NALMU benchmark (with its profile). Each step has its own time limit and a failed step does not
-# stop the next. Results (JSON, env, test log) land in $OUT (default
-# bench/results/gpu_session), every step's log in $OUT/logs.tgz.
+# kernel-vs-wall-time profile, NALMU benchmark (with its profile). Each step has
+# its own time limit and a failed step does not stop the next. Results (JSON,
+# env, test log) land in $OUT (default bench/results/gpu_session), every
+# step's log in $OUT/logs.tgz.
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
+#   STEPS="tests sweep" bash bench/gpu_session.sh   # a subset (tests sweep bench profile nalmu)
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 LOGDIR=$(mktemp -d)
@@ -20,6 +22,10 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
   [ -e fastmu/kernels ] || ln -s ../kernels fastmu/kernels
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+# STEPS picks what runs (default all): e.g. STEPS="tests sweep" in one device call and
+# STEPS="bench profile nalmu" in the next, so that each call fits its time limit.
+STEPS=${STEPS:-"tests sweep bench profile nalmu"}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $OUT/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
@@ -45,18 +51,37 @@ tail -n 12 "$OUT/env.txt"
 
 # per-test names (-v) so that a run cut short still says what passed; xdist and
 # pytest-timeout only where installed
-PYTEST_EXTRA=()
-python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
-python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
-step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
-  tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_cuda_ptx.py --junitxml="$LOGDIR/gpu_tests.xml"
-cp "$LOGDIR/gpu_tests.log" "$OUT/"
-tail -n 15 "$OUT/gpu_tests.log"
+if want tests; then
+  PYTEST_EXTRA=()
+  python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
+  python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
+  step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+    tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_cuda_ptx.py --junitxml="$LOGDIR/gpu_tests.xml"
+  cp "$LOGDIR/gpu_tests.log" "$OUT/"
+  tail -n 15 "$OUT/gpu_tests.log"
+fi
 
-# the knobs that mattered on the H200 (grid mode, 128 threads) crossed with the two stagings of X
-SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 1024, 2048], "stagings": ["rows", "tile"], "bpp_fractions": [1, 16], "block_mode": false}'}
-step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" --out "$OUT/mu_gpu_sweep.json"
-CONFIGS=$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
+if want sweep; then
+  # the knobs that mattered on the H200 (grid mode, 128 threads) crossed with the two stagings of X
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 1024, 2048], "stagings": ["rows", "tile"], "bpp_fractions": [1, 16], "block_mode": false}'}
+  step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
+    --out "$OUT/mu_gpu_sweep.json"
+  python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except Exception as e:
+    rows = []; print("no sweep:", e)
+for r in rows:
+    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"), r.get("staging"),
+          "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
+          if "ms_per_iter" in r else r.get("error"))
+PY
+fi
+
+if want bench; then
+  # knobs: $CONFIGS if given, else the best of a sweep in this call, else the automatic choices
+  CONFIGS=${CONFIGS:-$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
 import json, sys
 try:
     best = json.load(open(sys.argv[1]))["best"]
@@ -69,27 +94,12 @@ for w, b in (("W1", "1"), ("W2", "150")):
         cfg[w] = {k: r[k] for k in ("threads", "unroll", "blocks_per_problem", "occupancy", "staging") if k in r}
 print(json.dumps(cfg))
 PY
-)
-echo "configs from the sweep: $CONFIGS" | tee -a "$OUT/steps.txt"
-python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
-import json, sys
-try:
-    rows = json.load(open(sys.argv[1]))["rows"]
-except Exception as e:
-    rows = []; print("no sweep:", e)
-for r in rows:
-    print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"), r.get("staging"),
-          "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
-          if "ms_per_iter" in r else r.get("error"))
-PY
-
-step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" --out "$OUT/mu_gpu.json"
-step mu_profile "${PROFILE_LIMIT:-90}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
-  --out "$OUT/mu_gpu_profile.json"
-step nalmu_bench "${NALMU_LIMIT:-150}" python3 bench/bench_nalmu.py --device cuda --t 16384 --out "$OUT/nalmu_cuda.json" \
-  --profile "$LOGDIR/nalmu_profile_tables.txt"
-tail -n 8 "$LOGDIR/nalmu_bench.log"
-python3 - "$OUT/mu_gpu.json" <<'PY'
+)}
+  echo "benchmark configs: $CONFIGS" | tee -a "$OUT/steps.txt"
+  # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it again
+  step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
+    --modes "${MODES:-grid}" --out "$OUT/mu_gpu.json"
+  python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys
 from fastmu.benchmarks.mu_gpu import format_table
 try:
@@ -97,5 +107,17 @@ try:
 except Exception as e:
     print("no MU benchmark table:", e)
 PY
+fi
+
+if want profile; then
+  step mu_profile "${PROFILE_LIMIT:-90}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
+    --out "$OUT/mu_gpu_profile.json"
+fi
+
+if want nalmu; then
+  step nalmu_bench "${NALMU_LIMIT:-150}" python3 bench/bench_nalmu.py --device cuda --t 16384 \
+    --out "$OUT/nalmu_cuda.json" --profile "$LOGDIR/nalmu_profile_tables.txt"
+  tail -n 8 "$LOGDIR/nalmu_bench.log"
+fi
 cat "$OUT/steps.txt"
 tar czf "$OUT/logs.tgz" -C "$LOGDIR" .

@@ -247,6 +247,7 @@ def run_gpu_benchmarks(
     quick: bool = False,
     configs: dict[str, dict[str, Any]] | None = None,
     partial: str | None = None,
+    modes: tuple[str, ...] = ("block", "grid"),
 ) -> dict[str, Any]:
     """Time W1 and W2 for fastmu and its peers on the current GPU; return a JSON-able dict.
 
@@ -265,6 +266,8 @@ def run_gpu_benchmarks(
     partial : str, optional
         A JSON file rewritten after every entry, so that a run cut short
         still leaves what it measured.
+    modes : tuple of str
+        fastmu's launch designs to time (``"block"``, ``"grid"``).
 
     Raises
     ------
@@ -306,7 +309,7 @@ def run_gpu_benchmarks(
             "results": entries,
         }
         ref_S = None
-        for mode in ("block", "grid"):
+        for mode in modes:
             label = f"fastmu_{mode}"
             try:
                 secs, S = _fastmu(cuda, X, A0, S0, iters, mode, cfg)
@@ -475,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=None,
                     help='JSON: kernel knobs per workload, e.g. {"W2": {"threads": 256, "unroll": 8}}')
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    ap.add_argument("--modes", default="block,grid",
+                    help="fastmu launch designs to benchmark, comma-separated (block, grid)")
     ap.add_argument("--profile", default=None, metavar="TABLES",
                     help="profile the kernels at W1/W2 shapes (kernel vs wall time); operator tables to TABLES")
     args = ap.parse_args(argv)
@@ -485,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         res = sweep_kernel_configs(partial=args.out, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
     else:
         configs = json.loads(args.configs) if args.configs else None
-        res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out)
+        modes = tuple(m for m in args.modes.split(",") if m)
+        bad = set(modes) - {"block", "grid"}
+        if bad or not modes:
+            ap.error(f"--modes takes block and/or grid, got {args.modes!r}")
+        res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out, modes=modes)
     text = json.dumps(res, indent=2)
     if args.out:
         with open(args.out, "w") as fh:
