@@ -44,7 +44,7 @@ def _tiny_blocks():
     kc.set_threads(32)
     kb.set_threads(16)
     yield
-    kc.set_threads(saved_fwd["threads"])
+    kc.set_config(**saved_fwd)
     kb.set_threads(saved_bwd)
 
 
@@ -98,9 +98,13 @@ class _SimLayer(torch.autograd.Function):
 _inputs = learned_layer_inputs
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize(
+    "dtype,rtol,staging",
+    [(torch.float64, 1e-12, "rows"), (torch.float32, 2e-5, "rows"), (torch.float64, 1e-12, "tile")],
+)
 @pytest.mark.parametrize("per_problem", [False, True])
-def test_forward_matches_reference_and_pg(dtype, rtol, per_problem):
+def test_forward_matches_reference_and_pg(dtype, rtol, staging, per_problem):
+    kc.set_staging(staging)
     X, A, S, W = _inputs(2, 5, 3, 37, dtype=dtype, per_problem=per_problem)
     W3 = W.unsqueeze(0) if W.dim() == 2 else W
     A1, S1, P1, G1, P, G = _sim_forward(*(v.numpy() for v in (X, A, S, W3)), want_pg=True)
