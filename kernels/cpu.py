@@ -5,7 +5,7 @@ fused with the reductions ``P = X S'ᵀ`` and ``G = S' S'ᵀ`` that the A update
 of iteration l+1 needs, so each column block of X is read once per iteration
 while it sits in L1/L2.
 
-Work is split into *chunks*: one column block of ``_TB`` pixels of one
+Work is split into *chunks*: one column block of ``tb`` pixels of one
 problem. Chunks run in parallel (``prange``); each writes its partial P and G
 to its own slot, and the slots are summed per problem in a fixed order, so
 results do not depend on the thread schedule. The tiny A update (m·n²) runs
@@ -31,10 +31,18 @@ from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
 prefer_512bit_vectors()  # before the first kernel compiles or loads from cache
 
-#: pixels per column block: 65 rows × 1024 float32 = 266 kB of X, resident in L2
-#: between the S update and the P accumulation; measured best of 128 to 2048
-#: (longer pixel loops amortise the per-tile setup: 256 was 25% slower).
+#: pixels per column block at most: 65 rows × 1024 float32 = 266 kB of X,
+#: resident in L2 between the S update and the P accumulation; measured best
+#: of 128 to 2048 for that shape (longer pixel loops amortise the per-tile
+#: setup: 256 was 25% slower).
 _TB = 1024
+#: bytes of X a block may hold: half of the dev machine's 2 MB L2, so that
+#: the block's second use still finds it there. Tall float64 X gets shorter
+#: blocks: 500-row float64 X at rank 4 ran 2.01 against 2.47 ms per iteration
+#: (one 500 × 16384 problem) and 17.9 against 22.9 (150 × 500 × 1024) with
+#: 256- instead of 1024-pixel blocks; 200-row float32 X keeps 1024 (a
+#: 266 kB budget, giving 256, was 1.4-1.7x slower there).
+_BLOCK_BYTES = 1 << 20
 
 # Reassociation lets LLVM vectorise the reductions over pixels; no 'arcp' or
 # 'nnan': divisions stay exact IEEE divisions and NaN propagation is kept.
@@ -304,7 +312,7 @@ def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
     """S update on one column block, then (optionally) add its ``X S'ᵀ``, ``S' S'ᵀ`` to Pc, Gc.
 
     ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` for the block's pixels j, with
-    ``H = A'ᵀ A'`` precomputed; ``R`` (n × _TB) and ``Dk`` (_TB) are scratch.
+    ``H = A'ᵀ A'`` precomputed; ``R`` (n × tb) and ``Dk`` (tb) are scratch.
     """
     m = Xp.shape[0]
     n = Sp.shape[0]
@@ -506,6 +514,15 @@ def _a_update(Ap, Wp, Pp, Gp, eps, Hp, Erow):
             Hp[l, k] = acc
 
 
+@nb.njit(cache=True)
+def block_length(m, itemsize):
+    """Pixels per column block for ``m`` rows: ``_TB``, halved while the block exceeds ``_BLOCK_BYTES`` (≥ 64)."""
+    tb = _TB
+    while tb > 64 and m * tb * itemsize > _BLOCK_BYTES:
+        tb //= 2
+    return tb
+
+
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     """Run ``n_iter`` fused (learned) MU iterations in place on ``A`` and ``S``.
@@ -542,13 +559,14 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     """
     b, m, t = X.shape
     n = A.shape[2]
-    nblk = (t + _TB - 1) // _TB
+    tb = block_length(m, X.itemsize)
+    nblk = (t + tb - 1) // tb
     dt = X.dtype
     epsd = dt.type(eps)
     H = np.empty((b, n, n), dt)
     Erow = np.empty((b, n), dt)
-    R = np.empty((nthreads, n, _TB), dt)
-    Dk = np.empty((nthreads, _TB), dt)
+    R = np.empty((nthreads, n, tb), dt)
+    Dk = np.empty((nthreads, tb), dt)
     wstep = 0 if W.shape[0] == 1 else 1  # W shared by the batch, or one per problem
 
     # Problem-major also for tiny work (fewer blocks than two per thread), where
@@ -563,16 +581,16 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
                 Pp[:, :] = 0
                 Gp[:, :] = 0
                 for blk in range(nblk):
-                    j0 = blk * _TB
-                    _pg_chunk(X[p], S[p], j0, min(_TB, t - j0), Pp, Gp, R[tid])
+                    j0 = blk * tb
+                    _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid])
             for it in range(n_iter):
                 acc = accumulate_last or it < n_iter - 1
                 _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
                 Pp[:, :] = 0
                 Gp[:, :] = 0
                 for blk in range(nblk):
-                    j0 = blk * _TB
-                    _s_chunk(X[p], A[p], H[p], S[p], j0, min(_TB, t - j0), epsd, acc,
+                    j0 = blk * tb
+                    _s_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), epsd, acc,
                              Pp, Gp, R[tid], Dk[tid])
             leave_ftz(fp)
         return
@@ -606,8 +624,8 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
             p = c // cpp
             tid = nb.get_thread_id()
             for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
-                j0 = blk * _TB
-                _pg_chunk(X[p], S[p], j0, min(_TB, t - j0), Ppart[0, c], Gpart[0, c], R[tid])
+                j0 = blk * tb
+                _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Ppart[0, c], Gpart[0, c], R[tid])
             leave_ftz(fp)
 
     for it in range(n_iter):
@@ -627,8 +645,8 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
             Ppart[dst, c] = 0
             Gpart[dst, c] = 0
             for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
-                j0 = blk * _TB
-                _s_chunk(X[p], Ap, Hl[tid], S[p], j0, min(_TB, t - j0), epsd, acc,
+                j0 = blk * tb
+                _s_chunk(X[p], Ap, Hl[tid], S[p], j0, min(tb, t - j0), epsd, acc,
                          Ppart[dst, c], Gpart[dst, c], R[tid], Dk[tid])
             leave_ftz(fp)
     last = n_iter % 2

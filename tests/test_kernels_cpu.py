@@ -57,6 +57,24 @@ def test_mu_run_matches_numpy(rng, dtype, b, m, n, t):
     assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
 
 
+def test_block_length_keeps_a_block_in_l2():
+    assert cpu.block_length(65, 4) == 1024  # the paper's shape: 266 kB
+    assert cpu.block_length(65, 8) == 1024
+    assert cpu.block_length(300, 8) == 256  # 614 kB
+    assert cpu.block_length(100_000, 8) == 64  # never below 64 pixels
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_tall_x_uses_short_blocks(rng, b):
+    """m = 300 float64: 256-pixel blocks, t = 700 spans three (the last one short)."""
+    X, A0, S0 = low_rank_problem(rng, b, 300, 3, 700, np.float64, noise=0.05)
+    A, S, P, G = run(X, A0, S0, n_iter=4)
+    Ar, Sr = mu_numpy(X, A0, S0, 4)
+    assert rel_err(A, Ar) < RTOL[np.float64]
+    assert rel_err(S, Sr) < RTOL[np.float64]
+    assert rel_err(P, X @ Sr.transpose(0, 2, 1)) < 10 * RTOL[np.float64]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shared", [True, False])
 def test_learned_step_with_w(rng, dtype, shared):
