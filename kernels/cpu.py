@@ -523,6 +523,74 @@ def block_length(m, itemsize):
     return tb
 
 
+@nb.njit(cache=True)
+def _problem_major(b, nunits, nthreads, min_units_per_thread):
+    """Whether to give each thread whole problems (see :func:`mu_run`'s Notes).
+
+    Also for tiny work (fewer than ``min_units_per_thread`` column units per
+    thread), where one parallel region per iteration would cost more than
+    the iteration.
+    """
+    return b % nthreads == 0 or b >= 4 * nthreads or b * nunits < min_units_per_thread * nthreads
+
+
+@nb.njit(cache=True)
+def _chunking(nunits, b, nthreads):
+    """``(chunks per problem, units per chunk)``: about two chunks per thread in all."""
+    cpp = min(nunits, max(1, (2 * nthreads + b - 1) // b))
+    upc = (nunits + cpp - 1) // cpp
+    return (nunits + upc - 1) // upc, upc
+
+
+@nb.njit(cache=True)
+def _block_parallel_state(A, P, G, cpp, nthreads, pg_valid):
+    """Double-buffered A and partial P, G per chunk, plus per-thread scratch for the A update.
+
+    Slot 0 holds the start: A, and P, G in each problem's first chunk when
+    ``pg_valid`` (the other partials are zero).
+    """
+    b, m, n = A.shape
+    dt = A.dtype
+    nchunks = b * cpp
+    Ppart = np.zeros((2, nchunks, m, n), dt)
+    Gpart = np.zeros((2, nchunks, n, n), dt)
+    Abuf = np.empty((2, b, m, n), dt)
+    Abuf[0] = A
+    if pg_valid:
+        for p in range(b):
+            Ppart[0, p * cpp] = P[p]
+            Gpart[0, p * cpp] = G[p]
+    scratch = (np.empty((nthreads, m, n), dt), np.empty((nthreads, m, n), dt), np.empty((nthreads, n, n), dt),
+               np.empty((nthreads, n, n), dt), np.empty((nthreads, n), dt))
+    return Ppart, Gpart, Abuf, scratch
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, Wp, eps, Al, Pl, Gl, Hl, El):
+    """A chunk's start of an iteration: its problem's P, G summed, the A update (into ``Al``),
+    ``H = A'ᵀA'`` (into ``Hl``), the new A stored by the problem's first chunk, and the chunk's
+    slots for this iteration's partials cleared."""
+    p = c // cpp
+    dst = 1 - src
+    _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl, Gl)
+    Al[:, :] = Abuf[src, p]
+    _a_update(Al, Wp, Pl, Gl, eps, Hl, El)
+    if c % cpp == 0:
+        Abuf[dst, p] = Al
+    Ppart[dst, c] = 0
+    Gpart[dst, c] = 0
+
+
+@nb.njit(cache=True)
+def _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last):
+    """The returned A, and P, G summed over each problem's chunks (when they are wanted)."""
+    last = n_iter % 2
+    A[:] = Abuf[last]
+    if n_iter == 0 or accumulate_last:
+        for p in range(A.shape[0]):
+            _reduce_problem(Ppart[last], Gpart[last], p * cpp, cpp, P[p], G[p])
+
+
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     """Run ``n_iter`` fused (learned) MU iterations in place on ``A`` and ``S``.
@@ -569,9 +637,7 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     Dk = np.empty((nthreads, tb), dt)
     wstep = 0 if W.shape[0] == 1 else 1  # W shared by the batch, or one per problem
 
-    # Problem-major also for tiny work (fewer blocks than two per thread), where
-    # one parallel region per iteration would cost more than the iteration.
-    if b % nthreads == 0 or b >= 4 * nthreads or b * nblk < 2 * nthreads:
+    if _problem_major(b, nblk, nthreads, 2):
         for p in prange(b):
             fp = enter_ftz()  # subnormals are slow: see fpenv.py
             tid = nb.get_thread_id()
@@ -601,25 +667,10 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     # A update itself, so no second barrier is needed. A and the partials are
     # double-buffered (read slot it % 2, write the other), so a chunk never
     # reads what another chunk of the same iteration writes.
-    cpp = min(nblk, max(1, (2 * nthreads + b - 1) // b))
-    bpc = (nblk + cpp - 1) // cpp  # blocks per chunk
-    cpp = (nblk + bpc - 1) // bpc
-    nchunks = b * cpp
-    Ppart = np.zeros((2, nchunks, m, n), dt)
-    Gpart = np.zeros((2, nchunks, n, n), dt)
-    Abuf = np.empty((2, b, m, n), dt)
-    Al = np.empty((nthreads, m, n), dt)
-    Pl = np.empty((nthreads, m, n), dt)
-    Gl = np.empty((nthreads, n, n), dt)
-    Hl = np.empty((nthreads, n, n), dt)
-    El = np.empty((nthreads, n), dt)
-    Abuf[0] = A
-    if pg_valid:
-        for p in range(b):
-            Ppart[0, p * cpp] = P[p]
-            Gpart[0, p * cpp] = G[p]
-    else:
-        for c in prange(nchunks):
+    cpp, bpc = _chunking(nblk, b, nthreads)  # chunks per problem, blocks per chunk
+    Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, El) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
+    if not pg_valid:
+        for c in prange(b * cpp):
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
@@ -630,30 +681,19 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
 
     for it in range(n_iter):
         src = it % 2
-        dst = 1 - src
         acc = accumulate_last or it < n_iter - 1
-        for c in prange(nchunks):
+        for c in prange(b * cpp):
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
-            _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
-            Ap = Al[tid]
-            Ap[:, :] = Abuf[src, p]
-            _a_update(Ap, W[p * wstep], Pl[tid], Gl[tid], epsd, Hl[tid], El[tid])
-            if c % cpp == 0:
-                Abuf[dst, p] = Ap
-            Ppart[dst, c] = 0
-            Gpart[dst, c] = 0
+            _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], epsd, Al[tid], Pl[tid], Gl[tid],
+                            Hl[tid], El[tid])
             for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
                 j0 = blk * tb
-                _s_chunk(X[p], Ap, Hl[tid], S[p], j0, min(tb, t - j0), epsd, acc,
-                         Ppart[dst, c], Gpart[dst, c], R[tid], Dk[tid])
+                _s_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, t - j0), epsd, acc,
+                         Ppart[1 - src, c], Gpart[1 - src, c], R[tid], Dk[tid])
             leave_ftz(fp)
-    last = n_iter % 2
-    A[:] = Abuf[last]
-    if n_iter == 0 or accumulate_last:
-        for p in range(b):
-            _reduce_problem(Ppart[last], Gpart[last], p * cpp, cpp, P[p], G[p])
+    _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last)
 
 
 def padded_rank(n: int) -> int:

@@ -30,7 +30,15 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from fastmu.kernels.cpu import _FM, _a_update, _reduce_problem
+from fastmu.kernels.cpu import (
+    _FM,
+    _a_update,
+    _block_parallel_finish,
+    _block_parallel_state,
+    _chunk_a_update,
+    _chunking,
+    _problem_major,
+)
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 from fastmu.kernels.simd import VECTOR_BYTES, lanes_for, vdiv, vfma, vhsum, vlanes, vload, vmul, vsplat, vstore, vzeros
 
@@ -261,14 +269,14 @@ def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
     n = A.shape[2]
     dt = Xt.dtype
     epsd = dt.type(eps)
-    w = tw // 4
+    w = tw // NV  # lanes
     H = np.empty((b, n, n), dt)
     Erow = np.empty((b, n), dt)
     PW = _aligned_rows(nthreads, 4 * m * w, Xt)
     GW = _aligned_rows(nthreads, 10 * w, Xt)
     wstep = 0 if W.shape[0] == 1 else 1
 
-    if b % nthreads == 0 or b >= 4 * nthreads or b * ntile < 8 * nthreads:
+    if _problem_major(b, ntile, nthreads, 8):  # tiles are 16x smaller units than blocks
         for p in prange(b):
             fp = enter_ftz()
             tid = nb.get_thread_id()
@@ -288,25 +296,10 @@ def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
         return
 
     # Block-parallel, as in kernels.cpu.mu_run: chunks of tiles, double-buffered A and partials.
-    cpp = min(ntile, max(1, (2 * nthreads + b - 1) // b))
-    tpc = (ntile + cpp - 1) // cpp  # tiles per chunk
-    cpp = (ntile + tpc - 1) // tpc
-    nchunks = b * cpp
-    Ppart = np.zeros((2, nchunks, m, n), dt)
-    Gpart = np.zeros((2, nchunks, n, n), dt)
-    Abuf = np.empty((2, b, m, n), dt)
-    Al = np.empty((nthreads, m, n), dt)
-    Pl = np.empty((nthreads, m, n), dt)
-    Gl = np.empty((nthreads, n, n), dt)
-    Hl = np.empty((nthreads, n, n), dt)
-    El = np.empty((nthreads, n), dt)
-    Abuf[0] = A
-    if pg_valid:
-        for p in range(b):
-            Ppart[0, p * cpp] = P[p]
-            Gpart[0, p * cpp] = G[p]
-    else:
-        for c in prange(nchunks):
+    cpp, tpc = _chunking(ntile, b, nthreads)  # chunks per problem, tiles per chunk
+    Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, El) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
+    if not pg_valid:
+        for c in prange(b * cpp):
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
@@ -317,26 +310,15 @@ def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
 
     for it in range(n_iter):
         src = it % 2
-        dst = 1 - src
         acc = accumulate_last or it < n_iter - 1
-        for c in prange(nchunks):
+        for c in prange(b * cpp):
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
-            _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
-            Ap = Al[tid]
-            Ap[:, :] = Abuf[src, p]
-            _a_update(Ap, W[p * wstep], Pl[tid], Gl[tid], epsd, Hl[tid], El[tid])
-            if c % cpp == 0:
-                Abuf[dst, p] = Ap
-            Ppart[dst, c] = 0
-            Gpart[dst, c] = 0
+            _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], epsd, Al[tid], Pl[tid], Gl[tid],
+                            Hl[tid], El[tid])
             q0 = (c % cpp) * tpc
-            _tiles(Xt[p], Ap, Hl[tid], Sp[p], q0, min(ntile, q0 + tpc), epsd, True, acc,
-                   Ppart[dst, c], Gpart[dst, c], PW[tid], GW[tid])
+            _tiles(Xt[p], Al[tid], Hl[tid], Sp[p], q0, min(ntile, q0 + tpc), epsd, True, acc,
+                   Ppart[1 - src, c], Gpart[1 - src, c], PW[tid], GW[tid])
             leave_ftz(fp)
-    last = n_iter % 2
-    A[:] = Abuf[last]
-    if n_iter == 0 or accumulate_last:
-        for p in range(b):
-            _reduce_problem(Ppart[last], Gpart[last], p * cpp, cpp, P[p], G[p])
+    _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last)
