@@ -376,6 +376,20 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
         cuda.syncthreads()
 
     @cuda.jit(device=True)
+    def add_gram(Gsh, gl, tid):
+        """Add each thread's upper-triangle ``S' S'ᵀ`` partials ``gl`` into the block's
+        ``Gsh`` and mirror it to the lower triangle (a barrier in between)."""
+        for k in range(n):
+            for l in range(k, n):
+                cuda.atomic.add(Gsh, (k, l), gl[k * n + l])
+        cuda.syncthreads()
+        for q in range(tid, nn, tpb):
+            k = q // n
+            l = q % n
+            if l < k:
+                Gsh[k, l] = Gsh[l, k]
+
+    @cuda.jit(device=True)
     def sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
         """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update (when ``update``)
         and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
@@ -450,15 +464,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
                             cuda.atomic.add(Psh, (r0 + ii) * n + k, pa[k])
                     cuda.syncthreads()  # before Xsh / Ssh are overwritten
         if accumulate:
-            for k in range(n):
-                for l in range(k, n):
-                    cuda.atomic.add(Gsh, (k, l), gl[k * n + l])
-            cuda.syncthreads()
-            for q in range(tid, nn, tpb):  # mirror the upper triangle
-                k = q // n
-                l = q % n
-                if l < k:
-                    Gsh[k, l] = Gsh[l, k]
+            add_gram(Gsh, gl, tid)
         cuda.syncthreads()
 
     @cuda.jit(device=True)
@@ -534,15 +540,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
             if owner:
                 for k in range(n):
                     cuda.atomic.add(Psh, row * n + k, pa[k])
-            for k in range(n):
-                for l in range(k, n):
-                    cuda.atomic.add(Gsh, (k, l), gl[k * n + l])
-            cuda.syncthreads()
-            for q in range(tid, nn, tpb):  # mirror the upper triangle
-                k = q // n
-                l = q % n
-                if l < k:
-                    Gsh[k, l] = Gsh[l, k]
+            add_gram(Gsh, gl, tid)
         cuda.syncthreads()
 
     sweep_fn = sweep_tile if tile else sweep

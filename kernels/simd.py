@@ -137,7 +137,6 @@ def _binary(op_name: str):  # noqa: ANN202
 
 
 vadd = _binary("fadd")
-vsub = _binary("fsub")
 vmul = _binary("fmul")
 #: lane-wise IEEE division (exact, as the scalar kernels' divisions)
 vdiv = _binary("fdiv")
