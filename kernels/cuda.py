@@ -38,6 +38,11 @@ the block's shared ``P`` with one shared atomic per component. The X tile is
 read from DRAM once per iteration; its second read (for P) is served from
 L1/L2.
 
+With ``"regs"`` staging (:func:`set_staging`) a block is laid out
+differently: 32-pixel tiles, each warp a group of rows, a thread holding its
+rows of one pixel column in registers, so that all of its loads are in flight
+at once and X is never read twice (:func:`regs_layout`, ``sweep_regs``).
+
 Memory traffic per iteration and problem: X read once, S read and written
 once: ``itemsize·(m·t + 2·n·t)`` bytes (the one-pass traffic model).
 
@@ -59,9 +64,13 @@ Tuning knobs (module level, also read from the environment at import):
   ahead in the S update (memory-level parallelism).
 - ``FASTMU_CUDA_OCCUPANCY`` / :func:`set_occupancy`: resident threads per SM
   the launch bounds ask for (caps registers per thread).
-- ``FASTMU_CUDA_STAGING`` / :func:`set_staging`: how ``P += X S'ᵀ`` reads
-  the tile of X: ``"rows"`` (re-read in row chunks) or ``"tile"`` (the whole
-  tile kept in shared memory by the S update; not yet measured on a GPU).
+- ``FASTMU_CUDA_STAGING`` / :func:`set_staging`: how the block is laid out
+  over X and how ``P += X S'ᵀ`` reaches it: ``"rows"`` (one thread per pixel,
+  re-read in row chunks), ``"tile"`` (one thread per pixel, the whole tile
+  kept in shared memory) or ``"regs"`` (rows split over warps, X kept in
+  registers between its two uses); the last two are not yet measured on a GPU.
+- ``FASTMU_CUDA_ROWS_PER_THREAD`` / :func:`set_rows_per_thread`: most rows of
+  X one thread holds with ``"regs"`` staging.
 
 The automatic choices (:func:`choose_mode`, :func:`choose_knobs`) come from
 one sweep on an H200 (``bench/results/mu_gpu_sweep*_h200.json``); other GPUs
@@ -114,6 +123,7 @@ class _Config:
     unroll: int | None = None  # None: chosen per launch (choose_knobs)
     occupancy: int | None = None
     staging: str = "rows"
+    rows_per_thread: int | None = None  # "regs" staging; None: 16 (float32) / 8 (float64)
 
 
 _config = _Config()
@@ -189,11 +199,16 @@ def set_occupancy(threads_per_sm: int | None) -> None:
     _config.occupancy = threads_per_sm
 
 
-_STAGINGS = ("rows", "tile", "auto")
+_STAGINGS = ("rows", "tile", "regs", "auto")
+
+#: pixel tile width with ``"regs"`` staging: one warp spans 32 pixels of a row group
+REGS_TILE = 32
 
 
 def set_staging(staging: str) -> None:
-    """How the second use of X (``P += X S'ᵀ``) reaches it: ``"rows"``, ``"tile"`` or ``"auto"``.
+    """How a block covers X, and how the second use of X (``P += X S'ᵀ``) reaches it.
+
+    ``"rows"``, ``"tile"``, ``"regs"`` or ``"auto"``.
 
     ``"rows"`` (the default): after the S update, the tile's rows of X are
     re-read from global memory (L1/L2 hits) ``rc`` rows at a time into a
@@ -206,10 +221,56 @@ def set_staging(staging: str) -> None:
     tile, no per-tile atomics, no second read of global memory. It needs
     ``m ≤ threads`` and the tile in shared memory. ``"auto"`` takes
     ``"tile"`` where it fits, ``"rows"`` elsewhere.
+
+    ``"regs"`` lays the block out differently: a tile is 32 pixels wide and
+    each warp owns a group of up to :func:`set_rows_per_thread` rows, so a
+    thread holds a few X values (one pixel, its group's rows) in registers.
+    It issues all its loads at once (one DRAM latency per tile instead of a
+    chain of ``m``), reduces ``A'ᵀX_j`` across the warps through shared
+    memory, and reuses the registers for ``P += X S'ᵀ`` (per-thread partial
+    sums kept over all the block's tiles): two barriers per tile, no atomics
+    per tile, no second read of X. The block size follows from ``m``
+    (:func:`regs_layout`); ``set_threads`` does not apply.
     """
     if staging not in _STAGINGS:
         raise ValueError(f"staging must be one of {_STAGINGS}, got {staging!r}")
     _config.staging = staging
+
+
+def set_rows_per_thread(rows: int | None) -> None:
+    """Most rows of X one thread holds in registers with ``"regs"`` staging (1–32; None: automatic).
+
+    Fewer rows mean more warps per block and fewer registers per thread
+    (``rows·(n + 1)`` of them hold X and the P partial sums).
+    """
+    if rows is None:
+        _config.rows_per_thread = None
+        return
+    rows = int(rows)
+    if not 1 <= rows <= 32:
+        raise ValueError(f"rows per thread must be in [1, 32], got {rows}")
+    _config.rows_per_thread = rows
+
+
+def regs_layout(dtype: Any, m: int, n: int = 4) -> tuple[int, int]:
+    """``(row groups, rows per group)`` of a ``"regs"`` block for ``m`` channels and rank ``n``.
+
+    The fewest warps whose groups hold at most :func:`set_rows_per_thread`
+    rows, with the rows spread evenly. The default cap keeps a thread's X
+    values and P partial sums (``rows·(n + 1)`` registers, twice in float64)
+    within the 128 registers of 512 resident threads per SM, where ``ptxas``
+    (sm_90) reports no more than a few spilled bytes: 16 rows in float32 and
+    8 in float64 up to n = 4, ``64 // n`` and ``32 // n`` above (m = 65, n =
+    4, float32: 5 warps of 13 rows, 160 threads, 128 registers).
+    """
+    if _config.rows_per_thread:
+        cap = _config.rows_per_thread
+    elif np.dtype(dtype).itemsize == 4:
+        cap = 16 if n <= 4 else max(2, 64 // n)
+    else:
+        cap = 8 if n <= 4 else max(1, 32 // n)
+    groups = -(-int(m) // cap)
+    return groups, -(-int(m) // groups)
 
 
 def set_config(**knobs: Any) -> None:
@@ -222,6 +283,7 @@ def set_config(**knobs: Any) -> None:
     setters = {
         "threads": set_threads, "mode": set_mode, "blocks_per_problem": set_blocks_per_problem,
         "graphs": set_graphs, "unroll": set_unroll, "occupancy": set_occupancy, "staging": set_staging,
+        "rows_per_thread": set_rows_per_thread,
     }
     unknown = sorted(set(knobs) - set(setters))
     if unknown:
@@ -240,6 +302,7 @@ def get_config() -> dict[str, Any]:
         "unroll": _config.unroll,
         "occupancy": _config.occupancy,
         "staging": _config.staging,
+        "rows_per_thread": _config.rows_per_thread,
     }
 
 
@@ -250,6 +313,7 @@ set_graphs(os.environ.get("FASTMU_CUDA_GRAPHS", "auto") or "auto")
 set_unroll(_env_int("FASTMU_CUDA_UNROLL", None))
 set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", None))
 set_staging(os.environ.get("FASTMU_CUDA_STAGING", "rows") or "rows")
+set_rows_per_thread(_env_int("FASTMU_CUDA_ROWS_PER_THREAD", None))
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -265,6 +329,8 @@ def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
 def static_shared_bytes(dtype: Any, threads: int, n: int, staging: str = "rows") -> int:
     """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``, ``staging``."""
     isz = np.dtype(dtype).itemsize
+    if staging == "regs":  # old and new S columns (2n × 32), G, H, the warps' A'ᵀX partials (n × threads)
+        return (2 * n * REGS_TILE + 2 * n * n + n * threads) * isz
     rc = _rows_per_chunk(threads, n, isz)
     stage = rc * (threads + 1) if staging == "rows" else 1
     return (n * threads + 2 * n * n + stage) * isz
@@ -282,10 +348,20 @@ def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> st
     tpb = threads or _config.threads
 
     def fits(st: str) -> bool:
+        if st == "regs":
+            thr = REGS_TILE * regs_layout(dtype, m, n)[0]
+            return thr <= 1024 and dynamic_shared_bytes(dtype, m, n) + static_shared_bytes(
+                dtype, thr, n, st) <= _SHARED_LIMIT
         return (dynamic_shared_bytes(dtype, m, n, tpb, st) + static_shared_bytes(dtype, tpb, n, st)
                 <= _SHARED_LIMIT and (st == "rows" or m <= tpb))
 
     want = _config.staging
+    if want == "regs" and not fits("regs"):
+        raise ValueError(
+            f"staging='regs' needs at most 32 warps of rows per block; m = {m} at "
+            f"{regs_layout(dtype, m, n)[1]} rows per thread ({np.dtype(dtype)}) does not fit "
+            "(raise set_rows_per_thread, or use staging 'rows')"
+        )
     if want == "tile" and not fits("tile"):
         raise ValueError(
             f"staging='tile' needs m <= threads per block and the m × (threads + 1) tile of X in shared "
@@ -304,6 +380,27 @@ def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> st
     return want
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one launch covers X: the staging, threads per block, pixel tile width and,
+    for ``"regs"``, rows of X per thread (0 otherwise)."""
+
+    staging: str
+    threads: int
+    tile: int
+    rows: int
+
+
+def launch_layout(dtype: Any, m: int, n: int) -> Layout:
+    """The block layout the kernels use for ``m`` channels, rank ``n`` and ``dtype`` under the
+    current knobs (ValueError when nothing fits the shared memory)."""
+    st = choose_staging(dtype, m, n)
+    if st == "regs":
+        groups, rows = regs_layout(dtype, m, n)
+        return Layout("regs", REGS_TILE * groups, REGS_TILE, rows)
+    return Layout(st, _config.threads, _config.threads, 0)
+
+
 @dataclass
 class _Kernels:
     """The kernels compiled for one (dtype, threads per block, n)."""
@@ -314,18 +411,69 @@ class _Kernels:
     launch_bounds: tuple[int, int]
     mu_block: Any
     mu_grid_step: Any
+    layer_step: Any
     sumsq: Any
     zero: Any
     device_funcs: dict = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, staging: str = "rows") -> _Kernels:
+def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, Any]:
+    """The device functions every ``"regs"``-layout kernel shares (forward sweep, backward passes).
+
+    Warp ``g`` of ``rg`` owns rows ``row0 = g·rpg ...`` of a 32-pixel tile, lane = pixel:
+
+    - ``load_rows(X, p, row0, j, valid, m, xr)``: the thread's ``rpg`` values
+      of column ``j`` into registers ``xr``, all loads issued before any use
+      (zeros past ``m`` rows or ``t`` pixels);
+    - ``share_rows(C, row0, m, xr, Xsh, g, lane)``: this warp's share of
+      ``Cᵀ X_j`` (``C`` an m × n matrix in shared memory, flat) into row
+      ``g·n + k`` of ``Xsh``;
+    - ``sum_shares(Xsh, k, lane)``: ``(Cᵀ X_j)_k``, the warps' shares summed in
+      warp order.
+
+    Inlined into the kernels (``forceinline``) so that ``xr`` stays in registers.
+    """
+    nbt = numba.float32 if dtype_name == "float32" else numba.float64
+    RPG, RG = rpg, rg
+    djit = functools.partial(cuda.jit, device=True)
+    if not _in_simulator():
+        djit = functools.partial(djit, forceinline=True)
+
+    @djit
+    def load_rows(X, p, row0, j, valid, m, xr):
+        for r in range(RPG):
+            xr[r] = X[p, row0 + r, j] if (valid and row0 + r < m) else nbt(0)
+
+    @djit
+    def share_rows(C, row0, m, xr, Xsh, g, lane):
+        for k in range(n):
+            acc = nbt(0)
+            for r in range(RPG):
+                if row0 + r < m:
+                    acc += C[(row0 + r) * n + k] * xr[r]
+            Xsh[g * n + k, lane] = acc
+
+    @djit
+    def sum_shares(Xsh, k, lane):
+        acc = nbt(0)
+        for gg in range(RG):
+            acc += Xsh[gg * n + k, lane]
+        return acc
+
+    return load_rows, share_rows, sum_shares
+
+
+@functools.lru_cache(maxsize=None)
+def _build(
+    dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, staging: str = "rows", rows: int = 0,
+) -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
-    ``tpb``, ``n``, the X-row unroll ``ur`` and the derived ``rc`` are closure
-    constants, so loops over components unroll and the per-thread
-    accumulators stay in registers.
+    ``tpb`` (threads per block), ``n``, the X-row unroll ``ur`` and the derived
+    ``rc`` are closure constants, so loops over components unroll and the
+    per-thread accumulators stay in registers. With ``"regs"`` staging the
+    block is ``tpb // 32`` warps of ``rows`` rows each over 32-pixel tiles.
     """
     nbt = numba.float32 if dtype_name == "float32" else numba.float64
     isz = 4 if dtype_name == "float32" else 8
@@ -334,7 +482,20 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
     tp1 = tpb + 1  # padded row stride of the X staging buffer (bank conflicts)
     nn = n * n
     tile = staging == "tile"
+    regs = staging == "regs"
     xrows, xcols = (1, 1) if tile else (rc, tp1)  # the static row-chunk buffer ("rows" staging only)
+    # "regs": 32-pixel tiles, RG warps of RPG rows; each thread finishes KPT of
+    # the n components of its pixel (components g, g + RG, ...).
+    TW = REGS_TILE
+    RG = max(1, tpb // TW)
+    RPG = max(1, rows)
+    KPT = -(-n // RG)
+    VPT = RPG * n  # P partial sums per thread
+    KN = KPT * n  # G partial sums per thread
+    sshape = (2 * n, TW) if regs else (n, tpb)  # S columns of the tile (old and new with "regs")
+    if regs:
+        xrows, xcols = RG * n, TW  # the warps' partial A'ᵀX_j
+        load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG)
     # Cap registers at 128 per thread (at least 512 resident threads per SM;
     # ``occ`` raises that):
     # unbounded, NVVM unrolls the reductions up to ~220-240 registers, which
@@ -390,8 +551,9 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
                 Gsh[k, l] = Gsh[l, k]
 
     @cuda.jit(device=True)
-    def sweep(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
-        """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update (when ``update``)
+    def sweep(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+        """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update into ``So`` (when ``update``;
+        ``So`` may be ``S``)
         and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
         (when ``accumulate``; both flags are uniform over the block, so the
         barriers below are reached by every thread). Ends with a barrier."""
@@ -433,7 +595,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
                             d += Hsh[k, l] * s[l]
                         r[k] = s[k] * r[k] / d
                     for k in range(n):
-                        S[p, k, j] = r[k]
+                        So[p, k, j] = r[k]
                 else:
                     for k in range(n):
                         r[k] = s[k]
@@ -468,7 +630,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def sweep_tile(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep_tile(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
         """:func:`sweep` with ``"tile"`` staging: the S update copies each X value it
         loads into the shared tile ``Xt`` (row stride ``tpb + 1``), and row-owner
         threads reduce ``P`` from it in registers kept over all tiles. Needs ``m ≤ tpb``."""
@@ -519,7 +681,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
                     r[k] = s[k] * r[k] / d  # 0 past t: s = 0
                 if valid:
                     for k in range(n):
-                        S[p, k, j] = r[k]
+                        So[p, k, j] = r[k]
             else:
                 for k in range(n):
                     r[k] = s[k]
@@ -543,7 +705,95 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
             add_gram(Gsh, gl, tid)
         cuda.syncthreads()
 
-    sweep_fn = sweep_tile if tile else sweep
+    @cuda.jit(device=True)
+    def sweep_regs(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+        """:func:`sweep` with ``"regs"`` staging: warp ``g`` holds rows ``g·RPG ...`` of the
+        tile's 32 pixel columns (one column per lane) in registers.
+
+        Per tile: every thread loads its RPG values of X at once and forms its
+        rows' share of ``A'ᵀX_j``; after a barrier the threads of components
+        ``k ≡ g (mod RG)`` sum the warps' shares and update ``S'_kj``; after a
+        second barrier every thread adds ``x·S'_j`` to its rows' P partials and
+        the component threads add row k of ``S'_j S'_jᵀ`` to theirs. The
+        partials stay in registers over all the block's tiles and reach the
+        block's ``Psh``, ``Gsh`` once at the end. ``Ssh`` rows ``0..n-1`` hold
+        the tile's old S, ``n..2n-1`` the new; ``Xsh`` the warps' shares.
+        """
+        zero = nbt(0)
+        lane = tid % TW
+        g = tid // TW
+        row0 = g * RPG
+        xr = cuda.local.array(RPG, nbt)
+        pa = cuda.local.array(VPT, nbt)
+        sp = cuda.local.array(n, nbt)
+        gl = cuda.local.array(KN, nbt)
+        for q in range(VPT):
+            pa[q] = 0
+        for q in range(KN):
+            gl[q] = 0
+        ntiles = (t + TW - 1) // TW
+        for c in range(c0, ntiles, cstep):
+            j = c * TW + lane
+            valid = j < t
+            load_rows(X, p, row0, j, valid, m, xr)  # all of the thread's loads in flight together
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    Ssh[k, lane] = S[p, k, j] if valid else zero
+            if update:
+                share_rows(Ash, row0, m, xr, Xsh, g, lane)
+            cuda.syncthreads()  # the warps' shares and the old S columns are complete
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    v = Ssh[k, lane]
+                    if update:
+                        num = sum_shares(Xsh, k, lane)
+                        d = eps
+                        for l in range(n):
+                            d += Hsh[k, l] * Ssh[l, lane]
+                        v = v * num / d  # 0 past t: the old S is 0 there
+                        if valid:
+                            So[p, k, j] = v
+                    Ssh[n + k, lane] = v
+            cuda.syncthreads()  # the new S columns are complete
+            if accumulate:
+                for k in range(n):
+                    sp[k] = Ssh[n + k, lane]
+                for r in range(RPG):
+                    for k in range(n):
+                        pa[r * n + k] += xr[r] * sp[k]
+                for kk in range(KPT):
+                    k = g + kk * RG
+                    if k < n:
+                        sk = Ssh[n + k, lane]
+                        for l in range(n):
+                            gl[kk * n + l] += sk * sp[l]
+            # No third barrier: the next tile writes Xsh and Ssh[:n] (read here
+            # between the two barriers) after passing this tile's second, and
+            # Ssh[n:] after its own first, which every thread reaches only when
+            # done with the reads above.
+        if accumulate:
+            # Lanes of a warp hold partials of the same P entries: lane l starts
+            # its round robin at entry l, so a round's shared atomics hit
+            # distinct addresses. (The copy is dynamically indexed, so it lives
+            # in local memory; this runs once per sweep.)
+            tmp = cuda.local.array(VPT, nbt)
+            for q in range(VPT):
+                tmp[q] = pa[q]
+            for v in range(VPT):
+                q = (v + lane) % VPT
+                i = row0 + q // n
+                if i < m:
+                    cuda.atomic.add(Psh, i * n + q % n, tmp[q])
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    for l in range(n):
+                        cuda.atomic.add(Gsh, (k, l), gl[kk * n + l])
+        cuda.syncthreads()
+
+    sweep_fn = sweep_regs if regs else (sweep_tile if tile else sweep)
 
     @kjit
     def mu_block(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last):
@@ -557,7 +807,7 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
         Psh = dyn[m * n : 2 * m * n]
         Gsh = cuda.shared.array((n, n), nbt)
         Hsh = cuda.shared.array((n, n), nbt)
-        Ssh = cuda.shared.array((n, tpb), nbt)
+        Ssh = cuda.shared.array(sshape, nbt)
         Xsh = cuda.shared.array((xrows, xcols), nbt)
         Xt = dyn[2 * m * n :]  # the X tile ("tile" staging; empty otherwise)
         wp = 0 if W.shape[0] == 1 else p
@@ -572,8 +822,8 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
         for it in range(0 if pg_valid else -1, n_iter):
             if it >= 0:
                 a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
-            sweep_fn(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, 0, 1, m, t, eps, it >= 0, acc_last or it < n_iter - 1,
-                     tid)
+            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, 0, 1, m, t, eps, it >= 0,
+                     acc_last or it < n_iter - 1, tid)
         for q in range(tid, m * n, tpb):
             A[p, q // n, q % n] = Ash[q]
         if acc_last or n_iter == 0:
@@ -582,15 +832,15 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
             for q in range(tid, nn, tpb):
                 G[p, q // n, q % n] = Gsh[q // n, q % n]
 
-    @kjit
-    def mu_grid_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
-        """One iteration (or, with ``update`` false, the P/G pass) with
-        ``gridDim.x`` blocks per problem ``blockIdx.y``.
+    @cuda.jit(device=True)
+    def grid_body(X, S, So, W, Ai, Pi, Gi, Ao, Po, Go, Pz, Gz, clear, eps, update, accumulate):
+        """One iteration (or, with ``update`` false, the P/G pass over S) by block
+        ``blockIdx.x`` of ``gridDim.x`` on problem ``blockIdx.y``.
 
-        Reads ``Ar[phase % 2]``, ``Pr/Gr[phase % 3]``; writes
-        ``Ar[(phase + 1) % 2]`` (block 0 only), adds into
-        ``Pr/Gr[(phase + 1) % 3]`` and clears ``Pr/Gr[(phase + 2) % 3]`` for
-        the next launch. No launch touches a buffer both ways.
+        Reads ``Ai``, ``Pi``, ``Gi``; block 0 writes ``A'`` to ``Ao``; S' goes
+        to ``So``; the block's P, G partials are added to ``Po``, ``Go``
+        (which start at zero) when ``accumulate``; with ``clear``, block 0
+        zeroes ``Pz``, ``Gz`` for a later launch. All arrays 3-D, per problem.
         """
         bx = cuda.blockIdx.x
         p = cuda.blockIdx.y
@@ -598,46 +848,69 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
         tid = cuda.threadIdx.x
         m = X.shape[1]
         t = X.shape[2]
-        cur = phase % 3
-        nxt = (phase + 1) % 3
-        old = (phase + 2) % 3
         dyn = cuda.shared.array(0, nbt)
         Ash = dyn[: m * n]
         Psh = dyn[m * n : 2 * m * n]
         Gsh = cuda.shared.array((n, n), nbt)
         Hsh = cuda.shared.array((n, n), nbt)
-        Ssh = cuda.shared.array((n, tpb), nbt)
+        Ssh = cuda.shared.array(sshape, nbt)
         Xsh = cuda.shared.array((xrows, xcols), nbt)
         Xt = dyn[2 * m * n :]  # the X tile ("tile" staging; empty otherwise)
         wp = 0 if W.shape[0] == 1 else p
         if update:
             for q in range(tid, m * n, tpb):
-                Ash[q] = Ar[phase % 2, p, q // n, q % n]
-                Psh[q] = Pr[cur, p, q // n, q % n]
+                Ash[q] = Ai[p, q // n, q % n]
+                Psh[q] = Pi[p, q // n, q % n]
             for q in range(tid, nn, tpb):
-                Gsh[q // n, q % n] = Gr[cur, p, q // n, q % n]
+                Gsh[q // n, q % n] = Gi[p, q // n, q % n]
             cuda.syncthreads()
             a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
             if bx == 0:
                 for q in range(tid, m * n, tpb):
-                    Ar[(phase + 1) % 2, p, q // n, q % n] = Ash[q]
+                    Ao[p, q // n, q % n] = Ash[q]
         else:
             for q in range(tid, m * n, tpb):
                 Psh[q] = 0
             for q in range(tid, nn, tpb):
                 Gsh[q // n, q % n] = 0
             cuda.syncthreads()
-        if bx == 0:
+        if clear and bx == 0:
             for q in range(tid, m * n, tpb):
-                Pr[old, p, q // n, q % n] = 0
+                Pz[p, q // n, q % n] = 0
             for q in range(tid, nn, tpb):
-                Gr[old, p, q // n, q % n] = 0
-        sweep_fn(X, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, bx, nbx, m, t, eps, update, accumulate, tid)
+                Gz[p, q // n, q % n] = 0
+        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, bx, nbx, m, t, eps, update, accumulate, tid)
         if accumulate:
             for q in range(tid, m * n, tpb):
-                cuda.atomic.add(Pr, (nxt, p, q // n, q % n), Psh[q])
+                cuda.atomic.add(Po, (p, q // n, q % n), Psh[q])
             for q in range(tid, nn, tpb):
-                cuda.atomic.add(Gr, (nxt, p, q // n, q % n), Gsh[q // n, q % n])
+                cuda.atomic.add(Go, (p, q // n, q % n), Gsh[q // n, q % n])
+
+    @kjit
+    def mu_grid_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
+        """One in-place iteration of the grid-mode loop (see :func:`grid_body`).
+
+        Reads ``Ar[phase % 2]``, ``Pr/Gr[phase % 3]``; writes
+        ``Ar[(phase + 1) % 2]`` (block 0 only), adds into
+        ``Pr/Gr[(phase + 1) % 3]`` and clears ``Pr/Gr[(phase + 2) % 3]`` for
+        the next launch. No launch touches a buffer both ways.
+        """
+        cur = phase % 3
+        nxt = (phase + 1) % 3
+        old = (phase + 2) % 3
+        grid_body(X, S, S, W, Ar[phase % 2], Pr[cur], Gr[cur], Ar[(phase + 1) % 2], Pr[nxt], Gr[nxt],
+                  Pr[old], Gr[old], True, eps, update, accumulate)
+
+    @kjit
+    def layer_step(X, S, So, W, A, P, G, Ao, Po, Go, eps, update, accumulate):
+        """One out-of-place iteration (a learned-MU layer's forward) in one launch.
+
+        ``A``, ``P``, ``G``, ``S`` are read only; ``A'`` goes to ``Ao``, ``S'``
+        to ``So``, and (with ``accumulate``) ``X S'ᵀ``, ``S'S'ᵀ`` are added to
+        ``Po``, ``Go``, which the caller zeroes. With ``update`` false it is
+        the P/G pass over S alone (``Ao``, ``So`` untouched).
+        """
+        grid_body(X, S, So, W, A, P, G, Ao, Po, Go, Po, Go, False, eps, update, accumulate)
 
     @cuda.jit
     def sumsq(X, out):
@@ -672,7 +945,8 @@ def _build(dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, stagi
             Z[q] = 0
 
     return _Kernels(
-        tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step, sumsq=sumsq, zero=zero,
+        tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step,
+        layer_step=layer_step, sumsq=sumsq, zero=zero,
         device_funcs={"a_update": a_update, "sweep": sweep_fn},
     )
 
@@ -723,6 +997,9 @@ def _multiprocessors() -> int:
 def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
     """The launch design and blocks per problem for ``b`` problems of ``t`` pixels.
 
+    ``threads`` is the pixel tile width (the threads per block except with
+    ``"regs"`` staging, whose tiles are 32 pixels wide).
+
     Grid mode with about eight blocks per multiprocessor in all
     (``bpp = min(tiles, ceil(8·SMs / b))``), unless a problem is a single
     tile (then one persistent block per problem, which saves the
@@ -764,9 +1041,22 @@ def choose_knobs(b: int, bpp: int, staging: str = "rows") -> tuple[int, int]:
     """
     busy = b * bpp >= 4 * _multiprocessors()
     ur = _config.unroll if _config.unroll is not None else (8 if busy else 1)
+    if staging == "regs":  # rows·(n + 1) registers of X and P partials: keep the 128-register cap
+        return ur, _config.occupancy or 512
     occ = _config.occupancy if _config.occupancy is not None else (
         (1024 if staging == "tile" else 2048) if busy else 512)
     return ur, occ
+
+
+def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kernels, str, int, int]:
+    """Kernels, launch mode, blocks per problem and dynamic shared bytes for one launch shape."""
+    lay = launch_layout(dtype, m, n)
+    dyn = dynamic_shared_bytes(dtype, m, n, lay.threads, lay.staging)
+    mode, bpp = choose_mode(b, t, lay.tile)
+    ur, occ = choose_knobs(b, bpp, lay.staging)
+    if lay.staging == "regs":
+        ur = 1  # loads are batched by the layout itself
+    return _build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows), mode, bpp, dyn
 
 
 def _stream_ptr(stream: Any) -> int:
@@ -904,11 +1194,8 @@ def mu_run(
     if n_iter == 0 and pg_valid:
         return
     dtype = np.dtype(X.dtype)
-    tpb = _config.threads
-    staging = choose_staging(dtype, m, n, tpb)
-    dyn = dynamic_shared_bytes(dtype, m, n, tpb, staging)
-    mode, bpp = choose_mode(b, t, tpb)
-    k = _build(dtype.name, tpb, n, *choose_knobs(b, bpp, staging), staging=staging)
+    k, mode, bpp, dyn = _kernels_for(b, m, t, n, dtype)
+    tpb = k.tpb
     epsd = dtype.type(eps)
 
     if mode == "block":
@@ -973,6 +1260,43 @@ def mu_run(
         G.copy_to_device(Gr[n_iter % 3], stream=stream)
 
 
+def layer_step(
+    X: Any, A: Any, S: Any, W: Any, P: Any, G: Any, A_out: Any, S_out: Any, P_out: Any, G_out: Any,
+    eps: float, accumulate: bool, update: bool = True, stream: Any = 0,
+) -> None:
+    """One out-of-place fused iteration in a single launch (a learned-MU layer's forward).
+
+    ``A_out = A ⊙ W ⊙ P ⊘ (A G + ε)``, ``S_out`` = the S update of ``S``
+    with ``A_out``, and with ``accumulate`` ``P_out += X S_outᵀ``, ``G_out +=
+    S_out S_outᵀ``: the caller passes ``P_out``, ``G_out`` zeroed. ``X``, ``A``,
+    ``S``, ``W``, ``P``, ``G`` are only read. With ``update`` false nothing is
+    updated and ``P_out``, ``G_out`` receive ``X Sᵀ``, ``S Sᵀ`` of ``S`` itself
+    (``A_out``, ``S_out`` untouched; ``P``, ``G`` unused).
+
+    Queued on ``stream``; arrays as in :func:`mu_run` (``P_out``, ``G_out`` may
+    have any shape when ``accumulate`` is false).
+    """
+    b, m, t, n = _check_args(X, A, S, W, P, G)
+    dtype = np.dtype(X.dtype)
+    outs = [("A_out", A_out, (b, m, n)), ("S_out", S_out, (b, n, t))]
+    if accumulate:
+        outs += [("P_out", P_out, (b, m, n)), ("G_out", G_out, (b, n, n))]
+    for name, arr, shape in outs:
+        if not cuda.devicearray.is_cuda_ndarray(arr) or tuple(arr.shape) != shape or not arr.is_c_contiguous():
+            raise ValueError(f"{name} must be a C-contiguous Numba device array of shape {shape}")
+        if np.dtype(arr.dtype) != dtype:
+            raise TypeError(f"{name} has dtype {arr.dtype} but X has {dtype}")
+    k, _, bpp, dyn = _kernels_for(b, m, t, n, dtype)
+    k.layer_step[(bpp, b), k.tpb, stream, dyn](
+        X, S, S_out, W, A, P, G, A_out, P_out, G_out, dtype.type(eps), bool(update), bool(accumulate))
+
+
+def zero_fill(arr: Any, stream: Any = 0) -> None:
+    """Set a C-contiguous Numba device array to zero (queued on ``stream``)."""
+    k = _build(np.dtype(arr.dtype).name, _config.threads, 1)
+    _zero(k, arr, stream)
+
+
 def _ptr(a: Any) -> int:
     return int(a.__cuda_array_interface__["data"][0])
 
@@ -1008,6 +1332,12 @@ __all__ = [
     "choose_mode",
     "dynamic_shared_bytes",
     "get_config",
+    "Layout",
+    "launch_layout",
+    "layer_step",
+    "regs_layout",
+    "set_rows_per_thread",
+    "zero_fill",
     "mu_run",
     "objective_from_pg",
     "set_blocks_per_problem",

@@ -43,23 +43,30 @@ def _compile(fn, sig, bounds):
 
 
 @pytest.mark.parametrize(
-    "dtype,tpb,n,ur,staging",
-    [("float32", 128, 4, 1, "rows"), ("float32", 128, 4, 8, "rows"), ("float64", 256, 8, 4, "rows"),
-     ("float32", 32, 1, 16, "rows"), ("float32", 128, 4, 8, "tile"), ("float64", 64, 4, 1, "tile")],
+    "dtype,tpb,n,ur,staging,rows",
+    [("float32", 128, 4, 1, "rows", 0), ("float32", 128, 4, 8, "rows", 0), ("float64", 256, 8, 4, "rows", 0),
+     ("float32", 32, 1, 16, "rows", 0), ("float32", 128, 4, 8, "tile", 0), ("float64", 64, 4, 1, "tile", 0),
+     ("float32", 160, 4, 1, "regs", 13), ("float64", 288, 4, 1, "regs", 8), ("float32", 32, 3, 1, "regs", 9)],
 )
-def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging):
+def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging, rows):
     from fastmu.kernels import cuda as kc
 
-    k = kc._build(dtype, tpb, n, ur, staging=staging)
+    k = kc._build(dtype, tpb, n, ur, staging=staging, rows=rows)
     f = getattr(types, dtype)
     a1, a3, a4 = (types.Array(f, d, "C") for d in (1, 3, 4))
-    flags = (types.int64, f, types.boolean, types.boolean)
+    b = types.boolean
+    flags = (types.int64, f, b, b)
     ptx = _compile(k.mu_block.py_func, (a3,) * 6 + flags, k.launch_bounds)
     assert ".entry" in ptx and "bar.sync" in ptx
-    # per-thread accumulators are registers, not local memory, at every n
-    assert ".local" not in ptx
+    if staging != "regs":
+        # per-thread accumulators are registers, not local memory, at every n
+        assert ".local" not in ptx
+    else:
+        # only the one dynamically indexed copy of the P partials, made once per sweep
+        assert ptx.count(".local .align") <= 1
     ptx = _compile(k.mu_grid_step.py_func, (a3, a3, a3, a4, a4, a4) + flags, k.launch_bounds)
     assert "atom.global.add" in ptx or "red.global.add" in ptx
+    _compile(k.layer_step.py_func, (a3,) * 10 + (f, b, b), k.launch_bounds)
     _compile(k.sumsq.py_func, (a3, types.Array(types.float64, 1, "C")), None)
     _compile(k.zero.py_func, (a1,), None)
 
@@ -78,3 +85,18 @@ def test_backward_kernels_compile_to_ptx(no_device, dtype, n, tpb):
     _compile(sum_w.py_func, (a3, a3), None)
     ptx = _compile(pass2.py_func, (a3,) * 7 + (f, b, b, b, a3, a3), None)
     assert ".local" not in ptx
+
+
+@pytest.mark.parametrize("dtype,n,rg,rpg", [("float32", 4, 6, 11), ("float64", 4, 9, 8), ("float32", 3, 1, 5)])
+def test_regs_backward_kernels_compile_to_ptx(no_device, dtype, n, rg, rpg):
+    from fastmu.kernels import cuda_backward as kb
+
+    pass1, pass2 = kb._build_regs(dtype, n, rg, rpg)
+    f = getattr(types, dtype)
+    a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
+    b = types.boolean
+    bounds = (32 * rg, max(1, 512 // (32 * rg)))
+    ptx = _compile(pass1.py_func, (a3,) * 5 + (f, b, a3, a4, a4), bounds)
+    assert "bar.sync" in ptx and "atom." not in ptx  # fixed-order sums: no atomics
+    ptx = _compile(pass2.py_func, (a3,) * 7 + (f, b, b, b, a3, a3), bounds)
+    assert "atom." not in ptx

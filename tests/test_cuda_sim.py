@@ -38,15 +38,18 @@ EPS = 1e-12
 def _tiny_blocks():
     """32 threads per block, automatic mode, row staging, for every test (restored afterwards)."""
     saved = kc.get_config()
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows")
+    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None)
     yield
     kc.set_config(**saved)
 
 
-@pytest.fixture(params=["rows", "tile"])
+@pytest.fixture(params=["rows", "tile", "regs"])
 def staged(request):
-    """Run a kernel test with both stagings of X (see kernels.cuda.set_staging)."""
+    """Run a kernel test with each staging of X (see kernels.cuda.set_staging); "regs" with
+    at most 4 rows per thread, so that small m spans several warps."""
     kc.set_staging(request.param)
+    if request.param == "regs":
+        kc.set_rows_per_thread(4)
     return request.param
 
 
@@ -250,6 +253,67 @@ def test_staging_choice():
     assert kc.choose_staging(np.float32, 65, 4) == "rows"
     with pytest.raises(ValueError, match="staging"):
         kc.set_staging("warp")
+
+
+def test_regs_layout_and_choice():
+    kc.set_staging("regs")
+    # the paper's shape: 5 warps of 13 rows (float32), 9 of 8 (float64), tiles of 32 pixels
+    assert kc.regs_layout(np.float32, 65, 4) == (5, 13)
+    assert kc.regs_layout(np.float64, 65, 4) == (9, 8)
+    assert kc.regs_layout(np.float32, 65, 8) == (9, 8)  # fewer rows at a higher rank
+    assert kc.launch_layout(np.float32, 65, 4) == kc.Layout("regs", 160, 32, 13)
+    assert kc.launch_layout(np.float32, 3, 4) == kc.Layout("regs", 32, 32, 3)
+    kc.set_rows_per_thread(4)
+    assert kc.regs_layout(np.float32, 9, 3) == (3, 3)
+    assert kc.regs_layout(np.float32, 512, 4) == (128, 4)
+    with pytest.raises(ValueError, match="staging='regs'"):  # 128 warps > 32
+        kc.choose_staging(np.float32, 512, 4)
+    with pytest.raises(ValueError, match="rows per thread"):
+        kc.set_rows_per_thread(0)
+    kc.set_rows_per_thread(None)
+    assert kc.choose_staging(np.float32, 512, 4) == "regs"  # 32 warps of 16 rows
+    # the other stagings keep the thread count as tile width
+    kc.set_staging("rows")
+    assert kc.launch_layout(np.float32, 65, 4) == kc.Layout("rows", 32, 32, 0)
+
+
+@pytest.mark.parametrize(
+    "dtype,per_problem,staging",
+    [(np.float32, False, "regs"), (np.float64, True, "regs"), (np.float64, False, "rows"), (np.float32, True, "tile")],
+)
+def test_layer_step_out_of_place(dtype, per_problem, staging):
+    """One launch: A, S, P, G read only; A', S' and the P, G of S' written to fresh arrays."""
+    kc.set_staging(staging)
+    kc.set_rows_per_thread(4)
+    b, m, n, t = 2, 9, 3, 70
+    X, A, S = _problem(b, m, n, t, dtype, seed=21)
+    rng = np.random.default_rng(3)
+    W = (0.5 + rng.random((b if per_problem else 1, m, n))).astype(dtype)
+    Xd = X.astype(np.float64)
+    P = (Xd @ S.astype(np.float64).transpose(0, 2, 1)).astype(dtype)
+    G = (S.astype(np.float64) @ S.astype(np.float64).transpose(0, 2, 1)).astype(dtype)
+    kc.set_mode("grid")
+    kc.set_blocks_per_problem(2)
+    d = cuda.to_device
+    dX, dA, dS, dW, dP, dG = (d(a) for a in (X, A, S, W, P, G))
+    Ao, So = cuda.device_array((b, m, n), dtype), cuda.device_array((b, n, t), dtype)
+    Po, Go = d(np.zeros((b, m, n), dtype)), d(np.zeros((b, n, n), dtype))
+    kc.layer_step(dX, dA, dS, dW, dP, dG, Ao, So, Po, Go, EPS, True)
+    Ar, Sr = mu_step_numpy(Xd, A.astype(np.float64), S.astype(np.float64),
+                           W.astype(np.float64) if per_problem else W[0].astype(np.float64), EPS)
+    np.testing.assert_allclose(Ao.copy_to_host(), Ar, **TOL[dtype])
+    np.testing.assert_allclose(So.copy_to_host(), Sr, **TOL[dtype])
+    np.testing.assert_allclose(Po.copy_to_host(), Xd @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    np.testing.assert_allclose(Go.copy_to_host(), Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    for dev, host in ((dA, A), (dS, S), (dP, P), (dG, G)):  # inputs untouched
+        np.testing.assert_array_equal(dev.copy_to_host(), host)
+    # update=False: the P, G pass over S alone
+    Pz, Gz = d(np.zeros((b, m, n), dtype)), d(np.zeros((b, n, n), dtype))
+    kc.layer_step(dX, dA, dS, dW, dP, dG, Ao, So, Pz, Gz, EPS, True, update=False)
+    np.testing.assert_allclose(Pz.copy_to_host(), P, **TOL[dtype])
+    np.testing.assert_allclose(Gz.copy_to_host(), G, **TOL[dtype])
+    with pytest.raises(ValueError, match="S_out"):
+        kc.layer_step(dX, dA, dS, dW, dP, dG, Ao, Ao, Po, Go, EPS, True)
 
 
 def test_tile_staging_with_several_threads_per_row():
