@@ -80,7 +80,8 @@ def unrolled_loss(
     A_true : Tensor (b, m, n)
     S_true : Tensor (b, n, t)
     weights : optional
-        Per-layer weights; default :func:`layer_weights` ``(L)``.
+        Per-layer weights (constants, read on the host; no gradient flows to
+        them); default :func:`layer_weights` ``(L)``.
     reduction : {"mean", "sum"}
         Over the problems of the batch.
 
@@ -102,19 +103,22 @@ def unrolled_loss(
         raise ValueError("outputs is empty")
     L = len(outputs)
     ref = outputs[0][0]
+    # The weights are read on the host once: comparing device scalars layer by
+    # layer would synchronise a GPU L times (and rule out CUDA-graph capture).
     if weights is None:
-        v = layer_weights(L, dtype=ref.dtype, device=ref.device)
+        v = layer_weights(L).tolist()
     else:
-        v = torch.as_tensor(weights, dtype=ref.dtype, device=ref.device)
-        if v.shape != (L,):
-            raise ValueError(f"weights must have one value per layer ({L}), got shape {tuple(v.shape)}")
+        vt = torch.as_tensor(weights).detach()
+        if vt.shape != (L,):
+            raise ValueError(f"weights must have one value per layer ({L}), got shape {tuple(vt.shape)}")
+        v = vt.to("cpu", torch.float64).tolist()
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     total = ref.new_zeros(())
     nA = A_true.norm(dim=-2)
     nS = S_true.norm(dim=-1)
     for vl, (A, S) in zip(v, outputs):
-        if float(vl) == 0.0:  # v_1 = 0: skip the work (and the graph) for that layer
+        if vl == 0.0:  # v_1 = 0: skip the work (and the graph) for that layer
             continue
         if A.shape != A_true.shape or S.shape != S_true.shape:
             raise ValueError(

@@ -5,9 +5,9 @@ Same math, arguments and semantics as :mod:`fastmu.kernels.cpu_backward`
 ``numba.cuda.as_cuda_array`` of torch tensors), and everything is queued on
 the caller's stream without synchronising the host.
 
-Forward: the fused one-iteration kernel of :mod:`fastmu.kernels.cuda`
-(``mu_run`` with ``n_iter=1``) on copies of A and S, with ``P``/``G`` handed
-in and out so that a model reads X once per layer.
+Forward: one launch of the fused out-of-place iteration of
+:mod:`fastmu.kernels.cuda` (``layer_step``), with ``P``/``G`` handed in and
+out so that a model reads X once per layer.
 
 Backward, five launches, every barrier inside a block (the CUDA simulator,
 which CI runs, has no grid-wide barrier and no warp shuffles):
@@ -31,6 +31,13 @@ All sums run in a fixed order (partials per tile, reduced in tile order), so
 the backward is bit-reproducible run to run, as on the CPU (the forward's
 P, G reductions use atomics, whose order varies on a GPU).
 
+With the forward's ``"regs"`` staging (:func:`fastmu.kernels.cuda.set_staging`)
+passes 1 and 2 use its layout instead (:func:`_build_regs`): warps split the
+rows of 32-pixel tiles and hold X in registers, so a thread's loads are in
+flight together rather than one row after another; pass 1's pixel sums stay
+in registers over a block's tiles and are summed over lanes in lane order
+into one partial slot per block. Still fixed orders, still no atomics.
+
 Kernels are specialised per (dtype, n, threads per block): ``n`` sizes the
 per-thread register arrays. ``FASTMU_CUDA_BWD_THREADS`` (default 128; tests
 use 32) sets the threads per block = pixel tile width.
@@ -42,6 +49,7 @@ import math
 import os
 from typing import Any
 
+import numba
 import numpy as np
 from numba import cuda
 
@@ -267,6 +275,258 @@ def _build(dtype_name: str, n: int, tpb: int):
     return prep, pass1, tiny, sum_w, pass2, nb_dtype
 
 
+@functools.lru_cache(maxsize=None)
+def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
+    """The two passes over X in the ``"regs"`` layout of :mod:`fastmu.kernels.cuda`.
+
+    A block is ``rg`` warps over 32-pixel tiles; warp ``g`` holds rows
+    ``g·rpg ...`` of the tile's columns (one per lane) in registers, so a
+    thread's loads of X are all in flight at once. Grid ``(bpp, b)``: block
+    ``bx`` takes tiles ``bx, bx + bpp, ...`` of problem ``blockIdx.y``.
+    Reductions over rows meet in shared memory and are summed in warp order;
+    reductions over pixels stay in per-thread registers over the block's
+    tiles and are summed over lanes in lane order at the end, into the
+    block's own slot of ``XgRpart`` / ``gHpart``: fixed orders throughout,
+    so the backward stays bit-reproducible.
+    """
+    from numba import types
+
+    ty = types.float32 if dtype_name == "float32" else types.float64
+    isz = 4 if dtype_name == "float32" else 8
+    TW = 32
+    RG, RPG = rg, rpg
+    nthr = TW * RG
+    KPT = -(-n // RG)  # components finished per thread (k = g, g + RG, ...)
+    KN = KPT * n
+    VPT = RPG * n
+    # rows of P partials reduced per round: the round's buffer (RG, CH·n, 33) stays ≤ 24 kB
+    CH = max(1, min(RPG, (24 * 1024 // (RG * 33 * isz)) // n, max(1, TW // n)))
+    CHN = CH * n
+    NR = -(-RPG // CH)  # rounds
+    RGN = RG * n  # shared shapes must be plain closure constants for the CUDA compiler
+    TW1 = TW + 1
+    # at least 512 resident threads per SM (at most 128 registers), as the forward;
+    # the simulator's jit takes no launch bounds
+    kjit = cuda.jit
+    if not getattr(numba.config, "ENABLE_CUDASIM", 0):
+        kjit = functools.partial(cuda.jit, launch_bounds=(nthr, max(1, 512 // nthr)))
+
+    from fastmu.kernels.cuda import regs_helpers
+
+    load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG)
+
+    @cuda.jit(device=True)
+    def load_small(Src, p, Dst, m, tid):
+        """``Dst[i·n + k] = Src[p, i, k]`` (a per-problem m × n matrix into shared memory)."""
+        for q in range(tid, m * n, nthr):
+            Dst[q] = Src[p, q // n, q % n]
+
+    @kjit
+    def pass1(X, Aq, H, S, gSo, eps, need_gS, gS, XgRpart, gHpart):
+        bx = cuda.blockIdx.x
+        p = cuda.blockIdx.y
+        nbx = cuda.gridDim.x
+        tid = cuda.threadIdx.x
+        lane = tid % TW
+        g = tid // TW
+        row0 = g * RPG
+        m = X.shape[1]
+        t = X.shape[2]
+        zero = ty(0)
+        Ash = cuda.shared.array(0, ty)  # A' (m × n)
+        Hsh = cuda.shared.array((n, n), ty)
+        Ssh = cuda.shared.array((n, TW), ty)
+        Qsh = cuda.shared.array((n, TW), ty)  # gS' of the tile
+        Xsh = cuda.shared.array((RGN, TW), ty)  # the warps' shares of R_j
+        gRsh = cuda.shared.array((n, TW), ty)
+        gUsh = cuda.shared.array((n, TW), ty)
+        Rqsh = cuda.shared.array((n, TW), ty)  # gS' ⊙ R ⊘ D of the tile
+        red = cuda.shared.array((RG, CHN, TW1), ty)
+        load_small(Aq, p, Ash, m, tid)
+        for q in range(tid, n * n, nthr):
+            Hsh[q // n, q % n] = H[p, q // n, q % n]
+        xr = cuda.local.array(RPG, ty)
+        xg = cuda.local.array(VPT, ty)  # X gRᵀ partials: this thread's rows × components
+        gh = cuda.local.array(KN, ty)  # gU Sᵀ partials: rows k = g + kk·RG
+        sv = cuda.local.array(n, ty)
+        for q in range(VPT):
+            xg[q] = 0
+        for q in range(KN):
+            gh[q] = 0
+        cuda.syncthreads()
+        ntiles = (t + TW - 1) // TW
+        for c in range(bx, ntiles, nbx):
+            j = c * TW + lane
+            valid = j < t
+            load_rows(X, p, row0, j, valid, m, xr)
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    Ssh[k, lane] = S[p, k, j] if valid else zero
+                    Qsh[k, lane] = gSo[p, k, j] if valid else zero
+            share_rows(Ash, row0, m, xr, Xsh, g, lane)
+            cuda.syncthreads()
+            for l in range(n):
+                sv[l] = Ssh[l, lane]
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    rk = sum_shares(Xsh, k, lane)
+                    d = eps
+                    for l in range(n):
+                        d += Hsh[k, l] * sv[l]
+                    q = Qsh[k, lane] / d
+                    so = sv[k] * rk / d  # S', rounded as in the forward
+                    gRsh[k, lane] = q * sv[k]
+                    gUsh[k, lane] = -q * so
+                    Rqsh[k, lane] = q * rk
+            cuda.syncthreads()
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    gu = gUsh[k, lane]
+                    if need_gS and valid:
+                        acc = Rqsh[k, lane]
+                        for l in range(n):
+                            acc += Hsh[k, l] * gUsh[l, lane]
+                        gS[p, k, j] = acc
+                    for l in range(n):
+                        gh[kk * n + l] += gu * sv[l]
+            for k in range(n):
+                gr = gRsh[k, lane]
+                for r in range(RPG):
+                    xg[r * n + k] += xr[r] * gr
+            cuda.syncthreads()  # before the next tile overwrites the shared tiles
+        # this block's partial sums, over lanes in lane order, into its own slot
+        for rnd in range(NR):
+            for v in range(CHN):
+                r = rnd * CH + v // n
+                if r < RPG:
+                    red[g, v, lane] = xg[r * n + v % n]
+            cuda.syncthreads()
+            if lane < CHN:
+                r = rnd * CH + lane // n
+                i = row0 + r
+                if r < RPG and i < m:
+                    acc = zero
+                    for ll in range(TW):
+                        acc += red[g, lane, ll]
+                    XgRpart[bx, p, i, lane % n] = acc
+            cuda.syncthreads()
+        for k in range(n):
+            if g == k % RG:
+                kk = k // RG
+                for l in range(n):
+                    red[0, l, lane] = gh[kk * n + l]
+            cuda.syncthreads()
+            if tid < n:
+                acc = zero
+                for ll in range(TW):
+                    acc += red[0, tid, ll]
+                gHpart[bx, p, k, tid] = acc
+            cuda.syncthreads()
+
+    @kjit
+    def pass2(X, Aq, H, S, gSo, gP, Gs, eps, has_gSo, need_gS, need_gX, gS, gX):
+        bx = cuda.blockIdx.x
+        p = cuda.blockIdx.y
+        nbx = cuda.gridDim.x
+        tid = cuda.threadIdx.x
+        lane = tid % TW
+        g = tid // TW
+        row0 = g * RPG
+        m = X.shape[1]
+        t = X.shape[2]
+        zero = ty(0)
+        dyn = cuda.shared.array(0, ty)
+        Psh = dyn[: m * n]  # gP
+        Ash = dyn[m * n : 2 * m * n]  # A'
+        Hsh = cuda.shared.array((n, n), ty)
+        GSsh = cuda.shared.array((n, n), ty)
+        Ssh = cuda.shared.array((n, TW), ty)  # S of the tile
+        Rsh = cuda.shared.array((n, TW), ty)  # gR of the tile (gX only)
+        Xsh = cuda.shared.array((RGN, TW), ty)
+        load_small(gP, p, Psh, m, tid)
+        load_small(Aq, p, Ash, m, tid)
+        for q in range(tid, n * n, nthr):
+            Hsh[q // n, q % n] = H[p, q // n, q % n]
+            GSsh[q // n, q % n] = Gs[p, q // n, q % n]
+        xr = cuda.local.array(RPG, ty)
+        sv = cuda.local.array(n, ty)
+        cuda.syncthreads()
+        ntiles = (t + TW - 1) // TW
+        for c in range(bx, ntiles, nbx):
+            j = c * TW + lane
+            valid = j < t
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    Ssh[k, lane] = S[p, k, j] if valid else zero
+            if need_gS:
+                load_rows(X, p, row0, j, valid, m, xr)
+                share_rows(Psh, row0, m, xr, Xsh, g, lane)
+            cuda.syncthreads()
+            for l in range(n):
+                sv[l] = Ssh[l, lane]
+            for kk in range(KPT):
+                k = g + kk * RG
+                if k < n:
+                    if need_gS and valid:
+                        acc = sum_shares(Xsh, k, lane)
+                        for l in range(n):
+                            acc += GSsh[k, l] * sv[l]
+                        if has_gSo:
+                            gS[p, k, j] += acc
+                        else:
+                            gS[p, k, j] = acc
+                    if need_gX:
+                        rk = zero
+                        if has_gSo and valid:
+                            d = eps
+                            for l in range(n):
+                                d += Hsh[k, l] * sv[l]
+                            rk = gSo[p, k, j] / d * sv[k]
+                        Rsh[k, lane] = rk
+            cuda.syncthreads()
+            if need_gX and valid:
+                for r in range(RPG):
+                    i = row0 + r
+                    if i < m:
+                        acc = zero
+                        for k in range(n):
+                            acc += Psh[i * n + k] * sv[k] + Ash[i * n + k] * Rsh[k, lane]
+                        gX[p, i, j] = acc
+            # No barrier needed here: the next tile writes Ssh and Xsh before its
+            # first barrier, after every thread has passed this tile's second
+            # (all reads of them come before it), and Rsh after its first
+            # barrier, which every thread reaches only when done with gX.
+
+    return pass1, pass2
+
+
+def backward_layout(dtype: Any, m: int, n: int) -> tuple[int, int] | None:
+    """``(row groups, rows per group)`` when the backward passes use the ``"regs"`` layout, else None.
+
+    They follow the forward's staging (:func:`fastmu.kernels.cuda.set_staging`):
+    ``"regs"`` there selects them here too, up to n = 8 and 32 warps per
+    block; otherwise the one-thread-per-column passes run.
+    """
+    from fastmu.kernels import cuda as kcuda
+
+    cfg = kcuda.get_config()
+    if cfg["staging"] != "regs" or n > kcuda.MAX_N:
+        return None
+    if cfg["rows_per_thread"] is None and np.dtype(dtype).itemsize == 4 and n <= 4:
+        # pass 1 keeps more per-thread state than the forward (gU Sᵀ partials, the
+        # column's S): at 13 rows ptxas (sm_90) spilled 260 bytes at 128 registers,
+        # at 11 rows (m = 65: 6 warps) it needs 122 and spills nothing
+        rg = -(-int(m) // 11)
+        rpg = -(-int(m) // rg)
+    else:
+        rg, rpg = kcuda.regs_layout(dtype, m, n)
+    return (rg, rpg) if rg <= 32 else None
+
+
 def _check(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, int, int]:
     b, m, t = X.shape
     n = A.shape[2]
@@ -292,33 +552,32 @@ def _device_alloc(stream: Any):
 
 
 def layer_forward(
-    X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, stream=0, alloc=None,
+    X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out, stream=0, alloc=None, zeroed=False,
 ) -> None:
     """One learned-MU layer, out of place (see :func:`fastmu.kernels.cpu_backward.layer_forward`).
 
     ``P``, ``G`` are read when ``pg_valid`` and written otherwise; ``P_out``,
-    ``G_out`` receive ``X S'ᵀ``, ``S' S'ᵀ`` when ``accumulate``. ``alloc(shape,
-    dtype)`` makes scratch device arrays (default: Numba allocations on
-    ``stream``; the torch layer passes torch's caching allocator).
+    ``G_out`` receive ``X S'ᵀ``, ``S' S'ᵀ`` when ``accumulate``. One launch
+    of :func:`fastmu.kernels.cuda.layer_step` (two when ``P``, ``G`` must be
+    computed first). The sums are accumulated with atomics into zeroed
+    arrays: pass ``zeroed=True`` when the caller already zeroed ``P_out``,
+    ``G_out`` (and ``P``, ``G`` when not ``pg_valid``), else they are
+    zeroed here. ``alloc`` is accepted for symmetry with
+    :func:`layer_backward`; the forward needs no scratch memory.
     """
     from fastmu.kernels import cuda as kcuda
 
-    alloc = alloc or _device_alloc(stream)
-    b, m, t, n = _check(X, A, S, W, P, G)
-    A_out.copy_to_device(A, stream=stream)
-    S_out.copy_to_device(S, stream=stream)
+    _check(X, A, S, W, P, G)
     if not pg_valid:
-        # n_iter = 0: only P = X Sᵀ, G = S Sᵀ of the input (kept for the backward)
-        kcuda.mu_run(X, A_out, S_out, W, P, G, 0, eps, False, True, stream=stream)
-    if accumulate:
-        Pw, Gw = P_out, G_out
-    else:  # mu_run updates P, G in place; the saved input values must survive
-        Pw = alloc(P.shape, P.dtype)
-        Gw = alloc(G.shape, G.dtype)
-    Pw.copy_to_device(P, stream=stream)
-    Gw.copy_to_device(G, stream=stream)
-    ws = kcuda.GridWorkspace(alloc)
-    kcuda.mu_run(X, A_out, S_out, W, Pw, Gw, 1, eps, True, bool(accumulate), stream=stream, workspace=ws)
+        # P = X Sᵀ, G = S Sᵀ of the input S (the backward needs them too)
+        if not zeroed:
+            kcuda.zero_fill(P, stream)
+            kcuda.zero_fill(G, stream)
+        kcuda.layer_step(X, A, S, W, P, G, A_out, S_out, P, G, eps, True, update=False, stream=stream)
+    if accumulate and not zeroed:
+        kcuda.zero_fill(P_out, stream)
+        kcuda.zero_fill(G_out, stream)
+    kcuda.layer_step(X, A, S, W, P, G, A_out, S_out, P_out, G_out, eps, bool(accumulate), stream=stream)
 
 
 def layer_backward(
@@ -335,6 +594,17 @@ def layer_backward(
     tpb = _threads
     prep, pass1, tiny, sum_w, pass2, _ = _build(dt.name, n, tpb)
     ntiles = math.ceil(t / tpb)
+    lay = backward_layout(dt, m, n)
+    if lay is not None:  # the "regs" passes: grid (bpp, b), one partial slot per block
+        from fastmu.kernels import cuda as kcuda
+
+        pass1, pass2 = _build_regs(dt.name, n, *lay)
+        nthr = 32 * lay[0]
+        ntiles = kcuda.choose_mode(b, t, 32)[1]  # blocks per problem = partial slots
+        grid1 = grid2 = (ntiles, b)
+        dyn1, dyn2 = m * n * dt.itemsize, 2 * m * n * dt.itemsize
+    else:
+        nthr, grid1, grid2, dyn1, dyn2 = tpb, (ntiles, b), (ntiles, b), 0, 0
     bw = W.shape[0]
     epsd = dt.type(eps)
 
@@ -352,7 +622,7 @@ def layer_backward(
 
     prep[b, tpb, stream](A, W, P, G, epsd, E, Aq, H)
     if has_gSo:
-        pass1[(ntiles, b), tpb, stream](X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
+        pass1[grid1, nthr, stream, dyn1](X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
     tiny[b, tpb, stream](
         A, W, P, G, E, Aq, gAo, bool(has_gSo), XgRpart, gHpart, bool(need_gA), bool(need_gW),
         gA_, gWp, gH, gP, gQ, gG, Gs,
@@ -360,6 +630,6 @@ def layer_backward(
     if need_gW and bw == 1:
         sum_w[1, tpb, stream](gWp, gW)
     if need_gS or need_gX:
-        pass2[(ntiles, b), tpb, stream](
+        pass2[grid2, nthr, stream, dyn2](
             X, Aq, H, S, gSo, gP, Gs, epsd, bool(has_gSo), bool(need_gS), bool(need_gX), gS, gX
         )

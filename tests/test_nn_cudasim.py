@@ -48,6 +48,17 @@ def _tiny_blocks():
     kb.set_threads(saved_bwd)
 
 
+@pytest.fixture(params=["columns", "regs"])
+def layout(request):
+    """Both layouts of the passes over X: one thread per pixel column, or the "regs" layout
+    (staging "regs"; at most 2 rows per thread, so that these small m span several warps,
+    one with padding rows)."""
+    if request.param == "regs":
+        kc.set_staging("regs")
+        kc.set_rows_per_thread(2)
+    return request.param
+
+
 def _sim_forward(X, A, S, W3, P=None, G=None, want_pg=False):
     """numpy in, numpy out through the simulator kernels."""
     b, m, t = X.shape
@@ -100,7 +111,8 @@ _inputs = learned_layer_inputs
 
 @pytest.mark.parametrize(
     "dtype,rtol,staging",
-    [(torch.float64, 1e-12, "rows"), (torch.float32, 2e-5, "rows"), (torch.float64, 1e-12, "tile")],
+    [(torch.float64, 1e-12, "rows"), (torch.float32, 2e-5, "rows"), (torch.float64, 1e-12, "tile"),
+     (torch.float32, 2e-5, "regs")],
 )
 @pytest.mark.parametrize("per_problem", [False, True])
 def test_forward_matches_reference_and_pg(dtype, rtol, staging, per_problem):
@@ -122,7 +134,7 @@ def test_forward_matches_reference_and_pg(dtype, rtol, staging, per_problem):
 
 
 @pytest.mark.parametrize("per_problem", [False, True])
-def test_gradcheck_simulator(per_problem):
+def test_gradcheck_simulator(per_problem, layout):
     X, A, S, W = _inputs(2, 3, 2, 20, per_problem=per_problem, seed=1)
     for v in (X, A, S, W):
         v.requires_grad_(True)
@@ -136,7 +148,7 @@ def test_gradcheck_simulator(per_problem):
 
 @pytest.mark.parametrize("per_problem", [False, True])
 @pytest.mark.parametrize("upstream", ["both", "A_only"])
-def test_gradients_match_reference(per_problem, upstream):
+def test_gradients_match_reference(per_problem, upstream, layout):
     X, A, S, W = _inputs(2, 6, 3, 40, per_problem=per_problem, seed=2)
     g = torch.Generator().manual_seed(3)
     gA = torch.randn(A.shape, generator=g, dtype=A.dtype)
@@ -158,7 +170,7 @@ def test_gradients_match_reference(per_problem, upstream):
             np.testing.assert_allclose(mine.reshape(ref.shape), ref.numpy(), rtol=1e-10, atol=1e-13)
 
 
-def test_only_w_gradient_and_float32():
+def test_only_w_gradient_and_float32(layout):
     X, A, S, W = _inputs(2, 6, 3, 40, dtype=torch.float32, seed=4)
     W.requires_grad_(True)
     A1, S1 = _SimLayer.apply(X, A, S, W)
@@ -167,3 +179,24 @@ def test_only_w_gradient_and_float32():
     rA, rS = mu_step_torch(X.double(), A.double(), S.double(), Wr)
     (rA.sum() + rS.square().sum()).backward()
     torch.testing.assert_close(W.grad.double(), Wr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_regs_backward_block_counts_and_reproducibility():
+    """The "regs" passes with one block looping over every tile and with one block per tile agree,
+    and a repeated backward is bit-identical (fixed summation orders, no atomics)."""
+    kc.set_staging("regs")
+    kc.set_rows_per_thread(2)
+    X, A, S, W = _inputs(2, 5, 3, 90, seed=7)  # 3 tiles of 32 pixels, the last partial
+    W3 = W.unsqueeze(0)
+    *_, P, G = _sim_forward(*(v.numpy() for v in (X, A, S, W3)))
+    g = np.random.default_rng(8)
+    gA, gS = g.standard_normal(A.shape), g.standard_normal(S.shape)
+    args = [v.numpy() for v in (X, A, S, W3)] + [P, G, gA, gS, (True, True, True, True)]
+    runs = {}
+    for bpp in (1, None):
+        kc.set_blocks_per_problem(bpp)
+        runs[bpp] = _sim_backward(*args)
+    again = _sim_backward(*args)
+    for a, b, c in zip(runs[1], runs[None], again):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(b, c)

@@ -148,12 +148,15 @@ def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
     n = A.shape[2]
     A_out = torch.empty_like(A)
     S_out = torch.empty_like(S)
+    # The CUDA forward accumulates P, G with atomics into zeroed arrays; torch's
+    # memset is cheaper than a Numba launch.
+    new = torch.zeros if X.device.type == "cuda" else torch.empty
     if not pg_valid:
-        P = torch.empty((b, m, n), dtype=X.dtype, device=X.device)
-        G = torch.empty((b, n, n), dtype=X.dtype, device=X.device)
+        P = new((b, m, n), dtype=X.dtype, device=X.device)
+        G = new((b, n, n), dtype=X.dtype, device=X.device)
     shape_pg = ((b, m, n), (b, n, n)) if want_pg else ((0, m, n), (0, n, n))
-    P_out = torch.empty(shape_pg[0], dtype=X.dtype, device=X.device)
-    G_out = torch.empty(shape_pg[1], dtype=X.dtype, device=X.device)
+    P_out = new(shape_pg[0], dtype=X.dtype, device=X.device)
+    G_out = new(shape_pg[1], dtype=X.dtype, device=X.device)
     if X.device.type == "cpu":
         # The solver's fused iteration (kernels.cpu.mu_run), run once in place on
         # the fresh outputs: it picks the problem-major schedule for batches,
@@ -177,7 +180,7 @@ def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
         with torch.cuda.device(X.device):
             arrs = _cuda_arrays(X, A, S, W3, P, G, A_out, S_out, P_out, G_out)
             kc.layer_forward(*arrs[:6], float(eps), bool(pg_valid), bool(want_pg), *arrs[6:],
-                             stream=_cuda_stream(X.device), alloc=_torch_alloc(X.device))
+                             stream=_cuda_stream(X.device), zeroed=True)
     else:  # pragma: no cover - validated before
         raise ValueError(f"no fused learned-MU kernel for device {X.device}")
     return A_out, S_out, P, G, P_out, G_out
