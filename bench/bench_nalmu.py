@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--objective", default="upstream", choices=("upstream", "loss"))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA: time replays of each model's step captured as a CUDA graph (no host overhead)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/nalmu_<device>_<objective>.json)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="also profile one fused and one plain step (host vs device time) into this text file")
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = run_nalmu_benchmark(
         batch=args.batch, m=args.m, t=args.t, n_layers=args.layers, device=args.device, n=args.n,
         dtype=args.dtype, repeats=args.repeats, measure_memory=not args.no_memory, objective=args.objective,
+        cuda_graph=args.cuda_graph,
     )
     try:
         from fastmu.benchmarks.machine import machine_info
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         pass
     f, p = res["fused"], res["plain"]
     print(f"NALMU {args.layers} layers, batch {args.batch}, {args.m}×{args.t}, n={args.n}, {args.dtype}, "
-          f"{args.device} ({res['device_name']}), objective={args.objective}")
+          f"{args.device} ({res['device_name']}), objective={args.objective}"
+          + (", CUDA-graph replays" if args.cuda_graph else ""))
     print(f"  fused: {f['time_s'] * 1e3:8.1f} ms median ({f['time_min_s'] * 1e3:.1f} min)")
     print(f"  plain: {p['time_s'] * 1e3:8.1f} ms median ({p['time_min_s'] * 1e3:.1f} min)")
     print(f"  speedup {res['speedup']:.2f}× (median), {res['speedup_min']:.2f}× (best steps)")
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"(ratio {res['memory_ratio']:.2f}); {res['memory_method']}")
     if args.profile is not None:
         res["profile"] = profile_steps(args)
-    out = args.out or Path(__file__).parent / "results" / f"nalmu_{args.device.split(':')[0]}_{args.objective}.json"
+    tag = "_graph" if args.cuda_graph else ""
+    out = args.out or Path(__file__).parent / "results" / f"nalmu_{args.device.split(':')[0]}_{args.objective}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
     print(f"  written to {out}")

@@ -8,6 +8,11 @@
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
 #   STEPS="tests sweep" bash bench/gpu_session.sh   # a subset (tests sweep bench profile nalmu)
+#
+# With ~10 minutes per device call, two calls cover what matters most:
+#   STEPS="sweep bench"  (~5.5 min: the knob sweep, then W1/W2 with each staging's best knobs)
+#   STEPS="nalmu tests"  (~8 min: NALMU eager + CUDA-graph, then the GPU tests)
+# and STEPS=profile (~1.5 min) when the numbers need explaining.
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 LOGDIR=$(mktemp -d)
@@ -55,15 +60,17 @@ if want tests; then
   PYTEST_EXTRA=()
   python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
-  step gpu_tests "${TESTS_LIMIT:-300}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+  step gpu_tests "${TESTS_LIMIT:-240}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_cuda_ptx.py --junitxml="$LOGDIR/gpu_tests.xml"
   cp "$LOGDIR/gpu_tests.log" "$OUT/"
   tail -n 15 "$OUT/gpu_tests.log"
 fi
 
 if want sweep; then
-  # the knobs that mattered on the H200 (grid mode, 128 threads) crossed with the two stagings of X
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 1024, 2048], "stagings": ["rows", "tile"], "bpp_fractions": [1, 16], "block_mode": false}'}
+  # the "rows" knobs that won on the H200 (grid mode, 128 threads, unroll 8 at 2048 threads per SM
+  # for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at two row counts
+  # (regs runs skip 2048 threads per SM, which would spill it)
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "bpp_fractions": [1, 4, 16], "block_mode": false}'}
   step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
@@ -74,6 +81,7 @@ except Exception as e:
     rows = []; print("no sweep:", e)
 for r in rows:
     print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"), r.get("staging"),
+          r.get("rows_per_thread"),
           "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
           if "ms_per_iter" in r else r.get("error"))
 PY
@@ -84,14 +92,14 @@ if want bench; then
   CONFIGS=${CONFIGS:-$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
 import json, sys
 try:
-    best = json.load(open(sys.argv[1]))["best"]
+    best = json.load(open(sys.argv[1]))["best_by_staging"]
 except Exception:
     best = {}
 cfg = {}
+keys = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread")
 for w, b in (("W1", "1"), ("W2", "150")):
-    if b in best:
-        r = best[b]
-        cfg[w] = {k: r[k] for k in ("threads", "unroll", "blocks_per_problem", "occupancy", "staging") if k in r}
+    if b in best:  # the sweep's best knobs for each staging, each timed in the benchmark
+        cfg[w] = {st: {k: r[k] for k in keys if k in r} for st, r in best[b].items()}
 print(json.dumps(cfg))
 PY
 )}
@@ -115,9 +123,16 @@ if want profile; then
 fi
 
 if want nalmu; then
-  step nalmu_bench "${NALMU_LIMIT:-150}" python3 bench/bench_nalmu.py --device cuda --t 16384 \
-    --out "$OUT/nalmu_cuda.json" --profile "$LOGDIR/nalmu_profile_tables.txt"
-  tail -n 8 "$LOGDIR/nalmu_bench.log"
+  # each staging of the fused model (the backward follows it), eagerly (with peak memory
+  # and a host-vs-device profile) and as CUDA-graph replays (device time alone)
+  for st in ${NALMU_STAGINGS:-regs}; do
+    FASTMU_CUDA_STAGING=$st step nalmu_$st "${NALMU_LIMIT:-130}" python3 bench/bench_nalmu.py --device cuda \
+      --t 16384 --out "$OUT/nalmu_cuda_$st.json" --profile "$LOGDIR/nalmu_profile_tables_$st.txt"
+    tail -n 8 "$LOGDIR/nalmu_$st.log"
+    FASTMU_CUDA_STAGING=$st step nalmu_graph_$st "${NALMU_GRAPH_LIMIT:-90}" python3 bench/bench_nalmu.py \
+      --device cuda --t 16384 --cuda-graph --out "$OUT/nalmu_cuda_graph_$st.json"
+    tail -n 6 "$LOGDIR/nalmu_graph_$st.log"
+  done
 fi
 cat "$OUT/steps.txt"
 tar czf "$OUT/logs.tgz" -C "$LOGDIR" .

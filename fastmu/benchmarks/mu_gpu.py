@@ -138,7 +138,7 @@ def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> 
     }
 
 
-_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging")
+_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread")
 
 
 def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -248,6 +248,7 @@ def run_gpu_benchmarks(
     configs: dict[str, dict[str, Any]] | None = None,
     partial: str | None = None,
     modes: tuple[str, ...] = ("block", "grid"),
+    stagings: tuple[str, ...] = ("rows", "regs"),
 ) -> dict[str, Any]:
     """Time W1 and W2 for fastmu and its peers on the current GPU; return a JSON-able dict.
 
@@ -268,6 +269,9 @@ def run_gpu_benchmarks(
         still leaves what it measured.
     modes : tuple of str
         fastmu's launch designs to time (``"block"``, ``"grid"``).
+    stagings : tuple of str
+        fastmu's stagings of X to time with each mode (entries
+        ``fastmu_<mode>_<staging>``; a staging set in ``configs`` wins).
 
     Raises
     ------
@@ -295,7 +299,10 @@ def run_gpu_benchmarks(
     for wname, b in (("W1", 1), ("W2", batch)):
         X, A0, S0 = _data(b, np.float32, seed=b)
         entries: dict[str, Any] = {}
-        cfg = dict((configs or {}).get(wname, {}))
+        wcfg = dict((configs or {}).get(wname, {}))
+        # knobs per staging ({"rows": {...}, "regs": {...}}) or one set for all
+        by_staging = wcfg if wcfg and set(wcfg) <= {"rows", "tile", "regs"} else None
+        cfg = {} if by_staging else wcfg
         saved = _apply(kc, cfg)
         try:
             auto = kc.choose_mode(b, T)
@@ -309,10 +316,13 @@ def run_gpu_benchmarks(
             "results": entries,
         }
         ref_S = None
-        for mode in modes:
-            label = f"fastmu_{mode}"
+        for mode, staging in [(md, st) for md in modes for st in ((cfg["staging"],) if "staging" in cfg else stagings)]:
+            label = f"fastmu_{mode}_{staging}"
+            knobs = {**(by_staging.get(staging, {}) if by_staging else cfg), "staging": staging}
+            if by_staging:
+                result["workloads"][wname]["kernel_config"][staging] = knobs
             try:
-                secs, S = _fastmu(cuda, X, A0, S0, iters, mode, cfg)
+                secs, S = _fastmu(cuda, X, A0, S0, iters, mode, knobs)
                 if ref_S is None:
                     ref_S = S
                 entries[label] = _entry(secs, b, iters, copy_bw, max_rel_diff_vs_fastmu=_agreement(S, ref_S))
@@ -361,6 +371,7 @@ def sweep_kernel_configs(
     bpp_fractions: tuple[int, ...] = (1, 4, 16, 0),
     block_mode: bool = True,
     partial: str | None = None,
+    rows_per_thread: tuple[int | None, ...] = (None,),
 ) -> dict[str, Any]:
     """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
 
@@ -371,7 +382,9 @@ def sweep_kernel_configs(
     the rows (ms/iteration, GB/s under the one-pass model) and the best
     configuration per batch size. A staging that does not fit the shape
     (``"tile"`` with more rows than threads or too little shared memory)
-    gives a row with its error.
+    gives a row with its error. ``"regs"`` staging has its own block shape:
+    it is timed once (not per ``threads`` or ``unrolls``) for each of
+    ``rows_per_thread``, with blocks per problem counted in 32-pixel tiles.
     """
     cuda = _require_gpu()
     from fastmu.kernels import cuda as kc
@@ -382,37 +395,45 @@ def sweep_kernel_configs(
     for b in batches:
         X, A0, S0 = _data(b, np.float32, seed=b)
         dX = cuda.to_device(X)
-        for tpb in threads:
-            tiles = -(-T // tpb)
+        runs = [(tpb, ur, occ, st, None) for tpb in threads for st in stagings if st != "regs"
+                for ur in unrolls for occ in occupancies]
+        # "regs" holds rows·(n + 1) values per thread: 2048 threads per SM (32 registers) would spill it
+        runs += [(threads[0], 1, occ, "regs", rpt) for occ in occupancies if occ <= 1024 for rpt in rows_per_thread
+                 if "regs" in stagings]
+        for tpb, ur, occ, st, rpt in runs:
+            tiles = -(-T // (kc.REGS_TILE if st == "regs" else tpb))
             bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions}, reverse=True)
-            runs = [(ur, occ, st) for st in stagings for ur in unrolls for occ in occupancies]
-            for ur, occ, st in runs:
-                for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
-                    cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st}
-                    row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
-                    try:
-                        secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
-                        row.update(_entry(secs, b, iters, copy_bw))
-                    except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    out["rows"].append(row)
-                    _dump(out, partial)
+            for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
+                cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st,
+                       "rows_per_thread": rpt}
+                row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
+                try:
+                    secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
+                    row.update(_entry(secs, b, iters, copy_bw))
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                out["rows"].append(row)
+                _dump(out, partial)
         ok = [r for r in out["rows"] if r["batch"] == b and "ms_per_iter" in r]
         if ok:
             out["best"][str(b)] = min(ok, key=lambda r: r["ms_per_iter"])
+            out.setdefault("best_by_staging", {})[str(b)] = {
+                st: min((r for r in ok if r["staging"] == st), key=lambda r: r["ms_per_iter"])
+                for st in {r["staging"] for r in ok}
+            }
         del X, A0, S0, dX
     _dump(out, partial)
     return out
 
 
 def profile_fastmu(batches: tuple[int, ...] = (1, 150), iters: tuple[int, ...] = (246, 30),
-                   table_path: str | None = None) -> dict[str, Any]:
+                   table_path: str | None = None, stagings: tuple[str, ...] = ("rows", "regs")) -> dict[str, Any]:
     """Profile fastmu's MU kernels at W1/W2 shapes: summed kernel time against wall time.
 
     A wall time well above the kernel time means the GPU waits on the host
     (launch overhead); kernel time per iteration well above the traffic
-    model's bound means the kernels themselves are slow. Operator tables go
-    to ``table_path``.
+    model's bound means the kernels themselves are slow. Each staging of X
+    is profiled in turn. Operator tables go to ``table_path``.
     """
     cuda = _require_gpu()
     from fastmu.benchmarks.profile import profile_call
@@ -420,7 +441,9 @@ def profile_fastmu(batches: tuple[int, ...] = (1, 150), iters: tuple[int, ...] =
 
     out: dict[str, Any] = {"suite": "gpu-profile", **_versions(cuda), "kernel_config": kc.get_config(), "runs": []}
     tables = []
-    for b, it in zip(batches, iters):
+    saved = kc.get_config()
+    for (b, it), st in [(bi, st) for bi in zip(batches, iters) for st in stagings]:
+        kc.set_staging(st)
         X, A0, S0 = _data(b, np.float32, seed=b)
         dX = cuda.to_device(X)
         W = cuda.to_device(np.ones((1, M, N), X.dtype))
@@ -435,12 +458,13 @@ def profile_fastmu(batches: tuple[int, ...] = (1, 150), iters: tuple[int, ...] =
         run()  # warm-up: compilation, graph capture
         cuda.synchronize()
         prof = profile_call(run, "cuda")
-        row = {"batch": b, "iters": it, "mode": kc.choose_mode(b, T)[0],
+        row = {"batch": b, "iters": it, "staging": st, "mode": kc.choose_mode(b, T)[0],
                **{k: v for k, v in prof.items() if k != "table"}}
         row["kernel_ms_per_iter"] = (prof["device_kernel_ms"] or 0.0) / it
         row["wall_ms_per_iter"] = prof["wall_ms"] / it
         out["runs"].append(row)
         tables.append(f"== batch {b}, {it} iterations: {row}\n{prof['table']}")
+    kc.set_config(**saved)
     if table_path:
         with open(table_path, "w") as fh:
             fh.write("\n\n".join(tables) + "\n")
@@ -449,7 +473,7 @@ def profile_fastmu(batches: tuple[int, ...] = (1, 150), iters: tuple[int, ...] =
 
 def format_table(result: dict[str, Any]) -> str:
     """The GPU results as a text table: seconds, ms/iteration, GB/s, fraction of copy bandwidth, speed-up."""
-    head = (f"{'workload':<8} {'peer':<14} {'seconds':>9} {'ms/iter':>9} {'GB/s':>8} {'of copy bw':>10} "
+    head = (f"{'workload':<8} {'peer':<18} {'seconds':>9} {'ms/iter':>9} {'GB/s':>8} {'of copy bw':>10} "
             f"{'vs torch eager':>14}")
     lines = [f"{result.get('device', '?')}: copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s, "
              f"{result.get('iters')} iterations", head, "-" * len(head)]
@@ -457,11 +481,11 @@ def format_table(result: dict[str, Any]) -> str:
         eager = w["results"].get("torch_eager", {}).get("seconds")
         for label, e in w["results"].items():
             if "seconds" not in e:
-                lines.append(f"{wname:<8} {label:<14} {e.get('error', '')[:60]}")
+                lines.append(f"{wname:<8} {label:<18} {e.get('error', '')[:60]}")
                 continue
             ratio = f"{eager / e['seconds']:>13.2f}x" if eager else f"{'':>14}"
             lines.append(
-                f"{wname:<8} {label:<14} {e['seconds']:>9.3f} {e['ms_per_iter']:>9.4f} "
+                f"{wname:<8} {label:<18} {e['seconds']:>9.3f} {e['ms_per_iter']:>9.4f} "
                 f"{e['achieved_GBps_one_pass_model']:>8.1f} {e['fraction_of_copy_bandwidth']:>10.2f} {ratio}"
             )
     return "\n".join(lines)
@@ -480,11 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     ap.add_argument("--modes", default="block,grid",
                     help="fastmu launch designs to benchmark, comma-separated (block, grid)")
+    ap.add_argument("--stagings", default="rows,regs",
+                    help="fastmu stagings of X to benchmark and profile, comma-separated (rows, tile, regs)")
     ap.add_argument("--profile", default=None, metavar="TABLES",
                     help="profile the kernels at W1/W2 shapes (kernel vs wall time); operator tables to TABLES")
     args = ap.parse_args(argv)
+    stagings = tuple(s for s in args.stagings.split(",") if s)
+    if not stagings or set(stagings) - {"rows", "tile", "regs"}:
+        ap.error(f"--stagings takes rows, tile and/or regs, got {args.stagings!r}")
     if args.profile:
-        res = profile_fastmu(table_path=args.profile)
+        res = profile_fastmu(table_path=args.profile, stagings=stagings)
     elif args.sweep:
         kw = json.loads(args.sweep_args) if args.sweep_args else {}
         res = sweep_kernel_configs(partial=args.out, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
@@ -494,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = set(modes) - {"block", "grid"}
         if bad or not modes:
             ap.error(f"--modes takes block and/or grid, got {args.modes!r}")
-        res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out, modes=modes)
+        res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out, modes=modes,
+                                 stagings=stagings)
     text = json.dumps(res, indent=2)
     if args.out:
         with open(args.out, "w") as fh:

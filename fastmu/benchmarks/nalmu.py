@@ -65,8 +65,16 @@ def _problem(batch: int, m: int, t: int, n: int, dtype: str, device: str, seed: 
 
 def make_step(
     fused: bool, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, device: str, seed: int,
-    objective: str = "upstream",
+    objective: str = "upstream", graph: bool = False,
 ):
+    """``(step, model)``: ``step()`` runs one forward + backward and returns a check value
+    (the loss, or Σ|∂/∂θ|) as a float, which synchronises the device.
+
+    With ``graph`` (CUDA only) the forward + backward is captured once as a
+    CUDA graph (after two warm-up steps on a side stream, as torch's
+    whole-network capture recipe does) and ``step()`` replays it: no
+    Python, no launch overhead, only device time.
+    """
     import torch
 
     from fastmu.losses import unrolled_loss
@@ -93,17 +101,36 @@ def make_step(
     # v_1 = 0: the first layer gets no direct upstream, as with the loss
     seeds = [(k, j, up[j]) for k, up in enumerate(ups) if k > 0 for j in (0, 1)]  # (layer, A=0/S=1, grad)
 
-    def step() -> float:
+    def body() -> torch.Tensor:  # no host synchronisation: capturable
         model.zero_grad(set_to_none=True)
         outs = model(X, return_all=True)
         if objective == "loss":
             loss = unrolled_loss(outs, A_true, S_true)
             loss.backward()
-            return float(loss.detach())
+            return loss.detach()
         torch.autograd.backward([outs[k][j] for k, j, _ in seeds], [gr for _, _, gr in seeds])
-        return float(model.theta.grad.abs().sum())
+        return model.theta.grad.abs().sum()
 
-    return step, model
+    if not graph:
+        return (lambda: float(body())), model
+    if not str(device).startswith("cuda"):
+        raise ValueError(f"graph=True needs a CUDA device, got {device!r}")
+    dev = torch.device(device)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # kernels compiled and loaded, gradients allocated, before capture
+            body()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        check = body()
+
+    def replay() -> float:
+        cuda_graph.replay()
+        return float(check)
+
+    return replay, model
 
 
 def _sync(device: str) -> None:
@@ -168,6 +195,7 @@ def run_nalmu_benchmark(
     measure_memory: bool = True,
     seed: int = 0,
     objective: str = "upstream",
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Time and peak memory of a NALMU training step, fused vs plain autograd, in one run.
 
@@ -186,6 +214,11 @@ def run_nalmu_benchmark(
     objective : {"upstream", "loss"}
         Model forward+backward from fixed upstream gradients at every layer,
         or a whole training step with the paper's loss (module docstring).
+    cuda_graph : bool
+        CUDA only: time replays of each model's step captured as a CUDA
+        graph (:func:`make_step`), which removes host overhead from both.
+        Peak memory is then not measured (a replay allocates nothing; the
+        graph's pool is reserved at capture): use an eager run for it.
 
     Returns
     -------
@@ -199,10 +232,14 @@ def run_nalmu_benchmark(
     import torch
 
     kw = dict(batch=batch, m=m, t=t, n=n, n_layers=n_layers, dtype=dtype, seed=seed, objective=objective)
+    if cuda_graph:
+        if not device.startswith("cuda"):
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device!r}")
+        measure_memory = False
     steps = {}
     losses = {}
     for name, fused in (("fused", True), ("plain", False)):
-        step, _ = make_step(fused, device=device, **kw)
+        step, _ = make_step(fused, device=device, graph=cuda_graph, **kw)
         losses[name] = step()  # warm-up
         _sync(device)
         steps[name] = step
@@ -237,8 +274,12 @@ def run_nalmu_benchmark(
             for name, fused in (("fused", True), ("plain", False)):
                 peaks[name] = _cpu_peak_in_subprocess(fused, **kw)
 
+    kernel_config = None
     if device.startswith("cuda"):
         device_name = torch.cuda.get_device_name(torch.device(device))
+        from fastmu.kernels import cuda as kcuda
+
+        kernel_config = kcuda.get_config()  # the staging decides the backward's layout too
     else:
         try:
             from fastmu.benchmarks.machine import cpu_model
@@ -248,10 +289,11 @@ def run_nalmu_benchmark(
             device_name = "cpu"
     res: dict[str, Any] = {
         "benchmark": "nalmu_train_step",
-        "workload": dict(kw, device=device, repeats=repeats),
+        "workload": dict(kw, device=device, repeats=repeats, cuda_graph=cuda_graph),
         "device_name": device_name,
         "torch_threads": torch.get_num_threads(),
         "memory_method": method,
+        "cuda_kernel_config": kernel_config,
     }
     for name in ("fused", "plain"):
         res[name] = {

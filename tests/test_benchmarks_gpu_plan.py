@@ -1,0 +1,79 @@
+"""The GPU benchmark's bookkeeping, without a GPU: which entries it times with which knobs.
+
+The timed calls are replaced by fakes that record the kernel configuration
+they ran under and return a duration; nothing here times anything. The
+measurements themselves only run on a GPU (``bench/gpu_session.sh``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mg = pytest.importorskip("fastmu.benchmarks.mu_gpu")
+kc = pytest.importorskip("fastmu.kernels.cuda")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Swap the device-facing parts of the benchmark for fakes; return the recorded calls."""
+    calls: list[dict] = []
+    class FakeCuda:
+        @staticmethod
+        def to_device(x):
+            return x
+
+    monkeypatch.setattr(mg, "_require_gpu", lambda: FakeCuda())
+    monkeypatch.setattr(mg, "_versions", lambda cuda: {"device": "fake"})
+    monkeypatch.setattr(mg, "copy_bandwidth", lambda cuda: 1e12)
+    monkeypatch.setattr(mg, "_data", lambda b, dt, seed=0: (np.ones((b, 2, 3), dt),) * 3)
+
+    def fastmu(cuda, X, A0, S0, iters, mode, config=None, dX=None):
+        saved = mg._apply(kc, config)  # the knobs as the real run would see them
+        calls.append({"mode": mode, **kc.get_config()})
+        mg._restore(kc, saved)
+        return 1.0 if calls[-1]["staging"] == "regs" else 2.0, S0
+
+    monkeypatch.setattr(mg, "_fastmu", fastmu)
+    monkeypatch.setattr(mg, "_torch_loop", lambda X, A0, S0, iters, compiled: (4.0, S0))
+    monkeypatch.setattr(mg, "_cupy_loop", lambda X, A0, S0, iters: (8.0, S0))
+    saved = kc.get_config()
+    yield calls
+    kc.set_config(**saved)
+
+
+def test_each_staging_is_an_entry_with_its_own_knobs(fake_gpu):
+    configs = {"W1": {"rows": {"blocks_per_problem": 128, "unroll": 1},
+                      "regs": {"blocks_per_problem": 256, "rows_per_thread": 9}},
+               "W2": {"occupancy": 1024}}
+    res = mg.run_gpu_benchmarks(iters=10, batch=3, configs=configs, modes=("grid",))
+    w1, w2 = res["workloads"]["W1"], res["workloads"]["W2"]
+    assert set(w1["results"]) == {"fastmu_grid_rows", "fastmu_grid_regs", "torch_eager", "torch_compile", "cupy_loop"}
+    assert w1["speedup_vs_torch_eager"] == {"fastmu_grid_rows": 2.0, "fastmu_grid_regs": 4.0}
+    assert w1["fastest"] == "fastmu_grid_regs"
+    assert w1["kernel_config"]["regs"]["rows_per_thread"] == 9
+    # W1's knobs per staging, W2's one set for both stagings
+    assert [(c["staging"], c["blocks_per_problem"], c["rows_per_thread"]) for c in fake_gpu[:2]] == [
+        ("rows", 128, None), ("regs", 256, 9)]
+    assert [(c["staging"], c["occupancy"]) for c in fake_gpu[2:]] == [("rows", 1024), ("regs", 1024)]
+    assert "fastmu_grid_regs" in mg.format_table(res)
+
+
+def test_sweep_times_regs_per_row_count_in_32_pixel_tiles(fake_gpu):
+    out = mg.sweep_kernel_configs(iters=5, batches=(1,), threads=(128, 256), unrolls=(1, 8), occupancies=(512, 2048),
+                                  stagings=("rows", "regs"), bpp_fractions=(1,), block_mode=False,
+                                  rows_per_thread=(None, 7))
+    regs = [r for r in out["rows"] if r["staging"] == "regs"]
+    rows = [r for r in out["rows"] if r["staging"] == "rows"]
+    assert len(rows) == 8  # 2 thread counts × 2 unrolls × 2 occupancies
+    # once per row count, not per thread count or unroll, and never at 2048 threads per SM
+    assert [(r["rows_per_thread"], r["blocks_per_problem"], r["unroll"], r["occupancy"]) for r in regs] == [
+        (None, mg.T // 32, 1, 512), (7, mg.T // 32, 1, 512)]
+    assert {r["blocks_per_problem"] for r in rows} == {mg.T // 128, mg.T // 256}
+    best = out["best_by_staging"]["1"]
+    assert best["regs"]["ms_per_iter"] < best["rows"]["ms_per_iter"]
+    assert out["best"]["1"]["staging"] == "regs"
+
+
+def test_cli_rejects_unknown_staging():
+    with pytest.raises(SystemExit):
+        mg.main(["--stagings", "warp"])
