@@ -611,8 +611,11 @@ def layer_backward(
     def buf(*shape: int) -> Any:
         return alloc(shape, dt)
 
-    E, Aq, gP, gQ = buf(b, m, n), buf(b, m, n), buf(b, m, n), buf(b, m, n)
-    H, gH, gG, Gs = buf(b, n, n), buf(b, n, n), buf(b, n, n), buf(b, n, n)
+    # Two allocations (and array-interface conversions) for the eight small
+    # per-problem buffers instead of eight: each conversion costs host time.
+    mn_bufs, nn_bufs = buf(4, b, m, n), buf(4, b, n, n)
+    E, Aq, gP, gQ = (mn_bufs[q] for q in range(4))
+    H, gH, gG, Gs = (nn_bufs[q] for q in range(4))
     gWp = gW if (need_gW and bw != 1) else buf(b if need_gW else 1, m, n)
     if has_gSo:
         XgRpart, gHpart = buf(ntiles, b, m, n), buf(ntiles, b, n, n)
