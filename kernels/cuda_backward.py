@@ -299,8 +299,7 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
     KPT = -(-n // RG)  # components finished per thread (k = g, g + RG, ...)
     KN = KPT * n
     VPT = RPG * n
-    # rows of P partials reduced per round: the round's buffer (RG, CH·n, 33) stays ≤ 24 kB
-    CH = max(1, min(RPG, (24 * 1024 // (RG * 33 * isz)) // n, max(1, TW // n)))
+    CH = _reduce_rows(RG, RPG, n, isz)
     CHN = CH * n
     NR = -(-RPG // CH)  # rounds
     RGN = RG * n  # shared shapes must be plain closure constants for the CUDA compiler
@@ -504,12 +503,27 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
     return pass1, pass2
 
 
+def _reduce_rows(rg: int, rpg: int, n: int, isz: int) -> int:
+    """Rows of pass 1's per-thread partials reduced per round: the round's shared buffer
+    ``(rg, rows·n, 33)`` stays within 24 kB, and one lane sums one entry."""
+    return max(1, min(rpg, (24 * 1024 // (rg * 33 * isz)) // n, max(1, 32 // n)))
+
+
+def regs_shared_bytes(dtype: Any, m: int, n: int, rg: int, rpg: int) -> int:
+    """Shared memory per block of the larger ``"regs"`` backward pass (static + dynamic)."""
+    isz = np.dtype(dtype).itemsize
+    ch = _reduce_rows(rg, rpg, n, isz)
+    pass1 = n * n + 6 * n * 32 + rg * n * 32 + rg * ch * n * 33 + m * n
+    pass2 = 2 * n * n + 2 * n * 32 + rg * n * 32 + 2 * m * n
+    return max(pass1, pass2) * isz
+
+
 def backward_layout(dtype: Any, m: int, n: int) -> tuple[int, int] | None:
     """``(row groups, rows per group)`` when the backward passes use the ``"regs"`` layout, else None.
 
     They follow the forward's staging (:func:`fastmu.kernels.cuda.set_staging`):
-    ``"regs"`` there selects them here too, up to n = 8 and 32 warps per
-    block; otherwise the one-thread-per-column passes run.
+    ``"regs"`` there selects them here too, up to n = 8, 32 warps per block
+    and 48 kB of shared memory; otherwise the one-thread-per-column passes run.
     """
     from fastmu.kernels import cuda as kcuda
 
@@ -524,7 +538,9 @@ def backward_layout(dtype: Any, m: int, n: int) -> tuple[int, int] | None:
         rpg = -(-int(m) // rg)
     else:
         rg, rpg = kcuda.regs_layout(dtype, m, n)
-    return (rg, rpg) if rg <= 32 else None
+    if rg > 32 or regs_shared_bytes(dtype, m, n, rg, rpg) > 48 * 1024:
+        return None
+    return rg, rpg
 
 
 def _check(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, int, int]:

@@ -406,3 +406,17 @@ def test_engine_bad_input():
                    CUDAEngine.adopt(np.ones((1, 9, 4), np.float32), dX), None, EPS)
     with pytest.raises(TypeError, match="Numba device arrays"):
         CUDAEngine(np.ones((1, 3, 4), np.float32), dX, dX, None, EPS)
+
+
+def test_backward_follows_the_forward_layout_within_limits():
+    kb = pytest.importorskip("fastmu.kernels.cuda_backward")
+    kc.set_staging("rows")
+    assert kb.backward_layout(np.float32, 65, 4) is None  # one thread per pixel column
+    kc.set_staging("regs")
+    assert kb.backward_layout(np.float32, 65, 4) == (6, 11)  # its own 11-row default (no spills)
+    assert kb.backward_layout(np.float64, 65, 4) == kc.regs_layout(np.float64, 65, 4)
+    assert kb.regs_shared_bytes(np.float32, 65, 4, 6, 11) <= 48 * 1024
+    assert kb.backward_layout(np.float64, 512, 8) is None  # its shared memory would not fit
+    assert kb.backward_layout(np.float32, 65, 9) is None  # above the forward's MAX_N
+    kc.set_rows_per_thread(4)
+    assert kb.backward_layout(np.float32, 9, 3) == (3, 3)
