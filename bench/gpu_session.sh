@@ -68,9 +68,9 @@ fi
 
 if want sweep; then
   # the "rows" knobs that won on the H200 (grid mode, 128 threads, unroll 8 at 2048 threads per SM
-  # for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at two row counts
-  # (regs runs skip 2048 threads per SM, which would spill it)
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "bpp_fractions": [1, 4, 16], "block_mode": false}'}
+  # for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at two row counts,
+  # with and without loading the next tile ahead (regs runs skip 2048 threads per SM, which would spill it)
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "prefetches": [false, true], "bpp_fractions": [1, 4, 16], "block_mode": false}'}
   step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
@@ -81,7 +81,7 @@ except Exception as e:
     rows = []; print("no sweep:", e)
 for r in rows:
     print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"), r.get("staging"),
-          r.get("rows_per_thread"),
+          r.get("rows_per_thread"), r.get("prefetch"),
           "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
           if "ms_per_iter" in r else r.get("error"))
 PY
@@ -96,7 +96,7 @@ try:
 except Exception:
     best = {}
 cfg = {}
-keys = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread")
+keys = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread", "prefetch")
 for w, b in (("W1", "1"), ("W2", "150")):
     if b in best:  # the sweep's best knobs for each staging, each timed in the benchmark
         cfg[w] = {st: {k: r[k] for k in keys if k in r} for st, r in best[b].items()}

@@ -71,6 +71,8 @@ Tuning knobs (module level, also read from the environment at import):
   registers between its two uses); the last two are not yet measured on a GPU.
 - ``FASTMU_CUDA_ROWS_PER_THREAD`` / :func:`set_rows_per_thread`: most rows of
   X one thread holds with ``"regs"`` staging.
+- ``FASTMU_CUDA_PREFETCH`` / :func:`set_prefetch`: with ``"regs"`` staging,
+  load the next tile's X while the current one is reduced.
 
 The automatic choices (:func:`choose_mode`, :func:`choose_knobs`) come from
 one sweep on an H200 (``bench/results/mu_gpu_sweep*_h200.json``); other GPUs
@@ -124,6 +126,7 @@ class _Config:
     occupancy: int | None = None
     staging: str = "rows"
     rows_per_thread: int | None = None  # "regs" staging; None: 16 (float32) / 8 (float64)
+    prefetch: bool = False  # "regs" staging: next tile's loads in flight during this tile's work
 
 
 _config = _Config()
@@ -252,6 +255,21 @@ def set_rows_per_thread(rows: int | None) -> None:
     _config.rows_per_thread = rows
 
 
+def set_prefetch(prefetch: bool | str | int) -> None:
+    """With ``"regs"`` staging, issue the next tile's loads of X before reducing the current tile.
+
+    The loads then stay in flight through the tile's barriers and arithmetic
+    instead of the memory system idling between tiles, at the cost of a
+    second set of ``rows`` registers per thread. Off by default (not yet
+    measured on a GPU); ``bench/gpu_session.sh`` sweeps both.
+    """
+    if isinstance(prefetch, str):
+        if prefetch not in ("0", "1", "true", "false", "True", "False"):
+            raise ValueError(f"prefetch must be a bool (or '0'/'1'), got {prefetch!r}")
+        prefetch = prefetch in ("1", "true", "True")
+    _config.prefetch = bool(prefetch)
+
+
 def regs_layout(dtype: Any, m: int, n: int = 4) -> tuple[int, int]:
     """``(row groups, rows per group)`` of a ``"regs"`` block for ``m`` channels and rank ``n``.
 
@@ -283,7 +301,7 @@ def set_config(**knobs: Any) -> None:
     setters = {
         "threads": set_threads, "mode": set_mode, "blocks_per_problem": set_blocks_per_problem,
         "graphs": set_graphs, "unroll": set_unroll, "occupancy": set_occupancy, "staging": set_staging,
-        "rows_per_thread": set_rows_per_thread,
+        "rows_per_thread": set_rows_per_thread, "prefetch": set_prefetch,
     }
     unknown = sorted(set(knobs) - set(setters))
     if unknown:
@@ -303,6 +321,7 @@ def get_config() -> dict[str, Any]:
         "occupancy": _config.occupancy,
         "staging": _config.staging,
         "rows_per_thread": _config.rows_per_thread,
+        "prefetch": _config.prefetch,
     }
 
 
@@ -314,6 +333,7 @@ set_unroll(_env_int("FASTMU_CUDA_UNROLL", None))
 set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", None))
 set_staging(os.environ.get("FASTMU_CUDA_STAGING", "rows") or "rows")
 set_rows_per_thread(_env_int("FASTMU_CUDA_ROWS_PER_THREAD", None))
+set_prefetch(os.environ.get("FASTMU_CUDA_PREFETCH", "0") or "0")
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -467,13 +487,15 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, 
 @functools.lru_cache(maxsize=None)
 def _build(
     dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, staging: str = "rows", rows: int = 0,
+    prefetch: bool = False,
 ) -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
     ``tpb`` (threads per block), ``n``, the X-row unroll ``ur`` and the derived
     ``rc`` are closure constants, so loops over components unroll and the
     per-thread accumulators stay in registers. With ``"regs"`` staging the
-    block is ``tpb // 32`` warps of ``rows`` rows each over 32-pixel tiles.
+    block is ``tpb // 32`` warps of ``rows`` rows each over 32-pixel tiles,
+    loading the next tile ahead when ``prefetch``.
     """
     nbt = numba.float32 if dtype_name == "float32" else numba.float64
     isz = 4 if dtype_name == "float32" else 8
@@ -491,6 +513,7 @@ def _build(
     RPG = max(1, rows)
     KPT = -(-n // RG)
     VPT = RPG * n  # P partial sums per thread
+    PREFETCH = bool(prefetch)
     KN = KPT * n  # G partial sums per thread
     sshape = (2 * n, TW) if regs else (n, tpb)  # S columns of the tile (old and new with "regs")
     if regs:
@@ -724,6 +747,7 @@ def _build(
         g = tid // TW
         row0 = g * RPG
         xr = cuda.local.array(RPG, nbt)
+        xn = cuda.local.array(RPG, nbt)  # the next tile's values (prefetch)
         pa = cuda.local.array(VPT, nbt)
         sp = cuda.local.array(n, nbt)
         gl = cuda.local.array(KN, nbt)
@@ -732,10 +756,19 @@ def _build(
         for q in range(KN):
             gl[q] = 0
         ntiles = (t + TW - 1) // TW
+        if PREFETCH and c0 < ntiles:
+            load_rows(X, p, row0, c0 * TW + lane, c0 * TW + lane < t, m, xn)
         for c in range(c0, ntiles, cstep):
             j = c * TW + lane
             valid = j < t
-            load_rows(X, p, row0, j, valid, m, xr)  # all of the thread's loads in flight together
+            if PREFETCH:
+                for r in range(RPG):
+                    xr[r] = xn[r]
+                cn = c + cstep
+                if cn < ntiles:  # in flight through this tile's barriers and arithmetic
+                    load_rows(X, p, row0, cn * TW + lane, cn * TW + lane < t, m, xn)
+            else:
+                load_rows(X, p, row0, j, valid, m, xr)  # all of the thread's loads in flight together
             for kk in range(KPT):
                 k = g + kk * RG
                 if k < n:
@@ -1056,7 +1089,9 @@ def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kern
     ur, occ = choose_knobs(b, bpp, lay.staging)
     if lay.staging == "regs":
         ur = 1  # loads are batched by the layout itself
-    return _build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows), mode, bpp, dyn
+    pf = _config.prefetch and lay.staging == "regs"
+    return (_build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows, prefetch=pf),
+            mode, bpp, dyn)
 
 
 def _stream_ptr(stream: Any) -> int:
@@ -1336,6 +1371,7 @@ __all__ = [
     "launch_layout",
     "layer_step",
     "regs_layout",
+    "set_prefetch",
     "set_rows_per_thread",
     "zero_fill",
     "mu_run",

@@ -61,13 +61,14 @@ def test_each_staging_is_an_entry_with_its_own_knobs(fake_gpu):
 def test_sweep_times_regs_per_row_count_in_32_pixel_tiles(fake_gpu):
     out = mg.sweep_kernel_configs(iters=5, batches=(1,), threads=(128, 256), unrolls=(1, 8), occupancies=(512, 2048),
                                   stagings=("rows", "regs"), bpp_fractions=(1,), block_mode=False,
-                                  rows_per_thread=(None, 7))
+                                  rows_per_thread=(None, 7), prefetches=(False, True))
     regs = [r for r in out["rows"] if r["staging"] == "regs"]
     rows = [r for r in out["rows"] if r["staging"] == "rows"]
     assert len(rows) == 8  # 2 thread counts × 2 unrolls × 2 occupancies
     # once per row count, not per thread count or unroll, and never at 2048 threads per SM
-    assert [(r["rows_per_thread"], r["blocks_per_problem"], r["unroll"], r["occupancy"]) for r in regs] == [
-        (None, mg.T // 32, 1, 512), (7, mg.T // 32, 1, 512)]
+    assert [(r["rows_per_thread"], r["prefetch"], r["blocks_per_problem"], r["unroll"], r["occupancy"])
+            for r in regs] == [(rpt, pf, mg.T // 32, 1, 512) for rpt in (None, 7) for pf in (False, True)]
+    assert not any(r["prefetch"] for r in rows)
     assert {r["blocks_per_problem"] for r in rows} == {mg.T // 128, mg.T // 256}
     best = out["best_by_staging"]["1"]
     assert best["regs"]["ms_per_iter"] < best["rows"]["ms_per_iter"]

@@ -46,12 +46,15 @@ def _compile(fn, sig, bounds):
     "dtype,tpb,n,ur,staging,rows",
     [("float32", 128, 4, 1, "rows", 0), ("float32", 128, 4, 8, "rows", 0), ("float64", 256, 8, 4, "rows", 0),
      ("float32", 32, 1, 16, "rows", 0), ("float32", 128, 4, 8, "tile", 0), ("float64", 64, 4, 1, "tile", 0),
-     ("float32", 160, 4, 1, "regs", 13), ("float64", 288, 4, 1, "regs", 8), ("float32", 32, 3, 1, "regs", 9)],
+     ("float32", 160, 4, 1, "regs", 13), ("float64", 288, 4, 1, "regs", 8), ("float32", 32, 3, 1, "regs", 9),
+     ("float32", 256, 4, 1, "regs+prefetch", 9)],
 )
 def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging, rows):
     from fastmu.kernels import cuda as kc
 
-    k = kc._build(dtype, tpb, n, ur, staging=staging, rows=rows)
+    prefetch = staging.endswith("+prefetch")
+    staging = staging.split("+")[0]
+    k = kc._build(dtype, tpb, n, ur, staging=staging, rows=rows, prefetch=prefetch)
     f = getattr(types, dtype)
     a1, a3, a4 = (types.Array(f, d, "C") for d in (1, 3, 4))
     b = types.boolean

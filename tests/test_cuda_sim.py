@@ -38,7 +38,8 @@ EPS = 1e-12
 def _tiny_blocks():
     """32 threads per block, automatic mode, row staging, for every test (restored afterwards)."""
     saved = kc.get_config()
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None)
+    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
+                  prefetch=False)
     yield
     kc.set_config(**saved)
 
@@ -420,3 +421,23 @@ def test_backward_follows_the_forward_layout_within_limits():
     assert kb.backward_layout(np.float32, 65, 9) is None  # above the forward's MAX_N
     kc.set_rows_per_thread(4)
     assert kb.backward_layout(np.float32, 9, 3) == (3, 3)
+
+
+@pytest.mark.parametrize("dtype,mode,bpp", [(np.float32, "grid", 2), (np.float64, "block", None)])
+def test_regs_prefetch_matches_reference(dtype, mode, bpp):
+    """Loading the next tile ahead (set_prefetch) changes no result: several tiles per block,
+    the last one partial."""
+    kc.set_staging("regs")
+    kc.set_rows_per_thread(4)
+    kc.set_prefetch(True)
+    try:
+        X, A, S = _problem(2, 9, 3, 200, dtype, seed=31)
+        A1, S1, P1, G1 = _run(X, A, S, None, 3, mode, bpp)
+    finally:
+        kc.set_prefetch(False)
+    Ar, Sr = _reference(X, A, S, None, 3)
+    np.testing.assert_allclose(A1, Ar, **TOL[dtype])
+    np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+    np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    with pytest.raises(ValueError, match="prefetch"):
+        kc.set_prefetch("yes")

@@ -138,7 +138,7 @@ def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> 
     }
 
 
-_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread")
+_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread", "prefetch")
 
 
 def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -372,6 +372,7 @@ def sweep_kernel_configs(
     block_mode: bool = True,
     partial: str | None = None,
     rows_per_thread: tuple[int | None, ...] = (None,),
+    prefetches: tuple[bool, ...] = (False,),
 ) -> dict[str, Any]:
     """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
 
@@ -384,7 +385,8 @@ def sweep_kernel_configs(
     (``"tile"`` with more rows than threads or too little shared memory)
     gives a row with its error. ``"regs"`` staging has its own block shape:
     it is timed once (not per ``threads`` or ``unrolls``) for each of
-    ``rows_per_thread``, with blocks per problem counted in 32-pixel tiles.
+    ``rows_per_thread`` and ``prefetches``, with blocks per problem counted
+    in 32-pixel tiles.
     """
     cuda = _require_gpu()
     from fastmu.kernels import cuda as kc
@@ -395,17 +397,17 @@ def sweep_kernel_configs(
     for b in batches:
         X, A0, S0 = _data(b, np.float32, seed=b)
         dX = cuda.to_device(X)
-        runs = [(tpb, ur, occ, st, None) for tpb in threads for st in stagings if st != "regs"
+        runs = [(tpb, ur, occ, st, None, False) for tpb in threads for st in stagings if st != "regs"
                 for ur in unrolls for occ in occupancies]
         # "regs" holds rows·(n + 1) values per thread: 2048 threads per SM (32 registers) would spill it
-        runs += [(threads[0], 1, occ, "regs", rpt) for occ in occupancies if occ <= 1024 for rpt in rows_per_thread
-                 if "regs" in stagings]
-        for tpb, ur, occ, st, rpt in runs:
+        runs += [(threads[0], 1, occ, "regs", rpt, pf) for occ in occupancies if occ <= 1024
+                 for rpt in rows_per_thread for pf in prefetches if "regs" in stagings]
+        for tpb, ur, occ, st, rpt, pf in runs:
             tiles = -(-T // (kc.REGS_TILE if st == "regs" else tpb))
             bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions}, reverse=True)
             for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
                 cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st,
-                       "rows_per_thread": rpt}
+                       "rows_per_thread": rpt, "prefetch": pf}
                 row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
                 try:
                     secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
