@@ -70,7 +70,7 @@ if want sweep; then
   # the "rows" knobs that won on the H200 (grid mode, 128 threads, unroll 8 at 2048 threads per SM
   # for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at two row counts,
   # with and without loading the next tile ahead (regs runs skip 2048 threads per SM, which would spill it)
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "prefetches": [false, true], "bpp_fractions": [1, 4, 16], "block_mode": false}'}
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "prefetches": [false, true], "bpp_fractions": [1, 4, 16, 64], "block_mode": false}'}
   step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
