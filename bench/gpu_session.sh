@@ -10,7 +10,7 @@
 #   STEPS="tests sweep" bash bench/gpu_session.sh   # a subset (tests sweep bench profile nalmu)
 #
 # With ~10 minutes per device call, two calls cover what matters most:
-#   STEPS="sweep bench"  (~5.5 min: the knob sweep, then W1/W2 with each staging's best knobs)
+#   STEPS="sweep bench"  (~6.5 min: the knob sweep, then W1/W2 with each staging's best knobs)
 #   STEPS="nalmu tests"  (~8 min: NALMU eager + CUDA-graph, then the GPU tests)
 # and STEPS=profile (~1.5 min) when the numbers need explaining.
 set -u
@@ -71,7 +71,7 @@ if want sweep; then
   # for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at two row counts,
   # with and without loading the next tile ahead (regs runs skip 2048 threads per SM, which would spill it)
   SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "prefetches": [false, true], "bpp_fractions": [1, 4, 16, 64], "block_mode": false}'}
-  step sweep "${SWEEP_LIMIT:-130}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
+  step sweep "${SWEEP_LIMIT:-170}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
 import json, sys
