@@ -987,21 +987,28 @@ def _build(
 # --------------------------------------------------------------------------- host side
 
 
-def _check_args(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, int, int]:
-    """Shapes and dtypes of the kernel arguments; ValueError/TypeError naming the problem."""
+def _check_args(
+    X: Any, A: Any, S: Any, W: Any, P: Any, G: Any, allow_torch: bool = False,
+) -> tuple[int, int, int, int]:
+    """Shapes and dtypes of the kernel arguments; ValueError/TypeError naming the problem.
+
+    Arrays are Numba device arrays, or with ``allow_torch`` all torch CUDA tensors.
+    """
+    from fastmu.kernels.cuda_launch import _is_torch, is_c_contiguous, np_dtype
+
     for name, arr, nd in (("X", X, 3), ("A", A, 3), ("S", S, 3), ("W", W, 3), ("P", P, 3), ("G", G, 3)):
-        if not cuda.devicearray.is_cuda_ndarray(arr):
+        if not (cuda.devicearray.is_cuda_ndarray(arr) or (allow_torch and _is_torch(arr))):
             raise TypeError(
-                f"{name} must be a Numba CUDA device array (numba.cuda.to_device / as_cuda_array), "
-                f"got {type(arr).__name__}"
+                f"{name} must be a Numba CUDA device array (numba.cuda.to_device / as_cuda_array)"
+                f"{' or a torch tensor' if allow_torch else ''}, got {type(arr).__name__}"
             )
         if len(arr.shape) != nd:
             raise ValueError(f"{name} must be {nd}-D, got shape {tuple(arr.shape)}")
-        if not arr.is_c_contiguous():
+        if not is_c_contiguous(arr):
             raise ValueError(f"{name} must be C-contiguous")
-        if np.dtype(arr.dtype) != np.dtype(X.dtype):
+        if np_dtype(arr) != np_dtype(X):
             raise TypeError(f"{name} has dtype {arr.dtype} but X has {X.dtype}; all arrays need one dtype")
-    if np.dtype(X.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if np_dtype(X) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"the CUDA kernels compute in float32 or float64, got {X.dtype}")
     b, m, t = X.shape
     n = A.shape[2]
@@ -1095,13 +1102,10 @@ def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kern
 
 
 def _stream_ptr(stream: Any) -> int:
-    if stream is None or isinstance(stream, int):
-        return int(stream or 0)
-    h = stream.handle
-    try:
-        return int(h)
-    except TypeError:
-        return int(h.value or 0)
+    """The raw handle of a stream given as an int or a Numba stream object."""
+    from fastmu.kernels.cuda_launch import _handle
+
+    return _handle(stream)
 
 
 class GridWorkspace:
@@ -1241,7 +1245,10 @@ def mu_run(
     ws.prepare(b, m, n, dtype, stream)
     Ar, Pr, Gr = ws.Ar, ws.Pr, ws.Gr
     grid = (bpp, b)
-    step = k.mu_grid_step
+    from fastmu.kernels.cuda_launch import launch
+
+    def step(s: Any, *args: Any) -> None:  # one launch per iteration: without Numba's per-call dispatch
+        launch(k.mu_grid_step, grid, tpb, s, dyn, *args)
 
     Ar[0].copy_to_device(A, stream=stream)
     if pg_valid:
@@ -1251,7 +1258,7 @@ def mu_run(
         _zero(k, Pr[0], stream)
         _zero(k, Gr[0], stream)
         # phase 2: accumulates into ring slot 0 and clears slot 1
-        step[grid, tpb, stream, dyn](X, S, W, Ar, Pr, Gr, 2, epsd, False, True)
+        step(stream, X, S, W, Ar, Pr, Gr, 2, epsd, False, True)
     if n_iter > 0:
         # slot 1 is cleared by the P/G pass above or must be cleared here; slot 2 by launch 0
         if pg_valid:
@@ -1260,7 +1267,7 @@ def mu_run(
 
         def launch_range(s: Any, first: int, last: int) -> None:
             for it in range(first, last):
-                step[grid, tpb, s, dyn](X, S, W, Ar, Pr, Gr, it % 6, epsd, True, True)
+                step(s, X, S, W, Ar, Pr, Gr, it % 6, epsd, True, True)
 
         n_full = n_iter - 1  # the last launch may skip the P/G accumulation
         done = 0
@@ -1288,7 +1295,7 @@ def mu_run(
                 warnings.warn(f"CUDA graph capture failed ({exc}); launching per iteration", RuntimeWarning)
                 ws.graph = ws.graph_key = None
         launch_range(stream, done, n_full)
-        step[grid, tpb, stream, dyn](X, S, W, Ar, Pr, Gr, n_full % 6, epsd, True, bool(accumulate_last))
+        step(stream, X, S, W, Ar, Pr, Gr, n_full % 6, epsd, True, bool(accumulate_last))
     A.copy_to_device(Ar[n_iter % 2], stream=stream)
     if accumulate_last or n_iter == 0:
         P.copy_to_device(Pr[n_iter % 3], stream=stream)
@@ -1309,25 +1316,43 @@ def layer_step(
     (``A_out``, ``S_out`` untouched; ``P``, ``G`` unused).
 
     Queued on ``stream``; arrays as in :func:`mu_run` (``P_out``, ``G_out`` may
-    have any shape when ``accumulate`` is false).
+    have any shape when ``accumulate`` is false), or all torch CUDA tensors,
+    which are launched on without conversion (:mod:`fastmu.kernels.cuda_launch`).
     """
-    b, m, t, n = _check_args(X, A, S, W, P, G)
-    dtype = np.dtype(X.dtype)
+    from fastmu.kernels.cuda_launch import _is_torch, is_c_contiguous, launch, np_dtype
+
+    b, m, t, n = _check_args(X, A, S, W, P, G, allow_torch=True)
+    tensors = _is_torch(X)
+    dtype = np_dtype(X)
     outs = [("A_out", A_out, (b, m, n)), ("S_out", S_out, (b, n, t))]
     if accumulate:
         outs += [("P_out", P_out, (b, m, n)), ("G_out", G_out, (b, n, n))]
     for name, arr, shape in outs:
-        if not cuda.devicearray.is_cuda_ndarray(arr) or tuple(arr.shape) != shape or not arr.is_c_contiguous():
-            raise ValueError(f"{name} must be a C-contiguous Numba device array of shape {shape}")
-        if np.dtype(arr.dtype) != dtype:
+        kind_ok = _is_torch(arr) if tensors else cuda.devicearray.is_cuda_ndarray(arr)
+        if not kind_ok or tuple(arr.shape) != shape or not is_c_contiguous(arr):
+            raise ValueError(f"{name} must be a C-contiguous array of shape {shape}, of the same kind as X")
+        if np_dtype(arr) != dtype:
             raise TypeError(f"{name} has dtype {arr.dtype} but X has {dtype}")
     k, _, bpp, dyn = _kernels_for(b, m, t, n, dtype)
-    k.layer_step[(bpp, b), k.tpb, stream, dyn](
-        X, S, S_out, W, A, P, G, A_out, P_out, G_out, dtype.type(eps), bool(update), bool(accumulate))
+    args = (X, S, S_out, W, A, P, G, A_out, P_out, G_out, dtype.type(eps), bool(update), bool(accumulate))
+    if tensors:
+        launch(k.layer_step, (bpp, b), k.tpb, stream, dyn, *args)
+    else:
+        k.layer_step[(bpp, b), k.tpb, stream, dyn](*args)
 
 
 def zero_fill(arr: Any, stream: Any = 0) -> None:
-    """Set a C-contiguous Numba device array to zero (queued on ``stream``)."""
+    """Set a C-contiguous Numba device array (or torch CUDA tensor) to zero, queued on ``stream``."""
+    from fastmu.kernels.cuda_launch import _is_torch
+
+    if _is_torch(arr):
+        import torch
+
+        ptr = _stream_ptr(stream)
+        with torch.cuda.stream(torch.cuda.ExternalStream(ptr, device=arr.device) if ptr
+                               else torch.cuda.default_stream(arr.device)):
+            arr.zero_()
+        return
     k = _build(np.dtype(arr.dtype).name, _config.threads, 1)
     _zero(k, arr, stream)
 

@@ -53,6 +53,9 @@ import numba
 import numpy as np
 from numba import cuda
 
+from fastmu.kernels.cuda_launch import _is_torch as is_torch
+from fastmu.kernels.cuda_launch import launch, np_dtype
+
 #: largest rank the backward kernels are compiled for (per-thread registers: 5·n)
 MAX_N = 16
 
@@ -552,12 +555,24 @@ def _check(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, in
         raise ValueError(f"W must be (1 or b, m, n), got {W.shape}")
     if tuple(P.shape) != (b, m, n) or tuple(G.shape) != (b, n, n):
         raise ValueError(f"P, G must be (b, m, n), (b, n, n), got {P.shape}, {G.shape}")
-    dts = {np.dtype(a.dtype) for a in (X, A, S, W, P, G)}
-    if len(dts) != 1 or np.dtype(X.dtype).name not in ("float32", "float64"):
+    dts = {np_dtype(a) for a in (X, A, S, W, P, G)}
+    if len(dts) != 1 or np_dtype(X).name not in ("float32", "float64"):
         raise TypeError(f"all arrays must share one dtype, float32 or float64; got {sorted(d.name for d in dts)}")
     if n > MAX_N:
         raise ValueError(f"n = {n} exceeds the CUDA backward's MAX_N = {MAX_N}")
     return b, m, t, n
+
+
+def _runner(X: Any, stream: Any):
+    """``run(kernel, grid, block, shared, *args)``: Numba's launch for Numba arrays, the fast
+    launch (:mod:`fastmu.kernels.cuda_launch`) when the arrays are torch tensors."""
+    if is_torch(X):
+        def run(kernel, grid, block, shared, *args):
+            launch(kernel, grid, block, stream, shared, *args)
+    else:
+        def run(kernel, grid, block, shared, *args):
+            kernel[grid, block, stream, shared](*args)
+    return run
 
 
 def _device_alloc(stream: Any):
@@ -606,7 +621,8 @@ def layer_backward(
     """
     alloc = alloc or _device_alloc(stream)
     b, m, t, n = _check(X, A, S, W, P, G)
-    dt = np.dtype(X.dtype)
+    dt = np_dtype(X)
+    run = _runner(X, stream)
     tpb = _threads
     prep, pass1, tiny, sum_w, pass2, _ = _build(dt.name, n, tpb)
     ntiles = math.ceil(t / tpb)
@@ -639,16 +655,15 @@ def layer_backward(
         XgRpart, gHpart = buf(1, 1, 1, 1), buf(1, 1, 1, 1)
     gA_ = gA if need_gA else buf(1, 1, 1)
 
-    prep[b, tpb, stream](A, W, P, G, epsd, E, Aq, H)
+    run(prep, b, tpb, 0, A, W, P, G, epsd, E, Aq, H)
     if has_gSo:
-        pass1[grid1, nthr, stream, dyn1](X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
-    tiny[b, tpb, stream](
+        run(pass1, grid1, nthr, dyn1, X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
+    run(tiny, b, tpb, 0,
         A, W, P, G, E, Aq, gAo, bool(has_gSo), XgRpart, gHpart, bool(need_gA), bool(need_gW),
         gA_, gWp, gH, gP, gQ, gG, Gs,
     )
     if need_gW and bw == 1:
-        sum_w[1, tpb, stream](gWp, gW)
+        run(sum_w, 1, tpb, 0, gWp, gW)
     if need_gS or need_gX:
-        pass2[grid2, nthr, stream, dyn2](
-            X, Aq, H, S, gSo, gP, Gs, epsd, bool(has_gSo), bool(need_gS), bool(need_gX), gS, gX
-        )
+        run(pass2, grid2, nthr, dyn2,
+            X, Aq, H, S, gSo, gP, Gs, epsd, bool(has_gSo), bool(need_gS), bool(need_gX), gS, gX)

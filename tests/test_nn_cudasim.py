@@ -200,3 +200,42 @@ def test_regs_backward_block_counts_and_reproducibility():
     for a, b, c in zip(runs[1], runs[None], again):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         np.testing.assert_array_equal(b, c)
+
+
+@pytest.mark.parametrize("layout_name", ["columns", "regs"])
+def test_torch_tensor_host_path(monkeypatch, layout_name):
+    """layer_forward / layer_backward given torch tensors (what the autograd layer passes with
+    the fast launch): the same results as with Numba arrays. The launch itself is swapped for a
+    simulator launch on zero-copy views; its parameter packing is tested in test_cuda_launch."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    if layout_name == "regs":
+        kc.set_staging("regs")
+        kc.set_rows_per_thread(2)
+
+    def sim_launch(dispatcher, grid, block, stream, shared, *args):
+        conv = [FakeCUDAArray(a.detach().numpy()) if isinstance(a, torch.Tensor) else a for a in args]
+        dispatcher[grid, block, 0, shared](*conv)
+
+    from fastmu.kernels import cuda_launch
+
+    monkeypatch.setattr(cuda_launch, "launch", sim_launch)
+    monkeypatch.setattr(kb, "launch", sim_launch)
+    X, A, S, W = _inputs(2, 5, 3, 45, seed=11)
+    W3 = W.unsqueeze(0).contiguous()
+    b, m, t = X.shape
+    n = A.shape[2]
+    z = lambda *shape: torch.zeros(shape, dtype=X.dtype)  # noqa: E731
+    P, G, A1, S1, P1, G1 = z(b, m, n), z(b, n, n), z(b, m, n), z(b, n, t), z(b, m, n), z(b, n, n)
+    kb.layer_forward(X, A, S, W3, P, G, EPS, False, True, A1, S1, P1, G1, stream=0, zeroed=True)
+    ref = _sim_forward(*(v.numpy() for v in (X, A, S, W3)), want_pg=True)
+    for mine, r in zip((A1, S1, P1, G1, P, G), ref):
+        np.testing.assert_allclose(mine.numpy(), r, rtol=1e-12, atol=1e-14)
+    g = torch.Generator().manual_seed(12)
+    gAo, gSo = torch.randn(A.shape, generator=g, dtype=X.dtype), torch.randn(S.shape, generator=g, dtype=X.dtype)
+    outs = [torch.empty_like(v) for v in (A, S, W3, X)]
+    kb.layer_backward(X, A, S, W3, P, G, gAo, gSo, EPS, True, True, True, True, True, *outs, stream=0,
+                      alloc=lambda shape, dt: torch.empty(tuple(shape), dtype=X.dtype))
+    gX, gA, gS, gW = _sim_backward(*(v.numpy() for v in (X, A, S, W3, P, G, gAo)), gSo.numpy(), (True,) * 4)
+    for mine, r in zip(outs, (gA, gS, gW, gX)):
+        np.testing.assert_allclose(mine.numpy(), r, rtol=1e-12, atol=1e-14)

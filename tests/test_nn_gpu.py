@@ -159,3 +159,22 @@ def test_nalmu_step_captures_as_cuda_graph(staging):
     torch.cuda.synchronize()
     torch.testing.assert_close(loss, eager_loss, rtol=1e-10, atol=0)
     torch.testing.assert_close(model.theta.grad, eager_grad, rtol=1e-9, atol=1e-15)
+
+
+def test_fast_launch_equals_numba_launch(monkeypatch, staging):
+    """The layer launched with packed parameters (kernels.cuda_launch) and through Numba's
+    own launch give the same forward and gradients."""
+    from fastmu.kernels import cuda_launch
+
+    if not cuda_launch.fast_launch_available():
+        pytest.skip("the fast launch is off here (numba-cuda version or FASTMU_CUDA_FAST_LAUNCH)")
+    X, A, S, W = _cuda_inputs(3, 20, 4, 1000, seed=6)
+    res = []
+    for fast in ("1", "0"):
+        monkeypatch.setenv("FASTMU_CUDA_FAST_LAUNCH", fast)
+        ins = [v.clone().requires_grad_(True) for v in (X, A, S, W)]
+        A1, S1 = learned_mu_step(*ins)
+        ((A1 ** 2).sum() + S1.sin().sum()).backward()
+        res.append([A1.detach(), S1.detach()] + [v.grad for v in ins])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

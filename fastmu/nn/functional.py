@@ -142,6 +142,24 @@ def _cuda_stream(device: torch.device):
     return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
 
 
+def _cuda_call_args(device: torch.device, *xs: torch.Tensor):
+    """Arrays, stream and scratch allocator for the CUDA kernels' host functions.
+
+    With the fast launch (:mod:`fastmu.kernels.cuda_launch`) the tensors go
+    to the kernels as they are, on torch's current stream handle, and scratch
+    arrays are plain torch tensors; otherwise each becomes a Numba view.
+    """
+    from fastmu.kernels.cuda_launch import fast_launch_available
+
+    if fast_launch_available():
+        def alloc(shape, dtype):
+            return torch.empty(tuple(int(v) for v in shape), dtype=getattr(torch, np.dtype(dtype).name),
+                               device=device)
+
+        return list(xs), int(torch.cuda.current_stream(device).cuda_stream), alloc
+    return _cuda_arrays(*xs), _cuda_stream(device), _torch_alloc(device)
+
+
 def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
     """Run the fused forward; returns ``A', S', P, G, P', G'`` (P', G' empty unless wanted)."""
     b, m, t = X.shape
@@ -178,9 +196,9 @@ def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
         from fastmu.kernels import cuda_backward as kc
 
         with torch.cuda.device(X.device):
-            arrs = _cuda_arrays(X, A, S, W3, P, G, A_out, S_out, P_out, G_out)
+            arrs, stream, _ = _cuda_call_args(X.device, X, A, S, W3, P, G, A_out, S_out, P_out, G_out)
             kc.layer_forward(*arrs[:6], float(eps), bool(pg_valid), bool(want_pg), *arrs[6:],
-                             stream=_cuda_stream(X.device), zeroed=True)
+                             stream=stream, zeroed=True)
     else:  # pragma: no cover - validated before
         raise ValueError(f"no fused learned-MU kernel for device {X.device}")
     return A_out, S_out, P, G, P_out, G_out
@@ -211,10 +229,10 @@ def _backward(X, A, S, W3, P, G, gA_out, gS_out, eps, need):
         from fastmu.kernels import cuda_backward as kc
 
         with torch.cuda.device(dev):
-            arrs = _cuda_arrays(X, A, S, W3, P, G, gA_out, gS_in, gA, gS, gW, gX)
+            arrs, stream, alloc = _cuda_call_args(dev, X, A, S, W3, P, G, gA_out, gS_in, gA, gS, gW, gX)
             kc.layer_backward(
                 *arrs[:8], float(eps), has_gS, need_gA, need_gS, need_gW, need_gX, *arrs[8:],
-                stream=_cuda_stream(dev), alloc=_torch_alloc(dev),
+                stream=stream, alloc=alloc,
             )
     return (
         gX if need_gX else None,

@@ -1,0 +1,205 @@
+"""Launch compiled Numba CUDA kernels on torch tensors without Numba's per-call dispatch.
+
+Why: a Numba launch types every argument, wraps every array (a torch tensor
+first becomes a Numba device array through ``__cuda_array_interface__``) and
+builds the parameter list in Python, tens of µs per array. A learned-MU
+layer makes a handful of launches over ~20 arrays per forward + backward, so
+that host time exceeded the kernels' time on an H200 (``bench_nalmu``).
+This module does the same work once per argument *signature*: the kernel is
+compiled through Numba (``dispatcher.compile``, its own cache), and each call
+only packs the parameters the way Numba's ``_Kernel._prepare_args`` does
+(verified against it in ``tests/test_cuda_launch.py``) and calls
+``cuda.core.launch``, as Numba does.
+
+The parameter layout (numba-cuda 0.30) of an array argument is ``meminfo,
+parent, nitems, itemsize, data, *shape, *strides`` (strides in bytes, C
+strides for contiguous data); ``float32``/``float64`` scalars are C
+floats/doubles, ``int64`` a C ``int64_t``, booleans Python bools. The
+fast path is used only for the numba-cuda minor version it was checked
+against (:data:`ABI_VERSION`), outside the simulator, and unless
+``FASTMU_CUDA_FAST_LAUNCH=0``; otherwise :func:`launch` converts tensors
+and goes through Numba's usual launch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Any
+
+import numpy as np
+
+#: numba-cuda (major, minor) whose kernel parameter layout this module reproduces
+ABI_VERSION = (0, 30)
+
+_FLOAT_NP = {"float32": np.float32, "float64": np.float64}
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_cuda_version() -> tuple[int, int]:
+    try:
+        import numba_cuda
+
+        major, minor = numba_cuda.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # pragma: no cover - a numba without the numba-cuda package
+        return (0, 0)
+
+
+def fast_launch_available() -> bool:
+    """Whether :func:`launch` packs parameters itself (see the module docstring)."""
+    import numba
+
+    if getattr(numba.config, "ENABLE_CUDASIM", 0) or os.environ.get("FASTMU_CUDA_FAST_LAUNCH", "1") == "0":
+        return False
+    return _numba_cuda_version() == ABI_VERSION
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def np_dtype(x: Any) -> np.dtype:
+    """The NumPy dtype of a Numba device array or a torch tensor."""
+    dt = x.dtype
+    if _is_torch(x):
+        return np.dtype(str(dt).replace("torch.", ""))
+    return np.dtype(dt)
+
+
+def is_c_contiguous(x: Any) -> bool:
+    """C-contiguity of a Numba device array or a torch tensor."""
+    return bool(x.is_contiguous()) if _is_torch(x) else bool(x.is_c_contiguous())
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> list[int]:
+    strides = [0] * len(shape)
+    acc = itemsize
+    for i in range(len(shape) - 1, -1, -1):
+        strides[i] = acc
+        acc *= shape[i]
+    return strides
+
+
+def arg_type(x: Any) -> Any:
+    """The Numba type a kernel argument is compiled for (as Numba's ``typeof`` gives it)."""
+    from numba import types
+
+    if _is_torch(x) or hasattr(x, "__cuda_array_interface__"):
+        dt = np_dtype(x)
+        if not is_c_contiguous(x):
+            raise ValueError("fast launch needs C-contiguous arrays")
+        return types.Array(types.float32 if dt == np.float32 else types.float64 if dt == np.float64
+                           else getattr(types, dt.name), len(x.shape), "C")
+    if isinstance(x, (bool, np.bool_)):
+        return types.boolean
+    if isinstance(x, np.float32):
+        return types.float32
+    if isinstance(x, (float, np.float64)):
+        return types.float64
+    if isinstance(x, (int, np.integer)):
+        return types.int64
+    raise TypeError(f"fast launch cannot pass an argument of type {type(x).__name__}")
+
+
+def pack(argtypes: tuple, args: tuple) -> list:
+    """The kernel parameters for ``args`` of ``argtypes``, laid out as Numba lays them out."""
+    from numba import types
+
+    out: list = []
+    for ty, x in zip(argtypes, args):
+        if isinstance(ty, types.Array):
+            shape = tuple(int(s) for s in x.shape)
+            if _is_torch(x):
+                isz = x.element_size()
+                n = x.numel()
+                ptr = x.data_ptr() if n else 0
+            else:  # a Numba device array (or anything with the CUDA array interface)
+                isz = np_dtype(x).itemsize
+                n = int(np.prod(shape)) if shape else 1
+                ptr = x.__cuda_array_interface__["data"][0] if n else 0
+            out += [0, 0, n, isz, ptr, *shape, *_c_strides(shape, isz)]
+        elif ty == types.float32:
+            out.append(ctypes.c_float(x))
+        elif ty == types.float64:
+            out.append(ctypes.c_double(x))
+        elif ty == types.int64:
+            out.append(ctypes.c_int64(x))
+        elif ty == types.boolean:
+            out.append(bool(x))
+        else:  # pragma: no cover - arg_type only produces the types above
+            raise TypeError(f"fast launch cannot pass {ty}")
+    return out
+
+
+class _Compiled:
+    """One compiled overload: its cuda.core kernel per device."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.argtypes = tuple(kernel.argument_types)
+        self._fn: dict[int, Any] = {}
+
+    def function(self) -> Any:
+        from numba.cuda.cudadrv import devices
+
+        dev = devices.get_context().device.id
+        fn = self._fn.get(dev)
+        if fn is None:
+            fn = self._fn[dev] = self.kernel._codelibrary.get_cufunc().kernel
+        return fn
+
+
+_compiled: dict[tuple, _Compiled] = {}
+_streams: dict[int, Any] = {}
+
+
+def _dims(d: Any) -> tuple[int, int, int]:
+    d = (d,) if isinstance(d, int) else tuple(d)
+    return tuple(int(v) for v in d) + (1,) * (3 - len(d))  # type: ignore[return-value]
+
+
+def _handle(stream: Any) -> int:
+    """The raw handle of a stream given as an int or a Numba stream object."""
+    if stream is None or isinstance(stream, int):
+        return int(stream or 0)
+    h = stream.handle
+    if isinstance(h, ctypes.c_void_p):  # older Numba streams
+        return int(h.value or 0)
+    return int(h)  # a cuda-bindings CUstream (numba-cuda ≥ 0.20) converts with int()
+
+
+def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *args: Any) -> None:
+    """``dispatcher[grid, block, stream, shared](*args)``, with torch tensors passed as they are.
+
+    ``stream`` is a raw CUDA stream handle (0: the default stream) or a Numba
+    stream. Arrays are C-contiguous Numba device arrays or CUDA tensors on
+    the current device.
+    """
+    if not fast_launch_available():
+        from numba import cuda
+
+        conv = [cuda.as_cuda_array(a.detach(), sync=False) if _is_torch(a) else a for a in args]
+        if isinstance(stream, int):
+            stream = cuda.external_stream(stream) if stream else 0
+        dispatcher[grid, block, stream, shared](*conv)
+        return
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as core_launch
+
+    argtypes = tuple(arg_type(a) for a in args)
+    key = (id(dispatcher), argtypes)
+    comp = _compiled.get(key)
+    if comp is None:
+        comp = _compiled[key] = _Compiled(dispatcher.compile(argtypes))
+    ptr = _handle(stream)
+    st = _streams.get(ptr)
+    if st is None:
+        from numba.cuda.cudadrv.driver import ExperimentalStream
+
+        st = _streams[ptr] = ExperimentalStream.from_handle(ptr)
+    config = LaunchConfig(grid=_dims(grid), block=_dims(block), shmem_size=int(shared))
+    core_launch(st, config, comp.function(), *pack(comp.argtypes, args))
+
+
+__all__ = ["ABI_VERSION", "arg_type", "fast_launch_available", "is_c_contiguous", "launch", "np_dtype", "pack"]

@@ -1,0 +1,110 @@
+"""The fast kernel launch packs parameters exactly as Numba's own launch does.
+
+No GPU needed: Numba's ``_Kernel._prepare_args`` (the code every Numba launch
+runs) is called on the same arguments, with its device-array wrapping
+replaced by a view carrying the tensor's pointer, shape and strides, and its
+parameter list is compared with :func:`fastmu.kernels.cuda_launch.pack`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("the real Numba CUDA target's launch code, not the simulator's", allow_module_level=True)
+
+torch = pytest.importorskip("torch")
+disp = pytest.importorskip("numba.cuda.dispatcher")
+devarr = pytest.importorskip("numba.cuda.cudadrv.devicearray")
+
+from numba import types  # noqa: E402
+
+from fastmu.kernels import cuda_launch as cl  # noqa: E402
+
+
+class _Wrapped:
+    """What ``wrap_arg(x).to_device(...)`` hands to ``_prepare_args``: a strided view of x."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def to_device(self, retr, stream=0):
+        x = self.x
+        isz = x.element_size()
+        layout = devarr._StridedLayoutShim(
+            strides_in_bytes=None if x.is_contiguous() else tuple(s * isz for s in x.stride()),
+            is_contiguous_c=x.is_contiguous(), is_contiguous_f=False, is_contiguous_any=x.is_contiguous(),
+        )
+        return devarr._StridedMemoryViewShim(
+            ptr=x.data_ptr() if x.numel() else 0, shape=tuple(x.shape), dtype=np.dtype(str(x.dtype)[6:]),
+            size=x.numel(), _layout=layout,
+        )
+
+
+def _numba_params(monkeypatch, args):
+    monkeypatch.setattr(disp, "wrap_arg", lambda v: _Wrapped(v))
+
+    class _Self:
+        extensions = []
+
+    out: list = []
+    for a in args:
+        disp._Kernel._prepare_args(_Self(), cl.arg_type(a), a, 0, [], out)
+    return out
+
+
+def _norm(params):
+    return [(type(p).__name__, p.value) if isinstance(p, ctypes._SimpleCData) else (type(p).__name__, p)
+            for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pack_matches_numba_prepare_args(monkeypatch, dtype):
+    args = (
+        torch.rand(3, 5, 7, dtype=dtype),
+        torch.rand(2, 4, dtype=dtype),
+        torch.empty(0, 5, 4, dtype=dtype),  # a zero-size array (null pointer)
+        torch.rand(1, 5, 1, dtype=dtype),  # size-1 dimensions
+        np.float32(0.5) if dtype == torch.float32 else np.float64(0.5),
+        True,
+        False,
+        7,
+    )
+    argtypes = tuple(cl.arg_type(a) for a in args)
+    assert argtypes[0] == types.Array(types.float32 if dtype == torch.float32 else types.float64, 3, "C")
+    assert argtypes[4:] == ((types.float32 if dtype == torch.float32 else types.float64),
+                            types.boolean, types.boolean, types.int64)
+    assert _norm(cl.pack(argtypes, args)) == _norm(_numba_params(monkeypatch, args))
+
+
+def test_arg_types_and_refusals():
+    assert cl.np_dtype(torch.ones(2, dtype=torch.float64)) == np.float64
+    assert cl.is_c_contiguous(torch.ones(3, 4)) and not cl.is_c_contiguous(torch.ones(3, 4).T)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cl.arg_type(torch.ones(3, 4).T)
+    with pytest.raises(TypeError, match="cannot pass"):
+        cl.arg_type("a string")
+
+
+def test_fast_path_only_for_the_checked_numba_cuda(monkeypatch):
+    monkeypatch.setattr(cl, "_numba_cuda_version", lambda: cl.ABI_VERSION)
+    assert cl.fast_launch_available()
+    monkeypatch.setenv("FASTMU_CUDA_FAST_LAUNCH", "0")
+    assert not cl.fast_launch_available()
+    monkeypatch.delenv("FASTMU_CUDA_FAST_LAUNCH")
+    monkeypatch.setattr(cl, "_numba_cuda_version", lambda: (0, 31))
+    assert not cl.fast_launch_available()
+
+
+def test_stream_handles():
+    class _S:
+        def __init__(self, h):
+            self.handle = h
+
+    assert cl._handle(0) == 0 and cl._handle(None) == 0 and cl._handle(1234) == 1234
+    assert cl._handle(_S(77)) == 77
+    assert cl._handle(_S(ctypes.c_void_p(88))) == 88
+    assert cl._handle(_S(ctypes.c_void_p(None))) == 0
