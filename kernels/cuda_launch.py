@@ -197,6 +197,8 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
     if st is None:
         from numba.cuda.cudadrv.driver import ExperimentalStream
 
+        if len(_streams) > 64:  # non-owning wrappers of raw handles: cheap to rebuild
+            _streams.clear()
         st = _streams[ptr] = ExperimentalStream.from_handle(ptr)
     config = LaunchConfig(grid=_dims(grid), block=_dims(block), shmem_size=int(shared))
     core_launch(st, config, comp.function(), *pack(comp.argtypes, args))
