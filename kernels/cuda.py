@@ -1034,11 +1034,19 @@ def _multiprocessors() -> int:
         return 2
 
 
-def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
+def choose_mode(b: int, t: int, threads: int | None = None, resident: int | None = None) -> tuple[str, int]:
     """The launch design and blocks per problem for ``b`` problems of ``t`` pixels.
 
     ``threads`` is the pixel tile width (the threads per block except with
     ``"regs"`` staging, whose tiles are 32 pixels wide).
+
+    ``resident`` (used for ``"regs"``): blocks per SM the launch bounds
+    guarantee. Then the grid is one wave, ``bpp = min(tiles, max(1,
+    resident·SMs // b))``: a block there holds 128 registers per thread, so
+    only a few fit an SM, and a second, partly filled wave (512 one-tile
+    blocks for one 65 × 16384 problem at 3 per SM on 132 SMs) would nearly
+    double an iteration. Reasoned, not yet measured: the GPU sweep times
+    other block counts.
 
     Grid mode with about eight blocks per multiprocessor in all
     (``bpp = min(tiles, ceil(8·SMs / b))``), unless a problem is a single
@@ -1056,6 +1064,8 @@ def choose_mode(b: int, t: int, threads: int | None = None) -> tuple[str, int]:
         return "block", 1
     if _config.blocks_per_problem is not None:
         bpp = min(_config.blocks_per_problem, tiles)
+    elif resident:
+        bpp = min(tiles, max(1, resident * _multiprocessors() // b))
     else:
         bpp = min(tiles, max(1, -(-8 * _multiprocessors() // b)))
     if _config.mode == "grid":
@@ -1092,10 +1102,12 @@ def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kern
     """Kernels, launch mode, blocks per problem and dynamic shared bytes for one launch shape."""
     lay = launch_layout(dtype, m, n)
     dyn = dynamic_shared_bytes(dtype, m, n, lay.threads, lay.staging)
-    mode, bpp = choose_mode(b, t, lay.tile)
-    ur, occ = choose_knobs(b, bpp, lay.staging)
     if lay.staging == "regs":
-        ur = 1  # loads are batched by the layout itself
+        ur, occ = 1, choose_knobs(b, 1, "regs")[1]  # loads are batched by the layout itself
+        mode, bpp = choose_mode(b, t, lay.tile, resident=max(1, occ // lay.threads))
+    else:
+        mode, bpp = choose_mode(b, t, lay.tile)
+        ur, occ = choose_knobs(b, bpp, lay.staging)
     pf = _config.prefetch and lay.staging == "regs"
     return (_build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows, prefetch=pf),
             mode, bpp, dyn)

@@ -632,7 +632,8 @@ def layer_backward(
 
         pass1, pass2 = _build_regs(dt.name, n, *lay)
         nthr = 32 * lay[0]
-        ntiles = kcuda.choose_mode(b, t, 32)[1]  # blocks per problem = partial slots
+        # one wave of blocks (as the forward), each with its own partial slot
+        ntiles = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]
         grid1 = grid2 = (ntiles, b)
         dyn1, dyn2 = m * n * dt.itemsize, 2 * m * n * dt.itemsize
     else:

@@ -273,6 +273,10 @@ def test_regs_layout_and_choice():
         kc.set_rows_per_thread(0)
     kc.set_rows_per_thread(None)
     assert kc.choose_staging(np.float32, 512, 4) == "regs"  # 32 warps of 16 rows
+    # one wave of blocks: resident blocks per SM × SMs (the simulator reports 2 SMs), per problem
+    assert kc.choose_mode(1, 16384, 32, resident=3) == ("grid", 6)
+    assert kc.choose_mode(4, 16384, 32, resident=3) == ("grid", 1)
+    assert kc.choose_mode(1, 64, 32, resident=3) == ("grid", 2)  # never more blocks than tiles
     # the other stagings keep the thread count as tile width
     kc.set_staging("rows")
     assert kc.launch_layout(np.float32, 65, 4) == kc.Layout("rows", 32, 32, 0)
