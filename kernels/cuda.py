@@ -90,6 +90,8 @@ import numba
 import numpy as np
 from numba import cuda
 
+from fastmu.kernels.cuda_launch import is_c_contiguous, is_torch, launch, np_dtype, stream_handle
+
 #: largest rank the kernels are compiled for: per-thread accumulators are
 #: ``n`` (S column, A'ᵀX column) plus ``n²`` (G) registers.
 MAX_N = 8
@@ -994,10 +996,8 @@ def _check_args(
 
     Arrays are Numba device arrays, or with ``allow_torch`` all torch CUDA tensors.
     """
-    from fastmu.kernels.cuda_launch import _is_torch, is_c_contiguous, np_dtype
-
     for name, arr, nd in (("X", X, 3), ("A", A, 3), ("S", S, 3), ("W", W, 3), ("P", P, 3), ("G", G, 3)):
-        if not (cuda.devicearray.is_cuda_ndarray(arr) or (allow_torch and _is_torch(arr))):
+        if not (cuda.devicearray.is_cuda_ndarray(arr) or (allow_torch and is_torch(arr))):
             raise TypeError(
                 f"{name} must be a Numba CUDA device array (numba.cuda.to_device / as_cuda_array)"
                 f"{' or a torch tensor' if allow_torch else ''}, got {type(arr).__name__}"
@@ -1111,13 +1111,6 @@ def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kern
     pf = _config.prefetch and lay.staging == "regs"
     return (_build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows, prefetch=pf),
             mode, bpp, dyn)
-
-
-def _stream_ptr(stream: Any) -> int:
-    """The raw handle of a stream given as an int or a Numba stream object."""
-    from fastmu.kernels.cuda_launch import _handle
-
-    return _handle(stream)
 
 
 class GridWorkspace:
@@ -1257,7 +1250,6 @@ def mu_run(
     ws.prepare(b, m, n, dtype, stream)
     Ar, Pr, Gr = ws.Ar, ws.Pr, ws.Gr
     grid = (bpp, b)
-    from fastmu.kernels.cuda_launch import launch
 
     def step(s: Any, *args: Any) -> None:  # one launch per iteration: without Numba's per-call dispatch
         launch(k.mu_grid_step, grid, tpb, s, dyn, *args)
@@ -1297,7 +1289,7 @@ def mu_run(
                     ws.graph_key = gkey
                 import cupy
 
-                caller = cupy.cuda.ExternalStream(_stream_ptr(stream))
+                caller = cupy.cuda.ExternalStream(stream_handle(stream))
                 while n_full - done >= _GRAPH_LEN:
                     ws.graph.launch(caller)
                     done += _GRAPH_LEN
@@ -1331,16 +1323,14 @@ def layer_step(
     have any shape when ``accumulate`` is false), or all torch CUDA tensors,
     which are launched on without conversion (:mod:`fastmu.kernels.cuda_launch`).
     """
-    from fastmu.kernels.cuda_launch import _is_torch, is_c_contiguous, launch, np_dtype
-
     b, m, t, n = _check_args(X, A, S, W, P, G, allow_torch=True)
-    tensors = _is_torch(X)
+    tensors = is_torch(X)
     dtype = np_dtype(X)
     outs = [("A_out", A_out, (b, m, n)), ("S_out", S_out, (b, n, t))]
     if accumulate:
         outs += [("P_out", P_out, (b, m, n)), ("G_out", G_out, (b, n, n))]
     for name, arr, shape in outs:
-        kind_ok = _is_torch(arr) if tensors else cuda.devicearray.is_cuda_ndarray(arr)
+        kind_ok = is_torch(arr) if tensors else cuda.devicearray.is_cuda_ndarray(arr)
         if not kind_ok or tuple(arr.shape) != shape or not is_c_contiguous(arr):
             raise ValueError(f"{name} must be a C-contiguous array of shape {shape}, of the same kind as X")
         if np_dtype(arr) != dtype:
@@ -1354,17 +1344,7 @@ def layer_step(
 
 
 def zero_fill(arr: Any, stream: Any = 0) -> None:
-    """Set a C-contiguous Numba device array (or torch CUDA tensor) to zero, queued on ``stream``."""
-    from fastmu.kernels.cuda_launch import _is_torch
-
-    if _is_torch(arr):
-        import torch
-
-        ptr = _stream_ptr(stream)
-        with torch.cuda.stream(torch.cuda.ExternalStream(ptr, device=arr.device) if ptr
-                               else torch.cuda.default_stream(arr.device)):
-            arr.zero_()
-        return
+    """Set a C-contiguous Numba device array to zero (queued on ``stream``)."""
     k = _build(np.dtype(arr.dtype).name, _config.threads, 1)
     _zero(k, arr, stream)
 

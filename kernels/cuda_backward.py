@@ -53,8 +53,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from fastmu.kernels.cuda_launch import _is_torch as is_torch
-from fastmu.kernels.cuda_launch import launch, np_dtype
+from fastmu.kernels.cuda_launch import is_torch, launch, np_dtype
 
 #: largest rank the backward kernels are compiled for (per-thread registers: 5·n)
 MAX_N = 16
@@ -593,12 +592,15 @@ def layer_forward(
     computed first). The sums are accumulated with atomics into zeroed
     arrays: pass ``zeroed=True`` when the caller already zeroed ``P_out``,
     ``G_out`` (and ``P``, ``G`` when not ``pg_valid``), else they are
-    zeroed here. ``alloc`` is accepted for symmetry with
+    zeroed here (Numba arrays only: whoever allocates torch tensors zeroes
+    them, ``torch.zeros``). ``alloc`` is accepted for symmetry with
     :func:`layer_backward`; the forward needs no scratch memory.
     """
     from fastmu.kernels import cuda as kcuda
 
     _check(X, A, S, W, P, G)
+    if is_torch(X) and not zeroed and (accumulate or not pg_valid):
+        raise ValueError("torch tensors must come zeroed (zeroed=True): allocate them with torch.zeros")
     if not pg_valid:
         # P = X Sᵀ, G = S Sᵀ of the input S (the backward needs them too)
         if not zeroed:
@@ -633,10 +635,11 @@ def layer_backward(
         pass1, pass2 = _build_regs(dt.name, n, *lay)
         nthr = 32 * lay[0]
         # one wave of blocks (as the forward), each with its own partial slot
-        ntiles = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]
-        grid1 = grid2 = (ntiles, b)
+        nslots = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]
+        grid1 = grid2 = (nslots, b)
         dyn1, dyn2 = m * n * dt.itemsize, 2 * m * n * dt.itemsize
-    else:
+    else:  # one thread per pixel column: one partial slot per tile
+        nslots = ntiles
         nthr, grid1, grid2, dyn1, dyn2 = tpb, (ntiles, b), (ntiles, b), 0, 0
     bw = W.shape[0]
     epsd = dt.type(eps)
@@ -651,7 +654,7 @@ def layer_backward(
     H, gH, gG, Gs = (nn_bufs[q] for q in range(4))
     gWp = gW if (need_gW and bw != 1) else buf(b if need_gW else 1, m, n)
     if has_gSo:
-        XgRpart, gHpart = buf(ntiles, b, m, n), buf(ntiles, b, n, n)
+        XgRpart, gHpart = buf(nslots, b, m, n), buf(nslots, b, n, n)
     else:
         XgRpart, gHpart = buf(1, 1, 1, 1), buf(1, 1, 1, 1)
     gA_ = gA if need_gA else buf(1, 1, 1)

@@ -55,21 +55,22 @@ def fast_launch_available() -> bool:
     return _numba_cuda_version() == ABI_VERSION
 
 
-def _is_torch(x: Any) -> bool:
+def is_torch(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch)."""
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
 def np_dtype(x: Any) -> np.dtype:
     """The NumPy dtype of a Numba device array or a torch tensor."""
     dt = x.dtype
-    if _is_torch(x):
+    if is_torch(x):
         return np.dtype(str(dt).replace("torch.", ""))
     return np.dtype(dt)
 
 
 def is_c_contiguous(x: Any) -> bool:
     """C-contiguity of a Numba device array or a torch tensor."""
-    return bool(x.is_contiguous()) if _is_torch(x) else bool(x.is_c_contiguous())
+    return bool(x.is_contiguous()) if is_torch(x) else bool(x.is_c_contiguous())
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> list[int]:
@@ -86,7 +87,7 @@ _types: dict[tuple, Any] = {}
 
 def arg_type(x: Any) -> Any:
     """The Numba type a kernel argument is compiled for (as Numba's ``typeof`` gives it)."""
-    array = _is_torch(x) or hasattr(x, "__cuda_array_interface__")
+    array = is_torch(x) or hasattr(x, "__cuda_array_interface__")
     if array and not is_c_contiguous(x):
         raise ValueError("fast launch needs C-contiguous arrays")
     # building a Numba type costs ~10 µs: memoise by what it depends on
@@ -123,7 +124,7 @@ def pack(argtypes: tuple, args: tuple) -> list:
     for ty, x in zip(argtypes, args):
         if isinstance(ty, types.Array):
             shape = tuple(int(s) for s in x.shape)
-            if _is_torch(x):
+            if is_torch(x):
                 isz = x.element_size()
                 n = x.numel()
                 ptr = x.data_ptr() if n else 0
@@ -172,7 +173,7 @@ def _dims(d: Any) -> tuple[int, int, int]:
     return tuple(int(v) for v in d) + (1,) * (3 - len(d))  # type: ignore[return-value]
 
 
-def _handle(stream: Any) -> int:
+def stream_handle(stream: Any) -> int:
     """The raw handle of a stream given as an int or a Numba stream object."""
     if stream is None or isinstance(stream, int):
         return int(stream or 0)
@@ -192,7 +193,7 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
     if not fast_launch_available():
         from numba import cuda
 
-        conv = [cuda.as_cuda_array(a.detach(), sync=False) if _is_torch(a) else a for a in args]
+        conv = [cuda.as_cuda_array(a.detach(), sync=False) if is_torch(a) else a for a in args]
         if isinstance(stream, int):
             stream = cuda.external_stream(stream) if stream else 0
         dispatcher[grid, block, stream, shared](*conv)
@@ -205,7 +206,7 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
     comp = _compiled.get(key)
     if comp is None:
         comp = _compiled[key] = _Compiled(dispatcher.compile(argtypes))
-    ptr = _handle(stream)
+    ptr = stream_handle(stream)
     st = _streams.get(ptr)
     if st is None:
         from numba.cuda.cudadrv.driver import ExperimentalStream
@@ -217,4 +218,7 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
     core_launch(st, config, comp.function(), *pack(comp.argtypes, args))
 
 
-__all__ = ["ABI_VERSION", "arg_type", "fast_launch_available", "is_c_contiguous", "launch", "np_dtype", "pack"]
+__all__ = [
+    "ABI_VERSION", "arg_type", "fast_launch_available", "is_c_contiguous", "is_torch", "launch", "np_dtype", "pack",
+    "stream_handle",
+]

@@ -104,7 +104,7 @@ def test_stream_handles():
         def __init__(self, h):
             self.handle = h
 
-    assert cl._handle(0) == 0 and cl._handle(None) == 0 and cl._handle(1234) == 1234
-    assert cl._handle(_S(77)) == 77
-    assert cl._handle(_S(ctypes.c_void_p(88))) == 88
-    assert cl._handle(_S(ctypes.c_void_p(None))) == 0
+    assert cl.stream_handle(0) == 0 and cl.stream_handle(None) == 0 and cl.stream_handle(1234) == 1234
+    assert cl.stream_handle(_S(77)) == 77
+    assert cl.stream_handle(_S(ctypes.c_void_p(88))) == 88
+    assert cl.stream_handle(_S(ctypes.c_void_p(None))) == 0

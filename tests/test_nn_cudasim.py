@@ -219,14 +219,16 @@ def test_torch_tensor_host_path(monkeypatch, layout_name):
 
     from fastmu.kernels import cuda_launch
 
-    monkeypatch.setattr(cuda_launch, "launch", sim_launch)
-    monkeypatch.setattr(kb, "launch", sim_launch)
+    for module in (cuda_launch, kb, kc):  # every module that launches through it
+        monkeypatch.setattr(module, "launch", sim_launch)
     X, A, S, W = _inputs(2, 5, 3, 45, seed=11)
     W3 = W.unsqueeze(0).contiguous()
     b, m, t = X.shape
     n = A.shape[2]
     z = lambda *shape: torch.zeros(shape, dtype=X.dtype)  # noqa: E731
     P, G, A1, S1, P1, G1 = z(b, m, n), z(b, n, n), z(b, m, n), z(b, n, t), z(b, m, n), z(b, n, n)
+    with pytest.raises(ValueError, match="zeroed"):  # atomics need zeroed outputs: the allocator's job
+        kb.layer_forward(X, A, S, W3, P, G, EPS, False, True, A1, S1, P1, G1, stream=0)
     kb.layer_forward(X, A, S, W3, P, G, EPS, False, True, A1, S1, P1, G1, stream=0, zeroed=True)
     ref = _sim_forward(*(v.numpy() for v in (X, A, S, W3)), want_pg=True)
     for mine, r in zip((A1, S1, P1, G1, P, G), ref):
