@@ -42,6 +42,19 @@ def _compile(fn, sig, bounds):
         raise
 
 
+def _longest_global_load_run(ptx: str) -> int:
+    """Most ``ld.global`` instructions in one PTX basic block (no label or branch between)."""
+    best = run = 0
+    for line in ptx.splitlines():
+        line = line.strip()
+        if line.endswith(":") or "bra" in line.split(" ")[0] or line.startswith("@"):
+            run = 0
+        elif line.startswith("ld.global"):
+            run += 1
+            best = max(best, run)
+    return best
+
+
 @pytest.mark.parametrize(
     "dtype,tpb,n,ur,staging,rows",
     [("float32", 128, 4, 1, "rows", 0), ("float32", 128, 4, 8, "rows", 0), ("float64", 256, 8, 4, "rows", 0),
@@ -67,6 +80,8 @@ def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging, rows):
     else:
         # only the one dynamically indexed copy of the P partials, made once per sweep
         assert ptx.count(".local .align") <= 1
+        # a thread's rows of a tile are loaded in one branch-free run (no branch per row)
+        assert _longest_global_load_run(ptx) >= rows
     ptx = _compile(k.mu_grid_step.py_func, (a3, a3, a3, a4, a4, a4) + flags, k.launch_bounds)
     assert "atom.global.add" in ptx or "red.global.add" in ptx
     _compile(k.layer_step.py_func, (a3,) * 10 + (f, b, b), k.launch_bounds)
