@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # One GPU session, run from the repository root on a machine with an NVIDIA GPU:
 # environment report, GPU tests, kernel-knob sweep, W1/W2 benchmark with peers,
-# kernel-vs-wall-time profile, NALMU benchmark (with its profile). Each step has
-# its own time limit and a failed step does not stop the next. Results (JSON,
-# env, test log) land in $OUT (default bench/results/gpu_session), every
-# step's log in $OUT/logs.tgz.
+# NALMU benchmark (eager and as CUDA-graph replays), kernel-vs-wall-time profile.
+# Each step has its own time limit, all of them share one deadline, and a
+# failed step does not stop the next. Results (JSON, env, test log) land in $OUT
+# (default bench/results/gpu_session), every step's log in $OUT/logs.tgz.
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
-#   STEPS="tests sweep" bash bench/gpu_session.sh   # a subset (tests sweep bench profile nalmu)
+#   STEPS="tests sweep" bash bench/gpu_session.sh
+#       # a subset of: tests sweep bench nalmu sanitize nalmu_graph profile (run in that order)
 #
-# With ~10 minutes per device call, two calls cover what matters most:
-#   STEPS="sweep bench"  (~6.5 min: the knob sweep, then W1/W2 with each staging's best knobs)
-#   STEPS="nalmu tests"  (~8 min: NALMU eager + CUDA-graph, then the GPU tests)
-# and STEPS=profile (~1.5 min) when the numbers need explaining.
+# A session has 15 minutes of device time, the machine's start included, and a
+# machine goes back 30 s after a call: plan one call of at most 10 minutes
+# (timeout_s 600). DEADLINE (seconds, default 540) bounds the whole script:
+# each step gets at most its own limit and at most what is left, and a step
+# with under 20 s left is skipped (and says so). The order puts what the
+# issues ask first: the GPU tests (150 s), the knob sweep (100 s), W1/W2 with
+# peers (160 s), NALMU fused vs plain autograd (80 s); then, while time is
+# left, compute-sanitizer's racecheck (90 s), NALMU as CUDA-graph replays and
+# the profile.
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 LOGDIR=$(mktemp -d)
@@ -29,14 +35,21 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
 fi
 # STEPS picks what runs (default all): e.g. STEPS="tests sweep" in one device call and
 # STEPS="bench profile nalmu" in the next, so that each call fits its time limit.
-STEPS=${STEPS:-"tests sweep bench profile nalmu"}
+STEPS=${STEPS:-"tests sweep bench nalmu sanitize nalmu_graph profile"}
+DEADLINE=${DEADLINE:-540}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $OUT/NAME.log, report rc and time
+step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $LOGDIR/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS - 10))  # 10 s kept for packing the logs
+  if [ "$left" -lt 20 ]; then
+    echo "[$name] skipped: ${left} s left of DEADLINE=$DEADLINE" | tee -a "$OUT/steps.txt"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
   local rc=$?
-  echo "[$name] rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+  echo "[$name] rc=$rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/steps.txt"
 }
 
 { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
@@ -60,18 +73,18 @@ if want tests; then
   PYTEST_EXTRA=()
   python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
-  step gpu_tests "${TESTS_LIMIT:-240}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
-    tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_cuda_ptx.py --junitxml="$LOGDIR/gpu_tests.xml"
-  cp "$LOGDIR/gpu_tests.log" "$OUT/"
-  tail -n 15 "$OUT/gpu_tests.log"
+  step gpu_tests "${TESTS_LIMIT:-150}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+    tests/test_cuda_gpu.py tests/test_nn_gpu.py --junitxml="$LOGDIR/gpu_tests.xml"
+  [ -f "$LOGDIR/gpu_tests.log" ] && cp "$LOGDIR/gpu_tests.log" "$OUT/" && tail -n 15 "$OUT/gpu_tests.log"
 fi
 
 if want sweep; then
-  # the "rows" knobs that won on the H200 (grid mode, 128 threads, unroll 8 at 2048 threads per SM
-  # for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at two row counts,
-  # with and without loading the next tile ahead (regs runs skip 2048 threads per SM, which would spill it)
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null, 9], "prefetches": [false, true], "bpp_fractions": [1, 4, 16, 64], "block_mode": false}'}
-  step sweep "${SWEEP_LIMIT:-170}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
+  # the "rows" knobs around those that won on the H200 (grid mode, 128 threads, unroll 8 at 2048
+  # threads per SM for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at its
+  # automatic row count, with and without loading the next tile ahead (regs runs skip 2048 threads
+  # per SM, which would spill it): 6 kernel builds, 48 timed runs of 247 iterations
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false, true], "bpp_fractions": [1, 4, 16, 64], "block_mode": false}'}
+  step sweep "${SWEEP_LIMIT:-100}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
 import json, sys
@@ -105,7 +118,7 @@ PY
 )}
   echo "benchmark configs: $CONFIGS" | tee -a "$OUT/steps.txt"
   # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it again
-  step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
+  step mu_bench "${BENCH_LIMIT:-160}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
     --modes "${MODES:-grid}" --out "$OUT/mu_gpu.json"
   python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys
@@ -117,22 +130,39 @@ except Exception as e:
 PY
 fi
 
-if want profile; then
-  step mu_profile "${PROFILE_LIMIT:-90}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
-    --out "$OUT/mu_gpu_profile.json"
-fi
 
 if want nalmu; then
-  # each staging of the fused model (the backward follows it), eagerly (with peak memory
-  # and a host-vs-device profile) and as CUDA-graph replays (device time alone)
+  # the fused model in each staging (the backward follows it) beside the plain-autograd model,
+  # with peak memory and a host-vs-device profile
   for st in ${NALMU_STAGINGS:-regs}; do
-    FASTMU_CUDA_STAGING=$st step nalmu_$st "${NALMU_LIMIT:-130}" python3 bench/bench_nalmu.py --device cuda \
+    FASTMU_CUDA_STAGING=$st step nalmu_$st "${NALMU_LIMIT:-80}" python3 bench/bench_nalmu.py --device cuda \
       --t 16384 --out "$OUT/nalmu_cuda_$st.json" --profile "$LOGDIR/nalmu_profile_tables_$st.txt"
-    tail -n 8 "$LOGDIR/nalmu_$st.log"
-    FASTMU_CUDA_STAGING=$st step nalmu_graph_$st "${NALMU_GRAPH_LIMIT:-90}" python3 bench/bench_nalmu.py \
-      --device cuda --t 16384 --cuda-graph --out "$OUT/nalmu_cuda_graph_$st.json"
-    tail -n 6 "$LOGDIR/nalmu_graph_$st.log"
+    tail -n 8 "$LOGDIR/nalmu_$st.log" 2>/dev/null
   done
+fi
+
+if want sanitize; then
+  # shared-memory races in every kernel family (tiny shapes, each result checked)
+  if command -v compute-sanitizer >/dev/null; then
+    step racecheck "${SANITIZE_LIMIT:-90}" compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/gpu_sanity.py
+    tail -n 14 "$LOGDIR/racecheck.log" 2>/dev/null
+  else
+    echo "[racecheck] skipped: no compute-sanitizer" | tee -a "$OUT/steps.txt"
+  fi
+fi
+
+if want nalmu_graph; then
+  # both models' training steps as CUDA-graph replays: device time without host overhead
+  for st in ${NALMU_STAGINGS:-regs}; do
+    FASTMU_CUDA_STAGING=$st step nalmu_graph_$st "${NALMU_GRAPH_LIMIT:-50}" python3 bench/bench_nalmu.py \
+      --device cuda --t 16384 --cuda-graph --out "$OUT/nalmu_cuda_graph_$st.json"
+    tail -n 6 "$LOGDIR/nalmu_graph_$st.log" 2>/dev/null
+  done
+fi
+
+if want profile; then
+  step mu_profile "${PROFILE_LIMIT:-60}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
+    --out "$OUT/mu_gpu_profile.json"
 fi
 cat "$OUT/steps.txt"
 tar czf "$OUT/logs.tgz" -C "$LOGDIR" .

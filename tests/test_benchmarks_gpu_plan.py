@@ -78,3 +78,30 @@ def test_sweep_times_regs_per_row_count_in_32_pixel_tiles(fake_gpu):
 def test_cli_rejects_unknown_staging():
     with pytest.raises(SystemExit):
         mg.main(["--stagings", "warp"])
+
+
+def test_session_script_skips_steps_past_its_deadline(tmp_path):
+    """bench/gpu_session.sh with no time left runs no step, says so, and still packs its logs."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    # this interpreter first on PATH, as "python3" where it has that name (the script calls python3)
+    py_dir = Path(sys.executable).parent
+    if not (py_dir / "python3").exists():
+        pytest.skip("this interpreter has no python3 beside it")
+    env = {"PATH": f"{py_dir}:/usr/bin:/bin",
+           "OUT": str(out), "DEADLINE": "0", "STEPS": "tests sweep bench nalmu sanitize nalmu_graph profile",
+           "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = (out / "steps.txt").read_text()
+    for name in ("gpu_tests", "sweep", "mu_bench", "nalmu_regs", "nalmu_graph_regs", "mu_profile"):
+        assert f"[{name}] skipped" in steps
+    assert "rc=" not in steps  # nothing ran
+    assert (out / "logs.tgz").is_file() and (out / "env.txt").is_file()

@@ -445,3 +445,17 @@ def test_regs_prefetch_matches_reference(dtype, mode, bpp):
     np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[dtype])
     with pytest.raises(ValueError, match="prefetch"):
         kc.set_prefetch("yes")
+
+
+def test_sanitizer_program_agrees_with_the_reference():
+    """bench/gpu_sanity.py, the program compute-sanitizer runs on a GPU, in the simulator:
+    the regs layout with a partial last warp in grid mode, and rows in block mode."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_sanity.py"
+    spec = importlib.util.spec_from_file_location("gpu_sanity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.run_mu(stagings=("regs",), modes=("grid",)) == []
+    assert mod.run_mu(stagings=("rows",), modes=("block",)) == []
