@@ -315,6 +315,7 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
     from fastmu.kernels.cuda import regs_helpers
 
     load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG)
+    u64 = numba.uint64
 
     @cuda.jit(device=True)
     def load_small(Src, p, Dst, m, tid):
@@ -454,6 +455,7 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
             GSsh[q // n, q % n] = Gs[p, q // n, q % n]
         xr = cuda.local.array(RPG, ty)
         sv = cuda.local.array(n, ty)
+        rv = cuda.local.array(n, ty)
         cuda.syncthreads()
         ntiles = (t + TW - 1) // TW
         for c in range(bx, ntiles, nbx):
@@ -490,13 +492,19 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
                         Rsh[k, lane] = rk
             cuda.syncthreads()
             if need_gX and valid:
+                for k in range(n):
+                    rv[k] = Rsh[k, lane]
+                # unsigned indices (no wraparound code) and, for a warp whose rows
+                # all lie below m, no guard per row (as in the forward's loads)
+                pu, ju = u64(p), u64(j)
+                full = row0 + RPG <= m
                 for r in range(RPG):
                     i = row0 + r
-                    if i < m:
+                    if full or i < m:
                         acc = zero
                         for k in range(n):
-                            acc += Psh[i * n + k] * sv[k] + Ash[i * n + k] * Rsh[k, lane]
-                        gX[p, i, j] = acc
+                            acc += Psh[u64(i * n + k)] * sv[k] + Ash[u64(i * n + k)] * rv[k]
+                        gX[pu, u64(i), ju] = acc
             # No barrier needed here: the next tile writes Ssh and Xsh before its
             # first barrier, after every thread has passed this tile's second
             # (all reads of them come before it), and Rsh after its first
