@@ -9,7 +9,8 @@ On a GPU machine::
 Covers MU in block and grid mode with each staging of X ("rows", "tile",
 "regs"; "regs" with 4 rows per thread, so 13 rows leave a partial last warp,
 and two blocks per problem), and the learned layer's forward and backward
-with torch tensors in both layouts of the backward. Under Numba's CUDA
+with torch tensors in both layouts of the backward ("regs" again with a
+partial last warp). Under Numba's CUDA
 simulator the MU part runs (the tests do so); the torch part needs a GPU.
 Exits 1 when a result disagrees with the reference.
 """
@@ -83,6 +84,8 @@ def run_layer(stagings: tuple[str, ...] = ("rows", "regs")) -> list[str]:
         for staging in stagings:
             kc.set_config(**saved)
             kc.set_staging(staging)
+            if staging == "regs":
+                kc.set_rows_per_thread(4)  # a partial last warp in both backward passes
             grads = []
             for f in (learned_mu_step, mu_step_torch):
                 xs = [v.cuda().requires_grad_(True) for v in ins]

@@ -440,7 +440,7 @@ class _Kernels:
 
 
 @functools.lru_cache(maxsize=None)
-def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, Any]:
+def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False) -> tuple[Any, Any, Any]:
     """The device functions every ``"regs"``-layout kernel shares (forward sweep, backward passes).
 
     Warp ``g`` of ``rg`` owns rows ``row0 = g·rpg ...`` of a 32-pixel tile, lane = pixel:
@@ -455,9 +455,11 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, 
       warp order.
 
     Inlined into the kernels (``forceinline``) so that ``xr`` stays in registers.
+    ``exact`` (``rg·rpg == m``, every warp's rows in range) compiles only the
+    unguarded path: no code for a partial warp, hence fewer registers.
     """
     nbt = numba.float32 if dtype_name == "float32" else numba.float64
-    RPG, RG = rpg, rg
+    RPG, RG, EXACT = rpg, rg, bool(exact)
     djit = functools.partial(cuda.jit, device=True)
     if not _in_simulator():
         djit = functools.partial(djit, forceinline=True)
@@ -476,7 +478,7 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, 
     def load_rows(X, p, row0, j, valid, m, xr):
         jc = u64(j) if valid else u64(0)
         pu = u64(p)
-        if row0 + RPG <= m:  # warp-uniform: every warp but a last, partial one
+        if EXACT or row0 + RPG <= m:  # warp-uniform: every warp but a last, partial one
             for r in range(RPG):
                 v = X[pu, u64(row0 + r), jc]
                 xr[r] = v if valid else nbt(0)
@@ -490,7 +492,7 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, 
     def share_rows(C, row0, m, xr, Xsh, g, lane):
         # rows outer, components inner: a row's n entries of C are loaded
         # together and feed n independent sums (each still summed in row order)
-        full = row0 + RPG <= m
+        full = EXACT or row0 + RPG <= m
         acc = cuda.local.array(n, nbt)
         for k in range(n):
             acc[k] = 0
@@ -516,7 +518,7 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int) -> tuple[Any, Any, 
 @functools.lru_cache(maxsize=None)
 def _build(
     dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, staging: str = "rows", rows: int = 0,
-    prefetch: bool = False,
+    prefetch: bool = False, exact: bool = False,
 ) -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
@@ -524,7 +526,8 @@ def _build(
     ``rc`` are closure constants, so loops over components unroll and the
     per-thread accumulators stay in registers. With ``"regs"`` staging the
     block is ``tpb // 32`` warps of ``rows`` rows each over 32-pixel tiles,
-    loading the next tile ahead when ``prefetch``.
+    loading the next tile ahead when ``prefetch``; ``exact`` (the warps' rows
+    cover exactly m) leaves out the code for a partial last warp.
     """
     nbt = numba.float32 if dtype_name == "float32" else numba.float64
     isz = 4 if dtype_name == "float32" else 8
@@ -547,7 +550,7 @@ def _build(
     sshape = (2 * n, TW) if regs else (n, tpb)  # S columns of the tile (old and new with "regs")
     if regs:
         xrows, xcols = RG * n, TW  # the warps' partial A'ᵀX_j
-        load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG)
+        load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG, exact)
     # Cap registers at 128 per thread (at least 512 resident threads per SM;
     # ``occ`` raises that):
     # unbounded, NVVM unrolls the reductions up to ~220-240 registers, which
@@ -1136,7 +1139,9 @@ def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kern
         mode, bpp = choose_mode(b, t, lay.tile)
         ur, occ = choose_knobs(b, bpp, lay.staging)
     pf = _config.prefetch and lay.staging == "regs"
-    return (_build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows, prefetch=pf),
+    exact = lay.staging == "regs" and (lay.threads // REGS_TILE) * lay.rows == m
+    return (_build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows, prefetch=pf,
+                   exact=exact),
             mode, bpp, dyn)
 
 

@@ -278,7 +278,7 @@ def _build(dtype_name: str, n: int, tpb: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
+def _build_regs(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False):
     """The two passes over X in the ``"regs"`` layout of :mod:`fastmu.kernels.cuda`.
 
     A block is ``rg`` warps over 32-pixel tiles; warp ``g`` holds rows
@@ -314,8 +314,9 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
 
     from fastmu.kernels.cuda import regs_helpers
 
-    load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG)
+    load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG, exact)
     u64 = numba.uint64
+    EXACT = bool(exact)
 
     @cuda.jit(device=True)
     def load_small(Src, p, Dst, m, tid):
@@ -497,7 +498,7 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int):
                 # unsigned indices (no wraparound code) and, for a warp whose rows
                 # all lie below m, no guard per row (as in the forward's loads)
                 pu, ju = u64(p), u64(j)
-                full = row0 + RPG <= m
+                full = EXACT or row0 + RPG <= m
                 for r in range(RPG):
                     i = row0 + r
                     if full or i < m:
@@ -540,14 +541,15 @@ def backward_layout(dtype: Any, m: int, n: int) -> tuple[int, int] | None:
     cfg = kcuda.get_config()
     if cfg["staging"] != "regs" or n > kcuda.MAX_N:
         return None
-    if cfg["rows_per_thread"] is None and np.dtype(dtype).itemsize == 4 and n <= 4:
+    rg, rpg = kcuda.regs_layout(dtype, m, n)
+    if cfg["rows_per_thread"] is None and np.dtype(dtype).itemsize == 4 and n <= 4 and rg * rpg != m:
         # pass 1 keeps more per-thread state than the forward (gU Sᵀ partials, the
-        # column's S): at 13 rows ptxas (sm_90) spilled 260 bytes at 128 registers,
-        # at 11 rows (m = 65: 6 warps) it needs 122 and spills nothing
+        # column's S). ptxas (sm_90, bench/sass_report.py): built for warps that
+        # cover m exactly, 13 rows fit 126 registers and 16 rows spill 12 bytes; with
+        # the code for a partial last warp as well, 13-16 rows spill 100-400 bytes
+        # and 11 rows spill nothing
         rg = -(-int(m) // 11)
         rpg = -(-int(m) // rg)
-    else:
-        rg, rpg = kcuda.regs_layout(dtype, m, n)
     if rg > 32 or regs_shared_bytes(dtype, m, n, rg, rpg) > 48 * 1024:
         return None
     return rg, rpg
@@ -640,7 +642,7 @@ def layer_backward(
     if lay is not None:  # the "regs" passes: grid (bpp, b), one partial slot per block
         from fastmu.kernels import cuda as kcuda
 
-        pass1, pass2 = _build_regs(dt.name, n, *lay)
+        pass1, pass2 = _build_regs(dt.name, n, *lay, exact=lay[0] * lay[1] == m)
         nthr = 32 * lay[0]
         # one wave of blocks (as the forward), each with its own partial slot
         nslots = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]

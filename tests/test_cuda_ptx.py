@@ -60,14 +60,14 @@ def _longest_global_load_run(ptx: str) -> int:
     [("float32", 128, 4, 1, "rows", 0), ("float32", 128, 4, 8, "rows", 0), ("float64", 256, 8, 4, "rows", 0),
      ("float32", 32, 1, 16, "rows", 0), ("float32", 128, 4, 8, "tile", 0), ("float64", 64, 4, 1, "tile", 0),
      ("float32", 160, 4, 1, "regs", 13), ("float64", 288, 4, 1, "regs", 8), ("float32", 32, 3, 1, "regs", 9),
-     ("float32", 256, 4, 1, "regs+prefetch", 9)],
+     ("float32", 256, 4, 1, "regs+prefetch", 9), ("float32", 160, 4, 1, "regs+exact", 13)],
 )
 def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging, rows):
     from fastmu.kernels import cuda as kc
 
-    prefetch = staging.endswith("+prefetch")
+    prefetch, exact = staging.endswith("+prefetch"), staging.endswith("+exact")
     staging = staging.split("+")[0]
-    k = kc._build(dtype, tpb, n, ur, staging=staging, rows=rows, prefetch=prefetch)
+    k = kc._build(dtype, tpb, n, ur, staging=staging, rows=rows, prefetch=prefetch, exact=exact)
     f = getattr(types, dtype)
     a1, a3, a4 = (types.Array(f, d, "C") for d in (1, 3, 4))
     b = types.boolean
@@ -105,11 +105,12 @@ def test_backward_kernels_compile_to_ptx(no_device, dtype, n, tpb):
     assert ".local" not in ptx
 
 
-@pytest.mark.parametrize("dtype,n,rg,rpg", [("float32", 4, 6, 11), ("float64", 4, 9, 8), ("float32", 3, 1, 5)])
-def test_regs_backward_kernels_compile_to_ptx(no_device, dtype, n, rg, rpg):
+@pytest.mark.parametrize("dtype,n,rg,rpg,exact", [("float32", 4, 6, 11, False), ("float64", 4, 9, 8, False),
+                                                  ("float32", 3, 1, 5, False), ("float32", 4, 5, 13, True)])
+def test_regs_backward_kernels_compile_to_ptx(no_device, dtype, n, rg, rpg, exact):
     from fastmu.kernels import cuda_backward as kb
 
-    pass1, pass2 = kb._build_regs(dtype, n, rg, rpg)
+    pass1, pass2 = kb._build_regs(dtype, n, rg, rpg, exact)
     f = getattr(types, dtype)
     a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
     b = types.boolean

@@ -418,7 +418,10 @@ def test_backward_follows_the_forward_layout_within_limits():
     kc.set_staging("rows")
     assert kb.backward_layout(np.float32, 65, 4) is None  # one thread per pixel column
     kc.set_staging("regs")
-    assert kb.backward_layout(np.float32, 65, 4) == (6, 11)  # its own 11-row default (no spills)
+    # the forward's 5 × 13 where it covers m exactly, else its own 11-row default (no spills)
+    assert kb.backward_layout(np.float32, 65, 4) == kc.regs_layout(np.float32, 65, 4) == (5, 13)
+    assert kc.regs_layout(np.float32, 100, 4) == (7, 15)
+    assert kb.backward_layout(np.float32, 100, 4) == (10, 10)
     assert kb.backward_layout(np.float64, 65, 4) == kc.regs_layout(np.float64, 65, 4)
     assert kb.regs_shared_bytes(np.float32, 65, 4, 6, 11) <= 48 * 1024
     assert kb.backward_layout(np.float64, 512, 8) is None  # its shared memory would not fit
