@@ -76,6 +76,22 @@ if want tests; then
   step gpu_tests "${TESTS_LIMIT:-150}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     tests/test_cuda_gpu.py tests/test_nn_gpu.py --junitxml="$LOGDIR/gpu_tests.xml"
   [ -f "$LOGDIR/gpu_tests.log" ] && cp "$LOGDIR/gpu_tests.log" "$OUT/" && tail -n 15 "$OUT/gpu_tests.log"
+  # the packed-parameter launch (kernels/cuda_launch.py) disagreeing with Numba's own:
+  # time the rest with Numba's launch rather than not at all
+  if python3 - "$LOGDIR/gpu_tests.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+except Exception:
+    sys.exit(1)
+bad = [c.get("name") for c in cases if "fast_launch" in c.get("name", "")
+       and (c.find("failure") is not None or c.find("error") is not None)]
+sys.exit(0 if bad else 1)
+PY
+  then
+    export FASTMU_CUDA_FAST_LAUNCH=0
+    echo "[fast launch] failed its GPU test: FASTMU_CUDA_FAST_LAUNCH=0 from here on" | tee -a "$OUT/steps.txt"
+  fi
 fi
 
 if want sweep; then
