@@ -15,8 +15,9 @@
 # (timeout_s 600). DEADLINE (seconds, default 540) bounds the whole script:
 # each step gets at most its own limit and at most what is left, and a step
 # with under 20 s left is skipped (and says so). The order puts what the
-# issues ask first: the GPU tests (150 s), the knob sweep (100 s), W1/W2 with
-# peers (160 s), NALMU fused vs plain autograd (80 s); then, while time is
+# issues ask first: the GPU tests (140 s), the knob sweep (80 s), W1/W2 with
+# peers for 10 000 iterations each (200 s: ~100 s of it W2's five entries on an
+# H200, ~60 s torch.compile), NALMU fused vs plain autograd (80 s); then, while time is
 # left, compute-sanitizer's racecheck (90 s), NALMU as CUDA-graph replays and
 # the profile.
 set -u
@@ -73,7 +74,7 @@ if want tests; then
   PYTEST_EXTRA=()
   python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
-  step gpu_tests "${TESTS_LIMIT:-150}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+  step gpu_tests "${TESTS_LIMIT:-140}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     tests/test_cuda_gpu.py tests/test_nn_gpu.py --junitxml="$LOGDIR/gpu_tests.xml"
   [ -f "$LOGDIR/gpu_tests.log" ] && cp "$LOGDIR/gpu_tests.log" "$OUT/" && tail -n 15 "$OUT/gpu_tests.log"
   # the packed-parameter launch (kernels/cuda_launch.py) disagreeing with Numba's own:
@@ -100,7 +101,7 @@ if want sweep; then
   # automatic row count, with and without loading the next tile ahead (regs runs skip 2048 threads
   # per SM, which would spill it): 6 kernel builds, 48 timed runs of 247 iterations
   SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false, true], "bpp_fractions": [1, 4, 16, 64], "block_mode": false}'}
-  step sweep "${SWEEP_LIMIT:-100}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
+  step sweep "${SWEEP_LIMIT:-80}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
 import json, sys
@@ -134,7 +135,7 @@ PY
 )}
   echo "benchmark configs: $CONFIGS" | tee -a "$OUT/steps.txt"
   # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it again
-  step mu_bench "${BENCH_LIMIT:-160}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
+  step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
     --modes "${MODES:-grid}" --out "$OUT/mu_gpu.json"
   python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys
