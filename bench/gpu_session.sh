@@ -99,8 +99,9 @@ if want sweep; then
   # the "rows" knobs around those that won on the H200 (grid mode, 128 threads, unroll 8 at 2048
   # threads per SM for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at its
   # automatic row count, with and without loading the next tile ahead (regs runs skip 2048 threads
-  # per SM, which would spill it): 6 kernel builds, 48 timed runs of 247 iterations
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false, true], "bpp_fractions": [1, 4, 16, 64], "block_mode": false}'}
+  # per SM, which would spill it), each at the automatic block count (null) and four others:
+  # 6 kernel builds, 60 timed runs of 247 iterations
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false, true], "bpp_fractions": [null, 1, 4, 16, 64], "block_mode": false}'}
   step sweep "${SWEEP_LIMIT:-80}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"

@@ -5,8 +5,9 @@ Usage::
     python bench/plot_gpu_sweep.py bench/results/mu_gpu_sweep_h200.json \
         --peers bench/results/mu_gpu_h200.json --out bench/results/mu_gpu_sweep_h200.png
 
-One panel per batch size (W1: one problem, W2: 150), one line per (threads,
-unroll, occupancy) in grid mode, block mode as a marker at one block per
+One panel per batch size (W1: one problem, W2: 150), one line per (staging,
+prefetch, threads, unroll, occupancy) in grid mode (runs at the automatic
+block count have no x position and are left out), block mode as a marker at one block per
 problem, and, given ``--peers`` (a ``run_gpu_benchmarks`` JSON from the same
 kind of GPU), torch eager as a horizontal line. Needs matplotlib.
 """
@@ -28,18 +29,23 @@ def plot(sweeps: list[dict], peers: dict | None, out: Path) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
     for ax, b in zip(axes[0], batches):
         mine = [r for r in rows if r["batch"] == b]
-        keys = sorted({(r["threads"], r["unroll"], r.get("occupancy", 512)) for r in mine})
-        for tpb, ur, occ in keys:
+        def key(r: dict) -> tuple:
+            return (r.get("staging") or "rows", bool(r.get("prefetch")), r["threads"], r["unroll"],
+                    r.get("occupancy", 512))
+
+        for st, pf, tpb, ur, occ in sorted({key(r) for r in mine}):
+            # rows at the automatic block count (blocks_per_problem null) have no x position
             grid = sorted((r["blocks_per_problem"], r["ms_per_iter"]) for r in mine
-                          if r["mode"] == "grid" and (r["threads"], r["unroll"], r.get("occupancy", 512)) == (tpb, ur, occ))
-            label = f"{tpb} threads, unroll {ur}, {occ}/SM"
+                          if r["mode"] == "grid" and r["blocks_per_problem"] is not None
+                          and key(r) == (st, pf, tpb, ur, occ))
+            label = (f"regs{' prefetch' if pf else ''}, {occ}/SM" if st == "regs"
+                     else f"{st}: {tpb} threads, unroll {ur}, {occ}/SM")
             if grid:
                 line, = ax.plot(*zip(*grid), marker="o", label=label)
                 color = line.get_color()
             else:
                 color = None
-            block = [r["ms_per_iter"] for r in mine if r["mode"] == "block"
-                     and (r["threads"], r["unroll"], r.get("occupancy", 512)) == (tpb, ur, occ)]
+            block = [r["ms_per_iter"] for r in mine if r["mode"] == "block" and key(r) == (st, pf, tpb, ur, occ)]
             if block:
                 ax.plot([1], block[:1], marker="s", linestyle="none", color=color, mfc="none", ms=9)
         if peers is not None:

@@ -105,3 +105,11 @@ def test_session_script_skips_steps_past_its_deadline(tmp_path):
         assert f"[{name}] skipped" in steps
     assert "rc=" not in steps  # nothing ran
     assert (out / "logs.tgz").is_file() and (out / "env.txt").is_file()
+
+
+def test_sweep_times_the_automatic_block_count_as_null(fake_gpu):
+    out = mg.sweep_kernel_configs(iters=5, batches=(1,), threads=(128,), unrolls=(1,), occupancies=(512,),
+                                  stagings=("rows",), bpp_fractions=(None, 1, 4), block_mode=False)
+    assert [r["blocks_per_problem"] for r in out["rows"]] == [None, mg.T // 128, mg.T // 128 // 4]
+    # each run saw that count (None: the kernels choose)
+    assert [c["blocks_per_problem"] for c in fake_gpu] == [None, mg.T // 128, mg.T // 128 // 4]

@@ -368,7 +368,7 @@ def sweep_kernel_configs(
     unrolls: tuple[int, ...] = (1, 8),
     occupancies: tuple[int, ...] = (512,),
     stagings: tuple[str, ...] = ("rows", "tile"),
-    bpp_fractions: tuple[int, ...] = (1, 4, 16, 0),
+    bpp_fractions: tuple[int | None, ...] = (1, 4, 16, 0),
     block_mode: bool = True,
     partial: str | None = None,
     rows_per_thread: tuple[int | None, ...] = (None,),
@@ -378,7 +378,9 @@ def sweep_kernel_configs(
 
     Every (threads, unroll, occupancy, staging) combination is timed in block mode and in
     grid mode at several blocks per problem: ``tiles // f`` for each ``f`` in
-    ``bpp_fractions`` (0 meaning one block per problem).
+    ``bpp_fractions`` (0 meaning one block per problem, ``None`` the automatic
+    count of :func:`fastmu.kernels.cuda.choose_mode`, recorded as
+    ``blocks_per_problem: null``).
     ``iters`` = 6 + 2·120 + 1 makes grid mode run whole CUDA graphs. Returns
     the rows (ms/iteration, GB/s under the one-pass model) and the best
     configuration per batch size. A staging that does not fit the shape
@@ -404,7 +406,9 @@ def sweep_kernel_configs(
                  for rpt in rows_per_thread for pf in prefetches if "regs" in stagings]
         for tpb, ur, occ, st, rpt, pf in runs:
             tiles = -(-T // (kc.REGS_TILE if st == "regs" else tpb))
-            bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions}, reverse=True)
+            bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions if f is not None}, reverse=True)
+            if any(f is None for f in bpp_fractions):
+                bpps = [None] + bpps
             for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
                 cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st,
                        "rows_per_thread": rpt, "prefetch": pf}
