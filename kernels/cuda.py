@@ -348,11 +348,28 @@ def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
     return rc
 
 
+#: bytes of the "regs" sweep's lane-reduction buffer at most (it shares the SM with
+#: the other resident blocks)
+_REGS_REDUCE_BUDGET = 12 * 1024
+
+
+def regs_reduce_entries(threads: int, itemsize: int) -> int:
+    """Partial sums per thread that the ``"regs"`` sweep reduces over lanes per round:
+    the round's buffer ``(warps, entries, 33)`` stays within its budget, and one
+    lane sums one entry (at most 32)."""
+    warps = max(1, threads // REGS_TILE)
+    return max(1, min(REGS_TILE, _REGS_REDUCE_BUDGET // (warps * (REGS_TILE + 1) * itemsize)))
+
+
 def static_shared_bytes(dtype: Any, threads: int, n: int, staging: str = "rows") -> int:
     """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``, ``staging``."""
     isz = np.dtype(dtype).itemsize
-    if staging == "regs":  # old and new S columns (2n × 32), G, H, the warps' A'ᵀX partials (n × threads)
-        return (2 * n * REGS_TILE + 2 * n * n + n * threads) * isz
+    if staging == "regs":
+        # old and new S columns (2n × 32), G, H, the warps' A'ᵀX partials (n × threads),
+        # and the lane-reduction buffer (warps × entries × 33)
+        warps = max(1, threads // REGS_TILE)
+        red = warps * regs_reduce_entries(threads, isz) * (REGS_TILE + 1)
+        return (2 * n * REGS_TILE + 2 * n * n + n * threads + red) * isz
     rc = _rows_per_chunk(threads, n, isz)
     stage = rc * (threads + 1) if staging == "rows" else 1
     return (n * threads + 2 * n * n + stage) * isz
@@ -380,9 +397,9 @@ def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> st
     want = _config.staging
     if want == "regs" and not fits("regs"):
         raise ValueError(
-            f"staging='regs' needs at most 32 warps of rows per block; m = {m} at "
-            f"{regs_layout(dtype, m, n)[1]} rows per thread ({np.dtype(dtype)}) does not fit "
-            "(raise set_rows_per_thread, or use staging 'rows')"
+            f"staging='regs' needs at most 32 warps of rows per block and its buffers within "
+            f"{_SHARED_LIMIT // 1024} kB of shared memory; m = {m} at {regs_layout(dtype, m, n)[1]} rows "
+            f"per thread ({np.dtype(dtype)}) does not fit (raise set_rows_per_thread, or use staging 'rows')"
         )
     if want == "tile" and not fits("tile"):
         raise ValueError(
@@ -547,6 +564,12 @@ def _build(
     VPT = RPG * n  # P partial sums per thread
     PREFETCH = bool(prefetch)
     KN = KPT * n  # G partial sums per thread
+    # the lane reduction of the partials at the end of a "regs" sweep: RE of a
+    # thread's sums per round, NRP rounds for P, NRG for G
+    RE = regs_reduce_entries(tpb, isz)
+    NRP = -(-VPT // RE)
+    NRG = -(-KN // RE)
+    rdshape = (RG, RE, TW + 1) if regs else (1, 1, 1)
     sshape = (2 * n, TW) if regs else (n, tpb)  # S columns of the tile (old and new with "regs")
     if regs:
         xrows, xcols = RG * n, TW  # the warps' partial A'ᵀX_j
@@ -606,7 +629,7 @@ def _build(
                 Gsh[k, l] = Gsh[l, k]
 
     @cuda.jit(device=True)
-    def sweep(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, m, t, eps, update, accumulate, tid):
         """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update into ``So`` (when ``update``;
         ``So`` may be ``S``)
         and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
@@ -685,7 +708,7 @@ def _build(
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def sweep_tile(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep_tile(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, m, t, eps, update, accumulate, tid):
         """:func:`sweep` with ``"tile"`` staging: the S update copies each X value it
         loads into the shared tile ``Xt`` (row stride ``tpb + 1``), and row-owner
         threads reduce ``P`` from it in registers kept over all tiles. Needs ``m ≤ tpb``."""
@@ -761,7 +784,7 @@ def _build(
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def sweep_regs(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep_regs(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, m, t, eps, update, accumulate, tid):
         """:func:`sweep` with ``"regs"`` staging: warp ``g`` holds rows ``g·RPG ...`` of the
         tile's 32 pixel columns (one column per lane) in registers.
 
@@ -771,8 +794,9 @@ def _build(
         second barrier every thread adds ``x·S'_j`` to its rows' P partials and
         the component threads add row k of ``S'_j S'_jᵀ`` to theirs. The
         partials stay in registers over all the block's tiles and reach the
-        block's ``Psh``, ``Gsh`` once at the end. ``Ssh`` rows ``0..n-1`` hold
-        the tile's old S, ``n..2n-1`` the new; ``Xsh`` the warps' shares.
+        block's ``Psh``, ``Gsh`` once at the end, summed over lanes through
+        ``Rd``. ``Ssh`` rows ``0..n-1`` hold the tile's old S, ``n..2n-1`` the
+        new; ``Xsh`` the warps' shares.
         """
         zero = nbt(0)
         lane = tid % TW
@@ -839,23 +863,38 @@ def _build(
             # Ssh[n:] after its own first, which every thread reaches only when
             # done with the reads above.
         if accumulate:
-            # Lanes of a warp hold partials of the same P entries: lane l starts
-            # its round robin at entry l, so a round's shared atomics hit
-            # distinct addresses. (The copy is dynamically indexed, so it lives
-            # in local memory; this runs once per sweep.)
-            tmp = cuda.local.array(VPT, nbt)
-            for q in range(VPT):
-                tmp[q] = pa[q]
-            for v in range(VPT):
-                q = (v + lane) % VPT
-                i = row0 + q // n
-                if i < m:
-                    cuda.atomic.add(Psh, i * n + q % n, tmp[q])
-            for kk in range(KPT):
-                k = g + kk * RG
-                if k < n:
-                    for l in range(n):
-                        cuda.atomic.add(Gsh, (k, l), gl[kk * n + l])
+            # The lanes of a warp hold partials of the same entries (its rows of
+            # P, its components' rows of G): summed over lanes in lane order
+            # through Rd, RE entries per round, each added by the one thread
+            # that owns it. Shared-memory float atomics compile to
+            # compare-and-swap loops on sm_90 (ATOMS.CAST.SPIN), 32-way
+            # contended for G: thousands of cycles per sweep, which a W1
+            # iteration (a tile or two per block) would pay at every launch.
+            for rnd in range(NRP):
+                for e in range(RE):
+                    if rnd * RE + e < VPT:
+                        Rd[g, e, lane] = pa[rnd * RE + e]
+                cuda.syncthreads()
+                v = rnd * RE + lane
+                if lane < RE and v < VPT and row0 + v // n < m:
+                    acc = zero
+                    for ll in range(TW):
+                        acc += Rd[g, lane, ll]
+                    Psh[(row0 + v // n) * n + v % n] += acc
+                cuda.syncthreads()
+            for rnd in range(NRG):
+                for e in range(RE):
+                    if rnd * RE + e < KN:
+                        Rd[g, e, lane] = gl[rnd * RE + e]
+                cuda.syncthreads()
+                v = rnd * RE + lane
+                k = g + (v // n) * RG
+                if lane < RE and v < KN and k < n:
+                    acc = zero
+                    for ll in range(TW):
+                        acc += Rd[g, lane, ll]
+                    Gsh[k, v % n] += acc
+                cuda.syncthreads()
         cuda.syncthreads()
 
     sweep_fn = sweep_regs if regs else (sweep_tile if tile else sweep)
@@ -874,6 +913,7 @@ def _build(
         Hsh = cuda.shared.array((n, n), nbt)
         Ssh = cuda.shared.array(sshape, nbt)
         Xsh = cuda.shared.array((xrows, xcols), nbt)
+        Rd = cuda.shared.array(rdshape, nbt)  # "regs": the lane reduction
         Xt = dyn[2 * m * n :]  # the X tile ("tile" staging; empty otherwise)
         wp = 0 if W.shape[0] == 1 else p
         for q in range(tid, m * n, tpb):
@@ -887,7 +927,7 @@ def _build(
         for it in range(0 if pg_valid else -1, n_iter):
             if it >= 0:
                 a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
-            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, 0, 1, m, t, eps, it >= 0,
+            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, 0, 1, m, t, eps, it >= 0,
                      acc_last or it < n_iter - 1, tid)
         for q in range(tid, m * n, tpb):
             A[p, q // n, q % n] = Ash[q]
@@ -920,6 +960,7 @@ def _build(
         Hsh = cuda.shared.array((n, n), nbt)
         Ssh = cuda.shared.array(sshape, nbt)
         Xsh = cuda.shared.array((xrows, xcols), nbt)
+        Rd = cuda.shared.array(rdshape, nbt)  # "regs": the lane reduction
         Xt = dyn[2 * m * n :]  # the X tile ("tile" staging; empty otherwise)
         wp = 0 if W.shape[0] == 1 else p
         if update:
@@ -944,7 +985,7 @@ def _build(
                 Pz[p, q // n, q % n] = 0
             for q in range(tid, nn, tpb):
                 Gz[p, q // n, q % n] = 0
-        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, bx, nbx, m, t, eps, update, accumulate, tid)
+        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, bx, nbx, m, t, eps, update, accumulate, tid)
         if accumulate:
             for q in range(tid, m * n, tpb):
                 cuda.atomic.add(Po, (p, q // n, q % n), Psh[q])

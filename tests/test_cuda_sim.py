@@ -462,3 +462,25 @@ def test_sanitizer_program_agrees_with_the_reference():
     spec.loader.exec_module(mod)
     assert mod.run_mu(stagings=("regs",), modes=("grid",)) == []
     assert mod.run_mu(stagings=("rows",), modes=("block",)) == []
+
+
+@pytest.mark.parametrize("dtype,mode,bpp", [(np.float32, "grid", 2), (np.float64, "block", None)])
+def test_regs_lane_reduction_in_several_rounds(dtype, mode, bpp, monkeypatch):
+    """The "regs" sweep sums its P and G partials over lanes through a buffer of a few
+    entries per round: with 3 per round, P (2 rows × 5 components per thread) takes four
+    rounds and G (components 0, 2, 4 of the first warp: 15 sums) five; the results match."""
+    monkeypatch.setattr(kc, "_REGS_REDUCE_BUDGET", 2 * 33 * 8 * 3)  # 2 warps, 3 entries
+    kc._build.cache_clear()
+    kc.set_staging("regs")
+    kc.set_rows_per_thread(2)
+    try:
+        assert kc.regs_reduce_entries(64, np.dtype(dtype).itemsize) == (3 if dtype == np.float64 else 6)
+        X, A, S = _problem(2, 4, 5, 100, dtype, seed=41)  # 2 warps × 2 rows, n = 5
+        A1, S1, P1, G1 = _run(X, A, S, None, 2, mode, bpp)
+    finally:
+        kc._build.cache_clear()
+    Ar, Sr = _reference(X, A, S, None, 2)
+    np.testing.assert_allclose(A1, Ar, **TOL[dtype])
+    np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+    np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
