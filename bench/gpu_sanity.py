@@ -24,6 +24,12 @@ B, M, N, T = 2, 13, 3, 100
 ITERS = 3
 
 
+def _report(line: str, ok: bool, failures: list[str]) -> None:
+    print(line)
+    if not ok:  # a NaN error fails too
+        failures.append(line)
+
+
 def run_mu(stagings: tuple[str, ...] = ("rows", "tile", "regs"), modes: tuple[str, ...] = ("block", "grid")) -> list[str]:
     """MU through ``mu_run`` for each (staging, mode); the failures, as lines."""
     from numba import cuda
@@ -56,10 +62,7 @@ def run_mu(stagings: tuple[str, ...] = ("rows", "tile", "regs"), modes: tuple[st
                 kc.mu_run(d[0], d[1], d[2], W, P, G, ITERS, 1e-12, False, True)
                 A1, S1 = d[1].copy_to_host(), d[2].copy_to_host()
                 err = max(np.max(np.abs(A1 - Ar) / Ar), np.max(np.abs(S1 - Sr) / Sr))
-                line = f"mu {staging:4s} {mode:5s} max rel err {err:.2e}"
-                print(line)
-                if not err < 1e-3:
-                    failures.append(line)
+                _report(f"mu {staging:4s} {mode:5s} max rel err {err:.2e}", err < 1e-3, failures)
     finally:
         kc.set_config(**saved)
     return failures
@@ -94,10 +97,7 @@ def run_layer(stagings: tuple[str, ...] = ("rows", "regs")) -> list[str]:
                 grads.append([v.grad.cpu() for v in xs])
             torch.cuda.synchronize()
             err = max(float(((a - b).abs() / (b.abs() + 1e-12)).max()) for a, b in zip(*grads))
-            line = f"layer {staging:4s} forward+backward max rel grad err {err:.2e}"
-            print(line)
-            if not err < 1e-9:
-                failures.append(line)
+            _report(f"layer {staging:4s} forward+backward max rel grad err {err:.2e}", err < 1e-9, failures)
     finally:
         kc.set_config(**saved)
     return failures

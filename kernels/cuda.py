@@ -584,6 +584,23 @@ def _build(
     kjit = cuda.jit if _in_simulator() else functools.partial(cuda.jit, launch_bounds=bounds)
 
     @cuda.jit(device=True)
+    def lane_round(Rd, vals, nvals, rnd, g, lane):
+        """Round ``rnd`` of a lane reduction: this thread's sums ``vals[rnd·RE ...]``
+        (of ``nvals``) into column ``lane`` of its warp's slab of ``Rd``; ends with a barrier."""
+        for e in range(RE):
+            if rnd * RE + e < nvals:
+                Rd[g, e, lane] = vals[rnd * RE + e]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def lane_total(Rd, g, lane):
+        """Entry ``lane`` of the round, summed over the warp's lanes in lane order."""
+        acc = nbt(0)
+        for ll in range(TW):
+            acc += Rd[g, lane, ll]
+        return acc
+
+    @cuda.jit(device=True)
     def a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid):
         """``A' = A ⊙ W ⊙ P ⊘ (A G + ε)`` in shared memory, then ``H = A'ᵀA'``.
 
@@ -871,29 +888,17 @@ def _build(
             # contended for G: thousands of cycles per sweep, which a W1
             # iteration (a tile or two per block) would pay at every launch.
             for rnd in range(NRP):
-                for e in range(RE):
-                    if rnd * RE + e < VPT:
-                        Rd[g, e, lane] = pa[rnd * RE + e]
-                cuda.syncthreads()
+                lane_round(Rd, pa, VPT, rnd, g, lane)
                 v = rnd * RE + lane
                 if lane < RE and v < VPT and row0 + v // n < m:
-                    acc = zero
-                    for ll in range(TW):
-                        acc += Rd[g, lane, ll]
-                    Psh[(row0 + v // n) * n + v % n] += acc
+                    Psh[(row0 + v // n) * n + v % n] += lane_total(Rd, g, lane)
                 cuda.syncthreads()
             for rnd in range(NRG):
-                for e in range(RE):
-                    if rnd * RE + e < KN:
-                        Rd[g, e, lane] = gl[rnd * RE + e]
-                cuda.syncthreads()
+                lane_round(Rd, gl, KN, rnd, g, lane)
                 v = rnd * RE + lane
                 k = g + (v // n) * RG
                 if lane < RE and v < KN and k < n:
-                    acc = zero
-                    for ll in range(TW):
-                        acc += Rd[g, lane, ll]
-                    Gsh[k, v % n] += acc
+                    Gsh[k, v % n] += lane_total(Rd, g, lane)
                 cuda.syncthreads()
         cuda.syncthreads()
 
