@@ -4,22 +4,29 @@
 # NALMU benchmark (eager and as CUDA-graph replays), kernel-vs-wall-time profile.
 # Each step has its own time limit, all of them share one deadline, and a
 # failed step does not stop the next. Results (JSON, env, test log) land in $OUT
-# (default bench/results/gpu_session), every step's log in $OUT/logs.tgz.
+# (default bench/results/gpu_session), every step's log in $OUT/logs.tgz: at most
+# 8 files, as many as a device call brings back.
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
 #   STEPS="tests sweep" bash bench/gpu_session.sh
-#       # a subset of: tests sweep bench nalmu sanitize nalmu_graph profile (run in that order)
+#       # a subset of: tests sweep bench nalmu sanitize nalmu_graph profile, run in the order given
 #
 # A session has 15 minutes of device time, the machine's start included, and a
 # machine goes back 30 s after a call: plan one call of at most 10 minutes
 # (timeout_s 600). DEADLINE (seconds, default 540) bounds the whole script:
 # each step gets at most its own limit and at most what is left, and a step
-# with under 20 s left is skipped (and says so). The order puts what the
-# issues ask first: the GPU tests (140 s), the knob sweep (80 s), W1/W2 with
-# peers for 10 000 iterations each (200 s: ~100 s of it W2's five entries on an
-# H200, ~60 s torch.compile), NALMU fused vs plain autograd (80 s); then, while time is
-# left, compute-sanitizer's racecheck (90 s), NALMU as CUDA-graph replays and
-# the profile.
+# with under 20 s left is skipped (and says so). The default order puts what
+# the issues ask first. Each step's limit, then what it took on an H100
+# (2026-11-26; the machine started in ~30 s, and all seven steps ran in 419 s):
+#   tests        140 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
+#   sweep         80 s   (53)
+#   bench        200 s  (109)  W1/W2 with peers, 10 000 iterations each
+#   nalmu         80 s   (34)
+#   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
+#   nalmu_graph   50 s   (23)
+#   profile       60 s   (20)
+# TESTS, TESTS_K, SWEEP_ARGS, CONFIGS, MODES, NALMU_STAGINGS and the *_LIMIT
+# variables narrow a later call, e.g. STEPS="tests nalmu" TESTS_K="fast_launch".
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 LOGDIR=$(mktemp -d)
@@ -34,11 +41,9 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
   [ -e fastmu/kernels ] || ln -s ../kernels fastmu/kernels
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-# STEPS picks what runs (default all): e.g. STEPS="tests sweep" in one device call and
-# STEPS="bench profile nalmu" in the next, so that each call fits its time limit.
+# STEPS picks what runs and in which order (default all, in the order below).
 STEPS=${STEPS:-"tests sweep bench nalmu sanitize nalmu_graph profile"}
 DEADLINE=${DEADLINE:-540}
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $LOGDIR/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
   local left=$((DEADLINE - SECONDS - 10))  # 10 s kept for packing the logs
@@ -70,13 +75,15 @@ tail -n 12 "$OUT/env.txt"
 
 # per-test names (-v) so that a run cut short still says what passed; xdist and
 # pytest-timeout only where installed
-if want tests; then
+run_tests() {
   PYTEST_EXTRA=()
   python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
+  # TESTS: the test files (default both GPU test files); TESTS_K: a pytest -k expression
+  # shellcheck disable=SC2086
   step gpu_tests "${TESTS_LIMIT:-140}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
-    tests/test_cuda_gpu.py tests/test_nn_gpu.py --junitxml="$LOGDIR/gpu_tests.xml"
-  [ -f "$LOGDIR/gpu_tests.log" ] && cp "$LOGDIR/gpu_tests.log" "$OUT/" && tail -n 15 "$OUT/gpu_tests.log"
+    ${TESTS:-tests/test_cuda_gpu.py tests/test_nn_gpu.py} ${TESTS_K:+-k "$TESTS_K"} --junitxml="$LOGDIR/gpu_tests.xml"
+  [ -f "$LOGDIR/gpu_tests.log" ] && tail -n 15 "$LOGDIR/gpu_tests.log"
   # the packed-parameter launch (kernels/cuda_launch.py) disagreeing with Numba's own:
   # time the rest with Numba's launch rather than not at all
   if python3 - "$LOGDIR/gpu_tests.xml" <<'PY'
@@ -93,9 +100,9 @@ PY
     export FASTMU_CUDA_FAST_LAUNCH=0
     echo "[fast launch] failed its GPU test: FASTMU_CUDA_FAST_LAUNCH=0 from here on" | tee -a "$OUT/steps.txt"
   fi
-fi
+}
 
-if want sweep; then
+run_sweep() {
   # the "rows" knobs around those that won on the H200 (grid mode, 128 threads, unroll 8 at 2048
   # threads per SM for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at its
   # automatic row count, with and without loading the next tile ahead (regs runs skip 2048 threads
@@ -116,9 +123,9 @@ for r in rows:
           "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
           if "ms_per_iter" in r else r.get("error"))
 PY
-fi
+}
 
-if want bench; then
+run_bench() {
   # knobs: $CONFIGS if given, else the best of a sweep in this call, else the automatic choices
   CONFIGS=${CONFIGS:-$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
 import json, sys
@@ -146,10 +153,10 @@ try:
 except Exception as e:
     print("no MU benchmark table:", e)
 PY
-fi
+}
 
 
-if want nalmu; then
+run_nalmu() {
   # the fused model in each staging (the backward follows it) beside the plain-autograd model,
   # with peak memory and a host-vs-device profile
   for st in ${NALMU_STAGINGS:-regs}; do
@@ -157,9 +164,9 @@ if want nalmu; then
       --t 16384 --out "$OUT/nalmu_cuda_$st.json" --profile "$LOGDIR/nalmu_profile_tables_$st.txt"
     tail -n 8 "$LOGDIR/nalmu_$st.log" 2>/dev/null
   done
-fi
+}
 
-if want sanitize; then
+run_sanitize() {
   # shared-memory races in every kernel family (tiny shapes, each result checked)
   if command -v compute-sanitizer >/dev/null; then
     step racecheck "${SANITIZE_LIMIT:-90}" compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/gpu_sanity.py
@@ -167,20 +174,27 @@ if want sanitize; then
   else
     echo "[racecheck] skipped: no compute-sanitizer" | tee -a "$OUT/steps.txt"
   fi
-fi
+}
 
-if want nalmu_graph; then
+run_nalmu_graph() {
   # both models' training steps as CUDA-graph replays: device time without host overhead
   for st in ${NALMU_STAGINGS:-regs}; do
     FASTMU_CUDA_STAGING=$st step nalmu_graph_$st "${NALMU_GRAPH_LIMIT:-50}" python3 bench/bench_nalmu.py \
       --device cuda --t 16384 --cuda-graph --out "$OUT/nalmu_cuda_graph_$st.json"
     tail -n 6 "$LOGDIR/nalmu_graph_$st.log" 2>/dev/null
   done
-fi
+}
 
-if want profile; then
+run_profile() {
   step mu_profile "${PROFILE_LIMIT:-60}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
     --out "$OUT/mu_gpu_profile.json"
-fi
+}
+# the steps in the order STEPS names them
+for s in $STEPS; do
+  case " tests sweep bench nalmu sanitize nalmu_graph profile " in
+    *" $s "*) "run_$s" ;;
+    *) echo "[$s] unknown step" | tee -a "$OUT/steps.txt" ;;
+  esac
+done
 cat "$OUT/steps.txt"
 tar czf "$OUT/logs.tgz" -C "$LOGDIR" .

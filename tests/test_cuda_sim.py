@@ -242,14 +242,17 @@ def test_bad_input():
 
 def test_staging_choice():
     kc.set_staging("auto")
-    assert kc.choose_staging(np.float32, 32, 4) == "tile"
-    assert kc.choose_staging(np.float32, 33, 4) == "rows"  # more rows than threads
-    kc.set_threads(128)
-    assert kc.choose_staging(np.float32, 65, 4) == "tile"  # the paper's shape: 65 × 129 × 4 B
-    assert kc.choose_staging(np.float64, 65, 4) == "rows"  # 67 kB: past the 48 kB
+    assert kc.choose_staging(np.float32, 65, 4) == "regs"  # the paper's shape
+    assert kc.choose_staging(np.float64, 65, 4) == "regs"
+    assert kc.choose_staging(np.float32, 600, 4) == "rows"  # more than 32 warps of 16 rows
     kc.set_staging("tile")
+    assert kc.choose_staging(np.float32, 32, 4) == "tile"
     with pytest.raises(ValueError, match="staging='tile'"):
-        kc.choose_staging(np.float64, 65, 4)
+        kc.choose_staging(np.float32, 33, 4)  # more rows than threads
+    kc.set_threads(128)
+    assert kc.choose_staging(np.float32, 65, 4) == "tile"  # 65 × 129 × 4 B
+    with pytest.raises(ValueError, match="staging='tile'"):
+        kc.choose_staging(np.float64, 65, 4)  # 67 kB: past the 48 kB
     kc.set_staging("rows")
     assert kc.choose_staging(np.float32, 65, 4) == "rows"
     with pytest.raises(ValueError, match="staging"):

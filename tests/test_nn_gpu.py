@@ -177,5 +177,7 @@ def test_fast_launch_equals_numba_launch(monkeypatch, staging):
         A1, S1 = learned_mu_step(*ins)
         ((A1 ** 2).sum() + S1.sin().sum()).backward()
         res.append([A1.detach(), S1.detach()] + [v.grad for v in ins])
+    # not bitwise: the forward accumulates P, G with atomics in whatever order the blocks finish
+    # (on an H100 the two runs differed by 1.6e-10 relative, 1.5e-16 absolute)
     for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)

@@ -57,8 +57,9 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "packages": package_versions(),
         "blas": blas_info(),
-        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
-                                           "NUMBA_CPU_FEATURES", "FASTMU_CPU_ZMM") if k in os.environ},
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "NUMBA_CPU_FEATURES")
+                or k.startswith("FASTMU_")},
         "cpu_vectors_512bit": _zmm_status(),
     }
 
