@@ -532,14 +532,21 @@ def regs_shared_bytes(dtype: Any, m: int, n: int, rg: int, rpg: int) -> int:
 def backward_layout(dtype: Any, m: int, n: int) -> tuple[int, int] | None:
     """``(row groups, rows per group)`` when the backward passes use the ``"regs"`` layout, else None.
 
-    They follow the forward's staging (:func:`fastmu.kernels.cuda.set_staging`):
+    They follow the forward's staging (:func:`fastmu.kernels.cuda.set_staging`,
+    ``"auto"`` resolved by :func:`fastmu.kernels.cuda.choose_staging`):
     ``"regs"`` there selects them here too, up to n = 8, 32 warps per block
     and 48 kB of shared memory; otherwise the one-thread-per-column passes run.
     """
     from fastmu.kernels import cuda as kcuda
 
     cfg = kcuda.get_config()
-    if cfg["staging"] != "regs" or n > kcuda.MAX_N:
+    if n > kcuda.MAX_N:
+        return None
+    try:  # "auto" (the default) resolves as the forward's launch does
+        staging = kcuda.choose_staging(dtype, m, n)
+    except ValueError:
+        return None
+    if staging != "regs":
         return None
     rg, rpg = kcuda.regs_layout(dtype, m, n)
     if cfg["rows_per_thread"] is None and np.dtype(dtype).itemsize == 4 and n <= 4 and rg * rpg != m:

@@ -431,6 +431,10 @@ def test_backward_follows_the_forward_layout_within_limits():
     assert kb.backward_layout(np.float32, 65, 9) is None  # above the forward's MAX_N
     kc.set_rows_per_thread(4)
     assert kb.backward_layout(np.float32, 9, 3) == (3, 3)
+    kc.set_rows_per_thread(None)
+    kc.set_staging("auto")  # the default resolves as the forward's launch does
+    assert kb.backward_layout(np.float32, 65, 4) == (5, 13)
+    assert kb.backward_layout(np.float32, 600, 4) is None  # the forward takes "rows" there
 
 
 @pytest.mark.parametrize("dtype,mode,bpp", [(np.float32, "grid", 2), (np.float64, "block", None)])
