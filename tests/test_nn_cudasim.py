@@ -56,6 +56,8 @@ def layout(request):
     if request.param == "regs":
         kc.set_staging("regs")
         kc.set_rows_per_thread(2)
+    else:
+        kc.set_staging("rows")  # the default "auto" would take "regs"
     return request.param
 
 
