@@ -667,8 +667,11 @@ def layer_backward(
     # Two allocations (and array-interface conversions) for the eight small
     # per-problem buffers instead of eight: each conversion costs host time.
     mn_bufs, nn_bufs = buf(4, b, m, n), buf(4, b, n, n)
-    E, Aq, gP, gQ = (mn_bufs[q] for q in range(4))
-    H, gH, gG, Gs = (nn_bufs[q] for q in range(4))
+    if is_torch(mn_bufs):  # one op for the four views (a torch select costs µs)
+        (E, Aq, gP, gQ), (H, gH, gG, Gs) = mn_bufs.unbind(0), nn_bufs.unbind(0)
+    else:
+        E, Aq, gP, gQ = (mn_bufs[q] for q in range(4))
+        H, gH, gG, Gs = (nn_bufs[q] for q in range(4))
     gWp = gW if (need_gW and bw != 1) else buf(b if need_gW else 1, m, n)
     if has_gSo:
         XgRpart, gHpart = buf(nslots, b, m, n), buf(nslots, b, n, n)

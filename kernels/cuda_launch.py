@@ -55,17 +55,28 @@ def fast_launch_available() -> bool:
     return _numba_cuda_version() == ABI_VERSION
 
 
+_torch_types: dict[type, bool] = {}
+
+
 def is_torch(x: Any) -> bool:
     """Whether ``x`` is a torch tensor (without importing torch)."""
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+    t = type(x)
+    r = _torch_types.get(t)
+    if r is None:
+        r = _torch_types[t] = t.__module__.startswith("torch") and hasattr(t, "data_ptr")
+    return r
+
+
+_np_dtypes: dict[Any, np.dtype] = {}
 
 
 def np_dtype(x: Any) -> np.dtype:
     """The NumPy dtype of a Numba device array or a torch tensor."""
     dt = x.dtype
-    if is_torch(x):
-        return np.dtype(str(dt).replace("torch.", ""))
-    return np.dtype(dt)
+    r = _np_dtypes.get(dt)
+    if r is None:
+        r = _np_dtypes[dt] = np.dtype(str(dt).replace("torch.", "")) if is_torch(x) else np.dtype(dt)
+    return r
 
 
 def is_c_contiguous(x: Any) -> bool:
@@ -116,34 +127,75 @@ def _make_type(x: Any, array: bool) -> Any:
     raise TypeError(f"fast launch cannot pass an argument of type {type(x).__name__}")
 
 
-def pack(argtypes: tuple, args: tuple) -> list:
-    """The kernel parameters for ``args`` of ``argtypes``, laid out as Numba lays them out."""
+_tails: dict[tuple, tuple[int, list[int]]] = {}
+
+
+def _array_tail(shape: Any, isz: int) -> tuple[int, list[int]]:
+    """``(nitems, [*shape, *C strides in bytes])`` of an array, memoised by shape: a layer
+    launches the same few shapes over and over."""
+    key = (shape, isz)
+    tail = _tails.get(key)
+    if tail is None:
+        dims = tuple(int(v) for v in shape)
+        n = 1
+        for v in dims:
+            n *= v
+        if len(_tails) > 4096:
+            _tails.clear()
+        tail = _tails[key] = (n, [*dims, *_c_strides(dims, isz)])
+    return tail
+
+
+def _plan(argtypes: tuple) -> tuple[str, ...]:
+    """One code per parameter: ``"A"`` array, ``"f"`` float32, ``"d"`` float64, ``"q"`` int64,
+    ``"b"`` boolean (comparing Numba types per call costs more than the packing itself)."""
     from numba import types
 
-    out: list = []
-    for ty, x in zip(argtypes, args):
+    codes = []
+    for ty in argtypes:
         if isinstance(ty, types.Array):
-            shape = tuple(int(s) for s in x.shape)
+            codes.append("A")
+        elif ty == types.float32:
+            codes.append("f")
+        elif ty == types.float64:
+            codes.append("d")
+        elif ty == types.int64:
+            codes.append("q")
+        elif ty == types.boolean:
+            codes.append("b")
+        else:
+            raise TypeError(f"fast launch cannot pass {ty}")
+    return tuple(codes)
+
+
+def _pack(plan: tuple[str, ...], args: tuple) -> list:
+    out: list = []
+    for code, x in zip(plan, args):
+        if code == "A":
             if is_torch(x):
                 isz = x.element_size()
-                n = x.numel()
+                n, tail = _array_tail(x.shape, isz)
                 ptr = x.data_ptr() if n else 0
             else:  # a Numba device array (or anything with the CUDA array interface)
                 isz = np_dtype(x).itemsize
-                n = int(np.prod(shape)) if shape else 1
+                n, tail = _array_tail(tuple(x.shape), isz)
                 ptr = x.__cuda_array_interface__["data"][0] if n else 0
-            out += [0, 0, n, isz, ptr, *shape, *_c_strides(shape, isz)]
-        elif ty == types.float32:
-            out.append(ctypes.c_float(x))
-        elif ty == types.float64:
-            out.append(ctypes.c_double(x))
-        elif ty == types.int64:
-            out.append(ctypes.c_int64(x))
-        elif ty == types.boolean:
+            out += (0, 0, n, isz, ptr)
+            out += tail
+        elif code == "b":
             out.append(bool(x))
-        else:  # pragma: no cover - arg_type only produces the types above
-            raise TypeError(f"fast launch cannot pass {ty}")
+        elif code == "f":
+            out.append(ctypes.c_float(x))
+        elif code == "d":
+            out.append(ctypes.c_double(x))
+        else:
+            out.append(ctypes.c_int64(x))
     return out
+
+
+def pack(argtypes: tuple, args: tuple) -> list:
+    """The kernel parameters for ``args`` of ``argtypes``, laid out as Numba lays them out."""
+    return _pack(_plan(argtypes), args)
 
 
 class _Compiled:
@@ -152,12 +204,16 @@ class _Compiled:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.argtypes = tuple(kernel.argument_types)
+        self.plan = _plan(self.argtypes)
         self._fn: dict[int, Any] = {}
 
-    def function(self) -> Any:
-        from numba.cuda.cudadrv import devices
+    def function(self, dev: int | None = None) -> Any:
+        """The kernel on device ``dev`` (default: Numba's current context's), loaded there
+        on first use (the caller has made that device current)."""
+        if dev is None:
+            from numba.cuda.cudadrv import devices
 
-        dev = devices.get_context().device.id
+            dev = devices.get_context().device.id
         fn = self._fn.get(dev)
         if fn is None:
             fn = self._fn[dev] = self.kernel._codelibrary.get_cufunc().kernel
@@ -166,6 +222,20 @@ class _Compiled:
 
 _compiled: dict[tuple, _Compiled] = {}
 _streams: dict[int, Any] = {}
+#: (dispatcher, cheap per-argument keys) → its compiled overload: typing the arguments
+#: the way Numba does costs µs per argument, and a launch site passes the same kinds
+_by_signature: dict[tuple, _Compiled] = {}
+
+
+def _cheap_key(x: Any) -> Any:
+    """What an argument's Numba type depends on, cheaply; raises like :func:`arg_type`."""
+    if is_torch(x):
+        if not x.is_contiguous():
+            raise ValueError("fast launch needs C-contiguous arrays")
+        return (x.dtype, x.dim())
+    if hasattr(x, "__cuda_array_interface__"):
+        return arg_type(x)
+    return type(x)
 
 
 def _dims(d: Any) -> tuple[int, int, int]:
@@ -201,11 +271,17 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
     from cuda.core import LaunchConfig
     from cuda.core import launch as core_launch
 
-    argtypes = tuple(arg_type(a) for a in args)
-    key = (id(dispatcher), argtypes)
-    comp = _compiled.get(key)
+    sig = (id(dispatcher), *map(_cheap_key, args))
+    comp = _by_signature.get(sig)
     if comp is None:
-        comp = _compiled[key] = _Compiled(dispatcher.compile(argtypes))
+        argtypes = tuple(arg_type(a) for a in args)
+        key = (id(dispatcher), argtypes)
+        comp = _compiled.get(key)
+        if comp is None:
+            comp = _compiled[key] = _Compiled(dispatcher.compile(argtypes))
+        _by_signature[sig] = comp
+    # the device of the first tensor (made current by the caller), without asking Numba
+    dev = next((a.device.index for a in args if is_torch(a)), None)
     ptr = stream_handle(stream)
     st = _streams.get(ptr)
     if st is None:
@@ -215,7 +291,7 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
             _streams.clear()
         st = _streams[ptr] = ExperimentalStream.from_handle(ptr)
     config = LaunchConfig(grid=_dims(grid), block=_dims(block), shmem_size=int(shared))
-    core_launch(st, config, comp.function(), *pack(comp.argtypes, args))
+    core_launch(st, config, comp.function(dev), *_pack(comp.plan, args))
 
 
 __all__ = [

@@ -113,3 +113,22 @@ def test_sweep_times_the_automatic_block_count_as_null(fake_gpu):
     assert [r["blocks_per_problem"] for r in out["rows"]] == [None, mg.T // 128, mg.T // 128 // 4]
     # each run saw that count (None: the kernels choose)
     assert [c["blocks_per_problem"] for c in fake_gpu] == [None, mg.T // 128, mg.T // 128 // 4]
+
+
+def test_layer_host_time_runs_without_a_gpu(tmp_path):
+    """bench/layer_host_time.py times the CUDA layer's Python with the device calls stubbed
+    (in its own process: the stubs replace Numba and cuda.core functions)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("cuda.core")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "host.json"
+    r = subprocess.run([sys.executable, "bench/layer_host_time.py", "--b", "2", "--m", "9", "--t", "70", "--n", "3",
+                        "--repeats", "3", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["forward"]["launches"] == 1 and res["backward"]["launches"] == 5
+    assert res["forward"]["median_us"] > 0 and res["backward"]["median_us"] > 0

@@ -108,3 +108,38 @@ def test_stream_handles():
     assert cl.stream_handle(_S(77)) == 77
     assert cl.stream_handle(_S(ctypes.c_void_p(88))) == 88
     assert cl.stream_handle(_S(ctypes.c_void_p(None))) == 0
+
+
+def test_launch_compiles_once_per_signature_and_packs(monkeypatch):
+    """``launch`` types a launch site's arguments once per kind (dtype, rank, scalar type),
+    then only packs: the parameters handed to the driver are ``pack``'s."""
+    core = pytest.importorskip("cuda.core")
+    compiled: list = []
+
+    class _Kernel:
+        def __init__(self, argtypes):
+            self.argument_types = argtypes
+
+    class _Dispatcher:
+        def compile(self, argtypes):
+            compiled.append(argtypes)
+            return _Kernel(argtypes)
+
+    launched: list = []
+    monkeypatch.setattr(cl, "fast_launch_available", lambda: True)
+    monkeypatch.setattr(core, "launch", lambda st, cfg, fn, *params: launched.append((st, fn, params)))
+    monkeypatch.setattr(cl._Compiled, "function", lambda self, dev=None: "kernel")
+    monkeypatch.setitem(cl._streams, 0, "stream")
+    d = _Dispatcher()
+    x, y = torch.rand(2, 3), torch.rand(4, 5)
+    cl.launch(d, (2, 1), 32, 0, 0, x, np.float32(1.5), True)
+    cl.launch(d, (2, 1), 32, 0, 0, y, np.float32(2.5), False)  # same kinds: no new overload
+    assert len(compiled) == 1
+    assert launched[1][:2] == ("stream", "kernel")
+    assert _norm(list(launched[1][2])) == _norm(cl.pack(compiled[0], (y, np.float32(2.5), False)))
+    cl.launch(d, 1, 32, 0, 0, x.double(), np.float32(1.5), True)  # another dtype: another overload
+    cl.launch(d, 1, 32, 0, 0, x, 1.5, True)  # a Python float is a float64 parameter
+    assert len(compiled) == 3
+    assert compiled[2][1] == types.float64
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cl.launch(d, 1, 32, 0, 0, x.T, np.float32(1.5), True)

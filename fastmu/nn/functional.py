@@ -109,7 +109,7 @@ def _nthreads() -> int:
 
 def _np(x: torch.Tensor):
     """Zero-copy NumPy view of a contiguous CPU tensor."""
-    return x.detach().numpy()
+    return x.detach().numpy() if x.requires_grad else x.numpy()  # detach costs ~0.4 µs
 
 
 def _cuda_arrays(*xs: torch.Tensor):

@@ -180,10 +180,12 @@ class NALMU(nn.Module):
     ) -> Factors | list[Factors]:
         """Run the layers from given factors (X batched, contiguous, validated)."""
         run = _Unroller(self.fused, self.eps)
-        W = self.weights()
+        # unbind, not W[l]: its backward stacks the layers' gradients in one op, where
+        # 50 selects would each scatter into a zeroed (n_layers, m, n) copy and add them up
+        Ws = self.weights().unbind(0)
         outs: list[Factors] = []
-        for l in range(self.n_layers):
-            A, S = run.step(X, A, S, W[l], last=l == self.n_layers - 1)
+        for l, Wl in enumerate(Ws):
+            A, S = run.step(X, A, S, Wl, last=l == self.n_layers - 1)
             if return_all:
                 outs.append((A, S))
         return outs if return_all else (A, S)
