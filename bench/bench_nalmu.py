@@ -39,6 +39,54 @@ def profile_steps(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cprofile_fused(args: argparse.Namespace, steps: int = 3) -> None:
+    """Python-level profile (cProfile) of warmed-up fused steps into ``args.cprofile``:
+    where an eager step's host time goes, function by function."""
+    import cProfile
+    import io
+    import pstats
+
+    from fastmu.nn import functional as fn
+
+    step, _ = make_step(True, args.batch, args.m, args.t, args.n, args.layers, args.dtype, args.device, 0,
+                        args.objective)
+    step()
+    # torch runs a CUDA backward on its own thread, which a profiler enabled here does not
+    # see: the layer's backward gets a profiler of its own, enabled in whatever thread runs it
+    back_prof = cProfile.Profile()
+    inner = fn._backward
+
+    def profiled_backward(*a, **k):
+        back_prof.enable()
+        try:
+            return inner(*a, **k)
+        finally:
+            back_prof.disable()
+
+    on_gpu = str(args.device).startswith("cuda")
+    if on_gpu:  # on the CPU the backward runs in this thread: one profiler sees it all
+        fn._backward = profiled_backward
+    prof = cProfile.Profile()
+    try:
+        prof.enable()
+        for _ in range(steps):
+            step()
+        prof.disable()
+    finally:
+        fn._backward = inner
+    buf = io.StringIO()
+    profs = [("fused steps (calling thread)", prof)] + [("the layers' backward (autograd's thread)", back_prof)] * on_gpu
+    for title, p in profs:
+        st = pstats.Stats(p, stream=buf)
+        buf.write(f"== {steps} {title}, by own time\n")
+        st.sort_stats("tottime").print_stats(35)
+        buf.write(f"== {steps} {title}, by cumulative time\n")
+        st.sort_stats("cumulative").print_stats(25)
+    args.cprofile.parent.mkdir(parents=True, exist_ok=True)
+    args.cprofile.write_text(buf.getvalue())
+    print(f"  cProfile of {steps} fused steps written to {args.cprofile}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -56,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/nalmu_<device>_<objective>.json)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="also profile one fused and one plain step (host vs device time) into this text file")
+    ap.add_argument("--cprofile", type=Path, default=None,
+                    help="also profile three fused steps' Python with cProfile into this text file")
     args = ap.parse_args(argv)
 
     res = run_nalmu_benchmark(
@@ -81,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"(ratio {res['memory_ratio']:.2f}); {res['memory_method']}")
     if args.profile is not None:
         res["profile"] = profile_steps(args)
+    if args.cprofile is not None:
+        cprofile_fused(args)
     tag = "_graph" if args.cuda_graph else ""
     out = args.out or Path(__file__).parent / "results" / f"nalmu_{args.device.split(':')[0]}_{args.objective}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
 #   STEPS="tests sweep" bash bench/gpu_session.sh
-#       # a subset of: tests sweep bench nalmu sanitize nalmu_graph profile, run in the order given
+#       # a subset of: tests sweep bench nalmu sanitize nalmu_graph profile ncu, run in the order given
 #
 # A session has 15 minutes of device time, the machine's start included, and a
 # machine goes back 30 s after a call: plan one call of at most 10 minutes
@@ -25,6 +25,7 @@
 #   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
 #   nalmu_graph   50 s   (23)
 #   profile       60 s   (20)
+#   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
 # TESTS, TESTS_K, SWEEP_ARGS, CONFIGS, MODES, NALMU_STAGINGS and the *_LIMIT
 # variables narrow a later call, e.g. STEPS="tests nalmu" TESTS_K="fast_launch".
 set -u
@@ -42,7 +43,7 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 # STEPS picks what runs and in which order (default all, in the order below).
-STEPS=${STEPS:-"tests sweep bench nalmu sanitize nalmu_graph profile"}
+STEPS=${STEPS:-"tests sweep bench nalmu sanitize nalmu_graph profile ncu"}
 DEADLINE=${DEADLINE:-540}
 step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $LOGDIR/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
@@ -161,7 +162,8 @@ run_nalmu() {
   # with peak memory and a host-vs-device profile
   for st in ${NALMU_STAGINGS:-regs}; do
     FASTMU_CUDA_STAGING=$st step nalmu_$st "${NALMU_LIMIT:-80}" python3 bench/bench_nalmu.py --device cuda \
-      --t 16384 --out "$OUT/nalmu_cuda_$st.json" --profile "$LOGDIR/nalmu_profile_tables_$st.txt"
+      --t 16384 --out "$OUT/nalmu_cuda_$st.json" --profile "$LOGDIR/nalmu_profile_tables_$st.txt" \
+      --cprofile "$LOGDIR/nalmu_cprofile_$st.txt"
     tail -n 8 "$LOGDIR/nalmu_$st.log" 2>/dev/null
   done
 }
@@ -189,9 +191,23 @@ run_profile() {
   step mu_profile "${PROFILE_LIMIT:-60}" python3 -m fastmu.benchmarks.mu_gpu --profile "$LOGDIR/mu_profile_tables.txt" \
     --out "$OUT/mu_gpu_profile.json"
 }
+run_ncu() {
+  # Nsight Compute on one W2 iteration of the default kernel: achieved bandwidth, occupancy,
+  # and what the warps stall on (the clocks as the card runs them: --clock-control none)
+  if command -v ncu >/dev/null; then
+    FASTMU_CUDA_GRAPHS=0 step ncu "${NCU_LIMIT:-90}" ncu --clock-control none -k regex:mu_grid --launch-skip 5 \
+      --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section WarpStateStats --section SchedulerStats --section LaunchStats \
+      python3 -c "import torch, fastmu; X = torch.rand(150, 65, 16384, device='cuda'); fastmu.mu(X, 4, n_iter=8, backend='cuda'); torch.cuda.synchronize()"
+    grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles" \
+      "$LOGDIR/ncu.log" 2>/dev/null | head -n 30
+  else
+    echo "[ncu] skipped: no ncu" | tee -a "$OUT/steps.txt"
+  fi
+}
 # the steps in the order STEPS names them
 for s in $STEPS; do
-  case " tests sweep bench nalmu sanitize nalmu_graph profile " in
+  case " tests sweep bench nalmu sanitize nalmu_graph profile ncu " in
     *" $s "*) "run_$s" ;;
     *) echo "[$s] unknown step" | tee -a "$OUT/steps.txt" ;;
   esac
