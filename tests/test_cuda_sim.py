@@ -365,6 +365,22 @@ def test_mu_backend_cuda_host_arrays(dtype):
     assert A2.shape == (6, 3) and S2.shape == (3, 70)
 
 
+def test_mu_backend_cuda_default_layout():
+    """With the default staging ("auto"), fastmu.mu(backend="cuda") runs the "regs" layout
+    (three warps of rows at m = 6 and 2 rows per thread) and matches the CPU backend."""
+    import fastmu
+
+    kc.set_config(staging="auto", rows_per_thread=2)
+    assert kc.launch_layout(np.float32, 6, 3).staging == "regs"
+    rng = np.random.default_rng(12)
+    X = (rng.random((2, 6, 3)) @ rng.random((2, 3, 70))).astype(np.float32)
+    kw = dict(n_iter=4, random_state=0, init="random")
+    A_g, S_g = fastmu.mu(X, 3, backend="cuda", **kw)
+    A_c, S_c = fastmu.mu(X, 3, backend="cpu", **kw)
+    np.testing.assert_allclose(A_g, A_c, **TOL[np.float32])
+    np.testing.assert_allclose(S_g, S_c, **TOL[np.float32])
+
+
 def test_engine_objective_and_callbacks():
     from fastmu.cuda_engine import CUDAEngine
     from fastmu.reference import objective_numpy
