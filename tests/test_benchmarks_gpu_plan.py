@@ -24,7 +24,7 @@ def fake_gpu(monkeypatch):
 
     monkeypatch.setattr(mg, "_require_gpu", lambda: FakeCuda())
     monkeypatch.setattr(mg, "_versions", lambda cuda: {"device": "fake"})
-    monkeypatch.setattr(mg, "copy_bandwidth", lambda cuda: 1e12)
+    monkeypatch.setattr(mg, "copy_bandwidths", lambda cuda: {"numba_memcpy": 1e12, "torch_copy": 0.9e12})
     monkeypatch.setattr(mg, "_data", lambda b, dt, seed=0: (np.ones((b, 2, 3), dt),) * 3)
 
     def fastmu(cuda, X, A0, S0, iters, mode, config=None, dX=None):
@@ -56,6 +56,11 @@ def test_each_staging_is_an_entry_with_its_own_knobs(fake_gpu):
         ("rows", 128, None), ("regs", 256, 9)]
     assert [(c["staging"], c["occupancy"]) for c in fake_gpu[2:]] == [("rows", 1024), ("regs", 1024)]
     assert "fastmu_grid_regs" in mg.format_table(res)
+    # the fraction of copy bandwidth divides by the fastest copy measured, each one recorded
+    assert res["copy_bandwidth_GBps"] == 1000.0
+    assert res["copy_bandwidth_by_method_GBps"] == {"numba_memcpy": 1000.0, "torch_copy": 900.0}
+    e = w1["results"]["fastmu_grid_rows"]
+    assert e["fraction_of_copy_bandwidth"] == pytest.approx(e["achieved_GBps_one_pass_model"] / 1000.0)
 
 
 def test_sweep_times_regs_per_row_count_in_32_pixel_tiles(fake_gpu):
