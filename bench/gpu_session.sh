@@ -19,7 +19,7 @@
 # the issues ask first. Each step's limit, then what it took on an H100
 # (2026-11-26; the machine started in ~30 s, and all seven steps ran in 419 s):
 #   tests        140 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
-#   sweep         80 s   (53)
+#   sweep         80 s   (53; the sweep has been cut to 40 % since)
 #   bench        200 s  (109)  W1/W2 with peers, 10 000 iterations each
 #   nalmu         80 s   (34)
 #   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
@@ -104,12 +104,12 @@ PY
 }
 
 run_sweep() {
-  # the "rows" knobs around those that won on the H200 (grid mode, 128 threads, unroll 8 at 2048
-  # threads per SM for W2, unroll 1 at 512 for W1) beside the register-resident "regs" layout at its
-  # automatic row count, with and without loading the next tile ahead (regs runs skip 2048 threads
-  # per SM, which would spill it), each at the automatic block count (null) and four others:
-  # 6 kernel builds, 60 timed runs of 247 iterations
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [1, 8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false, true], "bpp_fractions": [null, 1, 4, 16, 64], "block_mode": false}'}
+  # the default "regs" layout at the automatic block count (null) and at 1/4, 1/8 and 1/32 of the
+  # tiles per problem, beside the "rows" layout's best knobs from the H100 sweep (unroll 8 at
+  # 512 and 2048 threads per SM; regs runs skip 2048, which would spill it). Prefetch, fewer
+  # rows per thread and 1024 threads per SM all lost on the H100 (mu_gpu_sweep*_h100.json).
+  # 3 kernel builds, 24 timed runs of 247 iterations
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false], "bpp_fractions": [null, 4, 8, 32], "block_mode": false}'}
   step sweep "${SWEEP_LIMIT:-80}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
