@@ -12,7 +12,7 @@ typing and parameter packing) runs as it does on a GPU. It is not the whole
 host time of a layer: torch's allocations on a device, autograd and the
 driver calls are not in it.
 
-    python bench/layer_host_time.py [--b 25 --m 65 --t 16384 --n 4] [--out host.json]
+    python bench/layer_host_time.py [--batch 25 --m 65 --t 16384 --n 4] [--out host.json]
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def measure(b: int, m: int, t: int, n: int, dtype: str = "float32", repeats: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--b", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--m", type=int, default=65)
     ap.add_argument("--t", type=int, default=16384)
     ap.add_argument("--n", type=int, default=4)
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    res = measure(args.b, args.m, args.t, args.n, args.dtype, args.repeats)
+    res = measure(args.batch, args.m, args.t, args.n, args.dtype, args.repeats)
     from fastmu.benchmarks.machine import machine_info
 
     res["machine"] = machine_info()

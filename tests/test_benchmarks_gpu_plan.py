@@ -131,7 +131,7 @@ def test_layer_host_time_runs_without_a_gpu(tmp_path):
     pytest.importorskip("cuda.core")
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "host.json"
-    r = subprocess.run([sys.executable, "bench/layer_host_time.py", "--b", "2", "--m", "9", "--t", "70", "--n", "3",
+    r = subprocess.run([sys.executable, "bench/layer_host_time.py", "--batch", "2", "--m", "9", "--t", "70", "--n", "3",
                         "--repeats", "3", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())

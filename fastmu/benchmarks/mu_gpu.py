@@ -119,11 +119,15 @@ def copy_bandwidths(cuda: Any, nbytes: int = 1 << 30, repeats: int = 5) -> dict[
     reports divides by the fastest, so that no slow copy flatters the kernels."""
     n = nbytes // 4
     out: dict[str, float] = {}
+
+    def rate(time_once: Callable[[], float]) -> float:
+        return 2 * n * 4 / min(time_once() for _ in range(repeats))
+
     src = cuda.device_array(n, np.float32)
     dst = cuda.device_array(n, np.float32)
     dst.copy_to_device(src)  # warm-up
     cuda.synchronize()
-    out["numba_memcpy"] = 2 * n * 4 / min(_numba_time(cuda, lambda: dst.copy_to_device(src)) for _ in range(repeats))
+    out["numba_memcpy"] = rate(lambda: _numba_time(cuda, lambda: dst.copy_to_device(src)))
     del src, dst
     try:
         import torch
@@ -140,7 +144,7 @@ def copy_bandwidths(cuda: Any, nbytes: int = 1 << 30, repeats: int = 5) -> dict[
             e1.synchronize()
             return e0.elapsed_time(e1) / 1e3
 
-        out["torch_copy"] = 2 * n * 4 / min(torch_time() for _ in range(repeats))
+        out["torch_copy"] = rate(torch_time)
         del a, b
     except Exception:  # no torch, or no CUDA build of it
         pass
@@ -159,7 +163,7 @@ def copy_bandwidths(cuda: Any, nbytes: int = 1 << 30, repeats: int = 5) -> dict[
             e1.synchronize()
             return cupy.cuda.get_elapsed_time(e0, e1) / 1e3
 
-        out["cupy_elementwise"] = 2 * n * 4 / min(cupy_time() for _ in range(repeats))
+        out["cupy_elementwise"] = rate(cupy_time)
         del a, b
     except Exception:
         pass
