@@ -16,19 +16,18 @@ import argparse
 import json
 from pathlib import Path
 
-from fastmu.benchmarks.nalmu import make_step, run_nalmu_benchmark
+from fastmu.benchmarks.nalmu import IMPLS, make_step, run_nalmu_benchmark
 from fastmu.benchmarks.profile import profile_call
 
 
 def profile_steps(args: argparse.Namespace) -> dict:
-    """One warmed-up fused step and one plain step under the profiler; tables to ``args.profile``."""
+    """One warmed-up step of each variant under the profiler; tables to ``args.profile``."""
     summary, text = {}, []
-    for fused in (True, False):
-        step, _ = make_step(fused, args.batch, args.m, args.t, args.n, args.layers, args.dtype, args.device, 0,
+    for name in args.impls:
+        step, _ = make_step(name, args.batch, args.m, args.t, args.n, args.layers, args.dtype, args.device, 0,
                             args.objective)
         step()  # warm-up: compilation, caching allocator
         prof = profile_call(step, args.device)
-        name = "fused" if fused else "plain"
         text.append(f"== {name} step: wall {prof['wall_ms']:.1f} ms, device kernels "
                     f"{prof['device_kernel_ms']} ms in {prof['device_kernels']} kernels\n{prof['table']}")
         summary[name] = {k: v for k, v in prof.items() if k != "table"}
@@ -48,24 +47,24 @@ def cprofile_fused(args: argparse.Namespace, steps: int = 3) -> None:
 
     from fastmu.nn import functional as fn
 
-    step, _ = make_step(True, args.batch, args.m, args.t, args.n, args.layers, args.dtype, args.device, 0,
+    step, _ = make_step("fused", args.batch, args.m, args.t, args.n, args.layers, args.dtype, args.device, 0,
                         args.objective)
     step()
     # torch runs a CUDA backward on its own thread, which a profiler enabled here does not
-    # see: the layer's backward gets a profiler of its own, enabled in whatever thread runs it
+    # see: the stack's backward gets a profiler of its own, enabled in whatever thread runs it
     back_prof = cProfile.Profile()
-    inner = fn._backward
+    inner = fn.LearnedMUUnroll.backward  # autograd looks it up on the class at each call
 
-    def profiled_backward(*a, **k):
+    def profiled_backward(ctx, *grads):
         back_prof.enable()
         try:
-            return inner(*a, **k)
+            return inner(ctx, *grads)
         finally:
             back_prof.disable()
 
     on_gpu = str(args.device).startswith("cuda")
     if on_gpu:  # on the CPU the backward runs in this thread: one profiler sees it all
-        fn._backward = profiled_backward
+        fn.LearnedMUUnroll.backward = staticmethod(profiled_backward)
     prof = cProfile.Profile()
     try:
         prof.enable()
@@ -73,9 +72,9 @@ def cprofile_fused(args: argparse.Namespace, steps: int = 3) -> None:
             step()
         prof.disable()
     finally:
-        fn._backward = inner
+        fn.LearnedMUUnroll.backward = staticmethod(inner)
     buf = io.StringIO()
-    profs = [("fused steps (calling thread)", prof)] + [("the layers' backward (autograd's thread)", back_prof)] * on_gpu
+    profs = [("fused steps (calling thread)", prof)] + [("the stack's backward (autograd's thread)", back_prof)] * on_gpu
     for title, p in profs:
         st = pstats.Stats(p, stream=buf)
         buf.write(f"== {steps} {title}, by own time\n")
@@ -99,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--objective", default="upstream", choices=("upstream", "loss"))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                    help="variants to compare (fused and plain always run); default all")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="CUDA: time replays of each model's step captured as a CUDA graph (no host overhead)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/nalmu_<device>_<objective>.json)")
@@ -111,24 +112,28 @@ def main(argv: list[str] | None = None) -> dict:
     res = run_nalmu_benchmark(
         batch=args.batch, m=args.m, t=args.t, n_layers=args.layers, device=args.device, n=args.n,
         dtype=args.dtype, repeats=args.repeats, measure_memory=not args.no_memory, objective=args.objective,
-        cuda_graph=args.cuda_graph,
+        cuda_graph=args.cuda_graph, impls=tuple(args.impls),
     )
+    args.impls = res["workload"]["impls"]
     try:
         from fastmu.benchmarks.machine import machine_info
 
         res["machine"] = machine_info()
     except ImportError:  # pragma: no cover
         pass
-    f, p = res["fused"], res["plain"]
     print(f"NALMU {args.layers} layers, batch {args.batch}, {args.m}×{args.t}, n={args.n}, {args.dtype}, "
           f"{args.device} ({res['device_name']}), objective={args.objective}"
           + (", CUDA-graph replays" if args.cuda_graph else ""))
-    print(f"  fused: {f['time_s'] * 1e3:8.1f} ms median ({f['time_min_s'] * 1e3:.1f} min)")
-    print(f"  plain: {p['time_s'] * 1e3:8.1f} ms median ({p['time_min_s'] * 1e3:.1f} min)")
-    print(f"  speedup {res['speedup']:.2f}× (median), {res['speedup_min']:.2f}× (best steps)")
-    if f["peak_bytes"] is not None:
-        print(f"  peak memory: fused {f['peak_bytes'] / 2**20:.1f} MiB, plain {p['peak_bytes'] / 2**20:.1f} MiB "
-              f"(ratio {res['memory_ratio']:.2f}); {res['memory_method']}")
+    for name in args.impls:
+        r = res[name]
+        peak = "" if r["peak_bytes"] is None else f", peak {r['peak_bytes'] / 2**20:.1f} MiB"
+        print(f"  {name}: {r['time_s'] * 1e3:8.1f} ms median ({r['time_min_s'] * 1e3:.1f} min){peak}")
+    print(f"  fused vs plain: {res['speedup']:.2f}× (median), {res['speedup_min']:.2f}× (best steps)"
+          + (f", memory ratio {res['memory_ratio']:.2f}" if "memory_ratio" in res else ""))
+    if "unroll_gain" in res:
+        print(f"  one node for the stack vs one per layer (chain): {res['unroll_gain']:.2f}×")
+    if res["memory_method"]:
+        print(f"  memory: {res['memory_method']}")
     if args.profile is not None:
         res["profile"] = profile_steps(args)
     if args.cprofile is not None:

@@ -9,23 +9,25 @@
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
 #   STEPS="tests sweep" bash bench/gpu_session.sh
-#       # a subset of: tests sweep bench nalmu sanitize nalmu_graph profile ncu, run in the order given
+#       # a subset of: tests nalmu nalmu_graph ncu bench sanitize profile sweep, run in the order given
 #
 # A session has 15 minutes of device time, the machine's start included, and a
 # machine goes back 30 s after a call: plan one call of at most 10 minutes
 # (timeout_s 600). DEADLINE (seconds, default 540) bounds the whole script:
 # each step gets at most its own limit and at most what is left, and a step
 # with under 20 s left is skipped (and says so). The default order puts what
-# the issues ask first. Each step's limit, then what it took on an H100
-# (2026-11-26; the machine started in ~30 s, and all seven steps ran in 419 s):
-#   tests        140 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
-#   sweep         80 s   (53; the sweep has been cut to 40 % since)
-#   bench        200 s  (109)  W1/W2 with peers, 10 000 iterations each
-#   nalmu         80 s   (34)
-#   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
-#   nalmu_graph   50 s   (23)
-#   profile       60 s   (20)
+# is still unmeasured first: the GPU tests, the eager NALMU step since its
+# layers became one autograd node, the W2 kernel's stall reasons. Each step's
+# limit, then what it took on an H100 (2026-11-26; the machine started in
+# ~30 s, and seven steps ran in 419 s):
+#   tests        150 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
+#   nalmu        100 s   (34 with two variants; three now, each profiled)
+#   nalmu_graph   60 s   (23 with two variants)
 #   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
+#   bench        200 s  (109)  W1/W2 with peers, 10 000 iterations each
+#   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
+#   profile       60 s   (20)
+#   sweep         80 s   (53; the sweep has been cut to 40 % since)
 # TESTS, TESTS_K, SWEEP_ARGS, CONFIGS, MODES, NALMU_STAGINGS and the *_LIMIT
 # variables narrow a later call, e.g. STEPS="tests nalmu" TESTS_K="fast_launch".
 set -u
@@ -43,7 +45,7 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 # STEPS picks what runs and in which order (default all, in the order below).
-STEPS=${STEPS:-"tests sweep bench nalmu sanitize nalmu_graph profile ncu"}
+STEPS=${STEPS:-"tests nalmu nalmu_graph ncu bench sanitize profile sweep"}
 DEADLINE=${DEADLINE:-540}
 step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $LOGDIR/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
@@ -82,7 +84,7 @@ run_tests() {
   python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
   # TESTS: the test files (default both GPU test files); TESTS_K: a pytest -k expression
   # shellcheck disable=SC2086
-  step gpu_tests "${TESTS_LIMIT:-140}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+  step gpu_tests "${TESTS_LIMIT:-150}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
     ${TESTS:-tests/test_cuda_gpu.py tests/test_nn_gpu.py} ${TESTS_K:+-k "$TESTS_K"} --junitxml="$LOGDIR/gpu_tests.xml"
   [ -f "$LOGDIR/gpu_tests.log" ] && tail -n 15 "$LOGDIR/gpu_tests.log"
   # the packed-parameter launch (kernels/cuda_launch.py) disagreeing with Numba's own:
@@ -158,10 +160,11 @@ PY
 
 
 run_nalmu() {
-  # the fused model in each staging (the backward follows it) beside the plain-autograd model,
-  # with peak memory and a host-vs-device profile
+  # the fused model (its layers one autograd node) in each staging (the backward follows it),
+  # beside the same kernels as one node per layer ("chain") and the plain-autograd model,
+  # with peak memory, a host-vs-device profile and a cProfile of the fused step
   for st in ${NALMU_STAGINGS:-regs}; do
-    FASTMU_CUDA_STAGING=$st step nalmu_$st "${NALMU_LIMIT:-80}" python3 bench/bench_nalmu.py --device cuda \
+    FASTMU_CUDA_STAGING=$st step nalmu_$st "${NALMU_LIMIT:-100}" python3 bench/bench_nalmu.py --device cuda \
       --t 16384 --out "$OUT/nalmu_cuda_$st.json" --profile "$LOGDIR/nalmu_profile_tables_$st.txt" \
       --cprofile "$LOGDIR/nalmu_cprofile_$st.txt"
     tail -n 8 "$LOGDIR/nalmu_$st.log" 2>/dev/null
@@ -179,9 +182,9 @@ run_sanitize() {
 }
 
 run_nalmu_graph() {
-  # both models' training steps as CUDA-graph replays: device time without host overhead
+  # the variants' training steps as CUDA-graph replays: device time without host overhead
   for st in ${NALMU_STAGINGS:-regs}; do
-    FASTMU_CUDA_STAGING=$st step nalmu_graph_$st "${NALMU_GRAPH_LIMIT:-50}" python3 bench/bench_nalmu.py \
+    FASTMU_CUDA_STAGING=$st step nalmu_graph_$st "${NALMU_GRAPH_LIMIT:-60}" python3 bench/bench_nalmu.py \
       --device cuda --t 16384 --cuda-graph --out "$OUT/nalmu_cuda_graph_$st.json"
     tail -n 6 "$LOGDIR/nalmu_graph_$st.log" 2>/dev/null
   done

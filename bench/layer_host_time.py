@@ -12,7 +12,18 @@ typing and parameter packing) runs as it does on a GPU. It is not the whole
 host time of a layer: torch's allocations on a device, autograd and the
 driver calls are not in it.
 
-    python bench/layer_host_time.py [--batch 25 --m 65 --t 16384 --n 4] [--out host.json]
+``--step`` also times whole NALMU training steps (``--layers`` layers,
+forward + backward from upstream gradients at every layer, as
+``bench_nalmu.py``) through the same stubbed CUDA path, for two variants:
+``fused`` (the stack as one autograd node, what the models run) and
+``chain`` (one autograd node per layer). Autograd and torch's tensor ops
+are then included, on CPU tensors; the figures are host time per step and
+the number of torch (aten) ops per step, counted below autograd. A CPU
+tensor of several MB costs an mmap to allocate, which a GPU's caching
+allocator does not, so the step timing uses ``--step-t`` pixels (default
+256): the host work of a CUDA step does not depend on t.
+
+    python bench/layer_host_time.py [--batch 25 --m 65 --t 16384 --n 4] [--step] [--out host.json]
 """
 from __future__ import annotations
 
@@ -87,6 +98,54 @@ def measure(b: int, m: int, t: int, n: int, dtype: str = "float32", repeats: int
     return out
 
 
+def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "float32",
+                 repeats: int = 20) -> dict[str, Any]:
+    """Median host ms per NALMU training step through the stubbed CUDA path, and aten ops per
+    step, for the ``fused`` and ``chain`` variants (:mod:`fastmu.benchmarks.nalmu`)."""
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _stub_device()
+    from fastmu.benchmarks.nalmu import make_step
+    from fastmu.nn import functional as F
+
+    class _HostCuda(F._CudaLayers):  # CPU tensors stand in for CUDA ones
+        def device(self, X):
+            return contextlib.nullcontext()
+
+        def stream(self, X):
+            return 0
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    F._runner = lambda X: _HostCuda()
+    out: dict[str, Any] = {"shape": {"b": b, "m": m, "t": t, "n": n, "layers": layers, "dtype": dtype},
+                           "repeats": repeats}
+    for impl in ("fused", "chain"):
+        step, _ = make_step(impl, b, m, t, n, layers, dtype, "cpu", 0)
+        step()  # typing, overload lookup, first allocations
+        with _Count() as count:
+            step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        ms = 1e3 * float(np.median(times))
+        out[impl] = {"median_ms": ms, "per_layer_us": 1e3 * ms / layers, "aten_ops": count.ops,
+                     "aten_ops_per_layer": count.ops / layers}
+    out["chain_over_fused"] = out["chain"]["median_ms"] / out["fused"]["median_ms"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=25)
@@ -95,6 +154,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--step", action="store_true", help="also time whole NALMU steps (fused vs chain)")
+    ap.add_argument("--layers", type=int, default=50)
+    ap.add_argument("--step-t", type=int, default=256, help="pixels per problem for --step (see the docstring)")
+    ap.add_argument("--step-repeats", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res = measure(args.batch, args.m, args.t, args.n, args.dtype, args.repeats)
@@ -104,6 +167,15 @@ def main() -> None:
     for k in ("forward", "backward"):
         print(f"{k:8s} {res[k]['median_us']:7.1f} µs host time per call, {res[k]['launches']} launches "
               f"({sum(res[k]['parameters'])} kernel parameters)")
+    if args.step:
+        st = res["step"] = measure_step(args.batch, args.m, args.step_t, args.n, args.layers, args.dtype,
+                                        args.step_repeats)
+        for impl in ("fused", "chain"):
+            r = st[impl]
+            print(f"step {impl:5s} {r['median_ms']:7.2f} ms host time per {args.layers}-layer step "
+                  f"({r['per_layer_us']:.0f} µs per layer), {r['aten_ops']} torch ops "
+                  f"({r['aten_ops_per_layer']:.1f} per layer)")
+        print(f"chain / fused host time: {st['chain_over_fused']:.2f}×")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -53,7 +53,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from fastmu.kernels.cuda_launch import is_torch, launch, np_dtype
+from fastmu.kernels.cuda_launch import Launcher, is_c_contiguous, is_torch, np_dtype
 
 #: largest rank the backward kernels are compiled for (per-thread registers: 5·n)
 MAX_N = 16
@@ -579,23 +579,127 @@ def _check(X: Any, A: Any, S: Any, W: Any, P: Any, G: Any) -> tuple[int, int, in
     return b, m, t, n
 
 
-def _runner(X: Any, stream: Any):
-    """``run(kernel, grid, block, shared, *args)``: Numba's launch for Numba arrays, the fast
-    launch (:mod:`fastmu.kernels.cuda_launch`) when the arrays are torch tensors."""
-    if is_torch(X):
-        def run(kernel, grid, block, shared, *args):
-            launch(kernel, grid, block, stream, shared, *args)
-    else:
-        def run(kernel, grid, block, shared, *args):
-            kernel[grid, block, stream, shared](*args)
-    return run
-
-
 def _device_alloc(stream: Any):
     def alloc(shape: tuple[int, ...], dtype: Any) -> Any:
         return cuda.device_array(shape, dtype, stream=stream)
 
     return alloc
+
+
+class LayerPlan:
+    """The launches of a learned-MU layer's forward and backward for one shape, planned once.
+
+    Every layer of a model has X's shape, the dtype and W's batch ``bw`` (1:
+    shared W; ``b``: one per problem), so a model plans once per call and
+    each layer then only launches: kernels, grids and shared-memory sizes
+    are chosen here, and each launch site is a
+    :class:`~fastmu.kernels.cuda_launch.Launcher`. The backward's scratch
+    arrays come from ``alloc(shape, dtype)`` at the first backward that needs
+    them and are reused by later ones: every launch of a plan is queued on its
+    one ``stream``, in order, so a layer's kernels are done with them before
+    the next layer's overwrite them. The forward's and the backward's launches
+    are planned at their first use (a single-layer call plans only its own). Arrays are all Numba device arrays or all
+    torch CUDA tensors (see :func:`layer_forward`, :func:`layer_backward`).
+    """
+
+    def __init__(self, b: int, m: int, t: int, n: int, dtype: Any, bw: int, stream: Any = 0,
+                 alloc: Any = None) -> None:
+        dt = np.dtype(dtype)
+        if n > MAX_N:
+            raise ValueError(f"n = {n} exceeds the CUDA backward's MAX_N = {MAX_N}")
+        self.shape, self.dtype, self.bw, self.stream = (b, m, t, n), dt, int(bw), stream
+        self.alloc = alloc or _device_alloc(stream)
+        self._step: Launcher | None = None  # the forward's launch site, planned at the first forward
+        self._bwd: tuple | None = None  # the backward's, planned at the first backward
+        self._scratch: dict[str, Any] = {}
+
+    def _plan_forward(self) -> Launcher:
+        from fastmu.kernels import cuda as kcuda
+
+        b, m, t, n = self.shape
+        k, _, bpp, dyn = kcuda._kernels_for(b, m, t, n, self.dtype)
+        self._step = Launcher(k.layer_step, (bpp, b), k.tpb, self.stream, dyn)
+        return self._step
+
+    def _plan_backward(self) -> tuple:
+        from fastmu.kernels import cuda as kcuda
+
+        b, m, t, n = self.shape
+        dt, stream = self.dtype, self.stream
+        tpb = _threads
+        prep, pass1, tiny, sum_w, pass2, _ = _build(dt.name, n, tpb)
+        ntiles = math.ceil(t / tpb)
+        lay = backward_layout(dt, m, n)
+        if lay is not None:  # the "regs" passes: grid (bpp, b), one partial slot per block
+            pass1, pass2 = _build_regs(dt.name, n, *lay, exact=lay[0] * lay[1] == m)
+            nthr = 32 * lay[0]
+            # one wave of blocks (as the forward), each with its own partial slot
+            nslots = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]
+            grid1 = grid2 = (nslots, b)
+            dyn1, dyn2 = m * n * dt.itemsize, 2 * m * n * dt.itemsize
+        else:  # one thread per pixel column: one partial slot per tile
+            nslots = ntiles
+            nthr, grid1, grid2, dyn1, dyn2 = tpb, (ntiles, b), (ntiles, b), 0, 0
+        self._bwd = (
+            nslots,
+            Launcher(prep, b, tpb, stream, 0),
+            Launcher(pass1, grid1, nthr, stream, dyn1),
+            Launcher(tiny, b, tpb, stream, 0),
+            Launcher(sum_w, 1, tpb, stream, 0),
+            Launcher(pass2, grid2, nthr, stream, dyn2),
+        )
+        return self._bwd
+
+    def _buf(self, name: str, *shape: int) -> Any:
+        arr = self._scratch.get(name)
+        if arr is None or tuple(arr.shape) != shape:
+            arr = self._scratch[name] = self.alloc(shape, self.dtype)
+        return arr
+
+    def _quad(self, name: str, *shape: int) -> tuple:
+        """Four scratch arrays of ``shape`` as views of one allocation (fewer allocations and,
+        for torch, one op for the four views: a torch select costs µs), kept with the plan."""
+        views = self._scratch.get(name)
+        if views is None:
+            arr = self.alloc((4, *shape), self.dtype)
+            views = self._scratch[name] = tuple(arr.unbind(0)) if is_torch(arr) else tuple(arr[q] for q in range(4))
+        return views
+
+    def forward(self, X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out) -> None:
+        """:func:`layer_forward` on arrays this plan was made for, ``P_out``, ``G_out`` (and
+        ``P``, ``G`` unless ``pg_valid``) already zeroed; nothing is checked."""
+        step = self._step or self._plan_forward()
+        epsd = self.dtype.type(eps)
+        if not pg_valid:  # P = X Sᵀ, G = S Sᵀ of the input S (the backward needs them too)
+            step(X, S, S_out, W, A, P, G, A_out, P, G, epsd, False, True)
+        step(X, S, S_out, W, A, P, G, A_out, P_out, G_out, epsd, True, bool(accumulate))
+
+    def backward(self, X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
+                 need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX) -> None:
+        """:func:`layer_backward` on arrays this plan was made for; nothing is checked."""
+        nslots, prep, pass1, tiny, sum_w, pass2 = self._bwd or self._plan_backward()
+        b, m, t, n = self.shape
+        buf = self._buf
+        E, Aq, gP, gQ = self._quad("mn", b, m, n)
+        H, gH, gG, Gs = self._quad("nn", b, n, n)
+        shared_w = self.bw == 1
+        gWp = gW if (need_gW and not shared_w) else buf("gWp", b if need_gW else 1, m, n)
+        if has_gSo:
+            XgRpart, gHpart = buf("XgR", nslots, b, m, n), buf("gH", nslots, b, n, n)
+        else:
+            XgRpart, gHpart = buf("XgR1", 1, 1, 1, 1), buf("gH1", 1, 1, 1, 1)
+        gA_ = gA if need_gA else buf("gA1", 1, 1, 1)
+        epsd = self.dtype.type(eps)
+
+        prep(A, W, P, G, epsd, E, Aq, H)
+        if has_gSo:
+            pass1(X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
+        tiny(A, W, P, G, E, Aq, gAo, bool(has_gSo), XgRpart, gHpart, bool(need_gA), bool(need_gW),
+                   gA_, gWp, gH, gP, gQ, gG, Gs)
+        if need_gW and shared_w:
+            sum_w(gWp, gW)
+        if need_gS or need_gX:
+            pass2(X, Aq, H, S, gSo, gP, Gs, epsd, bool(has_gSo), bool(need_gS), bool(need_gX), gS, gX)
 
 
 def layer_forward(
@@ -615,19 +719,26 @@ def layer_forward(
     """
     from fastmu.kernels import cuda as kcuda
 
-    _check(X, A, S, W, P, G)
-    if is_torch(X) and not zeroed and (accumulate or not pg_valid):
+    b, m, t, n = _check(X, A, S, W, P, G)
+    tensors = is_torch(X)
+    for name, arr, shape in (("A_out", A_out, (b, m, n)), ("S_out", S_out, (b, n, t))) + (
+            (("P_out", P_out, (b, m, n)), ("G_out", G_out, (b, n, n))) if accumulate else ()):
+        kind_ok = is_torch(arr) if tensors else cuda.devicearray.is_cuda_ndarray(arr)
+        if not kind_ok or tuple(arr.shape) != shape or not is_c_contiguous(arr):
+            raise ValueError(f"{name} must be a C-contiguous array of shape {shape}, of the same kind as X")
+        if np_dtype(arr) != np_dtype(X):
+            raise TypeError(f"{name} has dtype {arr.dtype} but X has {np_dtype(X)}")
+    if tensors and not zeroed and (accumulate or not pg_valid):
         raise ValueError("torch tensors must come zeroed (zeroed=True): allocate them with torch.zeros")
-    if not pg_valid:
-        # P = X Sᵀ, G = S Sᵀ of the input S (the backward needs them too)
-        if not zeroed:
+    if not zeroed:
+        if not pg_valid:
             kcuda.zero_fill(P, stream)
             kcuda.zero_fill(G, stream)
-        kcuda.layer_step(X, A, S, W, P, G, A_out, S_out, P, G, eps, True, update=False, stream=stream)
-    if accumulate and not zeroed:
-        kcuda.zero_fill(P_out, stream)
-        kcuda.zero_fill(G_out, stream)
-    kcuda.layer_step(X, A, S, W, P, G, A_out, S_out, P_out, G_out, eps, bool(accumulate), stream=stream)
+        if accumulate:
+            kcuda.zero_fill(P_out, stream)
+            kcuda.zero_fill(G_out, stream)
+    plan = LayerPlan(b, m, t, n, np_dtype(X), W.shape[0], stream, alloc)
+    plan.forward(X, A, S, W, P, G, eps, pg_valid, accumulate, A_out, S_out, P_out, G_out)
 
 
 def layer_backward(
@@ -638,56 +749,6 @@ def layer_backward(
 
     ``alloc(shape, dtype)`` makes the scratch arrays, as in :func:`layer_forward`.
     """
-    alloc = alloc or _device_alloc(stream)
     b, m, t, n = _check(X, A, S, W, P, G)
-    dt = np_dtype(X)
-    run = _runner(X, stream)
-    tpb = _threads
-    prep, pass1, tiny, sum_w, pass2, _ = _build(dt.name, n, tpb)
-    ntiles = math.ceil(t / tpb)
-    lay = backward_layout(dt, m, n)
-    if lay is not None:  # the "regs" passes: grid (bpp, b), one partial slot per block
-        from fastmu.kernels import cuda as kcuda
-
-        pass1, pass2 = _build_regs(dt.name, n, *lay, exact=lay[0] * lay[1] == m)
-        nthr = 32 * lay[0]
-        # one wave of blocks (as the forward), each with its own partial slot
-        nslots = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]
-        grid1 = grid2 = (nslots, b)
-        dyn1, dyn2 = m * n * dt.itemsize, 2 * m * n * dt.itemsize
-    else:  # one thread per pixel column: one partial slot per tile
-        nslots = ntiles
-        nthr, grid1, grid2, dyn1, dyn2 = tpb, (ntiles, b), (ntiles, b), 0, 0
-    bw = W.shape[0]
-    epsd = dt.type(eps)
-
-    def buf(*shape: int) -> Any:
-        return alloc(shape, dt)
-
-    # Two allocations (and array-interface conversions) for the eight small
-    # per-problem buffers instead of eight: each conversion costs host time.
-    mn_bufs, nn_bufs = buf(4, b, m, n), buf(4, b, n, n)
-    if is_torch(mn_bufs):  # one op for the four views (a torch select costs µs)
-        (E, Aq, gP, gQ), (H, gH, gG, Gs) = mn_bufs.unbind(0), nn_bufs.unbind(0)
-    else:
-        E, Aq, gP, gQ = (mn_bufs[q] for q in range(4))
-        H, gH, gG, Gs = (nn_bufs[q] for q in range(4))
-    gWp = gW if (need_gW and bw != 1) else buf(b if need_gW else 1, m, n)
-    if has_gSo:
-        XgRpart, gHpart = buf(nslots, b, m, n), buf(nslots, b, n, n)
-    else:
-        XgRpart, gHpart = buf(1, 1, 1, 1), buf(1, 1, 1, 1)
-    gA_ = gA if need_gA else buf(1, 1, 1)
-
-    run(prep, b, tpb, 0, A, W, P, G, epsd, E, Aq, H)
-    if has_gSo:
-        run(pass1, grid1, nthr, dyn1, X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
-    run(tiny, b, tpb, 0,
-        A, W, P, G, E, Aq, gAo, bool(has_gSo), XgRpart, gHpart, bool(need_gA), bool(need_gW),
-        gA_, gWp, gH, gP, gQ, gG, Gs,
-    )
-    if need_gW and bw == 1:
-        run(sum_w, 1, tpb, 0, gWp, gW)
-    if need_gS or need_gX:
-        run(pass2, grid2, nthr, dyn2,
-            X, Aq, H, S, gSo, gP, Gs, epsd, bool(has_gSo), bool(need_gS), bool(need_gX), gS, gX)
+    plan = LayerPlan(b, m, t, n, np_dtype(X), W.shape[0], stream, alloc)
+    plan.backward(X, A, S, W, P, G, gAo, gSo, eps, has_gSo, need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX)

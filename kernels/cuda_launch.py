@@ -253,24 +253,8 @@ def stream_handle(stream: Any) -> int:
     return int(h)  # a cuda-bindings CUstream (numba-cuda ≥ 0.20) converts with int()
 
 
-def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *args: Any) -> None:
-    """``dispatcher[grid, block, stream, shared](*args)``, with torch tensors passed as they are.
-
-    ``stream`` is a raw CUDA stream handle (0: the default stream) or a Numba
-    stream. Arrays are C-contiguous Numba device arrays or CUDA tensors on
-    the current device.
-    """
-    if not fast_launch_available():
-        from numba import cuda
-
-        conv = [cuda.as_cuda_array(a.detach(), sync=False) if is_torch(a) else a for a in args]
-        if isinstance(stream, int):
-            stream = cuda.external_stream(stream) if stream else 0
-        dispatcher[grid, block, stream, shared](*conv)
-        return
-    from cuda.core import LaunchConfig
-    from cuda.core import launch as core_launch
-
+def _overload(dispatcher: Any, args: tuple) -> _Compiled:
+    """The compiled overload of ``dispatcher`` for ``args`` (typed once per signature)."""
     sig = (id(dispatcher), *map(_cheap_key, args))
     comp = _by_signature.get(sig)
     if comp is None:
@@ -280,8 +264,11 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
         if comp is None:
             comp = _compiled[key] = _Compiled(dispatcher.compile(argtypes))
         _by_signature[sig] = comp
-    # the device of the first tensor (made current by the caller), without asking Numba
-    dev = next((a.device.index for a in args if is_torch(a)), None)
+    return comp
+
+
+def _stream(stream: Any) -> Any:
+    """A non-owning stream object for a raw handle or a Numba stream, as the driver launch takes it."""
     ptr = stream_handle(stream)
     st = _streams.get(ptr)
     if st is None:
@@ -290,11 +277,131 @@ def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *ar
         if len(_streams) > 64:  # non-owning wrappers of raw handles: cheap to rebuild
             _streams.clear()
         st = _streams[ptr] = ExperimentalStream.from_handle(ptr)
+    return st
+
+
+def _numba_launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, args: tuple) -> None:
+    """Numba's own launch, torch tensors converted to Numba views first."""
+    from numba import cuda
+
+    conv = [cuda.as_cuda_array(a.detach(), sync=False) if is_torch(a) else a for a in args]
+    if isinstance(stream, int):
+        stream = cuda.external_stream(stream) if stream else 0
+    dispatcher[grid, block, stream, shared](*conv)
+
+
+def launch(dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int, *args: Any) -> None:
+    """``dispatcher[grid, block, stream, shared](*args)``, with torch tensors passed as they are.
+
+    ``stream`` is a raw CUDA stream handle (0: the default stream) or a Numba
+    stream. Arrays are C-contiguous Numba device arrays or CUDA tensors on
+    the current device.
+    """
+    if not fast_launch_available():
+        _numba_launch(dispatcher, grid, block, stream, shared, args)
+        return
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as core_launch
+
+    comp = _overload(dispatcher, args)
+    # the device of the first tensor (made current by the caller), without asking Numba
+    dev = next((a.device.index for a in args if is_torch(a)), None)
     config = LaunchConfig(grid=_dims(grid), block=_dims(block), shmem_size=int(shared))
-    core_launch(st, config, comp.function(dev), *_pack(comp.plan, args))
+    core_launch(_stream(stream), config, comp.function(dev), *_pack(comp.plan, args))
+
+
+class Launcher:
+    """One launch site whose grid, block, shared memory and stream are fixed: ``site(*args)``.
+
+    For a loop that launches the same kernel many times on arguments of one
+    signature (a model's layers): the overload, the loaded function, the
+    stream object and the launch configuration are resolved at the first
+    call, and the second call's parameter list is kept as a template: a later
+    call on arrays of the same shapes only swaps in their data pointers and
+    the scalars, and launches (other shapes are packed in full). A site used
+    once costs what :func:`launch` costs. Every call must pass the kinds the first one passed
+    (same dtypes, ranks and scalar types). Numba device arrays go through
+    Numba's launch, as does everything when the fast path is off
+    (:func:`fast_launch_available`), through :func:`launch`.
+    """
+
+    __slots__ = ("dispatcher", "grid", "block", "stream", "shared", "_fast", "_st", "_config", "_fn", "_plan",
+                 "_nargs", "_launch", "_template", "_arrays", "_scalars")
+
+    def __init__(self, dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int = 0) -> None:
+        self.dispatcher, self.grid, self.block, self.stream, self.shared = dispatcher, grid, block, stream, int(shared)
+        self._fast: bool | None = None
+        self._nargs: int | None = None  # set when resolved
+
+    def _resolve(self, args: tuple) -> None:
+        from cuda.core import LaunchConfig
+        from cuda.core import launch as core_launch
+
+        self._launch = core_launch
+        comp = _overload(self.dispatcher, args)
+        dev = next((a.device.index for a in args if is_torch(a)), None)
+        self._plan, self._nargs = comp.plan, len(args)
+        self._st = _stream(self.stream)
+        self._config = LaunchConfig(grid=_dims(self.grid), block=_dims(self.block), shmem_size=self.shared)
+        self._fn = comp.function(dev)
+        self._template = None
+
+    def _index(self, args: tuple, params: list) -> None:
+        """Keep ``params`` (packed for ``args``) as the template later calls update in place
+        of a full packing: where each argument's parameters sit in the list (an array's
+        data pointer is its fifth, after meminfo, parent, nitems, itemsize; a scalar is one)."""
+        self._template = params
+        arrays, scalars, pos = [], [], 0
+        for i, (code, x) in enumerate(zip(self._plan, args)):
+            if code == "A":
+                if params[pos + 2]:  # an empty array keeps its null pointer
+                    arrays.append((i, pos + 4, x.shape))
+                else:
+                    arrays.append((i, -1, x.shape))
+                pos += 5 + 2 * len(x.shape)
+            else:
+                scalars.append((i, pos, {"b": bool, "f": ctypes.c_float, "d": ctypes.c_double,
+                                         "q": ctypes.c_int64}[code]))
+                pos += 1
+        self._arrays, self._scalars = tuple(arrays), tuple(scalars)
+
+    def _params(self, args: tuple) -> list:
+        params = self._template.copy()
+        for i, slot, shape in self._arrays:
+            x = args[i]
+            if x.shape != shape:
+                return _pack(self._plan, args)  # another shape: the full packing
+            if not x.is_contiguous():
+                raise ValueError("fast launch needs C-contiguous arrays")
+            if slot >= 0:
+                params[slot] = x.data_ptr()
+        for i, slot, conv in self._scalars:
+            params[slot] = conv(args[i])
+        return params
+
+    def __call__(self, *args: Any) -> None:
+        if self._fast is None:
+            self._fast = is_torch(args[0]) and fast_launch_available()
+        if not self._fast:
+            if is_torch(args[0]):
+                launch(self.dispatcher, self.grid, self.block, self.stream, self.shared, *args)
+            else:
+                self.dispatcher[self.grid, self.block, self.stream, self.shared](*args)
+            return
+        if self._nargs is None:
+            self._resolve(args)
+            params = _pack(self._plan, args)
+        elif len(args) != self._nargs:
+            raise TypeError(f"this launch site takes {self._nargs} arguments, got {len(args)}")
+        elif self._template is None:  # a second call: the site is in a loop, worth a template
+            params = _pack(self._plan, args)
+            self._index(args, params)
+        else:
+            params = self._params(args)
+        self._launch(self._st, self._config, self._fn, *params)
 
 
 __all__ = [
-    "ABI_VERSION", "arg_type", "fast_launch_available", "is_c_contiguous", "is_torch", "launch", "np_dtype", "pack",
-    "stream_handle",
+    "ABI_VERSION", "Launcher", "arg_type", "fast_launch_available", "is_c_contiguous", "is_torch", "launch",
+    "np_dtype", "pack", "stream_handle",
 ]

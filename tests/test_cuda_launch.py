@@ -143,3 +143,58 @@ def test_launch_compiles_once_per_signature_and_packs(monkeypatch):
     assert compiled[2][1] == types.float64
     with pytest.raises(ValueError, match="C-contiguous"):
         cl.launch(d, 1, 32, 0, 0, x.T, np.float32(1.5), True)
+
+
+def test_launcher_resolves_once_and_swaps_pointers(monkeypatch):
+    """A ``Launcher`` (one launch site in a loop) types and loads once; each later call hands
+    the driver exactly ``pack``'s parameters for its own arguments: new data pointers and
+    scalars, a full packing when a shape changes, and refusals as ``launch`` gives them."""
+    core = pytest.importorskip("cuda.core")
+    compiled: list = []
+
+    class _Kernel:
+        def __init__(self, argtypes):
+            self.argument_types = argtypes
+
+    class _Dispatcher:
+        def compile(self, argtypes):
+            compiled.append(argtypes)
+            return _Kernel(argtypes)
+
+    launched: list = []
+    loads: list = []
+    monkeypatch.setattr(cl, "fast_launch_available", lambda: True)
+    monkeypatch.setattr(core, "launch", lambda st, cfg, fn, *params: launched.append((st, cfg, fn, params)))
+    monkeypatch.setattr(cl._Compiled, "function", lambda self, dev=None: loads.append(dev) or "kernel")
+    monkeypatch.setitem(cl._streams, 0, "stream")
+    site = cl.Launcher(_Dispatcher(), (3, 2), 64, 0, 128)
+    empty = torch.empty(0, 5)
+    calls = [
+        (torch.rand(2, 3), np.float32(1.5), True, empty, 7),  # resolved, packed
+        (torch.rand(2, 3), np.float32(2.5), False, empty, 8),  # packed, kept as the template
+        (torch.rand(2, 3), np.float32(3.5), True, empty, 9),  # same shapes: pointers and scalars swapped
+        (torch.rand(4, 1), np.float32(0.5), True, torch.rand(2, 5), 10),  # new shapes: packed in full
+        (torch.rand(2, 3), np.float32(4.5), False, empty, 11),  # the template again
+    ]
+    for args in calls:
+        site(*args)
+    assert len(compiled) == 1 and len(loads) == 1
+    for (st, cfg, fn, params), args in zip(launched, calls):
+        assert (st, fn) == ("stream", "kernel")
+        assert _norm(list(params)) == _norm(cl.pack(compiled[0], args))
+    assert len(launched) == len(calls) and all(cfg is launched[0][1] for _, cfg, _, _ in launched)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        site(torch.rand(3, 2).T, np.float32(1.5), True, empty, 7)
+    with pytest.raises(TypeError, match="takes 5 arguments"):
+        site(torch.rand(2, 3), np.float32(1.5), True)
+
+
+def test_launcher_without_the_fast_path_uses_launch(monkeypatch):
+    """With the fast path off, torch tensors go through :func:`launch` (which converts them)."""
+    seen: list = []
+    monkeypatch.setattr(cl, "fast_launch_available", lambda: False)
+    monkeypatch.setattr(cl, "launch", lambda *a: seen.append(a))
+    site = cl.Launcher("kernel", 4, 32, 0, 0)
+    x = torch.rand(2, 2)
+    site(x, 1.0)
+    assert seen == [("kernel", 4, 32, 0, 0, x, 1.0)]

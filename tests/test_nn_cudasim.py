@@ -24,9 +24,13 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         allow_module_level=True,
     )
 
+import contextlib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from numba import cuda  # noqa: E402
+
+from fastmu.nn import functional as F  # noqa: E402
 
 from fastmu.reference import mu_step_torch  # noqa: E402
 from helpers import learned_layer_inputs
@@ -221,7 +225,7 @@ def test_torch_tensor_host_path(monkeypatch, layout_name):
 
     from fastmu.kernels import cuda_launch
 
-    for module in (cuda_launch, kb, kc):  # every module that launches through it
+    for module in (cuda_launch, kc):  # every module that launches through it
         monkeypatch.setattr(module, "launch", sim_launch)
     X, A, S, W = _inputs(2, 5, 3, 45, seed=11)
     W3 = W.unsqueeze(0).contiguous()
@@ -243,3 +247,69 @@ def test_torch_tensor_host_path(monkeypatch, layout_name):
     gX, gA, gS, gW = _sim_backward(*(v.numpy() for v in (X, A, S, W3, P, G, gAo)), gSo.numpy(), (True,) * 4)
     for mine, r in zip(outs, (gA, gS, gW, gX)):
         np.testing.assert_allclose(mine.numpy(), r, rtol=1e-12, atol=1e-14)
+
+
+class _SimCudaLayers(F._CudaLayers):
+    """The CUDA runner of the autograd unroll with torch CPU tensors standing in for CUDA
+    ones: no device context, stream 0; launches are simulated (``_sim_launches``)."""
+
+    def device(self, X):
+        return contextlib.nullcontext()
+
+    def stream(self, X):
+        return 0
+
+
+@pytest.fixture
+def _sim_launches(monkeypatch):
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from fastmu.kernels import cuda_launch
+
+    launched = []
+
+    def sim_launch(dispatcher, grid, block, stream, shared, *args):
+        launched.append(dispatcher)
+        conv = [FakeCUDAArray(a.detach().numpy()) if isinstance(a, torch.Tensor) else a for a in args]
+        dispatcher[grid, block, 0, shared](*conv)
+
+    for module in (cuda_launch, kc):
+        monkeypatch.setattr(module, "launch", sim_launch)
+    return launched
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_unroll_cuda_runner_matches_cpu(_sim_launches, per_problem, layout):
+    """The stacked layers as one autograd node (``LearnedMUUnroll``) with the CUDA runner: one
+    launch plan for every layer, the backward's scratch reused from layer to layer, P/G
+    handed on. Outputs of every layer and gradients w.r.t. X, A, S and W equal the CPU
+    unroll's (whose gradients are gradchecked in test_nn_layer.py)."""
+    L = 3
+    X, A, S, W = _inputs(2, 5, 3, 45, per_problem=per_problem, seed=21)
+    g = torch.Generator().manual_seed(22)
+    Ws = torch.rand((L, *W.shape), generator=g, dtype=X.dtype) + 0.5
+    results = []
+    for run in (_SimCudaLayers(), F._CpuLayers()):
+        ins = [v.clone().requires_grad_(True) for v in (X, A, S, Ws)]
+        out = F.LearnedMUUnroll.apply(*ins, EPS, True, True, run)
+        # upstream on every layer's A, and on S of layer 2 only: layers with and without gS'
+        loss = sum((l + 1.0) * out[l].square().sum() for l in range(L)) + out[L + 1].sum()
+        loss.backward()
+        results.append([o.detach() for o in out] + [v.grad for v in ins])
+    assert len(_sim_launches) > 0
+    for mine, ref in zip(*results):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_unroll_cuda_runner_gradcheck(_sim_launches):
+    """gradcheck of the CUDA-runner unroll (2 layers, shared W) w.r.t. W and the starting factors."""
+    X, A, S, W = _inputs(2, 3, 2, 20, seed=23)
+    Ws = torch.stack([W, 1.5 * W]).requires_grad_(True)
+    A.requires_grad_(True)
+    S.requires_grad_(True)
+    run = _SimCudaLayers()
+
+    def f(A, S, Ws):
+        return F.LearnedMUUnroll.apply(X, A, S, Ws, EPS, False, True, run)
+
+    assert torch.autograd.gradcheck(f, (A, S, Ws), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)

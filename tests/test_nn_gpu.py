@@ -18,7 +18,7 @@ if not (torch.cuda.is_available() and real_cuda_gpu()):
     pytest.skip("needs a CUDA GPU visible to torch and Numba (simulator off)", allow_module_level=True)
 
 from fastmu.losses import unrolled_loss  # noqa: E402
-from fastmu.nn import NALMU, learned_mu_step  # noqa: E402
+from fastmu.nn import NALMU, learned_mu_step, learned_mu_unroll  # noqa: E402
 from fastmu.reference import mu_step_torch  # noqa: E402
 
 
@@ -181,3 +181,53 @@ def test_fast_launch_equals_numba_launch(monkeypatch, staging):
     # (on an H100 the two runs differed by 1.6e-10 relative, 1.5e-16 absolute)
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_unroll_matches_chained_layers_on_gpu(per_problem, staging):
+    """The stack as one autograd node (one launch plan, reused scratch, ping-pong gradient
+    buffers) against chained per-layer Functions: every layer's outputs and the gradients
+    w.r.t. X, A, S and W, with upstream on some layers' A and S only."""
+    L = 4
+    X, A, S, W = _cuda_inputs(3, 13, 3, 700, per_problem=per_problem, seed=8)
+    g = torch.Generator().manual_seed(9)
+    Ws = (torch.rand((L, *W.shape), generator=g, dtype=X.dtype) + 0.5).cuda()
+    res = []
+    for run in ("unroll", "chain"):
+        ins = [v.clone().requires_grad_(True) for v in (X, A, S, Ws)]
+        if run == "unroll":
+            outs = learned_mu_unroll(*ins, return_all=True)
+        else:
+            outs, a, s = [], ins[1], ins[2]
+            for w in ins[3].unbind(0):
+                a, s = learned_mu_step(ins[0], a, s, w)
+                outs.append((a, s))
+        loss = sum((l + 1.0) * outs[l][0].square().sum() for l in range(L)) + outs[1][1].sin().sum()
+        loss.backward()
+        res.append([v.detach() for pair in outs for v in pair] + [v.grad for v in ins])
+    for a, b in zip(*res):  # the forward's atomic P, G sums run in varying order
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+def test_unroll_gradcheck_on_gpu():
+    X, A, S, W = _cuda_inputs(2, 5, 3, 37, seed=10)
+    Ws = torch.stack([W, 1.3 * W, 0.8 * W])
+    ins = [v.requires_grad_(True) for v in (X, A, S, Ws)]
+
+    def f(X, A, S, Ws):
+        return [v for pair in learned_mu_unroll(X, A, S, Ws, return_all=True) for v in pair]
+
+    assert torch.autograd.gradcheck(f, ins, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_unroll_runs_on_callers_stream():
+    X, A, S, W = _cuda_inputs(2, 20, 3, 4000, dtype=torch.float32, seed=11)
+    Ws = torch.stack([W] * 5)
+    ref = learned_mu_unroll(X, A, S, Ws)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = learned_mu_unroll(X, A, S, Ws)
+    s.synchronize()
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=0)

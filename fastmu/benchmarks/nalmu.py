@@ -12,13 +12,21 @@ gradients, ``torch.autograd.backward(outputs, grads)``.
 ops on every layer's S cost the same in both variants (≈ 90 ms of a step at
 the default shape on the 2-core dev machine) and dilute the ratio.
 
-Both models share inputs, parameters and upstream; only the layer implementation differs
-(``NALMU(fused=True)`` vs ``NALMU(fused=False)``, which runs
-:func:`fastmu.reference.mu_step_torch` with autograd).
+The variants share inputs, parameters and upstream; only the layer implementation differs:
+
+``fused``
+    ``NALMU(fused=True)``: the layers as one autograd node on the fused
+    kernels (:func:`fastmu.nn.learned_mu_unroll`).
+``chain``
+    The same kernels as one autograd node *per layer*
+    (:func:`fastmu.nn.learned_mu_step_pg` in a loop): what ``fused`` was
+    before the stack became one node, kept to measure what that saves.
+``plain``
+    ``NALMU(fused=False)``: :func:`fastmu.reference.mu_step_torch` with autograd.
 
 Time
     Wall time of a step, after one warm-up step (Numba compile/cache load,
-    first touch of memory). Steps of the two models alternate, so both see the
+    first touch of memory). Steps of the variants alternate, so both see the
     same machine state; the median over ``repeats`` is the figure, the minimum
     is reported beside it. On CUDA every step ends with a synchronisation.
 
@@ -47,7 +55,10 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["run_nalmu_benchmark", "step_peak_rss_bytes"]
+__all__ = ["IMPLS", "run_nalmu_benchmark", "step_peak_rss_bytes"]
+
+#: the layer implementations compared (module docstring)
+IMPLS = ("fused", "chain", "plain")
 
 
 def _problem(batch: int, m: int, t: int, n: int, dtype: str, device: str, seed: int):
@@ -64,11 +75,12 @@ def _problem(batch: int, m: int, t: int, n: int, dtype: str, device: str, seed: 
 
 
 def make_step(
-    fused: bool, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, device: str, seed: int,
+    impl: str, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, device: str, seed: int,
     objective: str = "upstream", graph: bool = False,
 ):
-    """``(step, model)``: ``step()`` runs one forward + backward and returns a check value
-    (the loss, or Σ|∂/∂θ|) as a float, which synchronises the device.
+    """``(step, model)``: ``step()`` runs one forward + backward of the ``impl`` variant
+    (:data:`IMPLS`) and returns a check value (the loss, or Σ|∂/∂θ|) as a float,
+    which synchronises the device.
 
     With ``graph`` (CUDA only) the forward + backward is captured once as a
     CUDA graph (after two warm-up steps on a side stream, as torch's
@@ -78,10 +90,12 @@ def make_step(
     import torch
 
     from fastmu.losses import unrolled_loss
-    from fastmu.nn import NALMU
+    from fastmu.nn import NALMU, constant_init, learned_mu_step_pg
 
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     X, A_true, S_true = _problem(batch, m, t, n, dtype, device, seed)
-    model = NALMU(n_layers, m, n, fused=fused, dtype=getattr(torch, dtype), device=device)
+    model = NALMU(n_layers, m, n, fused=impl != "plain", dtype=getattr(torch, dtype), device=device)
     with torch.no_grad():  # a trained-looking W (not all ones), the same for both models
         g = torch.Generator().manual_seed(seed + 1)
         model.theta.copy_(0.1 * torch.randn(model.theta.shape, generator=g, dtype=torch.float64))
@@ -101,9 +115,19 @@ def make_step(
     # v_1 = 0: the first layer gets no direct upstream, as with the loss
     seeds = [(k, j, up[j]) for k, up in enumerate(ups) if k > 0 for j in (0, 1)]  # (layer, A=0/S=1, grad)
 
+    def chain(X: torch.Tensor) -> list:
+        A, S = constant_init(X, n)
+        outs, pg = [], None
+        for l, W in enumerate(model.weights().unbind(0)):
+            A, S, pg = learned_mu_step_pg(X, A, S, W, model.eps, pg, want_pg=l < n_layers - 1)
+            outs.append((A, S))
+        return outs
+
+    forward = chain if impl == "chain" else (lambda X: model(X, return_all=True))
+
     def body() -> torch.Tensor:  # no host synchronisation: capturable
         model.zero_grad(set_to_none=True)
-        outs = model(X, return_all=True)
+        outs = forward(X)
         if objective == "loss":
             loss = unrolled_loss(outs, A_true, S_true)
             loss.backward()
@@ -149,10 +173,10 @@ def _proc_status(field: str) -> int:
 
 
 def step_peak_rss_bytes(
-    fused: bool, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, seed: int, objective: str = "upstream"
+    impl: str, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, seed: int, objective: str = "upstream"
 ) -> int:
     """Peak resident memory one CPU step adds (run this in a fresh process; see the module doc)."""
-    step, _ = make_step(fused, batch, m, t, n, n_layers, dtype, "cpu", seed, objective)
+    step, _ = make_step(impl, batch, m, t, n, n_layers, dtype, "cpu", seed, objective)
     step()  # warm-up: compile / load caches, touch code pages
     import gc
 
@@ -164,14 +188,14 @@ def step_peak_rss_bytes(
     return _proc_status("VmHWM") - before
 
 
-def _cpu_peak_in_subprocess(fused: bool, **kw: Any) -> int | None:
+def _cpu_peak_in_subprocess(impl: str, **kw: Any) -> int | None:
     code = (
         "import json, sys;"
         "from fastmu.benchmarks.nalmu import step_peak_rss_bytes;"
         "print(json.dumps(step_peak_rss_bytes(**json.loads(sys.argv[1]))))"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    args = json.dumps(dict(fused=fused, **kw))
+    args = json.dumps(dict(impl=impl, **kw))
     try:
         out = subprocess.run(
             [sys.executable, "-c", code, args], env=env, capture_output=True, text=True, check=True, timeout=1800
@@ -196,6 +220,7 @@ def run_nalmu_benchmark(
     seed: int = 0,
     objective: str = "upstream",
     cuda_graph: bool = False,
+    impls: tuple[str, ...] = IMPLS,
 ) -> dict[str, Any]:
     """Time and peak memory of a NALMU training step, fused vs plain autograd, in one run.
 
@@ -219,15 +244,18 @@ def run_nalmu_benchmark(
         graph (:func:`make_step`), which removes host overhead from both.
         Peak memory is then not measured (a replay allocates nothing; the
         graph's pool is reserved at capture): use an eager run for it.
+    impls : tuple of str
+        The variants to run (:data:`IMPLS`; ``"fused"`` and ``"plain"`` always run).
 
     Returns
     -------
     dict
-        ``workload`` (the parameters), ``fused`` and ``plain`` (``time_s``
-        median, ``time_min_s``, ``times_s``, ``peak_bytes``, ``loss``),
+        ``workload`` (the parameters), one entry per variant (``time_s``
+        median, ``time_min_s``, ``times_s``, ``peak_bytes``, ``check``),
         ``speedup`` (plain/fused median time), ``speedup_min`` (ratio of the
-        fastest steps), ``memory_ratio`` (fused/plain
-        peak), ``memory_method``, ``device_name``.
+        fastest steps), ``memory_ratio`` (fused/plain peak), with ``chain``
+        also ``speedup_chain`` (plain/chain) and ``unroll_gain``
+        (chain/fused), ``memory_method``, ``device_name``.
     """
     import torch
 
@@ -236,28 +264,29 @@ def run_nalmu_benchmark(
         if not device.startswith("cuda"):
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device!r}")
         measure_memory = False
+    names = [v for v in IMPLS if v in set(impls) | {"fused", "plain"}]
     steps = {}
     losses = {}
-    for name, fused in (("fused", True), ("plain", False)):
-        step, _ = make_step(fused, device=device, graph=cuda_graph, **kw)
+    for name in names:
+        step, _ = make_step(name, device=device, graph=cuda_graph, **kw)
         losses[name] = step()  # warm-up
         _sync(device)
         steps[name] = step
-    times: dict[str, list[float]] = {"fused": [], "plain": []}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
-        for name in ("fused", "plain"):
+        for name in names:
             _sync(device)
             t0 = time.perf_counter()
             steps[name]()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
 
-    peaks: dict[str, int | None] = {"fused": None, "plain": None}
+    peaks: dict[str, int | None] = {name: None for name in names}
     method = None
     if measure_memory:
         if device.startswith("cuda"):
             method = "torch.cuda.max_memory_allocated during one step minus allocated before it"
-            for name in ("fused", "plain"):
+            for name in names:
                 steps[name]()  # make sure grads exist, so both start from the same state
                 _sync(device)
                 base = torch.cuda.memory_allocated()
@@ -271,8 +300,8 @@ def run_nalmu_benchmark(
                 "minus VmRSS before it, glibc MALLOC_MMAP_THRESHOLD_=65536"
             )
             del steps
-            for name, fused in (("fused", True), ("plain", False)):
-                peaks[name] = _cpu_peak_in_subprocess(fused, **kw)
+            for name in names:
+                peaks[name] = _cpu_peak_in_subprocess(name, **kw)
 
     kernel_config = None
     if device.startswith("cuda"):
@@ -289,25 +318,28 @@ def run_nalmu_benchmark(
             device_name = "cpu"
     res: dict[str, Any] = {
         "benchmark": "nalmu_train_step",
-        "workload": dict(kw, device=device, repeats=repeats, cuda_graph=cuda_graph),
+        "workload": dict(kw, device=device, repeats=repeats, cuda_graph=cuda_graph, impls=names),
         "device_name": device_name,
         "torch_threads": torch.get_num_threads(),
         "memory_method": method,
         "cuda_kernel_config": kernel_config,
     }
-    for name in ("fused", "plain"):
+    for name in names:
         res[name] = {
             "time_s": statistics.median(times[name]),  # median: co-tenant load on shared machines
             "time_min_s": min(times[name]),
             "times_s": times[name],
             "peak_bytes": peaks[name],
-            "check": losses[name],  # loss, or Σ|∂/∂θ| for "upstream": equal for both models
+            "check": losses[name],  # loss, or Σ|∂/∂θ| for "upstream": equal for every variant
         }
     res["speedup"] = res["plain"]["time_s"] / res["fused"]["time_s"]
     # ratio of the best steps: the least disturbed by other processes on a shared machine
     res["speedup_min"] = res["plain"]["time_min_s"] / res["fused"]["time_min_s"]
     if peaks["fused"] is not None and peaks["plain"]:
         res["memory_ratio"] = peaks["fused"] / peaks["plain"]
+    if "chain" in names:
+        res["speedup_chain"] = res["plain"]["time_s"] / res["chain"]["time_s"]
+        res["unroll_gain"] = res["chain"]["time_s"] / res["fused"]["time_s"]
     return res
 
 
@@ -319,10 +351,13 @@ def format_table(res: dict[str, Any]) -> str:
         f"{w.get('dtype')}, on {res['device_name']} (median of {w.get('repeats')} steps)",
         f"{'model':<7} {'step (s)':>9} {'best (s)':>9} {'peak MiB':>9}",
     ]
-    for name in ("fused", "plain"):
+    for name in [v for v in IMPLS if v in res]:
         r = res[name]
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
         lines.append(f"{name:<7} {r['time_s']:>9.3f} {r['time_min_s']:>9.3f} {peak:>9}")
     lines.append(f"fused speedup {res['speedup']:.2f}x (best vs best {res['speedup_min']:.2f}x)"
                  + (f", memory ratio {res['memory_ratio']:.2f}" if "memory_ratio" in res else ""))
+    if "unroll_gain" in res:
+        lines.append(f"chain (one node per layer) speedup {res['speedup_chain']:.2f}x; "
+                     f"one node for the stack is {res['unroll_gain']:.2f}x faster than the chain")
     return "\n".join(lines)

@@ -16,21 +16,35 @@ layer of a model, so it is stored once) and the small ``P = X Sᵀ`` and
 them spares the backward a third pass over X. ``R``, ``D``, ``A'``, ``H`` and
 all ratios are recomputed in the backward.
 
-A deep model chains layers through :func:`learned_mu_step_pg`, which also
-returns ``P`` and ``G`` of the new S (accumulated during the S update at no
-extra pass over X) for the next layer: then each layer reads X once forward
-and twice backward.
+A stack of layers hands ``P`` and ``G`` of each new S (accumulated during
+the S update at no extra pass over X) to the next layer: then each layer
+reads X once forward and twice backward. Two ways to run a stack:
+
+- :func:`learned_mu_unroll` (what the models use): the ``L`` layers as one
+  autograd node (:class:`LearnedMUUnroll`) whose forward loops over the
+  layers and whose backward loops back over them, with one launch plan,
+  one allocation of the layers' ``P``, ``G`` and two gradient buffers used
+  in turn;
+- :func:`learned_mu_step_pg` in a loop: one autograd node per layer.
+
+Both run the same kernels and give the same results; the first costs far
+less host time per layer, which is what bounds an eager step on a GPU.
+Device specifics live in two small runners with one interface
+(``_CpuLayers``, ``_CudaLayers``).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-import numpy as np
 import torch
 
 from fastmu import EPS
 
-__all__ = ["LearnedMUStep", "learned_mu_step", "learned_mu_step_pg", "check_layer_inputs"]
+__all__ = [
+    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_unroll_weights", "learned_mu_step",
+    "learned_mu_step_pg", "learned_mu_unroll",
+]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -97,7 +111,7 @@ def check_layer_inputs(
 
 
 # ---------------------------------------------------------------------------
-# Kernel calls
+# Kernel calls: one runner per device, the same interface
 # ---------------------------------------------------------------------------
 
 
@@ -112,73 +126,21 @@ def _np(x: torch.Tensor):
     return x.detach().numpy() if x.requires_grad else x.numpy()  # detach costs ~0.4 µs
 
 
-def _cuda_arrays(*xs: torch.Tensor):
-    from numba import cuda
+class _CpuLayers:
+    """The Numba CPU kernels on zero-copy NumPy views of CPU tensors."""
 
-    # sync=False: the kernels are queued on torch's current stream, so no
-    # host synchronisation is needed (the default would block per array).
-    return [cuda.as_cuda_array(x.detach(), sync=False) for x in xs]
+    zeroed_pg = False  # the CPU forward overwrites P, G: no need to zero them
 
+    def begin(self, X: torch.Tensor, n: int, bw: int) -> contextlib.AbstractContextManager:
+        """Ready to run layers of ``X``'s shape, rank ``n`` and W batch ``bw``; the
+        context to run them in."""
+        return contextlib.nullcontext()
 
-def _torch_alloc(device: torch.device):
-    """An allocator for the kernels' scratch arrays backed by torch's caching allocator.
-
-    Scratch memory then shows in ``torch.cuda.max_memory_allocated`` (and
-    is reused stream-ordered like any torch temporary) instead of being
-    hidden in separate Numba allocations.
-    """
-    from numba import cuda
-
-    def alloc(shape, dtype):
-        t = torch.empty(tuple(int(s) for s in shape), dtype=getattr(torch, np.dtype(dtype).name), device=device)
-        return cuda.as_cuda_array(t, sync=False)  # keeps a reference to t
-
-    return alloc
-
-
-def _cuda_stream(device: torch.device):
-    from numba import cuda
-
-    return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-
-
-def _cuda_call_args(device: torch.device, *xs: torch.Tensor):
-    """Arrays, stream and scratch allocator for the CUDA kernels' host functions.
-
-    With the fast launch (:mod:`fastmu.kernels.cuda_launch`) the tensors go
-    to the kernels as they are, on torch's current stream handle, and scratch
-    arrays are plain torch tensors; otherwise each becomes a Numba view.
-    """
-    from fastmu.kernels.cuda_launch import fast_launch_available
-
-    if fast_launch_available():
-        def alloc(shape, dtype):
-            return torch.empty(tuple(int(v) for v in shape), dtype=getattr(torch, np.dtype(dtype).name),
-                               device=device)
-
-        return list(xs), int(torch.cuda.current_stream(device).cuda_stream), alloc
-    return _cuda_arrays(*xs), _cuda_stream(device), _torch_alloc(device)
-
-
-def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
-    """Run the fused forward; returns ``A', S', P, G, P', G'`` (P', G' empty unless wanted)."""
-    b, m, t = X.shape
-    n = A.shape[2]
-    A_out = torch.empty_like(A)
-    S_out = torch.empty_like(S)
-    # The CUDA forward accumulates P, G with atomics into zeroed arrays; torch's
-    # memset is cheaper than a Numba launch.
-    new = torch.zeros if X.device.type == "cuda" else torch.empty
-    if not pg_valid:
-        P = new((b, m, n), dtype=X.dtype, device=X.device)
-        G = new((b, n, n), dtype=X.dtype, device=X.device)
-    shape_pg = ((b, m, n), (b, n, n)) if want_pg else ((0, m, n), (0, n, n))
-    P_out = new(shape_pg[0], dtype=X.dtype, device=X.device)
-    G_out = new(shape_pg[1], dtype=X.dtype, device=X.device)
-    if X.device.type == "cpu":
-        # The solver's fused iteration (kernels.cpu.mu_run), run once in place on
-        # the fresh outputs: it picks the problem-major schedule for batches,
-        # which measured faster than a column-block-parallel layer forward.
+    def forward(self, X, A, S, W3, P, G, A_out, S_out, P_out, G_out, eps, pg_valid, want_pg) -> None:
+        """``A_out, S_out`` (and ``P_out, G_out`` of ``S_out`` when ``want_pg``; P, G of S when
+        not ``pg_valid``): the solver's fused iteration (kernels.cpu.mu_run), run once in
+        place on the outputs. It picks the problem-major schedule for batches, which
+        measured faster than a column-block-parallel layer forward."""
         from fastmu.kernels import cpu as kf
 
         Xn, Pn, Gn = _np(X), _np(P), _np(G)
@@ -192,48 +154,112 @@ def _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg):
         Gw.copy_(G)
         kf.mu_run(Xn, _np(A_out), _np(S_out), _np(W3), _np(Pw), _np(Gw), 1, float(eps), True,
                   bool(want_pg), _nthreads())
-    elif X.device.type == "cuda":
-        from fastmu.kernels import cuda_backward as kc
 
-        with torch.cuda.device(X.device):
-            arrs, stream, _ = _cuda_call_args(X.device, X, A, S, W3, P, G, A_out, S_out, P_out, G_out)
-            kc.layer_forward(*arrs[:6], float(eps), bool(pg_valid), bool(want_pg), *arrs[6:],
-                             stream=stream, zeroed=True)
-    else:  # pragma: no cover - validated before
-        raise ValueError(f"no fused learned-MU kernel for device {X.device}")
-    return A_out, S_out, P, G, P_out, G_out
-
-
-def _backward(X, A, S, W3, P, G, gA_out, gS_out, eps, need):
-    """Run the handwritten backward; returns ``gX, gA, gS, gW3`` (None where not needed)."""
-    need_gX, need_gA, need_gS, need_gW = need
-    b, m, t = X.shape
-    n = A.shape[2]
-    dev, dt = X.device, X.dtype
-    dummy = torch.empty((1, 1, 1), dtype=dt, device=dev)
-    has_gS = gS_out is not None
-    gA_out = torch.zeros_like(A) if gA_out is None else gA_out.contiguous()
-    gS_in = gS_out.contiguous() if has_gS else torch.empty((1, n, 1), dtype=dt, device=dev)
-    gA = torch.empty_like(A) if need_gA else dummy
-    gS = torch.empty_like(S) if need_gS else dummy
-    gW = torch.empty_like(W3) if need_gW else dummy
-    gX = torch.empty_like(X) if need_gX else dummy
-    if dev.type == "cpu":
+    def backward(self, X, A, S, W3, P, G, gAo, gSo, eps, has_gSo, need, gA, gS, gW, gX) -> None:
+        """The handwritten backward into ``gA, gS, gW, gX`` (dummies where not ``need``-ed)."""
         from fastmu.kernels import cpu_backward as kb
 
+        need_gX, need_gA, need_gS, need_gW = need
         kb.layer_backward(
-            _np(X), _np(A), _np(S), _np(W3), _np(P), _np(G), _np(gA_out), _np(gS_in), float(eps), has_gS,
+            _np(X), _np(A), _np(S), _np(W3), _np(P), _np(G), _np(gAo), _np(gSo), float(eps), has_gSo,
             need_gA, need_gS, need_gW, need_gX, _np(gA), _np(gS), _np(gW), _np(gX), _nthreads(),
         )
-    else:
-        from fastmu.kernels import cuda_backward as kc
 
-        with torch.cuda.device(dev):
-            arrs, stream, alloc = _cuda_call_args(dev, X, A, S, W3, P, G, gA_out, gS_in, gA, gS, gW, gX)
-            kc.layer_backward(
-                *arrs[:8], float(eps), has_gS, need_gA, need_gS, need_gW, need_gX, *arrs[8:],
-                stream=stream, alloc=alloc,
-            )
+
+class _CudaLayers:
+    """The Numba CUDA kernels on torch CUDA tensors, queued on torch's current stream.
+
+    One :class:`fastmu.kernels.cuda_backward.LayerPlan` serves every layer of
+    a call (one shape, one stream), so a layer only launches. With the fast
+    launch (:mod:`fastmu.kernels.cuda_launch`) the tensors go to the kernels
+    as they are; otherwise each becomes a Numba view at its launch. Scratch
+    arrays are torch tensors: they show in ``torch.cuda.max_memory_allocated``
+    and are reused stream-ordered like any torch temporary.
+    """
+
+    zeroed_pg = True  # the forward accumulates P, G with atomics into zeroed arrays
+
+    def __init__(self) -> None:
+        self._plan = None
+        self._key: tuple | None = None
+
+    def begin(self, X: torch.Tensor, n: int, bw: int) -> contextlib.AbstractContextManager:
+        """Plan the launches for this shape on torch's current stream (once per forward or
+        backward of a stack, not per layer); the context makes X's device current."""
+        self.plan(X, n, bw)
+        return self.device(X)
+
+    def device(self, X: torch.Tensor) -> contextlib.AbstractContextManager:
+        return torch.cuda.device(X.device)
+
+    def stream(self, X: torch.Tensor) -> int:
+        """torch's current stream on X's device (the caller has made that device current)."""
+        return int(torch.cuda.current_stream(X.device).cuda_stream)
+
+    def plan(self, X: torch.Tensor, n: int, bw: int):
+        """The :class:`~fastmu.kernels.cuda_backward.LayerPlan` for this shape and stream
+        (kept while they stay the same, with its scratch arrays)."""
+        from fastmu.kernels.cuda_backward import LayerPlan
+
+        b, m, t = X.shape
+        stream = self.stream(X)
+        key = (b, m, t, n, X.dtype, bw, stream)
+        if key != self._key:
+            dev, dt = X.device, X.dtype
+
+            def alloc(shape, dtype):
+                return torch.empty(tuple(int(v) for v in shape), dtype=dt, device=dev)
+
+            self._plan = LayerPlan(b, m, t, n, str(dt).replace("torch.", ""), bw, stream, alloc)
+            self._key = key
+        return self._plan
+
+    def forward(self, X, A, S, W3, P, G, A_out, S_out, P_out, G_out, eps, pg_valid, want_pg) -> None:
+        self._plan.forward(X, A, S, W3, P, G, eps, pg_valid, want_pg, A_out, S_out, P_out, G_out)
+
+    def backward(self, X, A, S, W3, P, G, gAo, gSo, eps, has_gSo, need, gA, gS, gW, gX) -> None:
+        need_gX, need_gA, need_gS, need_gW = need
+        self._plan.backward(
+            X, A, S, W3, P, G, gAo, gSo, eps, has_gSo, need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX)
+
+
+def _runner(X: torch.Tensor) -> _CpuLayers | _CudaLayers:
+    if X.device.type == "cpu":
+        return _CpuLayers()
+    if X.device.type == "cuda":
+        return _CudaLayers()
+    raise ValueError(  # pragma: no cover - validated before
+        f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
+
+
+def _dummies(X: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholders for a backward's unused array arguments: any (1, 1, 1) array, and
+    ``(1, n, 1)`` for a missing ``gS'`` (the kernels are typed on rank, not size)."""
+    return (torch.empty((1, 1, 1), dtype=X.dtype, device=X.device),
+            torch.empty((1, n, 1), dtype=X.dtype, device=X.device))
+
+
+def _pg_buffers(run, X: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return (torch.zeros if run.zeroed_pg else torch.empty)(shape, dtype=X.dtype, device=X.device)
+
+
+def _layer_backward(run, X, A, S, W3, P, G, gAo, gSo, eps, need, gA=None, gS=None, gW=None, dummies=None):
+    """One layer's gradients; returns ``gX, gA, gS, gW3`` (None where not needed).
+
+    ``gAo`` / ``gSo`` None mean zero upstream gradients; ``gA`` / ``gS`` /
+    ``gW`` are where to write those gradients (fresh tensors when None);
+    ``dummies`` (:func:`_dummies`) stand in for unused arguments.
+    """
+    need_gX, need_gA, need_gS, need_gW = need
+    dummy, no_gS = dummies or _dummies(X, A.shape[2])
+    has_gS = gSo is not None
+    gAo = torch.zeros_like(A) if gAo is None else gAo.contiguous()
+    gS_in = gSo.contiguous() if has_gS else no_gS
+    gA = (torch.empty_like(A) if gA is None else gA) if need_gA else dummy
+    gS = (torch.empty_like(S) if gS is None else gS) if need_gS else dummy
+    gW = (torch.empty_like(W3) if gW is None else gW) if need_gW else dummy
+    gX = torch.empty_like(X) if need_gX else dummy
+    run.backward(X, A, S, W3, P, G, gAo, gS_in, eps, has_gS, need, gA, gS, gW, gX)
     return (
         gX if need_gX else None,
         gA if need_gA else None,
@@ -258,8 +284,17 @@ class LearnedMUStep(torch.autograd.Function):
     def forward(ctx, X, A, S, W, eps, P, G, want_pg):  # type: ignore[override]
         W3 = W.unsqueeze(0) if W.dim() == 2 else W
         pg_valid = P is not None
-        A_out, S_out, P_in, G_in, P_out, G_out = _forward(X, A, S, W3, P, G, eps, pg_valid, want_pg)
-        ctx.save_for_backward(X, A, S, W, P_in, G_in)
+        b, m, t = X.shape
+        n = A.shape[2]
+        run = _runner(X)
+        with run.begin(X, n, W3.shape[0]):
+            if not pg_valid:
+                P, G = _pg_buffers(run, X, (b, m, n)), _pg_buffers(run, X, (b, n, n))
+            P_out = _pg_buffers(run, X, (b if want_pg else 0, m, n))
+            G_out = _pg_buffers(run, X, (b if want_pg else 0, n, n))
+            A_out, S_out = torch.empty_like(A), torch.empty_like(S)
+            run.forward(X, A, S, W3, P, G, A_out, S_out, P_out, G_out, eps, pg_valid, want_pg)
+        ctx.save_for_backward(X, A, S, W, P, G)
         ctx.eps = float(eps)
         ctx.mark_non_differentiable(P_out, G_out)
         # Missing upstream gradients stay None: a zero gS' lets the backward
@@ -274,10 +309,117 @@ class LearnedMUStep(torch.autograd.Function):
         if not any(need) or (gA_out is None and gS_out is None):
             return (None,) * 8
         W3 = W.unsqueeze(0) if W.dim() == 2 else W
-        gX, gA, gS, gW = _backward(X, A, S, W3, P, G, gA_out, gS_out, ctx.eps, need)
+        run = _runner(X)
+        with run.begin(X, A.shape[2], W3.shape[0]):
+            gX, gA, gS, gW = _layer_backward(run, X, A, S, W3, P, G, gA_out, gS_out, ctx.eps, need)
         if gW is not None and W.dim() == 2:
             gW = gW.reshape(W.shape)
         return gX, gA, gS, gW, None, None, None, None
+
+
+class LearnedMUUnroll(torch.autograd.Function):
+    """``L`` learned-MU layers as one autograd node: a fused forward loop and a reverse backward loop.
+
+    ``LearnedMUUnroll.apply(X, A0, S0, Ws, eps, return_all, keep, run)``:
+    ``Ws`` is ``(L, m, n)`` (one W per layer, shared by the batch) or ``(L, b,
+    m, n)`` (per problem); returns ``(A_L, S_L)``, or with ``return_all``
+    ``(A_1, ..., A_L, S_1, ..., S_L)``. ``keep``: save what the backward
+    needs (else the layers' factors are dropped as the loop goes, as in a
+    no-grad forward). ``run`` is the device's kernel runner.
+
+    Why one node for the stack rather than one per layer: the same kernels
+    run, but a step of an L-layer model then costs one autograd node, one
+    launch plan, one allocation of the layers' ``P``, ``G`` and two reused
+    gradient buffers, instead of L of each. On a GPU an eager step of the
+    per-layer stack was bound by that host work. Use :func:`learned_mu_unroll`.
+    """
+
+    @staticmethod
+    def forward(ctx, X, A0, S0, Ws, eps, return_all, keep, run):  # type: ignore[override]
+        L = Ws.shape[0]
+        b, m, t = X.shape
+        n = A0.shape[2]
+        shared = Ws.dim() == 3
+        W3s = Ws.unsqueeze(1).unbind(0) if shared else Ws.unbind(0)  # each (1 or b, m, n)
+        As: list[torch.Tensor] = []
+        Ss: list[torch.Tensor] = []
+        with run.begin(X, n, W3s[0].shape[0]):
+            # P, G of every layer's input S: layer l writes those of layer l + 1
+            Ps, Gs = _pg_buffers(run, X, (L, b, m, n)), _pg_buffers(run, X, (L, b, n, n))
+            Pl, Gl = Ps.unbind(0), Gs.unbind(0)
+            no_p, no_g = _pg_buffers(run, X, (0, m, n)), _pg_buffers(run, X, (0, n, n))
+            A, S = A0, S0
+            for l in range(L):
+                last = l == L - 1
+                A_out, S_out = torch.empty_like(A0), torch.empty_like(S0)
+                P_out, G_out = (no_p, no_g) if last else (Pl[l + 1], Gl[l + 1])
+                run.forward(X, A, S, W3s[l], Pl[l], Gl[l], A_out, S_out, P_out, G_out, eps, l > 0, not last)
+                A, S = A_out, S_out
+                if keep or return_all:
+                    As.append(A)
+                    Ss.append(S)
+        ctx.L, ctx.eps, ctx.return_all, ctx.run, ctx.shared = L, float(eps), bool(return_all), run, shared
+        if keep:
+            ctx.save_for_backward(X, A0, S0, Ws, Ps, Gs, *As[:-1], *Ss[:-1])
+        ctx.set_materialize_grads(False)  # unused outputs give None: their layers skip work
+        return (*As, *Ss) if return_all else (A, S)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        L, run = ctx.L, ctx.run
+        saved = ctx.saved_tensors
+        X, A0, S0, Ws, Ps, Gs = saved[:6]
+        As = (A0, *saved[6:5 + L])  # each layer's inputs
+        Ss = (S0, *saved[5 + L:])
+        if ctx.return_all:
+            gA_up, gS_up = grads[:L], grads[L:]
+        else:
+            gA_up = (None,) * (L - 1) + (grads[0],)
+            gS_up = (None,) * (L - 1) + (grads[1],)
+        need_X, need_A0, need_S0, need_W = (bool(v) for v in ctx.needs_input_grad[:4])
+        W3s = Ws.unsqueeze(1).unbind(0) if ctx.shared else Ws.unbind(0)
+        with run.begin(X, A0.shape[2], W3s[0].shape[0]):
+            gWs = torch.zeros_like(Ws) if need_W else None
+            gW3s = (gWs.unsqueeze(1).unbind(0) if ctx.shared else gWs.unbind(0)) if need_W else None
+            gX = torch.zeros_like(X) if need_X else None
+            Pl, Gl = Ps.unbind(0), Gs.unbind(0)
+            # gradients w.r.t. a layer's inputs ping-pong between two buffers: layer l
+            # reads layer l + 1's while writing its own
+            bufA: list[torch.Tensor | None] = [None, None]
+            bufS: list[torch.Tensor | None] = [None, None]
+            dummies = _dummies(X, A0.shape[2])
+            gA_c: torch.Tensor | None = None  # w.r.t. the output of layer l (its carry)
+            gS_c: torch.Tensor | None = None
+            for l in range(L - 1, -1, -1):
+                gAo = _accumulate(gA_c, gA_up[l])
+                gSo = _accumulate(gS_c, gS_up[l])
+                need_gA, need_gS = (l > 0 or need_A0), (l > 0 or need_S0)
+                if (gAo is None and gSo is None) or not (need_gA or need_gS or need_W or need_X):
+                    gA_c = gS_c = None  # nothing flows into this layer: all its gradients are 0
+                    continue
+                k = l % 2
+                if need_gA and bufA[k] is None:
+                    bufA[k] = torch.empty_like(A0)
+                if need_gS and bufS[k] is None:
+                    bufS[k] = torch.empty_like(S0)
+                gXl, gA_c, gS_c, _ = _layer_backward(
+                    run, X, As[l], Ss[l], W3s[l], Pl[l], Gl[l], gAo, gSo, ctx.eps,
+                    (need_X, need_gA, need_gS, need_W), gA=bufA[k], gS=bufS[k],
+                    gW=gW3s[l] if need_W else None, dummies=dummies)
+                if need_X:
+                    gX.add_(gXl)
+        gA0 = gA_c if need_A0 else None
+        gS0 = gS_c if need_S0 else None
+        return gX, gA0, gS0, gWs, None, None, None, None
+
+
+def _accumulate(carry: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor | None:
+    """``carry + up`` with None as zero; ``carry`` is the unroll's own buffer, so it is added into."""
+    if up is None:
+        return carry
+    if carry is None:
+        return up
+    return carry.add_(up)
 
 
 def learned_mu_step(
@@ -355,3 +497,117 @@ def learned_mu_step_pg(
     P, G = (None, None) if pg is None else pg
     A_out, S_out, P_out, G_out = LearnedMUStep.apply(X, A, S, W, float(eps), P, G, bool(want_pg))
     return A_out, S_out, ((P_out, G_out) if want_pg else None)
+
+
+def check_unroll_weights(Ws: Any, X: torch.Tensor, n: int, *, check_values: bool = True) -> None:
+    """Validate the stacked layer weights of :func:`learned_mu_unroll`.
+
+    Raises
+    ------
+    TypeError
+        ``Ws`` not a tensor, or not of X's dtype.
+    ValueError
+        Not ``(L, m, n)`` or ``(L, b, m, n)`` with ``L ≥ 1``, not on X's device,
+        or (when ``check_values``) negative or non-finite.
+    """
+    if not isinstance(Ws, torch.Tensor):
+        raise TypeError(f"Ws must be a torch.Tensor, got {type(Ws).__name__}")
+    b, m, _ = X.shape
+    if Ws.dim() not in (3, 4) or Ws.shape[0] < 1 or tuple(Ws.shape[1:]) not in ((m, n), (b, m, n)):
+        raise ValueError(
+            f"Ws must be (L, m, n) = (L, {m}, {n}) (one W per layer, shared by the batch) or "
+            f"(L, b, m, n) = (L, {b}, {m}, {n}) (per problem), with L ≥ 1; got {tuple(Ws.shape)}"
+        )
+    if Ws.dtype != X.dtype:
+        raise TypeError(f"Ws has dtype {Ws.dtype} but X has {X.dtype}; they must share one dtype")
+    if Ws.device != X.device:
+        raise ValueError(f"Ws is on {Ws.device} but X is on {X.device}; they must be on the same device")
+    if check_values:
+        with torch.no_grad():
+            if not bool(torch.isfinite(Ws).all()):
+                raise ValueError("Ws contains NaN or infinite values")
+            if bool((Ws < 0).any()):
+                raise ValueError(f"Ws must be non-negative; its minimum is {float(Ws.min()):g}")
+
+
+def learned_mu_unroll(
+    X: torch.Tensor,
+    A: torch.Tensor,
+    S: torch.Tensor,
+    Ws: torch.Tensor,
+    eps: float = EPS,
+    return_all: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """``L`` differentiable learned-MU layers in a row, as one autograd node.
+
+    The same result as ``L`` calls of :func:`learned_mu_step` (layer ``l``
+    with ``Ws[l]``), computed by the same kernels; the stack is one
+    ``torch.autograd.Function`` whose backward runs the layers' handwritten
+    backward kernels in reverse, which spares the per-layer autograd and
+    allocation work (see :class:`LearnedMUUnroll`). The NALMU and ALMU models
+    run their layers through it.
+
+    Parameters
+    ----------
+    X : Tensor (b, m, t)
+        Non-negative data.
+    A : Tensor (b, m, n)
+    S : Tensor (b, n, t)
+        Starting factors (positive).
+    Ws : Tensor (L, m, n) or (L, b, m, n)
+        Non-negative layer weights: one W per layer shared by the batch
+        (NALMU), or one per layer and problem (ALMU).
+    eps : float
+        ε of every denominator (:data:`fastmu.EPS`).
+    return_all : bool
+        Return every layer's ``(A_l, S_l)``, ``l = 1..L`` (for the
+        layer-weighted loss), instead of the last.
+
+    Returns
+    -------
+    (A_L, S_L), or a list of ``L`` such pairs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        See :func:`check_layer_inputs` and :func:`check_unroll_weights`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fastmu.nn import learned_mu_unroll
+    >>> X = torch.rand(2, 8, 32, dtype=torch.float64)
+    >>> A = torch.full((2, 8, 3), 0.5, dtype=torch.float64)
+    >>> S = torch.full((2, 3, 32), 0.5, dtype=torch.float64)
+    >>> Ws = torch.ones(10, 8, 3, dtype=torch.float64, requires_grad=True)
+    >>> outs = learned_mu_unroll(X, A, S, Ws, return_all=True)
+    >>> len(outs), outs[-1][0].shape
+    (10, torch.Size([2, 8, 3]))
+    >>> sum(A_l.sum() for A_l, _ in outs).backward()
+    >>> Ws.grad.shape
+    torch.Size([10, 8, 3])
+    """
+    if not isinstance(Ws, torch.Tensor):
+        raise TypeError(f"Ws must be a torch.Tensor, got {type(Ws).__name__}")
+    if Ws.dim() not in (3, 4) or Ws.shape[0] < 1:
+        raise ValueError(f"Ws must be (L, m, n) or (L, b, m, n) with L ≥ 1, got shape {tuple(Ws.shape)}")
+    if isinstance(X, torch.Tensor) and isinstance(A, torch.Tensor) and X.dim() == 3 and A.dim() == 3:
+        check_unroll_weights(Ws, X, A.shape[2], check_values=False)  # Ws's own message for its shape
+    check_layer_inputs(X, A, S, Ws[0], check_w_values=False)  # types, dtypes, devices, shapes of X, A, S
+    check_unroll_weights(Ws, X, A.shape[2])
+    if X.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
+    return unroll_unchecked(X.contiguous(), A.contiguous(), S.contiguous(), Ws.contiguous(), eps, return_all)
+
+
+def unroll_unchecked(
+    X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, Ws: torch.Tensor, eps: float = EPS, return_all: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`learned_mu_unroll` for the models: inputs contiguous and valid by construction,
+    so the checks (which synchronise a GPU) are skipped."""
+    keep = torch.is_grad_enabled() and any(v.requires_grad for v in (X, A, S, Ws))
+    out = LearnedMUUnroll.apply(X, A, S, Ws, float(eps), bool(return_all), keep, _runner(X))
+    if return_all:
+        L = Ws.shape[0]
+        return list(zip(out[:L], out[L:]))
+    return out[0], out[1]

@@ -32,8 +32,9 @@ data of any scale. With constant factors every column starts identical;
 only the column-specific ``W`` separate them, which is why the learned
 models output components in the training order.
 
-Backends: ``fused=True`` uses :func:`fastmu.nn.learned_mu_step_pg` (fused
-kernels, handwritten backward; CPU and CUDA); ``fused=False`` runs the same
+Backends: ``fused=True`` runs the layers as one autograd node,
+:func:`fastmu.nn.learned_mu_unroll` (fused kernels, handwritten backward;
+CPU and CUDA); ``fused=False`` runs the same
 model through :func:`fastmu.reference.mu_step_torch` with plain autograd —
 the reference the tests and the benchmark compare against, and the fallback
 for devices without a fused kernel.
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 
 from fastmu import EPS
-from fastmu.nn.functional import learned_mu_step_pg
+from fastmu.nn.functional import unroll_unchecked
 
 __all__ = ["NALMU", "ALMU", "constant_init"]
 
@@ -102,21 +103,29 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tens
     return X.contiguous(), squeeze
 
 
-class _Unroller:
-    """Runs a stack of learned-MU layers with one backend (fused or plain autograd)."""
+def run_layers(
+    X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, Ws: torch.Tensor, *, fused: bool, eps: float,
+    return_all: bool = False,
+) -> Factors | list[Factors]:
+    """The layers ``Ws (L, m, n)`` or ``(L, b, m, n)`` from ``(A, S)``, with one backend.
 
-    def __init__(self, fused: bool, eps: float):
-        self.fused = fused
-        self.eps = eps
-        self.pg: tuple[torch.Tensor, torch.Tensor] | None = None
+    ``fused``: the stack as one autograd node on the fused kernels
+    (:func:`fastmu.nn.functional.unroll_unchecked`; CPU and CUDA), else (or on
+    another device) layer by layer through :func:`fastmu.reference.mu_step_torch`
+    with plain autograd.
+    """
+    if fused and X.device.type in ("cpu", "cuda"):
+        return unroll_unchecked(X, A, S, Ws, eps, return_all)
+    from fastmu.reference import mu_step_torch
 
-    def step(self, X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, W: torch.Tensor, last: bool) -> Factors:
-        if self.fused and X.device.type in ("cpu", "cuda"):
-            A, S, self.pg = learned_mu_step_pg(X, A, S, W, self.eps, self.pg, want_pg=not last)
-            return A, S
-        from fastmu.reference import mu_step_torch
-
-        return mu_step_torch(X, A, S, W, self.eps)
+    outs: list[Factors] = []
+    # unbind, not W[l]: its backward stacks the layers' gradients in one op, where
+    # L selects would each scatter into a zeroed (L, m, n) copy and add them up
+    for W in Ws.unbind(0):
+        A, S = mu_step_torch(X, A, S, W, eps)
+        if return_all:
+            outs.append((A, S))
+    return outs if return_all else (A, S)
 
 
 class NALMU(nn.Module):
@@ -179,16 +188,7 @@ class NALMU(nn.Module):
         self, X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, return_all: bool = False
     ) -> Factors | list[Factors]:
         """Run the layers from given factors (X batched, contiguous, validated)."""
-        run = _Unroller(self.fused, self.eps)
-        # unbind, not W[l]: its backward stacks the layers' gradients in one op, where
-        # 50 selects would each scatter into a zeroed (n_layers, m, n) copy and add them up
-        Ws = self.weights().unbind(0)
-        outs: list[Factors] = []
-        for l, Wl in enumerate(Ws):
-            A, S = run.step(X, A, S, Wl, last=l == self.n_layers - 1)
-            if return_all:
-                outs.append((A, S))
-        return outs if return_all else (A, S)
+        return run_layers(X, A, S, self.weights(), fused=self.fused, eps=self.eps, return_all=return_all)
 
     def forward(self, X: torch.Tensor, return_all: bool = False) -> Factors | list[Factors]:
         """Unmix ``X``.
@@ -338,11 +338,11 @@ class ALMU(nn.Module):
         outs: list[Factors] = list(front) if return_all else []
         A, S = front[-1] if return_all else front
         Ws = self.predict_weights(A)
-        run = _Unroller(self.fused, self.front.eps)
-        for l in range(self.almu_layers):
-            A, S = run.step(X, A, S, Ws[l].contiguous(), last=l == self.almu_layers - 1)
-            if return_all:
-                outs.append((A, S))
+        adaptive = run_layers(X, A, S, Ws, fused=self.fused, eps=self.front.eps, return_all=return_all)
+        if return_all:
+            outs += adaptive
+        else:
+            A, S = adaptive
         return _squeeze(outs if return_all else (A, S), squeeze)
 
     def extra_repr(self) -> str:
