@@ -132,8 +132,13 @@ def test_layer_host_time_runs_without_a_gpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "host.json"
     r = subprocess.run([sys.executable, "bench/layer_host_time.py", "--batch", "2", "--m", "9", "--t", "70", "--n", "3",
-                        "--repeats", "3", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+                        "--repeats", "3", "--step", "--layers", "4", "--step-t", "50", "--step-repeats", "2",
+                        "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["forward"]["launches"] == 1 and res["backward"]["launches"] == 5
     assert res["forward"]["median_us"] > 0 and res["backward"]["median_us"] > 0
+    # whole steps through the stubbed CUDA path: the stack as one node issues fewer torch ops
+    step = res["step"]
+    assert step["shape"]["layers"] == 4 and step["fused"]["median_ms"] > 0 and step["chain"]["median_ms"] > 0
+    assert step["fused"]["aten_ops"] < step["chain"]["aten_ops"]
