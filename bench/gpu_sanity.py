@@ -6,9 +6,11 @@ On a GPU machine::
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/gpu_sanity.py
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/gpu_sanity.py
 
-Covers MU in block and grid mode with each staging of X ("rows", "tile",
-"regs"; "regs" with 4 rows per thread, so 13 rows leave a partial last warp,
-and two blocks per problem), and the learned layer's forward and backward
+Covers MU in block, grid and flat mode with each staging of X ("rows", "tile",
+"regs"; "regs" with 4 rows per thread, so 13 rows leave a partial last warp;
+two blocks per problem in grid mode; in flat mode three problems and the
+block count of one SM, so that blocks' tile ranges cross problems), and the
+learned layer's forward and backward
 with torch tensors in both layouts of the backward ("regs" again with a
 partial last warp). Under Numba's CUDA
 simulator the MU part runs (the tests do so); the torch part needs a GPU.
@@ -30,7 +32,8 @@ def _report(line: str, ok: bool, failures: list[str]) -> None:
         failures.append(line)
 
 
-def run_mu(stagings: tuple[str, ...] = ("rows", "tile", "regs"), modes: tuple[str, ...] = ("block", "grid")) -> list[str]:
+def run_mu(stagings: tuple[str, ...] = ("rows", "tile", "regs"),
+           modes: tuple[str, ...] = ("block", "grid", "flat")) -> list[str]:
     """MU through ``mu_run`` for each (staging, mode); the failures, as lines."""
     from numba import cuda
 
@@ -38,33 +41,47 @@ def run_mu(stagings: tuple[str, ...] = ("rows", "tile", "regs"), modes: tuple[st
     from fastmu.reference import mu_numpy
 
     rng = np.random.default_rng(0)
-    X = rng.random((B, M, N)) @ rng.random((B, N, T)) + 0.01 * rng.random((B, M, T))
-    A0 = 0.5 + rng.random((B, M, N))
-    S0 = 0.5 + rng.random((B, N, T))
-    Ar, Sr = mu_numpy(X, A0, S0, ITERS, 1e-12)
+    problems = {}
+    for b in (B, 3):
+        X = rng.random((b, M, N)) @ rng.random((b, N, T)) + 0.01 * rng.random((b, M, T))
+        A0 = 0.5 + rng.random((b, M, N))
+        S0 = 0.5 + rng.random((b, N, T))
+        problems[b] = (X, A0, S0, *mu_numpy(X, A0, S0, ITERS, 1e-12))
     failures = []
     saved = kc.get_config()
+    sms = kc._multiprocessors
     try:
         for staging in stagings:
             for mode in modes:
                 kc.set_config(**saved)
                 kc.set_staging(staging)
                 kc.set_mode(mode)
+                kc._multiprocessors = sms
+                X, A0, S0, Ar, Sr = problems[B]
                 if staging == "regs":
                     kc.set_rows_per_thread(4)  # 4 warps of 4 rows for 13 rows: the last one partial
                 if mode == "grid":
                     kc.set_blocks_per_problem(2)
+                if mode == "flat":
+                    # 3 problems of 4 tiles (32 pixels) over one SM's blocks (4 for "regs", 8 for
+                    # 32-thread "rows"/"tile"): ranges that cross problems
+                    X, A0, S0, Ar, Sr = problems[3]
+                    kc._multiprocessors = lambda: 1
+                    if staging != "regs":
+                        kc.set_threads(32)
+                b = X.shape[0]
                 dt = np.float32
                 d = [cuda.to_device(np.ascontiguousarray(a, dt)) for a in (X, A0, S0)]
                 W = cuda.to_device(np.ones((1, M, N), dt))
-                P = cuda.device_array((B, M, N), dt)
-                G = cuda.device_array((B, N, N), dt)
+                P = cuda.device_array((b, M, N), dt)
+                G = cuda.device_array((b, N, N), dt)
                 kc.mu_run(d[0], d[1], d[2], W, P, G, ITERS, 1e-12, False, True)
                 A1, S1 = d[1].copy_to_host(), d[2].copy_to_host()
                 err = max(np.max(np.abs(A1 - Ar) / Ar), np.max(np.abs(S1 - Sr) / Sr))
                 _report(f"mu {staging:4s} {mode:5s} max rel err {err:.2e}", err < 1e-3, failures)
     finally:
         kc.set_config(**saved)
+        kc._multiprocessors = sms
     return failures
 
 

@@ -24,7 +24,7 @@
 #   nalmu        100 s   (34 with two variants; three now, each profiled)
 #   nalmu_graph   60 s   (23 with two variants)
 #   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
-#   bench        200 s  (109)  W1/W2 with peers, 10 000 iterations each
+#   bench        240 s  (109 before "flat" joined "grid")  W1/W2 with peers, 10 000 iterations each
 #   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
 #   profile       60 s   (20)
 #   sweep         80 s   (53; the sweep has been cut to 40 % since)
@@ -110,8 +110,9 @@ run_sweep() {
   # tiles per problem, beside the "rows" layout's best knobs from the H100 sweep (unroll 8 at
   # 512 and 2048 threads per SM; regs runs skip 2048, which would spill it). Prefetch, fewer
   # rows per thread and 1024 threads per SM all lost on the H100 (mu_gpu_sweep*_h100.json).
-  # 3 kernel builds, 24 timed runs of 247 iterations
-  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false], "bpp_fractions": [null, 4, 8, 32], "block_mode": false}'}
+  # Each also in "flat" mode (one wave of blocks, the batch's tiles dealt evenly), not yet measured.
+  # 3 kernel builds (+ the flat kernels), 30 timed runs of 247 iterations
+  SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false], "bpp_fractions": [null, 4, 8, 32], "block_mode": false, "flat_mode": true}'}
   step sweep "${SWEEP_LIMIT:-80}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
   python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
@@ -145,9 +146,10 @@ print(json.dumps(cfg))
 PY
 )}
   echo "benchmark configs: $CONFIGS" | tee -a "$OUT/steps.txt"
-  # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it again
-  step mu_bench "${BENCH_LIMIT:-200}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
-    --modes "${MODES:-grid}" --out "$OUT/mu_gpu.json"
+  # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it
+  # again; "flat" (grid mode with the tiles dealt evenly over one wave of blocks) is new
+  step mu_bench "${BENCH_LIMIT:-240}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
+    --modes "${MODES:-grid,flat}" --out "$OUT/mu_gpu.json"
   python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys
 from fastmu.benchmarks.mu_gpu import format_table

@@ -165,12 +165,14 @@ def report(keep: Path | None = None) -> dict:
         f = getattr(types, dt)
         a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
         sig = (a3, a3, a3, a4, a4, a4, types.int64, f, types.boolean, types.boolean)
-        ptx = cuda.compile_ptx(k.mu_grid_step.py_func, sig, cc=(9, 0), launch_bounds=k.launch_bounds)[0]
-        name = re.sub(r"\W+", "_", label)
-        info, sass = assemble(ptx, name, work, ptxas, cuobjdump)
-        rows.append({"kernel": "mu_grid_step", "label": label, "dtype": dt, "threads": tpb, "n": n, "unroll": ur,
-                     "staging": staging, "rows_per_thread": rpt, "prefetch": pre, "exact": exact, **info,
-                     "x_load_loop": load_loop(parse_sass(sass), rpt if staging == "regs" else ur)})
+        # grid mode's kernel, and "flat" mode's (the same sweep inside a loop over problem segments)
+        for kname in ("mu_grid_step", "mu_flat_step") if staging == "regs" else ("mu_grid_step",):
+            ptx = cuda.compile_ptx(getattr(k, kname).py_func, sig, cc=(9, 0), launch_bounds=k.launch_bounds)[0]
+            name = re.sub(r"\W+", "_", f"{label} {kname}")
+            info, sass = assemble(ptx, name, work, ptxas, cuobjdump)
+            rows.append({"kernel": kname, "label": label, "dtype": dt, "threads": tpb, "n": n, "unroll": ur,
+                         "staging": staging, "rows_per_thread": rpt, "prefetch": pre, "exact": exact, **info,
+                         "x_load_loop": load_loop(parse_sass(sass), rpt if staging == "regs" else ur)})
     for label, dt, n, rg, rpg, exact in BACKWARD:
         p1, p2 = kb._build_regs(dt, n, rg, rpg, exact)
         f = getattr(types, dt)

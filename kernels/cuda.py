@@ -26,6 +26,12 @@ shuffles):
     Python launch overhead (tens of µs per Numba launch, while an
     iteration at 65×16384 moves only 4.78 MB) is paid once per graph, not
     once per iteration. Without CuPy the launches are queued asynchronously.
+``"flat"`` — grid mode with the batch's tiles dealt evenly, one launch per iteration
+    A 1-D grid of one wave of blocks cuts the ``b · tiles`` (problem, tile)
+    pairs into equal contiguous ranges, so every block (and SM) has the
+    same work whatever the block count's relation to the batch; a range
+    crossing problems runs one segment per problem (``mu_flat_step``). Not
+    yet timed on a GPU: only when set with :func:`set_mode`.
 
 Inside a block, one thread owns one pixel column of the current tile (the
 tile width is the block size). Its column of S and the accumulators for the
@@ -55,7 +61,7 @@ Tuning knobs (module level, also read from the environment at import):
 - ``FASTMU_CUDA_THREADS`` / :func:`set_threads`: threads per block, which is
   also the pixel tile width (default 128; tests use 32 so that tiny problems
   span several tiles and blocks).
-- ``FASTMU_CUDA_MODE`` / :func:`set_mode`: ``"auto"``, ``"block"`` or ``"grid"``.
+- ``FASTMU_CUDA_MODE`` / :func:`set_mode`: ``"auto"``, ``"block"``, ``"grid"`` or ``"flat"``.
 - ``FASTMU_CUDA_BLOCKS_PER_PROBLEM`` / :func:`set_blocks_per_problem`: blocks
   per problem in grid mode (default: enough to give every multiprocessor two).
 - ``FASTMU_CUDA_GRAPHS`` / :func:`set_graphs`: ``"auto"`` (use CUDA graphs
@@ -105,7 +111,7 @@ _STATIC_BUDGET = 24 * 1024
 #: 2- and 3-deep ring buffers are back at their starting phase after it).
 _GRAPH_LEN = 120
 
-_MODES = ("auto", "block", "grid")
+_MODES = ("auto", "block", "grid", "flat")
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -150,7 +156,8 @@ def set_threads(threads: int) -> None:
 
 
 def set_mode(mode: str) -> None:
-    """Choose the launch design: ``"auto"``, ``"block"`` (one persistent block per problem) or ``"grid"``."""
+    """Choose the launch design: ``"auto"``, ``"block"`` (one persistent block per problem),
+    ``"grid"`` or ``"flat"`` (grid mode with the batch's tiles dealt evenly over the blocks)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     _config.mode = mode
@@ -451,6 +458,7 @@ class _Kernels:
     launch_bounds: tuple[int, int]
     mu_block: Any
     mu_grid_step: Any
+    mu_flat_step: Any
     layer_step: Any
     sumsq: Any
     zero: Any
@@ -647,8 +655,9 @@ def _build(
                 Gsh[k, l] = Gsh[l, k]
 
     @cuda.jit(device=True)
-    def sweep(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, m, t, eps, update, accumulate, tid):
-        """Tiles ``c0, c0 + cstep, ...`` of problem ``p``: S update into ``So`` (when ``update``;
+    def sweep(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, c1, m, t, eps, update, accumulate,
+              tid):
+        """Tiles ``c0, c0 + cstep, ...`` (below ``c1``) of problem ``p``: S update into ``So`` (when ``update``;
         ``So`` may be ``S``)
         and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
         (when ``accumulate``; both flags are uniform over the block, so the
@@ -662,7 +671,7 @@ def _build(
             gl[q] = 0
         ii = tid % rc  # row of the staged chunk this thread reduces
         g = tid // rc  # its column group
-        ntiles = (t + tpb - 1) // tpb
+        ntiles = min((t + tpb - 1) // tpb, c1)
         for c in range(c0, ntiles, cstep):
             j = c * tpb + tid
             valid = j < t
@@ -726,7 +735,8 @@ def _build(
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def sweep_tile(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep_tile(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, c1, m, t, eps, update, accumulate,
+                   tid):
         """:func:`sweep` with ``"tile"`` staging: the S update copies each X value it
         loads into the shared tile ``Xt`` (row stride ``tpb + 1``), and row-owner
         threads reduce ``P`` from it in registers kept over all tiles. Needs ``m ≤ tpb``."""
@@ -743,7 +753,7 @@ def _build(
         row = tid % m
         part = tid // m
         owner = part < npart
-        ntiles = (t + tpb - 1) // tpb
+        ntiles = min((t + tpb - 1) // tpb, c1)
         for c in range(c0, ntiles, cstep):
             j = c * tpb + tid
             valid = j < t
@@ -802,7 +812,8 @@ def _build(
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def sweep_regs(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, m, t, eps, update, accumulate, tid):
+    def sweep_regs(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, c1, m, t, eps, update, accumulate,
+                   tid):
         """:func:`sweep` with ``"regs"`` staging: warp ``g`` holds rows ``g·RPG ...`` of the
         tile's 32 pixel columns (one column per lane) in registers.
 
@@ -829,7 +840,7 @@ def _build(
             pa[q] = 0
         for q in range(KN):
             gl[q] = 0
-        ntiles = (t + TW - 1) // TW
+        ntiles = min((t + TW - 1) // TW, c1)  # tiles below c1 only
         if PREFETCH and c0 < ntiles:
             load_rows(X, p, row0, c0 * TW + lane, c0 * TW + lane < t, m, xn)
         for c in range(c0, ntiles, cstep):
@@ -933,7 +944,7 @@ def _build(
         for it in range(0 if pg_valid else -1, n_iter):
             if it >= 0:
                 a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
-            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, 0, 1, m, t, eps, it >= 0,
+            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, 0, 1, t, m, t, eps, it >= 0,
                      acc_last or it < n_iter - 1, tid)
         for q in range(tid, m * n, tpb):
             A[p, q // n, q % n] = Ash[q]
@@ -991,7 +1002,7 @@ def _build(
                 Pz[p, q // n, q % n] = 0
             for q in range(tid, nn, tpb):
                 Gz[p, q // n, q % n] = 0
-        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, bx, nbx, m, t, eps, update, accumulate, tid)
+        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, bx, nbx, t, m, t, eps, update, accumulate, tid)
         if accumulate:
             for q in range(tid, m * n, tpb):
                 cuda.atomic.add(Po, (p, q // n, q % n), Psh[q])
@@ -1012,6 +1023,81 @@ def _build(
         old = (phase + 2) % 3
         grid_body(X, S, S, W, Ar[phase % 2], Pr[cur], Gr[cur], Ar[(phase + 1) % 2], Pr[nxt], Gr[nxt],
                   Pr[old], Gr[old], True, eps, update, accumulate)
+
+    TWK = TW if regs else tpb  # pixels per tile of the sweep
+
+    @kjit
+    def mu_flat_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
+        """:func:`mu_grid_step` with the batch's tiles dealt evenly over a 1-D grid.
+
+        The ``b · tiles`` (problem, tile) pairs, problem-major, are cut into
+        ``gridDim.x`` contiguous ranges, one per block, so every block has the
+        same work (± one tile) however the block count divides the batch. A
+        range crossing problems is run as one segment per problem: the A
+        update of that problem, its tiles, its P/G partials added to the
+        accumulators. The block holding a problem's tile 0 writes its ``A'``
+        and clears its ring slot, as block 0 does in grid mode.
+        """
+        # ring slots indexed in place: sliced views would keep nine array descriptors live
+        # across the segment loop (ptxas then spilled ~500 B per thread)
+        ai, ao = phase % 2, (phase + 1) % 2
+        cur, nxt, old = phase % 3, (phase + 1) % 3, (phase + 2) % 3
+        tid = cuda.threadIdx.x
+        b = X.shape[0]
+        m = X.shape[1]
+        t = X.shape[2]
+        nt = (t + TWK - 1) // TWK
+        total = b * nt
+        g = cuda.blockIdx.x
+        nb = cuda.gridDim.x
+        lo = (g * total) // nb
+        hi = ((g + 1) * total) // nb
+        dyn = cuda.shared.array(0, nbt)
+        Ash = dyn[: m * n]
+        Psh = dyn[m * n : 2 * m * n]
+        Gsh = cuda.shared.array((n, n), nbt)
+        Hsh = cuda.shared.array((n, n), nbt)
+        Ssh = cuda.shared.array(sshape, nbt)
+        Xsh = cuda.shared.array((xrows, xcols), nbt)
+        Rd = cuda.shared.array(rdshape, nbt)
+        Xt = dyn[2 * m * n :]
+        q0 = lo
+        while q0 < hi:  # one segment per problem in the range (uniform over the block)
+            p = q0 // nt
+            c_lo = q0 - p * nt
+            c_hi = min(nt, hi - p * nt)
+            wp = 0 if W.shape[0] == 1 else p
+            if update:
+                for q in range(tid, m * n, tpb):
+                    Ash[q] = Ar[ai, p, q // n, q % n]
+                    Psh[q] = Pr[cur, p, q // n, q % n]
+                for q in range(tid, nn, tpb):
+                    Gsh[q // n, q % n] = Gr[cur, p, q // n, q % n]
+                cuda.syncthreads()
+                a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+                if c_lo == 0:
+                    for q in range(tid, m * n, tpb):
+                        Ar[ao, p, q // n, q % n] = Ash[q]
+            else:
+                for q in range(tid, m * n, tpb):
+                    Psh[q] = 0
+                for q in range(tid, nn, tpb):
+                    Gsh[q // n, q % n] = 0
+                cuda.syncthreads()
+            if c_lo == 0:
+                for q in range(tid, m * n, tpb):
+                    Pr[old, p, q // n, q % n] = 0
+                for q in range(tid, nn, tpb):
+                    Gr[old, p, q // n, q % n] = 0
+            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c_lo, 1, c_hi, m, t, eps, update,
+                     accumulate, tid)
+            if accumulate:
+                for q in range(tid, m * n, tpb):
+                    cuda.atomic.add(Pr, (nxt, p, q // n, q % n), Psh[q])
+                for q in range(tid, nn, tpb):
+                    cuda.atomic.add(Gr, (nxt, p, q // n, q % n), Gsh[q // n, q % n])
+            cuda.syncthreads()  # the partials are read before the next segment overwrites them
+            q0 = (p + 1) * nt
 
     @kjit
     def layer_step(X, S, So, W, A, P, G, Ao, Po, Go, eps, update, accumulate):
@@ -1058,7 +1144,7 @@ def _build(
 
     return _Kernels(
         tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step,
-        layer_step=layer_step, sumsq=sumsq, zero=zero,
+        mu_flat_step=mu_flat_step, layer_step=layer_step, sumsq=sumsq, zero=zero,
         device_funcs={"a_update": a_update, "sweep": sweep_fn},
     )
 
@@ -1111,8 +1197,16 @@ def _multiprocessors() -> int:
         return 2
 
 
-def choose_mode(b: int, t: int, threads: int | None = None, resident: int | None = None) -> tuple[str, int]:
+def choose_mode(
+    b: int, t: int, threads: int | None = None, resident: int | None = None, flat_ok: bool = True,
+) -> tuple[str, int]:
     """The launch design and blocks per problem for ``b`` problems of ``t`` pixels.
+
+    ``"flat"`` (only when set with :func:`set_mode`, not yet measured on a
+    GPU) returns the number of blocks *in all*: ``blocks_per_problem · b``
+    when that is set, else one wave (``resident`` or 8 per SM). Launch sites
+    without a flat kernel (a learned layer's forward) pass ``flat_ok=False``
+    and get grid mode's choice.
 
     ``threads`` is the pixel tile width (the threads per block except with
     ``"regs"`` staging, whose tiles are 32 pixels wide).
@@ -1139,13 +1233,20 @@ def choose_mode(b: int, t: int, threads: int | None = None, resident: int | None
     tiles = -(-t // tpb)
     if _config.mode == "block":
         return "block", 1
+    if _config.mode == "flat" and flat_ok:
+        # the number of blocks in all (not per problem): one wave, however it divides the batch
+        if _config.blocks_per_problem is not None:
+            blocks = _config.blocks_per_problem * b
+        else:
+            blocks = (resident or 8) * _multiprocessors()
+        return "flat", max(1, min(b * tiles, blocks))
     if _config.blocks_per_problem is not None:
         bpp = min(_config.blocks_per_problem, tiles)
     elif resident:
         bpp = min(tiles, max(1, resident * _multiprocessors() // b))
     else:
         bpp = min(tiles, max(1, -(-8 * _multiprocessors() // b)))
-    if _config.mode == "grid":
+    if _config.mode in ("grid", "flat"):
         return "grid", bpp
     if tiles == 1:
         return "block", 1
@@ -1175,15 +1276,18 @@ def choose_knobs(b: int, bpp: int, staging: str = "rows") -> tuple[int, int]:
     return ur, occ
 
 
-def _kernels_for(b: int, m: int, t: int, n: int, dtype: np.dtype) -> tuple[_Kernels, str, int, int]:
-    """Kernels, launch mode, blocks per problem and dynamic shared bytes for one launch shape."""
+def _kernels_for(
+    b: int, m: int, t: int, n: int, dtype: np.dtype, flat_ok: bool = True,
+) -> tuple[_Kernels, str, int, int]:
+    """Kernels, launch mode, blocks per problem (in all, for ``"flat"``) and dynamic shared
+    bytes for one launch shape."""
     lay = launch_layout(dtype, m, n)
     dyn = dynamic_shared_bytes(dtype, m, n, lay.threads, lay.staging)
     if lay.staging == "regs":
         ur, occ = 1, choose_knobs(b, 1, "regs")[1]  # loads are batched by the layout itself
-        mode, bpp = choose_mode(b, t, lay.tile, resident=max(1, occ // lay.threads))
+        mode, bpp = choose_mode(b, t, lay.tile, resident=max(1, occ // lay.threads), flat_ok=flat_ok)
     else:
-        mode, bpp = choose_mode(b, t, lay.tile)
+        mode, bpp = choose_mode(b, t, lay.tile, flat_ok=flat_ok)
         ur, occ = choose_knobs(b, bpp, lay.staging)
     pf = _config.prefetch and lay.staging == "regs"
     exact = lay.staging == "regs" and (lay.threads // REGS_TILE) * lay.rows == m
@@ -1328,10 +1432,10 @@ def mu_run(
     ws = workspace if workspace is not None else GridWorkspace()
     ws.prepare(b, m, n, dtype, stream)
     Ar, Pr, Gr = ws.Ar, ws.Pr, ws.Gr
-    grid = (bpp, b)
+    kernel, grid = (k.mu_flat_step, (bpp,)) if mode == "flat" else (k.mu_grid_step, (bpp, b))
 
     def step(s: Any, *args: Any) -> None:  # one launch per iteration: without Numba's per-call dispatch
-        launch(k.mu_grid_step, grid, tpb, s, dyn, *args)
+        launch(kernel, grid, tpb, s, dyn, *args)
 
     Ar[0].copy_to_device(A, stream=stream)
     if pg_valid:
@@ -1414,7 +1518,7 @@ def layer_step(
             raise ValueError(f"{name} must be a C-contiguous array of shape {shape}, of the same kind as X")
         if np_dtype(arr) != dtype:
             raise TypeError(f"{name} has dtype {arr.dtype} but X has {dtype}")
-    k, _, bpp, dyn = _kernels_for(b, m, t, n, dtype)
+    k, _, bpp, dyn = _kernels_for(b, m, t, n, dtype, flat_ok=False)
     args = (X, S, S_out, W, A, P, G, A_out, P_out, G_out, dtype.type(eps), bool(update), bool(accumulate))
     if tensors:
         launch(k.layer_step, (bpp, b), k.tpb, stream, dyn, *args)

@@ -617,7 +617,7 @@ class LayerPlan:
         from fastmu.kernels import cuda as kcuda
 
         b, m, t, n = self.shape
-        k, _, bpp, dyn = kcuda._kernels_for(b, m, t, n, self.dtype)
+        k, _, bpp, dyn = kcuda._kernels_for(b, m, t, n, self.dtype, flat_ok=False)
         self._step = Launcher(k.layer_step, (bpp, b), k.tpb, self.stream, dyn)
         return self._step
 
@@ -634,7 +634,7 @@ class LayerPlan:
             pass1, pass2 = _build_regs(dt.name, n, *lay, exact=lay[0] * lay[1] == m)
             nthr = 32 * lay[0]
             # one wave of blocks (as the forward), each with its own partial slot
-            nslots = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr))[1]
+            nslots = kcuda.choose_mode(b, t, 32, resident=max(1, 512 // nthr), flat_ok=False)[1]
             grid1 = grid2 = (nslots, b)
             dyn1, dyn2 = m * n * dt.itemsize, 2 * m * n * dt.itemsize
         else:  # one thread per pixel column: one partial slot per tile

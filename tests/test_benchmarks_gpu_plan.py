@@ -142,3 +142,16 @@ def test_layer_host_time_runs_without_a_gpu(tmp_path):
     step = res["step"]
     assert step["shape"]["layers"] == 4 and step["fused"]["median_ms"] > 0 and step["chain"]["median_ms"] > 0
     assert step["fused"]["aten_ops"] < step["chain"]["aten_ops"]
+
+
+def test_flat_mode_in_sweep_and_benchmark(fake_gpu):
+    """"flat" mode joins the sweep once per configuration (automatic block count) and the
+    benchmark as its own entries."""
+    out = mg.sweep_kernel_configs(iters=5, batches=(1,), threads=(128,), unrolls=(1,), occupancies=(512,),
+                                  stagings=("rows", "regs"), bpp_fractions=(None,), block_mode=False, flat_mode=True)
+    assert [(r["staging"], r["mode"], r["blocks_per_problem"]) for r in out["rows"]] == [
+        ("rows", "grid", None), ("rows", "flat", None), ("regs", "grid", None), ("regs", "flat", None)]
+    res = mg.run_gpu_benchmarks(iters=10, batch=3, modes=("grid", "flat"))
+    assert {"fastmu_flat_rows", "fastmu_flat_regs", "fastmu_grid_regs"} <= set(res["workloads"]["W2"]["results"])
+    with pytest.raises(SystemExit):
+        mg.main(["--modes", "diagonal"])

@@ -71,6 +71,20 @@ def test_w1_shape_matches_reference(mode, dtype, rtol, staging):
     np.testing.assert_allclose(S1, Sr, rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("staging,dtype,rtol", [("regs", np.float32, 5e-3), ("regs", np.float64, 1e-9),
+                                                 ("rows", np.float64, 1e-9)])
+def test_flat_mode_matches_reference(staging, dtype, rtol):
+    """"flat" mode on a real GPU: 7 problems whose tiles do not divide evenly over one wave of
+    blocks (ranges cross problems), 130 iterations, so the CUDA-graph path runs too."""
+    kc.set_mode("flat")
+    kc.set_staging(staging)
+    X, A, S = _problem(7, 65, 4, 3000, seed=3)
+    A1, S1 = _run_kernel(X, A, S, 130, dtype)
+    Ar, Sr = mu_numpy(X, A, S, 130, EPS)
+    np.testing.assert_allclose(A1, Ar, rtol=rtol, atol=1e-6)
+    np.testing.assert_allclose(S1, Sr, rtol=rtol, atol=1e-6)
+
+
 def test_graphs_equal_direct_launches():
     pytest.importorskip("cupy")
     kc.set_mode("grid")

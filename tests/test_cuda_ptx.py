@@ -84,6 +84,10 @@ def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging, rows):
         assert _longest_global_load_run(ptx) >= rows
     ptx = _compile(k.mu_grid_step.py_func, (a3, a3, a3, a4, a4, a4) + flags, k.launch_bounds)
     assert "atom.global.add" in ptx or "red.global.add" in ptx
+    ptx = _compile(k.mu_flat_step.py_func, (a3, a3, a3, a4, a4, a4) + flags, k.launch_bounds)
+    assert "atom.global.add" in ptx or "red.global.add" in ptx
+    if staging == "regs":  # the segment loop keeps the sweep's registers: one local copy at most
+        assert ptx.count(".local .align") <= 1
     _compile(k.layer_step.py_func, (a3,) * 10 + (f, b, b), k.launch_bounds)
     _compile(k.sumsq.py_func, (a3, types.Array(types.float64, 1, "C")), None)
     _compile(k.zero.py_func, (a1,), None)

@@ -95,7 +95,7 @@ def _run(X, A, S, W, n_iter, mode, bpp=None, pg=None, acc_last=True):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "mode,b,bpp",
-    [("block", 1, None), ("block", 3, None), ("grid", 1, 2), ("grid", 3, 3)],
+    [("block", 1, None), ("block", 3, None), ("grid", 1, 2), ("grid", 3, 3), ("flat", 3, 2)],
 )
 def test_matches_reference(dtype, mode, b, bpp, staged):
     # t = 75 is not a multiple of the 32-pixel tile; m = 9 spans two staged row chunks
@@ -112,15 +112,53 @@ def test_matches_reference(dtype, mode, b, bpp, staged):
     np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
 
 
+@pytest.mark.parametrize("staging,bpp", [("rows", None), ("regs", None), ("rows", 5)])
+def test_flat_mode_block_counts(monkeypatch, staging, bpp):
+    """"flat" mode: 3 problems of 4 tiles on one nominal SM, so the automatic wave (8 blocks
+    for "rows", 5 for "regs") gives ranges that cross problems; and more blocks asked for
+    than there are tiles (15 for 12: capped, one tile per block)."""
+    monkeypatch.setattr(kc, "_multiprocessors", lambda: 1)
+    kc.set_staging(staging)
+    if staging == "regs":
+        kc.set_rows_per_thread(4)
+    b, t = 3, 100
+    kc.set_mode("flat")
+    kc.set_blocks_per_problem(bpp)
+    nb = kc._kernels_for(b, 9, t, 3, np.dtype(np.float64))[2]
+    nt = 4
+    ranges = [(g * b * nt // nb, (g + 1) * b * nt // nb) for g in range(nb)]
+    crossing = any(lo < hi and lo // nt != (hi - 1) // nt for lo, hi in ranges)
+    assert crossing == (bpp is None) and (bpp is None or nb == 12)  # 15 capped at the 12 tiles
+    X, A, S = _problem(b, 9, 3, t, np.float64, seed=7)
+    A1, S1, P1, G1 = _run(X, A, S, None, 2, "flat", bpp)
+    Ar, Sr = _reference(X, A, S, None, 2)
+    np.testing.assert_allclose(A1, Ar, **TOL[np.float64])
+    np.testing.assert_allclose(S1, Sr, **TOL[np.float64])
+    np.testing.assert_allclose(P1, X @ Sr.transpose(0, 2, 1), **TOL[np.float64])
+    np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[np.float64])
+
+
+def test_flat_mode_only_where_asked():
+    """"auto" never picks "flat" (not yet measured on a GPU); the learned layer's launches,
+    which have no flat kernel, get grid mode's choice under "flat"."""
+    assert kc.choose_mode(150, 16384)[0] == "grid"
+    kc.set_mode("flat")
+    assert kc.choose_mode(150, 16384) == ("flat", min(150 * 128, 8 * kc._multiprocessors()))
+    assert kc.choose_mode(150, 16384, flat_ok=False)[0] == "grid"
+    kc.set_blocks_per_problem(3)
+    assert kc.choose_mode(150, 16384) == ("flat", 450)
+    assert kc.choose_mode(2, 40) == ("flat", 4)  # capped at the tiles there are (2 × 2)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("mode", ["block", "grid"])
+@pytest.mark.parametrize("mode", ["block", "grid", "flat"])
 def test_learned_weights(dtype, shared, mode):
     b, m, n, t = 2, 7, 4, 70
     X, A, S = _problem(b, m, n, t, dtype, seed=5)
     rng = np.random.default_rng(9)
     W = (0.5 + rng.random((1 if shared else b, m, n))).astype(dtype)
-    A1, S1, _, _ = _run(X, A, S, W, 2, mode, 3 if mode == "grid" else None)
+    A1, S1, _, _ = _run(X, A, S, W, 2, mode, 3 if mode in ("grid", "flat") else None)
     Ar, Sr = _reference(X, A, S, W if not shared else W[0], 2)
     np.testing.assert_allclose(A1, Ar, **TOL[dtype])
     np.testing.assert_allclose(S1, Sr, **TOL[dtype])
@@ -475,7 +513,8 @@ def test_regs_prefetch_matches_reference(dtype, mode, bpp):
 
 def test_sanitizer_program_agrees_with_the_reference():
     """bench/gpu_sanity.py, the program compute-sanitizer runs on a GPU, in the simulator:
-    the regs layout with a partial last warp in grid mode, and rows in block mode."""
+    the regs layout with a partial last warp in grid mode, rows in block mode, and rows in
+    flat mode with tile ranges that cross problems."""
     import importlib.util
     from pathlib import Path
 
@@ -484,7 +523,7 @@ def test_sanitizer_program_agrees_with_the_reference():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.run_mu(stagings=("regs",), modes=("grid",)) == []
-    assert mod.run_mu(stagings=("rows",), modes=("block",)) == []
+    assert mod.run_mu(stagings=("rows",), modes=("block", "flat")) == []
 
 
 @pytest.mark.parametrize("dtype,mode,bpp", [(np.float32, "grid", 2), (np.float64, "block", None)])

@@ -320,7 +320,7 @@ def run_gpu_benchmarks(
         A JSON file rewritten after every entry, so that a run cut short
         still leaves what it measured.
     modes : tuple of str
-        fastmu's launch designs to time (``"block"``, ``"grid"``).
+        fastmu's launch designs to time (``"block"``, ``"grid"``, ``"flat"``).
     stagings : tuple of str
         fastmu's stagings of X to time with each mode (entries
         ``fastmu_<mode>_<staging>``; a staging set in ``configs`` wins).
@@ -426,6 +426,7 @@ def sweep_kernel_configs(
     partial: str | None = None,
     rows_per_thread: tuple[int | None, ...] = (None,),
     prefetches: tuple[bool, ...] = (False,),
+    flat_mode: bool = False,
 ) -> dict[str, Any]:
     """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
 
@@ -441,7 +442,8 @@ def sweep_kernel_configs(
     gives a row with its error. ``"regs"`` staging has its own block shape:
     it is timed once (not per ``threads`` or ``unrolls``) for each of
     ``rows_per_thread`` and ``prefetches``, with blocks per problem counted
-    in 32-pixel tiles.
+    in 32-pixel tiles. ``flat_mode`` adds ``"flat"`` mode at its automatic block
+    count (one wave, the batch's tiles dealt evenly; ``blocks_per_problem: null``).
     """
     cuda = _require_gpu()
     from fastmu.kernels import cuda as kc
@@ -463,7 +465,8 @@ def sweep_kernel_configs(
             bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions if f is not None}, reverse=True)
             if any(f is None for f in bpp_fractions):
                 bpps = [None] + bpps
-            for mode, bpp in [("block", None)] * block_mode + [("grid", q) for q in bpps]:
+            designs = [("block", None)] * block_mode + [("grid", q) for q in bpps] + [("flat", None)] * flat_mode
+            for mode, bpp in designs:
                 cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st,
                        "rows_per_thread": rpt, "prefetch": pf}
                 row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
@@ -563,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     help='JSON: kernel knobs per workload, e.g. {"W2": {"threads": 256, "unroll": 8}}')
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     ap.add_argument("--modes", default="block,grid",
-                    help="fastmu launch designs to benchmark, comma-separated (block, grid)")
+                    help="fastmu launch designs to benchmark, comma-separated (block, grid, flat)")
     ap.add_argument("--stagings", default="rows,regs",
                     help="fastmu stagings of X to benchmark and profile, comma-separated (rows, tile, regs)")
     ap.add_argument("--profile", default=None, metavar="TABLES",
@@ -580,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configs = json.loads(args.configs) if args.configs else None
         modes = tuple(m for m in args.modes.split(",") if m)
-        bad = set(modes) - {"block", "grid"}
+        bad = set(modes) - {"block", "grid", "flat"}
         if bad or not modes:
-            ap.error(f"--modes takes block and/or grid, got {args.modes!r}")
+            ap.error(f"--modes takes block, grid and/or flat, got {args.modes!r}")
         res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out, modes=modes,
                                  stagings=stagings)
     text = json.dumps(res, indent=2)
