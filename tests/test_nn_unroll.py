@@ -159,3 +159,15 @@ def test_direct_function_without_keep_saves_nothing():
     ref = _chain(X, A, S, Ws, mu_step_torch)[-1]
     torch.testing.assert_close(A1, ref[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(S1, ref[1], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_second_derivative_is_refused(stack):
+    """The backward kernels are not themselves differentiable: asking for a second derivative
+    raises instead of returning a silently wrong one."""
+    X, A, S, Ws = _stack(2, per_problem=False)
+    Ws.requires_grad_(True)
+    A1, _ = learned_mu_unroll(X, A, S, Ws) if stack else learned_mu_step(X, A, S, Ws[0])
+    (g,) = torch.autograd.grad(A1.square().sum(), Ws, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        g.sum().backward()

@@ -303,6 +303,7 @@ class LearnedMUStep(torch.autograd.Function):
         return A_out, S_out, P_out, G_out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
     def backward(ctx, gA_out, gS_out, _gP, _gG):  # type: ignore[override]
         X, A, S, W, P, G = ctx.saved_tensors
         need = tuple(bool(x) for x in ctx.needs_input_grad[:4])  # X, A, S, W
@@ -365,6 +366,7 @@ class LearnedMUUnroll(torch.autograd.Function):
         return (*As, *Ss) if return_all else (A, S)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
     def backward(ctx, *grads):  # type: ignore[override]
         L, run = ctx.L, ctx.run
         saved = ctx.saved_tensors
