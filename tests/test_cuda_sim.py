@@ -95,7 +95,7 @@ def _run(X, A, S, W, n_iter, mode, bpp=None, pg=None, acc_last=True):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "mode,b,bpp",
-    [("block", 1, None), ("block", 3, None), ("grid", 1, 2), ("grid", 3, 3), ("flat", 3, 2)],
+    [("block", 1, None), ("block", 3, None), ("grid", 1, 2), ("grid", 3, 3)],
 )
 def test_matches_reference(dtype, mode, b, bpp, staged):
     # t = 75 is not a multiple of the 32-pixel tile; m = 9 spans two staged row chunks
@@ -112,7 +112,7 @@ def test_matches_reference(dtype, mode, b, bpp, staged):
     np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
 
 
-@pytest.mark.parametrize("staging,bpp", [("rows", None), ("regs", None), ("rows", 5)])
+@pytest.mark.parametrize("staging,bpp", [("rows", None), ("tile", None), ("regs", None), ("rows", 5)])
 def test_flat_mode_block_counts(monkeypatch, staging, bpp):
     """"flat" mode: 3 problems of 4 tiles on one nominal SM, so the automatic wave (8 blocks
     for "rows", 5 for "regs") gives ranges that cross problems; and more blocks asked for

@@ -278,12 +278,17 @@ def _sim_launches(monkeypatch):
     return launched
 
 
-@pytest.mark.parametrize("per_problem", [False, True])
-def test_unroll_cuda_runner_matches_cpu(_sim_launches, per_problem, layout):
+@pytest.mark.parametrize("per_problem,layout_name", [(False, "columns"), (True, "regs")])
+def test_unroll_cuda_runner_matches_cpu(_sim_launches, per_problem, layout_name):
     """The stacked layers as one autograd node (``LearnedMUUnroll``) with the CUDA runner: one
     launch plan for every layer, the backward's scratch reused from layer to layer, P/G
     handed on. Outputs of every layer and gradients w.r.t. X, A, S and W equal the CPU
-    unroll's (whose gradients are gradchecked in test_nn_layer.py)."""
+    unroll's (whose gradients are gradchecked in test_nn_unroll.py)."""
+    if layout_name == "regs":
+        kc.set_staging("regs")
+        kc.set_rows_per_thread(2)
+    else:
+        kc.set_staging("rows")
     L = 3
     X, A, S, W = _inputs(2, 5, 3, 45, per_problem=per_problem, seed=21)
     g = torch.Generator().manual_seed(22)
