@@ -598,8 +598,9 @@ class LayerPlan:
     them and are reused by later ones: every launch of a plan is queued on its
     one ``stream``, in order, so a layer's kernels are done with them before
     the next layer's overwrite them. The forward's and the backward's launches
-    are planned at their first use (a single-layer call plans only its own). Arrays are all Numba device arrays or all
-    torch CUDA tensors (see :func:`layer_forward`, :func:`layer_backward`).
+    are planned at their first use (a single-layer call plans only its own).
+    Arrays are all Numba device arrays or all torch CUDA tensors (see
+    :func:`layer_forward`, :func:`layer_backward`).
     """
 
     def __init__(self, b: int, m: int, t: int, n: int, dtype: Any, bw: int, stream: Any = 0,
@@ -695,7 +696,7 @@ class LayerPlan:
         if has_gSo:
             pass1(X, Aq, H, S, gSo, epsd, bool(need_gS), gS, XgRpart, gHpart)
         tiny(A, W, P, G, E, Aq, gAo, bool(has_gSo), XgRpart, gHpart, bool(need_gA), bool(need_gW),
-                   gA_, gWp, gH, gP, gQ, gG, Gs)
+             gA_, gWp, gH, gP, gQ, gG, Gs)
         if need_gW and shared_w:
             sum_w(gWp, gW)
         if need_gS or need_gX:
