@@ -110,11 +110,15 @@ def test_stream_handles():
     assert cl.stream_handle(_S(ctypes.c_void_p(None))) == 0
 
 
-def test_launch_compiles_once_per_signature_and_packs(monkeypatch):
-    """``launch`` types a launch site's arguments once per kind (dtype, rank, scalar type),
-    then only packs: the parameters handed to the driver are ``pack``'s."""
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """The fast path with the device stubbed: a dispatcher whose ``compile`` records the
+    argument types, and a driver launch that records ``(stream, config, function, params)``;
+    returns ``(dispatcher, compiled, launched, loads)``."""
     core = pytest.importorskip("cuda.core")
     compiled: list = []
+    launched: list = []
+    loads: list = []
 
     class _Kernel:
         def __init__(self, argtypes):
@@ -125,18 +129,23 @@ def test_launch_compiles_once_per_signature_and_packs(monkeypatch):
             compiled.append(argtypes)
             return _Kernel(argtypes)
 
-    launched: list = []
     monkeypatch.setattr(cl, "fast_launch_available", lambda: True)
-    monkeypatch.setattr(core, "launch", lambda st, cfg, fn, *params: launched.append((st, fn, params)))
-    monkeypatch.setattr(cl._Compiled, "function", lambda self, dev=None: "kernel")
+    monkeypatch.setattr(core, "launch", lambda st, cfg, fn, *params: launched.append((st, cfg, fn, params)))
+    monkeypatch.setattr(cl._Compiled, "function", lambda self, dev=None: loads.append(dev) or "kernel")
     monkeypatch.setitem(cl._streams, 0, "stream")
-    d = _Dispatcher()
+    return _Dispatcher(), compiled, launched, loads
+
+
+def test_launch_compiles_once_per_signature_and_packs(fake_driver):
+    """``launch`` types a launch site's arguments once per kind (dtype, rank, scalar type),
+    then only packs: the parameters handed to the driver are ``pack``'s."""
+    d, compiled, launched, _ = fake_driver
     x, y = torch.rand(2, 3), torch.rand(4, 5)
     cl.launch(d, (2, 1), 32, 0, 0, x, np.float32(1.5), True)
     cl.launch(d, (2, 1), 32, 0, 0, y, np.float32(2.5), False)  # same kinds: no new overload
     assert len(compiled) == 1
-    assert launched[1][:2] == ("stream", "kernel")
-    assert _norm(list(launched[1][2])) == _norm(cl.pack(compiled[0], (y, np.float32(2.5), False)))
+    assert (launched[1][0], launched[1][2]) == ("stream", "kernel")
+    assert _norm(list(launched[1][3])) == _norm(cl.pack(compiled[0], (y, np.float32(2.5), False)))
     cl.launch(d, 1, 32, 0, 0, x.double(), np.float32(1.5), True)  # another dtype: another overload
     cl.launch(d, 1, 32, 0, 0, x, 1.5, True)  # a Python float is a float64 parameter
     assert len(compiled) == 3
@@ -145,29 +154,12 @@ def test_launch_compiles_once_per_signature_and_packs(monkeypatch):
         cl.launch(d, 1, 32, 0, 0, x.T, np.float32(1.5), True)
 
 
-def test_launcher_resolves_once_and_swaps_pointers(monkeypatch):
+def test_launcher_resolves_once_and_swaps_pointers(fake_driver):
     """A ``Launcher`` (one launch site in a loop) types and loads once; each later call hands
     the driver exactly ``pack``'s parameters for its own arguments: new data pointers and
     scalars, a full packing when a shape changes, and refusals as ``launch`` gives them."""
-    core = pytest.importorskip("cuda.core")
-    compiled: list = []
-
-    class _Kernel:
-        def __init__(self, argtypes):
-            self.argument_types = argtypes
-
-    class _Dispatcher:
-        def compile(self, argtypes):
-            compiled.append(argtypes)
-            return _Kernel(argtypes)
-
-    launched: list = []
-    loads: list = []
-    monkeypatch.setattr(cl, "fast_launch_available", lambda: True)
-    monkeypatch.setattr(core, "launch", lambda st, cfg, fn, *params: launched.append((st, cfg, fn, params)))
-    monkeypatch.setattr(cl._Compiled, "function", lambda self, dev=None: loads.append(dev) or "kernel")
-    monkeypatch.setitem(cl._streams, 0, "stream")
-    site = cl.Launcher(_Dispatcher(), (3, 2), 64, 0, 128)
+    d, compiled, launched, loads = fake_driver
+    site = cl.Launcher(d, (3, 2), 64, 0, 128)
     empty = torch.empty(0, 5)
     calls = [
         (torch.rand(2, 3), np.float32(1.5), True, empty, 7),  # resolved, packed
