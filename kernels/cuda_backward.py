@@ -44,9 +44,11 @@ use 32) sets the threads per block = pixel tile width.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numba
@@ -613,6 +615,26 @@ class LayerPlan:
         self._step: Launcher | None = None  # the forward's launch site, planned at the first forward
         self._bwd: tuple | None = None  # the backward's, planned at the first backward
         self._scratch: dict[str, Any] = {}
+        self._in_session = False
+
+    def _sites(self) -> list[Launcher]:
+        return ([self._step] if self._step else []) + (list(self._bwd[1:]) if self._bwd else [])
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """A span of launches with no foreign code between them (one forward or backward of a
+        layer stack): each launch site then skips the checks of arrays passed again as the
+        same object as in its previous launch (X, the scratch; see
+        :meth:`~fastmu.kernels.cuda_launch.Launcher.session`)."""
+        self._in_session = True
+        for site in self._sites():
+            site.session()
+        try:
+            yield
+        finally:
+            self._in_session = False
+            for site in self._sites():
+                site.end_session()
 
     def _plan_forward(self) -> Launcher:
         from fastmu.kernels import cuda as kcuda
@@ -620,6 +642,8 @@ class LayerPlan:
         b, m, t, n = self.shape
         k, _, bpp, dyn = kcuda._kernels_for(b, m, t, n, self.dtype, flat_ok=False)
         self._step = Launcher(k.layer_step, (bpp, b), k.tpb, self.stream, dyn)
+        if self._in_session:
+            self._step.session()
         return self._step
 
     def _plan_backward(self) -> tuple:
@@ -649,6 +673,9 @@ class LayerPlan:
             Launcher(sum_w, 1, tpb, stream, 0),
             Launcher(pass2, grid2, nthr, stream, dyn2),
         )
+        if self._in_session:
+            for site in self._bwd[1:]:
+                site.session()
         return self._bwd
 
     def _buf(self, name: str, *shape: int) -> Any:

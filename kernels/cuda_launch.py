@@ -326,12 +326,13 @@ class Launcher:
     """
 
     __slots__ = ("dispatcher", "grid", "block", "stream", "shared", "_fast", "_st", "_config", "_fn", "_plan",
-                 "_nargs", "_launch", "_template", "_arrays", "_scalars")
+                 "_nargs", "_launch", "_template", "_arrays", "_scalars", "_session", "_prev", "_prev_params")
 
     def __init__(self, dispatcher: Any, grid: Any, block: Any, stream: Any, shared: int = 0) -> None:
         self.dispatcher, self.grid, self.block, self.stream, self.shared = dispatcher, grid, block, stream, int(shared)
         self._fast: bool | None = None
         self._nargs: int | None = None  # set when resolved
+        self._session, self._prev, self._prev_params = False, None, None
 
     def _resolve(self, args: tuple) -> None:
         from cuda.core import LaunchConfig
@@ -366,9 +367,15 @@ class Launcher:
         self._arrays, self._scalars = tuple(arrays), tuple(scalars)
 
     def _params(self, args: tuple) -> list:
-        params = self._template.copy()
+        prev = self._prev
+        if prev is None:
+            params = self._template.copy()
+        else:  # within a session an array object passed again keeps its pointer: skip its checks
+            params = self._prev_params.copy()
         for i, slot, shape in self._arrays:
             x = args[i]
+            if prev is not None and x is prev[i]:
+                continue
             if x.shape != shape:
                 return _pack(self._plan, args)  # another shape: the full packing
             if not x.is_contiguous():
@@ -377,7 +384,22 @@ class Launcher:
                 params[slot] = x.data_ptr()
         for i, slot, conv in self._scalars:
             params[slot] = conv(args[i])
+        if self._session:
+            self._prev, self._prev_params = args, params
         return params
+
+    def session(self) -> None:
+        """Start a session: until :meth:`end_session`, an array passed at the same position as
+        in this site's previous launch, as the same object, is taken to have kept its data
+        pointer (its shape, contiguity and pointer are not read again: in a model's layer loop
+        X and the scratch arrays are). Only for a span with no foreign code in it (one
+        forward or backward of a layer stack): ``set_()``, ``resize_()`` or ``.data =`` on
+        such an array inside the span would go unnoticed."""
+        self._session, self._prev = True, None
+
+    def end_session(self) -> None:
+        """End the session: forget the previous launch's arrays (and drop the references)."""
+        self._session, self._prev, self._prev_params = False, None, None
 
     def __call__(self, *args: Any) -> None:
         if self._fast is None:

@@ -190,3 +190,26 @@ def test_launcher_without_the_fast_path_uses_launch(monkeypatch):
     x = torch.rand(2, 2)
     site(x, 1.0)
     assert seen == [("kernel", 4, 32, 0, 0, x, 1.0)]
+
+
+def test_launcher_session_reuses_pointers_of_the_same_arrays(fake_driver):
+    """In a session, an array passed again as the same object keeps its packed pointer and
+    the others are swapped in: every call still hands the driver ``pack``'s parameters. Out of
+    a session (and after one ends) each array is read again, so a tensor whose storage was
+    replaced in between (``.data =``) is launched with its new pointer."""
+    d, compiled, launched, _ = fake_driver
+    site = cl.Launcher(d, 2, 32, 0, 0)
+    x, y = torch.rand(3, 4), torch.rand(2, 5)
+    site(x, y, np.float32(1.0))
+    site(x, y, np.float32(1.0))  # the template
+    site.session()
+    calls = [(x, y, np.float32(2.0)), (x, torch.rand(2, 5), np.float32(3.0)), (torch.rand(3, 4), y, np.float32(4.0)),
+             (x, y, np.float32(5.0)), (torch.rand(4, 4), y, np.float32(6.0))]  # the last: a new shape
+    for args in calls:
+        site(*args)
+    for (_, _, _, params), args in zip(launched[2:], calls):
+        assert _norm(list(params)) == _norm(cl.pack(compiled[0], args))
+    site.end_session()
+    x.data = torch.rand(3, 4)  # same object, new storage
+    site(x, y, np.float32(1.0))
+    assert _norm(list(launched[-1][3])) == _norm(cl.pack(compiled[0], (x, y, np.float32(1.0))))

@@ -283,7 +283,8 @@ def test_unroll_cuda_runner_matches_cpu(_sim_launches, per_problem, layout_name)
     """The stacked layers as one autograd node (``LearnedMUUnroll``) with the CUDA runner: one
     launch plan for every layer, the backward's scratch reused from layer to layer, P/G
     handed on. Outputs of every layer and gradients w.r.t. X, A, S and W equal the CPU
-    unroll's (whose gradients are gradchecked in test_nn_unroll.py)."""
+    unroll's (whose gradients are gradchecked in test_nn_unroll.py); so do the last layer's
+    outputs of a no-grad forward."""
     if layout_name == "regs":
         kc.set_staging("regs")
         kc.set_rows_per_thread(2)
@@ -300,7 +301,9 @@ def test_unroll_cuda_runner_matches_cpu(_sim_launches, per_problem, layout_name)
         # upstream on every layer's A, and on S of layer 2 only: layers with and without gS'
         loss = sum((l + 1.0) * out[l].square().sum() for l in range(L)) + out[L + 1].sum()
         loss.backward()
-        results.append([o.detach() for o in out] + [v.grad for v in ins])
+        with torch.no_grad():  # inference: the layers' outputs in two ping-pong buffers
+            last = F.LearnedMUUnroll.apply(X, A, S, Ws, EPS, False, False, run)
+        results.append([o.detach() for o in out] + [v.grad for v in ins] + list(last))
     assert len(_sim_launches) > 0
     for mine, ref in zip(*results):
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-13)

@@ -106,13 +106,37 @@ def test_no_graph_without_grad_and_same_values():
 
 def test_inplace_change_of_an_output_is_caught():
     """The layers' outputs are saved for the backward: changing one in place must raise, not
-    silently give wrong gradients."""
+    silently give wrong gradients. The last layer's outputs are not saved: they may be changed."""
     X, A, S, Ws = _stack(3, per_problem=False)
     Ws.requires_grad_(True)
     outs = learned_mu_unroll(X, A, S, Ws, return_all=True)
-    outs[0][1].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        outs[0][1].mul_(2.0)
+    outs[0][1].detach().mul_(2.0)  # around autograd's view check: the saved tensor's version catches it
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         outs[-1][0].sum().backward()
+    A3, S3 = learned_mu_unroll(X, A, S, Ws)
+    A3.mul_(2.0)
+    (A3.sum() + S3.sum()).backward()
+    assert torch.isfinite(Ws.grad).all()
+
+
+def test_outputs_do_not_depend_on_keeping_them():
+    """With and without grad, returned or not, the layers' outputs are the same: the kept
+    stack and the inference ping-pong buffers run the same kernels on the same inputs."""
+    X, A, S, Ws = _stack(4, per_problem=True)
+    with torch.no_grad():
+        last = learned_mu_unroll(X, A, S, Ws)
+        every = learned_mu_unroll(X, A, S, Ws, return_all=True)
+    kept = learned_mu_unroll(X, A, S, Ws.clone().requires_grad_(True), return_all=True)
+    for (a, s), (a2, s2) in zip(every, kept):
+        assert torch.equal(a, a2) and torch.equal(s, s2)
+    assert torch.equal(last[0], every[-1][0]) and torch.equal(last[1], every[-1][1])
+    # earlier layers' outputs stay intact after later layers ran (no buffer reused under them)
+    chained = (A, S)
+    for l in range(Ws.shape[0]):
+        chained = learned_mu_step(X, *chained, Ws[l])
+        assert torch.equal(chained[0], every[l][0]) and torch.equal(chained[1], every[l][1])
 
 
 def test_single_layer_equals_learned_mu_step():

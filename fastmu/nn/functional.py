@@ -23,8 +23,9 @@ reads X once forward and twice backward. Two ways to run a stack:
 - :func:`learned_mu_unroll` (what the models use): the ``L`` layers as one
   autograd node (:class:`LearnedMUUnroll`) whose forward loops over the
   layers and whose backward loops back over them, with one launch plan,
-  one allocation of the layers' ``P``, ``G`` and two gradient buffers used
-  in turn;
+  one allocation of the layers' ``P``, ``G``, one of their outputs (saved
+  for the backward as two tensors, not ``2L``) and two gradient buffers
+  used in turn;
 - :func:`learned_mu_step_pg` in a loop: one autograd node per layer.
 
 Both run the same kernels and give the same results; the first costs far
@@ -185,9 +186,13 @@ class _CudaLayers:
 
     def begin(self, X: torch.Tensor, n: int, bw: int) -> contextlib.AbstractContextManager:
         """Plan the launches for this shape on torch's current stream (once per forward or
-        backward of a stack, not per layer); the context makes X's device current."""
-        self.plan(X, n, bw)
-        return self.device(X)
+        backward of a stack, not per layer); the context makes X's device current and is one
+        launch session of the plan (no foreign code runs inside it)."""
+        plan = self.plan(X, n, bw)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.device(X))
+        stack.enter_context(plan.session())
+        return stack
 
     def device(self, X: torch.Tensor) -> contextlib.AbstractContextManager:
         return torch.cuda.device(X.device)
@@ -330,8 +335,11 @@ class LearnedMUUnroll(torch.autograd.Function):
 
     Why one node for the stack rather than one per layer: the same kernels
     run, but a step of an L-layer model then costs one autograd node, one
-    launch plan, one allocation of the layers' ``P``, ``G`` and two reused
-    gradient buffers, instead of L of each. On a GPU an eager step of the
+    launch plan, one allocation of the layers' ``P``, ``G``, one of the
+    outputs of layers ``1..L-1`` (saved as two tensors) and two reused
+    gradient buffers, instead of L of each. Those outputs, when returned,
+    are views of that allocation: changing one in place raises (the
+    backward needs it); the last layer's outputs are tensors of their own. On a GPU an eager step of the
     per-layer stack was bound by that host work. Use :func:`learned_mu_unroll`.
     """
 
@@ -342,37 +350,44 @@ class LearnedMUUnroll(torch.autograd.Function):
         n = A0.shape[2]
         shared = Ws.dim() == 3
         W3s = Ws.unsqueeze(1).unbind(0) if shared else Ws.unbind(0)  # each (1 or b, m, n)
-        As: list[torch.Tensor] = []
-        Ss: list[torch.Tensor] = []
         with run.begin(X, n, W3s[0].shape[0]):
             # P, G of every layer's input S: layer l writes those of layer l + 1
             Ps, Gs = _pg_buffers(run, X, (L, b, m, n)), _pg_buffers(run, X, (L, b, n, n))
             Pl, Gl = Ps.unbind(0), Gs.unbind(0)
             no_p, no_g = _pg_buffers(run, X, (0, m, n)), _pg_buffers(run, X, (0, n, n))
+            # The outputs of layers 1..L-1 (the inputs of layers 2..L): one (L-1, ...) tensor each
+            # for A and S when they are kept (saved for the backward, or returned), so that autograd
+            # saves, checks and unpacks two tensors instead of 2(L-1); else two ping-pong buffers.
+            # The last layer's outputs are tensors of their own: what a caller may modify in place.
+            stack = keep or return_all
+            k = L - 1 if stack else min(L - 1, 2)
+            A_mid = A0.new_empty((k, b, m, n))
+            S_mid = S0.new_empty((k, b, n, t))
+            A_outs, S_outs = A_mid.unbind(0), S_mid.unbind(0)
             A, S = A0, S0
             for l in range(L):
                 last = l == L - 1
-                A_out, S_out = torch.empty_like(A0), torch.empty_like(S0)
+                if last:
+                    A_out, S_out = torch.empty_like(A0), torch.empty_like(S0)
+                else:
+                    i = l if stack else l % 2
+                    A_out, S_out = A_outs[i], S_outs[i]
                 P_out, G_out = (no_p, no_g) if last else (Pl[l + 1], Gl[l + 1])
                 run.forward(X, A, S, W3s[l], Pl[l], Gl[l], A_out, S_out, P_out, G_out, eps, l > 0, not last)
                 A, S = A_out, S_out
-                if keep or return_all:
-                    As.append(A)
-                    Ss.append(S)
         ctx.L, ctx.eps, ctx.return_all, ctx.run, ctx.shared = L, float(eps), bool(return_all), run, shared
         if keep:
-            ctx.save_for_backward(X, A0, S0, Ws, Ps, Gs, *As[:-1], *Ss[:-1])
+            ctx.save_for_backward(X, A0, S0, Ws, Ps, Gs, A_mid, S_mid)
         ctx.set_materialize_grads(False)  # unused outputs give None: their layers skip work
-        return (*As, *Ss) if return_all else (A, S)
+        return (*A_outs, A, *S_outs, S) if return_all else (A, S)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
     def backward(ctx, *grads):  # type: ignore[override]
         L, run = ctx.L, ctx.run
-        saved = ctx.saved_tensors
-        X, A0, S0, Ws, Ps, Gs = saved[:6]
-        As = (A0, *saved[6:5 + L])  # each layer's inputs
-        Ss = (S0, *saved[5 + L:])
+        X, A0, S0, Ws, Ps, Gs, A_mid, S_mid = ctx.saved_tensors
+        As = (A0, *A_mid.unbind(0))  # each layer's inputs
+        Ss = (S0, *S_mid.unbind(0))
         if ctx.return_all:
             gA_up, gS_up = grads[:L], grads[L:]
         else:
