@@ -9,7 +9,7 @@
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
 #   STEPS="tests sweep" bash bench/gpu_session.sh
-#       # a subset of: tests nalmu nalmu_graph ncu bench sanitize profile sweep, run in the order given
+#       # a subset of: tests nalmu nalmu_loss nalmu_graph ncu bench sanitize profile sweep, in the order given
 #
 # A session has 15 minutes of device time, the machine's start included, and a
 # machine goes back 30 s after a call: plan one call of at most 10 minutes
@@ -17,11 +17,13 @@
 # each step gets at most its own limit and at most what is left, and a step
 # with under 20 s left is skipped (and says so). The default order puts what
 # is still unmeasured first: the GPU tests, the eager NALMU step since its
-# layers became one autograd node, the W2 kernel's stall reasons. Each step's
+# layers became one autograd node, W2 in "flat" mode beside "grid", a step with
+# the loss on its kernels, then the W2 kernel's stall reasons. Each step's
 # limit, then what it took on an H100 (2026-11-26; the machine started in
 # ~30 s, and seven steps ran in 419 s):
 #   tests        150 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
 #   nalmu        100 s   (34 with two variants; three now, each profiled)
+#   nalmu_loss    60 s   (not yet run)  a step with the paper's loss, its JSON in logs.tgz
 #   nalmu_graph   60 s   (23 with two variants)
 #   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
 #   bench        240 s  (109 before "flat" joined "grid")  W1/W2 with peers, 10 000 iterations each
@@ -45,7 +47,7 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 # STEPS picks what runs and in which order (default all, in the order below).
-STEPS=${STEPS:-"tests nalmu nalmu_graph ncu bench sanitize profile sweep"}
+STEPS=${STEPS:-"tests nalmu bench nalmu_loss nalmu_graph ncu sanitize profile sweep"}
 DEADLINE=${DEADLINE:-540}
 step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $LOGDIR/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
@@ -173,6 +175,16 @@ run_nalmu() {
   done
 }
 
+run_nalmu_loss() {
+  # a whole training step with the paper's loss: on its kernels (fused, chain) or in torch ops
+  # (plain); the JSON goes into logs.tgz (a call brings back at most 8 files)
+  for st in ${NALMU_STAGINGS:-regs}; do
+    FASTMU_CUDA_STAGING=$st step nalmu_loss_$st "${NALMU_LOSS_LIMIT:-60}" python3 bench/bench_nalmu.py --device cuda \
+      --t 16384 --objective loss --out "$LOGDIR/nalmu_cuda_loss_$st.json"
+    tail -n 8 "$LOGDIR/nalmu_loss_$st.log" 2>/dev/null
+  done
+}
+
 run_sanitize() {
   # shared-memory races in every kernel family (tiny shapes, each result checked)
   if command -v compute-sanitizer >/dev/null; then
@@ -212,7 +224,7 @@ run_ncu() {
 }
 # the steps in the order STEPS names them
 for s in $STEPS; do
-  case " tests sweep bench nalmu sanitize nalmu_graph profile ncu " in
+  case " tests sweep bench nalmu nalmu_loss sanitize nalmu_graph profile ncu " in
     *" $s "*) "run_$s" ;;
     *) echo "[$s] unknown step" | tee -a "$OUT/steps.txt" ;;
   esac

@@ -12,11 +12,13 @@ typing and parameter packing) runs as it does on a GPU. It is not the whole
 host time of a layer: torch's allocations on a device, autograd and the
 driver calls are not in it.
 
-``--step`` also times whole NALMU training steps (``--layers`` layers,
-forward + backward from upstream gradients at every layer, as
-``bench_nalmu.py``) through the same stubbed CUDA path, for two variants:
-``fused`` (the stack as one autograd node, what the models run) and
-``chain`` (one autograd node per layer). Autograd and torch's tensor ops
+``--step`` also times whole NALMU training steps (``--layers`` layers) through
+the same stubbed CUDA path (:data:`STEPS`): forward + backward from upstream
+gradients at every layer, as ``bench_nalmu.py``, with the stack as one
+autograd node (``fused``, what the models run) or one node per layer
+(``chain``); and a step with the paper's loss, computed by its CUDA kernels
+(``fused_loss``; their launches stubbed too) or in torch ops
+(``fused_torch_loss``). Autograd and torch's tensor ops
 are then included, on CPU tensors; the figures are host time per step and
 the number of torch (aten) ops per step, counted below autograd. A CPU
 tensor of several MB costs an mmap to allocate, which a GPU's caching
@@ -98,16 +100,31 @@ def measure(b: int, m: int, t: int, n: int, dtype: str = "float32", repeats: int
     return out
 
 
+#: the steps ``--step`` times: (name, layer implementation, objective, loss on its kernels)
+STEPS = (
+    ("fused", "fused", "upstream", None),
+    ("chain", "chain", "upstream", None),
+    ("fused_loss", "fused", "loss", True),
+    ("fused_torch_loss", "fused", "loss", False),
+)
+
+
 def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "float32",
                  repeats: int = 20) -> dict[str, Any]:
     """Median host ms per NALMU training step through the stubbed CUDA path, and aten ops per
-    step, for the ``fused`` and ``chain`` variants (:mod:`fastmu.benchmarks.nalmu`)."""
+    step, for the variants of :data:`STEPS` (:mod:`fastmu.benchmarks.nalmu`): the model from
+    fixed upstream gradients (the stack as one node, ``fused``, or one node per layer,
+    ``chain``), and a whole step with the paper's loss, computed on its CUDA kernels
+    (:mod:`fastmu.kernels.cuda_cosine`, stubbed like the layers') or in torch ops.
+    The variants' steps take turns."""
     import contextlib
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     _stub_device()
+    from fastmu import losses
     from fastmu.benchmarks.nalmu import make_step
+    from fastmu.kernels.cuda_cosine import CosinePlan
     from fastmu.nn import functional as F
 
     class _HostCuda(F._CudaLayers):  # CPU tensors stand in for CUDA ones
@@ -127,22 +144,29 @@ def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "floa
             return func(*args, **(kwargs or {}))
 
     F._runner = lambda X: _HostCuda()
+    losses._cosine_runner = lambda x: CosinePlan(0)
     out: dict[str, Any] = {"shape": {"b": b, "m": m, "t": t, "n": n, "layers": layers, "dtype": dtype},
                            "repeats": repeats}
-    for impl in ("fused", "chain"):
-        step, _ = make_step(impl, b, m, t, n, layers, dtype, "cpu", 0)
+    steps = {}
+    for name, impl, objective, loss_fused in STEPS:
+        step, _ = make_step(impl, b, m, t, n, layers, dtype, "cpu", 0, objective=objective, loss_fused=loss_fused)
         step()  # typing, overload lookup, first allocations
         with _Count() as count:
             step()
-        times = []
-        for _ in range(repeats):
+        steps[name] = step
+        out[name] = {"impl": impl, "objective": objective, "loss_on_kernels": loss_fused, "aten_ops": count.ops,
+                     "aten_ops_per_layer": count.ops / layers}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
             t0 = time.perf_counter()
             step()
-            times.append(time.perf_counter() - t0)
-        ms = 1e3 * float(np.median(times))
-        out[impl] = {"median_ms": ms, "per_layer_us": 1e3 * ms / layers, "aten_ops": count.ops,
-                     "aten_ops_per_layer": count.ops / layers}
+            times[name].append(time.perf_counter() - t0)
+    for name in steps:
+        ms = 1e3 * float(np.median(times[name]))
+        out[name].update(median_ms=ms, per_layer_us=1e3 * ms / layers)
     out["chain_over_fused"] = out["chain"]["median_ms"] / out["fused"]["median_ms"]
+    out["torch_loss_over_kernel_loss"] = out["fused_torch_loss"]["median_ms"] / out["fused_loss"]["median_ms"]
     return out
 
 
@@ -154,7 +178,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--step", action="store_true", help="also time whole NALMU steps (fused vs chain)")
+    ap.add_argument("--step", action="store_true", help="also time whole NALMU steps (see measure_step)")
     ap.add_argument("--layers", type=int, default=50)
     ap.add_argument("--step-t", type=int, default=256, help="pixels per problem for --step (see the docstring)")
     ap.add_argument("--step-repeats", type=int, default=20)
@@ -170,12 +194,13 @@ def main() -> None:
     if args.step:
         st = res["step"] = measure_step(args.batch, args.m, args.step_t, args.n, args.layers, args.dtype,
                                         args.step_repeats)
-        for impl in ("fused", "chain"):
-            r = st[impl]
-            print(f"step {impl:5s} {r['median_ms']:7.2f} ms host time per {args.layers}-layer step "
+        for name, *_ in STEPS:
+            r = st[name]
+            print(f"step {name:16s} {r['median_ms']:7.2f} ms host time per {args.layers}-layer step "
                   f"({r['per_layer_us']:.0f} µs per layer), {r['aten_ops']} torch ops "
                   f"({r['aten_ops_per_layer']:.1f} per layer)")
-        print(f"chain / fused host time: {st['chain_over_fused']:.2f}×")
+        print(f"chain / fused host time: {st['chain_over_fused']:.2f}×; with the loss, torch ops / kernels: "
+              f"{st['torch_loss_over_kernel_loss']:.2f}×")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -14,11 +14,19 @@ Reduction: ``reduction="mean"`` (default) divides the sum over ``d`` by the
 batch size, so the loss does not change scale with the batch size and lies in
 ``[−2 Σ_l v_l, 2 Σ_l v_l]``; ``"sum"`` is the formula as written.
 
+Computation: :func:`unrolled_loss` runs as one autograd node on fused
+kernels (:mod:`fastmu.kernels.cpu_cosine`, :mod:`fastmu.kernels.cuda_cosine`):
+per layer and factor one pass over the estimate forward and one backward
+(writing its gradient), where torch ops take about 80 small ops per layer, a
+host cost that bounds a GPU training step. ``fused=False`` (and any case the
+kernels do not cover) computes the same expression in torch ops.
+
 This module imports torch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Any, Sequence
 
 import torch
 
@@ -69,6 +77,7 @@ def unrolled_loss(
     S_true: torch.Tensor,
     weights: torch.Tensor | Sequence[float] | None = None,
     reduction: str = "mean",
+    fused: bool = True,
 ) -> torch.Tensor:
     """Layer-weighted negative cosine loss (paper eq. 3).
 
@@ -84,6 +93,15 @@ def unrolled_loss(
         them); default :func:`layer_weights` ``(L)``.
     reduction : {"mean", "sum"}
         Over the problems of the batch.
+    fused : bool
+        Compute each layer's terms with the fused kernels of
+        :mod:`fastmu.kernels.cpu_cosine` / :mod:`fastmu.kernels.cuda_cosine`
+        (one pass over each factor forward, one backward; the whole loss is
+        one autograd node) where they apply: float32/float64 tensors on the
+        CPU or a CUDA device, and a truth that does not require grad.
+        Otherwise, or with ``fused=False``, torch ops with autograd
+        (about 80 ops per layer). Both give the same value and gradients to
+        rounding.
 
     Returns
     -------
@@ -102,7 +120,12 @@ def unrolled_loss(
     if not outputs:
         raise ValueError("outputs is empty")
     L = len(outputs)
-    ref = outputs[0][0]
+    for name, truth in (("A_true", A_true), ("S_true", S_true)):
+        if not isinstance(truth, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(truth).__name__}")
+    if S_true.dtype != A_true.dtype or S_true.device != A_true.device:
+        raise TypeError(f"A_true and S_true must share dtype and device, got {A_true.dtype} on {A_true.device} "
+                        f"and {S_true.dtype} on {S_true.device}")
     # The weights are read on the host once: comparing device scalars layer by
     # layer would synchronise a GPU L times (and rule out CUDA-graph capture).
     if weights is None:
@@ -114,17 +137,135 @@ def unrolled_loss(
         v = vt.to("cpu", torch.float64).tolist()
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    total = ref.new_zeros(())
-    nA = A_true.norm(dim=-2)
-    nS = S_true.norm(dim=-1)
-    for vl, (A, S) in zip(v, outputs):
-        if vl == 0.0:  # v_1 = 0: skip the work (and the graph) for that layer
-            continue
+    for A, S in outputs:
+        for name, f, truth in (("A", A, A_true), ("S", S, S_true)):
+            if not isinstance(f, torch.Tensor):
+                raise TypeError(f"layer output {name} must be a torch.Tensor, got {type(f).__name__}")
+            if f.dtype != truth.dtype:
+                raise TypeError(f"layer output {name} has dtype {f.dtype} but the truth has {truth.dtype}")
+            if f.device != truth.device:
+                raise ValueError(f"layer output {name} is on {f.device} but the truth is on {truth.device}")
         if A.shape != A_true.shape or S.shape != S_true.shape:
             raise ValueError(
                 f"layer output shapes {tuple(A.shape)}, {tuple(S.shape)} differ from the truth's "
                 f"{tuple(A_true.shape)}, {tuple(S_true.shape)}"
             )
+    scored = [(vl, A, S) for vl, (A, S) in zip(v, outputs) if vl != 0.0]  # v_1 = 0: no work, no graph
+    if not scored:
+        return A_true.new_zeros(()).neg_()
+    if fused and A_true.dim() >= 2 and _fusable(A_true, S_true, [t for _, A, S in scored for t in (A, S)]):
+        return _fused_loss(scored, A_true, S_true, reduction)
+    total = A_true.new_zeros(())
+    nA = A_true.norm(dim=-2)
+    nS = S_true.norm(dim=-1)
+    for vl, A, S in scored:
         per = _mean_cosine(A, A_true, nA, -2) + _mean_cosine(S, S_true, nS, -1)
         total = total + vl * (per.mean() if reduction == "mean" else per.sum())
     return -total
+
+
+# ---------------------------------------------------------------------------
+# The fused loss: one autograd node over the layers, a kernel per factor and layer
+# ---------------------------------------------------------------------------
+
+
+def _fusable(A_true: torch.Tensor, S_true: torch.Tensor, factors: list[torch.Tensor]) -> bool:
+    dev, dt = A_true.device, A_true.dtype
+    if dev.type not in ("cpu", "cuda") or dt not in (torch.float32, torch.float64):
+        return False
+    if A_true.requires_grad or S_true.requires_grad or S_true.device != dev or S_true.dtype != dt:
+        return False
+    return all(f.device == dev and f.dtype == dt for f in factors)
+
+
+def _as3d(x: torch.Tensor) -> torch.Tensor:
+    """``(..., D1, D2)`` as a C-contiguous ``(B, D1, D2)`` (no copy for a contiguous 3-D tensor)."""
+    x = x.contiguous()
+    return x if x.dim() == 3 else x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+class _CpuCosine:
+    def session(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward(self, E, T, cols, tnorm, tiny, scale, stats, j) -> None:
+        from fastmu.kernels.cpu_cosine import cosine_forward
+
+        cosine_forward(*(x.detach().numpy() for x in (E, T)), cols, tnorm.numpy(), tiny, scale, stats.numpy(), j)
+
+    def backward(self, E, T, cols, tnorm, tiny, stats, j, g, scale, G) -> None:
+        from fastmu.kernels.cpu_cosine import cosine_backward
+
+        cosine_backward(*(x.detach().numpy() for x in (E, T)), cols, tnorm.numpy(), tiny, stats.numpy(), j,
+                        g.detach().numpy(), scale, G.numpy())
+
+
+def _cosine_runner(x: torch.Tensor) -> Any:
+    if x.device.type == "cpu":
+        return _CpuCosine()
+    from fastmu.kernels.cuda_cosine import CosinePlan
+
+    return CosinePlan(int(torch.cuda.current_stream(x.device).cuda_stream))
+
+
+class _FusedLoss(torch.autograd.Function):
+    """``−Σ_l scale_l Σ_{d,k} (cos(A_l) + cos(S_l))`` with the fused cosine kernels.
+
+    ``_FusedLoss.apply(A_true, S_true, scales, run, A_1..A_L, S_1..S_L)``: 3-D
+    contiguous tensors; ``scales[l] = v_l / (n · batch or 1)``. Saved: the
+    factors (read again by the backward) and per component the cosine and
+    ``‖e‖`` (float64, O(L·b·n)); nothing of the size of S is computed twice.
+    """
+
+    @staticmethod
+    def forward(ctx, A_true, S_true, scales, run, *factors):  # type: ignore[override]
+        L = len(scales)
+        tiny = float(torch.finfo(A_true.dtype).tiny)
+        # ‖t‖ per component in float64, once per loss
+        tnA = torch.linalg.vector_norm(A_true, dim=-2, dtype=torch.float64)
+        tnS = torch.linalg.vector_norm(S_true, dim=-1, dtype=torch.float64)
+        stats = torch.empty((3, 2 * L, *tnA.shape), dtype=torch.float64, device=A_true.device)
+        with contextlib.ExitStack() as stack:
+            if A_true.device.type == "cuda":
+                stack.enter_context(torch.cuda.device(A_true.device))
+            stack.enter_context(run.session())
+            for l in range(L):
+                run.forward(factors[l], A_true, True, tnA, tiny, scales[l], stats, 2 * l)
+                run.forward(factors[L + l], S_true, False, tnS, tiny, scales[l], stats, 2 * l + 1)
+        ctx.save_for_backward(A_true, S_true, tnA, tnS, stats, *factors)
+        ctx.scales, ctx.run, ctx.tiny = scales, run, tiny
+        return stats[2].sum().neg_().to(A_true.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
+    def backward(ctx, g):  # type: ignore[override]
+        A_true, S_true, tnA, tnS, stats, *factors = ctx.saved_tensors
+        L, run, tiny = len(ctx.scales), ctx.run, ctx.tiny
+        need = ctx.needs_input_grad[4:]
+        g1 = g.reshape(1).contiguous()
+        grads: list[torch.Tensor | None] = [None] * (2 * L)
+        # one allocation per factor for every layer's gradient
+        gA = A_true.new_empty((L, *A_true.shape)).unbind(0) if any(need[:L]) else None
+        gS = S_true.new_empty((L, *S_true.shape)).unbind(0) if any(need[L:]) else None
+        with contextlib.ExitStack() as stack:
+            if A_true.device.type == "cuda":
+                stack.enter_context(torch.cuda.device(A_true.device))
+            stack.enter_context(run.session())
+            for l in range(L):
+                if need[l]:
+                    run.backward(factors[l], A_true, True, tnA, tiny, stats, 2 * l, g1, -ctx.scales[l], gA[l])
+                    grads[l] = gA[l]
+                if need[L + l]:
+                    run.backward(factors[L + l], S_true, False, tnS, tiny, stats, 2 * l + 1, g1,
+                                 -ctx.scales[l], gS[l])
+                    grads[L + l] = gS[l]
+        return (None, None, None, None, *grads)
+
+
+def _fused_loss(scored: list, A_true: torch.Tensor, S_true: torch.Tensor, reduction: str) -> torch.Tensor:
+    At, St = _as3d(A_true), _as3d(S_true)
+    B, n = At.shape[0], At.shape[2]
+    div = n * (B if reduction == "mean" else 1)
+    scales = tuple(vl / div for vl, _, _ in scored)
+    factors = [_as3d(A) for _, A, _ in scored] + [_as3d(S) for _, _, S in scored]
+    return _FusedLoss.apply(At, St, scales, _cosine_runner(At), *factors)

@@ -109,7 +109,7 @@ def test_fused_nalmu_matches_plain_on_gpu():
         with torch.no_grad():
             model.theta.copy_(theta)
         outs = model(X, return_all=True)
-        loss = unrolled_loss(outs, A_true, S_true)
+        loss = unrolled_loss(outs, A_true, S_true, fused=fused)  # fused: the loss's kernels too
         loss.backward()
         res.append((loss.detach(), outs[-1][1].detach(), model.theta.grad))
     for a, b in zip(*res):
@@ -231,3 +231,25 @@ def test_unroll_runs_on_callers_stream():
     s.synchronize()
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-12, 1e-14), (torch.float32, 1e-4, 1e-6)])
+def test_fused_loss_matches_torch_ops_on_gpu(dtype, rtol, atol):
+    """The loss's CUDA kernels (kernels/cuda_cosine.py) against the loss in torch ops, with a
+    zero truth component and a zero estimated one, on a shape with a partial last block."""
+    g = torch.Generator().manual_seed(9)
+    L, b, m, n, t = 4, 3, 65, 4, 5000
+    outs = [(torch.rand(b, m, n, generator=g, dtype=dtype).cuda(), torch.rand(b, n, t, generator=g, dtype=dtype).cuda())
+            for _ in range(L)]
+    A_true = torch.rand(b, m, n, generator=g, dtype=dtype).cuda()
+    S_true = torch.rand(b, n, t, generator=g, dtype=dtype).cuda()
+    A_true[1, :, 2] = 0.0
+    outs[2][1][0, 1] = 0.0
+    res = []
+    for fused in (True, False):
+        leaves = [(A.clone().requires_grad_(True), S.clone().requires_grad_(True)) for A, S in outs]
+        loss = unrolled_loss(leaves, A_true, S_true, fused=fused)
+        loss.backward()
+        res.append([loss.detach()] + [x.grad for pair in leaves[1:] for x in pair])
+    for mine, ref in zip(*res):
+        torch.testing.assert_close(mine, ref, rtol=rtol, atol=atol)

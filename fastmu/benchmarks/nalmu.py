@@ -8,9 +8,10 @@ layer-weighted loss delivers in training — so every layer receives both
 ``objective="upstream"`` (default, the model alone): fixed random upstream
 gradients, ``torch.autograd.backward(outputs, grads)``.
 ``objective="loss"`` (a whole training step): the paper's loss
-(:func:`fastmu.losses.unrolled_loss`) and ``loss.backward()``; its cosine
-ops on every layer's S cost the same in both variants (≈ 90 ms of a step at
-the default shape on the 2-core dev machine) and dilute the ratio.
+(:func:`fastmu.losses.unrolled_loss`) and ``loss.backward()``. ``fused`` and
+``chain`` compute it with its fused kernels (one autograd node, a launch per
+factor and layer), ``plain`` in torch ops (about 80 ops per layer), as each
+kind of user would.
 
 The variants share inputs, parameters and upstream; only the layer implementation differs:
 
@@ -76,7 +77,7 @@ def _problem(batch: int, m: int, t: int, n: int, dtype: str, device: str, seed: 
 
 def make_step(
     impl: str, batch: int, m: int, t: int, n: int, n_layers: int, dtype: str, device: str, seed: int,
-    objective: str = "upstream", graph: bool = False,
+    objective: str = "upstream", graph: bool = False, loss_fused: bool | None = None,
 ):
     """``(step, model)``: ``step()`` runs one forward + backward of the ``impl`` variant
     (:data:`IMPLS`) and returns a check value (the loss, or Σ|∂/∂θ|) as a float,
@@ -85,7 +86,9 @@ def make_step(
     With ``graph`` (CUDA only) the forward + backward is captured once as a
     CUDA graph (after two warm-up steps on a side stream, as torch's
     whole-network capture recipe does) and ``step()`` replays it: no
-    Python, no launch overhead, only device time.
+    Python, no launch overhead, only device time. ``loss_fused`` (objective
+    ``"loss"``): the loss's kernels or its torch ops; default: kernels except
+    for ``plain``.
     """
     import torch
 
@@ -94,6 +97,8 @@ def make_step(
 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if loss_fused is None:
+        loss_fused = impl != "plain"
     X, A_true, S_true = _problem(batch, m, t, n, dtype, device, seed)
     model = NALMU(n_layers, m, n, fused=impl != "plain", dtype=getattr(torch, dtype), device=device)
     with torch.no_grad():  # a trained-looking W (not all ones), the same for both models
@@ -129,7 +134,7 @@ def make_step(
         model.zero_grad(set_to_none=True)
         outs = forward(X)
         if objective == "loss":
-            loss = unrolled_loss(outs, A_true, S_true)
+            loss = unrolled_loss(outs, A_true, S_true, fused=loss_fused)
             loss.backward()
             return loss.detach()
         torch.autograd.backward([outs[k][j] for k, j, _ in seeds], [gr for _, _, gr in seeds])
