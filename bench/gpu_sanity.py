@@ -12,7 +12,7 @@ two blocks per problem in grid mode; in flat mode three problems and the
 block count of one SM, so that blocks' tile ranges cross problems), and the
 learned layer's forward and backward
 with torch tensors in both layouts of the backward ("regs" again with a
-partial last warp). Under Numba's CUDA
+partial last warp), and the paper's loss on its kernels. Under Numba's CUDA
 simulator the MU part runs (the tests do so); the torch part needs a GPU.
 Exits 1 when a result disagrees with the reference.
 """
@@ -120,6 +120,31 @@ def run_layer(stagings: tuple[str, ...] = ("rows", "regs")) -> list[str]:
     return failures
 
 
+def run_loss() -> list[str]:
+    """The paper's loss on its CUDA kernels (a shared-memory tree reduction per component)
+    against the loss in torch ops, value and gradients, float64."""
+    import torch
+
+    from fastmu.losses import unrolled_loss
+
+    g = torch.Generator().manual_seed(3)
+    outs = [(torch.rand(B, M, N, generator=g, dtype=torch.float64).cuda(),
+             torch.rand(B, N, T, generator=g, dtype=torch.float64).cuda()) for _ in range(3)]
+    A_true = torch.rand(B, M, N, generator=g, dtype=torch.float64).cuda()
+    S_true = torch.rand(B, N, T, generator=g, dtype=torch.float64).cuda()
+    res = []
+    for fused in (True, False):
+        leaves = [(A.clone().requires_grad_(True), S.clone().requires_grad_(True)) for A, S in outs]
+        loss = unrolled_loss(leaves, A_true, S_true, fused=fused)
+        loss.backward()
+        res.append([loss.detach().reshape(1)] + [x.grad.flatten() for pair in leaves[1:] for x in pair])
+    torch.cuda.synchronize()
+    err = max(float(((a - b).abs() / (b.abs() + 1e-12)).max()) for a, b in zip(*res))
+    failures: list[str] = []
+    _report(f"loss forward+backward max rel err {err:.2e}", err < 1e-9, failures)
+    return failures
+
+
 def main() -> int:
     failures = run_mu()
     try:
@@ -130,8 +155,9 @@ def main() -> int:
         gpu = False
     if gpu:
         failures += run_layer()
+        failures += run_loss()
     else:
-        print("learned layer skipped: needs torch with a CUDA GPU")
+        print("learned layer and loss skipped: need torch with a CUDA GPU")
     for line in failures:
         print("FAILED:", line)
     return 1 if failures else 0
