@@ -23,7 +23,7 @@
 # ~30 s, and seven steps ran in 419 s):
 #   tests        150 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
 #   nalmu        100 s   (34 with two variants; three now, each profiled)
-#   nalmu_loss    60 s   (not yet run)  a step with the paper's loss, its JSON in logs.tgz
+#   nalmu_loss   100 s   (not yet run)  a step with the paper's loss, and the loss alone; JSON in logs.tgz
 #   nalmu_graph   60 s   (23 with two variants)
 #   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
 #   bench        240 s  (109 before "flat" joined "grid")  W1/W2 with peers, 10 000 iterations each
@@ -183,6 +183,9 @@ run_nalmu_loss() {
       --t 16384 --objective loss --out "$LOGDIR/nalmu_cuda_loss_$st.json"
     tail -n 8 "$LOGDIR/nalmu_loss_$st.log" 2>/dev/null
   done
+  # the loss alone: its kernels beside its torch ops
+  step loss "${LOSS_LIMIT:-40}" python3 bench/bench_loss.py --device cuda --t 16384 --out "$LOGDIR/loss_cuda.json"
+  tail -n 4 "$LOGDIR/loss.log" 2>/dev/null
 }
 
 run_sanitize() {

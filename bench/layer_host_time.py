@@ -119,11 +119,10 @@ def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "floa
     The variants' steps take turns."""
     import contextlib
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     _stub_device()
     from fastmu import losses
     from fastmu.benchmarks.nalmu import make_step
+    from fastmu.benchmarks.opcount import AtenOpCounter
     from fastmu.kernels.cuda_cosine import CosinePlan
     from fastmu.nn import functional as F
 
@@ -134,14 +133,6 @@ def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "floa
         def stream(self, X):
             return 0
 
-    class _Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
 
     F._runner = lambda X: _HostCuda()
     losses._cosine_runner = lambda x: CosinePlan(0)
@@ -151,7 +142,7 @@ def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "floa
     for name, impl, objective, loss_fused in STEPS:
         step, _ = make_step(impl, b, m, t, n, layers, dtype, "cpu", 0, objective=objective, loss_fused=loss_fused)
         step()  # typing, overload lookup, first allocations
-        with _Count() as count:
+        with AtenOpCounter() as count:
             step()
         steps[name] = step
         out[name] = {"impl": impl, "objective": objective, "loss_on_kernels": loss_fused, "aten_ops": count.ops,

@@ -14,11 +14,12 @@ autograd gives it::
     ∂c/∂e = t / (‖e‖ ‖t‖) − c e / ‖e‖²   where ‖e‖ ‖t‖ ≥ tiny
           = t / tiny                      elsewhere (the clamp passes no gradient)
 
-Why a kernel: in torch ops each layer's term is about 80 small ops (forward
-and backward), so a 50-layer loss is ~4000 ops: on a GPU host-bound, on the
-CPU several passes over every S. Here the forward reads ``E`` and ``T`` once
-(one launch per factor and layer) and the backward reads them once and
-writes the gradient.
+Why a kernel: in torch ops each layer's term is about 70 small ops (forward
+and backward), so a 50-layer loss is ~3400 ops: on a GPU host-bound. Here
+the forward reads ``E`` and ``T`` once (one launch per factor and layer) and
+the backward reads them once and writes the gradient. On the CPU torch's
+several passes over a layer's S mostly hit the caches, so there the kernels
+gain less (``bench/results/loss_cpu.json``: 1.15×).
 
 ``stats (3, J, B, K)`` float64 collects per row ``j`` (a layer's A or S):
 ``stats[0]`` the cosines, ``stats[1]`` ``‖e‖``, ``stats[2]`` the cosine times

@@ -25,3 +25,17 @@ def test_loss_objective_and_bad_impl():
     assert "chain" not in res and math.isclose(res["fused"]["check"], res["plain"]["check"], rel_tol=1e-9)
     with pytest.raises(ValueError, match="impl must be"):
         make_step("fast", 2, 6, 40, 2, 3, "float64", "cpu", 0)
+
+
+def test_aten_op_counter_counts_forward_and_backward_ops():
+    import torch
+
+    from fastmu.benchmarks.opcount import AtenOpCounter
+
+    x = torch.rand(4, requires_grad=True)
+    with AtenOpCounter() as fwd:
+        y = (x * 2).sum()
+    with AtenOpCounter() as bwd:
+        y.backward()
+    assert fwd.ops == 2  # mul, sum
+    assert bwd.ops >= 2 and torch.equal(x.grad, torch.full((4,), 2.0))

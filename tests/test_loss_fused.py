@@ -111,3 +111,5 @@ def test_loss_bad_inputs():
         unrolled_loss(outs, A_true, S_true.float())
     with pytest.raises(TypeError, match="torch.Tensor"):
         unrolled_loss([(outs[0][0], [1.0])], A_true, S_true)
+    with pytest.raises(ValueError, match="non-empty"):
+        unrolled_loss([(A[:0], S[:0]) for A, S in outs], A_true[:0], S_true[:0])

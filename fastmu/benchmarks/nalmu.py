@@ -10,7 +10,7 @@ gradients, ``torch.autograd.backward(outputs, grads)``.
 ``objective="loss"`` (a whole training step): the paper's loss
 (:func:`fastmu.losses.unrolled_loss`) and ``loss.backward()``. ``fused`` and
 ``chain`` compute it with its fused kernels (one autograd node, a launch per
-factor and layer), ``plain`` in torch ops (about 80 ops per layer), as each
+factor and layer), ``plain`` in torch ops (about 70 ops per layer), as each
 kind of user would.
 
 The variants share inputs, parameters and upstream; only the layer implementation differs:
