@@ -103,8 +103,7 @@ def test_almu_shapes_untrained_is_mu_and_freeze():
     W = model.predict_weights(torch.rand(3, 10, 3, dtype=torch.float64))
     assert W.shape == (4, 3, 10, 3)
     torch.testing.assert_close(W, torch.ones_like(W), rtol=1e-15, atol=1e-15)  # W = 1 at init
-    lin = [mod for mod in model.mlps[0].net if isinstance(mod, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in lin] == [(30, 130), (130, 75), (75, 30)]
+    assert [tuple(w.shape) for w in model.mlps.weights] == [(4, 30, 130), (4, 130, 75), (4, 75, 30)]
     A, S = model(X)
     rA, rS = _mu_reference(X, 3, 7)
     torch.testing.assert_close(A, rA, rtol=1e-12, atol=0)
@@ -116,8 +115,7 @@ def test_almu_shapes_untrained_is_mu_and_freeze():
     model.freeze_front()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # make W depend on the input so every MLP layer gets a gradient
-        for mlp in model.mlps:
-            mlp.net[-1].weight.normal_(0, 0.1, generator=g)
+        model.mlps.weights[-1].normal_(0, 0.1, generator=g)
     A_true = torch.rand(3, 10, 3, dtype=torch.float64, generator=g)
     S_true = torch.rand(3, 3, 70, dtype=torch.float64, generator=g)
     loss = unrolled_loss(model(X, return_all=True)[3:], A_true, S_true)
@@ -141,14 +139,11 @@ def test_almu_fused_matches_plain_and_custom_widths():
         model = ALMU(2, 3, m=8, n=2, hidden=(20, 10), fused=fused, dtype=torch.float64)
         with torch.no_grad():
             model.front.theta.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
-            for mlp in model.mlps:
-                mlp.net[-1].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
+            model.mlps.weights[-1].normal_(0, 0.1, generator=torch.Generator().manual_seed(6))
         loss = unrolled_loss(model(X, return_all=True), A_true, S_true)
         loss.backward()
         res.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    assert [(l.in_features, l.out_features) for l in model.mlps[0].net if isinstance(l, torch.nn.Linear)] == [
-        (16, 20), (20, 10), (10, 16)
-    ]
+    assert [tuple(w.shape) for w in model.mlps.weights] == [(3, 16, 20), (3, 20, 10), (3, 10, 16)]
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
 
@@ -195,3 +190,48 @@ def test_training_learns():
     assert sad_a1 > sad_a0 + 0.1, (sad_a0, sad_a1)
     assert sad_s1 > sad_s0 + 0.1, (sad_s0, sad_s1)
     assert sad_a1 > 0.95, sad_a1  # measured 0.80 -> 0.998 (S: 0.79 -> 0.994)
+
+
+def test_stacked_mlps_equal_separate_mlps_and_cost_no_ops_per_layer():
+    """WeightMLPs runs its L MLPs as batched products: the same outputs and gradients as L
+    separate Linear–ReLU–…–softplus MLPs with the same parameters, and a number of torch
+    ops that does not grow with L."""
+    from fastmu.benchmarks.opcount import AtenOpCounter
+    from fastmu.nn.models import WeightMLPs
+
+    g = torch.Generator().manual_seed(11)
+    mlps = WeightMLPs(5, 12, (7, 6), 9, dtype=torch.float64)
+    with torch.no_grad():
+        for w in mlps.weights:
+            w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float64))
+    z = torch.rand(3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    out = mlps(z)
+    assert out.shape == (5, 3, 9)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [z, *mlps.weights, *mlps.biases], up)
+    ref_out = []
+    leaves = [(w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True))
+              for w, b in zip(mlps.weights, mlps.biases)]
+    for l in range(5):
+        h = z
+        for k, (w, b) in enumerate(leaves):
+            h = torch.nn.functional.linear(h, w[l].T, b[l])
+            h = torch.relu(h) if k < len(leaves) - 1 else torch.nn.functional.softplus(h)
+        ref_out.append(h)
+    ref_out = torch.stack(ref_out)
+    ref = torch.autograd.grad(ref_out, [z, *(w for w, _ in leaves), *(b for _, b in leaves)], up)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # nn.Linear's initialisation bounds, and W = 1 at init through the zero last layer
+    fresh = WeightMLPs(4, 30, (20,), 8)
+    top = float(fresh.weights[0].detach().abs().max())
+    assert 0 < top <= 1 / 30 ** 0.5
+    torch.testing.assert_close(fresh(torch.rand(2, 30)), torch.ones(4, 2, 8))
+    counts = []
+    for L in (2, 20):
+        m = WeightMLPs(L, 12, (7, 6), 9)
+        with AtenOpCounter() as c:
+            m(torch.rand(3, 12)).sum().backward()
+        counts.append(c.ops)
+    assert counts[0] == counts[1]

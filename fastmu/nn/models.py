@@ -50,7 +50,7 @@ from torch import nn
 from fastmu import EPS
 from fastmu.nn.functional import unroll_unchecked
 
-__all__ = ["NALMU", "ALMU", "constant_init"]
+__all__ = ["NALMU", "ALMU", "WeightMLPs", "constant_init"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -222,24 +222,56 @@ def _squeeze(out: Factors | list[Factors], squeeze: bool) -> Factors | list[Fact
     return out[0][0], out[1][0]
 
 
-class _WeightMLP(nn.Module):
-    """Linear–ReLU–Linear–ReLU–Linear, softplus output: one ALMU layer's ``W`` per problem."""
+class WeightMLPs(nn.Module):
+    """The ALMU layers' MLPs, one per layer, evaluated together.
 
-    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, dtype, device):
+    MLP ``l``: Linear–ReLU–…–Linear with widths ``in_features, *hidden,
+    out_features``, then softplus: that layer's ``W`` per problem. The
+    parameters are stacked over the layers, ``weights[i]`` ``(L, in_i,
+    out_i)`` (``h @ W``, the transpose of ``nn.Linear.weight``) and
+    ``biases[i]`` ``(L, out_i)``, so the ``L`` MLPs run as one batched product
+    per linear layer (``torch.baddbmm``): about a dozen torch ops forward for
+    all of them, where ``L`` separate MLPs cost ``L`` times as many, each a
+    launch on a GPU. Initialised as ``nn.Linear`` initialises (uniform in
+    ``±1/sqrt(fan_in)``), except the last layer: zero weights and bias
+    ``softplus⁻¹(1)``, so ``W = 1`` for every input (an untrained ALMU is MU).
+    """
+
+    def __init__(self, n_layers: int, in_features: int, hidden: Sequence[int], out_features: int,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
-        widths = [in_features, *hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b, dtype=dtype, device=device), nn.ReLU()]
-        last = nn.Linear(widths[-1], out_features, dtype=dtype, device=device)
-        # Zero weights and bias softplus⁻¹(1): W = 1 for every input at init.
-        nn.init.zeros_(last.weight)
-        nn.init.constant_(last.bias, _INV_SOFTPLUS_1)
-        layers.append(last)
-        self.net = nn.Sequential(*layers)
+        widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+        self.n_layers, self.widths = int(n_layers), tuple(widths)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            w = torch.empty(n_layers, a, b, dtype=dtype, device=device)
+            bias = torch.empty(n_layers, b, dtype=dtype, device=device)
+            if k == len(widths) - 2:
+                nn.init.zeros_(w)
+                nn.init.constant_(bias, _INV_SOFTPLUS_1)
+            else:
+                bound = 1.0 / math.sqrt(a)
+                nn.init.uniform_(w, -bound, bound)
+                nn.init.uniform_(bias, -bound, bound)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(bias))
+
+    def __len__(self) -> int:
+        return self.n_layers
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return nn.functional.softplus(self.net(z))
+        """``z (b, in_features)`` → every layer's output ``(L, b, out_features)``."""
+        h = z.unsqueeze(0).expand(self.n_layers, -1, -1)
+        last = len(self.weights) - 1
+        for k, (w, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias.unsqueeze(1), h, w)
+            if k < last:
+                h = torch.relu(h)
+        return nn.functional.softplus(h)
+
+    def extra_repr(self) -> str:
+        return f"n_layers={self.n_layers}, widths={self.widths}"
 
 
 class ALMU(nn.Module):
@@ -250,7 +282,8 @@ class ALMU(nn.Module):
     nalmu_layers : int, default 25
         Layers of the NALMU front (``L1``).
     almu_layers : int, default 25
-        Adaptive layers (``L2``), each with its own MLP.
+        Adaptive layers (``L2``), each with its own MLP (all of them in
+        ``model.mlps``, a :class:`WeightMLPs`).
     m, n : int, default 65, 4
     hidden : sequence of int, default (130, 75)
         Hidden widths of every MLP (paper: three linear layers, ReLU, 130 and 75).
@@ -299,9 +332,7 @@ class ALMU(nn.Module):
         self.normalize_input = bool(normalize_input)
         self.in_features = m * n if in_features is None else int(in_features)
         self.hidden = hidden
-        self.mlps = nn.ModuleList(
-            _WeightMLP(self.in_features, hidden, m * n, dtype, device) for _ in range(almu_layers)
-        )
+        self.mlps = WeightMLPs(almu_layers, self.in_features, hidden, m * n, dtype, device)
 
     @property
     def fused(self) -> bool:
@@ -325,8 +356,7 @@ class ALMU(nn.Module):
     def predict_weights(self, A_nalmu: torch.Tensor) -> torch.Tensor:
         """Every adaptive layer's ``W`` for each problem: ``(almu_layers, b, m, n)``."""
         z = self.features(A_nalmu)
-        b = A_nalmu.shape[0]
-        return torch.stack([mlp(z).view(b, self.m, self.n) for mlp in self.mlps])
+        return self.mlps(z).view(self.almu_layers, A_nalmu.shape[0], self.m, self.n)
 
     def forward(self, X: torch.Tensor, return_all: bool = False) -> Factors | list[Factors]:
         """Unmix ``X`` (see :meth:`NALMU.forward`); ``return_all`` gives all ``L1 + L2`` layers."""
