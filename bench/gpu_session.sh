@@ -9,7 +9,7 @@
 #
 #   bash bench/gpu_session.sh            # with fastmu installed or from a checkout
 #   STEPS="tests sweep" bash bench/gpu_session.sh
-#       # a subset of: tests nalmu nalmu_loss nalmu_graph ncu bench sanitize profile sweep, in the order given
+#       # a subset of: tests nalmu wide bench patterns nalmu_loss nalmu_graph ncu sanitize profile sweep, in the order given
 #
 # A session has 15 minutes of device time, the machine's start included, and a
 # machine goes back 30 s after a call: plan one call of at most 10 minutes
@@ -17,8 +17,10 @@
 # each step gets at most its own limit and at most what is left, and a step
 # with under 20 s left is skipped (and says so). The default order puts what
 # is still unmeasured first: the GPU tests, the eager NALMU step since its
-# layers became one autograd node, W2 in "flat" mode beside "grid", a step with
-# the loss on its kernels, then the W2 kernel's stall reasons. Each step's
+# layers became one autograd node, W2 with wide tiles beside today's, W2 with
+# its peers at the best of them ("flat" mode beside "grid"), the reads of W2's
+# pattern alone, a step with the loss on its kernels, then the W2 kernel's
+# stall reasons. Each step's
 # limit, then what it took on an H100 (2026-11-26; the machine started in
 # ~30 s, and seven steps ran in 419 s):
 #   tests        150 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
@@ -26,11 +28,14 @@
 #   nalmu_loss   100 s   (not yet run)  a step with the paper's loss, and the loss alone; JSON in logs.tgz
 #   nalmu_graph   60 s   (23 with two variants)
 #   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
-#   bench        240 s  (109 before "flat" joined "grid")  W1/W2 with peers, 10 000 iterations each
+#   wide          90 s   (not yet run)  W2 with wide "regs" tiles (2, 4 pixels per lane) beside 1; JSON in logs.tgz
+#   bench        240 s  (109 before "flat" joined "grid")  W1/W2 with peers, 10 000 iterations each;
+#                       "regs" only (BENCH_STAGINGS), W2 at the wide sweep's best knobs
+#   patterns      45 s   (not yet run)  reads alone in the W2 kernel's pattern, tile widths 128-1024 B; JSON in logs.tgz
 #   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
 #   profile       60 s   (20)
 #   sweep         80 s   (53; the sweep has been cut to 40 % since)
-# TESTS, TESTS_K, SWEEP_ARGS, CONFIGS, MODES, NALMU_STAGINGS and the *_LIMIT
+# TESTS, TESTS_K, SWEEP_ARGS, WIDE_ARGS, CONFIGS, MODES, BENCH_STAGINGS, NALMU_STAGINGS and the *_LIMIT
 # variables narrow a later call, e.g. STEPS="tests nalmu" TESTS_K="fast_launch".
 set -u
 OUT=${OUT:-bench/results/gpu_session}
@@ -47,7 +52,7 @@ if ! python3 -c "import fastmu.kernels" 2>/dev/null; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 # STEPS picks what runs and in which order (default all, in the order below).
-STEPS=${STEPS:-"tests nalmu bench nalmu_loss nalmu_graph ncu sanitize profile sweep"}
+STEPS=${STEPS:-"tests nalmu wide bench patterns nalmu_loss nalmu_graph ncu sanitize profile sweep"}
 DEADLINE=${DEADLINE:-540}
 step() {  # step NAME LIMIT_S CMD...: run with a limit, log to $LOGDIR/NAME.log, report rc and time
   local name=$1 limit=$2; shift 2
@@ -117,7 +122,21 @@ run_sweep() {
   SWEEP_ARGS=${SWEEP_ARGS:-'{"threads": [128], "unrolls": [8], "occupancies": [512, 2048], "stagings": ["rows", "regs"], "rows_per_thread": [null], "prefetches": [false], "bpp_fractions": [null, 4, 8, 32], "block_mode": false, "flat_mode": true}'}
   step sweep "${SWEEP_LIMIT:-80}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$SWEEP_ARGS" \
     --out "$OUT/mu_gpu_sweep.json"
-  python3 - "$OUT/mu_gpu_sweep.json" <<'PY' | tee "$LOGDIR/sweep_table.txt"
+  sweep_table "$OUT/mu_gpu_sweep.json" | tee "$LOGDIR/sweep_table.txt"
+}
+
+run_wide() {
+  # wide "regs" tiles (2 and 4 pixels per lane: 256 and 512 B per row and warp) beside today's
+  # 128 B, W2 only, grid and flat mode, at 3 blocks per SM (128 registers; ppl 2 spills 28 B,
+  # ppl 4 ~480 B per bench/sass_report.py) and at 2 (ppl 2 then has 151 registers, no spills)
+  WIDE_ARGS=${WIDE_ARGS:-'{"batches": [150], "threads": [128], "unrolls": [1], "occupancies": [512, 320], "stagings": ["regs"], "bpp_fractions": [null], "block_mode": false, "flat_mode": true, "pixels_per_lane": [1, 2, 4]}'}
+  step wide "${WIDE_LIMIT:-90}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$WIDE_ARGS" \
+    --out "$LOGDIR/mu_gpu_wide.json"
+  sweep_table "$LOGDIR/mu_gpu_wide.json" | tee "$LOGDIR/wide_table.txt"
+}
+
+sweep_table() {  # sweep_table FILE: one line per timed configuration
+  python3 - "$1" <<'PY'
 import json, sys
 try:
     rows = json.load(open(sys.argv[1]))["rows"]
@@ -125,33 +144,23 @@ except Exception as e:
     rows = []; print("no sweep:", e)
 for r in rows:
     print(r["batch"], r["mode"], r["threads"], r["unroll"], r["blocks_per_problem"], r.get("occupancy"), r.get("staging"),
-          r.get("rows_per_thread"), r.get("prefetch"),
+          r.get("rows_per_thread"), r.get("prefetch"), "ppl", r.get("pixels_per_lane"),
           "%.4f ms/it %.0f GB/s %.2f" % (r["ms_per_iter"], r["achieved_GBps_one_pass_model"], r["fraction_of_copy_bandwidth"])
           if "ms_per_iter" in r else r.get("error"))
 PY
 }
 
 run_bench() {
-  # knobs: $CONFIGS if given, else the best of a sweep in this call, else the automatic choices
-  CONFIGS=${CONFIGS:-$(python3 - "$OUT/mu_gpu_sweep.json" <<'PY'
-import json, sys
-try:
-    best = json.load(open(sys.argv[1]))["best_by_staging"]
-except Exception:
-    best = {}
-cfg = {}
-keys = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread", "prefetch")
-for w, b in (("W1", "1"), ("W2", "150")):
-    if b in best:  # the sweep's best knobs for each staging, each timed in the benchmark
-        cfg[w] = {st: {k: r[k] for k in keys if k in r} for st, r in best[b].items()}
-print(json.dumps(cfg))
-PY
-)}
+  # knobs: $CONFIGS if given, else the best of the sweep in this call, else of the wide-tile
+  # sweep (W2 only), else the automatic choices
+  CONFIGS=${CONFIGS:-$(python3 -m fastmu.benchmarks.mu_gpu --best-configs "$OUT/mu_gpu_sweep.json" \
+    "$LOGDIR/mu_gpu_wide.json")}
   echo "benchmark configs: $CONFIGS" | tee -a "$OUT/steps.txt"
   # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it
   # again; "flat" (grid mode with the tiles dealt evenly over one wave of blocks) is new
+  # the "rows" staging lost everywhere on the H100 (2.3-6x slower): BENCH_STAGINGS=rows,regs to time it again
   step mu_bench "${BENCH_LIMIT:-240}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
-    --modes "${MODES:-grid,flat}" --out "$OUT/mu_gpu.json"
+    --modes "${MODES:-grid,flat}" --stagings "${BENCH_STAGINGS:-regs}" --out "$OUT/mu_gpu.json"
   python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys
 from fastmu.benchmarks.mu_gpu import format_table
@@ -186,6 +195,13 @@ run_nalmu_loss() {
   # the loss alone: its kernels beside its torch ops
   step loss "${LOSS_LIMIT:-40}" python3 bench/bench_loss.py --device cuda --t 16384 --out "$LOGDIR/loss_cuda.json"
   tail -n 4 "$LOGDIR/loss.log" 2>/dev/null
+}
+
+run_patterns() {
+  # how fast X is read in the W2 kernel's pattern (128 B per row and warp) against wider tiles
+  # and a linear read, with no arithmetic: how much a different tile shape could gain
+  step patterns "${PATTERNS_LIMIT:-45}" python3 -m fastmu.benchmarks.read_patterns --out "$LOGDIR/read_patterns.json"
+  tail -n 20 "$LOGDIR/patterns.log" 2>/dev/null
 }
 
 run_sanitize() {
@@ -227,7 +243,7 @@ run_ncu() {
 }
 # the steps in the order STEPS names them
 for s in $STEPS; do
-  case " tests sweep bench nalmu nalmu_loss sanitize nalmu_graph profile ncu " in
+  case " tests sweep wide bench patterns nalmu nalmu_loss sanitize nalmu_graph profile ncu " in
     *" $s "*) "run_$s" ;;
     *) echo "[$s] unknown step" | tee -a "$OUT/steps.txt" ;;
   esac

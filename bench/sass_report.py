@@ -26,17 +26,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-#: (label, dtype, threads, n, unroll, staging, rows per thread, prefetch, exact): the paper's
-#: shape (m = 65, n = 4) in the layouts the benchmarks time; "exact" is the build for
-#: warps whose rows cover m exactly (5 × 13 = 65: the one m = 65 uses in float32),
-#: the others also hold the code for a partial last warp
+#: (label, dtype, threads, n, unroll, staging, rows per thread, prefetch, exact, pixels per lane):
+#: the paper's shape (m = 65, n = 4) in the layouts the benchmarks time; "exact" is the build
+#: for warps whose rows cover m exactly (5 × 13 = 65: the one m = 65 uses in float32), the
+#: others also hold the code for a partial last warp; "ppl" > 1: wide tiles (32·ppl pixels)
 FORWARD = [
-    ("rows f32 unroll 1", "float32", 128, 4, 1, "rows", 0, False, False),
-    ("rows f32 unroll 8", "float32", 128, 4, 8, "rows", 0, False, False),
-    ("regs f32 13 rows", "float32", 160, 4, 1, "regs", 13, False, False),
-    ("regs f32 13 rows exact", "float32", 160, 4, 1, "regs", 13, False, True),
-    ("regs f32 13 rows exact prefetch", "float32", 160, 4, 1, "regs", 13, True, True),
-    ("regs f64 8 rows", "float64", 288, 4, 1, "regs", 8, False, False),
+    ("rows f32 unroll 1", "float32", 128, 4, 1, "rows", 0, False, False, 1),
+    ("rows f32 unroll 8", "float32", 128, 4, 8, "rows", 0, False, False, 1),
+    ("regs f32 13 rows", "float32", 160, 4, 1, "regs", 13, False, False, 1),
+    ("regs f32 13 rows exact", "float32", 160, 4, 1, "regs", 13, False, True, 1),
+    ("regs f32 13 rows exact prefetch", "float32", 160, 4, 1, "regs", 13, True, True, 1),
+    ("regs f32 13 rows exact ppl 2", "float32", 160, 4, 1, "regs", 13, False, True, 2),
+    ("regs f32 7 rows ppl 2", "float32", 320, 4, 1, "regs", 7, False, False, 2),
+    ("regs f32 5 rows exact ppl 4", "float32", 416, 4, 1, "regs", 5, False, True, 4),
+    ("regs f64 8 rows", "float64", 288, 4, 1, "regs", 8, False, False, 1),
 ]
 #: (label, dtype, n, warps, rows per warp-thread, exact): m = 65 runs 6 × 11 in float32
 BACKWARD = [("regs backward f32 11 rows", "float32", 4, 6, 11, False),
@@ -160,8 +163,8 @@ def report(keep: Path | None = None) -> dict:
     except OSError:
         commit = None
     rows = []
-    for label, dt, tpb, n, ur, staging, rpt, pre, exact in FORWARD:
-        k = kc._build(dt, tpb, n, ur, staging=staging, rows=rpt, prefetch=pre, exact=exact)
+    for label, dt, tpb, n, ur, staging, rpt, pre, exact, ppl in FORWARD:
+        k = kc._build(dt, tpb, n, ur, staging=staging, rows=rpt, prefetch=pre, exact=exact, ppl=ppl)
         f = getattr(types, dt)
         a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
         sig = (a3, a3, a3, a4, a4, a4, types.int64, f, types.boolean, types.boolean)
@@ -171,8 +174,9 @@ def report(keep: Path | None = None) -> dict:
             name = re.sub(r"\W+", "_", f"{label} {kname}")
             info, sass = assemble(ptx, name, work, ptxas, cuobjdump)
             rows.append({"kernel": kname, "label": label, "dtype": dt, "threads": tpb, "n": n, "unroll": ur,
-                         "staging": staging, "rows_per_thread": rpt, "prefetch": pre, "exact": exact, **info,
-                         "x_load_loop": load_loop(parse_sass(sass), rpt if staging == "regs" else ur)})
+                         "staging": staging, "rows_per_thread": rpt, "prefetch": pre, "exact": exact,
+                         "pixels_per_lane": ppl, **info,
+                         "x_load_loop": load_loop(parse_sass(sass), rpt * ppl if staging == "regs" else ur)})
     for label, dt, n, rg, rpg, exact in BACKWARD:
         p1, p2 = kb._build_regs(dt, n, rg, rpg, exact)
         f = getattr(types, dt)

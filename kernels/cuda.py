@@ -135,6 +135,7 @@ class _Config:
     staging: str = "rows"
     rows_per_thread: int | None = None  # "regs" staging; None: 16 (float32) / 8 (float64)
     prefetch: bool = False  # "regs" staging: next tile's loads in flight during this tile's work
+    pixels_per_lane: int = 1  # "regs" staging: tiles 32·ppl pixels wide
 
 
 _config = _Config()
@@ -196,18 +197,21 @@ def set_unroll(unroll: int | None) -> None:
 
 
 def set_occupancy(threads_per_sm: int | None) -> None:
-    """Resident threads per multiprocessor the kernels are compiled for (512, 1024, 2048; None: automatic).
+    """Resident threads per multiprocessor the kernels are compiled for (a multiple of 32
+    from 128 to 2048, e.g. 512, 1024, 2048; None: automatic).
 
     Sets the launch bounds' minimum blocks per SM (``threads_per_sm //
-    threads``), which caps registers per thread at ``65536 / threads_per_sm``
-    (128, 64, 32): more warps to hide memory latency, at the risk of spills.
+    threads``), which caps registers per thread at about ``65536 / threads_per_sm``
+    (128, 64, 32 at 512, 1024, 2048): more warps to hide memory latency, at
+    the risk of spills. Below 512 it leaves registers for wide ``"regs"``
+    tiles (:func:`set_pixels_per_lane`): 320 gives two 160-thread blocks per SM.
     """
     if threads_per_sm is None:
         _config.occupancy = None
         return
     threads_per_sm = int(threads_per_sm)
-    if threads_per_sm not in (512, 1024, 2048):
-        raise ValueError(f"occupancy must be 512, 1024 or 2048 threads per SM, got {threads_per_sm}")
+    if not (128 <= threads_per_sm <= 2048 and threads_per_sm % 32 == 0):
+        raise ValueError(f"occupancy must be a multiple of 32 threads per SM in [128, 2048], got {threads_per_sm}")
     _config.occupancy = threads_per_sm
 
 
@@ -280,6 +284,26 @@ def set_prefetch(prefetch: bool | str | int) -> None:
     _config.prefetch = bool(prefetch)
 
 
+#: most pixels per lane of a ``"regs"`` tile
+MAX_PIXELS_PER_LANE = 8
+
+
+def set_pixels_per_lane(ppl: int) -> None:
+    """Pixels per lane of a ``"regs"`` tile: tiles ``32·ppl`` pixels wide (1–8; default 1).
+
+    A warp then reads ``128·ppl`` contiguous bytes of each of its rows of X at
+    once (float32) instead of 128, and a tile costs two barriers for ``ppl``
+    pixels per lane instead of for one. The price is ``rows·(ppl − 1)`` more
+    registers per thread for X. Not yet timed on a GPU, so the default stays
+    1; ``bench/gpu_session.sh`` sweeps it, and ``fastmu.benchmarks.read_patterns``
+    measures what the wider reads alone gain.
+    """
+    ppl = int(ppl)
+    if not 1 <= ppl <= MAX_PIXELS_PER_LANE:
+        raise ValueError(f"pixels per lane must be in [1, {MAX_PIXELS_PER_LANE}], got {ppl}")
+    _config.pixels_per_lane = ppl
+
+
 def regs_layout(dtype: Any, m: int, n: int = 4) -> tuple[int, int]:
     """``(row groups, rows per group)`` of a ``"regs"`` block for ``m`` channels and rank ``n``.
 
@@ -312,6 +336,7 @@ def set_config(**knobs: Any) -> None:
         "threads": set_threads, "mode": set_mode, "blocks_per_problem": set_blocks_per_problem,
         "graphs": set_graphs, "unroll": set_unroll, "occupancy": set_occupancy, "staging": set_staging,
         "rows_per_thread": set_rows_per_thread, "prefetch": set_prefetch,
+        "pixels_per_lane": set_pixels_per_lane,
     }
     unknown = sorted(set(knobs) - set(setters))
     if unknown:
@@ -332,6 +357,7 @@ def get_config() -> dict[str, Any]:
         "staging": _config.staging,
         "rows_per_thread": _config.rows_per_thread,
         "prefetch": _config.prefetch,
+        "pixels_per_lane": _config.pixels_per_lane,
     }
 
 
@@ -344,6 +370,7 @@ set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", None))
 set_staging(os.environ.get("FASTMU_CUDA_STAGING", "auto") or "auto")
 set_rows_per_thread(_env_int("FASTMU_CUDA_ROWS_PER_THREAD", None))
 set_prefetch(os.environ.get("FASTMU_CUDA_PREFETCH", "0") or "0")
+set_pixels_per_lane(_env_int("FASTMU_CUDA_PIXELS_PER_LANE", 1) or 1)
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -369,15 +396,16 @@ def regs_reduce_entries(threads: int, itemsize: int) -> int:
     return max(1, min(REGS_TILE, _REGS_REDUCE_BUDGET // (warps * (REGS_TILE + 1) * itemsize)))
 
 
-def static_shared_bytes(dtype: Any, threads: int, n: int, staging: str = "rows") -> int:
-    """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``, ``staging``."""
+def static_shared_bytes(dtype: Any, threads: int, n: int, staging: str = "rows", ppl: int = 1) -> int:
+    """Static shared memory per block of the kernels for ``dtype``, ``threads``, ``n``,
+    ``staging`` (and, for ``"regs"``, ``ppl`` pixels per lane)."""
     isz = np.dtype(dtype).itemsize
     if staging == "regs":
-        # old and new S columns (2n × 32), G, H, the warps' A'ᵀX partials (n × threads),
-        # and the lane-reduction buffer (warps × entries × 33)
+        # old and new S columns (2n × 32·ppl), G, H, the warps' A'ᵀX partials
+        # (n × threads·ppl), and the lane-reduction buffer (warps × entries × 33)
         warps = max(1, threads // REGS_TILE)
         red = warps * regs_reduce_entries(threads, isz) * (REGS_TILE + 1)
-        return (2 * n * REGS_TILE + 2 * n * n + n * threads + red) * isz
+        return (2 * n * REGS_TILE * ppl + 2 * n * n + n * threads * ppl + red) * isz
     rc = _rows_per_chunk(threads, n, isz)
     stage = rc * (threads + 1) if staging == "rows" else 1
     return (n * threads + 2 * n * n + stage) * isz
@@ -398,7 +426,7 @@ def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> st
         if st == "regs":
             thr = REGS_TILE * regs_layout(dtype, m, n)[0]
             return thr <= 1024 and dynamic_shared_bytes(dtype, m, n) + static_shared_bytes(
-                dtype, thr, n, st) <= _SHARED_LIMIT
+                dtype, thr, n, st, _config.pixels_per_lane) <= _SHARED_LIMIT
         return (dynamic_shared_bytes(dtype, m, n, tpb, st) + static_shared_bytes(dtype, tpb, n, st)
                 <= _SHARED_LIMIT and (st == "rows" or m <= tpb))
 
@@ -444,7 +472,7 @@ def launch_layout(dtype: Any, m: int, n: int) -> Layout:
     st = choose_staging(dtype, m, n)
     if st == "regs":
         groups, rows = regs_layout(dtype, m, n)
-        return Layout("regs", REGS_TILE * groups, REGS_TILE, rows)
+        return Layout("regs", REGS_TILE * groups, REGS_TILE * _config.pixels_per_lane, rows)
     return Layout(st, _config.threads, _config.threads, 0)
 
 
@@ -471,12 +499,12 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False
 
     Warp ``g`` of ``rg`` owns rows ``row0 = g·rpg ...`` of a 32-pixel tile, lane = pixel:
 
-    - ``load_rows(X, p, row0, j, valid, m, xr)``: the thread's ``rpg`` values
-      of column ``j`` into registers ``xr``, all loads issued before any use
+    - ``load_rows(X, p, row0, j, valid, m, xr, off)``: the thread's ``rpg`` values
+      of column ``j`` into registers ``xr[off ...]``, all loads issued before any use
       (zeros past ``m`` rows or ``t`` pixels);
-    - ``share_rows(C, row0, m, xr, Xsh, g, lane)``: this warp's share of
-      ``Cᵀ X_j`` (``C`` an m × n matrix in shared memory, flat) into row
-      ``g·n + k`` of ``Xsh``;
+    - ``share_rows(C, row0, m, xr, off, Xsh, g, lane)``: this warp's share of
+      ``Cᵀ X_j`` (``C`` an m × n matrix in shared memory, flat; X's values in
+      ``xr[off ...]``) into row ``g·n + k``, column ``lane`` of ``Xsh``;
     - ``sum_shares(Xsh, k, lane)``: ``(Cᵀ X_j)_k``, the warps' shares summed in
       warp order.
 
@@ -501,21 +529,21 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False
     u64 = numba.uint64
 
     @djit
-    def load_rows(X, p, row0, j, valid, m, xr):
+    def load_rows(X, p, row0, j, valid, m, xr, off):
         jc = u64(j) if valid else u64(0)
         pu = u64(p)
         if EXACT or row0 + RPG <= m:  # warp-uniform: every warp but a last, partial one
             for r in range(RPG):
                 v = X[pu, u64(row0 + r), jc]
-                xr[r] = v if valid else nbt(0)
+                xr[off + r] = v if valid else nbt(0)
         else:
             for r in range(RPG):
                 i = row0 + r
                 v = X[pu, u64(min(i, m - 1)), jc]
-                xr[r] = v if (i < m) & valid else nbt(0)
+                xr[off + r] = v if (i < m) & valid else nbt(0)
 
     @djit
-    def share_rows(C, row0, m, xr, Xsh, g, lane):
+    def share_rows(C, row0, m, xr, off, Xsh, g, lane):
         # rows outer, components inner: a row's n entries of C are loaded
         # together and feed n independent sums (each still summed in row order)
         full = EXACT or row0 + RPG <= m
@@ -525,7 +553,7 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False
         for r in range(RPG):
             # rows past m: clamped reads of row m - 1, times xr = 0
             i = row0 + r if full else min(row0 + r, m - 1)
-            x = xr[r]
+            x = xr[off + r]
             for k in range(n):
                 acc[k] += C[u64(i * n + k)] * x
         for k in range(n):
@@ -544,16 +572,17 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False
 @functools.lru_cache(maxsize=None)
 def _build(
     dtype_name: str, tpb: int, n: int, ur: int = 1, occ: int = 512, staging: str = "rows", rows: int = 0,
-    prefetch: bool = False, exact: bool = False,
+    prefetch: bool = False, exact: bool = False, ppl: int = 1,
 ) -> _Kernels:
     """Define the kernels for one configuration; Numba compiles them on first launch.
 
     ``tpb`` (threads per block), ``n``, the X-row unroll ``ur`` and the derived
     ``rc`` are closure constants, so loops over components unroll and the
     per-thread accumulators stay in registers. With ``"regs"`` staging the
-    block is ``tpb // 32`` warps of ``rows`` rows each over 32-pixel tiles,
-    loading the next tile ahead when ``prefetch``; ``exact`` (the warps' rows
-    cover exactly m) leaves out the code for a partial last warp.
+    block is ``tpb // 32`` warps of ``rows`` rows each over tiles of ``ppl``
+    × 32 pixels (``ppl`` pixels per lane, 32 apart), loading the next tile
+    ahead when ``prefetch``; ``exact`` (the warps' rows cover exactly m)
+    leaves out the code for a partial last warp.
     """
     nbt = numba.float32 if dtype_name == "float32" else numba.float64
     isz = 4 if dtype_name == "float32" else 8
@@ -567,8 +596,11 @@ def _build(
     # "regs": 32-pixel tiles, RG warps of RPG rows; each thread finishes KPT of
     # the n components of its pixel (components g, g + RG, ...).
     TW = REGS_TILE
+    PPL = max(1, int(ppl)) if regs else 1  # pixels per lane: a tile is PPL · 32 pixels wide
+    TWP = TW * PPL
     RG = max(1, tpb // TW)
     RPG = max(1, rows)
+    XV = RPG * PPL  # X values a thread holds per tile
     KPT = -(-n // RG)
     VPT = RPG * n  # P partial sums per thread
     PREFETCH = bool(prefetch)
@@ -579,9 +611,9 @@ def _build(
     NRP = -(-VPT // RE)
     NRG = -(-KN // RE)
     rdshape = (RG, RE, TW + 1) if regs else (1, 1, 1)
-    sshape = (2 * n, TW) if regs else (n, tpb)  # S columns of the tile (old and new with "regs")
+    sshape = (2 * n, TWP) if regs else (n, tpb)  # S columns of the tile (old and new with "regs")
     if regs:
-        xrows, xcols = RG * n, TW  # the warps' partial A'ᵀX_j
+        xrows, xcols = RG * n, TWP  # the warps' partial A'ᵀX_j
         load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG, exact)
     # Cap registers at 128 per thread (at least 512 resident threads per SM;
     # ``occ`` raises that):
@@ -831,8 +863,8 @@ def _build(
         lane = tid % TW
         g = tid // TW
         row0 = g * RPG
-        xr = cuda.local.array(RPG, nbt)
-        xn = cuda.local.array(RPG, nbt)  # the next tile's values (prefetch)
+        xr = cuda.local.array(XV, nbt)  # the tile's values of X: PPL pixels × RPG rows
+        xn = cuda.local.array(XV, nbt)  # the next tile's values (prefetch)
         pa = cuda.local.array(VPT, nbt)
         sp = cuda.local.array(n, nbt)
         gl = cuda.local.array(KN, nbt)
@@ -840,53 +872,67 @@ def _build(
             pa[q] = 0
         for q in range(KN):
             gl[q] = 0
-        ntiles = min((t + TW - 1) // TW, c1)  # tiles below c1 only
+        ntiles = min((t + TWP - 1) // TWP, c1)  # tiles below c1 only
         if PREFETCH and c0 < ntiles:
-            load_rows(X, p, row0, c0 * TW + lane, c0 * TW + lane < t, m, xn)
+            for q in range(PPL):
+                jn = c0 * TWP + q * TW + lane
+                load_rows(X, p, row0, jn, jn < t, m, xn, q * RPG)
         for c in range(c0, ntiles, cstep):
-            j = c * TW + lane
-            valid = j < t
+            base = c * TWP
             if PREFETCH:
-                for r in range(RPG):
-                    xr[r] = xn[r]
+                for v in range(XV):
+                    xr[v] = xn[v]
                 cn = c + cstep
                 if cn < ntiles:  # in flight through this tile's barriers and arithmetic
-                    load_rows(X, p, row0, cn * TW + lane, cn * TW + lane < t, m, xn)
+                    for q in range(PPL):
+                        jn = cn * TWP + q * TW + lane
+                        load_rows(X, p, row0, jn, jn < t, m, xn, q * RPG)
             else:
-                load_rows(X, p, row0, j, valid, m, xr)  # all of the thread's loads in flight together
-            for kk in range(KPT):
-                k = g + kk * RG
-                if k < n:
-                    Ssh[k, lane] = S[p, k, j] if valid else zero
-            if update:
-                share_rows(Ash, row0, m, xr, Xsh, g, lane)
-            cuda.syncthreads()  # the warps' shares and the old S columns are complete
-            for kk in range(KPT):
-                k = g + kk * RG
-                if k < n:
-                    v = Ssh[k, lane]
-                    if update:
-                        num = sum_shares(Xsh, k, lane)
-                        d = eps
-                        for l in range(n):
-                            d += Hsh[k, l] * Ssh[l, lane]
-                        v = v * num / d  # 0 past t: the old S is 0 there
-                        if valid:
-                            So[p, k, j] = v
-                    Ssh[n + k, lane] = v
-            cuda.syncthreads()  # the new S columns are complete
-            if accumulate:
-                for k in range(n):
-                    sp[k] = Ssh[n + k, lane]
-                for r in range(RPG):
-                    for k in range(n):
-                        pa[r * n + k] += xr[r] * sp[k]
+                for q in range(PPL):  # all of the thread's loads in flight together
+                    jq = base + q * TW + lane
+                    load_rows(X, p, row0, jq, jq < t, m, xr, q * RPG)
+            for q in range(PPL):  # pixel q·32 + lane of the tile
+                col = q * TW + lane
+                j = base + col
                 for kk in range(KPT):
                     k = g + kk * RG
                     if k < n:
-                        sk = Ssh[n + k, lane]
-                        for l in range(n):
-                            gl[kk * n + l] += sk * sp[l]
+                        Ssh[k, col] = S[p, k, j] if j < t else zero
+            if update:
+                for q in range(PPL):
+                    share_rows(Ash, row0, m, xr, q * RPG, Xsh, g, q * TW + lane)
+            cuda.syncthreads()  # the warps' shares and the old S columns are complete
+            for q in range(PPL):
+                col = q * TW + lane
+                j = base + col
+                for kk in range(KPT):
+                    k = g + kk * RG
+                    if k < n:
+                        v = Ssh[k, col]
+                        if update:
+                            num = sum_shares(Xsh, k, col)
+                            d = eps
+                            for l in range(n):
+                                d += Hsh[k, l] * Ssh[l, col]
+                            v = v * num / d  # 0 past t: the old S is 0 there
+                            if j < t:
+                                So[p, k, j] = v
+                        Ssh[n + k, col] = v
+            cuda.syncthreads()  # the new S columns are complete
+            if accumulate:
+                for q in range(PPL):
+                    col = q * TW + lane
+                    for k in range(n):
+                        sp[k] = Ssh[n + k, col]
+                    for r in range(RPG):
+                        for k in range(n):
+                            pa[r * n + k] += xr[q * RPG + r] * sp[k]
+                    for kk in range(KPT):
+                        k = g + kk * RG
+                        if k < n:
+                            sk = Ssh[n + k, col]
+                            for l in range(n):
+                                gl[kk * n + l] += sk * sp[l]
             # No third barrier: the next tile writes Xsh and Ssh[:n] (read here
             # between the two barriers) after passing this tile's second, and
             # Ssh[n:] after its own first, which every thread reaches only when
@@ -1024,7 +1070,7 @@ def _build(
         grid_body(X, S, S, W, Ar[phase % 2], Pr[cur], Gr[cur], Ar[(phase + 1) % 2], Pr[nxt], Gr[nxt],
                   Pr[old], Gr[old], True, eps, update, accumulate)
 
-    TWK = TW if regs else tpb  # pixels per tile of the sweep
+    TWK = TWP if regs else tpb  # pixels per tile of the sweep
 
     @kjit
     def mu_flat_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
@@ -1292,7 +1338,7 @@ def _kernels_for(
     pf = _config.prefetch and lay.staging == "regs"
     exact = lay.staging == "regs" and (lay.threads // REGS_TILE) * lay.rows == m
     return (_build(dtype.name, lay.threads, n, ur, occ, staging=lay.staging, rows=lay.rows, prefetch=pf,
-                   exact=exact),
+                   exact=exact, ppl=lay.tile // REGS_TILE if lay.staging == "regs" else 1),
             mode, bpp, dyn)
 
 
@@ -1572,6 +1618,7 @@ __all__ = [
     "layer_step",
     "regs_layout",
     "set_prefetch",
+    "set_pixels_per_lane",
     "set_rows_per_thread",
     "zero_fill",
     "mu_run",

@@ -363,13 +363,13 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False)
         for c in range(bx, ntiles, nbx):
             j = c * TW + lane
             valid = j < t
-            load_rows(X, p, row0, j, valid, m, xr)
+            load_rows(X, p, row0, j, valid, m, xr, 0)
             for kk in range(KPT):
                 k = g + kk * RG
                 if k < n:
                     Ssh[k, lane] = S[p, k, j] if valid else zero
                     Qsh[k, lane] = gSo[p, k, j] if valid else zero
-            share_rows(Ash, row0, m, xr, Xsh, g, lane)
+            share_rows(Ash, row0, m, xr, 0, Xsh, g, lane)
             cuda.syncthreads()
             for l in range(n):
                 sv[l] = Ssh[l, lane]
@@ -469,8 +469,8 @@ def _build_regs(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False)
                 if k < n:
                     Ssh[k, lane] = S[p, k, j] if valid else zero
             if need_gS:
-                load_rows(X, p, row0, j, valid, m, xr)
-                share_rows(Psh, row0, m, xr, Xsh, g, lane)
+                load_rows(X, p, row0, j, valid, m, xr, 0)
+                share_rows(Psh, row0, m, xr, 0, Xsh, g, lane)
             cuda.syncthreads()
             for l in range(n):
                 sv[l] = Ssh[l, lane]

@@ -106,7 +106,8 @@ def test_session_script_skips_steps_past_its_deadline(tmp_path):
     r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     steps = (out / "steps.txt").read_text()
-    for name in ("gpu_tests", "sweep", "mu_bench", "nalmu_regs", "nalmu_graph_regs", "mu_profile", "ncu"):
+    for name in ("gpu_tests", "sweep", "mu_bench", "nalmu_regs", "nalmu_graph_regs", "mu_profile", "ncu",
+                 "patterns", "wide"):
         assert f"[{name}] skipped" in steps
     assert "rc=" not in steps  # nothing ran
     assert (out / "logs.tgz").is_file() and (out / "env.txt").is_file()
@@ -155,3 +156,55 @@ def test_flat_mode_in_sweep_and_benchmark(fake_gpu):
     assert {"fastmu_flat_rows", "fastmu_flat_regs", "fastmu_grid_regs"} <= set(res["workloads"]["W2"]["results"])
     with pytest.raises(SystemExit):
         mg.main(["--modes", "diagonal"])
+
+
+def test_read_patterns_needs_a_gpu_and_tabulates_its_rows():
+    """Without a GPU the probe says so; its table shows every row with its fractions."""
+    import numba
+
+    rp = pytest.importorskip("fastmu.benchmarks.read_patterns")
+    if not getattr(numba.config, "ENABLE_CUDASIM", 0):
+        from numba import cuda
+
+        if not cuda.is_available():
+            with pytest.raises(RuntimeError, match="need a CUDA GPU"):
+                rp.run_read_patterns(batch=1, t=64)
+    rows = [{"pattern": "linear", "GBps": 3000.0, "fraction_of_linear_read": 1.0, "fraction_of_copy_bandwidth": 1.1},
+            {"pattern": "tiles", "order": "strided", "bytes_per_row_run": 128, "blocks_per_problem": 2,
+             "GBps": 1800.0, "fraction_of_linear_read": 0.6, "fraction_of_copy_bandwidth": 0.66}]
+    table = rp.format_table({"rows": rows}).splitlines()
+    assert len(table) == 3 and "strided" in table[2] and "0.60" in table[2] and "128" in table[2]
+
+
+def test_session_wide_step_and_bench_configs(fake_gpu, tmp_path):
+    """The GPU session's wide-tile sweep, with the script's own arguments: every (pixels per
+    lane, occupancy, mode) is timed without error and resolves a layout at W2's shape with
+    tiles 32·ppl wide; the benchmark then runs W2 at the sweep's best knobs (--best-configs)."""
+    import json
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh").read_text()
+    args = json.loads(re.search(r"WIDE_ARGS=\$\{WIDE_ARGS:-'(.*?)'\}", script).group(1))
+    out = mg.sweep_kernel_configs(iters=5, **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    rows = out["rows"]
+    assert not [r for r in rows if "error" in r]
+    seen = {(r["pixels_per_lane"], r["occupancy"], r["mode"]) for r in rows}
+    assert seen == {(p, o, md) for p in args["pixels_per_lane"] for o in args["occupancies"] for md in ("grid", "flat")}
+    saved = kc.get_config()
+    try:
+        for r in rows:
+            kc.set_config(**{k: r[k] for k in mg._KNOBS}, mode=r["mode"])
+            assert kc.launch_layout(np.float32, mg.M, mg.N).tile == 32 * r["pixels_per_lane"]
+            kc._kernels_for(150, mg.M, mg.T, mg.N, np.dtype(np.float32))
+    finally:
+        kc.set_config(**saved)
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps(out))
+    cfg = mg.best_configs([str(tmp_path / "no_sweep.json"), str(path)])
+    assert set(cfg) == {"W2"} and cfg["W2"]["regs"]["pixels_per_lane"] in args["pixels_per_lane"]
+    assert mg.best_configs([str(tmp_path / "none.json")]) == {}
+    fake_gpu.clear()
+    cfg["W2"]["regs"]["pixels_per_lane"] = 2
+    mg.run_gpu_benchmarks(iters=10, batch=3, configs=cfg, modes=("grid", "flat"), stagings=("regs",))
+    assert {c["pixels_per_lane"] for c in fake_gpu} == {1, 2}  # W1 automatic, W2 at the sweep's best

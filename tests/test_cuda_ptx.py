@@ -123,3 +123,36 @@ def test_regs_backward_kernels_compile_to_ptx(no_device, dtype, n, rg, rpg, exac
     assert "bar.sync" in ptx and "atom." not in ptx  # fixed-order sums: no atomics
     ptx = _compile(pass2.py_func, (a3,) * 7 + (f, b, b, b, a3, a3), bounds)
     assert "atom." not in ptx
+
+
+@pytest.mark.parametrize("ppl,contiguous", [(1, False), (4, True)])
+def test_read_pattern_probe_compiles_to_ptx(no_device, ppl, contiguous):
+    """The W2 read-pattern probe (fastmu.benchmarks.read_patterns): its 13 row loads per
+    pixel are one branch-free run, as in the MU kernel it stands for, and nothing spills."""
+    from fastmu.benchmarks import read_patterns
+
+    tiles, linear = read_patterns._kernels(13, ppl, contiguous)
+    a1, a3 = types.Array(types.float32, 1, "C"), types.Array(types.float32, 3, "C")
+    ptx = _compile(tiles.py_func, (a3, a3), None)
+    assert ".local" not in ptx
+    assert _longest_global_load_run(ptx) >= 13 * ppl
+    ptx = _compile(linear.py_func, (a1, a1), None)
+    assert _longest_global_load_run(ptx) >= read_patterns.LIN_UNROLL
+
+
+@pytest.mark.parametrize("ppl", [2, 4])
+def test_wide_regs_tiles_compile_to_ptx(no_device, ppl):
+    """Wide "regs" tiles (set_pixels_per_lane): all ppl × rows loads of a thread's tile form one
+    branch-free run, so a warp's 128·ppl bytes of each row are requested together."""
+    from fastmu.kernels import cuda as kc
+
+    rows = 13 if ppl == 2 else 5
+    tpb = 32 * -(-65 // rows)
+    k = kc._build("float32", tpb, 4, 1, staging="regs", rows=rows, exact=True, ppl=ppl)
+    f = types.float32
+    a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
+    b = types.boolean
+    ptx = _compile(k.mu_grid_step.py_func, (a3, a3, a3, a4, a4, a4, types.int64, f, b, b), k.launch_bounds)
+    assert _longest_global_load_run(ptx) >= rows * ppl
+    _compile(k.mu_flat_step.py_func, (a3, a3, a3, a4, a4, a4, types.int64, f, b, b), k.launch_bounds)
+    _compile(k.layer_step.py_func, (a3,) * 10 + (f, b, b), k.launch_bounds)

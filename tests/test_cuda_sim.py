@@ -39,7 +39,7 @@ def _tiny_blocks():
     """32 threads per block, automatic mode, row staging, for every test (restored afterwards)."""
     saved = kc.get_config()
     kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
-                  prefetch=False)
+                  prefetch=False, pixels_per_lane=1)
     yield
     kc.set_config(**saved)
 
@@ -276,6 +276,12 @@ def test_bad_input():
         kc.set_unroll(3)
     with pytest.raises(ValueError, match="unknown CUDA kernel knob"):
         kc.set_config(colour=1)
+    for bad in (100, 330, 4096):
+        with pytest.raises(ValueError, match="occupancy"):
+            kc.set_occupancy(bad)
+    kc.set_occupancy(320)  # two 160-thread "regs" blocks per SM
+    assert kc.choose_knobs(8, 2, "regs")[1] == 320
+    kc.set_occupancy(None)
 
 
 def test_staging_choice():
@@ -318,6 +324,19 @@ def test_regs_layout_and_choice():
     assert kc.choose_mode(1, 16384, 32, resident=3) == ("grid", 6)
     assert kc.choose_mode(4, 16384, 32, resident=3) == ("grid", 1)
     assert kc.choose_mode(1, 64, 32, resident=3) == ("grid", 2)  # never more blocks than tiles
+    # wide tiles: 32·ppl pixels; their S columns and shares take ppl times the shared memory
+    kc.set_pixels_per_lane(2)
+    assert kc.launch_layout(np.float32, 65, 4) == kc.Layout("regs", 160, 64, 13)
+    assert kc.choose_mode(1, 128, kc.launch_layout(np.float32, 65, 4).tile, resident=3) == ("grid", 2)
+    assert kc.static_shared_bytes(np.float32, 160, 4, "regs", 2) - kc.static_shared_bytes(
+        np.float32, 160, 4, "regs") == (2 * 4 * 32 + 4 * 160) * 4
+    kc.set_pixels_per_lane(8)
+    with pytest.raises(ValueError, match="staging='regs'"):  # 32 warps' shares of 256-pixel tiles: 144 kB
+        kc.choose_staging(np.float32, 512, 4)
+    kc.set_staging("auto")
+    assert kc.choose_staging(np.float32, 512, 4) == "rows"
+    kc.set_staging("regs")
+    kc.set_pixels_per_lane(1)
     # the other stagings keep the thread count as tile width
     kc.set_staging("rows")
     assert kc.launch_layout(np.float32, 65, 4) == kc.Layout("rows", 32, 32, 0)
@@ -325,11 +344,14 @@ def test_regs_layout_and_choice():
 
 @pytest.mark.parametrize(
     "dtype,per_problem,staging",
-    [(np.float32, False, "regs"), (np.float64, True, "regs"), (np.float64, False, "rows"), (np.float32, True, "tile")],
+    [(np.float32, False, "regs"), (np.float64, True, "regs"), (np.float64, False, "rows"), (np.float32, True, "tile"),
+     (np.float32, True, "regs-wide")],
 )
 def test_layer_step_out_of_place(dtype, per_problem, staging):
-    """One launch: A, S, P, G read only; A', S' and the P, G of S' written to fresh arrays."""
-    kc.set_staging(staging)
+    """One launch: A, S, P, G read only; A', S' and the P, G of S' written to fresh arrays
+    ("regs-wide": tiles of 2 · 32 pixels, the second half of the last one past t)."""
+    kc.set_staging(staging.split("-")[0])
+    kc.set_pixels_per_lane(2 if staging.endswith("wide") else 1)
     kc.set_rows_per_thread(4)
     b, m, n, t = 2, 9, 3, 70
     X, A, S = _problem(b, m, n, t, dtype, seed=21)
@@ -509,6 +531,31 @@ def test_regs_prefetch_matches_reference(dtype, mode, bpp):
     np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[dtype])
     with pytest.raises(ValueError, match="prefetch"):
         kc.set_prefetch("yes")
+
+
+@pytest.mark.parametrize("dtype,mode,bpp,ppl,prefetch", [
+    (np.float32, "grid", 2, 2, False), (np.float64, "flat", 3, 3, False), (np.float32, "grid", 1, 2, True)])
+def test_regs_wide_tiles_match_reference(dtype, mode, bpp, ppl, prefetch):
+    """Tiles of ppl · 32 pixels (set_pixels_per_lane) change no result beyond rounding: t = 200
+    leaves the last wide tile partial (some of its lanes' pixels past t), m = 9 at 4 rows per
+    thread a partial last warp; grid mode with several wide tiles per block, flat mode with
+    tile ranges that cross problems, and prefetching the next wide tile."""
+    kc.set_staging("regs")
+    kc.set_rows_per_thread(4)
+    kc.set_pixels_per_lane(ppl)
+    kc.set_prefetch(prefetch)
+    assert kc.launch_layout(dtype, 9, 3).tile == 32 * ppl
+    X, A, S = _problem(2, 9, 3, 200, dtype, seed=37)
+    A1, S1, P1, G1 = _run(X, A, S, None, 3, mode, bpp)
+    Ar, Sr = _reference(X, A, S, None, 3)
+    np.testing.assert_allclose(A1, Ar, **TOL[dtype])
+    np.testing.assert_allclose(S1, Sr, **TOL[dtype])
+    np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
+    with pytest.raises(ValueError, match="pixels per lane"):
+        kc.set_pixels_per_lane(0)
+    with pytest.raises(ValueError, match="pixels per lane"):
+        kc.set_pixels_per_lane(kc.MAX_PIXELS_PER_LANE + 1)
 
 
 def test_sanitizer_program_agrees_with_the_reference():

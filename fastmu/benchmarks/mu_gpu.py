@@ -190,7 +190,8 @@ def _entry(seconds: float, b: int, iters: int, copy_bw: float, **extra: Any) -> 
     }
 
 
-_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread", "prefetch")
+_KNOBS = ("threads", "unroll", "blocks_per_problem", "occupancy", "staging", "rows_per_thread", "prefetch",
+          "pixels_per_lane")
 
 
 def _apply(kc: Any, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -427,6 +428,7 @@ def sweep_kernel_configs(
     rows_per_thread: tuple[int | None, ...] = (None,),
     prefetches: tuple[bool, ...] = (False,),
     flat_mode: bool = False,
+    pixels_per_lane: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     """Time fastmu's kernels over launch designs and knobs for W1/W2-shaped problems.
 
@@ -441,8 +443,8 @@ def sweep_kernel_configs(
     (``"tile"`` with more rows than threads or too little shared memory)
     gives a row with its error. ``"regs"`` staging has its own block shape:
     it is timed once (not per ``threads`` or ``unrolls``) for each of
-    ``rows_per_thread`` and ``prefetches``, with blocks per problem counted
-    in 32-pixel tiles. ``flat_mode`` adds ``"flat"`` mode at its automatic block
+    ``rows_per_thread``, ``prefetches`` and ``pixels_per_lane``, with blocks
+    per problem counted in its tiles (``32·pixels_per_lane`` pixels wide). ``flat_mode`` adds ``"flat"`` mode at its automatic block
     count (one wave, the batch's tiles dealt evenly; ``blocks_per_problem: null``).
     """
     cuda = _require_gpu()
@@ -455,20 +457,20 @@ def sweep_kernel_configs(
     for b in batches:
         X, A0, S0 = _data(b, np.float32, seed=b)
         dX = cuda.to_device(X)
-        runs = [(tpb, ur, occ, st, None, False) for tpb in threads for st in stagings if st != "regs"
+        runs = [(tpb, ur, occ, st, None, False, 1) for tpb in threads for st in stagings if st != "regs"
                 for ur in unrolls for occ in occupancies]
         # "regs" holds rows·(n + 1) values per thread: 2048 threads per SM (32 registers) would spill it
-        runs += [(threads[0], 1, occ, "regs", rpt, pf) for occ in occupancies if occ <= 1024
-                 for rpt in rows_per_thread for pf in prefetches if "regs" in stagings]
-        for tpb, ur, occ, st, rpt, pf in runs:
-            tiles = -(-T // (kc.REGS_TILE if st == "regs" else tpb))
+        runs += [(threads[0], 1, occ, "regs", rpt, pf, ppl) for occ in occupancies if occ <= 1024
+                 for rpt in rows_per_thread for pf in prefetches for ppl in pixels_per_lane if "regs" in stagings]
+        for tpb, ur, occ, st, rpt, pf, ppl in runs:
+            tiles = -(-T // (kc.REGS_TILE * ppl if st == "regs" else tpb))
             bpps = sorted({max(1, tiles // f) if f else 1 for f in bpp_fractions if f is not None}, reverse=True)
             if any(f is None for f in bpp_fractions):
                 bpps = [None] + bpps
             designs = [("block", None)] * block_mode + [("grid", q) for q in bpps] + [("flat", None)] * flat_mode
             for mode, bpp in designs:
                 cfg = {"threads": tpb, "unroll": ur, "blocks_per_problem": bpp, "occupancy": occ, "staging": st,
-                       "rows_per_thread": rpt, "prefetch": pf}
+                       "rows_per_thread": rpt, "prefetch": pf, "pixels_per_lane": ppl}
                 row: dict[str, Any] = {"batch": b, "mode": mode, **cfg}
                 try:
                     secs, _ = _fastmu(cuda, X, A0, S0, iters, mode, cfg, dX=dX)
@@ -554,6 +556,22 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def best_configs(paths: list[str]) -> dict[str, Any]:
+    """Kernel knobs for :func:`run_gpu_benchmarks` (``--configs``) from the first sweep JSON in
+    ``paths`` that exists: ``{"W1"|"W2": {staging: knobs}}``, the fastest timed row of each
+    staging for each workload the sweep covered (none: ``{}``, the automatic choices)."""
+    best: dict[str, Any] = {}
+    for path in paths:
+        try:
+            with open(path) as fh:
+                best = json.load(fh)["best_by_staging"]
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    return {w: {st: {k: r[k] for k in _KNOBS if k in r} for st, r in best[b].items()}
+            for w, b in (("W1", "1"), ("W2", "150")) if b in best}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=10_000)
@@ -569,9 +587,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="fastmu launch designs to benchmark, comma-separated (block, grid, flat)")
     ap.add_argument("--stagings", default="rows,regs",
                     help="fastmu stagings of X to benchmark and profile, comma-separated (rows, tile, regs)")
+    ap.add_argument("--best-configs", nargs="+", default=None, metavar="SWEEP_JSON",
+                    help="print --configs JSON from the first of these sweep results that exists, and exit")
     ap.add_argument("--profile", default=None, metavar="TABLES",
                     help="profile the kernels at W1/W2 shapes (kernel vs wall time); operator tables to TABLES")
     args = ap.parse_args(argv)
+    if args.best_configs:
+        print(json.dumps(best_configs(args.best_configs)))
+        return 0
     stagings = tuple(s for s in args.stagings.split(",") if s)
     if not stagings or set(stagings) - {"rows", "tile", "regs"}:
         ap.error(f"--stagings takes rows, tile and/or regs, got {args.stagings!r}")
