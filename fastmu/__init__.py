@@ -11,6 +11,8 @@ EPS
     The ε added to every MU denominator, the same on every backend.
 metrics
     SAD (mean cosine similarity), spectral angle, RMSE/NMSE, Hungarian matching.
+NMF
+    scikit-learn-style estimator over ``mu`` (a drop-in for ``sklearn.decomposition.NMF(solver="mu")``).
 NALMU, ALMU
     Learned unrolled MU models (``torch.nn.Module``).
 data, nn, losses
@@ -28,6 +30,7 @@ EPS = 1e-12
 
 _LAZY = {
     "mu": ("fastmu.solver", "mu"),
+    "NMF": ("fastmu.estimator", "NMF"),
     "available_backends": ("fastmu.dispatch", "available_backends"),
     "NALMU": ("fastmu.nn.models", "NALMU"),
     "ALMU": ("fastmu.nn.models", "ALMU"),

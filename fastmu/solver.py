@@ -107,6 +107,40 @@ def mu(
     >>> bool(np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 0.05)
     True
     """
+    A, S, _ = solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, eps=eps, init=init,
+                    random_state=random_state, backend=backend, callback=callback,
+                    callback_every=callback_every, check_every=check_every, progress=progress)
+    return A, S
+
+
+def solve(
+    X: Any,
+    n_components: int | None = None,
+    *,
+    A0: Any = None,
+    S0: Any = None,
+    n_iter: int = 200,
+    tol: float | None = None,
+    eps: float = EPS,
+    init: str = "random",
+    random_state: int | np.random.RandomState | None = None,
+    backend: str = "auto",
+    callback: Callback | None = None,
+    callback_every: int = 1,
+    check_every: int = 10,
+    progress: bool = False,
+    tol_on_norm: bool = False,
+    tol_initial: float | None = None,
+) -> tuple[Any, Any, int]:
+    """:func:`mu`, also returning the number of iterations run.
+
+    ``tol_on_norm`` measures the decrease for ``tol`` on the residual's
+    Frobenius norm ``‖X − A S‖`` instead of the objective ``½‖X − A S‖²``
+    (scikit-learn's rule, which :class:`fastmu.NMF` follows).
+    ``tol_initial`` (one problem) replaces the start's value as the scale of
+    the decrease and the first "previous" value: the value at an earlier
+    start that the caller advanced by half an iteration before calling.
+    """
     n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
     callback_every = check_positive_int(callback_every, "callback_every")
     check_every = check_positive_int(check_every, "check_every")
@@ -153,7 +187,14 @@ def mu(
         step = min(step, max(1, n_iter // 100))
     step = max(step, 1)
 
-    f_init = f_prev = engine.objective() if tol is not None else None
+    def measure() -> np.ndarray:
+        f = engine.objective()
+        # the objective comes from X Sᵀ and S Sᵀ: rounding can leave it a hair below zero
+        return np.sqrt(2.0 * np.maximum(f, 0.0)) if tol_on_norm else f
+
+    f_init = f_prev = measure() if tol is not None else None
+    if tol is not None and tol_initial is not None:
+        f_init = f_prev = np.full_like(f_init, float(tol_initial))
     done = 0
     try:
         while done < n_iter:
@@ -171,7 +212,7 @@ def mu(
                 if callback(done, A_v, S_v) is True:
                     break
             if tol is not None and done % check_every == 0:
-                f = engine.objective()
+                f = measure()
                 scale = np.where(f_init > 0, f_init, 1.0)
                 if np.all((f_prev - f) / scale < tol):
                     break
@@ -183,7 +224,7 @@ def mu(
     A_out, S_out = (engine_cls.release(a, kind, X) for a in engine.factors())
     if squeeze:
         A_out, S_out = A_out[0], S_out[0]
-    return A_out, S_out
+    return A_out, S_out, done
 
 
 def _resolve_backend(backend: str, X: Any, kind: ArrayKind) -> str:

@@ -165,3 +165,25 @@ def test_arrays_on_different_devices():
     S0 = torch.rand((1, 2, 50), device="cuda:1")
     with pytest.raises(ValueError, match="device"):
         fastmu.mu(X, A0=A0, S0=S0, backend="cuda")
+
+
+@pytest.mark.parametrize("shape", [(600, 65), (65, 600)])
+@pytest.mark.parametrize("wide_tiles", [1, 2])
+def test_estimator_on_cuda_tensors(shape, wide_tiles):
+    """fastmu.NMF on torch CUDA tensors (tall X runs on Xᵀ): CUDA tensors out, the same fit as
+    on the CPU; with wide "regs" tiles (2 pixels per lane) too."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA")
+    kc.set_pixels_per_lane(wide_tiles)
+    rng = np.random.default_rng(4)
+    X = rng.random((shape[0], 4)) @ rng.random((4, shape[1])) + 0.01 * rng.random(shape)
+    kw = dict(n_components=4, init="random", random_state=0, tol=0, max_iter=200)
+    gpu = fastmu.NMF(**kw)
+    W = gpu.fit_transform(torch.from_numpy(X).cuda())
+    assert W.is_cuda and gpu.components_.is_cuda and W.dtype == torch.float64
+    cpu = fastmu.NMF(**kw)
+    W_cpu = cpu.fit_transform(X)
+    np.testing.assert_allclose(W.cpu().numpy(), W_cpu, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(gpu.components_.cpu().numpy(), cpu.components_, rtol=1e-8, atol=1e-10)
+    assert gpu.transform(torch.from_numpy(X[:5]).cuda()).is_cuda

@@ -1,0 +1,421 @@
+"""``fastmu.NMF``: a scikit-learn-style estimator over :func:`fastmu.mu`.
+
+A drop-in for ``sklearn.decomposition.NMF(solver="mu")`` with the Frobenius
+loss: ``X ≈ W H`` for ``X`` of shape (n_samples, n_features), ``W`` (the
+transform) of shape (n_samples, n_components) and ``H`` (``components_``) of
+shape (n_components, n_features). The factorisation runs on fastmu's fused
+kernels; NumPy, torch (CPU or CUDA) and CuPy arrays go in and the same kind
+comes out (``components_`` too), without copies on the GPU.
+
+With scikit-learn installed the class is a real scikit-learn estimator
+(``BaseEstimator``, ``TransformerMixin``): ``clone``, pipelines, grid search,
+feature names and ``check_estimator`` work. Without it the same API runs on a
+small stand-in for ``get_params``/``set_params``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import warnings
+from typing import Any
+
+import numpy as np
+
+from fastmu import EPS
+from fastmu.interop import array_kind
+
+try:  # a real scikit-learn estimator where scikit-learn is installed
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+    from sklearn.exceptions import ConvergenceWarning, NotFittedError
+    from sklearn.utils.validation import check_is_fitted, validate_data
+
+    _SKLEARN = True
+except ImportError:  # pragma: no cover - exercised in a scikit-learn-free environment
+    _SKLEARN = False
+
+    class ConvergenceWarning(UserWarning):  # type: ignore[no-redef]
+        """The solver stopped at ``max_iter`` before meeting ``tol``."""
+
+    class NotFittedError(ValueError, AttributeError):  # type: ignore[no-redef]
+        """The estimator is used before ``fit``."""
+
+    class BaseEstimator:  # type: ignore[no-redef]
+        """``get_params``/``set_params`` from the ``__init__`` signature, as scikit-learn's."""
+
+        @classmethod
+        def _get_param_names(cls) -> list[str]:
+            sig = inspect.signature(cls.__init__)
+            return sorted(p.name for p in sig.parameters.values() if p.name != "self")
+
+        def get_params(self, deep: bool = True) -> dict[str, Any]:
+            return {name: getattr(self, name) for name in self._get_param_names()}
+
+        def set_params(self, **params: Any) -> "BaseEstimator":
+            valid = self._get_param_names()
+            for name, value in params.items():
+                if name not in valid:
+                    raise ValueError(f"invalid parameter {name!r} for {type(self).__name__}; valid: {valid}")
+                setattr(self, name, value)
+            return self
+
+        def __repr__(self) -> str:
+            args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+            return f"{type(self).__name__}({args})"
+
+    class TransformerMixin:  # type: ignore[no-redef]
+        pass
+
+    class ClassNamePrefixFeaturesOutMixin:  # type: ignore[no-redef]
+        def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+            check_is_fitted(self)
+            prefix = type(self).__name__.lower()
+            return np.asarray([f"{prefix}{i}" for i in range(self._n_features_out)], dtype=object)
+
+    def check_is_fitted(estimator: Any, attributes: Any = None) -> None:  # type: ignore[no-redef]
+        if not hasattr(estimator, "components_"):
+            raise NotFittedError(f"This {type(estimator).__name__} instance is not fitted yet; call 'fit' first.")
+
+
+_INITS = (None, "random", "nndsvda", "constant", "custom")
+
+
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Non-negative matrix factorisation by multiplicative updates, scikit-learn style.
+
+    ``X ≈ W H``: ``fit_transform`` returns ``W``, ``components_`` holds ``H``.
+    One iteration updates W, then H with the new W (scikit-learn's order),
+    on fastmu's fused kernels (:func:`fastmu.mu` with ``A = W``, ``S = H``).
+
+    Parameters
+    ----------
+    n_components : int, "auto" or None, default None
+        Rank. None: ``n_features``. "auto": taken from ``W``/``H`` with
+        ``init="custom"``, else ``n_features``.
+    init : {None, "random", "nndsvda", "constant", "custom"}, default None
+        Start. None: ``"nndsvda"`` when ``n_components <= min(n_samples,
+        n_features)``, else ``"random"`` (scikit-learn's rule). ``"random"``
+        draws scikit-learn's start (the same numbers for the same integer
+        seed); ``"custom"`` takes ``W`` and ``H`` passed to ``fit``.
+    solver : {"mu"}, default "mu"
+        Accepted for drop-in use; only multiplicative updates are implemented.
+    beta_loss : {"frobenius", 2}, default "frobenius"
+        Accepted for drop-in use; only the Frobenius loss is implemented.
+    tol : float, default 1e-4
+        Stop when ``(previous − current) / initial`` residual norm, checked
+        every 10 iterations, falls below ``tol`` (0: run ``max_iter``).
+    max_iter : int, default 200
+    random_state : int, RandomState or None
+        Seed of the random start.
+    verbose : int, default 0
+        Above 0: a progress bar over the iterations.
+    backend : {"auto", "cpu", "cuda", "torch"}, default "auto"
+        Where the updates run (see :func:`fastmu.mu`): host arrays on the CPU
+        kernels, GPU arrays on the CUDA kernels.
+    eps : float, default :data:`fastmu.EPS`
+        Added to every denominator.
+
+    Attributes
+    ----------
+    components_ : array (n_components, n_features)
+        H, in the kind of array ``fit`` was given.
+    n_components_ : int
+    reconstruction_err_ : float
+        ``‖X − W H‖`` (Frobenius) at the end of ``fit``.
+    n_iter_ : int
+        Iterations run by ``fit``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Only when ``X`` had string column names (a DataFrame).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastmu import NMF
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.random((500, 3)) @ rng.random((3, 40))
+    >>> model = NMF(n_components=3, init="random", random_state=0, max_iter=500)
+    >>> W = model.fit_transform(X)
+    >>> W.shape, model.components_.shape
+    ((500, 3), (3, 40))
+    >>> bool(model.reconstruction_err_ / np.linalg.norm(X) < 0.05)
+    True
+    """
+
+    def __init__(
+        self,
+        n_components: int | str | None = None,
+        *,
+        init: str | None = None,
+        solver: str = "mu",
+        beta_loss: str | int = "frobenius",
+        tol: float = 1e-4,
+        max_iter: int = 200,
+        random_state: Any = None,
+        verbose: int = 0,
+        backend: str = "auto",
+        eps: float = EPS,
+    ) -> None:
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.beta_loss = beta_loss
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.verbose = verbose
+        self.backend = backend
+        self.eps = eps
+
+    # -- scikit-learn protocol -------------------------------------------------
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    @property
+    def _n_features_out(self) -> int:
+        return int(self.components_.shape[0])
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(self, X: Any, y: Any = None, **params: Any) -> "NMF":
+        """Learn ``components_`` from X (n_samples, n_features); returns self.
+
+        ``W`` and ``H`` may be passed with ``init="custom"``.
+        """
+        self.fit_transform(X, **params)
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None, W: Any = None, H: Any = None) -> Any:
+        """Learn the factorisation of X and return W (n_samples, n_components).
+
+        Parameters
+        ----------
+        X : array (n_samples, n_features)
+            Non-negative; NumPy (or anything NumPy converts, e.g. a DataFrame),
+            torch or CuPy.
+        y : ignored
+        W, H : arrays, optional
+            The start, with ``init="custom"`` (both required then).
+        """
+        from fastmu.solver import solve
+
+        self._check_params()
+        X = self._validate_X(X, reset=True)
+        n_samples, n_features = X.shape
+        n = self._rank(n_features, W, H)
+        init = self.init
+        if init is None:
+            init = "nndsvda" if n <= min(n_samples, n_features) else "random"
+        if init == "custom":
+            if W is None or H is None:
+                raise ValueError("init='custom' needs both W and H passed to fit / fit_transform")
+            A0, S0, init = W, H, "random"
+        else:
+            if W is not None or H is not None:
+                raise ValueError(f"W and H are used only with init='custom', not init={self.init!r}")
+            A0 = S0 = None
+        tol = float(self.tol)
+        max_iter = int(self.max_iter)
+        run = dict(tol=tol if tol > 0 else None, eps=self.eps, backend=self.backend,
+                   progress=bool(self.verbose), tol_on_norm=True)
+        if n_samples <= n_features:
+            A, S, n_iter = solve(X, None if A0 is not None else n, A0=A0, S0=S0, n_iter=max_iter, init=init,
+                                 random_state=self.random_state, **run)
+        else:
+            A, S, n_iter = self._fit_tall(X, n, A0, S0, init, max_iter, run)
+        if tol > 0 and n_iter == self.max_iter:
+            warnings.warn(f"Maximum number of iterations {self.max_iter} reached. Increase it to improve "
+                          "convergence.", ConvergenceWarning, stacklevel=2)
+        self.components_ = S
+        self.n_components_ = int(S.shape[0])
+        self.n_iter_ = int(n_iter)
+        self.reconstruction_err_ = _frobenius(X, A, S)
+        return A
+
+    def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
+                  run: dict[str, Any]) -> tuple[Any, Any, int]:
+        """fit for ``n_samples > n_features``, on ``Xᵀ`` (features × samples).
+
+        fastmu's kernels stream over the second axis of X (pixels): a tall X
+        in scikit-learn's orientation (pixels as samples) has few columns to
+        stream over. On ``Xᵀ ≈ Hᵀ Wᵀ`` fastmu updates Hᵀ first, so the
+        scikit-learn sequence ``W₁, H₁, W₂, …, W_k, H_k`` is kept by updating
+        W once before (from scikit-learn's start) and H once after: the
+        iterates are scikit-learn's. Only the ``tol`` checks fall half an
+        iteration later (at ``(W_{i+1}, H_i)`` rather than ``(W_i, H_i)``).
+        """
+        from fastmu.interop import numpy_to_kind
+        from fastmu.solver import _host, initial_factors, solve
+
+        eps = float(self.eps)
+        if W0 is None:  # scikit-learn's start for X itself, as the direct path draws it
+            host = _host(X[None], array_kind(X))
+            A_h, S_h = initial_factors(host.mean(axis=(1, 2)), X.shape[0], X.shape[1], n, init,
+                                       self.random_state, X=host if init == "nndsvda" else None)
+            W0 = numpy_to_kind(np.ascontiguousarray(A_h[0], dtype=_np_dtype(X)), array_kind(X), X)
+            H0 = numpy_to_kind(np.ascontiguousarray(S_h[0], dtype=_np_dtype(X)), array_kind(X), X)
+        else:
+            W0, H0 = _cast_like(_as_kind(W0, X), X), _cast_like(_as_kind(H0, X), X)
+        if run["tol"] is not None:  # scikit-learn's scale: the residual at its start
+            run = dict(run, tol_initial=_frobenius(X, W0, H0))
+        W = W0 * ((X @ H0.T) / (W0 @ (H0 @ H0.T) + eps))  # W₁
+        Ht, Wt, done = solve(_transposed(X), A0=_transposed(H0), S0=_transposed(W), n_iter=max_iter - 1, **run)
+        W, H = _transposed(Wt), _transposed(Ht)
+        H = H * ((W.T @ X) / ((W.T @ W) @ H + eps))  # H_k
+        return W, H, done + 1
+
+    def transform(self, X: Any) -> Any:
+        """W for new data with ``components_`` fixed: multiplicative updates of W alone, from
+        scikit-learn's constant start, with the same ``tol`` and ``max_iter``."""
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        H = self.components_
+        if array_kind(X) != array_kind(H):
+            raise TypeError(f"X is a {array_kind(X)} array but the model was fitted on {array_kind(H)} "
+                            "arrays; pass the same kind")
+        X = _cast_like(X, H)
+        return _solve_w(X, H, int(self.max_iter), float(self.tol), float(self.eps))
+
+    def inverse_transform(self, X: Any) -> Any:
+        """``X @ components_``: data from a transform (n_samples, n_components)."""
+        check_is_fitted(self)
+        W = X
+        if array_kind(W) == "numpy":
+            W = np.asarray(W)
+        if W.ndim != 2 or W.shape[1] != self.n_components_:
+            raise ValueError(f"expected an array of shape (n_samples, {self.n_components_}), got {tuple(W.shape)}")
+        return _cast_like(W, self.components_) @ self.components_
+
+    # -- checks ----------------------------------------------------------------
+    def _check_params(self) -> None:
+        if self.solver != "mu":
+            raise ValueError(f"fastmu implements solver='mu' only, got solver={self.solver!r} "
+                             "(use sklearn.decomposition.NMF for coordinate descent)")
+        if self.beta_loss not in ("frobenius", 2):
+            raise ValueError(f"fastmu implements beta_loss='frobenius' only, got {self.beta_loss!r}")
+        if self.init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not math.isfinite(self.tol)
+                or self.tol < 0):
+            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        nc = self.n_components
+        if not (nc is None or nc == "auto" or (isinstance(nc, numbers.Integral) and not isinstance(nc, bool)
+                                                and nc >= 1)):
+            raise ValueError(f"n_components must be None, 'auto' or an integer >= 1, got {nc!r}")
+
+    def _rank(self, n_features: int, W: Any, H: Any) -> int:
+        nc = self.n_components
+        if nc == "auto" and self.init == "custom" and H is not None:
+            return int(H.shape[0])
+        if nc is None or nc == "auto":
+            return n_features
+        return int(nc)
+
+    def _validate_X(self, X: Any, reset: bool) -> Any:
+        """X as a 2-D array of its own kind; feature counts (and names) recorded or checked."""
+        kind = array_kind(X)
+        if kind == "numpy":
+            if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+                raise TypeError("fastmu.NMF does not support sparse input; pass a dense array (X.toarray())")
+            if _SKLEARN:
+                X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=1,
+                                  ensure_min_features=1)
+            else:
+                X = np.asarray(X)
+                if X.dtype.kind != "f":
+                    X = X.astype(np.float64)
+            _check_2d(X)
+        else:
+            _check_2d(X)
+        if X.size and float(X.min()) < 0:  # scikit-learn's message, for code that matches on it
+            raise ValueError(f"Negative values in data passed to {type(self).__name__} (input X): "
+                             f"its minimum is {float(X.min()):.6g}")
+        n_features = int(X.shape[1])
+        if reset:
+            self.n_features_in_ = n_features
+        elif n_features != self.n_features_in_:
+            raise ValueError(f"X has {n_features} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input.")
+        if min(X.shape) == 0:
+            raise ValueError(f"X has shape {tuple(X.shape)}: needs at least one sample and one feature")
+        return X
+
+
+def _check_2d(X: Any) -> None:
+    if X.ndim != 2:
+        raise ValueError(f"fastmu.NMF takes a 2-D X (n_samples, n_features), got shape {tuple(X.shape)}; "
+                         "fastmu.mu factorises batches of problems")
+
+
+def _np_dtype(X: Any) -> np.dtype:
+    return np.dtype(str(X.dtype).replace("torch.", ""))
+
+
+def _as_kind(F: Any, X: Any) -> Any:
+    """``F`` (a start the caller passed) as X's kind of array; other kinds are an error."""
+    if array_kind(F) != array_kind(X):
+        raise TypeError(f"W and H must be the same kind of array as X ({array_kind(X)}), got {array_kind(F)}")
+    return np.asarray(F) if array_kind(F) == "numpy" else F
+
+
+def _transposed(X: Any) -> Any:
+    """A C-contiguous copy of ``X.T``, in X's kind."""
+    if array_kind(X) == "torch":
+        return X.T.contiguous()
+    if array_kind(X) == "cupy":
+        import cupy
+
+        return cupy.ascontiguousarray(X.T)
+    return np.ascontiguousarray(X.T)
+
+
+def _cast_like(X: Any, ref: Any) -> Any:
+    """X in ``ref``'s dtype (a new array only when it differs)."""
+    if array_kind(X) == "torch":
+        return X.to(ref.dtype)
+    return X.astype(ref.dtype, copy=False)
+
+
+def _frobenius(X: Any, W: Any, H: Any) -> float:
+    """``‖X − W H‖`` (Frobenius), computed on X's device."""
+    R = X - W @ H
+    return float(math.sqrt(float((R * R).sum())))
+
+
+def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:
+    """W ≥ 0 minimising ``‖X − W H‖`` with H fixed, by multiplicative updates of W alone.
+
+    ``X Hᵀ`` and ``H Hᵀ`` are formed once, so an iteration costs
+    O(n_samples · n_components²) and never reads X again; the residual norm for
+    ``tol`` comes from the same products.
+    """
+    n = H.shape[0]
+    kind = array_kind(X)
+    mean = float(X.mean())
+    XHt = X @ H.T
+    HHt = H @ H.T
+    x2 = float((X * X).sum())
+    W = XHt * 0 + math.sqrt(mean / n)  # scikit-learn's start for transform, in X's kind and dtype
+
+    def norm(W: Any) -> float:
+        f = x2 - 2.0 * float((W * XHt).sum()) + float(((W.T @ W) * HHt).sum())
+        return math.sqrt(max(f, 0.0))
+
+    e_init = e_prev = norm(W) if tol > 0 else 0.0
+    for it in range(1, max_iter + 1):
+        W = W * (XHt / (W @ HHt + eps))
+        if tol > 0 and it % 10 == 0:
+            e = norm(W)
+            if (e_prev - e) / (e_init if e_init > 0 else 1.0) < tol:
+                break
+            e_prev = e
+    if kind == "torch" and W.requires_grad:  # pragma: no cover - inputs are data, not parameters
+        W = W.detach()
+    return W
+
+
+__all__ = ["NMF"]
