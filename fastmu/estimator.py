@@ -211,7 +211,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if init == "custom":
             if W is None or H is None:
                 raise ValueError("init='custom' needs both W and H passed to fit / fit_transform")
-            A0, S0, init = W, H, "random"
+            A0, S0, init = _check_start(W, H, X, n), H, "random"
         else:
             if W is not None or H is not None:
                 raise ValueError(f"W and H are used only with init='custom', not init={self.init!r}")
@@ -349,6 +349,21 @@ def _check_2d(X: Any) -> None:
     if X.ndim != 2:
         raise ValueError(f"fastmu.NMF takes a 2-D X (n_samples, n_features), got shape {tuple(X.shape)}; "
                          "fastmu.mu factorises batches of problems")
+
+
+def _check_start(W: Any, H: Any, X: Any, n: int) -> Any:
+    """W (after checking W and H) for ``init="custom"``: X's kind, shapes ``(n_samples, n)`` and
+    ``(n, n_features)``, finite and non-negative; ValueError/TypeError naming the problem."""
+    n_samples, n_features = X.shape
+    for name, F, want in (("W", W, (n_samples, n)), ("H", H, (n, n_features))):
+        F = _as_kind(F, X)
+        if tuple(F.shape) != want:
+            raise ValueError(f"{name} has shape {tuple(F.shape)}, expected {want} for X of shape "
+                             f"{tuple(X.shape)} and n_components={n}")
+        lo = float(F.min()) if F.size else 0.0
+        if not math.isfinite(float(F.sum())) or lo < 0:
+            raise ValueError(f"{name} must be finite and non-negative (its minimum is {lo:.6g})")
+    return W
 
 
 def _np_dtype(X: Any) -> np.dtype:

@@ -152,6 +152,18 @@ def test_bad_input():
     scipy_sparse = pytest.importorskip("scipy.sparse")
     with pytest.raises(TypeError, match="sparse"):
         NMF(2).fit(scipy_sparse.csr_matrix(X))
+    for shape in ((120, 30), (30, 120)):  # the direct path and the tall one check the start alike
+        Xs = _data(*shape)
+        good_W, good_H = np.ones((shape[0], 2)), np.ones((2, shape[1]))
+        custom = NMF(2, init="custom", max_iter=5)
+        with pytest.raises(ValueError, match=r"W has shape \(3, 2\)"):
+            custom.fit(Xs, W=np.ones((3, 2)), H=good_H)
+        with pytest.raises(ValueError, match="H has shape"):
+            custom.fit(Xs, W=good_W, H=np.ones((3, shape[1])))
+        with pytest.raises(ValueError, match="H must be finite and non-negative"):
+            custom.fit(Xs, W=good_W, H=-good_H)
+        with pytest.raises(ValueError, match="W must be finite"):
+            custom.fit(Xs, W=good_W * np.nan, H=good_H)
     with pytest.raises(ValueError, match="needs both W and H"):
         NMF(2, init="custom").fit(X)
     with pytest.raises(ValueError, match="only with init='custom'"):
