@@ -12,6 +12,7 @@ problem in grid mode, and several row chunks of X in the P reduction.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -423,6 +424,24 @@ def test_mu_backend_cuda_host_arrays(dtype):
     # 2-D in, 2-D out, and the tolerance path (objective from P, G) runs
     A2, S2 = fastmu.mu(X[0], 3, backend="cuda", n_iter=4, tol=1e-9, check_every=2, random_state=0)
     assert A2.shape == (6, 3) and S2.shape == (3, 70)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6)])
+def test_estimator_backend_cuda(shape):
+    """fastmu.NMF(backend="cuda") on host arrays, a wide X and a tall one (run on Xᵀ): the same
+    fit as on the CPU backend, with the tol path (the norm's decrease) running on the device."""
+    import fastmu
+
+    rng = np.random.default_rng(13)
+    X = rng.random((shape[0], 3)) @ rng.random((3, shape[1]))
+    kw = dict(n_components=3, init="random", random_state=0, max_iter=12, tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter reached: ConvergenceWarning
+        gpu, cpu = fastmu.NMF(backend="cuda", **kw), fastmu.NMF(backend="cpu", **kw)
+        W_g, W_c = gpu.fit_transform(X), cpu.fit_transform(X)
+    assert gpu.n_iter_ == cpu.n_iter_ == 12
+    np.testing.assert_allclose(W_g, W_c, **TOL[np.float64])
+    np.testing.assert_allclose(gpu.components_, cpu.components_, **TOL[np.float64])
 
 
 def test_mu_backend_cuda_default_layout():
