@@ -847,10 +847,10 @@ def _build(
     def sweep_regs(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c0, cstep, c1, m, t, eps, update, accumulate,
                    tid):
         """:func:`sweep` with ``"regs"`` staging: warp ``g`` holds rows ``g·RPG ...`` of the
-        tile's 32 pixel columns (one column per lane) in registers.
+        tile's ``PPL·32`` pixel columns (lane ``l`` has columns ``l, l + 32, ...``) in registers.
 
-        Per tile: every thread loads its RPG values of X at once and forms its
-        rows' share of ``A'ᵀX_j``; after a barrier the threads of components
+        Per tile: every thread loads its ``PPL·RPG`` values of X at once and forms
+        its rows' share of ``A'ᵀX_j`` for each of its columns; after a barrier the threads of components
         ``k ≡ g (mod RG)`` sum the warps' shares and update ``S'_kj``; after a
         second barrier every thread adds ``x·S'_j`` to its rows' P partials and
         the component threads add row k of ``S'_j S'_jᵀ`` to theirs. The
