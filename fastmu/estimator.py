@@ -247,13 +247,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         iteration later (at ``(W_{i+1}, H_i)`` rather than ``(W_i, H_i)``).
         """
         from fastmu.interop import numpy_to_kind
-        from fastmu.solver import _host, initial_factors, solve
+        from fastmu.solver import _host, _per_problem_means, initial_factors, solve
 
         eps = float(self.eps)
         if W0 is None:  # scikit-learn's start for X itself, as the direct path draws it
-            host = _host(X[None], array_kind(X))
-            A_h, S_h = initial_factors(host.mean(axis=(1, 2)), X.shape[0], X.shape[1], n, init,
-                                       self.random_state, X=host if init == "nndsvda" else None)
+            kind = array_kind(X)
+            # only NNDSVDa needs X on the host (its SVD); the others need its mean
+            A_h, S_h = initial_factors(_per_problem_means(X[None], kind), X.shape[0], X.shape[1], n, init,
+                                       self.random_state, X=_host(X[None], kind) if init == "nndsvda" else None)
             W0 = numpy_to_kind(np.ascontiguousarray(A_h[0], dtype=_np_dtype(X)), array_kind(X), X)
             H0 = numpy_to_kind(np.ascontiguousarray(S_h[0], dtype=_np_dtype(X)), array_kind(X), X)
         else:
@@ -409,7 +410,6 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:
     ``tol`` comes from the same products.
     """
     n = H.shape[0]
-    kind = array_kind(X)
     mean = float(X.mean())
     XHt = X @ H.T
     HHt = H @ H.T
@@ -428,8 +428,6 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:
             if (e_prev - e) / (e_init if e_init > 0 else 1.0) < tol:
                 break
             e_prev = e
-    if kind == "torch" and W.requires_grad:  # pragma: no cover - inputs are data, not parameters
-        W = W.detach()
     return W
 
 

@@ -615,6 +615,13 @@ def _build(
     if regs:
         xrows, xcols = RG * n, TWP  # the warps' partial A'ᵀX_j
         load_rows, share_rows, sum_shares = regs_helpers(dtype_name, n, RG, RPG, exact)
+
+        @(cuda.jit(device=True) if _in_simulator() else cuda.jit(device=True, forceinline=True))
+        def load_tile(X, p, row0, c, lane, m, t, xr):
+            """Tile ``c``'s values of X for this thread (its ``PPL`` pixels, 32 apart) into ``xr``."""
+            for q in range(PPL):
+                j = c * TWP + q * TW + lane
+                load_rows(X, p, row0, j, j < t, m, xr, q * RPG)
     # Cap registers at 128 per thread (at least 512 resident threads per SM;
     # ``occ`` raises that):
     # unbounded, NVVM unrolls the reductions up to ~220-240 registers, which
@@ -874,9 +881,7 @@ def _build(
             gl[q] = 0
         ntiles = min((t + TWP - 1) // TWP, c1)  # tiles below c1 only
         if PREFETCH and c0 < ntiles:
-            for q in range(PPL):
-                jn = c0 * TWP + q * TW + lane
-                load_rows(X, p, row0, jn, jn < t, m, xn, q * RPG)
+            load_tile(X, p, row0, c0, lane, m, t, xn)
         for c in range(c0, ntiles, cstep):
             base = c * TWP
             if PREFETCH:
@@ -884,13 +889,9 @@ def _build(
                     xr[v] = xn[v]
                 cn = c + cstep
                 if cn < ntiles:  # in flight through this tile's barriers and arithmetic
-                    for q in range(PPL):
-                        jn = cn * TWP + q * TW + lane
-                        load_rows(X, p, row0, jn, jn < t, m, xn, q * RPG)
+                    load_tile(X, p, row0, cn, lane, m, t, xn)
             else:
-                for q in range(PPL):  # all of the thread's loads in flight together
-                    jq = base + q * TW + lane
-                    load_rows(X, p, row0, jq, jq < t, m, xr, q * RPG)
+                load_tile(X, p, row0, c, lane, m, t, xr)  # all of the thread's loads in flight together
             for q in range(PPL):  # pixel q·32 + lane of the tile
                 col = q * TW + lane
                 j = base + col
