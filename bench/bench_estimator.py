@@ -1,13 +1,18 @@
-"""fastmu.NMF beside scikit-learn's NMF(solver="mu"): the same fit, side by side.
+"""fastmu.NMF beside scikit-learn's NMF, solver="mu" and solver="cd": the same fit, side by side.
 
 The paper's scene in both orientations: tall (pixels as samples, 16384 × 65:
 how scikit-learn users hold hyperspectral data) and wide (65 × 16384), rank
-4, a fixed number of iterations (``tol=0``), scikit-learn's random start. The
-two estimators take turns after a warm-up (fastmu's compiles its kernels), and
+4, a fixed number of iterations (``tol=0``), scikit-learn's random start. For
+each solver the two estimators (``NMF(solver=s)`` from fastmu and from
+scikit-learn) take turns after a warm-up (fastmu's compiles its kernels), and
 the median fit is the figure; both factorisations are checked to agree.
 
-    python bench/bench_estimator.py [--iters 1000] [--repeats 5] [--dtype float32]
-                                    [--out bench/results/estimator_cpu.json]
+    python bench/bench_estimator.py [--solver {mu,cd,both}] [--iters 1000] [--repeats 5]
+                                    [--dtype float32] [--out bench/results/estimator_cpu.json]
+
+In the JSON, ``shapes`` holds one entry per solver and orientation: ``tall``
+and ``wide`` for solver="mu" (the keys of earlier runs), ``tall-cd`` and
+``wide-cd`` for solver="cd"; each entry names its ``solver``.
 """
 from __future__ import annotations
 
@@ -21,7 +26,11 @@ from typing import Any
 import numpy as np
 
 
-def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: int = 4) -> dict[str, Any]:
+SOLVERS = ("mu", "cd")
+
+
+def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: int = 4,
+        solvers: tuple[str, ...] = SOLVERS) -> dict[str, Any]:
     from sklearn.decomposition import NMF as SkNMF
 
     from fastmu import NMF
@@ -30,11 +39,16 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
     rng = np.random.default_rng(0)
     X_wide = (rng.random((m, n)) @ rng.random((n, t)) + 0.01 * rng.random((m, t))).astype(dtype)
     res: dict[str, Any] = {"suite": "estimator", "machine": machine_info(),
-                           "workload": {"iters": iters, "repeats": repeats, "dtype": dtype, "rank": n}, "shapes": {}}
-    for name, X in (("tall", np.ascontiguousarray(X_wide.T)), ("wide", X_wide)):
+                           "workload": {"iters": iters, "repeats": repeats, "dtype": dtype, "rank": n,
+                                        "solvers": list(solvers)}, "shapes": {}}
+    cases = [(solver, orient) for solver in solvers for orient in ("tall", "wide")]
+    for solver, orient in cases:
+        X = np.ascontiguousarray(X_wide.T) if orient == "tall" else X_wide
+        name = orient if solver == "mu" else f"{orient}-{solver}"
+        kw = dict(init="random", solver=solver, random_state=0, tol=0, max_iter=iters)
         makers = {
-            "fastmu": lambda: NMF(n, init="random", random_state=0, tol=0, max_iter=iters),
-            "sklearn": lambda: SkNMF(n, init="random", solver="mu", random_state=0, tol=0, max_iter=iters),
+            "fastmu": lambda kw=kw: NMF(n, **kw),
+            "sklearn": lambda kw=kw: SkNMF(n, **kw),
         }
         W = {k: make().fit_transform(X) for k, make in makers.items()}  # warm-up (kernel compilation)
         times: dict[str, list[float]] = {k: [] for k in makers}
@@ -47,6 +61,7 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
         med = {k: statistics.median(v) for k, v in times.items()}
         scale = float(np.abs(W["sklearn"]).max())
         res["shapes"][name] = {
+            "solver": solver,
             "shape": list(X.shape),
             "seconds": times,
             "median_s": med,
@@ -59,6 +74,8 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--solver", default="both", choices=["mu", "cd", "both"],
+                    help="which solver to time, fastmu's against scikit-learn's (default: both)")
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -66,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's ConvergenceWarning-free at tol=0; threadpool notes
-        res = run(args.iters, args.repeats, args.dtype)
+        res = run(args.iters, args.repeats, args.dtype,
+                  solvers=SOLVERS if args.solver == "both" else (args.solver,))
     for name, r in res["shapes"].items():
-        print(f"{name:5s} {tuple(r['shape'])}: fastmu {r['median_s']['fastmu'] * 1e3:8.1f} ms, "
+        orient = name.split("-")[0]
+        print(f"{r['solver']:2s} {orient:4s} {tuple(r['shape'])}: fastmu {r['median_s']['fastmu'] * 1e3:8.1f} ms, "
               f"scikit-learn {r['median_s']['sklearn'] * 1e3:8.1f} ms -> {r['speedup_median']:.2f}x "
               f"(best {r['speedup_best']:.2f}x); |ΔW|/max|W| = {r['max_abs_diff_W_relative']:.1e}")
     if args.out:

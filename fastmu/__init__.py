@@ -12,11 +12,15 @@ EPS
 metrics
     SAD (mean cosine similarity), spectral angle, RMSE/NMSE, Hungarian matching.
 NMF
-    scikit-learn-style estimator over ``mu`` (a drop-in for ``sklearn.decomposition.NMF(solver="mu")``).
+    scikit-learn-style estimator (a drop-in for ``sklearn.decomposition.NMF``, solvers "mu" and "cd").
 NALMU, ALMU
     Learned unrolled MU models (``torch.nn.Module``).
 data, nn, losses
     Data generation, differentiable layers, the paper's loss.
+baselines
+    The methods the paper compares with: coordinate-descent NMF, DNMF, SNMF-Net.
+training, experiments
+    Training with the paper's loss; the paper's Tables I-II and Fig. 2.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ _LAZY = {
     "NALMU": ("fastmu.nn.models", "NALMU"),
     "ALMU": ("fastmu.nn.models", "ALMU"),
 }
-_SUBMODULES = {"metrics", "data", "nn", "losses", "solver", "reference", "interop", "dispatch"}
+_SUBMODULES = {"metrics", "data", "nn", "losses", "solver", "reference", "interop", "dispatch", "baselines",
+               "training", "experiments"}
 
 __all__ = ["EPS", "__version__", *sorted(_LAZY), *sorted(_SUBMODULES)]
 

@@ -1,11 +1,13 @@
-"""``fastmu.NMF``: a scikit-learn-style estimator over :func:`fastmu.mu`.
+"""``fastmu.NMF``: a scikit-learn-style estimator over :func:`fastmu.mu` and
+:func:`fastmu.baselines.cd`.
 
-A drop-in for ``sklearn.decomposition.NMF(solver="mu")`` with the Frobenius
-loss: ``X ≈ W H`` for ``X`` of shape (n_samples, n_features), ``W`` (the
-transform) of shape (n_samples, n_components) and ``H`` (``components_``) of
-shape (n_components, n_features). The factorisation runs on fastmu's fused
-kernels; NumPy, torch (CPU or CUDA) and CuPy arrays go in and the same kind
-comes out (``components_`` too), without copies on the GPU.
+A drop-in for ``sklearn.decomposition.NMF(solver="mu")`` and
+``NMF(solver="cd")`` with the Frobenius loss: ``X ≈ W H`` for ``X`` of shape
+(n_samples, n_features), ``W`` (the transform) of shape (n_samples,
+n_components) and ``H`` (``components_``) of shape (n_components,
+n_features). Multiplicative updates run on fastmu's fused kernels,
+coordinate descent on torch; NumPy, torch (CPU or CUDA) and CuPy arrays go in
+and the same kind comes out (``components_`` too), without copies on the GPU.
 
 With scikit-learn installed the class is a real scikit-learn estimator
 (``BaseEstimator``, ``TransformerMixin``): ``clone``, pipelines, grid search,
@@ -14,11 +16,12 @@ small stand-in for ``get_params``/``set_params``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -78,14 +81,18 @@ except ImportError:  # pragma: no cover - exercised in a scikit-learn-free envir
 
 
 _INITS = (None, "random", "nndsvda", "constant", "custom")
+_SOLVERS = ("mu", "cd")
 
 
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
-    """Non-negative matrix factorisation by multiplicative updates, scikit-learn style.
+    """Non-negative matrix factorisation, scikit-learn style (Frobenius loss).
 
     ``X ≈ W H``: ``fit_transform`` returns ``W``, ``components_`` holds ``H``.
-    One iteration updates W, then H with the new W (scikit-learn's order),
-    on fastmu's fused kernels (:func:`fastmu.mu` with ``A = W``, ``S = H``).
+    One iteration updates W, then H with the new W (scikit-learn's order).
+    ``solver="mu"``: multiplicative updates on fastmu's fused kernels
+    (:func:`fastmu.mu` with ``A = W``, ``S = H``). ``solver="cd"``:
+    scikit-learn's coordinate descent (:func:`fastmu.baselines.cd`, on torch,
+    on X's device), with scikit-learn's stopping rule and iterates.
 
     Parameters
     ----------
@@ -97,23 +104,40 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         n_features)``, else ``"random"`` (scikit-learn's rule). ``"random"``
         draws scikit-learn's start (the same numbers for the same integer
         seed); ``"custom"`` takes ``W`` and ``H`` passed to ``fit``.
-    solver : {"mu"}, default "mu"
-        Accepted for drop-in use; only multiplicative updates are implemented.
+    solver : {"mu", "cd"}, default "mu"
+        ``"mu"``: multiplicative updates. ``"cd"``: cyclic coordinate descent
+        (scikit-learn's update, without regularisation); each iteration
+        sweeps the components of W, then those of H.
     beta_loss : {"frobenius", 2}, default "frobenius"
         Accepted for drop-in use; only the Frobenius loss is implemented.
     tol : float, default 1e-4
-        Stop when ``(previous − current) / initial`` residual norm, checked
-        every 10 iterations, falls below ``tol`` (0: run ``max_iter``).
+        ``solver="mu"``: stop when ``(previous − current) / initial``
+        residual norm, checked every 10 iterations, falls below ``tol`` (0:
+        run ``max_iter``). ``solver="cd"``: stop after the first iteration
+        whose summed |projected gradient| over the coordinates it updated,
+        divided by the first iteration's, is ``<= tol`` (or once the first
+        iteration's is 0); with ``tol=0`` it runs ``max_iter`` unless that
+        sum reaches exactly 0 (scikit-learn's rule, both).
     max_iter : int, default 200
     random_state : int, RandomState or None
-        Seed of the random start.
+        Seed of the random start, and with ``shuffle=True`` of the order of
+        the components (scikit-learn's use of it, both).
     verbose : int, default 0
         Above 0: a progress bar over the iterations.
+    shuffle : bool, default False
+        ``solver="cd"`` only: visit the components in a random order, a new
+        permutation for every sweep, drawn as scikit-learn draws them (from
+        ``random_state``: the same orders for the same integer seed). With a
+        ``RandomState`` instance and an NNDSVDa start this is refused:
+        scikit-learn's randomized SVD draws from the instance before the
+        permutations, fastmu's exact SVD does not, so the orders would differ.
     backend : {"auto", "cpu", "cuda", "torch"}, default "auto"
-        Where the updates run (see :func:`fastmu.mu`): host arrays on the CPU
-        kernels, GPU arrays on the CUDA kernels.
+        Where multiplicative updates run (see :func:`fastmu.mu`): host arrays
+        on the CPU kernels, GPU arrays on the CUDA kernels. ``solver="cd"``
+        always runs on torch, on X's device.
     eps : float, default :data:`fastmu.EPS`
-        Added to every denominator.
+        Added to every denominator of the multiplicative updates (unused by
+        ``solver="cd"``, which has none).
 
     Attributes
     ----------
@@ -140,6 +164,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     ((500, 3), (3, 40))
     >>> bool(model.reconstruction_err_ / np.linalg.norm(X) < 0.05)
     True
+    >>> cd = NMF(n_components=3, solver="cd", init="random", random_state=0).fit(X)
+    >>> bool(cd.reconstruction_err_ / np.linalg.norm(X) < 0.05)
+    True
     """
 
     def __init__(
@@ -153,6 +180,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         max_iter: int = 200,
         random_state: Any = None,
         verbose: int = 0,
+        shuffle: bool = False,
         backend: str = "auto",
         eps: float = EPS,
     ) -> None:
@@ -164,6 +192,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
         self.verbose = verbose
+        self.shuffle = shuffle
         self.backend = backend
         self.eps = eps
 
@@ -220,7 +249,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         max_iter = int(self.max_iter)
         run = dict(tol=tol if tol > 0 else None, eps=self.eps, backend=self.backend,
                    progress=bool(self.verbose), tol_on_norm=True)
-        if n_samples <= n_features:
+        if self.solver == "cd":  # on X as given, either orientation: no transposed run needed
+            A, S, n_iter = self._fit_cd(X, n, A0, S0, init, max_iter, tol)
+        elif n_samples <= n_features:
             A, S, n_iter = solve(X, None if A0 is not None else n, A0=A0, S0=S0, n_iter=max_iter, init=init,
                                  random_state=self.random_state, **run)
         else:
@@ -233,6 +264,41 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.n_iter_ = int(n_iter)
         self.reconstruction_err_ = _frobenius(X, A, S)
         return A
+
+    def _fit_cd(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
+                tol: float) -> tuple[Any, Any, int]:
+        """fit for ``solver="cd"``: scikit-learn's ``_fit_coordinate_descent`` from fastmu's start.
+
+        ``tol`` goes to the solver even when 0, as scikit-learn applies its
+        rule then too (a sweep with no violation at all stops the run).
+        """
+        from fastmu.baselines.coordinate_descent import _solve
+
+        if not self.shuffle:
+            with _read_only_ok():
+                return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
+                              init=init, random_state=self.random_state, progress=bool(self.verbose))
+        import torch
+
+        from fastmu.dispatch import TorchEngine
+        from fastmu.solver import _cast, _check_X, _initial_factors
+
+        if isinstance(self.random_state, np.random.RandomState) and init == "nndsvda" and W0 is None:
+            raise ValueError("shuffle=True with a RandomState instance and an NNDSVDa start cannot follow "
+                             "scikit-learn: its randomized SVD draws from the instance before the component "
+                             "orders (fastmu's exact SVD does not); pass an integer random_state or another init")
+        kind, Xc, dtype, _ = _check_X(X)
+        with torch.no_grad(), _read_only_ok():
+            Xt = TorchEngine.adopt(_cast(Xc, kind, dtype), None)
+            # the start first, then the orders: scikit-learn's order of draws from a shared RandomState
+            A, S = _initial_factors(X, Xc, kind, dtype, None if W0 is not None else n, W0, H0, init,
+                                    self.random_state, TorchEngine, Xt)
+            Wt, H = A.mT.contiguous(), S.contiguous()
+            n_iter = _cd_iterations(Xt, Wt, H, max_iter, tol, update_H=True,
+                                    rng=_check_random_state(self.random_state), progress=bool(self.verbose))
+            W = TorchEngine.release(Wt.mT.contiguous(), kind, X)[0]
+            H = TorchEngine.release(H, kind, X)[0]
+        return W, H, n_iter
 
     def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
                   run: dict[str, Any]) -> tuple[Any, Any, int]:
@@ -268,8 +334,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return W, H, done + 1
 
     def transform(self, X: Any) -> Any:
-        """W for new data with ``components_`` fixed: multiplicative updates of W alone, from
-        scikit-learn's constant start, with the same ``tol`` and ``max_iter``."""
+        """W for new data with ``components_`` fixed, with the same ``tol`` and ``max_iter``:
+        as scikit-learn, ``solver="mu"`` runs multiplicative updates of W alone from a
+        constant start; ``solver="cd"`` runs coordinate descent on W alone from zeros, with
+        its stopping rule on W's sweeps only (and its ConvergenceWarning at ``max_iter``)."""
         check_is_fitted(self)
         X = self._validate_X(X, reset=False)
         H = self.components_
@@ -277,7 +345,29 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise TypeError(f"X is a {array_kind(X)} array but the model was fitted on {array_kind(H)} "
                             "arrays; pass the same kind")
         X = _cast_like(X, H)
+        if self.solver == "cd":
+            return self._transform_cd(X, H)
         return _solve_w(X, H, int(self.max_iter), float(self.tol), float(self.eps))
+
+    def _transform_cd(self, X: Any, H: Any) -> Any:
+        import torch
+
+        from fastmu.dispatch import TorchEngine
+
+        self._check_shuffle()
+        kind = array_kind(X)
+        max_iter, tol = int(self.max_iter), float(self.tol)
+        with torch.no_grad(), _read_only_ok():
+            Xt = TorchEngine.adopt(X, None)[None]
+            Ht = TorchEngine.adopt(H, Xt)[None]
+            Wt = torch.zeros((1, Ht.shape[1], Xt.shape[1]), dtype=Xt.dtype, device=Xt.device)
+            rng = _check_random_state(self.random_state) if self.shuffle else None
+            n_iter = _cd_iterations(Xt, Wt, Ht, max_iter, tol, update_H=False, rng=rng)
+            W = TorchEngine.release(Wt[0].mT.contiguous(), kind, X)
+        if tol > 0 and n_iter == max_iter:
+            warnings.warn(f"Maximum number of iterations {max_iter} reached. Increase it to improve "
+                          "convergence.", ConvergenceWarning, stacklevel=3)
+        return W
 
     def inverse_transform(self, X: Any) -> Any:
         """``X @ components_``: data from a transform (n_samples, n_components)."""
@@ -291,9 +381,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     # -- checks ----------------------------------------------------------------
     def _check_params(self) -> None:
-        if self.solver != "mu":
-            raise ValueError(f"fastmu implements solver='mu' only, got solver={self.solver!r} "
-                             "(use sklearn.decomposition.NMF for coordinate descent)")
+        if not isinstance(self.solver, str) or self.solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got solver={self.solver!r}")
+        self._check_shuffle()
         if self.beta_loss not in ("frobenius", 2):
             raise ValueError(f"fastmu implements beta_loss='frobenius' only, got {self.beta_loss!r}")
         if self.init not in _INITS:
@@ -307,6 +397,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if not (nc is None or nc == "auto" or (isinstance(nc, numbers.Integral) and not isinstance(nc, bool)
                                                 and nc >= 1)):
             raise ValueError(f"n_components must be None, 'auto' or an integer >= 1, got {nc!r}")
+
+    def _check_shuffle(self) -> None:
+        if not isinstance(self.shuffle, (bool, np.bool_)):
+            raise ValueError(f"shuffle must be a bool, got {self.shuffle!r}")
 
     def _rank(self, n_features: int, W: Any, H: Any) -> int:
         nc = self.n_components
@@ -400,6 +494,81 @@ def _frobenius(X: Any, W: Any, H: Any) -> float:
     """``‖X − W H‖`` (Frobenius), computed on X's device."""
     R = X - W @ H
     return float(math.sqrt(float((R * R).sum())))
+
+
+@contextlib.contextmanager
+def _read_only_ok() -> Iterator[None]:
+    """Silences torch's warning on wrapping a read-only NumPy array (X from a memory map, say):
+    coordinate descent only reads X, so its tensor view of X is safe."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        yield
+
+
+def _check_random_state(seed: Any) -> np.random.RandomState:
+    """scikit-learn's ``check_random_state``: None → NumPy's global RandomState, an integer →
+    a new RandomState of that seed, a RandomState → itself."""
+    if seed is None or seed is np.random:
+        return np.random.mtrand._rand
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return np.random.RandomState(int(seed))
+    if isinstance(seed, np.random.RandomState):
+        return seed
+    raise ValueError(f"random_state must be None, an integer or a numpy RandomState, got {seed!r}")
+
+
+def _cd_iterations(Xt: Any, Wt: Any, H: Any, max_iter: int, tol: float, *, update_H: bool,
+                   rng: np.random.RandomState | None, progress: bool = False) -> int:
+    """scikit-learn's ``_fit_coordinate_descent`` loop on torch, in place; returns ``n_iter``.
+
+    ``Xt (1, n_samples, n_features)``, ``Wt = Wᵀ (1, n, n_samples)`` and
+    ``H (1, n, n_features)``. Each iteration sweeps W's components (then H's
+    when ``update_H``) with :func:`fastmu.baselines.coordinate_descent._sweep`;
+    with ``rng``, each sweep visits them in the order of a fresh
+    ``rng.permutation(n)`` (W's drawn before H's), as scikit-learn's
+    ``shuffle=True``. Stops after the first iteration whose violation over
+    the first one's is ``<= tol``, or at once when the first one's is 0.
+    """
+    import torch
+
+    def sweep(F: Any, G: Any, P: Any) -> float:
+        from fastmu.baselines.coordinate_descent import _sweep
+
+        if rng is None:
+            return float(_sweep(F, G, P, True).sum())
+        # a sweep in the order p is the natural-order sweep of the permuted problem
+        p = torch.as_tensor(np.asarray(rng.permutation(F.shape[1]), dtype=np.int64), device=F.device)
+        Fp = F[:, p].contiguous()
+        v = float(_sweep(Fp, G[:, p][:, :, p].contiguous(), P[:, p].contiguous(), True).sum())
+        F[:, p] = Fp
+        return v
+
+    if not update_H:  # H is fixed: its Gram matrix and X Hᵀ once
+        G_w, P_w = torch.bmm(H, H.mT), torch.bmm(H, Xt.mT)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc="CD", unit="it")
+    violation_init = None
+    n_iter = 0
+    try:
+        for n_iter in range(1, max_iter + 1):
+            if update_H:
+                G_w, P_w = torch.bmm(H, H.mT), torch.bmm(H, Xt.mT)
+            violation = sweep(Wt, G_w, P_w)
+            if update_H:
+                violation += sweep(H, torch.bmm(Wt, Wt.mT), torch.bmm(Wt, Xt))
+            if bar is not None:
+                bar.update(1)
+            if violation_init is None:
+                violation_init = violation
+            if violation_init == 0 or violation / violation_init <= tol:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return n_iter
 
 
 def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:

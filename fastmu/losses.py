@@ -65,10 +65,15 @@ def mean_component_cosine(est: torch.Tensor, true: torch.Tensor, dim: int) -> to
 
 def _mean_cosine(est: torch.Tensor, true: torch.Tensor, true_norm: torch.Tensor, dim: int) -> torch.Tensor:
     # vecdot avoids the (b, n, t) product temporary; the truth's norms are
-    # computed once per loss, not once per layer.
+    # computed once per loss, not once per layer. float32 sums run in float64,
+    # as in the fused kernels: the norm of an estimate with entries below
+    # ~1e-19 underflows to 0 in float32 while its dot product with the truth
+    # does not, which would give cosines far above 1.
     tiny = torch.finfo(est.dtype).tiny
-    dot = torch.linalg.vecdot(est, true, dim=dim)
-    return (dot / (est.norm(dim=dim) * true_norm).clamp_min(tiny)).mean(dim=-1)
+    acc = torch.float64 if est.dtype == torch.float32 else est.dtype
+    e, t, tn = est.to(acc), true.to(acc), true_norm.to(acc)
+    dot = torch.linalg.vecdot(e, t, dim=dim)
+    return (dot / (e.norm(dim=dim) * tn).clamp_min(tiny)).mean(dim=-1).to(est.dtype)
 
 
 def unrolled_loss(

@@ -21,7 +21,9 @@ def test_readme_example_runs(i, tmp_path, monkeypatch):
     exec(compile(code, f"README.md python block {i}", "exec"), {})
 
 
-@pytest.mark.parametrize("module", ["fastmu.solver", "fastmu.estimator", "fastmu.nn.functional", "fastmu.nn.models"])
+@pytest.mark.parametrize("module", ["fastmu.solver", "fastmu.estimator", "fastmu.nn.functional", "fastmu.nn.models",
+                                    "fastmu.baselines.coordinate_descent", "fastmu.baselines.dnmf",
+                                    "fastmu.baselines.snmf_net"])
 def test_docstring_examples(module):
     import importlib
 

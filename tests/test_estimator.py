@@ -1,8 +1,9 @@
 """fastmu.NMF, the scikit-learn-style estimator: the scikit-learn contract, agreement with
-``sklearn.decomposition.NMF(solver="mu")`` (same start, same updates, same stopping rule),
-array kinds in and out, and bad input."""
+``sklearn.decomposition.NMF(solver="mu")`` and ``NMF(solver="cd")`` (same start, same
+updates, same stopping rule), array kinds in and out, and bad input."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -128,8 +129,12 @@ def test_bad_input():
     X = _data()
     with pytest.raises(NotFittedError):
         NMF(2).transform(X)
-    with pytest.raises(ValueError, match="solver='mu' only"):
-        NMF(2, solver="cd").fit(X)
+    for solver in ("pg", "CD", None):
+        with pytest.raises(ValueError, match="solver must be one of"):
+            NMF(2, solver=solver).fit(X)
+    for shuffle in ("yes", 1, None):
+        with pytest.raises(ValueError, match="shuffle must be a bool"):
+            NMF(2, solver="cd", shuffle=shuffle).fit(X)
     with pytest.raises(ValueError, match="frobenius"):
         NMF(2, beta_loss="kullback-leibler").fit(X)
     with pytest.raises(ValueError, match="init must be one of"):
@@ -178,3 +183,175 @@ def test_bad_input():
 def test_estimator_is_exported_lazily():
     assert fastmu.NMF is NMF
     assert "NMF" in fastmu.__all__
+
+
+# -- solver="cd" -----------------------------------------------------------------------------
+
+@pytest.fixture
+def one_torch_thread():
+    """solver="cd" runs on torch, a few small products per component: on these tiny problems
+    a second torch thread only adds synchronisation (on a busy 2-core machine, milliseconds
+    per product)."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fit_both(kw, X, start=None):
+    """fastmu.NMF and scikit-learn's NMF with the same parameters, fitted on X (from ``start``
+    = (W, H) with init="custom"); ConvergenceWarnings at max_iter are wanted here. A
+    RandomState is copied, so that each estimator draws from its own."""
+    ours, theirs = NMF(**kw), SkNMF(**copy.deepcopy(kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if start is None:
+            W, W_sk = ours.fit_transform(X), theirs.fit_transform(X)
+        else:
+            W = ours.fit_transform(X, W=start[0], H=start[1])
+            W_sk = theirs.fit_transform(X, W=start[0].copy(), H=start[1].copy())
+    return ours, theirs, W, W_sk
+
+
+def _close(a, b, dtype):
+    """Equal to rounding: tight in float64, float32's few ulps per update otherwise (relative
+    to the largest entry)."""
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_passes_check_estimator_cd():
+    """With solver="cd" every check passes, as for scikit-learn's own NMF(solver="cd"): its
+    transform (coordinate descent on W from zeros) reaches fit_transform's W."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = check_estimator(NMF(n_components=2, max_iter=400, solver="cd"), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in res if r["status"] == "failed"]
+    assert failed == []
+    assert sum(r["status"] == "passed" for r in res) >= 40
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("init", ["custom", "random", None])
+@pytest.mark.parametrize("shape", [(30, 120), (120, 30)])
+def test_matches_scikit_learn_cd(shape, init, dtype):
+    """Same start (W, H given; scikit-learn's random draw for an integer seed; NNDSVDa by
+    default), same sweeps, same stopping rule, in both orientations (X as given, no
+    transposed run): W, H, n_iter_, reconstruction_err_ and transform agree, for a few fixed
+    iteration counts and with tol. float32: scikit-learn sums the stopping rule's violation in
+    float32, fastmu in float64, so the iteration count may differ by one there."""
+    X = _data(*shape, dtype=dtype)
+    start = None
+    if init == "custom":
+        rng = np.random.default_rng(1)
+        start = rng.random((shape[0], 3)).astype(dtype), rng.random((3, shape[1])).astype(dtype)
+    X_new = _data(*shape, seed=1, dtype=dtype)
+    for tol, max_iter in ((0, 1), (0, 7), (0, 40), (1e-4, 3000)):
+        kw = dict(n_components=3, solver="cd", init=init, random_state=0, tol=tol, max_iter=max_iter)
+        ours, theirs, W, W_sk = _fit_both(kw, X, start)
+        assert W.dtype == dtype and ours.components_.dtype == dtype
+        if tol == 0:
+            assert ours.n_iter_ == theirs.n_iter_ == max_iter
+        else:
+            assert 1 < theirs.n_iter_ < max_iter
+            if dtype == np.float64:
+                assert ours.n_iter_ == theirs.n_iter_
+            else:
+                assert abs(ours.n_iter_ - theirs.n_iter_) <= 1
+                if ours.n_iter_ != theirs.n_iter_:  # the same iterates, to scikit-learn's count
+                    ours, _, W, _ = _fit_both(dict(kw, tol=0, max_iter=theirs.n_iter_), X, start)
+                    ours.set_params(**kw)
+        _close(W, W_sk, dtype)
+        _close(ours.components_, theirs.components_, dtype)
+        assert ours.reconstruction_err_ == pytest.approx(theirs.reconstruction_err_,
+                                                         rel=1e-5 if dtype == np.float32 else 1e-10)
+        # transform: W alone from zeros, scikit-learn's rule on W's sweeps (in float32 with tol,
+        # its count may differ by one, as fit's)
+        if max_iter == 7 or (tol > 0 and dtype == np.float64):
+            _close(ours.transform(X_new), theirs.transform(X_new), dtype)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cd_transform_matches_scikit_learn_step_for_step():
+    X = _data(seed=2)
+    kw = dict(n_components=3, solver="cd", init="random", random_state=0, tol=1e-3, max_iter=300)
+    ours, theirs, _, _ = _fit_both(kw, X)
+    X_new = _data(seed=3)
+    for max_iter in (1, 3):  # far from converged: the same zero start and the same sweeps
+        for m in (ours, theirs):
+            m.set_params(tol=0, max_iter=max_iter)
+        np.testing.assert_allclose(ours.transform(X_new), theirs.transform(X_new), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours.inverse_transform(ours.transform(X_new)),
+                               theirs.inverse_transform(theirs.transform(X_new)), rtol=1e-9)
+    for m in (ours, theirs):  # both warn when transform reaches max_iter with tol > 0
+        m.set_params(tol=1e-12, max_iter=2)
+        with pytest.warns(ConvergenceWarning, match="Maximum number of iterations 2"):
+            m.transform(X_new)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("shape", [(30, 120), (120, 30)])
+def test_cd_shuffle_follows_scikit_learns_permutations(shape):
+    """shuffle=True: a new permutation of the components for every sweep, drawn from
+    random_state as scikit-learn draws them: for an integer seed, and for a RandomState that
+    the random start draws from first."""
+    X = _data(*shape)
+    X_new = _data(*shape, seed=1)
+    for random_state in (3, np.random.RandomState(3)):
+        ours, theirs, W, W_sk = _fit_both(dict(n_components=3, solver="cd", shuffle=True, init="random",
+                                               random_state=random_state, tol=1e-3, max_iter=1000), X)
+        assert 1 < theirs.n_iter_ < 1000
+        assert ours.n_iter_ == theirs.n_iter_
+        _close(W, W_sk, np.float64)
+        _close(ours.components_, theirs.components_, np.float64)
+        _close(ours.transform(X_new), theirs.transform(X_new), np.float64)
+    # the orders matter: without shuffling (or with another seed) the fit differs
+    plain = NMF(3, solver="cd", init="random", random_state=3, tol=0, max_iter=20).fit(X)
+    shuffled = NMF(3, solver="cd", init="random", random_state=3, tol=0, max_iter=20, shuffle=True).fit(X)
+    assert np.abs(plain.components_ - shuffled.components_).max() > 1e-6
+    with pytest.raises(ValueError, match="RandomState instance and an NNDSVDa start"):
+        NMF(3, solver="cd", shuffle=True, random_state=np.random.RandomState(0)).fit(X)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_cd_torch_in_torch_out_float32_kept():
+    torch = pytest.importorskip("torch")
+    X = torch.from_numpy(_data(n_samples=200, dtype=np.float32))
+    kw = dict(n_components=3, solver="cd", init="random", random_state=0, max_iter=300)
+    model = NMF(**kw)
+    W = model.fit_transform(X)
+    assert isinstance(W, torch.Tensor) and isinstance(model.components_, torch.Tensor)
+    assert W.dtype == torch.float32 and model.components_.dtype == torch.float32
+    Wt = model.transform(X)
+    assert isinstance(Wt, torch.Tensor) and Wt.dtype == torch.float32 and Wt.shape == W.shape
+    assert isinstance(model.inverse_transform(Wt), torch.Tensor)
+    assert model.reconstruction_err_ / float(torch.linalg.norm(X)) < 0.05
+    ref = NMF(**kw).fit(X.numpy())
+    assert model.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(model.components_.numpy(), ref.components_, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="same kind"):
+        model.transform(X.numpy())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cd_convergence_warning_and_custom_start_untouched():
+    X = _data()
+    with pytest.warns(ConvergenceWarning, match="Maximum number of iterations 5"):
+        NMF(3, solver="cd", init="random", random_state=0, tol=1e-12, max_iter=5).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NMF(3, solver="cd", init="random", random_state=0, tol=0, max_iter=5).fit(X)  # tol = 0: no warning
+    rng = np.random.default_rng(5)
+    W0, H0 = rng.random((X.shape[0], 4)), rng.random((4, X.shape[1]))
+    W0_copy, H0_copy = W0.copy(), H0.copy()
+    model = NMF(n_components="auto", solver="cd", init="custom", tol=0, max_iter=10)
+    model.fit(X, W=W0, H=H0)
+    assert model.n_components_ == 4 and model.n_iter_ == 10
+    np.testing.assert_array_equal(W0, W0_copy)
+    np.testing.assert_array_equal(H0, H0_copy)

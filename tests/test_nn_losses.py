@@ -65,3 +65,20 @@ def test_unrolled_loss_gradient_and_errors():
         unrolled_loss([(A, S)], At[:, :3], St)
     with pytest.raises(ValueError, match="empty"):
         unrolled_loss([], At, St)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tiny_float32_estimates_score_as_their_direction(fused):
+    # float32 squares below ~1e-45 underflow: the norm of an estimate with
+    # entries ~1e-25 would be 0 while its dot product with the truth is not.
+    # The loss must still see the estimate's direction (cosine ≤ 1).
+    g = torch.Generator().manual_seed(0)
+    A_true, S_true = torch.rand(2, 6, 3, generator=g), torch.rand(2, 3, 40, generator=g)
+    A_est = torch.rand(2, 6, 3, generator=g)
+    S_est = torch.rand(2, 3, 40, generator=g)
+    ref = unrolled_loss((A_est.double(), S_est.double()), A_true.double(), S_true.double(), fused=False)
+    tiny = unrolled_loss((A_est * 1e-25, S_est * 1e-25), A_true, S_true, fused=fused)
+    assert float(tiny) >= -2.0
+    torch.testing.assert_close(tiny.double(), ref, rtol=1e-5, atol=1e-6)
+    c = mean_component_cosine(S_est * 1e-25, S_true, dim=-1)
+    assert c.dtype == torch.float32 and bool((c <= 1).all())

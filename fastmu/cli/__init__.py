@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 #: sub-command modules, in the order ``fastmu --help`` lists them
-_COMMAND_MODULES = ("unmix", "bench", "data")
+_COMMAND_MODULES = ("unmix", "train", "paper", "bench", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,501 @@
+"""The paper's experiments: Tables I–II and Fig. 2, by one function (and ``fastmu paper``).
+
+:func:`run_paper` builds the paper's sets (:func:`fastmu.data.paper_sets`),
+trains the learned models (NALMU, ALMU, DNMF, SNMF-Net) with the paper's
+loss, or loads them from a folder of checkpoints, and scores every method on
+both test sets:
+
+* Table I: ``test_simple`` (held-out spectra, natural-image maps);
+* Table II: ``test_realistic`` (held-out spectra, Cas A maps or a procedural remnant);
+* Fig. 2: the mean cosines of A and S along the iterations of MU and CD
+  (log-spaced checkpoints up to their iteration budget) beside the learned
+  models' layers, on both test sets.
+
+Every method is scored the same way: components matched to the truth by the
+Hungarian assignment (:func:`fastmu.metrics.evaluate`), then the mean cosine
+(the paper's "SAD"), the spectral angle in degrees and the RMSE. The learned
+models output the training order, so matching leaves them as they are
+unless a component came out in another position.
+
+This module imports torch.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fastmu.metrics import evaluate
+
+__all__ = ["METHODS", "LEARNED", "ExperimentConfig", "make_sets", "new_model", "fit_model", "run_paper", "format_table", "plot_figure2",
+           "iteration_checkpoints"]
+
+#: every method, in table order
+METHODS = ("mu", "cd", "dnmf", "snmf_net", "nalmu", "almu")
+#: the methods that are trained
+LEARNED = ("dnmf", "snmf_net", "nalmu", "almu")
+LABELS = {"mu": "MU", "cd": "CD (coordinate descent)", "dnmf": "DNMF", "snmf_net": "SNMF-Net",
+          "nalmu": "NALMU", "almu": "ALMU"}
+SETS = {"test_simple": "Table I", "test_realistic": "Table II"}
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines a run of the paper's experiments.
+
+    Parameters
+    ----------
+    preset : {"paper", "small"}
+        Set sizes and map size (:data:`fastmu.data.PRESETS`): ``"paper"`` is
+        750 training and 2 × 150 test problems at 65 × 16384; ``"small"`` is
+        64 and 2 × 16 at 65 × 1024 (minutes on a laptop CPU).
+    seed : int
+        Master seed of the data, the random starts and the training.
+    snr_db : float
+        SNR of every set (paper: 60 dB).
+    methods : sequence of str
+        Subset of :data:`METHODS`.
+    mu_iters, cd_iters : int
+        Iteration budgets of the MU and CD baselines (paper: 10 000 for MU).
+    nalmu_layers : int
+        NALMU depth (paper: 50); ALMU is ``nalmu_layers // 2`` + the rest.
+    dnmf_layers, snmf_layers : int
+        Depths of the two other unrolled networks.
+    epochs : int
+        Training epochs of each model (ALMU: this many per stage).
+    batch_size : int
+        Training mini-batch (paper: 25).
+    lr : float
+        Adam's learning rate (ALMU's MLP stage uses a tenth of it).
+    train_spectra : {"generated", "real"}
+        Train on generated spectra, or on the real Chandra set from the
+        reference-data folder (the paper's training spectra).
+    device, dtype : str
+        Where the models train and every method runs.
+    size, n_train, n_test : int, optional
+        Override the preset's map size (t = size²) and set sizes.
+    """
+
+    preset: str = "small"
+    seed: int = 0
+    snr_db: float = 60.0
+    methods: Sequence[str] = METHODS
+    mu_iters: int = 10_000
+    cd_iters: int = 1_000
+    nalmu_layers: int = 50
+    dnmf_layers: int = 10
+    snmf_layers: int = 9
+    epochs: int = 10
+    batch_size: int = 25
+    lr: float = 1e-2
+    train_spectra: str = "generated"
+    device: str = "cpu"
+    dtype: str = "float32"
+    size: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
+        for name in ("mu_iters", "cd_iters", "nalmu_layers", "dnmf_layers", "snmf_layers", "epochs",
+                     "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.nalmu_layers < 2 and "almu" in self.methods:
+            raise ValueError("ALMU needs nalmu_layers >= 2 (half front, half adaptive layers)")
+        for name in ("size", "n_train", "n_test"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        if self.preset not in ("paper", "small"):
+            raise ValueError(f"preset must be 'paper' or 'small', got {self.preset!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.train_spectra not in ("generated", "real"):
+            raise ValueError(f"train_spectra must be 'generated' or 'real', got {self.train_spectra!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def iteration_checkpoints(n_iter: int, per_decade: int = 8) -> list[int]:
+    """Log-spaced iteration counts ``1 … n_iter`` (inclusive, unique, increasing)."""
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    k = np.unique(np.round(np.logspace(0, np.log10(n_iter), per_decade * max(1, int(np.ceil(np.log10(n_iter)))) + 1)))
+    pts = sorted(set(int(v) for v in k if 1 <= v <= n_iter) | {n_iter})
+    return pts
+
+
+def _load_set(data: Any, cfg: ExperimentConfig) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    X, A, S = data.batch(np.arange(len(data)), device=cfg.device, dtype=cfg.torch_dtype)
+    # The Gaussian noise leaves a few entries of X slightly negative, which MU
+    # and CD reject; every method gets the same clipped X.
+    return X.clamp_min_(0), A.cpu().numpy(), S.reshape(S.shape[0], S.shape[1], -1).cpu().numpy()
+
+
+def _synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _scores(A, S, A_true, S_true) -> dict[str, list[float]]:
+    sc = evaluate(A, S, A_true, S_true, match=True)
+    return {k: np.asarray(getattr(sc, k), dtype=float).tolist()
+            for k in ("cos_A", "cos_S", "angle_A_deg", "angle_S_deg", "rmse_A", "rmse_S")}
+
+
+def _solver_curve(solve: Callable, X: torch.Tensor, n: int, n_iter: int, A_true, S_true, seed: int,
+                  per_decade: int = 8, progress: bool = False,
+                  desc: str = "") -> tuple[dict[str, Any], tuple[Any, Any], float]:
+    """Run an iterative solver in chunks up to log-spaced checkpoints; score at each.
+
+    Chunking changes nothing: MU and CD carry no state besides (A, S), so
+    restarting from the last factors continues the same sequence of iterates.
+    """
+    pts = iteration_checkpoints(n_iter, per_decade)
+    A = S = None
+    done = 0
+    cA, cS = [], []
+    seconds = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_iter, desc=desc, unit="it", leave=False, dynamic_ncols=True)
+    for p in pts:
+        t0 = time.perf_counter()
+        if A is None:
+            A, S = solve(X, n, n_iter=p, random_state=seed)
+        else:
+            A, S = solve(X, n, A0=A, S0=S, n_iter=p - done)
+        _synchronize(X.device.type)
+        seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(p - done)
+        done = p
+        sc = evaluate(A, S, A_true, S_true, match=True)
+        cA.append(float(np.mean(sc.cos_A)))
+        cS.append(float(np.mean(sc.cos_S)))
+    if bar is not None:
+        bar.close()
+    return {"x": pts, "cos_A": cA, "cos_S": cS}, (A, S), seconds
+
+
+def _layer_curve(outs: list[list[tuple]], A_true, S_true) -> dict[str, Any]:
+    L = len(outs[0])
+    cA, cS = [], []
+    for layer in range(L):
+        A = torch.cat([o[layer][0] for o in outs]).cpu()
+        S = torch.cat([o[layer][1] for o in outs]).cpu()
+        sc = evaluate(A, S, A_true, S_true, match=True)
+        cA.append(float(np.mean(sc.cos_A)))
+        cS.append(float(np.mean(sc.cos_S)))
+    return {"x": list(range(1, L + 1)), "cos_A": cA, "cos_S": cS}
+
+
+def _mu(X, n, **kw):
+    import fastmu
+
+    return fastmu.mu(X, n, init="random", **kw)
+
+
+def _cd(X, n, **kw):
+    from fastmu.baselines import cd
+
+    return cd(X, n, init="random", **kw)
+
+
+def _warm_up(kind: str, model: Any, X: torch.Tensor, n: int, seed: int) -> None:
+    # Compile the kernels (and fill caches) outside the timed region.
+    if kind in ("mu", "cd"):
+        (_mu if kind == "mu" else _cd)(X[:1], n, n_iter=2, random_state=seed)
+    else:
+        with torch.no_grad():
+            model(X[:1])
+    _synchronize(X.device.type)
+
+
+def _mean_spectra(A: np.ndarray) -> np.ndarray:
+    M = A.mean(axis=0)
+    return M / np.linalg.norm(M, axis=0, keepdims=True)
+
+
+def new_model(kind: str, cfg: ExperimentConfig, train_set: Any) -> torch.nn.Module:
+    """An untrained model of ``kind`` sized for ``train_set``, with ``cfg``'s depth, dtype and device.
+
+    DNMF and SNMF-Net start from the mean of the training spectra (columns
+    renormalised): the reference spectra their layers are initialised from.
+    The parameters are drawn on the CPU (seeded with ``cfg.seed``) and then
+    moved, so a seed gives the same initial model on every device.
+    """
+    from fastmu.training import build_model
+
+    if kind not in LEARNED:
+        raise ValueError(f"kind must be one of {LEARNED}, got {kind!r}")
+    m, n = train_set.A.shape[1], train_set.A.shape[2]
+    common = dict(m=m, n=n, dtype=cfg.torch_dtype)
+    torch.manual_seed(cfg.seed)
+    if kind == "nalmu":
+        model = build_model("nalmu", n_layers=cfg.nalmu_layers, **common)
+    elif kind == "almu":
+        half = cfg.nalmu_layers // 2
+        model = build_model("almu", nalmu_layers=half, almu_layers=cfg.nalmu_layers - half, **common)
+    elif kind == "dnmf":
+        model = build_model("dnmf", n_layers=cfg.dnmf_layers, A_init=_mean_spectra(train_set.A), **common)
+    else:
+        model = build_model("snmf_net", n_layers=cfg.snmf_layers, A_init=_mean_spectra(train_set.A), **common)
+    return model.to(cfg.device)
+
+
+def fit_model(kind: str, model: torch.nn.Module, cfg: ExperimentConfig, train_set: Any, **kwargs: Any):
+    """Train ``model`` as ``cfg`` says (ALMU: two stages, the MLPs at a tenth of the rate).
+
+    ``kwargs`` go to :func:`fastmu.training.train` (``val_set``, ``progress``,
+    ``on_epoch``). Seeds torch with ``cfg.seed`` first. Returns the History.
+    """
+    from fastmu.training import train, train_almu
+
+    torch.manual_seed(cfg.seed)
+    kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, **kwargs)
+    if kind == "almu":
+        return train_almu(model, train_set, epochs=(cfg.epochs, cfg.epochs), lr=(cfg.lr, cfg.lr / 10), **kw)
+    return train(model, train_set, epochs=cfg.epochs, lr=cfg.lr, stage=kind, **kw)
+
+
+def _train_or_load(kind: str, cfg: ExperimentConfig, sets: dict, models_dir: Path | None,
+                   progress: bool, log: Callable[[str], None]):
+    from fastmu.training import load_model, save_model
+
+    path = models_dir / f"{kind}.pt" if models_dir is not None else None
+    if path is not None and path.exists():
+        model, extra = load_model(path, device=cfg.device, dtype=cfg.torch_dtype)
+        log(f"{LABELS[kind]}: loaded {path}")
+        return model, extra.get("history", []), extra.get("train_seconds")
+    model = new_model(kind, cfg, sets["train"])
+    t0 = time.perf_counter()
+    hist = fit_model(kind, model, cfg, sets["train"], progress=progress,
+                     on_epoch=lambda e: log(f"{LABELS[kind]} {e.stage} epoch {e.epoch}: loss {e.train_loss:.4f}"))
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        save_model(model, path, history=hist.as_dicts(), train_seconds=seconds)
+        log(f"{LABELS[kind]}: trained in {seconds:.1f} s, saved {path}")
+    return model, hist.as_dicts(), seconds
+
+
+@dataclass
+class PaperResults:
+    """What :func:`run_paper` measured; ``as_dict()`` is what ``results.json`` holds."""
+
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    sets: dict[str, Any]
+    scores: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    curves: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("config", "machine", "sets", "scores", "seconds", "curves",
+                                               "training")}
+
+
+def _machine(device: str) -> dict[str, Any]:
+    from fastmu.benchmarks.machine import machine_info
+
+    info = machine_info()
+    info["device"] = str(device)
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def make_sets(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The paper's three sets for ``cfg`` (:func:`fastmu.data.paper_sets`), described, not materialised."""
+    from fastmu.data import load_spectra, paper_sets, shared_data_dir
+
+    train_spectra = None
+    if cfg.train_spectra == "real":
+        d = shared_data_dir()
+        f = d / "chandra_mixing_matrices.npz" if d is not None else None
+        if f is None or not f.exists():
+            raise FileNotFoundError("train_spectra='real' needs chandra_mixing_matrices.npz in the reference-data "
+                                    "folder (set FASTMU_SHARED_DATA)")
+        train_spectra = load_spectra(f)
+    return paper_sets(cfg.preset, seed=cfg.seed, snr_db=cfg.snr_db, train_spectra=train_spectra, size=cfg.size,
+                      n_train=cfg.n_train, n_test=cfg.n_test)
+
+
+def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None = None, *,
+              models_dir: str | Path | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = print) -> PaperResults:
+    """Train (or load) every learned model, score every method, write tables and Fig. 2.
+
+    Parameters
+    ----------
+    config : ExperimentConfig, optional
+        Default: ``ExperimentConfig()`` (the small preset, every method).
+    out_dir : path, optional
+        Writes ``results.json``, ``table1.md``, ``table2.md`` and
+        ``fig2.png`` (with matplotlib) there, and the checkpoints under
+        ``models/`` unless ``models_dir`` is given.
+    models_dir : path, optional
+        Where checkpoints are read from (when present) and written to:
+        models found there are loaded instead of trained.
+    progress : bool
+        Progress bars for training and the baselines.
+    log : callable or None
+        Receives one line per step (default ``print``).
+
+    Returns
+    -------
+    PaperResults
+    """
+    cfg = config or ExperimentConfig()
+    say = log or (lambda s: None)
+    out = Path(out_dir) if out_dir is not None else None
+    mdir = Path(models_dir) if models_dir is not None else (out / "models" if out is not None else None)
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
+
+    sets = make_sets(cfg)
+    res = PaperResults(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        machine=_machine(cfg.device),
+        sets={k: {"name": v.name, "shape": list(v.shape)} for k, v in sets.items()},
+    )
+    say(f"sets: " + ", ".join(f"{v.name} {v.shape}" for v in sets.values()))
+
+    models = {}
+    for kind in (k for k in METHODS if k in cfg.methods and k in LEARNED):
+        model, hist, secs = _train_or_load(kind, cfg, sets, mdir, progress, say)
+        models[kind] = model
+        res.training[kind] = {"history": hist, "seconds": secs}
+
+    for set_name in SETS:
+        data = sets[set_name]
+        X, A_true, S_true = _load_set(data, cfg)
+        n = A_true.shape[-1]
+        res.scores[set_name], res.seconds[set_name], res.curves[set_name] = {}, {}, {}
+        for kind in (k for k in METHODS if k in cfg.methods):
+            _warm_up(kind, models.get(kind), X, n, cfg.seed)
+            if kind in ("mu", "cd"):
+                budget = cfg.mu_iters if kind == "mu" else cfg.cd_iters
+                solve = _mu if kind == "mu" else _cd
+                # timed: the solver's calls only (the chunks between checkpoints), not the scoring
+                curve, (A, S), secs = _solver_curve(solve, X, n, budget, A_true, S_true, cfg.seed,
+                                                    progress=progress, desc=f"{LABELS[kind]}, {set_name}")
+            else:
+                model = models[kind]
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    outs = [model(Xb, return_all=True)
+                            for Xb in torch.split(X, cfg.batch_size)]
+                    _synchronize(cfg.device)
+                    secs = time.perf_counter() - t0
+                curve = _layer_curve(outs, A_true, S_true)
+                A = torch.cat([o[-1][0] for o in outs])
+                S = torch.cat([o[-1][1] for o in outs])
+            res.scores[set_name][kind] = _scores(A, S, A_true, S_true)
+            res.seconds[set_name][kind] = secs
+            res.curves[set_name][kind] = curve
+            s = res.scores[set_name][kind]
+            say(f"{SETS[set_name]} {LABELS[kind]}: cos A {np.mean(s['cos_A']):.4f}, "
+                f"cos S {np.mean(s['cos_S']):.4f} ({secs:.2f} s)")
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res.as_dict(), indent=1))
+        for i, set_name in enumerate(SETS, 1):
+            (out / f"table{i}.md").write_text(format_table(res, set_name) + "\n")
+        try:
+            plot_figure2(res, out / "fig2.png")
+        except ImportError:
+            say("matplotlib is not installed: fig2.png not drawn (pip install fastmu[data])")
+        say(f"wrote {out}/results.json, table1.md, table2.md, fig2.png")
+    return res
+
+
+def format_table(res: PaperResults | dict[str, Any], set_name: str) -> str:
+    """A Markdown table of one test set: mean ± std over its problems, and the time."""
+    d = res.as_dict() if isinstance(res, PaperResults) else res
+    if set_name not in d["scores"]:
+        raise ValueError(f"no scores for {set_name!r}; have {sorted(d['scores'])}")
+    sc, secs = d["scores"][set_name], d["seconds"][set_name]
+    cfg = d["config"]
+    name = d["sets"][set_name]["name"]
+    lines = [f"{SETS.get(set_name, set_name)}: {name}, {d['sets'][set_name]['shape'][0]} problems "
+             f"of {d['sets'][set_name]['shape'][1]} × {d['sets'][set_name]['shape'][2]}, "
+             f"{cfg['snr_db']:g} dB, on {d['machine'].get('gpu', d['machine'].get('cpu', '?'))} ({cfg['device']})",
+             "",
+             "| method | cos A ↑ | cos S ↑ | angle A (°) ↓ | angle S (°) ↓ | RMSE A ↓ | time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ms(v: list[float], f: str) -> str:
+        return f"{np.mean(v):{f}} ± {np.std(v):{f}}"
+
+    for kind in METHODS:
+        if kind not in sc:
+            continue
+        s = sc[kind]
+        label = LABELS[kind]
+        if kind == "mu":
+            label += f" ({cfg['mu_iters']} it.)"
+        elif kind == "cd":
+            label = f"CD ({cfg['cd_iters']} it.)"
+        elif kind in ("nalmu", "almu"):
+            label += f" ({cfg['nalmu_layers']} layers)"
+        elif kind == "dnmf":
+            label += f" ({cfg['dnmf_layers']} layers)"
+        else:
+            label += f" ({cfg['snmf_layers']} layers)"
+        lines.append(f"| {label} | {ms(s['cos_A'], '.4f')} | {ms(s['cos_S'], '.4f')} | "
+                     f"{ms(s['angle_A_deg'], '.2f')} | {ms(s['angle_S_deg'], '.2f')} | "
+                     f"{np.mean(s['rmse_A']):.4f} | {secs[kind]:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_figure2(res: PaperResults | dict[str, Any], path: str | Path) -> Path:
+    """Fig. 2: mean cosine of A and S along iterations (MU, CD) and layers (learned), both test sets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = res.as_dict() if isinstance(res, PaperResults) else res
+    set_names = [s for s in SETS if s in d["curves"]]
+    fig, axes = plt.subplots(len(set_names), 2, figsize=(10, 3.6 * len(set_names)), squeeze=False)
+    styles = {"mu": ("k", "-"), "cd": ("0.5", "--"), "dnmf": ("tab:orange", "-"),
+              "snmf_net": ("tab:purple", "-"), "nalmu": ("tab:blue", "-"), "almu": ("tab:red", "-")}
+    for row, set_name in enumerate(set_names):
+        for col, key in enumerate(("cos_A", "cos_S")):
+            ax = axes[row][col]
+            for kind, c in d["curves"][set_name].items():
+                color, ls = styles[kind]
+                ax.plot(c["x"], c[key], color=color, ls=ls, marker="." if kind not in ("mu", "cd") else None,
+                        ms=3, label=LABELS[kind])
+            ax.set_xscale("log")
+            ax.set_xlabel("iterations (MU, CD) / layers (learned)")
+            ax.set_ylabel(f"mean cosine of {'A (spectra)' if key == 'cos_A' else 'S (maps)'}")
+            ax.set_title(f"{SETS[set_name]} set: {d['sets'][set_name]['name']}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            lo = min(min(c[key]) for c in d["curves"][set_name].values())
+            ax.set_ylim(max(lo, 0.0) - 0.02, 1.005)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,250 @@
+"""fastmu.baselines.cd (coordinate_descent.py): agreement with scikit-learn's CD solver, batching, stopping rule, interop, errors."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import fastmu
+# the function, not the module of the same name (which shadows it once imported directly)
+from fastmu.baselines.coordinate_descent import cd
+
+from helpers import low_rank_problem
+
+sk = pytest.importorskip("sklearn.decomposition")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These problems are tiny: a second torch thread only adds synchronisation (and on a
+    busy 2-core machine, much more)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sk_cd(X, W0=None, H0=None, n_components=None, max_iter=200, tol=0.0, **kw):
+    """scikit-learn's NMF(solver="cd", shuffle=False, no regularisation): (W, H, n_iter_)."""
+    custom = W0 is not None
+    model = sk.NMF(n_components or W0.shape[1], solver="cd", init="custom" if custom else "random",
+                   tol=tol, max_iter=max_iter, shuffle=False, alpha_W=0.0, alpha_H=0.0, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning when max_iter is reached on purpose
+        if custom:
+            W = model.fit_transform(X, W=W0.copy(), H=H0.copy())
+        else:
+            W = model.fit_transform(X)
+    return W, model.components_, model.n_iter_
+
+
+def one_problem(seed=0, m=30, n=4, t=200, dtype=np.float64):
+    X, A0, S0 = low_rank_problem(np.random.default_rng(seed), 1, m, n, t, dtype=dtype, noise=0.01)
+    return X[0], A0[0], S0[0]
+
+
+def close(a, b, dtype, scale_of=None):
+    tol = 5e-5 if dtype == np.float32 else 1e-11
+    ref = b if scale_of is None else scale_of
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def iterations(X, **kw):
+    """Iterations cd runs (the last callback's iteration number, callback every iteration)."""
+    seen = [0]
+    cd(X, callback=lambda it, A, S: seen.append(it), **kw)
+    return seen[-1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_matches_scikit_learn_from_same_start(dtype, k):
+    X, A0, S0 = one_problem(dtype=dtype)
+    W, H, _ = sk_cd(X, A0, S0, max_iter=k)
+    A, S = cd(X, A0=A0, S0=S0, n_iter=k)
+    assert A.dtype == dtype and S.dtype == dtype
+    close(A, W, dtype)
+    close(S, H, dtype)
+
+
+def test_matches_scikit_learn_with_a_zero_component():
+    # S0's row 1 is zero: the first A sweep must skip component 1 (hess = 0), as scikit-learn does
+    X, A0, S0 = one_problem(seed=1)
+    S0[1] = 0
+    W, H, _ = sk_cd(X, A0, S0, max_iter=5)
+    A, S = cd(X, A0=A0, S0=S0, n_iter=5)
+    close(A, W, np.float64)
+    close(S, H, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_random_start_is_scikit_learns(dtype):
+    X, _, _ = one_problem(seed=2, dtype=dtype)
+    W, H, _ = sk_cd(X, n_components=4, max_iter=10, random_state=11)
+    A, S = cd(X, 4, n_iter=10, init="random", random_state=11)
+    # fastmu draws the start in float64 then casts, scikit-learn scales in float32: ulps apart
+    close(A, W, dtype)
+    close(S, H, dtype)
+
+
+@pytest.mark.parametrize("init", ["random", "constant", "nndsvda"])
+def test_starts_are_fastmu_mus(init):
+    X, _, _ = low_rank_problem(np.random.default_rng(3), 2, 12, 3, 40)
+    A, S = cd(X, 3, n_iter=0, init=init, random_state=5)
+    Am, Sm = fastmu.mu(X, 3, n_iter=0, init=init, random_state=5)
+    np.testing.assert_array_equal(A, Am)
+    np.testing.assert_array_equal(S, Sm)
+
+
+def test_batch_equals_problems_alone():
+    X, A0, S0 = low_rank_problem(np.random.default_rng(4), 3, 25, 4, 120, noise=0.01)
+    A, S = cd(X, A0=A0, S0=S0, n_iter=40)
+    assert A.shape == (3, 25, 4) and S.shape == (3, 4, 120)
+    for p in range(3):
+        Ap, Sp = cd(X[p], A0=A0[p], S0=S0[p], n_iter=40)
+        close(A[p], Ap, np.float64)
+        close(S[p], Sp, np.float64)
+
+
+def test_objective_never_increases():
+    X, A0, S0 = one_problem(seed=5, t=300)
+    errs = []
+    cd(X, A0=A0, S0=S0, n_iter=100, callback=lambda it, A, S: errs.append(np.linalg.norm(X - A @ S)))
+    errs = np.array([np.linalg.norm(X - A0 @ S0), *errs])
+    assert len(errs) == 101
+    assert np.all(np.diff(errs) <= 1e-12 * errs[0])
+    assert errs[-1] < 0.1 * errs[0]
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-3])
+def test_tol_stops_where_scikit_learn_stops(tol):
+    X, A0, S0 = one_problem(seed=6, m=20, t=100)
+    W, H, n_sk = sk_cd(X, A0, S0, max_iter=1000, tol=tol)
+    assert 1 < n_sk < 1000
+    assert iterations(X, A0=A0, S0=S0, n_iter=1000, tol=tol) == n_sk
+    A, S = cd(X, A0=A0, S0=S0, n_iter=1000, tol=tol)
+    close(A, W, np.float64)
+    close(S, H, np.float64)
+
+
+def test_tol_1e4_iteration_count_is_scikit_learns():
+    X, A0, S0 = one_problem(seed=7, m=15, n=3, t=60)
+    _, _, n_sk = sk_cd(X, A0, S0, max_iter=3000, tol=1e-4)
+    assert 1 < n_sk < 3000
+    assert iterations(X, A0=A0, S0=S0, n_iter=3000, tol=1e-4) == n_sk
+
+
+def test_batch_tol_runs_until_the_slowest_problem_has_converged():
+    X, A0, S0 = low_rank_problem(np.random.default_rng(8), 3, 20, 3, 80, noise=0.05)
+    alone = [iterations(X[p], A0=A0[p], S0=S0[p], n_iter=1000, tol=1e-3) for p in range(3)]
+    assert max(alone) < 1000
+    assert iterations(X, A0=A0, S0=S0, n_iter=1000, tol=1e-3) == max(alone)
+
+
+def test_tol_none_runs_n_iter_and_callback_can_stop():
+    X, A0, S0 = one_problem(seed=9, m=10, t=40)
+    assert iterations(X, A0=A0, S0=S0, n_iter=37) == 37
+    assert iterations(X, A0=A0, S0=S0, n_iter=37, tol=0.0) == 37
+    seen = []
+    cd(X, A0=A0, S0=S0, n_iter=100, callback=lambda it, A, S: seen.append(it) or it >= 7)
+    assert seen == list(range(1, 8))
+    seen.clear()
+    cd(X, A0=A0, S0=S0, n_iter=20, callback=lambda it, A, S: seen.append(it), callback_every=5)
+    assert seen == [5, 10, 15, 20]
+
+
+def test_n_iter_zero_returns_a_copy_of_the_start():
+    X, A0, S0 = one_problem(seed=10, m=10, t=40)
+    A0_keep, S0_keep = A0.copy(), S0.copy()
+    A, S = cd(X, A0=A0, S0=S0, n_iter=0)
+    np.testing.assert_array_equal(A, A0)
+    np.testing.assert_array_equal(S, S0)
+    cd(X, A0=A0, S0=S0, n_iter=3)
+    np.testing.assert_array_equal(A0, A0_keep)  # the caller's start is never modified
+    np.testing.assert_array_equal(S0, S0_keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_in_torch_out(dtype):
+    X, A0, S0 = one_problem(seed=11, m=12, t=50)
+    Xt = torch.from_numpy(X).to(dtype)
+    types = []
+    A, S = cd(Xt, A0=torch.from_numpy(A0).to(dtype), S0=torch.from_numpy(S0).to(dtype), n_iter=10,
+              callback=lambda it, A, S: types.append((type(A), type(S))))
+    assert isinstance(A, torch.Tensor) and isinstance(S, torch.Tensor)
+    assert A.dtype == dtype and S.dtype == dtype and A.device == Xt.device
+    assert set(types) == {(torch.Tensor, torch.Tensor)}
+    npdt = np.float32 if dtype == torch.float32 else np.float64
+    An, Sn = cd(X.astype(npdt), A0=A0.astype(npdt), S0=S0.astype(npdt), n_iter=10)
+    close(A.numpy(), An, npdt)
+    close(S.numpy(), Sn, npdt)
+
+
+def test_numpy_kinds_dtypes_and_ranks():
+    X, _, _ = one_problem(seed=12, m=8, t=30)
+    A, S = cd(X.astype(np.float32), 3, n_iter=3, random_state=0)
+    assert isinstance(A, np.ndarray) and A.dtype == np.float32 and S.dtype == np.float32
+    assert A.shape == (8, 3) and S.shape == (3, 30)
+    A, S = cd(np.rint(10 * X).astype(np.int64), 3, n_iter=3, random_state=0)
+    assert A.dtype == np.float64 and S.dtype == np.float64
+    A, S = cd(X[None], 3, n_iter=3, random_state=0)
+    assert A.shape == (1, 8, 3) and S.shape == (1, 3, 30)
+    A, S = cd(X.tolist(), 3, n_iter=3, random_state=0, progress=True)
+    assert isinstance(A, np.ndarray) and A.shape == (8, 3)
+
+
+def test_all_zero_pixels_and_channels_stay_finite():
+    X, _, _ = one_problem(seed=13, m=10, t=40)
+    X[:, :5] = 0
+    X[:2] = 0
+    A, S = cd(X, 4, n_iter=50, random_state=0)
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+
+
+def test_bad_input_is_refused():
+    X, A0, S0 = one_problem(seed=14, m=6, n=2, t=10)
+    bad = X.copy()
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="X must be non-negative"):
+        cd(bad, 2)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN"):
+        cd(bad, 2)
+    with pytest.raises(ValueError, match="X must be 2-D or 3-D"):
+        cd(X[0], 2)
+    with pytest.raises(ValueError, match="zero-size"):
+        cd(np.zeros((6, 0)), 2)
+    with pytest.raises(TypeError, match="X has dtype complex"):
+        cd(X.astype(complex), 2)
+    with pytest.raises(ValueError, match="n_components is required"):
+        cd(X)
+    with pytest.raises(ValueError, match="give both A0 and S0"):
+        cd(X, A0=A0)
+    with pytest.raises(ValueError, match="S0 has shape"):
+        cd(X, A0=A0, S0=S0[:, :5])
+    with pytest.raises(ValueError, match="A0 has 2 components but S0 has 3"):
+        cd(X, A0=A0, S0=np.ones((3, 10)))
+    with pytest.raises(ValueError, match="n_components=3 but A0/S0 have 2"):
+        cd(X, 3, A0=A0, S0=S0)
+    with pytest.raises(TypeError, match="A0 is a torch array but X is a numpy array"):
+        cd(X, A0=torch.from_numpy(A0), S0=S0)
+    with pytest.raises(ValueError, match="S0 must be non-negative"):
+        cd(X, A0=A0, S0=-S0)
+    with pytest.raises(ValueError, match="n_iter must be >= 0"):
+        cd(X, 2, n_iter=-1)
+    with pytest.raises(TypeError, match="n_iter must be an integer"):
+        cd(X, 2, n_iter=2.5)
+    with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+        cd(X, 2, tol=-1e-4)
+    with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+        cd(X, 2, tol=float("nan"))
+    with pytest.raises(TypeError, match="tol must be a real number"):
+        cd(X, 2, tol="small")
+    with pytest.raises(ValueError, match="init must be one of"):
+        cd(X, 2, init="nndsvd")
+    with pytest.raises(ValueError, match="callback_every must be >= 1"):
+        cd(X, 2, callback_every=0)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        cd(X, 2, callback=3)

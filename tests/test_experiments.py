@@ -1,0 +1,147 @@
+"""fastmu.experiments and ``fastmu paper`` / ``fastmu train``: the paper's tables and figure, tiny."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fastmu
+from fastmu.cli import main
+from fastmu.experiments import (
+    LEARNED,
+    METHODS,
+    ExperimentConfig,
+    _solver_curve,
+    format_table,
+    iteration_checkpoints,
+    make_sets,
+    run_paper,
+)
+
+TINY = dict(size=8, n_train=8, n_test=3, nalmu_layers=4, dnmf_layers=2, snmf_layers=2, epochs=1,
+            batch_size=4, mu_iters=30, cd_iters=20)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 10, 11, 999, 10_000])
+def test_iteration_checkpoints(n):
+    pts = iteration_checkpoints(n)
+    assert pts[0] == 1 and pts[-1] == n
+    assert all(b > a for a, b in zip(pts, pts[1:]))
+    with pytest.raises(ValueError):
+        iteration_checkpoints(0)
+
+
+def test_chunked_solver_follows_the_same_iterates():
+    # The curve restarts MU at each checkpoint from the last factors: the end
+    # point must be the uninterrupted run's.
+    data = make_sets(ExperimentConfig(**TINY))["test_simple"]
+    X, A_t, S_t = data.batch(np.arange(3), dtype=torch.float64)
+    X = X.clamp_min(0)
+    S_t = S_t.reshape(3, 4, -1)
+
+    def solve(X, n, **kw):
+        return fastmu.mu(X, n, init="random", **kw)
+
+    curve, (A, S), secs = _solver_curve(solve, X, 4, 57, A_t, S_t, seed=5)
+    A1, S1 = solve(X, 4, n_iter=57, random_state=5)
+    torch.testing.assert_close(A, A1, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(S, S1, rtol=1e-10, atol=1e-14)
+    assert curve["x"][-1] == 57 and len(curve["cos_A"]) == len(curve["x"])
+    assert secs > 0
+
+
+def test_run_paper_writes_tables_figure_and_reloads_models(tmp_path):
+    cfg = ExperimentConfig(**TINY)
+    lines = []
+    res = run_paper(cfg, tmp_path, progress=False, log=lines.append)
+    d = json.loads((tmp_path / "results.json").read_text())
+    for set_name in ("test_simple", "test_realistic"):
+        assert set(d["scores"][set_name]) == set(METHODS)
+        for kind in METHODS:
+            s = d["scores"][set_name][kind]
+            assert len(s["cos_A"]) == 3 and all(-1 <= v <= 1 for v in s["cos_A"] + s["cos_S"])
+            c = d["curves"][set_name][kind]
+            assert len(c["x"]) == len(c["cos_A"]) == len(c["cos_S"]) > 1
+        assert d["curves"][set_name]["nalmu"]["x"] == [1, 2, 3, 4]
+        assert d["curves"][set_name]["mu"]["x"][-1] == 30
+    assert d["machine"]["device"] == "cpu" and "cpu" in d["machine"]
+    t1 = (tmp_path / "table1.md").read_text()
+    assert "Table I" in t1 and "MU (30 it.)" in t1 and "CD (20 it.)" in t1 and "ALMU (4 layers)" in t1
+    assert "Table II" in (tmp_path / "table2.md").read_text()
+    assert (tmp_path / "fig2.png").stat().st_size > 10_000
+    for kind in LEARNED:
+        assert (tmp_path / "models" / f"{kind}.pt").exists()
+
+    # a second run loads the checkpoints instead of training: same learned scores
+    lines2 = []
+    res2 = run_paper(cfg, tmp_path / "again", models_dir=tmp_path / "models", progress=False, log=lines2.append)
+    assert sum("loaded" in ln for ln in lines2) == len(LEARNED)
+    for kind in LEARNED:
+        np.testing.assert_allclose(res2.scores["test_simple"][kind]["cos_A"],
+                                   res.scores["test_simple"][kind]["cos_A"], rtol=1e-6)
+    assert format_table(res2, "test_realistic").count("\n") == 3 + len(METHODS)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="methods"):
+        ExperimentConfig(methods=("mu", "svd"))
+    with pytest.raises(ValueError, match="mu_iters"):
+        ExperimentConfig(mu_iters=0)
+    with pytest.raises(ValueError, match="dtype"):
+        ExperimentConfig(dtype="float16")
+    with pytest.raises(ValueError, match="preset"):
+        ExperimentConfig(preset="huge")
+    with pytest.raises(ValueError, match="size"):
+        ExperimentConfig(size=0)
+    with pytest.raises(ValueError, match="ALMU"):
+        ExperimentConfig(nalmu_layers=1)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        if torch.cuda.is_available():
+            raise RuntimeError("CUDA present: nothing to check")
+        run_paper(ExperimentConfig(device="cuda", **TINY), None, progress=False, log=None)
+
+
+def test_cli_train_then_paper_with_the_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "models" / "nalmu.pt"
+    rc = main(["train", "nalmu", "--size", "8", "--n-train", "8", "--n-test", "3", "--layers", "3",
+               "--epochs", "1", "--batch-size", "4", "--out", str(ck), "--no-progress"])
+    assert rc == 0 and ck.exists()
+    out = capsys.readouterr().out
+    assert "held-out cos A" in out and "saved" in out
+    rc = main(["paper", "--methods", "mu", "nalmu", "--size", "8", "--n-train", "8", "--n-test", "3",
+               "--layers", "3", "--mu-iters", "10", "--out", str(tmp_path / "p"), "--models",
+               str(tmp_path / "models"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "NALMU: loaded" in out and "| MU (10 it.) |" in out and "Table II" in out
+
+
+def test_cli_errors(capsys):
+    assert main(["paper", "--mu-iters", "0", "--no-progress"]) == 2
+    assert "mu_iters" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "resnet"])
+
+
+def test_cli_methods_match_the_library():
+    from fastmu.cli.paper import METHODS as CLI_METHODS
+
+    assert CLI_METHODS == METHODS
+
+
+def test_new_models_are_seeded_and_start_as_their_untrained_definition():
+    cfg = ExperimentConfig(**TINY)
+    train_set = make_sets(cfg)["train"]
+    from fastmu.experiments import new_model
+
+    for kind in LEARNED:
+        a, b = new_model(kind, cfg, train_set), new_model(kind, cfg, train_set)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q), kind
+        assert all(p.dtype == torch.float32 for p in a.parameters())
+    other = new_model("almu", ExperimentConfig(**{**TINY, "seed": 1}), train_set)
+    assert not torch.equal(other.mlps.weights[0], new_model("almu", cfg, train_set).mlps.weights[0])
+    with pytest.raises(ValueError, match="kind"):
+        new_model("mu", cfg, train_set)
