@@ -274,31 +274,19 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         from fastmu.baselines.coordinate_descent import _solve
 
-        if not self.shuffle:
-            with _read_only_ok():
-                return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
-                              init=init, random_state=self.random_state, progress=bool(self.verbose))
-        import torch
-
-        from fastmu.dispatch import TorchEngine
-        from fastmu.solver import _cast, _check_X, _initial_factors
-
-        if isinstance(self.random_state, np.random.RandomState) and init == "nndsvda" and W0 is None:
-            raise ValueError("shuffle=True with a RandomState instance and an NNDSVDa start cannot follow "
-                             "scikit-learn: its randomized SVD draws from the instance before the component "
-                             "orders (fastmu's exact SVD does not); pass an integer random_state or another init")
-        kind, Xc, dtype, _ = _check_X(X)
-        with torch.no_grad(), _read_only_ok():
-            Xt = TorchEngine.adopt(_cast(Xc, kind, dtype), None)
-            # the start first, then the orders: scikit-learn's order of draws from a shared RandomState
-            A, S = _initial_factors(X, Xc, kind, dtype, None if W0 is not None else n, W0, H0, init,
-                                    self.random_state, TorchEngine, Xt)
-            Wt, H = A.mT.contiguous(), S.contiguous()
-            n_iter = _cd_iterations(Xt, Wt, H, max_iter, tol, update_H=True,
-                                    rng=_check_random_state(self.random_state), progress=bool(self.verbose))
-            W = TorchEngine.release(Wt.mT.contiguous(), kind, X)[0]
-            H = TorchEngine.release(H, kind, X)[0]
-        return W, H, n_iter
+        order = None
+        if self.shuffle:
+            if isinstance(self.random_state, np.random.RandomState) and init == "nndsvda" and W0 is None:
+                raise ValueError("shuffle=True with a RandomState instance and an NNDSVDa start cannot follow "
+                                 "scikit-learn: its randomized SVD draws from the instance before the component "
+                                 "orders (fastmu's exact SVD does not); pass an integer random_state or another "
+                                 "init")
+            # _solve draws the start before the first order: scikit-learn's order of draws
+            # from a shared RandomState
+            order = _check_random_state(self.random_state)
+        with _read_only_ok():
+            return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
+                          init=init, random_state=self.random_state, progress=bool(self.verbose), order=order)
 
     def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
                   run: dict[str, Any]) -> tuple[Any, Any, int]:
@@ -352,6 +340,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _transform_cd(self, X: Any, H: Any) -> Any:
         import torch
 
+        from fastmu.baselines.coordinate_descent import _iterate
         from fastmu.dispatch import TorchEngine
 
         self._check_shuffle()
@@ -361,8 +350,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             Xt = TorchEngine.adopt(X, None)[None]
             Ht = TorchEngine.adopt(H, Xt)[None]
             Wt = torch.zeros((1, Ht.shape[1], Xt.shape[1]), dtype=Xt.dtype, device=Xt.device)
-            rng = _check_random_state(self.random_state) if self.shuffle else None
-            n_iter = _cd_iterations(Xt, Wt, Ht, max_iter, tol, update_H=False, rng=rng)
+            order = _check_random_state(self.random_state) if self.shuffle else None
+            n_iter = _iterate(Xt, Wt, Ht, max_iter, tol, update_S=False, order=order)
             W = TorchEngine.release(Wt[0].mT.contiguous(), kind, X)
         if tol > 0 and n_iter == max_iter:
             warnings.warn(f"Maximum number of iterations {max_iter} reached. Increase it to improve "
@@ -515,60 +504,6 @@ def _check_random_state(seed: Any) -> np.random.RandomState:
     if isinstance(seed, np.random.RandomState):
         return seed
     raise ValueError(f"random_state must be None, an integer or a numpy RandomState, got {seed!r}")
-
-
-def _cd_iterations(Xt: Any, Wt: Any, H: Any, max_iter: int, tol: float, *, update_H: bool,
-                   rng: np.random.RandomState | None, progress: bool = False) -> int:
-    """scikit-learn's ``_fit_coordinate_descent`` loop on torch, in place; returns ``n_iter``.
-
-    ``Xt (1, n_samples, n_features)``, ``Wt = Wᵀ (1, n, n_samples)`` and
-    ``H (1, n, n_features)``. Each iteration sweeps W's components (then H's
-    when ``update_H``) with :func:`fastmu.baselines.coordinate_descent._sweep`;
-    with ``rng``, each sweep visits them in the order of a fresh
-    ``rng.permutation(n)`` (W's drawn before H's), as scikit-learn's
-    ``shuffle=True``. Stops after the first iteration whose violation over
-    the first one's is ``<= tol``, or at once when the first one's is 0.
-    """
-    import torch
-
-    def sweep(F: Any, G: Any, P: Any) -> float:
-        from fastmu.baselines.coordinate_descent import _sweep
-
-        if rng is None:
-            return float(_sweep(F, G, P, True).sum())
-        # a sweep in the order p is the natural-order sweep of the permuted problem
-        p = torch.as_tensor(np.asarray(rng.permutation(F.shape[1]), dtype=np.int64), device=F.device)
-        Fp = F[:, p].contiguous()
-        v = float(_sweep(Fp, G[:, p][:, :, p].contiguous(), P[:, p].contiguous(), True).sum())
-        F[:, p] = Fp
-        return v
-
-    if not update_H:  # H is fixed: its Gram matrix and X Hᵀ once
-        G_w, P_w = torch.bmm(H, H.mT), torch.bmm(H, Xt.mT)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_iter, desc="CD", unit="it")
-    violation_init = None
-    n_iter = 0
-    try:
-        for n_iter in range(1, max_iter + 1):
-            if update_H:
-                G_w, P_w = torch.bmm(H, H.mT), torch.bmm(H, Xt.mT)
-            violation = sweep(Wt, G_w, P_w)
-            if update_H:
-                violation += sweep(H, torch.bmm(Wt, Wt.mT), torch.bmm(Wt, Xt))
-            if bar is not None:
-                bar.update(1)
-            if violation_init is None:
-                violation_init = violation
-            if violation_init == 0 or violation / violation_init <= tol:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    return n_iter
 
 
 def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:

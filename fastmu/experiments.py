@@ -143,7 +143,7 @@ def _load_set(data: Any, cfg: ExperimentConfig) -> tuple[torch.Tensor, np.ndarra
     X, A, S = data.batch(np.arange(len(data)), device=cfg.device, dtype=cfg.torch_dtype)
     # The Gaussian noise leaves a few entries of X slightly negative, which MU
     # and CD reject; every method gets the same clipped X.
-    return X.clamp_min_(0), A.cpu().numpy(), S.reshape(S.shape[0], S.shape[1], -1).cpu().numpy()
+    return X.clamp_min_(0), A.cpu().numpy(), S.cpu().numpy()
 
 
 def _synchronize(device: str) -> None:

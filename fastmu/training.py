@@ -228,7 +228,7 @@ def predict(model: nn.Module, data: Any, *, batch_size: int = 25, return_all: bo
         for X, A, S in data.batches(batch_size, device=p.device, dtype=p.dtype):
             outs.append(model(X.clamp_min_(0), return_all=return_all))
             As.append(A.cpu().numpy())
-            Ss.append(S.reshape(S.shape[0], S.shape[1], -1).cpu().numpy())
+            Ss.append(S.cpu().numpy())
     finally:
         model.train(was_training)
     return outs, np.concatenate(As), np.concatenate(Ss)
@@ -245,7 +245,7 @@ def validate(model: nn.Module, data: Any, *, batch_size: int = 25) -> tuple[floa
         for X, A, S in data.batches(batch_size, device=p.device, dtype=p.dtype):
             Ae, Se = model(X.clamp_min_(0))
             cA += float(mean_component_cosine(Ae, A, dim=-2).sum())
-            cS += float(mean_component_cosine(Se, S.reshape(Se.shape), dim=-1).sum())
+            cS += float(mean_component_cosine(Se, S, dim=-1).sum())
     finally:
         model.train(was_training)
     return cA / len(data), cS / len(data)
@@ -324,15 +324,18 @@ def train(
         for X, A, S in train_set.batches(batch_size, shuffle=True, seed=seed + epoch,
                                           device=p0.device, dtype=p0.dtype):
             outs = model(X.clamp_min_(0), return_all=True)[loss_layers]
-            loss = unrolled_loss(outs, A, S.reshape(S.shape[0], S.shape[1], -1))
-            if not torch.isfinite(loss):
+            loss = unrolled_loss(outs, A, S)  # MixtureSet batches give S as (b, n, t)
+            # one read of the loss per step, before the backward is queued: a second
+            # read after opt.step() would make the host wait for the whole step on a GPU
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"{stage}: the loss became {float(loss.detach())} in epoch {epoch + 1}; lower the learning rate "
+                    f"{stage}: the loss became {value} in epoch {epoch + 1}; lower the learning rate "
                     f"(lr={lr}) or use float64")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * X.shape[0]
+            total += value * X.shape[0]
             count += X.shape[0]
             if bar is not None:
                 bar.update(1)

@@ -118,8 +118,15 @@ def _solve(
     callback: Callback | None = None,
     callback_every: int = 1,
     progress: bool = False,
+    order: np.random.RandomState | None = None,
 ) -> tuple[Any, Any, int]:
-    """:func:`cd`, also returning the number of iterations run."""
+    """:func:`cd`, also returning the number of iterations run.
+
+    ``order``: visit the components of each sweep in the order of a fresh
+    ``order.permutation(n)`` (A's drawn before S's), as scikit-learn's
+    ``shuffle=True``; drawn after the start, so a RandomState shared with
+    ``random_state`` is used in scikit-learn's order.
+    """
     import torch
 
     n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
@@ -150,42 +157,82 @@ def _solve(
             out = TorchEngine.release(F.mT if transpose else F, kind, X)
             return out[0] if squeeze else out
 
-        want_violation = tol is not None
-        converged = violation_init = None
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        def on_iter(done: int) -> bool:
+            return (callback is not None and done % callback_every == 0
+                    and callback(done, release(At, True), release(S, False)) is True)
 
-            bar = tqdm(total=n_iter, desc="CD", unit="it")
-        done = 0
-        try:
-            while done < n_iter:
-                # A: G = S Sᵀ, P = (X Sᵀ)ᵀ = S Xᵀ
-                v_a = _sweep(At, torch.bmm(S, S.mT), torch.bmm(S, Xt.mT), want_violation)
-                # S with the new A: G = Aᵀ A, P = Aᵀ X
-                v_s = _sweep(S, torch.bmm(At, At.mT), torch.bmm(At, Xt), want_violation)
-                done += 1
-                if bar is not None:
-                    bar.update(1)
-                if callback is not None and done % callback_every == 0:
-                    if callback(done, release(At, True), release(S, False)) is True:
-                        break
-                if want_violation:
-                    violation = (v_a + v_s).cpu().numpy()
-                    if violation_init is None:
-                        violation_init = violation
-                        converged = np.zeros(violation.shape, dtype=bool)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        converged |= (violation_init == 0) | (violation / violation_init <= tol)
-                    if converged.all():
-                        break
-        finally:
-            if bar is not None:
-                bar.close()
+        done = _iterate(Xt, At, S, n_iter, tol, order=order, on_iter=on_iter, progress=progress)
 
         A_out = release(At.mT.contiguous(), False)
         S_out = release(S, False)
     return A_out, S_out, done
+
+
+def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update_S: bool = True,
+             order: np.random.RandomState | None = None, on_iter: Callable[[int], bool] | None = None,
+             progress: bool = False) -> int:
+    """scikit-learn's CD iterations on ``Xt (b, m, t)``, ``At = Aᵀ (b, n, m)``, ``S (b, n, t)``, in place.
+
+    One iteration sweeps A's components, then S's with the new A (S stays
+    fixed with ``update_S=False``: its products with X are then formed once).
+    ``tol=None`` runs ``n_iter`` iterations and computes no violation;
+    otherwise a problem has converged once its violation over the first
+    iteration's is ``<= tol`` (or the first one's is 0), and the run stops
+    after the first iteration at which all have. ``on_iter(done)`` returning
+    True stops too. Returns the number of iterations run.
+    """
+    import torch
+
+    want_violation = tol is not None
+    if not update_S:
+        G_a, P_a = torch.bmm(S, S.mT), torch.bmm(S, Xt.mT)
+    converged = violation_init = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_iter, desc="CD", unit="it")
+    done = 0
+    try:
+        while done < n_iter:
+            if update_S:  # A: G = S Sᵀ, P = (X Sᵀ)ᵀ = S Xᵀ
+                G_a, P_a = torch.bmm(S, S.mT), torch.bmm(S, Xt.mT)
+            violation = _ordered_sweep(At, G_a, P_a, want_violation, order)
+            if update_S:  # S with the new A: G = Aᵀ A, P = Aᵀ X
+                v_s = _ordered_sweep(S, torch.bmm(At, At.mT), torch.bmm(At, Xt), want_violation, order)
+                violation = violation + v_s if want_violation else None
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            if on_iter is not None and on_iter(done):
+                break
+            if want_violation:
+                v = violation.cpu().numpy()
+                if violation_init is None:
+                    violation_init = v
+                    converged = np.zeros(v.shape, dtype=bool)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    converged |= (violation_init == 0) | (v / violation_init <= tol)
+                if converged.all():
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return done
+
+
+def _ordered_sweep(F: Any, G: Any, P: Any, want_violation: bool, order: np.random.RandomState | None) -> Any:
+    """:func:`_sweep` in natural order, or in the order of ``order.permutation(n)``."""
+    if order is None:
+        return _sweep(F, G, P, want_violation)
+    import torch
+
+    # a sweep in the order p is the natural-order sweep of the permuted problem
+    p = torch.as_tensor(np.asarray(order.permutation(F.shape[1]), dtype=np.int64), device=F.device)
+    Fp = F[:, p].contiguous()
+    v = _sweep(Fp, G[:, p][:, :, p].contiguous(), P[:, p].contiguous(), want_violation)
+    F[:, p] = Fp
+    return v
 
 
 def _sweep(F: Any, G: Any, P: Any, want_violation: bool) -> Any:

@@ -41,18 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from fastmu.experiments import ExperimentConfig, fit_model, make_sets, new_model
     from fastmu.training import save_model
 
-    layers = args.layers or {"dnmf": 10, "snmf_net": 9}.get(args.kind, 50)
+    # --layers sets the depth field of this kind; the others keep ExperimentConfig's defaults
+    depth = {"nalmu": "nalmu_layers", "almu": "nalmu_layers", "dnmf": "dnmf_layers", "snmf_net": "snmf_layers"}
+    layers = {depth[args.kind]: args.layers} if args.layers is not None else {}
     cfg = ExperimentConfig(
-        preset=args.preset, seed=args.seed, methods=(args.kind,),
-        nalmu_layers=layers if args.kind in ("nalmu", "almu") else 50,
-        dnmf_layers=layers if args.kind == "dnmf" else 10, snmf_layers=layers if args.kind == "snmf_net" else 9,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, train_spectra=args.train_spectra,
-        device=args.device, dtype=args.dtype, size=args.size, n_train=args.n_train, n_test=args.n_test)
+        preset=args.preset, seed=args.seed, methods=(args.kind,), **layers, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, train_spectra=args.train_spectra, device=args.device,
+        dtype=args.dtype, size=args.size, n_train=args.n_train, n_test=args.n_test)
     sets = make_sets(cfg)
     tr = sets["train"]
     model = new_model(args.kind, cfg, tr)
