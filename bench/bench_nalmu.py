@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fastmu.benchmarks.nalmu import IMPLS, make_step, run_nalmu_benchmark
@@ -62,8 +63,10 @@ def cprofile_fused(args: argparse.Namespace, steps: int = 3) -> None:
         finally:
             back_prof.disable()
 
-    on_gpu = str(args.device).startswith("cuda")
-    if on_gpu:  # on the CPU the backward runs in this thread: one profiler sees it all
+    # From Python 3.12 cProfile sits on sys.monitoring, which sees every thread and allows
+    # one profiler at a time: there the calling thread's profiler covers the backward too
+    separate = str(args.device).startswith("cuda") and sys.version_info < (3, 12)
+    if separate:  # on the CPU the backward runs in this thread: one profiler sees it all
         fn.LearnedMUUnroll.backward = staticmethod(profiled_backward)
     prof = cProfile.Profile()
     try:
@@ -74,7 +77,8 @@ def cprofile_fused(args: argparse.Namespace, steps: int = 3) -> None:
     finally:
         fn.LearnedMUUnroll.backward = staticmethod(inner)
     buf = io.StringIO()
-    profs = [("fused steps (calling thread)", prof)] + [("the stack's backward (autograd's thread)", back_prof)] * on_gpu
+    profs = ([("fused steps (calling thread)", prof), ("the stack's backward (autograd's thread)", back_prof)]
+             if separate else [("fused steps", prof)])
     for title, p in profs:
         st = pstats.Stats(p, stream=buf)
         buf.write(f"== {steps} {title}, by own time\n")

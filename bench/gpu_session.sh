@@ -15,26 +15,24 @@
 # machine goes back 30 s after a call: plan one call of at most 10 minutes
 # (timeout_s 600). DEADLINE (seconds, default 540) bounds the whole script:
 # each step gets at most its own limit and at most what is left, and a step
-# with under 20 s left is skipped (and says so). The default order puts what
-# is still unmeasured first: the GPU tests, the eager NALMU step since its
-# layers became one autograd node, W2 with wide tiles beside today's, W2 with
-# its peers at the best of them ("flat" mode beside "grid"), the reads of W2's
-# pattern alone, a step with the loss on its kernels, then the W2 kernel's
-# stall reasons. Each step's
-# limit, then what it took on an H100 (2026-11-26; the machine started in
-# ~30 s, and seven steps ran in 419 s):
-#   tests        150 s  (136)  both GPU test files, pytest -n 8; gradient tests ~85 s each
-#   nalmu        100 s   (34 with two variants; three now, each profiled)
+# with under 20 s left is skipped (and says so). The default order puts the
+# GPU tests first, then the eager NALMU step, W2 at 4 blocks per SM beside
+# today's, W2 with its peers at the best of them, the reads of W2's pattern
+# alone, a step with the loss on its kernels, then the W2 kernel's stall
+# reasons. Each step's limit, then what it took on the H200 (2026-11-27; the
+# machine started in ~30 s) or, where it did not run there, on an H100 (2026-11-26):
+#   tests        200 s  (157)  all GPU tests, pytest -n 8; gradient tests 70-90 s each, the paper's run 71 s
+#   nalmu        100 s   (38)  fused, chain and plain models, each profiled, then cProfile
 #   nalmu_loss   100 s   (not yet run)  a step with the paper's loss, and the loss alone; JSON in logs.tgz
-#   nalmu_graph   60 s   (23 with two variants)
-#   ncu           90 s   (not yet run)  Nsight Compute on one W2 iteration
-#   wide          90 s   (not yet run)  W2 with wide "regs" tiles (2, 4 pixels per lane) beside 1; JSON in logs.tgz
-#   bench        240 s  (109 before "flat" joined "grid")  W1/W2 with peers, 10 000 iterations each;
+#   nalmu_graph   60 s   (23 on the H100, with two variants)
+#   ncu           90 s   (17)  Nsight Compute on one W2 iteration (flat mode, 2 pixels per lane)
+#   wide          90 s   (50)  W2 at 3 and 4 blocks per SM, 1 and 2 pixels per lane, grid and flat; JSON in logs.tgz
+#   bench        240 s   (98)  W1/W2 with peers, 10 000 iterations each;
 #                       "regs" only (BENCH_STAGINGS), W2 at the wide sweep's best knobs
-#   patterns      45 s   (not yet run)  reads alone in the W2 kernel's pattern, tile widths 128-1024 B; JSON in logs.tgz
-#   sanitize      90 s   (34)  compute-sanitizer racecheck over bench/gpu_sanity.py
-#   profile       60 s   (20)
-#   sweep         80 s   (53; the sweep has been cut to 40 % since)
+#   patterns      45 s   (15)  reads alone in the W2 kernel's pattern, tile widths 128-1024 B; JSON in logs.tgz
+#   sanitize      90 s   (34 on the H100)  compute-sanitizer racecheck over bench/gpu_sanity.py
+#   profile       60 s   (20 on the H100)
+#   sweep         80 s   (30 with 4 batch sizes × grid/flat × 1/2 pixels per lane)
 # TESTS, TESTS_K, SWEEP_ARGS, WIDE_ARGS, CONFIGS, MODES, BENCH_STAGINGS, NALMU_STAGINGS and the *_LIMIT
 # variables narrow a later call, e.g. STEPS="tests nalmu" TESTS_K="fast_launch".
 set -u
@@ -89,10 +87,11 @@ run_tests() {
   PYTEST_EXTRA=()
   python3 -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n 8)
   python3 -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 240)
-  # TESTS: the test files (default both GPU test files); TESTS_K: a pytest -k expression
+  # TESTS: the test files (default: every GPU test); TESTS_K: a pytest -k expression
   # shellcheck disable=SC2086
-  step gpu_tests "${TESTS_LIMIT:-150}" python3 -m pytest -v -rfE -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
-    ${TESTS:-tests/test_cuda_gpu.py tests/test_nn_gpu.py} ${TESTS_K:+-k "$TESTS_K"} --junitxml="$LOGDIR/gpu_tests.xml"
+  step gpu_tests "${TESTS_LIMIT:-200}" python3 -m pytest -v -rfEs -p no:cacheprovider "${PYTEST_EXTRA[@]}" \
+    ${TESTS:-tests/test_cuda_gpu.py tests/test_nn_gpu.py tests/test_experiments_gpu.py tests/test_data_mixtures.py::test_same_data_on_gpu} \
+    ${TESTS_K:+-k "$TESTS_K"} --junitxml="$LOGDIR/gpu_tests.xml"
   [ -f "$LOGDIR/gpu_tests.log" ] && tail -n 15 "$LOGDIR/gpu_tests.log"
   # the packed-parameter launch (kernels/cuda_launch.py) disagreeing with Numba's own:
   # time the rest with Numba's launch rather than not at all
@@ -126,10 +125,12 @@ run_sweep() {
 }
 
 run_wide() {
-  # wide "regs" tiles (2 and 4 pixels per lane: 256 and 512 B per row and warp) beside today's
-  # 128 B, W2 only, grid and flat mode, at 3 blocks per SM (128 registers; ppl 2 spills 28 B,
-  # ppl 4 ~480 B per bench/sass_report.py) and at 2 (ppl 2 then has 151 registers, no spills)
-  WIDE_ARGS=${WIDE_ARGS:-'{"batches": [150], "threads": [128], "unrolls": [1], "occupancies": [512, 320], "stagings": ["regs"], "bpp_fractions": [null], "block_mode": false, "flat_mode": true, "pixels_per_lane": [1, 2, 4]}'}
+  # W2 at 3 blocks of 160 threads per SM (128 registers: the default) beside 4 (96 registers,
+  # 20 warps per SM instead of 15: Nsight Compute put W2's bound at too few warps on the H200),
+  # 32- and 64-pixel tiles, grid and flat mode. Per bench/sass_report.py at 4 blocks per SM the
+  # grid kernel spills 20 B (4 local accesses per tile at ppl 1, 65 at ppl 2). 4 pixels per
+  # lane and 2 blocks per SM lost on the H200 (mu_gpu_sweep_wide_h200.json).
+  WIDE_ARGS=${WIDE_ARGS:-'{"batches": [150], "threads": [128], "unrolls": [1], "occupancies": [512, 640], "stagings": ["regs"], "bpp_fractions": [null], "block_mode": false, "flat_mode": true, "pixels_per_lane": [1, 2]}'}
   step wide "${WIDE_LIMIT:-90}" python3 -m fastmu.benchmarks.mu_gpu --sweep --sweep-args "$WIDE_ARGS" \
     --out "$LOGDIR/mu_gpu_wide.json"
   sweep_table "$LOGDIR/mu_gpu_wide.json" | tee "$LOGDIR/wide_table.txt"
@@ -231,7 +232,9 @@ run_ncu() {
   # Nsight Compute on one W2 iteration of the default kernel: achieved bandwidth, occupancy,
   # and what the warps stall on (the clocks as the card runs them: --clock-control none)
   if command -v ncu >/dev/null; then
-    FASTMU_CUDA_GRAPHS=0 step ncu "${NCU_LIMIT:-90}" ncu --clock-control none -k regex:mu_grid --launch-skip 5 \
+    # in the launch design and tile width that timed best for W2 on the H200 (flat, 2 pixels per lane)
+    FASTMU_CUDA_GRAPHS=0 FASTMU_CUDA_MODE=${NCU_MODE:-flat} FASTMU_CUDA_PIXELS_PER_LANE=${NCU_PPL:-2} \
+      step ncu "${NCU_LIMIT:-90}" ncu --clock-control none -k regex:"mu_(grid|flat)" --launch-skip 5 \
       --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section WarpStateStats --section SchedulerStats --section LaunchStats \
       python3 -c "import torch, fastmu; X = torch.rand(150, 65, 16384, device='cuda'); fastmu.mu(X, 4, n_iter=8, backend='cuda'); torch.cuda.synchronize()"

@@ -139,7 +139,7 @@ def _no_device() -> None:
     disp.get_current_device = lambda: _Dev()
 
 
-def report(keep: Path | None = None) -> dict:
+def report(keep: Path | None = None, only: str | None = None) -> dict:
     from numba import cuda, types
 
     from fastmu.benchmarks.machine import package_versions
@@ -164,6 +164,8 @@ def report(keep: Path | None = None) -> dict:
         commit = None
     rows = []
     for label, dt, tpb, n, ur, staging, rpt, pre, exact, ppl in FORWARD:
+        if only and only not in label:
+            continue
         k = kc._build(dt, tpb, n, ur, staging=staging, rows=rpt, prefetch=pre, exact=exact, ppl=ppl)
         f = getattr(types, dt)
         a3, a4 = types.Array(f, 3, "C"), types.Array(f, 4, "C")
@@ -178,6 +180,8 @@ def report(keep: Path | None = None) -> dict:
                          "pixels_per_lane": ppl, **info,
                          "x_load_loop": load_loop(parse_sass(sass), rpt * ppl if staging == "regs" else ur)})
     for label, dt, n, rg, rpg, exact in BACKWARD:
+        if only and only not in label:
+            continue
         p1, p2 = kb._build_regs(dt, n, rg, rpg, exact)
         f = getattr(types, dt)
         a3, a4, b = types.Array(f, 3, "C"), types.Array(f, 4, "C"), types.boolean
@@ -197,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/sass_sm90.json")
     ap.add_argument("--keep", type=Path, default=None, help="folder for the .ptx, .cubin and .sass files")
+    ap.add_argument("--only", default=None, help="only the configurations whose label contains this")
     args = ap.parse_args(argv)
-    res = report(args.keep)
+    res = report(args.keep, args.only)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     for r in res["kernels"]:

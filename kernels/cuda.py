@@ -30,8 +30,8 @@ shuffles):
     A 1-D grid of one wave of blocks cuts the ``b · tiles`` (problem, tile)
     pairs into equal contiguous ranges, so every block (and SM) has the
     same work whatever the block count's relation to the batch; a range
-    crossing problems runs one segment per problem (``mu_flat_step``). Not
-    yet timed on a GPU: only when set with :func:`set_mode`.
+    crossing problems runs one segment per problem (``mu_flat_step``). The
+    automatic choice where each block gets many tiles (:func:`choose_mode`).
 
 Inside a block, one thread owns one pixel column of the current tile (the
 tile width is the block size). Its column of S and the accumulators for the
@@ -74,15 +74,18 @@ Tuning knobs (module level, also read from the environment at import):
   over X and how ``P += X S'ᵀ`` reaches it: ``"rows"`` (one thread per pixel,
   re-read in row chunks), ``"tile"`` (one thread per pixel, the whole tile
   kept in shared memory) or ``"regs"`` (rows split over warps, X kept in
-  registers between its two uses); the last two are not yet measured on a GPU.
+  registers between its two uses; the automatic choice, measured fastest on an
+  H100 and an H200); ``"tile"`` is not yet measured on a GPU.
 - ``FASTMU_CUDA_ROWS_PER_THREAD`` / :func:`set_rows_per_thread`: most rows of
   X one thread holds with ``"regs"`` staging.
 - ``FASTMU_CUDA_PREFETCH`` / :func:`set_prefetch`: with ``"regs"`` staging,
   load the next tile's X while the current one is reduced.
 
-The automatic choices (:func:`choose_mode`, :func:`choose_knobs`) come from
-one sweep on an H200 (``bench/results/mu_gpu_sweep*_h200.json``); other GPUs
-may prefer others: ``python -m fastmu.benchmarks.mu_gpu --sweep`` measures them.
+The automatic choices (:func:`choose_mode`, :func:`choose_knobs`,
+:func:`pixels_per_lane_for`) come from sweeps on an H100 and an H200
+(``bench/results/mu_gpu_sweep*_h100.json``, ``mu_gpu_sweep*_h200.json``);
+other GPUs may prefer others: ``python -m fastmu.benchmarks.mu_gpu --sweep``
+measures them.
 """
 from __future__ import annotations
 
@@ -135,7 +138,7 @@ class _Config:
     staging: str = "rows"
     rows_per_thread: int | None = None  # "regs" staging; None: 16 (float32) / 8 (float64)
     prefetch: bool = False  # "regs" staging: next tile's loads in flight during this tile's work
-    pixels_per_lane: int = 1  # "regs" staging: tiles 32·ppl pixels wide
+    pixels_per_lane: int | None = None  # "regs" staging: tiles 32·ppl pixels wide; None: automatic
 
 
 _config = _Config()
@@ -288,20 +291,43 @@ def set_prefetch(prefetch: bool | str | int) -> None:
 MAX_PIXELS_PER_LANE = 8
 
 
-def set_pixels_per_lane(ppl: int) -> None:
-    """Pixels per lane of a ``"regs"`` tile: tiles ``32·ppl`` pixels wide (1–8; default 1).
+def set_pixels_per_lane(ppl: int | None) -> None:
+    """Pixels per lane of a ``"regs"`` tile: tiles ``32·ppl`` pixels wide (1–8; None: automatic,
+    see :func:`pixels_per_lane_for`).
 
     A warp then reads ``128·ppl`` contiguous bytes of each of its rows of X at
     once (float32) instead of 128, and a tile costs two barriers for ``ppl``
     pixels per lane instead of for one. The price is ``rows·(ppl − 1)`` more
-    registers per thread for X. Not yet timed on a GPU, so the default stays
-    1; ``bench/gpu_session.sh`` sweeps it, and ``fastmu.benchmarks.read_patterns``
-    measures what the wider reads alone gain.
+    registers per thread for X.
     """
+    if ppl is None:
+        _config.pixels_per_lane = None
+        return
     ppl = int(ppl)
     if not 1 <= ppl <= MAX_PIXELS_PER_LANE:
         raise ValueError(f"pixels per lane must be in [1, {MAX_PIXELS_PER_LANE}], got {ppl}")
     _config.pixels_per_lane = ppl
+
+
+def pixels_per_lane_for(dtype: Any, m: int, n: int) -> int:
+    """Pixels per lane of the ``"regs"`` tiles for ``m`` channels, rank ``n`` and ``dtype``.
+
+    The value set with :func:`set_pixels_per_lane`, else 2 in float32 up to
+    rank 4 where the wider buffers fit the shared memory, else 1. Measured
+    on an H200 at m = 65, n = 4 (``bench/results/mu_gpu_sweep_batches_h200.json``,
+    247 iterations, ms per iteration, 1 → 2 pixels per lane): one problem 0.0774
+    → 0.0768, 4 problems 0.0845 → 0.0849, 25 problems 0.135 → 0.124, 150 problems
+    0.495 → 0.450 (grid mode) and 0.470 → 0.439 (flat). Float64 and ranks
+    above 4 (more registers per thread) were not measured, so they keep 1.
+    """
+    if _config.pixels_per_lane is not None:
+        return _config.pixels_per_lane
+    if np.dtype(dtype).itemsize != 4 or n > 4:
+        return 1
+    groups = regs_layout(dtype, m, n)[0]
+    fits = dynamic_shared_bytes(dtype, m, n) + static_shared_bytes(
+        dtype, REGS_TILE * groups, n, "regs", 2) <= _SHARED_LIMIT
+    return 2 if fits else 1
 
 
 def regs_layout(dtype: Any, m: int, n: int = 4) -> tuple[int, int]:
@@ -370,7 +396,7 @@ set_occupancy(_env_int("FASTMU_CUDA_OCCUPANCY", None))
 set_staging(os.environ.get("FASTMU_CUDA_STAGING", "auto") or "auto")
 set_rows_per_thread(_env_int("FASTMU_CUDA_ROWS_PER_THREAD", None))
 set_prefetch(os.environ.get("FASTMU_CUDA_PREFETCH", "0") or "0")
-set_pixels_per_lane(_env_int("FASTMU_CUDA_PIXELS_PER_LANE", 1) or 1)
+set_pixels_per_lane(_env_int("FASTMU_CUDA_PIXELS_PER_LANE", None) or None)
 
 
 def _rows_per_chunk(tpb: int, n: int, itemsize: int) -> int:
@@ -426,7 +452,7 @@ def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> st
         if st == "regs":
             thr = REGS_TILE * regs_layout(dtype, m, n)[0]
             return thr <= 1024 and dynamic_shared_bytes(dtype, m, n) + static_shared_bytes(
-                dtype, thr, n, st, _config.pixels_per_lane) <= _SHARED_LIMIT
+                dtype, thr, n, st, pixels_per_lane_for(dtype, m, n)) <= _SHARED_LIMIT
         return (dynamic_shared_bytes(dtype, m, n, tpb, st) + static_shared_bytes(dtype, tpb, n, st)
                 <= _SHARED_LIMIT and (st == "rows" or m <= tpb))
 
@@ -472,7 +498,7 @@ def launch_layout(dtype: Any, m: int, n: int) -> Layout:
     st = choose_staging(dtype, m, n)
     if st == "regs":
         groups, rows = regs_layout(dtype, m, n)
-        return Layout("regs", REGS_TILE * groups, REGS_TILE * _config.pixels_per_lane, rows)
+        return Layout("regs", REGS_TILE * groups, REGS_TILE * pixels_per_lane_for(dtype, m, n), rows)
     return Layout(st, _config.threads, _config.threads, 0)
 
 
@@ -561,9 +587,12 @@ def regs_helpers(dtype_name: str, n: int, rg: int, rpg: int, exact: bool = False
 
     @djit
     def sum_shares(Xsh, k, lane):
+        # unsigned indices: each warp's share is then the same address plus a constant, where
+        # signed ones (Numba's wraparound) made ptxas keep RG addresses live, and spill them
         acc = nbt(0)
+        ku, lu = u64(k), u64(lane)
         for gg in range(RG):
-            acc += Xsh[gg * n + k, lane]
+            acc += Xsh[u64(gg * n) + ku, lu]
         return acc
 
     return load_rows, share_rows, sum_shares
@@ -1244,16 +1273,29 @@ def _multiprocessors() -> int:
         return 2
 
 
+#: tiles per block of one wave from which the automatic launch design is ``"flat"``
+FLAT_MIN_TILES = 64
+
+
 def choose_mode(
     b: int, t: int, threads: int | None = None, resident: int | None = None, flat_ok: bool = True,
 ) -> tuple[str, int]:
     """The launch design and blocks per problem for ``b`` problems of ``t`` pixels.
 
-    ``"flat"`` (only when set with :func:`set_mode`, not yet measured on a
-    GPU) returns the number of blocks *in all*: ``blocks_per_problem · b``
+    ``"flat"`` returns the number of blocks *in all*: ``blocks_per_problem · b``
     when that is set, else one wave (``resident`` or 8 per SM). Launch sites
     without a flat kernel (a learned layer's forward) pass ``flat_ok=False``
     and get grid mode's choice.
+
+    Automatic (``"regs"``, given ``resident``): flat mode when one wave of
+    blocks would get at least :data:`FLAT_MIN_TILES` tiles each, else grid
+    mode. Measured on an H200 (``bench/results/mu_gpu_sweep_batches_h200.json``,
+    ``mu_gpu_h200_regs.json``; 65 × 16384, 64-pixel tiles, 396 blocks):
+    150 problems (97 tiles per block) ran 0.439 ms per iteration in flat
+    mode against 0.450 in grid mode in the sweep, 0.398 against 0.423 over
+    10 000 iterations; 25 problems (16 per block) 0.157 against 0.124, and
+    one or four problems were slower in flat mode too. Between 16 and 97
+    tiles per block nothing was measured.
 
     ``threads`` is the pixel tile width (the threads per block except with
     ``"regs"`` staging, whose tiles are 32 pixels wide).
@@ -1263,8 +1305,9 @@ def choose_mode(
     resident·SMs // b))``: a block there holds 128 registers per thread, so
     only a few fit an SM, and a second, partly filled wave (512 one-tile
     blocks for one 65 × 16384 problem at 3 per SM on 132 SMs) would nearly
-    double an iteration. Reasoned, not yet measured: the GPU sweep times
-    other block counts.
+    double an iteration. Measured on an H100 (``mu_gpu_sweep_h100.json``, W2):
+    0.474 ms per iteration, against 0.483 at 8 or 32 blocks per problem, 0.68
+    at 128 and 1.60 at 512.
 
     Grid mode with about eight blocks per multiprocessor in all
     (``bpp = min(tiles, ceil(8·SMs / b))``), unless a problem is a single
@@ -1280,6 +1323,9 @@ def choose_mode(
     tiles = -(-t // tpb)
     if _config.mode == "block":
         return "block", 1
+    if (_config.mode == "auto" and flat_ok and resident and _config.blocks_per_problem is None
+            and b * tiles >= FLAT_MIN_TILES * resident * _multiprocessors()):
+        return "flat", resident * _multiprocessors()
     if _config.mode == "flat" and flat_ok:
         # the number of blocks in all (not per problem): one wave, however it divides the batch
         if _config.blocks_per_problem is not None:
@@ -1620,6 +1666,7 @@ __all__ = [
     "regs_layout",
     "set_prefetch",
     "set_pixels_per_lane",
+    "pixels_per_lane_for",
     "set_rows_per_thread",
     "zero_fill",
     "mu_run",

@@ -207,4 +207,4 @@ def test_session_wide_step_and_bench_configs(fake_gpu, tmp_path):
     fake_gpu.clear()
     cfg["W2"]["regs"]["pixels_per_lane"] = 2
     mg.run_gpu_benchmarks(iters=10, batch=3, configs=cfg, modes=("grid", "flat"), stagings=("regs",))
-    assert {c["pixels_per_lane"] for c in fake_gpu} == {1, 2}  # W1 automatic, W2 at the sweep's best
+    assert {c["pixels_per_lane"] for c in fake_gpu} == {None, 2}  # W1 automatic, W2 at the sweep's best

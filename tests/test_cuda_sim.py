@@ -139,16 +139,48 @@ def test_flat_mode_block_counts(monkeypatch, staging, bpp):
     np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[np.float64])
 
 
-def test_flat_mode_only_where_asked():
-    """"auto" never picks "flat" (not yet measured on a GPU); the learned layer's launches,
-    which have no flat kernel, get grid mode's choice under "flat"."""
-    assert kc.choose_mode(150, 16384)[0] == "grid"
+def test_flat_mode_choice(monkeypatch):
+    """"auto" picks "flat" only for "regs" launches (given ``resident``) whose one wave of blocks
+    would get at least FLAT_MIN_TILES tiles each: W2 on an H200 (150 problems of 256 tiles of 64
+    pixels, 3 blocks on each of 132 SMs), not 25 problems or one; never for launches without a
+    flat kernel or with blocks per problem set. Under "flat" the learned layer's launches
+    (no flat kernel) get grid mode's choice."""
+    monkeypatch.setattr(kc, "_multiprocessors", lambda: 132)
+    assert kc.FLAT_MIN_TILES * 396 == 99 * 256  # the threshold sits between 98 and 99 problems
+    assert kc.choose_mode(150, 16384, 64, resident=3) == ("flat", 396)
+    assert kc.choose_mode(99, 16384, 64, resident=3) == ("flat", 396)
+    assert kc.choose_mode(98, 16384, 64, resident=3)[0] == "grid"
+    assert kc.choose_mode(25, 16384, 64, resident=3) == ("grid", 15)
+    assert kc.choose_mode(1, 16384, 64, resident=3) == ("grid", 256)
+    assert kc.choose_mode(150, 16384, 64, resident=3, flat_ok=False)[0] == "grid"
+    assert kc.choose_mode(150, 16384)[0] == "grid"  # "rows"/"tile" staging: no resident count
+    kc.set_blocks_per_problem(8)
+    assert kc.choose_mode(150, 16384, 64, resident=3) == ("grid", 8)
+    kc.set_blocks_per_problem(None)
+    kc.set_mode("grid")
+    assert kc.choose_mode(150, 16384, 64, resident=3)[0] == "grid"
     kc.set_mode("flat")
-    assert kc.choose_mode(150, 16384) == ("flat", min(150 * 128, 8 * kc._multiprocessors()))
+    assert kc.choose_mode(150, 16384) == ("flat", min(150 * 128, 8 * 132))
     assert kc.choose_mode(150, 16384, flat_ok=False)[0] == "grid"
     kc.set_blocks_per_problem(3)
     assert kc.choose_mode(150, 16384) == ("flat", 450)
     assert kc.choose_mode(2, 40) == ("flat", 4)  # capped at the tiles there are (2 × 2)
+
+
+def test_automatic_pixels_per_lane():
+    """2 pixels per lane in float32 up to rank 4 where the buffers fit (measured on an H200 at
+    m = 65, n = 4), 1 otherwise; a value set wins."""
+    kc.set_staging("auto")
+    kc.set_pixels_per_lane(None)
+    assert kc.get_config()["pixels_per_lane"] is None
+    assert kc.pixels_per_lane_for(np.float32, 65, 4) == 2
+    assert kc.launch_layout(np.float32, 65, 4) == kc.Layout("regs", 160, 64, 13)
+    assert kc.pixels_per_lane_for(np.float64, 65, 4) == 1
+    assert kc.pixels_per_lane_for(np.float32, 65, 5) == 1
+    assert kc.pixels_per_lane_for(np.float32, 500, 4) == 1  # 32 warps: the wider buffers do not fit
+    assert kc.launch_layout(np.float32, 500, 4).tile == 32
+    kc.set_pixels_per_lane(4)
+    assert kc.pixels_per_lane_for(np.float64, 65, 4) == 4
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -322,8 +354,10 @@ def test_regs_layout_and_choice():
     kc.set_rows_per_thread(None)
     assert kc.choose_staging(np.float32, 512, 4) == "regs"  # 32 warps of 16 rows
     # one wave of blocks: resident blocks per SM × SMs (the simulator reports 2 SMs), per problem
-    assert kc.choose_mode(1, 16384, 32, resident=3) == ("grid", 6)
-    assert kc.choose_mode(4, 16384, 32, resident=3) == ("grid", 1)
+    # (below FLAT_MIN_TILES = 64 tiles per block of the wave, which would choose "flat")
+    assert kc.choose_mode(1, 32 * 300, 32, resident=3) == ("grid", 6)
+    assert kc.choose_mode(4, 32 * 90, 32, resident=3) == ("grid", 1)
+    assert kc.choose_mode(1, 32 * 384, 32, resident=3) == ("flat", 6)
     assert kc.choose_mode(1, 64, 32, resident=3) == ("grid", 2)  # never more blocks than tiles
     # wide tiles: 32·ppl pixels; their S columns and shares take ppl times the shared memory
     kc.set_pixels_per_lane(2)

@@ -32,6 +32,8 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+import fastmu.kernels  # noqa: F401  (its NumPy shim must precede numba-cuda's first compile)
 from numba import cuda, float32, uint32, uint64  # module globals: the simulator swaps ``cuda`` in a kernel's globals
 
 WARP = 32
