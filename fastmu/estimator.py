@@ -91,8 +91,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     One iteration updates W, then H with the new W (scikit-learn's order).
     ``solver="mu"``: multiplicative updates on fastmu's fused kernels
     (:func:`fastmu.mu` with ``A = W``, ``S = H``). ``solver="cd"``:
-    scikit-learn's coordinate descent (:func:`fastmu.baselines.cd`, on torch,
-    on X's device), with scikit-learn's stopping rule and iterates.
+    scikit-learn's coordinate descent (:func:`fastmu.baselines.cd`: a fused
+    Numba kernel for CPU arrays without ``shuffle``, torch operations on X's
+    device otherwise), with scikit-learn's stopping rule and iterates.
 
     Parameters
     ----------

@@ -248,3 +248,79 @@ def test_bad_input_is_refused():
         cd(X, 2, callback_every=0)
     with pytest.raises(TypeError, match="callback must be callable"):
         cd(X, 2, callback=3)
+
+
+# The fused CPU kernel (fastmu.kernels.cpu_cd), against the torch sweeps as the slow oracle.
+
+def _torch_iterations(X, A0, S0, n_iter):
+    """The torch path's iterations (coordinate_descent._sweep) and each one's violation."""
+    from fastmu.baselines import coordinate_descent as cdm
+
+    Xt = torch.from_numpy(X)
+    At, St = torch.from_numpy(A0.copy()).mT.contiguous(), torch.from_numpy(S0.copy())
+    viol = []
+    for _ in range(n_iter):
+        v = cdm._sweep(At, torch.bmm(St, St.mT), torch.bmm(St, Xt.mT), True)
+        v = v + cdm._sweep(St, torch.bmm(At, At.mT), torch.bmm(At, Xt), True)
+        viol.append(v.numpy())
+    return At.mT.numpy(), St.numpy(), np.array(viol)
+
+
+# (b, m, t, n): one problem and 3 problems run block-parallel (blocks of one problem spread
+# over the threads), 8 problem-major; ranks 1, 3, 4, 5; t not a multiple of the pixel block
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b,m,t,n", [(1, 13, 2500, 4), (3, 9, 1100, 3), (8, 11, 300, 5), (2, 7, 1500, 1)])
+def test_fused_kernel_matches_torch_sweeps(dtype, b, m, t, n):
+    import numba
+
+    from fastmu.kernels import cpu_cd
+
+    rng = np.random.default_rng(b * 100 + n)
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype=dtype, noise=0.05)
+    S0[:, :, ::7] = 0  # coordinates at 0: the projected gradient's other branch
+    Ar, Sr, vr = _torch_iterations(X, A0, S0, 6)
+    A, S = A0.copy(), S0.copy()
+    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
+    viol = np.zeros((6, b))
+    # two calls: P, G carried over from the first (pg_valid) must continue the same run
+    cpu_cd.cd_run(X, A, S, P, G, 2, False, viol[:2], numba.config.NUMBA_NUM_THREADS)
+    cpu_cd.cd_run(X, A, S, P, G, 4, True, viol[2:], numba.config.NUMBA_NUM_THREADS)
+    close(A, Ar, dtype, scale_of=Ar)
+    close(S, Sr, dtype, scale_of=Sr)
+    close(viol, vr, dtype, scale_of=vr)
+    close(P, X.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=P)
+    close(G, S.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=G)
+
+
+def test_fused_kernel_leaves_a_component_with_zero_gram_alone():
+    """A component whose row of S is all zero has G[k, k] = 0: A's column k is not stepped
+    (scikit-learn skips it), and the run stays finite."""
+    X, A0, S0 = low_rank_problem(np.random.default_rng(5), 2, 10, 3, 400, noise=0.01)
+    S0[:, 1] = 0
+    A, S = cd(X, A0=A0, S0=S0, n_iter=5)
+    Ar, Sr, _ = _torch_iterations(X, A0, S0, 5)
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+    close(A, Ar, np.float64, scale_of=Ar)
+    close(S, Sr, np.float64, scale_of=Sr)
+    A1, _ = cd(X, A0=A0, S0=S0, n_iter=1)  # the first A sweep, where G[1, 1] = 0
+    np.testing.assert_array_equal(A1[:, :, 1], A0[:, :, 1])
+
+
+def test_cd_on_cpu_runs_the_fused_kernel(monkeypatch):
+    """fastmu.cd on CPU arrays goes through kernels.cpu_cd (and returns what it computed)."""
+    from fastmu.kernels import cpu_cd
+
+    calls = []
+    real = cpu_cd.cd_run
+
+    def spy(*args):
+        calls.append(args[5])
+        return real(*args)
+
+    monkeypatch.setattr(cpu_cd, "cd_run", spy)
+    X, A0, S0 = one_problem(seed=3)
+    cd(X, A0=A0, S0=S0, n_iter=7)
+    assert calls == [7]
+    calls.clear()
+    cd(X, A0=A0, S0=S0, n_iter=7, callback=lambda it, A, S: None, callback_every=3)
+    assert calls == [3, 3, 1]

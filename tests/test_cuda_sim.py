@@ -167,6 +167,26 @@ def test_flat_mode_choice(monkeypatch):
     assert kc.choose_mode(2, 40) == ("flat", 4)  # capped at the tiles there are (2 × 2)
 
 
+def test_auto_flat_matches_reference(monkeypatch):
+    """The automatic choice reaching "flat" (threshold lowered to 2 tiles per block so that a
+    tiny problem crosses it) runs the flat kernel and matches the reference, float32 with
+    the automatic 64-pixel tiles: 3 problems of 4 tiles dealt over the 5 blocks (of 96
+    threads) one nominal SM holds, so that ranges cross problems."""
+    monkeypatch.setattr(kc, "_multiprocessors", lambda: 1)
+    monkeypatch.setattr(kc, "FLAT_MIN_TILES", 2)
+    kc.set_staging("regs")
+    kc.set_rows_per_thread(4)
+    kc.set_pixels_per_lane(None)
+    b, m, n, t = 3, 9, 3, 250
+    assert kc._kernels_for(b, m, t, n, np.dtype(np.float32))[1:3] == ("flat", 5)
+    X, A, S = _problem(b, m, n, t, np.float32, seed=12)
+    A1, S1, P1, G1 = _run(X, A, S, None, 3, "auto")
+    Ar, Sr = _reference(X, A, S, None, 3)
+    np.testing.assert_allclose(A1, Ar, **TOL[np.float32])
+    np.testing.assert_allclose(S1, Sr, **TOL[np.float32])
+    np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[np.float32])
+
+
 def test_automatic_pixels_per_lane():
     """2 pixels per lane in float32 up to rank 4 where the buffers fit (measured on an H200 at
     m = 65, n = 4), 1 otherwise; a value set wins."""

@@ -1,4 +1,5 @@
-"""Batched coordinate-descent NMF: scikit-learn's ``solver="cd"`` update on torch."""
+"""Batched coordinate-descent NMF: scikit-learn's ``solver="cd"`` update, in a fused Numba
+kernel on CPU arrays (:mod:`fastmu.kernels.cpu_cd`) and in torch operations on any device."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -30,7 +31,9 @@ def cd(
 
     The update of scikit-learn's ``NMF(solver="cd", shuffle=False)`` without
     regularisation (the HALS / FastHALS update of Cichocki & Phan), batched
-    over problems with torch. One iteration updates A, then S with the new A.
+    over problems: in a fused Numba kernel for CPU arrays (one pass over X
+    per iteration), in torch operations on other devices. One iteration
+    updates A, then S with the new A.
     For A, with ``G = S Sᵀ`` and ``P = X Sᵀ``, components ``k = 0 … n−1``
     in turn::
 
@@ -158,10 +161,10 @@ def _solve(
             return out[0] if squeeze else out
 
         def on_iter(done: int) -> bool:
-            return (callback is not None and done % callback_every == 0
-                    and callback(done, release(At, True), release(S, False)) is True)
+            return callback(done, release(At, True), release(S, False)) is True
 
-        done = _iterate(Xt, At, S, n_iter, tol, order=order, on_iter=on_iter, progress=progress)
+        done = _iterate(Xt, At, S, n_iter, tol, order=order, on_iter=on_iter if callback is not None else None,
+                        every=callback_every, progress=progress)
 
         A_out = release(At.mT.contiguous(), False)
         S_out = release(S, False)
@@ -170,23 +173,31 @@ def _solve(
 
 def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update_S: bool = True,
              order: np.random.RandomState | None = None, on_iter: Callable[[int], bool] | None = None,
-             progress: bool = False) -> int:
+             every: int = 1, progress: bool = False) -> int:
     """scikit-learn's CD iterations on ``Xt (b, m, t)``, ``At = Aᵀ (b, n, m)``, ``S (b, n, t)``, in place.
 
     One iteration sweeps A's components, then S's with the new A (S stays
     fixed with ``update_S=False``: its products with X are then formed once).
-    ``tol=None`` runs ``n_iter`` iterations and computes no violation;
-    otherwise a problem has converged once its violation over the first
-    iteration's is ``<= tol`` (or the first one's is 0), and the run stops
-    after the first iteration at which all have. ``on_iter(done)`` returning
-    True stops too. Returns the number of iterations run.
+    ``tol=None`` runs ``n_iter`` iterations; otherwise a problem has
+    converged once its violation over the first iteration's is ``<= tol``
+    (or the first one's is 0), and the run stops after the first iteration
+    at which all have. ``on_iter(done)``, called after every ``every``
+    iterations, returning True stops too. Returns the number of iterations run.
+
+    On CPU tensors in natural order with S updated (``fastmu.cd``,
+    ``NMF(solver="cd")``'s fit without shuffling), the iterations run in the
+    fused Numba kernel (:mod:`fastmu.kernels.cpu_cd`, one pass over X per
+    iteration); otherwise as torch operations, on any device.
     """
     import torch
 
+    if (update_S and order is None and Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
+            and At.dtype == S.dtype == Xt.dtype and S.is_contiguous()):
+        return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress)
     want_violation = tol is not None
     if not update_S:
         G_a, P_a = torch.bmm(S, S.mT), torch.bmm(S, Xt.mT)
-    converged = violation_init = None
+    stop = _Stopping(tol)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -204,20 +215,81 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
             done += 1
             if bar is not None:
                 bar.update(1)
-            if on_iter is not None and on_iter(done):
+            if on_iter is not None and done % every == 0 and on_iter(done):
                 break
-            if want_violation:
-                v = violation.cpu().numpy()
-                if violation_init is None:
-                    violation_init = v
-                    converged = np.zeros(v.shape, dtype=bool)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    converged |= (violation_init == 0) | (v / violation_init <= tol)
-                if converged.all():
-                    break
+            if want_violation and stop(violation.cpu().numpy()):
+                break
     finally:
         if bar is not None:
             bar.close()
+    return done
+
+
+class _Stopping:
+    """scikit-learn's CD stopping rule over a batch: called with each iteration's violations
+    (one per problem), True once every problem has had one at most ``tol`` times its
+    first (or a first of 0)."""
+
+    def __init__(self, tol: float | None) -> None:
+        self.tol = tol
+        self.first: np.ndarray | None = None
+        self.converged: np.ndarray | None = None
+
+    def __call__(self, violation: np.ndarray) -> bool:
+        if self.first is None:
+            self.first = violation
+            self.converged = np.zeros(violation.shape, dtype=bool)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.converged |= (self.first == 0) | (violation / self.first <= self.tol)
+        return bool(self.converged.all())
+
+
+def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
+                   on_iter: Callable[[int], bool] | None, every: int, progress: bool) -> int:
+    """:func:`_iterate` on the CPU kernel: calls of :func:`fastmu.kernels.cpu_cd.cd_run` of as
+    many iterations as the stopping rule, the callback and the progress bar allow (one at a
+    time under ``tol``, since a batch stops at the first iteration where all have converged),
+    with ``P``, ``G`` carried from call to call, so slicing adds no pass over X."""
+    import numba
+    import torch
+
+    from fastmu.kernels import cpu_cd
+
+    X = np.ascontiguousarray(Xt.numpy())
+    A = np.ascontiguousarray(At.mT.numpy())  # the kernel's layout, (b, m, n)
+    Sn = S.numpy()  # contiguous (the callers make it so): updated in place
+    b, m, _ = X.shape
+    n = A.shape[2]
+    P, G = np.empty((b, m, n), X.dtype), np.empty((b, n, n), X.dtype)
+    step = 1 if tol is not None else (every if on_iter is not None else n_iter)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_iter, desc="CD", unit="it")
+        step = min(step, max(1, n_iter // 100))
+    stop = _Stopping(tol)
+    pg_valid = False
+    done = 0
+    try:
+        while done < n_iter:
+            k = max(1, min(step, n_iter - done))
+            viol = np.zeros((k, b))
+            cpu_cd.cd_run(X, A, Sn, P, G, k, pg_valid, viol, numba.config.NUMBA_NUM_THREADS)
+            pg_valid = True
+            done += k
+            if bar is not None:
+                bar.update(k)
+            if on_iter is not None and done % every == 0:
+                At.copy_(torch.from_numpy(A).mT)
+                if on_iter(done):
+                    break
+            if tol is not None and stop(viol[0]):
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        At.copy_(torch.from_numpy(A).mT)
     return done
 
 

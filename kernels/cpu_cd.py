@@ -1,0 +1,218 @@
+"""Fused coordinate-descent NMF kernels for the CPU (Numba, parallel).
+
+scikit-learn's ``solver="cd"`` update (cyclic, unregularised; the HALS
+update) with one pass over X per iteration, built from the MU kernels'
+parts (:mod:`fastmu.kernels.cpu`).
+
+The S half of a CD iteration is column-separable: pixel j's components are
+updated in turn from ``Aᵀ X_j`` and ``AᵀA`` alone. So, per column block of
+pixels, as in MU: ``R = AᵀX`` (the block's one read from memory), the S
+update, then ``P += X S'ᵀ`` and ``G += S'S'ᵀ`` (the A half of the next
+iteration needs them) while the block is still in cache. The A half, rows
+independent, each from ``P = X Sᵀ`` and ``G = S Sᵀ``, is m·n² work per
+problem. The two schedules of :func:`fastmu.kernels.cpu.mu_run` (problem-
+major, block-parallel) carry over.
+
+Each coordinate's step is scikit-learn's ``_update_cdnmf_fast``: with
+``grad = -P[i, k] + Σ_r G[k, r] F[i, r]`` (r in order, earlier components of
+the row already updated), the projected gradient ``pg`` (``min(grad, 0)`` at
+a coordinate that is 0) is added to the iteration's violation, and, unless
+``G[k, k] = 0``, ``F[i, k] ← max(F[i, k] − grad / G[k, k], 0)``.
+
+Arrays are C-contiguous and share one float dtype: ``X (b, m, t)``,
+``A (b, m, n)``, ``S (b, n, t)``, ``P (b, m, n)``, ``G (b, n, n)``.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+from fastmu.kernels.cpu import (
+    _FM,
+    _block_parallel_finish,
+    _block_parallel_state,
+    _chunking,
+    _gram_block,
+    _p_block,
+    _pg_chunk,
+    _problem_major,
+    _r_block,
+    _reduce_problem,
+    block_length,
+)
+from fastmu.kernels.fpenv import enter_ftz, leave_ftz
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga):
+    """One CD sweep over the components of A (in place) from ``P``, ``G``; then ``H = AᵀA``.
+
+    A's rows are independent, so the sweep is S's (:func:`_s_cd_block`) on
+    the transposed problem: ``Aᵀ`` and ``Pᵀ`` are copied into the scratch
+    ``Ft``, ``Rt`` (n × m) so that it runs vectorised over the rows (tall
+    problems have many). ``ga`` (≥ m) is scratch. Returns the sweep's
+    violation (float64).
+    """
+    m, n = Ap.shape
+    for i in range(m):
+        for k in range(n):
+            Ft[k, i] = Ap[i, k]
+            Rt[k, i] = Pp[i, k]
+    v = _s_cd_block(Gp, Ft, 0, m, Rt, ga)
+    for i in range(m):
+        for k in range(n):
+            Ap[i, k] = Ft[k, i]
+    Hp[:, :] = 0
+    _gram_block(Ft, n, m, Hp)
+    return v
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _s_cd_block(Hp, Sp, j0, L, R, gk):
+    """CD sweep over the components of S's pixels ``j0 … j0+L−1`` (in place), from
+    ``R[:, :L] = (AᵀX)`` of the block and ``H = AᵀA``; ``gk`` (≥ L) is scratch.
+
+    Vectorised over the pixels: component k's gradient for the whole block,
+    then its step. Returns the block's violation (float64).
+    """
+    n = Sp.shape[0]
+    z = Sp.dtype.type(0)
+    v = 0.0
+    g = gk[:L]
+    for k in range(n):
+        hess = Hp[k, k]
+        rk = R[k, :L]
+        for jj in range(L):
+            g[jj] = -rk[jj]
+        for r in range(n):  # rows r < k already hold this sweep's values
+            h = Hp[k, r]
+            sr = Sp[r, j0 : j0 + L]
+            for jj in range(L):
+                g[jj] += h * sr[jj]
+        sk = Sp[k, j0 : j0 + L]
+        for jj in range(L):
+            gr = g[jj]
+            v += abs(min(gr, z) if sk[jj] == 0 else gr)
+        if hess != 0:
+            for jj in range(L):
+                sk[jj] = max(sk[jj] - g[jj] / hess, z)
+    return v
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk):
+    """S's CD sweep on one column block, then its ``X S'ᵀ``, ``S'S'ᵀ`` added to ``Pc``, ``Gc``.
+
+    Returns the block's violation.
+    """
+    m = Xp.shape[0]
+    n = Sp.shape[0]
+    _r_block(Xp, Ap, m, n, j0, L, R)
+    v = _s_cd_block(Hp, Sp, j0, L, R, gk)
+    for k in range(n):  # the new S, contiguous, for the fused second use of the block
+        R[k, :L] = Sp[k, j0 : j0 + L]
+    _p_block(Xp, R, m, n, j0, L, Pc)
+    _gram_block(R, n, L, Gc)
+    return v
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
+    """Run ``n_iter`` fused CD iterations (A's sweep, then S's) in place on ``A`` and ``S``.
+
+    Parameters
+    ----------
+    X, A, S
+        See the module docstring. ``A`` and ``S`` are overwritten.
+    P, G
+        ``X Sᵀ`` and ``S Sᵀ`` of the current S: read when ``pg_valid`` (they
+        carry over between calls), recomputed otherwise; on return they hold
+        the values for the returned S.
+    n_iter
+        Number of iterations.
+    viol
+        ``(≥ n_iter, b)`` float64: row ``it`` receives each problem's violation
+        of iteration ``it`` (A's sweep plus S's), as scikit-learn sums it.
+    nthreads
+        ``numba.config.NUMBA_NUM_THREADS`` (sizes the per-thread scratch).
+    """
+    b, m, t = X.shape
+    n = A.shape[2]
+    tb = block_length(m, X.itemsize)
+    nblk = (t + tb - 1) // tb
+    dt = X.dtype
+    H = np.empty((b, n, n), dt)
+    R = np.empty((nthreads, n, tb), dt)
+    gk = np.empty((nthreads, tb), dt)
+    Ft = np.empty((nthreads, n, m), dt)  # A's sweep, transposed
+    Rt = np.empty((nthreads, n, m), dt)
+    ga = np.empty((nthreads, m), dt)
+
+    if _problem_major(b, nblk, nthreads, 2):
+        for p in prange(b):
+            fp = enter_ftz()
+            tid = nb.get_thread_id()
+            Pp = P[p]
+            Gp = G[p]
+            if not pg_valid:
+                Pp[:, :] = 0
+                Gp[:, :] = 0
+                for blk in range(nblk):
+                    j0 = blk * tb
+                    _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid])
+            for it in range(n_iter):
+                v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid])
+                Pp[:, :] = 0
+                Gp[:, :] = 0
+                for blk in range(nblk):
+                    j0 = blk * tb
+                    v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid])
+                viol[it, p] = v
+            leave_ftz(fp)
+        return
+
+    # Block-parallel, as in mu_run: every chunk sums its problem's partial P, G
+    # and repeats the tiny A sweep itself (the same inputs give every chunk the
+    # same A); A and the partials are double-buffered. A's violation is counted
+    # by the problem's first chunk; the chunks' sums are added in chunk order.
+    cpp, bpc = _chunking(nblk, b, nthreads)
+    Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, _) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
+    vpart = np.zeros(b * cpp, np.float64)
+    if not pg_valid:
+        for c in prange(b * cpp):
+            fp = enter_ftz()
+            p = c // cpp
+            tid = nb.get_thread_id()
+            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
+                j0 = blk * tb
+                _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Ppart[0, c], Gpart[0, c], R[tid])
+            leave_ftz(fp)
+
+    for it in range(n_iter):
+        src = it % 2
+        dst = 1 - src
+        for c in prange(b * cpp):
+            fp = enter_ftz()
+            p = c // cpp
+            tid = nb.get_thread_id()
+            _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
+            Al[tid][:, :] = Abuf[src, p]
+            va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid])
+            if c % cpp == 0:
+                Abuf[dst, p] = Al[tid]
+            Ppart[dst, c] = 0
+            Gpart[dst, c] = 0
+            v = va if c % cpp == 0 else 0.0
+            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
+                j0 = blk * tb
+                v += _cd_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, t - j0), Ppart[dst, c], Gpart[dst, c],
+                               R[tid], gk[tid])
+            vpart[c] = v
+            leave_ftz(fp)
+        for p in range(b):
+            acc = 0.0
+            for c in range(p * cpp, (p + 1) * cpp):
+                acc += vpart[c]
+            viol[it, p] = acc
+    _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, True)
