@@ -309,11 +309,13 @@ def set_pixels_per_lane(ppl: int | None) -> None:
     _config.pixels_per_lane = ppl
 
 
-def pixels_per_lane_for(dtype: Any, m: int, n: int) -> int:
+def pixels_per_lane_for(dtype: Any, m: int, n: int, auto_wide: bool = True) -> int:
     """Pixels per lane of the ``"regs"`` tiles for ``m`` channels, rank ``n`` and ``dtype``.
 
     The value set with :func:`set_pixels_per_lane`, else 2 in float32 up to
-    rank 4 where the wider buffers fit the shared memory, else 1. Measured
+    rank 4 where the wider buffers fit the shared memory, else 1. With
+    ``auto_wide`` false (the learned layers' forward, whose GPU tests and
+    timings ran at 1) the automatic value is 1. Measured
     on an H200 at m = 65, n = 4 (``bench/results/mu_gpu_sweep_batches_h200.json``,
     247 iterations, ms per iteration, 1 → 2 pixels per lane): one problem 0.0774
     → 0.0768, 4 problems 0.0845 → 0.0849, 25 problems 0.135 → 0.124, 150 problems
@@ -322,7 +324,7 @@ def pixels_per_lane_for(dtype: Any, m: int, n: int) -> int:
     """
     if _config.pixels_per_lane is not None:
         return _config.pixels_per_lane
-    if np.dtype(dtype).itemsize != 4 or n > 4:
+    if not auto_wide or np.dtype(dtype).itemsize != 4 or n > 4:
         return 1
     groups = regs_layout(dtype, m, n)[0]
     fits = dynamic_shared_bytes(dtype, m, n) + static_shared_bytes(
@@ -492,13 +494,15 @@ class Layout:
     rows: int
 
 
-def launch_layout(dtype: Any, m: int, n: int) -> Layout:
+def launch_layout(dtype: Any, m: int, n: int, auto_wide: bool = True) -> Layout:
     """The block layout the kernels use for ``m`` channels, rank ``n`` and ``dtype`` under the
-    current knobs (ValueError when nothing fits the shared memory)."""
+    current knobs (ValueError when nothing fits the shared memory); ``auto_wide``: see
+    :func:`pixels_per_lane_for`."""
     st = choose_staging(dtype, m, n)
     if st == "regs":
         groups, rows = regs_layout(dtype, m, n)
-        return Layout("regs", REGS_TILE * groups, REGS_TILE * pixels_per_lane_for(dtype, m, n), rows)
+        ppl = pixels_per_lane_for(dtype, m, n, auto_wide)
+        return Layout("regs", REGS_TILE * groups, REGS_TILE * ppl, rows)
     return Layout(st, _config.threads, _config.threads, 0)
 
 
@@ -1374,7 +1378,7 @@ def _kernels_for(
 ) -> tuple[_Kernels, str, int, int]:
     """Kernels, launch mode, blocks per problem (in all, for ``"flat"``) and dynamic shared
     bytes for one launch shape."""
-    lay = launch_layout(dtype, m, n)
+    lay = launch_layout(dtype, m, n, auto_wide=flat_ok)  # the learned layers (no flat kernel) keep 32 pixels
     dyn = dynamic_shared_bytes(dtype, m, n, lay.threads, lay.staging)
     if lay.staging == "regs":
         ur, occ = 1, choose_knobs(b, 1, "regs")[1]  # loads are batched by the layout itself

@@ -324,3 +324,17 @@ def test_cd_on_cpu_runs_the_fused_kernel(monkeypatch):
     calls.clear()
     cd(X, A0=A0, S0=S0, n_iter=7, callback=lambda it, A, S: None, callback_every=3)
     assert calls == [3, 3, 1]
+
+
+def test_fused_path_calls_back_on_schedule_and_takes_tensors_that_require_grad():
+    """With a progress bar slicing the run, callbacks still come every callback_every
+    iterations; torch inputs that require grad are read, not refused."""
+    X, A0, S0 = one_problem(seed=4)
+    seen = []
+    cd(X, A0=A0, S0=S0, n_iter=100, callback=lambda it, A, S: seen.append(it), callback_every=15, progress=True)
+    assert seen == list(range(15, 100, 15))
+    Xt = torch.from_numpy(X).requires_grad_(True)
+    A, S = cd(Xt, A0=torch.from_numpy(A0), S0=torch.from_numpy(S0), n_iter=5)
+    A_np, S_np = cd(X, A0=A0, S0=S0, n_iter=5)
+    np.testing.assert_array_equal(A.detach().numpy(), A_np)
+    np.testing.assert_array_equal(S.detach().numpy(), S_np)

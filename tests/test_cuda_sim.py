@@ -189,7 +189,7 @@ def test_auto_flat_matches_reference(monkeypatch):
 
 def test_automatic_pixels_per_lane():
     """2 pixels per lane in float32 up to rank 4 where the buffers fit (measured on an H200 at
-    m = 65, n = 4), 1 otherwise; a value set wins."""
+    m = 65, n = 4), 1 otherwise and in the learned layers' forward; a value set wins."""
     kc.set_staging("auto")
     kc.set_pixels_per_lane(None)
     assert kc.get_config()["pixels_per_lane"] is None
@@ -199,7 +199,11 @@ def test_automatic_pixels_per_lane():
     assert kc.pixels_per_lane_for(np.float32, 65, 5) == 1
     assert kc.pixels_per_lane_for(np.float32, 500, 4) == 1  # 32 warps: the wider buffers do not fit
     assert kc.launch_layout(np.float32, 500, 4).tile == 32
+    # the learned layers' forward (no flat kernel) keeps 32-pixel tiles unless set
+    assert kc.pixels_per_lane_for(np.float32, 65, 4, auto_wide=False) == 1
+    assert kc.launch_layout(np.float32, 65, 4, auto_wide=False).tile == 32
     kc.set_pixels_per_lane(4)
+    assert kc.pixels_per_lane_for(np.float32, 65, 4, auto_wide=False) == 4
     assert kc.pixels_per_lane_for(np.float64, 65, 4) == 4
 
 

@@ -255,9 +255,9 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
 
     from fastmu.kernels import cpu_cd
 
-    X = np.ascontiguousarray(Xt.numpy())
-    A = np.ascontiguousarray(At.mT.numpy())  # the kernel's layout, (b, m, n)
-    Sn = S.numpy()  # contiguous (the callers make it so): updated in place
+    X = np.ascontiguousarray(Xt.detach().numpy())
+    A = np.ascontiguousarray(At.detach().mT.numpy())  # the kernel's layout, (b, m, n)
+    Sn = S.detach().numpy()  # contiguous (the callers make it so): updated in place
     b, m, _ = X.shape
     n = A.shape[2]
     P, G = np.empty((b, m, n), X.dtype), np.empty((b, n, n), X.dtype)
@@ -274,6 +274,8 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     try:
         while done < n_iter:
             k = max(1, min(step, n_iter - done))
+            if on_iter is not None:  # end the call at the next callback
+                k = min(k, every - done % every)
             viol = np.zeros((k, b))
             cpu_cd.cd_run(X, A, Sn, P, G, k, pg_valid, viol, numba.config.NUMBA_NUM_THREADS)
             pg_valid = True
