@@ -157,11 +157,11 @@ run_bench() {
   CONFIGS=${CONFIGS:-$(python3 -m fastmu.benchmarks.mu_gpu --best-configs "$OUT/mu_gpu_sweep.json" \
     "$LOGDIR/mu_gpu_wide.json")}
   echo "benchmark configs: $CONFIGS" | tee -a "$OUT/steps.txt"
-  # block mode lost everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it
-  # again; "flat" (grid mode with the tiles dealt evenly over one wave of blocks) is new
+  # "auto" (what fastmu.mu picks: flat for W2, grid for W1) beside both explicitly; block mode lost
+  # everywhere on the H200 (bench/results/mu_gpu_h200.json): MODES=block,grid to time it again
   # the "rows" staging lost everywhere on the H100 (2.3-6x slower): BENCH_STAGINGS=rows,regs to time it again
   step mu_bench "${BENCH_LIMIT:-240}" python3 -m fastmu.benchmarks.mu_gpu --configs "$CONFIGS" \
-    --modes "${MODES:-grid,flat}" --stagings "${BENCH_STAGINGS:-regs}" --out "$OUT/mu_gpu.json"
+    --modes "${MODES:-auto,grid,flat}" --stagings "${BENCH_STAGINGS:-regs}" --out "$OUT/mu_gpu.json"
   python3 - "$OUT/mu_gpu.json" <<'PY'
 import json, sys
 from fastmu.benchmarks.mu_gpu import format_table

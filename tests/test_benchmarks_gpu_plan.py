@@ -45,7 +45,7 @@ def test_each_staging_is_an_entry_with_its_own_knobs(fake_gpu):
     configs = {"W1": {"rows": {"blocks_per_problem": 128, "unroll": 1},
                       "regs": {"blocks_per_problem": 256, "rows_per_thread": 9}},
                "W2": {"occupancy": 1024}}
-    res = mg.run_gpu_benchmarks(iters=10, batch=3, configs=configs, modes=("grid",))
+    res = mg.run_gpu_benchmarks(iters=10, batch=3, configs=configs, modes=("grid",), stagings=("rows", "regs"))
     w1, w2 = res["workloads"]["W1"], res["workloads"]["W2"]
     assert set(w1["results"]) == {"fastmu_grid_rows", "fastmu_grid_regs", "torch_eager", "torch_compile", "cupy_loop"}
     assert w1["speedup_vs_torch_eager"] == {"fastmu_grid_rows": 2.0, "fastmu_grid_regs": 4.0}
@@ -152,7 +152,7 @@ def test_flat_mode_in_sweep_and_benchmark(fake_gpu):
                                   stagings=("rows", "regs"), bpp_fractions=(None,), block_mode=False, flat_mode=True)
     assert [(r["staging"], r["mode"], r["blocks_per_problem"]) for r in out["rows"]] == [
         ("rows", "grid", None), ("rows", "flat", None), ("regs", "grid", None), ("regs", "flat", None)]
-    res = mg.run_gpu_benchmarks(iters=10, batch=3, modes=("grid", "flat"))
+    res = mg.run_gpu_benchmarks(iters=10, batch=3, modes=("grid", "flat"), stagings=("rows", "regs"))
     assert {"fastmu_flat_rows", "fastmu_flat_regs", "fastmu_grid_regs"} <= set(res["workloads"]["W2"]["results"])
     with pytest.raises(SystemExit):
         mg.main(["--modes", "diagonal"])
@@ -208,3 +208,17 @@ def test_session_wide_step_and_bench_configs(fake_gpu, tmp_path):
     cfg["W2"]["regs"]["pixels_per_lane"] = 2
     mg.run_gpu_benchmarks(iters=10, batch=3, configs=cfg, modes=("grid", "flat"), stagings=("regs",))
     assert {c["pixels_per_lane"] for c in fake_gpu} == {None, 2}  # W1 automatic, W2 at the sweep's best
+
+
+def test_default_benchmark_times_what_fastmu_mu_launches(fake_gpu, monkeypatch):
+    """By default (``fastmu bench --device cuda``) fastmu's entry is the automatic choice,
+    beside the peers, and the JSON records which launch that is: for W2 on a 132-SM GPU
+    the flat mode over one wave of 3 × 132 blocks and 64-pixel tiles; for W1 grid mode."""
+    monkeypatch.setattr(kc, "_multiprocessors", lambda: 132)
+    res = mg.run_gpu_benchmarks(iters=10)
+    w1, w2 = res["workloads"]["W1"], res["workloads"]["W2"]
+    assert set(w2["results"]) == {"fastmu_auto", "torch_eager", "torch_compile", "cupy_loop"}
+    assert [(c["mode"], c["staging"], c["pixels_per_lane"]) for c in fake_gpu] == [("auto", "auto", None)] * 2
+    assert w2["auto_choice"] == {"mode": "flat", "blocks": 396, "blocks_are": "in all", "tile_pixels": 64}
+    assert w1["auto_choice"]["mode"] == "grid" and w1["auto_choice"]["blocks_are"] == "per problem"
+    assert "fastmu_auto" in mg.format_table(res)

@@ -300,8 +300,8 @@ def run_gpu_benchmarks(
     quick: bool = False,
     configs: dict[str, dict[str, Any]] | None = None,
     partial: str | None = None,
-    modes: tuple[str, ...] = ("block", "grid"),
-    stagings: tuple[str, ...] = ("rows", "regs"),
+    modes: tuple[str, ...] = ("auto",),
+    stagings: tuple[str, ...] = ("auto",),
 ) -> dict[str, Any]:
     """Time W1 and W2 for fastmu and its peers on the current GPU; return a JSON-able dict.
 
@@ -321,10 +321,12 @@ def run_gpu_benchmarks(
         A JSON file rewritten after every entry, so that a run cut short
         still leaves what it measured.
     modes : tuple of str
-        fastmu's launch designs to time (``"block"``, ``"grid"``, ``"flat"``).
+        fastmu's launch designs to time (``"auto"``: the automatic choice
+        that ``fastmu.mu`` makes, ``"block"``, ``"grid"``, ``"flat"``).
     stagings : tuple of str
-        fastmu's stagings of X to time with each mode (entries
-        ``fastmu_<mode>_<staging>``; a staging set in ``configs`` wins).
+        fastmu's stagings of X to time with each mode (``"auto"``, ``"rows"``,
+        ``"tile"``, ``"regs"``; entries ``fastmu_<mode>_<staging>``, and
+        ``fastmu_auto`` for both automatic; a staging set in ``configs`` wins).
 
     Raises
     ------
@@ -359,19 +361,20 @@ def run_gpu_benchmarks(
         cfg = {} if by_staging else wcfg
         saved = _apply(kc, cfg)
         try:
-            auto = kc.choose_mode(b, T)
+            # what fastmu.mu launches for this shape under these knobs
+            _, auto_mode, auto_blocks, _ = kc._kernels_for(b, M, T, N, np.dtype(np.float32))
+            lay = kc.launch_layout(np.float32, M, N)
             used = kc.get_config()
-            used["staging_used"] = kc.choose_staging(np.float32, M, N)
-            used["auto_unroll_occupancy"] = list(kc.choose_knobs(b, auto[1], used["staging_used"]))
+            used["staging_used"] = lay.staging
+            used["auto_unroll_occupancy"] = list(kc.choose_knobs(b, auto_blocks, lay.staging))
         finally:
             _restore(kc, saved)
-        result["workloads"][wname] = {
-            "batch": b, "kernel_config": used, "auto_choice": {"mode": auto[0], "blocks_per_problem": auto[1]},
-            "results": entries,
-        }
+        auto = {"mode": auto_mode, "blocks": auto_blocks,
+                "blocks_are": "in all" if auto_mode == "flat" else "per problem", "tile_pixels": lay.tile}
+        result["workloads"][wname] = {"batch": b, "kernel_config": used, "auto_choice": auto, "results": entries}
         ref_S = None
         for mode, staging in [(md, st) for md in modes for st in ((cfg["staging"],) if "staging" in cfg else stagings)]:
-            label = f"fastmu_{mode}_{staging}"
+            label = "fastmu_auto" if (mode, staging) == ("auto", "auto") else f"fastmu_{mode}_{staging}"
             knobs = {**(by_staging.get(staging, {}) if by_staging else cfg), "staging": staging}
             if by_staging:
                 result["workloads"][wname]["kernel_config"][staging] = knobs
@@ -583,10 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=None,
                     help='JSON: kernel knobs per workload, e.g. {"W2": {"threads": 256, "unroll": 8}}')
     ap.add_argument("--out", default=None, help="write the JSON here (default: print it)")
-    ap.add_argument("--modes", default="block,grid",
-                    help="fastmu launch designs to benchmark, comma-separated (block, grid, flat)")
-    ap.add_argument("--stagings", default="rows,regs",
-                    help="fastmu stagings of X to benchmark and profile, comma-separated (rows, tile, regs)")
+    ap.add_argument("--modes", default="auto",
+                    help="fastmu launch designs to benchmark, comma-separated (auto, block, grid, flat)")
+    ap.add_argument("--stagings", default="auto",
+                    help="fastmu stagings of X to benchmark and profile, comma-separated (auto, rows, tile, regs)")
     ap.add_argument("--best-configs", nargs="+", default=None, metavar="SWEEP_JSON",
                     help="print --configs JSON from the first of these sweep results that exists, and exit")
     ap.add_argument("--profile", default=None, metavar="TABLES",
@@ -596,8 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(best_configs(args.best_configs)))
         return 0
     stagings = tuple(s for s in args.stagings.split(",") if s)
-    if not stagings or set(stagings) - {"rows", "tile", "regs"}:
-        ap.error(f"--stagings takes rows, tile and/or regs, got {args.stagings!r}")
+    if not stagings or set(stagings) - {"auto", "rows", "tile", "regs"}:
+        ap.error(f"--stagings takes auto, rows, tile and/or regs, got {args.stagings!r}")
     if args.profile:
         res = profile_fastmu(table_path=args.profile, stagings=stagings)
     elif args.sweep:
@@ -606,9 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configs = json.loads(args.configs) if args.configs else None
         modes = tuple(m for m in args.modes.split(",") if m)
-        bad = set(modes) - {"block", "grid", "flat"}
+        bad = set(modes) - {"auto", "block", "grid", "flat"}
         if bad or not modes:
-            ap.error(f"--modes takes block, grid and/or flat, got {args.modes!r}")
+            ap.error(f"--modes takes auto, block, grid and/or flat, got {args.modes!r}")
         res = run_gpu_benchmarks(args.iters, args.batch, args.quick, configs=configs, partial=args.out, modes=modes,
                                  stagings=stagings)
     text = json.dumps(res, indent=2)
