@@ -308,6 +308,16 @@ def _pg_chunk(Xp, Sp, j0, L, Pc, Gc, Sb):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _pg_blocks(Xp, Sp, blk0, blk1, tb, Pc, Gc, Sb):
+    """Add ``X Sᵀ`` and ``S Sᵀ`` of the column blocks ``blk0 … blk1−1`` (``tb`` pixels each,
+    the last one cut at t) to ``Pc``, ``Gc``: the pass that starts a run without carried P, G."""
+    t = Xp.shape[1]
+    for blk in range(blk0, blk1):
+        j0 = blk * tb
+        _pg_chunk(Xp, Sp, j0, min(tb, t - j0), Pc, Gc, Sb)
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
     """S update on one column block, then (optionally) add its ``X S'ᵀ``, ``S' S'ᵀ`` to Pc, Gc.
 
@@ -646,9 +656,7 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
             if not pg_valid:
                 Pp[:, :] = 0
                 Gp[:, :] = 0
-                for blk in range(nblk):
-                    j0 = blk * tb
-                    _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid])
+                _pg_blocks(X[p], S[p], 0, nblk, tb, Pp, Gp, R[tid])
             for it in range(n_iter):
                 acc = accumulate_last or it < n_iter - 1
                 _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
@@ -674,9 +682,8 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
-            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
-                j0 = blk * tb
-                _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Ppart[0, c], Gpart[0, c], R[tid])
+            _pg_blocks(X[p], S[p], (c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc), tb, Ppart[0, c], Gpart[0, c],
+                       R[tid])
             leave_ftz(fp)
 
     for it in range(n_iter):

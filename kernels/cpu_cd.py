@@ -35,7 +35,7 @@ from fastmu.kernels.cpu import (
     _chunking,
     _gram_block,
     _p_block,
-    _pg_chunk,
+    _pg_blocks,
     _problem_major,
     _r_block,
     _reduce_problem,
@@ -91,12 +91,13 @@ def _s_cd_block(Hp, Sp, j0, L, R, gk):
             for jj in range(L):
                 g[jj] += h * sr[jj]
         sk = Sp[k, j0 : j0 + L]
+        step = hess != 0
         for jj in range(L):
             gr = g[jj]
-            v += abs(min(gr, z) if sk[jj] == 0 else gr)
-        if hess != 0:
-            for jj in range(L):
-                sk[jj] = max(sk[jj] - g[jj] / hess, z)
+            s = sk[jj]
+            v += abs(min(gr, z) if s == 0 else gr)  # the projected gradient before the step
+            if step:
+                sk[jj] = max(s - gr / hess, z)
     return v
 
 
@@ -158,9 +159,7 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             if not pg_valid:
                 Pp[:, :] = 0
                 Gp[:, :] = 0
-                for blk in range(nblk):
-                    j0 = blk * tb
-                    _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid])
+                _pg_blocks(X[p], S[p], 0, nblk, tb, Pp, Gp, R[tid])
             for it in range(n_iter):
                 v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid])
                 Pp[:, :] = 0
@@ -184,9 +183,8 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
-            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
-                j0 = blk * tb
-                _pg_chunk(X[p], S[p], j0, min(tb, t - j0), Ppart[0, c], Gpart[0, c], R[tid])
+            _pg_blocks(X[p], S[p], (c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc), tb, Ppart[0, c], Gpart[0, c],
+                       R[tid])
             leave_ftz(fp)
 
     for it in range(n_iter):

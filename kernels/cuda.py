@@ -1327,9 +1327,10 @@ def choose_mode(
     tiles = -(-t // tpb)
     if _config.mode == "block":
         return "block", 1
-    if (_config.mode == "auto" and flat_ok and resident and _config.blocks_per_problem is None
-            and b * tiles >= FLAT_MIN_TILES * resident * _multiprocessors()):
-        return "flat", resident * _multiprocessors()
+    if _config.mode == "auto" and flat_ok and resident and _config.blocks_per_problem is None:
+        wave = resident * _multiprocessors()
+        if b * tiles >= FLAT_MIN_TILES * wave:
+            return "flat", wave
     if _config.mode == "flat" and flat_ok:
         # the number of blocks in all (not per problem): one wave, however it divides the batch
         if _config.blocks_per_problem is not None:
