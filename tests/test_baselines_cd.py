@@ -292,6 +292,57 @@ def test_fused_kernel_matches_torch_sweeps(dtype, b, m, t, n):
     close(G, S.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=G)
 
 
+# tall problems (many rows, few pixels): the rows are shared out (cpu_cd.row_chunks); nthreads
+# at least the real thread count (it sizes per-thread scratch), and four times it
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b,m,t,n", [(1, 700, 60, 4), (3, 900, 40, 5), (1, 650, 130, 1)])
+@pytest.mark.parametrize("scale", [1, 4])
+def test_fused_kernel_shares_out_the_rows_of_tall_problems(dtype, b, m, t, n, scale):
+    import numba
+
+    from fastmu.kernels import cpu_cd
+
+    nthreads = scale * max(2, numba.config.NUMBA_NUM_THREADS)
+    cpp = cpu_cd.row_chunks(b, m, t, np.dtype(dtype).itemsize, nthreads)
+    assert cpp >= 2  # the schedule under test
+    rng = np.random.default_rng(m + n)
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype=dtype, noise=0.05)
+    S0[:, :, ::7] = 0
+    Ar, Sr, vr = _torch_iterations(X, A0, S0, 6)
+    A, S = A0.copy(), S0.copy()
+    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
+    viol = np.zeros((6, b))
+    cpu_cd.cd_run(X, A, S, P, G, 0, False, viol[:0], nthreads)  # no iteration: P, G of the start
+    close(P, X.astype(np.float64) @ S0.transpose(0, 2, 1), dtype, scale_of=P)
+    cpu_cd.cd_run(X, A, S, P, G, 1, True, viol[:1], nthreads)
+    cpu_cd.cd_run(X, A, S, P, G, 5, True, viol[1:], nthreads)
+    close(A, Ar, dtype, scale_of=Ar)
+    close(S, Sr, dtype, scale_of=Sr)
+    close(viol, vr, dtype, scale_of=vr)
+    close(P, X.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=P)
+    close(G, S.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=G)
+
+
+def test_row_chunks_leaves_wide_batched_and_tiny_problems_to_the_column_schedules():
+    from fastmu.kernels import cpu_cd
+
+    assert cpu_cd.row_chunks(1, 16384, 65, 4, 2) == 10  # 4.3 MB of X: ten 426 kB chunks
+    assert cpu_cd.row_chunks(1, 16384, 65, 4, 8) == 16  # two per thread
+    assert cpu_cd.row_chunks(1, 65, 16384, 4, 2) == 0  # wide: column blocks
+    assert cpu_cd.row_chunks(4, 16384, 65, 4, 2) == 0  # a multiple of the threads: problem-major
+    assert cpu_cd.row_chunks(1, 200, 100, 4, 2) == 0  # too little work
+    assert cpu_cd.row_chunks(1, 16384, 65, 4, 1) == 0  # one thread
+
+
+def test_tall_problem_matches_scikit_learn():
+    """A tall X through fastmu.cd (the row-parallel schedule where there are threads)."""
+    X, A0, S0 = one_problem(seed=4, m=1200, t=40)
+    W, H, _ = sk_cd(X, A0, S0, max_iter=20)
+    A, S = cd(X, A0=A0, S0=S0, n_iter=20)
+    close(A, W, np.float64)
+    close(S, H, np.float64)
+
+
 def test_fused_kernel_leaves_a_component_with_zero_gram_alone():
     """A component whose row of S is all zero has G[k, k] = 0: A's column k is not stepped
     (scikit-learn skips it), and the run stays finite."""
