@@ -85,7 +85,7 @@ class CPUEngine:
 
         self._nthreads = numba.config.NUMBA_NUM_THREADS
         self._cpu = cpu
-        b, m, _ = X.shape
+        b, m, t = X.shape
         n = A.shape[2]
         self.X, self.A, self.S = X, A, S
         self.W = np.ones((1, m, n), X.dtype) if W is None else np.ascontiguousarray(W, X.dtype)
@@ -99,9 +99,12 @@ class CPUEngine:
         # may run at a padded rank (kernels.cpu.padded_rank): the added zero
         # components stay exactly zero and add exact zeros to every sum. The
         # copies of X are skipped where they would take more than half the
-        # memory still available: the kernels then run on the caller's X.
+        # memory still available: the kernels then run on the caller's X. A tall
+        # X with too few pixels to share out runs the blocked kernel, which
+        # shares out its rows instead (kernels.cpu.row_chunks).
         affordable = _copy_affordable(X.nbytes)
-        self._tiled = cpu_tiled.available(n) and affordable
+        by_rows = cpu.row_chunks(b, m, t, X.itemsize, self._nthreads) > 0
+        self._tiled = cpu_tiled.available(n) and affordable and not by_rows
         nk = 4 if self._tiled else cpu.padded_rank(n)
         self._ka, self._ks, self._kw = (A, S, self.W) if nk == n else cpu.pad_rank(A, S, self.W, nk)
         if self._tiled:

@@ -29,8 +29,8 @@ import numpy as np
 from numba import prange
 
 from fastmu.kernels.cpu import (
-    _BLOCK_BYTES,
     _FM,
+    _S_UNIT,
     _block_parallel_finish,
     _block_parallel_state,
     _chunking,
@@ -40,7 +40,11 @@ from fastmu.kernels.cpu import (
     _problem_major,
     _r_block,
     _reduce_problem,
+    _rows_block,
+    _rows_p,
+    _rows_r,
     block_length,
+    row_chunks,
 )
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
@@ -119,61 +123,6 @@ def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk):
     return v
 
 
-#: the row-parallel schedule's smallest chunk of rows, and the smallest m·t it runs for
-#: (below it one parallel region per half-iteration costs more than the work)
-ROW_CHUNK_MIN = 64
-ROW_PARALLEL_MIN_WORK = 1 << 15
-#: pixels per unit of the row-parallel schedule's S half
-_S_UNIT = 256
-
-
-@nb.njit(cache=True)
-def row_chunks(b, m, t, itemsize, nthreads):
-    """Chunks of rows per problem for the row-parallel schedule of :func:`cd_run`; 0 where
-    the column-block schedules apply.
-
-    A tall X (many rows, few pixels) has too few column blocks to share out, and
-    the problem-major schedule would leave one or two problems on one thread.
-    Both halves of a CD iteration split by rows instead: A's rows are
-    independent, and so are the rows of ``P = X Sᵀ``; ``AᵀX`` and ``AᵀA`` are
-    sums of per-chunk parts. Each chunk reads its rows of X twice, for ``P``
-    and for ``AᵀX``, so chunks hold at most half of ``_BLOCK_BYTES`` of X
-    (the second read then hits cache), at least two per thread and a multiple
-    of the threads in all. At 16384 × 65, float32, rank 4, on the 2-core dev
-    machine (1 MB of L2 per core; fastest of three runs of 200 iterations),
-    8–16 chunks ran 0.56–0.60 ms per iteration, 4–6 chunks 0.73–0.84, and 32
-    chunks 0.69.
-    """
-    if nthreads < 2 or b % nthreads == 0 or b >= 4 * nthreads or m * t < ROW_PARALLEL_MIN_WORK:
-        return 0
-    nblk = (t + block_length(m, itemsize) - 1) // block_length(m, itemsize)
-    if b * nblk >= 2 * nthreads:  # enough column blocks
-        return 0
-    # chunks of at most half of _BLOCK_BYTES, at least two per thread, a multiple of the threads in all
-    slab = _BLOCK_BYTES // 2
-    total = max(2 * nthreads, b * ((m * t * itemsize + slab - 1) // slab))
-    total = (total + nthreads - 1) // nthreads * nthreads
-    cpp = min((total + b - 1) // b, m // ROW_CHUNK_MIN)
-    if cpp < 2:
-        return 0
-    rpc = (m + cpp - 1) // cpp
-    return (m + rpc - 1) // rpc
-
-
-@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _rows_p(Xc, Sp, Pc, tb, Sb):
-    """``Pc = Xc Sᵀ`` for a chunk of rows, column block by column block (``Sb`` scratch)."""
-    rows, t = Xc.shape
-    n = Sp.shape[0]
-    Pc[:, :] = 0
-    for j0 in range(0, t, tb):
-        L = min(tb, t - j0)
-        for k in range(n):
-            for jj in range(L):
-                Sb[k, jj] = Sp[k, j0 + jj]
-        _p_block(Xc, Sb, rows, n, j0, L, Pc)
-
-
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
     """:func:`cd_run` with the rows shared out (``cpp`` chunks per problem; :func:`row_chunks`).
@@ -190,9 +139,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
     n = A.shape[2]
     dt = X.dtype
     rpc = (m + cpp - 1) // cpp
-    # equal column blocks (a last block of a pixel or two would cost a pass over the rows)
-    nbl = (t + block_length(rpc, X.itemsize) - 1) // block_length(rpc, X.itemsize)
-    tb = (t + nbl - 1) // nbl
+    tb = _rows_block(rpc, t, X.itemsize)
     nc = b * cpp
     nsu = (t + _S_UNIT - 1) // _S_UNIT
     ns = b * nsu
@@ -226,12 +173,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
             if not last:
                 Ac = A[p, r0:r1]
                 vpart[c] = _a_cd(Ac, P[p, r0:r1], G[p], Hpart[c], Ft[tid], Rt[tid], ga[tid])
-                for j0 in range(0, t, tb):
-                    L = min(tb, t - j0)
-                    _r_block(Xc, Ac, r1 - r0, n, j0, L, Sb[tid])
-                    for k in range(n):
-                        for jj in range(L):
-                            Rpart[c, k, j0 + jj] = Sb[tid, k, jj]
+                _rows_r(Xc, Ac, Rpart[c], tb, Sb[tid])
             leave_ftz(fp)
         if last:
             break

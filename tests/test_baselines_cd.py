@@ -323,17 +323,6 @@ def test_fused_kernel_shares_out_the_rows_of_tall_problems(dtype, b, m, t, n, sc
     close(G, S.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=G)
 
 
-def test_row_chunks_leaves_wide_batched_and_tiny_problems_to_the_column_schedules():
-    from fastmu.kernels import cpu_cd
-
-    assert cpu_cd.row_chunks(1, 16384, 65, 4, 2) == 10  # 4.3 MB of X: ten 426 kB chunks
-    assert cpu_cd.row_chunks(1, 16384, 65, 4, 8) == 16  # two per thread
-    assert cpu_cd.row_chunks(1, 65, 16384, 4, 2) == 0  # wide: column blocks
-    assert cpu_cd.row_chunks(4, 16384, 65, 4, 2) == 0  # a multiple of the threads: problem-major
-    assert cpu_cd.row_chunks(1, 200, 100, 4, 2) == 0  # too little work
-    assert cpu_cd.row_chunks(1, 16384, 65, 4, 1) == 0  # one thread
-
-
 def test_tall_problem_matches_scikit_learn():
     """A tall X through fastmu.cd (the row-parallel schedule where there are threads)."""
     X, A0, S0 = one_problem(seed=4, m=1200, t=40)

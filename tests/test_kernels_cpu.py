@@ -64,15 +64,59 @@ def test_block_length_keeps_a_block_in_l2():
     assert cpu.block_length(100_000, 8) == 64  # never below 64 pixels
 
 
-@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("b", [3, 4])
 def test_tall_x_uses_short_blocks(rng, b):
-    """m = 300 float64: 256-pixel blocks, t = 700 spans three (the last one short)."""
+    """m = 300 float64: 256-pixel blocks, t = 700 spans three (the last one short); problem-major
+    (b = 4) and, on two threads, block-parallel (b = 3; with more threads its rows are shared out)."""
     X, A0, S0 = low_rank_problem(rng, b, 300, 3, 700, np.float64, noise=0.05)
     A, S, P, G = run(X, A0, S0, n_iter=4)
     Ar, Sr = mu_numpy(X, A0, S0, 4)
     assert rel_err(A, Ar) < RTOL[np.float64]
     assert rel_err(S, Sr) < RTOL[np.float64]
     assert rel_err(P, X @ Sr.transpose(0, 2, 1)) < 10 * RTOL[np.float64]
+
+
+# Tall problems (many rows, few pixels): the rows are shared out (cpu.row_chunks). nthreads is
+# at least the real thread count (it sizes per-thread scratch), and four times it.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b,m,n,t", [(1, 700, 4, 60), (3, 900, 5, 40), (1, 650, 1, 130)])
+@pytest.mark.parametrize("scale", [1, 4])
+def test_tall_x_shares_out_rows(rng, dtype, b, m, n, t, scale):
+    nthreads = scale * max(2, NT)
+    assert cpu.row_chunks(b, m, t, np.dtype(dtype).itemsize, nthreads) >= 2  # the schedule under test
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype, noise=0.05)
+    W = (0.5 + rng.random((b, m, n))).astype(dtype)
+    Ar, Sr = A0.astype(np.float64), S0.astype(np.float64)
+    for _ in range(6):  # the learned step (W): the A update scaled
+        Ar, Sr = mu_step_numpy(X.astype(np.float64), Ar, Sr, W.astype(np.float64))
+
+    def call(A, S, P, G, k, pg_valid, acc_last=True):
+        cpu.mu_run(X, A, S, W, P, G, k, EPS, pg_valid, acc_last, nthreads)
+
+    A, S = A0.copy(), S0.copy()
+    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
+    call(A, S, P, G, 0, False)  # no iteration: P, G of the start
+    np.testing.assert_array_equal(A, A0)
+    assert rel_err(P, X.astype(np.float64) @ S0.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+    call(A, S, P, G, 2, True)
+    call(A, S, P, G, 4, True)  # P, G carried: the same run as 6 in one call, bit for bit
+    A6, S6 = A0.copy(), S0.copy()
+    call(A6, S6, np.empty_like(P), np.empty_like(G), 6, False, acc_last=False)
+    np.testing.assert_array_equal(A, A6)
+    np.testing.assert_array_equal(S, S6)
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
+    assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+    assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+
+
+def test_row_chunks_leaves_wide_batched_and_tiny_problems_to_the_column_schedules():
+    assert cpu.row_chunks(1, 16384, 65, 4, 2) == 10  # 4.3 MB of X: ten 426 kB chunks
+    assert cpu.row_chunks(1, 16384, 65, 4, 8) == 16  # two per thread
+    assert cpu.row_chunks(1, 65, 16384, 4, 2) == 0  # wide: column blocks
+    assert cpu.row_chunks(4, 16384, 65, 4, 2) == 0  # a multiple of the threads: problem-major
+    assert cpu.row_chunks(1, 200, 100, 4, 2) == 0  # too little work
+    assert cpu.row_chunks(1, 16384, 65, 4, 1) == 0  # one thread
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
