@@ -678,6 +678,62 @@ def _rows_r(Xc, Ac, Rc, tb, Rb):
                 Rc[k, j0 + jj] = Rb[k, jj]
 
 
+@nb.njit(cache=True)
+def _rows_state(X, A, S, G, pg_valid, cpp, nthreads):
+    """What both row-parallel schedules allocate, and ``G = S Sᵀ`` where it is not carried in.
+
+    Returns ``rpc`` (rows per chunk), ``tb`` (pixels per column block),
+    ``nsu`` (pixel units per problem), the per-chunk parts of ``AᵀX`` and
+    ``AᵀA``, the per-unit parts of ``S'S'ᵀ``, their sums ``Rsum``, ``H``, and
+    per-thread scratch ``Rb`` (n × ≥ tb, ≥ ``_S_UNIT``).
+    """
+    b, m, t = X.shape
+    n = A.shape[2]
+    dt = X.dtype
+    rpc = (m + cpp - 1) // cpp
+    tb = _rows_block(rpc, t, X.itemsize)
+    nsu = (t + _S_UNIT - 1) // _S_UNIT
+    Rpart = np.empty((b * cpp, n, t), dt)
+    Hpart = np.empty((b * cpp, n, n), dt)
+    Gpart = np.empty((b * nsu, n, n), dt)
+    Rsum = np.empty((b, n, t), dt)
+    H = np.empty((b, n, n), dt)
+    Rb = np.empty((nthreads, n, max(tb, _S_UNIT)), dt)
+    if not pg_valid:
+        for p in range(b):
+            G[p] = 0
+            _gram_block(S[p], n, t, G[p])
+    return rpc, tb, nsu, Rpart, Hpart, Gpart, Rsum, H, Rb
+
+
+@nb.njit(cache=True)
+def _chunk_rows(c, cpp, rpc, m):
+    """Chunk ``c``'s problem and rows ``r0 … r1−1``."""
+    r0 = (c % cpp) * rpc
+    return c // cpp, r0, min(m, r0 + rpc)
+
+
+@nb.njit(cache=True)
+def _s_unit(u, nsu, Rsum, R):
+    """Pixel unit ``u``'s problem, first pixel and length; its columns of ``AᵀX`` into ``R``."""
+    p = u // nsu
+    j0 = (u % nsu) * _S_UNIT
+    L = min(_S_UNIT, Rsum.shape[2] - j0)
+    for k in range(Rsum.shape[1]):
+        for jj in range(L):
+            R[k, jj] = Rsum[p, k, j0 + jj]
+    return p, j0, L
+
+
+@nb.njit(cache=True)
+def _sum_units(Gpart, nsu, G):
+    """``G[p]``: the sum of problem p's unit parts, in unit order."""
+    for p in range(G.shape[0]):
+        G[p] = 0
+        for u in range(p * nsu, (p + 1) * nsu):
+            G[p] += Gpart[u]
+
+
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp):
     """:func:`mu_run` with the rows shared out (``cpp`` chunks per problem; :func:`row_chunks`).
@@ -694,32 +750,15 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
     dt = X.dtype
     epsd = dt.type(eps)
     wstep = 0 if W.shape[0] == 1 else 1
-    rpc = (m + cpp - 1) // cpp
-    tb = _rows_block(rpc, t, X.itemsize)
-    nc = b * cpp
-    nsu = (t + _S_UNIT - 1) // _S_UNIT
-    ns = b * nsu
-    Rpart = np.empty((nc, n, t), dt)
-    Hpart = np.empty((nc, n, n), dt)
-    Gpart = np.empty((ns, n, n), dt)
-    H = np.empty((b, n, n), dt)
-    Rsum = np.empty((b, n, t), dt)
-    Rb = np.empty((nthreads, n, max(tb, _S_UNIT)), dt)
+    rpc, tb, nsu, Rpart, Hpart, Gpart, Rsum, H, Rb = _rows_state(X, A, S, G, pg_valid, cpp, nthreads)
     Dk = np.empty((nthreads, _S_UNIT), dt)
     Erow = np.empty((nthreads, n), dt)
-    if not pg_valid:
-        for p in range(b):
-            G[p] = 0
-            _gram_block(S[p], n, t, G[p])
-
     for it in range(n_iter + 1):
         last = it == n_iter
         want_p = (it > 0 or not pg_valid) and (not last or accumulate_last or n_iter == 0)
-        for c in prange(nc):
+        for c in prange(b * cpp):
             fp = enter_ftz()
-            p = c // cpp
-            r0 = (c % cpp) * rpc
-            r1 = min(m, r0 + rpc)
+            p, r0, r1 = _chunk_rows(c, cpp, rpc, m)
             tid = nb.get_thread_id()
             Xc = X[p, r0:r1]
             if want_p:
@@ -734,16 +773,11 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
         acc = accumulate_last or it < n_iter - 1
         for p in range(b):
             _reduce_problem(Rpart, Hpart, p * cpp, cpp, Rsum[p], H[p])
-        for u in prange(ns):
+        for u in prange(b * nsu):
             fp = enter_ftz()
-            p = u // nsu
-            j0 = (u % nsu) * _S_UNIT
-            L = min(_S_UNIT, t - j0)
             tid = nb.get_thread_id()
             R = Rb[tid]
-            for k in range(n):
-                for jj in range(L):
-                    R[k, jj] = Rsum[p, k, j0 + jj]
+            p, j0, L = _s_unit(u, nsu, Rsum, R)
             if n == 4:
                 _s_update4(H[p], S[p], j0, L, epsd, R)
             else:
@@ -753,14 +787,10 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
                 _gram_block(R, n, L, Gpart[u])
             leave_ftz(fp)
         if acc:
-            for p in range(b):
-                G[p] = 0
-                for u in range(p * nsu, (p + 1) * nsu):
-                    G[p] += Gpart[u]
+            _sum_units(Gpart, nsu, G)
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -> None:
     """Run ``n_iter`` fused (learned) MU iterations in place on ``A`` and ``S``.
 
     Parameters
@@ -795,12 +825,23 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     - *row-parallel* (one or a few tall problems, too few column blocks to
       go round the threads; :func:`row_chunks`): chunks of rows are spread
       over the threads instead (:func:`_mu_rows`).
+
+    The row-parallel kernel is a function of its own, compiled on first use:
+    inside the column kernel it added ~20 s to that kernel's ~54 s cold
+    compilation (2-core dev machine), which every first call pays.
     """
     b, m, t = X.shape
     cpp = row_chunks(b, m, t, X.itemsize, nthreads)
     if cpp > 0:  # tall X, few pixels: share out the rows
         _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp)
-        return
+    else:
+        _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+    """:func:`mu_run`'s problem-major and block-parallel schedules."""
+    b, m, t = X.shape
     n = A.shape[2]
     tb = block_length(m, X.itemsize)
     nblk = (t + tb - 1) // tb

@@ -31,6 +31,7 @@ from numba import prange
 from fastmu.kernels.cpu import (
     _FM,
     _S_UNIT,
+    _chunk_rows,
     _block_parallel_finish,
     _block_parallel_state,
     _chunking,
@@ -40,9 +41,11 @@ from fastmu.kernels.cpu import (
     _problem_major,
     _r_block,
     _reduce_problem,
-    _rows_block,
     _rows_p,
     _rows_r,
+    _rows_state,
+    _s_unit,
+    _sum_units,
     block_length,
     row_chunks,
 )
@@ -138,77 +141,53 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
     b, m, t = X.shape
     n = A.shape[2]
     dt = X.dtype
-    rpc = (m + cpp - 1) // cpp
-    tb = _rows_block(rpc, t, X.itemsize)
-    nc = b * cpp
-    nsu = (t + _S_UNIT - 1) // _S_UNIT
-    ns = b * nsu
-    Rpart = np.empty((nc, n, t), dt)
-    Hpart = np.empty((nc, n, n), dt)
-    Gpart = np.empty((ns, n, n), dt)
-    vpart = np.zeros(nc, np.float64)
-    vs = np.zeros(ns, np.float64)
-    H = np.empty((b, n, n), dt)
-    Rsum = np.empty((b, n, t), dt)
-    Sb = np.empty((nthreads, n, max(tb, _S_UNIT)), dt)
+    rpc, tb, nsu, Rpart, Hpart, Gpart, Rsum, H, Rb = _rows_state(X, A, S, G, pg_valid, cpp, nthreads)
+    vpart = np.zeros(b * cpp, np.float64)
+    vs = np.zeros(b * nsu, np.float64)
     Ft = np.empty((nthreads, n, rpc), dt)
     Rt = np.empty((nthreads, n, rpc), dt)
     ga = np.empty((nthreads, max(rpc, _S_UNIT)), dt)
-    if not pg_valid:
-        for p in range(b):
-            G[p] = 0
-            _gram_block(S[p], n, t, G[p])
-
     for it in range(n_iter + 1):
         last = it == n_iter
-        for c in prange(nc):
+        for c in prange(b * cpp):
             fp = enter_ftz()
-            p = c // cpp
-            r0 = (c % cpp) * rpc
-            r1 = min(m, r0 + rpc)
+            p, r0, r1 = _chunk_rows(c, cpp, rpc, m)
             tid = nb.get_thread_id()
             Xc = X[p, r0:r1]
             if it > 0 or not pg_valid:
-                _rows_p(Xc, S[p], P[p, r0:r1], tb, Sb[tid])
+                _rows_p(Xc, S[p], P[p, r0:r1], tb, Rb[tid])
             if not last:
                 Ac = A[p, r0:r1]
                 vpart[c] = _a_cd(Ac, P[p, r0:r1], G[p], Hpart[c], Ft[tid], Rt[tid], ga[tid])
-                _rows_r(Xc, Ac, Rpart[c], tb, Sb[tid])
+                _rows_r(Xc, Ac, Rpart[c], tb, Rb[tid])
             leave_ftz(fp)
         if last:
             break
         for p in range(b):
             _reduce_problem(Rpart, Hpart, p * cpp, cpp, Rsum[p], H[p])
-        for u in prange(ns):
+        for u in prange(b * nsu):
             fp = enter_ftz()
-            p = u // nsu
-            j0 = (u % nsu) * _S_UNIT
-            L = min(_S_UNIT, t - j0)
             tid = nb.get_thread_id()
-            Rb = Sb[tid]
-            for k in range(n):
+            R = Rb[tid]
+            p, j0, L = _s_unit(u, nsu, Rsum, R)
+            vs[u] = _s_cd_block(H[p], S[p], j0, L, R, ga[tid])
+            for k in range(n):  # the new S, contiguous
                 for jj in range(L):
-                    Rb[k, jj] = Rsum[p, k, j0 + jj]
-            vs[u] = _s_cd_block(H[p], S[p], j0, L, Rb, ga[tid])
+                    R[k, jj] = S[p, k, j0 + jj]
             Gpart[u] = 0
-            for k in range(n):
-                for jj in range(L):
-                    Rb[k, jj] = S[p, k, j0 + jj]
-            _gram_block(Rb, n, L, Gpart[u])
+            _gram_block(R, n, L, Gpart[u])
             leave_ftz(fp)
-        for p in range(b):
-            G[p] = 0
-            acc = 0.0
+        _sum_units(Gpart, nsu, G)
+        for p in range(b):  # A's violation (chunk order), then S's (unit order)
+            v = 0.0
             for c in range(p * cpp, (p + 1) * cpp):
-                acc += vpart[c]
+                v += vpart[c]
             for u in range(p * nsu, (p + 1) * nsu):
-                acc += vs[u]
-                G[p] += Gpart[u]
-            viol[it, p] = acc
+                v += vs[u]
+            viol[it, p] = v
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
+def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
     """Run ``n_iter`` fused CD iterations (A's sweep, then S's) in place on ``A`` and ``S``.
 
     Parameters
@@ -231,13 +210,21 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
     -----
     Three schedules: problem-major and block-parallel as in
     :func:`fastmu.kernels.cpu.mu_run`, and, for a tall X with too few column
-    blocks to go round the threads, rows shared out (:func:`row_chunks`).
+    blocks to go round the threads, rows shared out (:func:`row_chunks`),
+    in a kernel of its own that compiles on first use.
     """
     b, m, t = X.shape
     cpp = row_chunks(b, m, t, X.itemsize, nthreads)
     if cpp > 0:  # tall X, few pixels: share out the rows
         _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp)
-        return
+    else:
+        _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
+    """:func:`cd_run`'s problem-major and block-parallel schedules."""
+    b, m, t = X.shape
     n = A.shape[2]
     tb = block_length(m, X.itemsize)
     nblk = (t + tb - 1) // tb
