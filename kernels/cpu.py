@@ -725,6 +725,13 @@ def _s_unit(u, nsu, Rsum, R):
     return p, j0, L
 
 
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _sum_chunks(Rpart, Hpart, cpp, Rsum, H):
+    """Each problem's ``AᵀX`` and ``AᵀA``: the sums of its chunks' parts, in chunk order."""
+    for p in range(H.shape[0]):
+        _reduce_problem(Rpart, Hpart, p * cpp, cpp, Rsum[p], H[p])
+
+
 @nb.njit(cache=True)
 def _sum_units(Gpart, nsu, G):
     """``G[p]``: the sum of problem p's unit parts, in unit order."""
@@ -771,8 +778,7 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
         if last:
             break
         acc = accumulate_last or it < n_iter - 1
-        for p in range(b):
-            _reduce_problem(Rpart, Hpart, p * cpp, cpp, Rsum[p], H[p])
+        _sum_chunks(Rpart, Hpart, cpp, Rsum, H)
         for u in prange(b * nsu):
             fp = enter_ftz()
             tid = nb.get_thread_id()

@@ -45,6 +45,7 @@ from fastmu.kernels.cpu import (
     _rows_r,
     _rows_state,
     _s_unit,
+    _sum_chunks,
     _sum_units,
     block_length,
     row_chunks,
@@ -163,8 +164,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
             leave_ftz(fp)
         if last:
             break
-        for p in range(b):
-            _reduce_problem(Rpart, Hpart, p * cpp, cpp, Rsum[p], H[p])
+        _sum_chunks(Rpart, Hpart, cpp, Rsum, H)
         for u in prange(b * nsu):
             fp = enter_ftz()
             tid = nb.get_thread_id()
