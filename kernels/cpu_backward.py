@@ -44,7 +44,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from fastmu.kernels.cpu import _p_4x4, _r_8x4  # the register tiles are shared
+from fastmu.kernels.cpu import _add, _copy, _p_4x4, _r_8x4  # the register tiles are shared
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
 #: pixels per column block: 65 rows × 1024 × 4 B = 266 kB of X stays in L2
@@ -209,9 +209,9 @@ def _a_prime(Ap, Wp, Pp, Gp, eps, Ep, Aq, Hp):
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _sum_blocks(part, c0, nblk, out):
     """``out = Σ_c part[c0 + c]`` in block order (deterministic)."""
-    out[:, :] = part[c0]
+    _copy(out, part[c0])
     for c in range(c0 + 1, c0 + nblk):
-        out += part[c]
+        _add(out, part[c])
 
 
 # ---------------------------------------------------------------------------
@@ -427,8 +427,8 @@ def layer_backward(
                         X[p], Aq[p], H[p], S[p], gSo[p], j0, min(TB, t - j0), epsd, need_gS,
                         gS[p] if need_gS else gS[0], XgRt[tid], gHt[tid], R[tid], D[tid], gR[tid], gU[tid],
                     )
-                    XgR[p] += XgRt[tid]
-                    gH[p] += gHt[tid]
+                    _add(XgR[p], XgRt[tid])
+                    _add(gH[p], gHt[tid])
             gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
             _bwd_tiny(
                 A[p], W[p * wstep], P[p], G[p], E[p], Aq[p], gAo[p], has_gSo, XgR[p], gH[p],

@@ -32,6 +32,7 @@ from fastmu.kernels.cpu import (
     _FM,
     _S_UNIT,
     _chunk_rows,
+    _copy,
     _block_parallel_finish,
     _block_parallel_state,
     _chunking,
@@ -121,7 +122,8 @@ def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk):
     _r_block(Xp, Ap, m, n, j0, L, R)
     v = _s_cd_block(Hp, Sp, j0, L, R, gk)
     for k in range(n):  # the new S, contiguous, for the fused second use of the block
-        R[k, :L] = Sp[k, j0 : j0 + L]
+        for jj in range(L):
+            R[k, jj] = Sp[k, j0 + jj]
     _p_block(Xp, R, m, n, j0, L, Pc)
     _gram_block(R, n, L, Gc)
     return v
@@ -281,10 +283,10 @@ def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             p = c // cpp
             tid = nb.get_thread_id()
             _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
-            Al[tid][:, :] = Abuf[src, p]
+            _copy(Al[tid], Abuf[src, p])
             va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid])
             if c % cpp == 0:
-                Abuf[dst, p] = Al[tid]
+                _copy(Abuf[dst, p], Al[tid])
             Ppart[dst, c] = 0
             Gpart[dst, c] = 0
             v = va if c % cpp == 0 else 0.0
