@@ -448,7 +448,10 @@ def layer_backward(
             _sum_blocks(gWb, 0, b, gW[0])
         return
 
-    for p in prange(b):
+    # Block-parallel (few problems): the per-problem steps (m·n² work each) run
+    # serially; a parallel region apiece cost more to compile (~5 s each, cold)
+    # than they could save.
+    for p in range(b):
         _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], Aq[p], H[p])
 
     if has_gSo:
@@ -466,7 +469,7 @@ def layer_backward(
             _sum_blocks(XgRpart, p * nblk, nblk, XgR[p])
             _sum_blocks(gHpart, p * nblk, nblk, gH[p])
 
-    for p in prange(b):
+    for p in range(b):
         gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
         _bwd_tiny(
             A[p], W[p * wstep], P[p], G[p], E[p], Aq[p], gAo[p], has_gSo, XgR[p], gH[p],
