@@ -292,10 +292,12 @@ def test_fused_kernel_matches_torch_sweeps(dtype, b, m, t, n):
     close(G, S.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=G)
 
 
-# tall problems (many rows, few pixels): the rows are shared out (cpu_cd.row_chunks); nthreads
-# at least the real thread count (it sizes per-thread scratch), and four times it
+# tall problems (many rows, few pixels): the rows are shared out (kernels.cpu.row_chunks); nthreads
+# at least the real thread count (it sizes per-thread scratch), and four times it; the last two
+# shapes: several pixel units in the S half, several column blocks per chunk of rows
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("b,m,t,n", [(1, 700, 60, 4), (3, 900, 40, 5), (1, 650, 130, 1)])
+@pytest.mark.parametrize("b,m,t,n", [(1, 700, 60, 4), (3, 900, 40, 5), (1, 650, 130, 1), (1, 400, 600, 4),
+                                     (1, 128, 3000, 4)])
 @pytest.mark.parametrize("scale", [1, 4])
 def test_fused_kernel_shares_out_the_rows_of_tall_problems(dtype, b, m, t, n, scale):
     import numba

@@ -79,7 +79,10 @@ def test_tall_x_uses_short_blocks(rng, b):
 # Tall problems (many rows, few pixels): the rows are shared out (cpu.row_chunks). nthreads is
 # at least the real thread count (it sizes per-thread scratch), and four times it.
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("b,m,n,t", [(1, 700, 4, 60), (3, 900, 5, 40), (1, 650, 1, 130)])
+# (1, 400, 4, 600): three pixel units of the S half; (1, 128, 4, 3000): two chunks (the 64-row
+# minimum) of three column blocks each
+@pytest.mark.parametrize("b,m,n,t", [(1, 700, 4, 60), (3, 900, 5, 40), (1, 650, 1, 130), (1, 400, 4, 600),
+                                     (1, 128, 4, 3000)])
 @pytest.mark.parametrize("scale", [1, 4])
 def test_tall_x_shares_out_rows(rng, dtype, b, m, n, t, scale):
     nthreads = scale * max(2, NT)
