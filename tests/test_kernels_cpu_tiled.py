@@ -165,6 +165,21 @@ def test_engine_choice_and_switch(rng, monkeypatch):
     assert CPUEngine(X, A0.copy(), S0.copy(), None, EPS).kernel == "blocked"
 
 
+def test_tall_x_runs_the_blocked_kernel_where_its_rows_are_shared_out(rng, monkeypatch):
+    """The tiled kernel has no row-parallel schedule: a tall X with too few pixels to share
+    out goes to the blocked kernel, even where the tiled one is available (forced here)."""
+    import numba
+
+    from fastmu.kernels import cpu
+
+    monkeypatch.setattr(cpu_tiled, "available", lambda n: True)
+    Xt, At, St = low_rank_problem(rng, 1, 700, 4, 60, np.float32)
+    by_rows = cpu.row_chunks(1, 700, 60, 4, numba.config.NUMBA_NUM_THREADS) > 0
+    assert CPUEngine(Xt, At, St, None, EPS).kernel == ("blocked" if by_rows else "tiled")
+    Xw, Aw, Sw = low_rank_problem(rng, 2, 6, 4, 100, np.float32)
+    assert CPUEngine(Xw, Aw, Sw, None, EPS).kernel == "tiled"
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_padded_ranks_match_reference(rng, n):
     """Rank n < 4 through the rank-4 kernel: the zero components stay zero, the rest is rank-n MU."""
