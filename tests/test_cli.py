@@ -70,12 +70,14 @@ def test_unmix_errors(tmp_path, capsys, argv, msg):
     assert msg in capsys.readouterr().err
 
 
-def test_bench_quick_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("workload", ["paper", "tall"])
+def test_bench_quick_writes_json(tmp_path, capsys, workload):
     out = tmp_path / "b.json"
-    assert main(["bench", "--workload", "paper", "--iters", "3", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["bench", "--workload", workload, "--iters", "3", "--repeats", "1", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     peers = {r["peer"] for r in res["results"]}
     assert {"fastmu", "numpy", "torch"} <= peers
+    assert list(res["workloads"]) == [workload]
     assert res["machine"]["cpu"] and res["machine"]["packages"]["numpy"]
     assert "fastmu speedup" in capsys.readouterr().out
 

@@ -37,6 +37,8 @@ import numpy as np
 WORKLOADS: dict[str, dict[str, int]] = {
     "paper": dict(b=1, m=65, n=4, t=16384, n_iter=1000),
     "batched": dict(b=150, m=65, n=4, t=1024, n_iter=1000),
+    # the paper's problem transposed (pixels as rows): the kernels' row-parallel schedule
+    "tall": dict(b=1, m=16384, n=4, t=65, n_iter=1000),
 }
 
 

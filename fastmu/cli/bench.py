@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--suite", choices=("mu", "nalmu"), default="mu",
                    help="mu: plain MU solver workloads; nalmu: 50-layer NALMU forward+backward")
-    p.add_argument("--workload", choices=("paper", "batched", "all"), default="all",
-                   help="mu suite: paper = 1×65×16384, batched = 150×65×1024 (CPU); W1/W2 on CUDA")
+    p.add_argument("--workload", choices=("paper", "batched", "tall", "all"), default="all",
+                   help="mu suite: paper = 1×65×16384, batched = 150×65×1024, tall = 1×16384×65 (CPU); "
+                        "W1/W2 on CUDA")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the workload's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs per peer (mu: the fastest counts; nalmu: the median, default there 5)")
