@@ -611,6 +611,18 @@ def _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, Wp, eps, Al, Pl, Gl, Hl, El
     Gpart[dst, c] = 0
 
 
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _block_parallel_pg(X, S, Ppart, Gpart, cpp, bpc, nblk, tb, R):
+    """The block-parallel schedules' start without carried P, G: each chunk's ``X Sᵀ``,
+    ``S Sᵀ`` over its column blocks into its slots of ``Ppart``, ``Gpart`` (``R``: per-thread scratch)."""
+    for c in prange(X.shape[0] * cpp):
+        fp = enter_ftz()
+        p = c // cpp
+        tid = nb.get_thread_id()
+        _pg_blocks(X[p], S[p], (c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc), tb, Ppart[c], Gpart[c], R[tid])
+        leave_ftz(fp)
+
+
 @nb.njit(cache=True)
 def _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last):
     """The returned A, and P, G summed over each problem's chunks (when they are wanted)."""
@@ -912,13 +924,7 @@ def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthrea
     cpp, bpc = _chunking(nblk, b, nthreads)  # chunks per problem, blocks per chunk
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, El) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
     if not pg_valid:
-        for c in prange(b * cpp):
-            fp = enter_ftz()
-            p = c // cpp
-            tid = nb.get_thread_id()
-            _pg_blocks(X[p], S[p], (c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc), tb, Ppart[0, c], Gpart[0, c],
-                       R[tid])
-            leave_ftz(fp)
+        _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, bpc, nblk, tb, R)
 
     for it in range(n_iter):
         src = it % 2

@@ -34,6 +34,7 @@ from fastmu.kernels.cpu import (
     _chunk_rows,
     _copy,
     _block_parallel_finish,
+    _block_parallel_pg,
     _block_parallel_state,
     _chunking,
     _gram_block,
@@ -267,13 +268,7 @@ def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, _) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
     vpart = np.zeros(b * cpp, np.float64)
     if not pg_valid:
-        for c in prange(b * cpp):
-            fp = enter_ftz()
-            p = c // cpp
-            tid = nb.get_thread_id()
-            _pg_blocks(X[p], S[p], (c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc), tb, Ppart[0, c], Gpart[0, c],
-                       R[tid])
-            leave_ftz(fp)
+        _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, bpc, nblk, tb, R)
 
     for it in range(n_iter):
         src = it % 2
