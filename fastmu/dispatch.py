@@ -72,6 +72,33 @@ def _copy_affordable(nbytes: int) -> bool:
     return avail is None or 2 * nbytes <= avail
 
 
+def blocked_kernel_x(X: np.ndarray, nthreads: int) -> np.ndarray:
+    """The array the blocked CPU kernels should read for ``X (b, m, t)``: X itself, or a copy.
+
+    The copy starts on a cache line and, unless the kernels share out X's
+    rows (:func:`fastmu.kernels.cpu.row_chunks`), has rows an odd number of
+    cache lines long (:func:`fastmu.kernels.cpu_products.row_stride`; the
+    padding is zero and never read). It is skipped where X already is so,
+    and where it would take more than half the memory still available.
+    """
+    from fastmu.kernels import cpu, cpu_products, cpu_tiled
+
+    b, m, t = X.shape
+    by_rows = cpu.row_chunks(b, m, t, X.itemsize, nthreads) > 0
+    stride = t if by_rows else cpu_products.row_stride(t, X.itemsize)
+    if not X.size or not (X.ctypes.data % cpu_tiled.LINE or stride != t) or not _copy_affordable(X.nbytes):
+        return X
+    # NumPy starts large arrays 16 bytes past a page, so most vector loads
+    # straddle two cache lines: the blocked kernel measured about 1.25x faster
+    # on an aligned copy (512- and 256-bit code). Rows a multiple of 4 kB
+    # apart share L1 sets, which the explicit AᵀX tile (it walks down the
+    # rows) measured 1.7-2.1x slower on.
+    Xk = cpu_tiled.aligned_empty((b, m, stride), X.dtype)
+    Xk[:, :, :t] = X
+    Xk[:, :, t:] = 0
+    return Xk
+
+
 class CPUEngine:
     """Fused Numba CPU kernels; ``X (b, m, t)``, ``A``, ``S`` C-contiguous NumPy arrays."""
 
@@ -99,9 +126,10 @@ class CPUEngine:
         # may run at a padded rank (kernels.cpu.padded_rank): the added zero
         # components stay exactly zero and add exact zeros to every sum. The
         # copies of X are skipped where they would take more than half the
-        # memory still available: the kernels then run on the caller's X. A tall
-        # X with too few pixels to share out runs the blocked kernel, which
-        # shares out its rows instead (kernels.cpu.row_chunks).
+        # memory still available: the kernels then run on the caller's X
+        # (blocked_kernel_x). A tall X with too few pixels to share out runs
+        # the blocked kernel, which shares out its rows instead
+        # (kernels.cpu.row_chunks).
         affordable = _copy_affordable(X.nbytes)
         by_rows = cpu.row_chunks(b, m, t, X.itemsize, self._nthreads) > 0
         self._tiled = cpu_tiled.available(n) and affordable and not by_rows
@@ -112,12 +140,7 @@ class CPUEngine:
             self._Xt, self._ks = cpu_tiled.make_tiled(X, self._ks)
         else:
             self._k = cpu
-            if X.size and X.ctypes.data % cpu_tiled.LINE and affordable:
-                # NumPy starts large arrays 16 bytes past a page, so most vector
-                # loads straddle two cache lines: the blocked kernel measured
-                # about 1.25x faster on an aligned copy (512- and 256-bit code).
-                self.X = cpu_tiled.aligned_empty(X.shape, X.dtype)
-                self.X[...] = X
+            self.X = blocked_kernel_x(X, self._nthreads)
         self._stale = False  # factors() must copy the kernel's A, S out
         self.P = np.empty((b, m, nk), X.dtype)
         self.G = np.empty((b, nk, nk), X.dtype)

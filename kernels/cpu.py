@@ -18,7 +18,10 @@ once per call, outside the parallel loops.
 
 All arrays are C-contiguous and share one float dtype; ``X (b, m, t)``,
 ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)`` with ``bw`` 1 (shared) or
-``b`` (per problem).
+``b`` (per problem). X's rows may be longer than t (``X (b, m, t')``,
+``t' ≥ t``, the pixels past t ignored): the engine's copy of X gets a row
+stride that keeps its rows out of each other's L1 sets
+(:func:`fastmu.kernels.cpu_products.row_stride`); t is S's.
 """
 from __future__ import annotations
 
@@ -26,10 +29,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from fastmu.kernels.cpu_target import prefer_512bit_vectors
+from fastmu.kernels.cpu_products import EXPLICIT, FASTMATH, p_block, r_block
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
-
-prefer_512bit_vectors()  # before the first kernel compiles or loads from cache
 
 #: pixels per column block at most: 65 rows × 1024 float32 = 266 kB of X,
 #: resident in L2 between the S update and the P accumulation; measured best
@@ -48,7 +49,7 @@ _BLOCK_BYTES = 1 << 20
 # 'nnan': divisions stay exact IEEE divisions and NaN propagation is kept.
 # error_model="numpy" drops Python's ZeroDivisionError check, whose branch
 # kept every division loop scalar (ε keeps denominators positive anyway).
-_FM = {"reassoc", "contract", "nsz"}
+_FM = FASTMATH
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
@@ -116,6 +117,16 @@ def _p_4x4(Xp, Sb, Pc, i, k, j0, L, so=0):
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _p_block(Xp, Sb, m, n, j0, L, Pc):
+    """``Pc += X[:, j0:j0+L] @ Sb[:, :L]ᵀ``: explicit 256-bit tiles or auto-vectorised ones
+    (:data:`fastmu.kernels.cpu_products.EXPLICIT`)."""
+    if EXPLICIT:
+        p_block(Xp, Sb, m, n, j0, L, Pc)
+    else:
+        _p_block_autovec(Xp, Sb, m, n, j0, L, Pc)
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _p_block_autovec(Xp, Sb, m, n, j0, L, Pc):
     """``Pc += X[:, j0:j0+L] @ Sb[:, :L]ᵀ`` (4×4 register blocks, then the remainders)."""
     n4 = n - n % 4
     m4 = m - m % 4
@@ -236,7 +247,25 @@ def _r_8x4(Xp, Ap, R, i, k, j0, L):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _r_block(Xp, Ap, m, n, j0, L, R):
+def _r_block(Xp, Ap, m, n, j0, L, R, hot):
+    """``R[:, :L] = A'ᵀ X[:, j0:j0+L]``: explicit 256-bit tiles
+    (:data:`fastmu.kernels.cpu_products.EXPLICIT`) where the block is ``hot``
+    (in a core's caches), else the auto-vectorised ones.
+
+    The explicit tile reads down the block's rows, a pattern the hardware
+    prefetchers do not follow: on blocks fresh from memory it measured
+    1.6–2x slower than the auto-vectorised product, which reads along them
+    (65 × 1024 float32, one core, 2-core AMD EPYC); software prefetches of
+    the next block did not close the gap. See :func:`_hot`.
+    """
+    if EXPLICIT and hot:
+        r_block(Xp, Ap, m, n, j0, L, R)
+    else:
+        _r_block_autovec(Xp, Ap, m, n, j0, L, R)
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_FM)
+def _r_block_autovec(Xp, Ap, m, n, j0, L, R):
     """``R[:, :L] = A'ᵀ X[:, j0:j0+L]`` (4×4 register blocks, then the remainders)."""
     for k in range(n):
         for jj in range(L):
@@ -282,7 +311,19 @@ def _r_block(Xp, Ap, m, n, j0, L, R):
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
 def _gram_block(Sb, n, L, Gc):
-    """``Gc += Sb[:, :L] @ Sb[:, :L]ᵀ`` (upper triangle computed, mirrored)."""
+    """``Gc += Sb[:, :L] @ Sb[:, :L]ᵀ`` for a symmetric ``Gc``, which stays exactly symmetric.
+
+    The upper triangle, mirrored. Above rank 4 with the explicit tiles
+    (:data:`fastmu.kernels.cpu_products.EXPLICIT`), the whole product in
+    their 2 × 4 tiles, then mirrored: twice the arithmetic, yet 1.2–1.5x
+    faster at ranks 8 and 20 (65 rows, 1024 pixels, float32, one core).
+    """
+    if EXPLICIT and n > 4:
+        p_block(Sb, Sb, n, n, 0, L, Gc)
+        for k in range(n):
+            for l in range(k + 1, n):
+                Gc[l, k] = Gc[k, l]
+        return
     for k in range(n):
         sk = Sb[k, :L]  # 1-D row views: LLVM vectorises these, not 2-D indexing
         for l in range(k, n):
@@ -308,17 +349,15 @@ def _pg_chunk(Xp, Sp, j0, L, Pc, Gc, Sb):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _pg_blocks(Xp, Sp, blk0, blk1, tb, Pc, Gc, Sb):
-    """Add ``X Sᵀ`` and ``S Sᵀ`` of the column blocks ``blk0 … blk1−1`` (``tb`` pixels each,
-    the last one cut at t) to ``Pc``, ``Gc``: the pass that starts a run without carried P, G."""
-    t = Xp.shape[1]
-    for blk in range(blk0, blk1):
-        j0 = blk * tb
-        _pg_chunk(Xp, Sp, j0, min(tb, t - j0), Pc, Gc, Sb)
+def _pg_range(Xp, Sp, j0, j1, tb, Pc, Gc, Sb):
+    """Add ``X Sᵀ`` and ``S Sᵀ`` of the pixels ``j0 … j1−1`` (blocks of ``tb``, the last one
+    cut at j1) to ``Pc``, ``Gc``: the pass that starts a run without carried P, G."""
+    for j in range(j0, j1, tb):
+        _pg_chunk(Xp, Sp, j, min(tb, j1 - j), Pc, Gc, Sb)
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
+def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk, hot):
     """S update on one column block, then (optionally) add its ``X S'ᵀ``, ``S' S'ᵀ`` to Pc, Gc.
 
     ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` for the block's pixels j, with
@@ -326,7 +365,7 @@ def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk):
     """
     m = Xp.shape[0]
     n = Sp.shape[0]
-    _r_block(Xp, Ap, m, n, j0, L, R)
+    _r_block(Xp, Ap, m, n, j0, L, R, hot)
     if n == 4:
         _s_update4(Hp, Sp, j0, L, eps, R)
     else:
@@ -552,6 +591,32 @@ def block_length(m, itemsize):
     return tb
 
 
+#: bytes of X that stay in cache from one iteration to the next (:func:`_hot`): a
+#: problem's X in its core's L2 (problem-major), every problem's X in the shared L3
+#: (block-parallel); half of the dev machine's 2 × 1 MB L2 and 32 MB L3
+_HOT_PROBLEM_BYTES = 1 << 20
+_HOT_BATCH_BYTES = 16 << 20
+
+
+@nb.njit(cache=True)
+def _hot(b, m, t, itemsize, n_iter, problem_major):
+    """Whether ``A'ᵀX`` will find X's blocks in cache (:func:`_r_block`).
+
+    From the second iteration on, where the X that a schedule revisits fits
+    in cache. One iteration per call (a learned layer's forward) reads X
+    from memory, and so does an iteration of a batch too large to keep.
+    Measured on the 2-core AMD EPYC (float32, rank 4): explicit tiles on
+    one 65 × 16384 problem (4.2 MB, block-parallel) 1.7x faster; on 40 such
+    problems (170 MB) 1.17x slower; a 50-layer NALMU forward (25 × 65 ×
+    4096) 1.3–1.5x slower.
+    """
+    if n_iter < 2:
+        return False
+    if problem_major:
+        return m * t * itemsize <= _HOT_PROBLEM_BYTES
+    return b * m * t * itemsize <= _HOT_BATCH_BYTES
+
+
 @nb.njit(cache=True)
 def _problem_major(b, nunits, nthreads, min_units_per_thread):
     """Whether to give each thread whole problems (see :func:`mu_run`'s Notes).
@@ -569,6 +634,29 @@ def _chunking(nunits, b, nthreads):
     cpp = min(nunits, max(1, (2 * nthreads + b - 1) // b))
     upc = (nunits + cpp - 1) // cpp
     return (nunits + upc - 1) // upc, upc
+
+
+#: shortest chunk of pixels (:func:`pixel_chunking`), and what chunk lengths are multiples of
+#: (a cache line of float32)
+CHUNK_MIN = 256
+_CHUNK_ALIGN = 16
+
+
+@nb.njit(cache=True)
+def pixel_chunking(t, b, nthreads):
+    """``(chunks per problem, pixels per chunk)`` for the blocked kernels' block-parallel schedule.
+
+    About two chunks per thread in all, as :func:`_chunking`, but of equal
+    lengths in pixels (multiples of 16, at least :data:`CHUNK_MIN`) rather
+    than whole blocks: 9025 pixels in 1024-pixel blocks make 9 blocks, which
+    two threads share as 6 against 3, or 5 against 4 at best; four chunks of
+    2272 pixels share evenly. Each chunk runs in blocks of at most the block
+    length.
+    """
+    cpp = min(max(1, (2 * nthreads + b - 1) // b), max(1, t // CHUNK_MIN))
+    pc = (t + cpp - 1) // cpp
+    pc = (pc + _CHUNK_ALIGN - 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
+    return (t + pc - 1) // pc, pc
 
 
 @nb.njit(cache=True)
@@ -612,15 +700,24 @@ def _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, Wp, eps, Al, Pl, Gl, Hl, El
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _block_parallel_pg(X, S, Ppart, Gpart, cpp, bpc, nblk, tb, R):
+def _block_parallel_pg(X, S, Ppart, Gpart, cpp, pc, tb, R):
     """The block-parallel schedules' start without carried P, G: each chunk's ``X Sᵀ``,
-    ``S Sᵀ`` over its column blocks into its slots of ``Ppart``, ``Gpart`` (``R``: per-thread scratch)."""
+    ``S Sᵀ`` over its pixels (:func:`pixel_chunking`) into its slots of ``Ppart``, ``Gpart``
+    (``R``: per-thread scratch)."""
     for c in prange(X.shape[0] * cpp):
         fp = enter_ftz()
         p = c // cpp
         tid = nb.get_thread_id()
-        _pg_blocks(X[p], S[p], (c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc), tb, Ppart[c], Gpart[c], R[tid])
+        j0, j1 = _chunk_pixels(c, cpp, pc, S.shape[2])
+        _pg_range(X[p], S[p], j0, j1, tb, Ppart[c], Gpart[c], R[tid])
         leave_ftz(fp)
+
+
+@nb.njit(cache=True)
+def _chunk_pixels(c, cpp, pc, t):
+    """Chunk ``c``'s pixels ``j0 … j1−1`` (:func:`pixel_chunking`)."""
+    j0 = (c % cpp) * pc
+    return j0, min(t, j0 + pc)
 
 
 @nb.njit(cache=True)
@@ -679,8 +776,8 @@ def row_chunks(b, m, t, itemsize, nthreads):
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
 def _rows_p(Xc, Sp, Pc, tb, Sb):
     """``Pc = Xc Sᵀ`` for a chunk of rows, column block by column block (``Sb`` scratch)."""
-    rows, t = Xc.shape
-    n = Sp.shape[0]
+    rows = Xc.shape[0]
+    n, t = Sp.shape
     Pc[:, :] = 0
     for j0 in range(0, t, tb):
         L = min(tb, t - j0)
@@ -702,11 +799,12 @@ def _rows_block(rows, t, itemsize):
 def _rows_r(Xc, Ac, Rc, tb, Rb):
     """``Rc = Acᵀ Xc``: a chunk of rows' part of ``AᵀX``, column block by column block
     (``Rb`` scratch)."""
-    rows, t = Xc.shape
+    rows = Xc.shape[0]
+    t = Rc.shape[1]
     n = Ac.shape[1]
     for j0 in range(0, t, tb):
         L = min(tb, t - j0)
-        _r_block(Xc, Ac, rows, n, j0, L, Rb)
+        _r_block(Xc, Ac, rows, n, j0, L, Rb, True)  # the chunk's rows were just read for P
         for k in range(n):
             for jj in range(L):
                 Rc[k, j0 + jj] = Rb[k, jj]
@@ -721,7 +819,8 @@ def _rows_state(X, A, S, G, pg_valid, cpp, nthreads):
     ``AᵀA``, the per-unit parts of ``S'S'ᵀ``, their sums ``Rsum``, ``H``, and
     per-thread scratch ``Rb`` (n × ≥ tb, ≥ ``_S_UNIT``).
     """
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
+    t = S.shape[2]
     n = A.shape[2]
     dt = X.dtype
     rpc = (m + cpp - 1) // cpp
@@ -786,7 +885,7 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
     the block's part of ``S'S'ᵀ``. After the last iteration one more pass over
     the chunks leaves ``P`` for the returned S, where it is wanted.
     """
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
     n = A.shape[2]
     dt = X.dtype
     epsd = dt.type(eps)
@@ -870,7 +969,8 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -
     inside the column kernel it added ~20 s to that kernel's ~54 s cold
     compilation (2-core dev machine), which every first call pays.
     """
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
+    t = S.shape[2]
     cpp = row_chunks(b, m, t, X.itemsize, nthreads)
     if cpp > 0:  # tall X, few pixels: share out the rows
         _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp)
@@ -881,7 +981,8 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
     """:func:`mu_run`'s problem-major and block-parallel schedules."""
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
+    t = S.shape[2]
     n = A.shape[2]
     tb = block_length(m, X.itemsize)
     nblk = (t + tb - 1) // tb
@@ -894,6 +995,7 @@ def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthrea
     wstep = 0 if W.shape[0] == 1 else 1  # W shared by the batch, or one per problem
 
     if _problem_major(b, nblk, nthreads, 2):
+        hot = _hot(b, m, t, X.itemsize, n_iter, True)
         for p in prange(b):
             fp = enter_ftz()  # subnormals are slow: see fpenv.py
             tid = nb.get_thread_id()
@@ -902,7 +1004,7 @@ def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthrea
             if not pg_valid:
                 Pp[:, :] = 0
                 Gp[:, :] = 0
-                _pg_blocks(X[p], S[p], 0, nblk, tb, Pp, Gp, R[tid])
+                _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
             for it in range(n_iter):
                 acc = accumulate_last or it < n_iter - 1
                 _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
@@ -911,20 +1013,21 @@ def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthrea
                 for blk in range(nblk):
                     j0 = blk * tb
                     _s_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), epsd, acc,
-                             Pp, Gp, R[tid], Dk[tid])
+                             Pp, Gp, R[tid], Dk[tid], hot)
             leave_ftz(fp)
         return
 
-    # Block-parallel: each problem's blocks are cut into `cpp` chunks, about two
+    # Block-parallel: each problem's pixels are cut into `cpp` chunks, about two
     # per thread overall. One parallel region per iteration: every chunk sums its
     # problem's partial P, G of the previous iteration and recomputes the tiny
     # A update itself, so no second barrier is needed. A and the partials are
     # double-buffered (read slot it % 2, write the other), so a chunk never
     # reads what another chunk of the same iteration writes.
-    cpp, bpc = _chunking(nblk, b, nthreads)  # chunks per problem, blocks per chunk
+    cpp, pc = pixel_chunking(t, b, nthreads)  # chunks per problem, pixels per chunk
+    hot = _hot(b, m, t, X.itemsize, n_iter, False)
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, El) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
     if not pg_valid:
-        _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, bpc, nblk, tb, R)
+        _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, pc, tb, R)
 
     for it in range(n_iter):
         src = it % 2
@@ -935,10 +1038,10 @@ def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthrea
             tid = nb.get_thread_id()
             _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], epsd, Al[tid], Pl[tid], Gl[tid],
                             Hl[tid], El[tid])
-            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
-                j0 = blk * tb
-                _s_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, t - j0), epsd, acc,
-                         Ppart[1 - src, c], Gpart[1 - src, c], R[tid], Dk[tid])
+            c0, c1 = _chunk_pixels(c, cpp, pc, t)
+            for j0 in range(c0, c1, tb):
+                _s_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), epsd, acc,
+                         Ppart[1 - src, c], Gpart[1 - src, c], R[tid], Dk[tid], hot)
             leave_ftz(fp)
     _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last)
 

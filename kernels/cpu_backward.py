@@ -15,7 +15,10 @@ The forward
 The layer's forward is the solver's fused iteration,
 :func:`fastmu.kernels.cpu.mu_run` with one iteration: it hands ``P``, ``G`` of
 the new S to the next layer, so a deep model reads X once per layer forward.
-The register tiles (``_r_8x4``, ``_p_4x4``) are shared with it.
+The products' register tiles are shared with it (``_r_8x4``, ``_p_4x4``, and with
+256-bit vectors :func:`fastmu.kernels.cpu_products.p_block` for ``X gRᵀ``;
+``A'ᵀX``-like products read X from memory here, where the auto-vectorised
+tile is the faster: see :func:`fastmu.kernels.cpu._r_block`).
 
 Backward
 --------
@@ -45,6 +48,7 @@ import numpy as np
 from numba import prange
 
 from fastmu.kernels.cpu import _add, _copy, _p_4x4, _r_8x4  # the register tiles are shared
+from fastmu.kernels.cpu_products import EXPLICIT, p_block
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
 #: pixels per column block: 65 rows × 1024 × 4 B = 266 kB of X stays in L2
@@ -138,6 +142,9 @@ def _reduce(Xp, j0, L, Sr, so, P):
     """``P += X[:, j0:j0+L] Sr[:, so:so+L]ᵀ`` for ``P (m, n)``."""
     m = Xp.shape[0]
     n = P.shape[1]
+    if EXPLICIT:  # the solver's explicit tiles; the block was just read by _bcast
+        p_block(Xp, Sr, m, n, j0, L, P, so)
+        return
     n4 = n - n % 4
     m4 = m - m % 4
     for k0 in range(0, n4, 4):

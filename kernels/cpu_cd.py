@@ -20,7 +20,8 @@ a coordinate that is 0) is added to the iteration's violation, and, unless
 ``G[k, k] = 0``, ``F[i, k] ← max(F[i, k] − grad / G[k, k], 0)``.
 
 Arrays are C-contiguous and share one float dtype: ``X (b, m, t)``,
-``A (b, m, n)``, ``S (b, n, t)``, ``P (b, m, n)``, ``G (b, n, n)``.
+``A (b, m, n)``, ``S (b, n, t)``, ``P (b, m, n)``, ``G (b, n, n)``; X's rows
+may be longer than t, as in :mod:`fastmu.kernels.cpu`.
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ from fastmu.kernels.cpu import (
     _block_parallel_finish,
     _block_parallel_pg,
     _block_parallel_state,
-    _chunking,
+    _chunk_pixels,
     _gram_block,
+    _hot,
     _p_block,
-    _pg_blocks,
+    _pg_range,
     _problem_major,
     _r_block,
     _reduce_problem,
@@ -50,6 +52,7 @@ from fastmu.kernels.cpu import (
     _sum_chunks,
     _sum_units,
     block_length,
+    pixel_chunking,
     row_chunks,
 )
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
@@ -113,14 +116,14 @@ def _s_cd_block(Hp, Sp, j0, L, R, gk):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk):
+def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot):
     """S's CD sweep on one column block, then its ``X S'ᵀ``, ``S'S'ᵀ`` added to ``Pc``, ``Gc``.
 
     Returns the block's violation.
     """
     m = Xp.shape[0]
     n = Sp.shape[0]
-    _r_block(Xp, Ap, m, n, j0, L, R)
+    _r_block(Xp, Ap, m, n, j0, L, R, hot)
     v = _s_cd_block(Hp, Sp, j0, L, R, gk)
     for k in range(n):  # the new S, contiguous, for the fused second use of the block
         for jj in range(L):
@@ -142,7 +145,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
     chunks leaves ``P`` for the returned S. Violations: A's from the chunks,
     S's from the pixel blocks, each added in order.
     """
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
     n = A.shape[2]
     dt = X.dtype
     rpc, tb, nsu, Rpart, Hpart, Gpart, Rsum, H, Rb = _rows_state(X, A, S, G, pg_valid, cpp, nthreads)
@@ -216,7 +219,8 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
     blocks to go round the threads, rows shared out (:func:`row_chunks`),
     in a kernel of its own that compiles on first use.
     """
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
+    t = S.shape[2]
     cpp = row_chunks(b, m, t, X.itemsize, nthreads)
     if cpp > 0:  # tall X, few pixels: share out the rows
         _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp)
@@ -227,7 +231,8 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
     """:func:`cd_run`'s problem-major and block-parallel schedules."""
-    b, m, t = X.shape
+    b, m = X.shape[0], X.shape[1]
+    t = S.shape[2]
     n = A.shape[2]
     tb = block_length(m, X.itemsize)
     nblk = (t + tb - 1) // tb
@@ -240,6 +245,7 @@ def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
     ga = np.empty((nthreads, m), dt)
 
     if _problem_major(b, nblk, nthreads, 2):
+        hot = _hot(b, m, t, X.itemsize, n_iter, True)
         for p in prange(b):
             fp = enter_ftz()
             tid = nb.get_thread_id()
@@ -248,14 +254,14 @@ def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             if not pg_valid:
                 Pp[:, :] = 0
                 Gp[:, :] = 0
-                _pg_blocks(X[p], S[p], 0, nblk, tb, Pp, Gp, R[tid])
+                _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
             for it in range(n_iter):
                 v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid])
                 Pp[:, :] = 0
                 Gp[:, :] = 0
                 for blk in range(nblk):
                     j0 = blk * tb
-                    v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid])
+                    v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot)
                 viol[it, p] = v
             leave_ftz(fp)
         return
@@ -264,11 +270,12 @@ def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
     # and repeats the tiny A sweep itself (the same inputs give every chunk the
     # same A); A and the partials are double-buffered. A's violation is counted
     # by the problem's first chunk; the chunks' sums are added in chunk order.
-    cpp, bpc = _chunking(nblk, b, nthreads)
+    cpp, pc = pixel_chunking(t, b, nthreads)
+    hot = _hot(b, m, t, X.itemsize, n_iter, False)
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, _) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
     vpart = np.zeros(b * cpp, np.float64)
     if not pg_valid:
-        _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, bpc, nblk, tb, R)
+        _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, pc, tb, R)
 
     for it in range(n_iter):
         src = it % 2
@@ -285,10 +292,10 @@ def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             Ppart[dst, c] = 0
             Gpart[dst, c] = 0
             v = va if c % cpp == 0 else 0.0
-            for blk in range((c % cpp) * bpc, min(nblk, (c % cpp + 1) * bpc)):
-                j0 = blk * tb
-                v += _cd_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, t - j0), Ppart[dst, c], Gpart[dst, c],
-                               R[tid], gk[tid])
+            c0, c1 = _chunk_pixels(c, cpp, pc, t)
+            for j0 in range(c0, c1, tb):
+                v += _cd_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), Ppart[dst, c], Gpart[dst, c],
+                               R[tid], gk[tid], hot)
             vpart[c] = v
             leave_ftz(fp)
         for p in range(b):

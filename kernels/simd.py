@@ -21,7 +21,10 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
+from fastmu.kernels.cpu_target import prefer_512bit_vectors
 from fastmu.kernels.cpu_target import status as _cpu_status
+
+prefer_512bit_vectors()  # decides the width below; must come before any kernel compiles
 
 #: bytes per vector register: 64 where the kernels compile for 512-bit
 #: vectors (see :mod:`fastmu.kernels.cpu_target`), 32 (AVX2-class) otherwise.
@@ -190,4 +193,5 @@ def vzeros(typingctx, arr):  # noqa: ANN001, ANN201
         return ir.Constant(context.get_value_type(vt), None)
 
     return vt(arr), codegen
+
 

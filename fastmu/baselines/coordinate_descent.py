@@ -253,9 +253,10 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     import numba
     import torch
 
+    from fastmu.dispatch import blocked_kernel_x
     from fastmu.kernels import cpu_cd
 
-    X = np.ascontiguousarray(Xt.detach().numpy())
+    X = blocked_kernel_x(np.ascontiguousarray(Xt.detach().numpy()), numba.config.NUMBA_NUM_THREADS)
     A = np.ascontiguousarray(At.detach().mT.numpy())  # the kernel's layout, (b, m, n)
     Sn = S.detach().numpy()  # contiguous (the callers make it so): updated in place
     b, m, _ = X.shape
