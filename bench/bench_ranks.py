@@ -24,6 +24,7 @@ SHAPES = [
     (500, 2000, 10, "float64"),
     (500, 2000, 20, "float64"),
     (200, 5000, 16, "float32"),
+    (156, 9025, 3, "float32"),  # the Samson scene's size: 156 bands, 95 × 95 pixels, 3 sources
 ]
 
 

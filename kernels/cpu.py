@@ -254,7 +254,7 @@ def _r_block(Xp, Ap, m, n, j0, L, R, hot):
 
     The explicit tile reads down the block's rows, a pattern the hardware
     prefetchers do not follow: on blocks fresh from memory it measured
-    1.6–2x slower than the auto-vectorised product, which reads along them
+    1.5–2.5x slower than the auto-vectorised product, which reads along them
     (65 × 1024 float32, one core, 2-core AMD EPYC); software prefetches of
     the next block did not close the gap. See :func:`_hot`.
     """
@@ -315,8 +315,8 @@ def _gram_block(Sb, n, L, Gc):
 
     The upper triangle, mirrored. Above rank 4 with the explicit tiles
     (:data:`fastmu.kernels.cpu_products.EXPLICIT`), the whole product in
-    their 2 × 4 tiles, then mirrored: twice the arithmetic, yet 1.2–1.5x
-    faster at ranks 8 and 20 (65 rows, 1024 pixels, float32, one core).
+    their 2 × 4 tiles, then mirrored: twice the arithmetic, yet 1.4x faster
+    at rank 20 and as fast at ranks 5–16 (1024 pixels, float32, one core).
     """
     if EXPLICIT and n > 4:
         p_block(Sb, Sb, n, n, 0, L, Gc)

@@ -10,24 +10,25 @@ per column block of ``L`` pixels::
 Their auto-vectorised versions in :mod:`fastmu.kernels.cpu` were written
 for AVX-512's 32 vector registers. With 16 (AVX2), LLVM spilled six of the
 P tile's sixteen accumulators to the stack on every pixel vector, and the R
-tile's 32 broadcast coefficients did not fit either: both ran at 40–48
-GFLOP/s on one core of the 2-core AMD EPYC dev machine (float32, 65 or 200
-rows, 1024 pixels). The tiles here fit 16 registers:
+tile's 32 broadcast coefficients did not fit either: one core of the 2-core
+AMD EPYC dev machine ran them at 39–48 (P) and 17–49 (R) GFLOP/s (float32,
+65 or 200 rows, 1024 pixels). The tiles here fit 16 registers:
 
 - ``X Sᵀ``: 2 rows of X × 4 rows of S, 8 vector accumulators (a 4 × 3 tile
-  measured the same, a 3 × 4 tile spilled again);
+  ran up to 15 % faster at rank 12 but splits rank 4 badly; a 3 × 4 tile
+  spilled again);
 - ``AᵀX``: 4 components × 3 pixel vectors, 12 accumulators held over *all*
   rows of the block, so R is written once instead of loaded and stored once
   per 8 rows.
 
-Measured one core, float32, 960 pixels, X in cache: ``X Sᵀ`` 68–79 against
-41–46 GFLOP/s; ``AᵀX`` 64–86 against 38–52 where X's rows lie an odd
+Measured one core, float32, 960 pixels, X in cache: ``X Sᵀ`` 64–79 against
+41–46 GFLOP/s; ``AᵀX`` 64–86 against 35–52 where X's rows lie an odd
 number of cache lines apart, and no gain where they lie a multiple of 4 kB
 apart (all rows then fall into the same L1 sets), so the engines give their
 copy of X such a row stride (:func:`row_stride`,
 :func:`fastmu.dispatch.blocked_kernel_x`). Reading down the rows, the
 ``AᵀX`` tile defeats the hardware prefetchers: on blocks fresh from memory
-it was 1.6–2x *slower*, so the kernels use it only where X stays in cache
+it was 1.5–2.5x *slower*, so the kernels use it only where X stays in cache
 between iterations (:func:`fastmu.kernels.cpu._hot`). ``X Sᵀ`` always
 follows ``AᵀX`` on the same block, which is then in cache.
 
