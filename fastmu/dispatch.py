@@ -92,7 +92,7 @@ def blocked_kernel_x(X: np.ndarray, nthreads: int) -> np.ndarray:
     # straddle two cache lines: the blocked kernel measured about 1.25x faster
     # on an aligned copy (512- and 256-bit code). Rows a multiple of 4 kB
     # apart share L1 sets, which the explicit AᵀX tile (it walks down the
-    # rows) measured 1.7-2.1x slower on.
+    # rows) measured 1.4-2.5x slower on.
     Xk = cpu_tiled.aligned_empty((b, m, stride), X.dtype)
     Xk[:, :, :t] = X
     Xk[:, :, t:] = 0

@@ -592,8 +592,8 @@ def block_length(m, itemsize):
 
 
 #: bytes of X that stay in cache from one iteration to the next (:func:`_hot`): a
-#: problem's X in its core's L2 (problem-major), every problem's X in the shared L3
-#: (block-parallel); half of the dev machine's 2 × 1 MB L2 and 32 MB L3
+#: problem's X in its core's L2 (problem-major; 1 MB per core on the dev machine),
+#: every problem's X in the shared L3 (block-parallel; half the dev machine's 32 MB)
 _HOT_PROBLEM_BYTES = 1 << 20
 _HOT_BATCH_BYTES = 16 << 20
 

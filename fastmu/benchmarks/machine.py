@@ -61,7 +61,15 @@ def machine_info() -> dict[str, Any]:
                 if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "NUMBA_CPU_FEATURES")
                 or k.startswith("FASTMU_")},
         "cpu_vectors_512bit": _zmm_status(),
+        "cpu_block_products": _products(),
     }
+
+
+def _products() -> str:
+    """Which ``X Sᵀ`` / ``AᵀX`` tiles the blocked CPU kernels compile (kernels.cpu_products)."""
+    from fastmu.kernels.cpu_products import EXPLICIT
+
+    return "explicit 256-bit tiles" if EXPLICIT else "auto-vectorised tiles"
 
 
 def _zmm_status() -> dict[str, object]:
