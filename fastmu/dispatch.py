@@ -86,7 +86,8 @@ def blocked_kernel_x(X: np.ndarray, nthreads: int) -> np.ndarray:
     b, m, t = X.shape
     by_rows = cpu.row_chunks(b, m, t, X.itemsize, nthreads) > 0
     stride = t if by_rows else cpu_products.row_stride(t, X.itemsize)
-    if not X.size or not (X.ctypes.data % cpu_tiled.LINE or stride != t) or not _copy_affordable(X.nbytes):
+    aligned = X.ctypes.data % cpu_tiled.LINE == 0
+    if not X.size or (aligned and stride == t) or not _copy_affordable(X.nbytes):
         return X
     # NumPy starts large arrays 16 bytes past a page, so most vector loads
     # straddle two cache lines: the blocked kernel measured about 1.25x faster

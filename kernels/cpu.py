@@ -602,19 +602,19 @@ _HOT_BATCH_BYTES = 16 << 20
 def _hot(b, m, t, itemsize, n_iter, problem_major):
     """Whether ``A'ᵀX`` will find X's blocks in cache (:func:`_r_block`).
 
-    From the second iteration on, where the X that a schedule revisits fits
-    in cache. One iteration per call (a learned layer's forward) reads X
-    from memory, and so does an iteration of a batch too large to keep.
+    Where the whole batch's X fits in the shared L3, it stays there between
+    iterations and between calls (one iteration per call, as under a
+    callback or scikit-learn's ``tol``, included). Otherwise, in problem-major
+    schedules, from a call's second iteration on, where one problem's X fits
+    in its core's L2. A 50-layer NALMU forward (one iteration per call over
+    25 × 65 × 4096, 27 MB) and a batch too large to keep read X from memory.
     Measured on the 2-core AMD EPYC (float32, rank 4): explicit tiles on
     one 65 × 16384 problem (4.2 MB, block-parallel) 1.7x faster; on 40 such
-    problems (170 MB) 1.17x slower; a 50-layer NALMU forward (25 × 65 ×
-    4096) 1.3–1.5x slower.
+    problems (170 MB) 1.17x slower; the NALMU forward 1.3–1.5x slower.
     """
-    if n_iter < 2:
-        return False
-    if problem_major:
-        return m * t * itemsize <= _HOT_PROBLEM_BYTES
-    return b * m * t * itemsize <= _HOT_BATCH_BYTES
+    if b * m * t * itemsize <= _HOT_BATCH_BYTES:
+        return True
+    return problem_major and n_iter >= 2 and m * t * itemsize <= _HOT_PROBLEM_BYTES
 
 
 @nb.njit(cache=True)

@@ -188,6 +188,7 @@ def test_pixel_chunks_share_nine_blocks_evenly_over_two_threads():
         (150, 65, 1024, 4, 10, True, True),  # 266 kB per problem: stays in L2
         (25, 65, 4096, 4, 1, True, False),  # one iteration per call (a learned layer's forward)
         (8, 65, 16384, 4, 10, False, False),  # 34 MB shared: more than half the L3
+        (1, 65, 16384, 4, 1, False, True),  # one iteration per call (a callback), 4.2 MB: still in L3
     ],
 )
 def test_hot_only_where_x_stays_in_cache(b, m, t, itemsize, n_iter, problem_major, hot):
