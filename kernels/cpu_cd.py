@@ -228,48 +228,72 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
         _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
-    """:func:`cd_run`'s problem-major and block-parallel schedules."""
+    """:func:`cd_run`'s problem-major and block-parallel schedules: two compiled
+    functions, so that a first call compiles only the one it runs (as for MU's)."""
+    tb = block_length(X.shape[1], X.itemsize)
+    nblk = (S.shape[2] + tb - 1) // tb
+    if _problem_major(X.shape[0], nblk, nthreads, 2):
+        _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
+    else:
+        _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
+
+
+@nb.njit(cache=True)
+def _cd_scratch(X, n, nthreads):
+    """Per-thread ``R``, ``gk`` (S sweep) and ``Ft``, ``Rt``, ``ga`` (A sweep) scratch."""
+    m = X.shape[1]
+    tb = block_length(m, X.itemsize)
+    dt = X.dtype
+    return (np.empty((nthreads, n, tb), dt), np.empty((nthreads, tb), dt), np.empty((nthreads, n, m), dt),
+            np.empty((nthreads, n, m), dt), np.empty((nthreads, m), dt))
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
+    """Problem-major: each thread runs every iteration of its own problems."""
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
     n = A.shape[2]
     tb = block_length(m, X.itemsize)
     nblk = (t + tb - 1) // tb
-    dt = X.dtype
-    H = np.empty((b, n, n), dt)
-    R = np.empty((nthreads, n, tb), dt)
-    gk = np.empty((nthreads, tb), dt)
-    Ft = np.empty((nthreads, n, m), dt)  # A's sweep, transposed
-    Rt = np.empty((nthreads, n, m), dt)
-    ga = np.empty((nthreads, m), dt)
+    H = np.empty((b, n, n), X.dtype)
+    R, gk, Ft, Rt, ga = _cd_scratch(X, n, nthreads)  # Ft: A's sweep, transposed
+    hot = _hot(b, m, t, X.itemsize, n_iter, True)
+    for p in prange(b):
+        fp = enter_ftz()
+        tid = nb.get_thread_id()
+        Pp = P[p]
+        Gp = G[p]
+        if not pg_valid:
+            Pp[:, :] = 0
+            Gp[:, :] = 0
+            _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
+        for it in range(n_iter):
+            v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid])
+            Pp[:, :] = 0
+            Gp[:, :] = 0
+            for blk in range(nblk):
+                j0 = blk * tb
+                v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot)
+            viol[it, p] = v
+        leave_ftz(fp)
 
-    if _problem_major(b, nblk, nthreads, 2):
-        hot = _hot(b, m, t, X.itemsize, n_iter, True)
-        for p in prange(b):
-            fp = enter_ftz()
-            tid = nb.get_thread_id()
-            Pp = P[p]
-            Gp = G[p]
-            if not pg_valid:
-                Pp[:, :] = 0
-                Gp[:, :] = 0
-                _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
-            for it in range(n_iter):
-                v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid])
-                Pp[:, :] = 0
-                Gp[:, :] = 0
-                for blk in range(nblk):
-                    j0 = blk * tb
-                    v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot)
-                viol[it, p] = v
-            leave_ftz(fp)
-        return
 
-    # Block-parallel, as in mu_run: every chunk sums its problem's partial P, G
-    # and repeats the tiny A sweep itself (the same inputs give every chunk the
-    # same A); A and the partials are double-buffered. A's violation is counted
-    # by the problem's first chunk; the chunks' sums are added in chunk order.
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
+    """Block-parallel, as MU's (:func:`fastmu.kernels.cpu._mu_block_parallel`).
+
+    Every chunk sums its problem's partial P, G and repeats the tiny A sweep
+    itself (the same inputs give every chunk the same A); A and the partials
+    are double-buffered. A's violation is counted by the problem's first
+    chunk; the chunks' sums are added in chunk order.
+    """
+    b, m = X.shape[0], X.shape[1]
+    t = S.shape[2]
+    n = A.shape[2]
+    tb = block_length(m, X.itemsize)
+    R, gk, Ft, Rt, ga = _cd_scratch(X, n, nthreads)
     cpp, pc = pixel_chunking(t, b, nthreads)
     hot = _hot(b, m, t, X.itemsize, n_iter, False)
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, _) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)

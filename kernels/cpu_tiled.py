@@ -259,43 +259,64 @@ def _aligned_rows(nrows, rowlen, like):
     return buf[off : off + nrows * rowlen].reshape((nrows, rowlen))
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -> None:
     """:func:`fastmu.kernels.cpu.mu_run` for ``n = 4`` on ``Xt``/``Sp`` from :func:`pack`.
 
     ``Sp`` holds S (padded) and is updated in place; :func:`fastmu.kernels.cpu.copy_rows` copies it out.
+    The problem-major and block-parallel schedules are two compiled functions, so that a first call
+    compiles only the one it runs.
     """
-    b, ntile, m, tw = Xt.shape
+    if _problem_major(Xt.shape[0], Xt.shape[1], nthreads, 8):  # tiles are 16x smaller units than blocks
+        _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+    else:
+        _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+
+
+@nb.njit(cache=True)
+def _tiled_scratch(Xt, nthreads):
+    """Per-thread ``P`` and ``G`` lane partials, each row on a cache line."""
+    m, tw = Xt.shape[2], Xt.shape[3]
+    w = tw // NV  # lanes
+    return _aligned_rows(nthreads, 4 * m * w, Xt), _aligned_rows(nthreads, 10 * w, Xt)
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+    """Problem-major: each thread runs every iteration of its own problems."""
+    b, ntile = Xt.shape[0], Xt.shape[1]
     n = A.shape[2]
     dt = Xt.dtype
     epsd = dt.type(eps)
-    w = tw // NV  # lanes
     H = np.empty((b, n, n), dt)
     Erow = np.empty((b, n), dt)
-    PW = _aligned_rows(nthreads, 4 * m * w, Xt)
-    GW = _aligned_rows(nthreads, 10 * w, Xt)
+    PW, GW = _tiled_scratch(Xt, nthreads)
     wstep = 0 if W.shape[0] == 1 else 1
+    for p in prange(b):
+        fp = enter_ftz()
+        tid = nb.get_thread_id()
+        Pp = P[p]
+        Gp = G[p]
+        if not pg_valid:
+            Pp[:, :] = 0
+            Gp[:, :] = 0
+            _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, epsd, False, True, Pp, Gp, PW[tid], GW[tid])
+        for it in range(n_iter):
+            acc = accumulate_last or it < n_iter - 1
+            _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
+            Pp[:, :] = 0
+            Gp[:, :] = 0
+            _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, epsd, True, acc, Pp, Gp, PW[tid], GW[tid])
+        leave_ftz(fp)
 
-    if _problem_major(b, ntile, nthreads, 8):  # tiles are 16x smaller units than blocks
-        for p in prange(b):
-            fp = enter_ftz()
-            tid = nb.get_thread_id()
-            Pp = P[p]
-            Gp = G[p]
-            if not pg_valid:
-                Pp[:, :] = 0
-                Gp[:, :] = 0
-                _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, epsd, False, True, Pp, Gp, PW[tid], GW[tid])
-            for it in range(n_iter):
-                acc = accumulate_last or it < n_iter - 1
-                _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
-                Pp[:, :] = 0
-                Gp[:, :] = 0
-                _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, epsd, True, acc, Pp, Gp, PW[tid], GW[tid])
-            leave_ftz(fp)
-        return
 
-    # Block-parallel, as in kernels.cpu.mu_run: chunks of tiles, double-buffered A and partials.
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+    """Block-parallel, as :func:`fastmu.kernels.cpu._mu_block_parallel`: chunks of tiles,
+    double-buffered A and partials."""
+    b, ntile = Xt.shape[0], Xt.shape[1]
+    epsd = Xt.dtype.type(eps)
+    PW, GW = _tiled_scratch(Xt, nthreads)
+    wstep = 0 if W.shape[0] == 1 else 1
     cpp, tpc = _chunking(ntile, b, nthreads)  # chunks per problem, tiles per chunk
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, El) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
     if not pg_valid:
