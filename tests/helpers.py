@@ -39,3 +39,35 @@ def real_cuda_gpu() -> bool:
         return bool(cuda.is_available())
     except Exception:
         return False
+
+
+def record_calls(monkeypatch, module, *names):
+    """Wrap ``module``'s functions ``names`` so that each call appends its name to the returned list.
+
+    For the kernels' Python-level schedule choice: a test asserts which
+    compiled schedule its shape ran, whatever the machine's thread count.
+    """
+    calls = []
+    for name in names:
+        fn = getattr(module, name)
+
+        def spy(*args, _fn=fn, _name=name):
+            calls.append(_name)
+            return _fn(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def schedule_shapes(nthreads, unit, min_units=2):
+    """``{schedule: (b, t)}`` that the column kernels run problem-major and block-parallel on ``nthreads``.
+
+    ``unit`` is the kernel's unit of pixels (a column block, or a tile) and
+    ``min_units`` the units per thread below which it keeps to problem-major
+    (``kernels.cpu._problem_major``). Problem-major: twice as many problems as
+    threads. Block-parallel: ``nthreads + 1`` problems (not a multiple of the
+    threads, fewer than four per thread) of ``min_units + 1/3`` units each;
+    with one thread there is none.
+    """
+    return {"problem_major": (2 * nthreads, unit // 2 + 9),
+            "block_parallel": (nthreads + 1, min_units * unit + unit // 3)}

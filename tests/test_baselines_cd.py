@@ -11,7 +11,7 @@ import fastmu
 # the function, not the module of the same name (which shadows it once imported directly)
 from fastmu.baselines.coordinate_descent import cd
 
-from helpers import low_rank_problem
+from helpers import low_rank_problem, record_calls, schedule_shapes
 
 sk = pytest.importorskip("sklearn.decomposition")
 
@@ -266,8 +266,8 @@ def _torch_iterations(X, A0, S0, n_iter):
     return At.mT.numpy(), St.numpy(), np.array(viol)
 
 
-# (b, m, t, n): one problem and 3 problems run block-parallel (blocks of one problem spread
-# over the threads), 8 problem-major; ranks 1, 3, 4, 5; t not a multiple of the pixel block
+# (b, m, t, n): ranks 1, 3, 4, 5; t not a multiple of the pixel block (which schedule each runs
+# depends on the thread count: test_fused_kernel_runs_each_column_schedule covers both)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("b,m,t,n", [(1, 13, 2500, 4), (3, 9, 1100, 3), (8, 11, 300, 5), (2, 7, 1500, 1)])
 def test_fused_kernel_matches_torch_sweeps(dtype, b, m, t, n):
@@ -290,6 +290,36 @@ def test_fused_kernel_matches_torch_sweeps(dtype, b, m, t, n):
     close(viol, vr, dtype, scale_of=vr)
     close(P, X.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=P)
     close(G, S.astype(np.float64) @ S.transpose(0, 2, 1), dtype, scale_of=G)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("schedule", ["problem_major", "block_parallel"])
+def test_fused_kernel_runs_each_column_schedule(monkeypatch, dtype, schedule):
+    """Both column schedules on any thread count (the shape sized to the threads, a spy checks
+    which ran), against the torch sweeps; the second call on the first's P, G."""
+    import numba
+
+    from fastmu.kernels import cpu, cpu_cd
+
+    nthreads = numba.config.NUMBA_NUM_THREADS
+    if schedule == "block_parallel" and nthreads < 2:
+        pytest.skip("with one thread every batch runs problem-major")
+    m, n = 11, 3
+    b, t = schedule_shapes(nthreads, cpu.block_length(m, np.dtype(dtype).itemsize))[schedule]
+    calls = record_calls(monkeypatch, cpu_cd, "_cd_problem_major", "_cd_block_parallel")
+    rng = np.random.default_rng(7)
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype=dtype, noise=0.05)
+    S0[:, :, ::7] = 0
+    Ar, Sr, vr = _torch_iterations(X, A0, S0, 4)
+    A, S = A0.copy(), S0.copy()
+    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
+    viol = np.zeros((4, b))
+    cpu_cd.cd_run(X, A, S, P, G, 2, False, viol[:2], nthreads)
+    cpu_cd.cd_run(X, A, S, P, G, 2, True, viol[2:], nthreads)
+    assert calls == [f"_cd_{schedule}"] * 2
+    close(A, Ar, dtype, scale_of=Ar)
+    close(S, Sr, dtype, scale_of=Sr)
+    close(viol, vr, dtype, scale_of=vr)
 
 
 # tall problems (many rows, few pixels): the rows are shared out (kernels.cpu.row_chunks); nthreads

@@ -11,7 +11,7 @@ from fastmu import EPS
 from fastmu.kernels import cpu
 from fastmu.reference import mu_numpy, mu_step_numpy, objective_numpy
 
-from helpers import low_rank_problem
+from helpers import low_rank_problem, record_calls, schedule_shapes
 
 NT = numba.config.NUMBA_NUM_THREADS
 # Relative tolerance after a few iterations: float32 rounding grows a little
@@ -38,9 +38,9 @@ def rel_err(x, ref):
 @pytest.mark.parametrize(
     "b,m,n,t",
     [
-        (1, 65, 4, 700),  # block-parallel schedule, t not a multiple of the block
-        (3, 13, 4, 300),  # block-parallel with batching
-        (8, 7, 3, 520),  # problem-major schedule; m, n off the 4×4 register blocks
+        (1, 65, 4, 700),  # t not a multiple of the block
+        (3, 13, 4, 300),  # batching, m off the 4-row tiles
+        (8, 7, 3, 520),  # m, n off the 4×4 register blocks
         (2, 9, 5, 256),  # n past one 4-block
         (4, 4, 1, 33),  # rank one, t shorter than a block
     ],
@@ -53,6 +53,27 @@ def test_mu_run_matches_numpy(rng, dtype, b, m, n, t):
     assert rel_err(A, Ar) < RTOL[dtype]
     assert rel_err(S, Sr) < RTOL[dtype]
     # P and G are returned for the final S.
+    assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+    assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("schedule", ["problem_major", "block_parallel"])
+def test_each_column_schedule_matches_numpy(monkeypatch, rng, dtype, schedule):
+    """Both column schedules on any thread count: the shape is sized to the threads, a spy
+    checks which compiled schedule ran; two calls, the second on the first's P, G."""
+    if schedule == "block_parallel" and NT < 2:
+        pytest.skip("with one thread every batch runs problem-major")
+    m, n = 13, 4
+    b, t = schedule_shapes(NT, cpu.block_length(m, np.dtype(dtype).itemsize))[schedule]
+    calls = record_calls(monkeypatch, cpu, "_mu_problem_major", "_mu_block_parallel")
+    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype, noise=0.05)
+    A, S, P, G = run(X, A0, S0, n_iter=3)
+    A, S, P, G = run(X, A, S, n_iter=2, pg=(P, G))
+    assert calls == [f"_mu_{schedule}"] * 2
+    Ar, Sr = mu_numpy(X.astype(np.float64), A0.astype(np.float64), S0.astype(np.float64), 5)
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
     assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
     assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
 

@@ -18,7 +18,7 @@ from fastmu.dispatch import CPUEngine
 from fastmu.kernels import cpu, cpu_tiled, simd
 from fastmu.reference import mu_numpy, mu_step_numpy
 
-from helpers import low_rank_problem
+from helpers import low_rank_problem, record_calls, schedule_shapes
 
 NT = numba.config.NUMBA_NUM_THREADS
 RTOL = {np.float32: 2e-4, np.float64: 1e-10}
@@ -48,9 +48,9 @@ def rel_err(x, ref):
 @pytest.mark.parametrize(
     "b,m,t",
     [
-        (1, 65, 700),  # block-parallel schedule, last tile padded
-        (3, 13, 300),  # block-parallel with batching
-        (8, 7, 520),  # problem-major schedule
+        (1, 65, 700),  # last tile padded
+        (3, 13, 300),  # batching
+        (8, 7, 520),
         (4, 4, 33),  # t shorter than one tile
         (2, 65, 64),  # exactly one float32 tile, two float64 tiles
         (1, 1, 5),  # one row
@@ -65,6 +65,25 @@ def test_matches_numpy(rng, dtype, b, m, t):
     assert rel_err(S, Sr) < RTOL[dtype]
     assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
     assert rel_err(G, Sr @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("schedule", ["problem_major", "block_parallel"])
+def test_each_schedule_matches_numpy(monkeypatch, rng, dtype, schedule):
+    """Both schedules on any thread count (the shape sized to the threads, at least 8 tiles per
+    thread for block-parallel; a spy checks which ran); the second call on the first's state."""
+    if schedule == "block_parallel" and NT < 2:
+        pytest.skip("with one thread every batch runs problem-major")
+    b, t = schedule_shapes(NT, cpu_tiled.tile_width(np.dtype(dtype).itemsize), min_units=8)[schedule]
+    calls = record_calls(monkeypatch, cpu_tiled, "_tiled_problem_major", "_tiled_block_parallel")
+    X, A0, S0 = low_rank_problem(rng, b, 9, 4, t, dtype, noise=0.05)
+    A, S, state = run(X, A0, S0, n_iter=3)
+    A, S, (_, _, P, G) = run(X, A, S, n_iter=2, state=state)
+    assert calls == [f"_tiled_{schedule}"] * 2
+    Ar, Sr = mu_numpy(X.astype(np.float64), A0.astype(np.float64), S0.astype(np.float64), 5)
+    assert rel_err(A, Ar) < RTOL[dtype]
+    assert rel_err(S, Sr) < RTOL[dtype]
+    assert rel_err(P, X.astype(np.float64) @ Sr.transpose(0, 2, 1)) < 10 * RTOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
