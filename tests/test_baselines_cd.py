@@ -266,6 +266,17 @@ def _torch_iterations(X, A0, S0, n_iter):
     return At.mT.numpy(), St.numpy(), np.array(viol)
 
 
+def _fused_case(seed, b, m, n, t, dtype, n_iter):
+    """A problem whose start has coordinates of S at 0 (the projected gradient's other branch), the
+    torch sweeps' iterates and violations after ``n_iter``, and the fused kernel's buffers
+    ``A, S, P, G, viol`` at the start."""
+    X, A0, S0 = low_rank_problem(np.random.default_rng(seed), b, m, n, t, dtype=dtype, noise=0.05)
+    S0[:, :, ::7] = 0
+    ref = _torch_iterations(X, A0, S0, n_iter)
+    bufs = (A0.copy(), S0.copy(), np.empty((b, m, n), dtype), np.empty((b, n, n), dtype), np.zeros((n_iter, b)))
+    return X, S0, ref, bufs
+
+
 # (b, m, t, n): ranks 1, 3, 4, 5; t not a multiple of the pixel block (which schedule each runs
 # depends on the thread count: test_fused_kernel_runs_each_column_schedule covers both)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -275,13 +286,7 @@ def test_fused_kernel_matches_torch_sweeps(dtype, b, m, t, n):
 
     from fastmu.kernels import cpu_cd
 
-    rng = np.random.default_rng(b * 100 + n)
-    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype=dtype, noise=0.05)
-    S0[:, :, ::7] = 0  # coordinates at 0: the projected gradient's other branch
-    Ar, Sr, vr = _torch_iterations(X, A0, S0, 6)
-    A, S = A0.copy(), S0.copy()
-    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
-    viol = np.zeros((6, b))
+    X, _, (Ar, Sr, vr), (A, S, P, G, viol) = _fused_case(b * 100 + n, b, m, n, t, dtype, 6)
     # two calls: P, G carried over from the first (pg_valid) must continue the same run
     cpu_cd.cd_run(X, A, S, P, G, 2, False, viol[:2], numba.config.NUMBA_NUM_THREADS)
     cpu_cd.cd_run(X, A, S, P, G, 4, True, viol[2:], numba.config.NUMBA_NUM_THREADS)
@@ -307,13 +312,7 @@ def test_fused_kernel_runs_each_column_schedule(monkeypatch, dtype, schedule):
     m, n = 11, 3
     b, t = schedule_shapes(nthreads, cpu.block_length(m, np.dtype(dtype).itemsize))[schedule]
     calls = record_calls(monkeypatch, cpu_cd, "_cd_problem_major", "_cd_block_parallel")
-    rng = np.random.default_rng(7)
-    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype=dtype, noise=0.05)
-    S0[:, :, ::7] = 0
-    Ar, Sr, vr = _torch_iterations(X, A0, S0, 4)
-    A, S = A0.copy(), S0.copy()
-    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
-    viol = np.zeros((4, b))
+    X, _, (Ar, Sr, vr), (A, S, P, G, viol) = _fused_case(7, b, m, n, t, dtype, 4)
     cpu_cd.cd_run(X, A, S, P, G, 2, False, viol[:2], nthreads)
     cpu_cd.cd_run(X, A, S, P, G, 2, True, viol[2:], nthreads)
     assert calls == [f"_cd_{schedule}"] * 2
@@ -337,13 +336,7 @@ def test_fused_kernel_shares_out_the_rows_of_tall_problems(dtype, b, m, t, n, sc
     nthreads = scale * max(2, numba.config.NUMBA_NUM_THREADS)
     cpp = cpu_cd.row_chunks(b, m, t, np.dtype(dtype).itemsize, nthreads)
     assert cpp >= 2  # the schedule under test
-    rng = np.random.default_rng(m + n)
-    X, A0, S0 = low_rank_problem(rng, b, m, n, t, dtype=dtype, noise=0.05)
-    S0[:, :, ::7] = 0
-    Ar, Sr, vr = _torch_iterations(X, A0, S0, 6)
-    A, S = A0.copy(), S0.copy()
-    P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
-    viol = np.zeros((6, b))
+    X, S0, (Ar, Sr, vr), (A, S, P, G, viol) = _fused_case(m + n, b, m, n, t, dtype, 6)
     cpu_cd.cd_run(X, A, S, P, G, 0, False, viol[:0], nthreads)  # no iteration: P, G of the start
     close(P, X.astype(np.float64) @ S0.transpose(0, 2, 1), dtype, scale_of=P)
     cpu_cd.cd_run(X, A, S, P, G, 1, True, viol[:1], nthreads)
