@@ -16,6 +16,8 @@ from fastmu.validation import (
     check_same_kind_and_device,
     check_shape,
     check_values,
+    raise_if_not_finite,
+    warn_if_eps_dominates,
 )
 
 INITS = ("random", "constant", "nndsvda")
@@ -165,6 +167,7 @@ def solve(
         X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn
     )
     engine = engine_cls(Xn, A, S, None, eps)
+    warn_if_eps_dominates(Xc, kind, A.shape[-1], eps)
 
     bar = None
     if progress:
@@ -222,6 +225,7 @@ def solve(
             bar.close()
 
     A_out, S_out = (engine_cls.release(a, kind, X) for a in engine.factors())
+    raise_if_not_finite(Xc, A_out, S_out, kind, dtype, "MU")
     if squeeze:
         A_out, S_out = A_out[0], S_out[0]
     return A_out, S_out, done

@@ -121,3 +121,97 @@ def check_eps(eps: Any) -> float:
     if not np.isfinite(e) or e <= 0:
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     return e
+
+
+#: eps may be this fraction of the MU denominators before :func:`warn_if_eps_dominates` warns
+#: (measured on a rank-3 20 × 3000 problem: at 0.4 % the residual after 1000 iterations was 6 %
+#: above its value at scale 1, at 13 % five times it, at ~100 % the factors went to 0)
+EPS_SHARE_WARN = 1e-3
+
+
+def _host_float64(x: Any, kind: ArrayKind) -> np.ndarray:
+    if kind == "torch":
+        return x.detach().double().cpu().numpy()
+    if kind == "cupy":
+        return x.get().astype(np.float64)
+    return np.asarray(x, np.float64)
+
+
+def problem_means(X: Any, kind: ArrayKind) -> np.ndarray:
+    """Each problem's mean of a ``(b, m, t)`` X, as float64 on the host."""
+    if kind == "torch":
+        import torch
+
+        return X.detach().mean(dim=(1, 2), dtype=torch.float64).cpu().numpy()
+    return _host_float64(_module(kind).mean(X, axis=(1, 2), dtype="float64"), kind)
+
+
+def warn_if_eps_dominates(X: Any, kind: ArrayKind, n: int, eps: float) -> None:
+    """Warn where X's scale is so small that ``eps`` is a sizeable share of the MU denominators.
+
+    At a balanced start (every entry of A and S near ``sqrt(mean(X)/n)``),
+    ``A'SS'ᵀ`` and ``A'ᵀA'S`` are about ``min(m, t)·mean(X)^1.5/√n``; where
+    ``eps`` is more than :data:`EPS_SHARE_WARN` of that, it biases the
+    factors towards 0, and at scales 10⁴ times smaller drives them to 0.
+    MU itself is scale-free, so dividing X by a constant cures it.
+    """
+    b, m, t = X.shape
+    means = problem_means(X, kind)
+    with np.errstate(divide="ignore"):
+        share = eps / (min(m, t) * means**1.5 / np.sqrt(n))
+    bad = np.flatnonzero((means > 0) & (share > EPS_SHARE_WARN))
+    if bad.size:
+        import warnings
+
+        i = int(bad[np.argmax(share[bad])])
+        which = "X" if b == 1 else f"Problem {i} of X's {b} ({bad.size} {'is' if bad.size == 1 else 'are'} affected)"
+        warnings.warn(
+            f"{which} has mean {means[i]:.3g}: at that scale eps={eps:g} is about {share[i]:.2g} times the "
+            "multiplicative updates' denominators, which pulls the factors towards 0 (near 1 times and "
+            "above, they vanish). MU is scale-free: divide X by its mean and multiply A·S back, or pass "
+            "a smaller eps.",
+            RuntimeWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from its caller, of the first frame outside fastmu (and
+    scikit-learn, whose wrappers call the estimator's methods): the user's call."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("fastmu", "sklearn"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def finite_problems(x: Any, kind: ArrayKind) -> np.ndarray:
+    """Per problem of a ``(b, …)`` array: whether every entry is finite (a bool array on the host)."""
+    mod = _module(kind)
+    ok = mod.isfinite(x).reshape(x.shape[0], -1).all(**({"dim": 1} if kind == "torch" else {"axis": 1}))
+    if kind == "torch":
+        return ok.cpu().numpy()
+    if kind == "cupy":
+        return ok.get()
+    return np.asarray(ok)
+
+
+def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, method: str) -> None:
+    """A ``FloatingPointError`` naming the problems whose factors overflowed, and what to do.
+
+    Only X's scale overflows these updates (X is checked finite and
+    non-negative on entry): its products with the factors pass the dtype's
+    largest value.
+    """
+    ok = finite_problems(A, kind) & finite_problems(S, kind)
+    if ok.all():
+        return
+    bad = np.flatnonzero(~ok)
+    xmax = float(X.max())
+    which = "" if X.shape[0] == 1 else f" for {bad.size} of the {X.shape[0]} problems (first: {int(bad[0])})"
+    raise FloatingPointError(
+        f"{method} overflowed {dtype}{which}: X's largest value, {xmax:.3g}, is too large for its products "
+        "with the factors. The factorisation is scale-free: divide X by its maximum (and multiply A·S back)"
+        + (", or pass float64." if dtype == "float32" else ".")
+    )

@@ -1,6 +1,8 @@
 """Bad input to fastmu.mu: clear errors, nothing modified."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,57 @@ def test_import_is_light():
     code = "import sys, fastmu; print(sorted(m for m in ('torch','numba','cupy','matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _low_rank(seed, m=20, t=300, n=3, b=None):
+    rng = np.random.default_rng(seed)
+    shape = () if b is None else (b,)
+    return rng.random(shape + (m, n)) @ rng.random(shape + (n, t))
+
+
+def _rel(X, A, S):
+    return float(np.linalg.norm(X - A @ S) / np.linalg.norm(X))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_x_too_small_for_eps_warns_at_the_callers_line(kind):
+    """At a scale where eps swamps the updates the factors vanish: a warning that points at the
+    call, and the cure it names (dividing X by its mean) works."""
+    Xs = _low_rank(1) * 1e-10
+    arg = Xs if kind == "numpy" else torch.from_numpy(Xs)
+    with pytest.warns(RuntimeWarning, match=r"X has mean \S+: at that scale eps=1e-12 .*divide X by its mean") as rec:
+        A, S = fastmu.mu(arg, 3, n_iter=300, random_state=0)
+    assert [w.filename for w in rec if w.category is RuntimeWarning][0] == __file__
+    assert _rel(Xs, np.asarray(A), np.asarray(S)) > 0.5  # what the warning is about
+    c = Xs.mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A, S = fastmu.mu(Xs / c, 3, n_iter=300, random_state=0)
+    assert _rel(Xs, A * c, S) < 0.05
+
+
+def test_scale_warning_names_the_worst_problem_and_spares_ordinary_scales():
+    Xb = _low_rank(2, b=3)
+    Xb[1] *= 1e-9
+    Xb[2] *= 1e-10
+    with pytest.warns(RuntimeWarning, match=r"Problem 2 of X's 3 \(2 are affected\)"):
+        fastmu.mu(Xb, 3, n_iter=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastmu.mu(X * 1e-5, 2, n_iter=2, random_state=0)  # eps 2e-5 of the denominators
+        fastmu.mu(np.zeros((6, 20)), 2, n_iter=2, random_state=0)  # nothing to scale: the answer is 0
+
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_float32_overflow_is_an_error_not_nan(solver):
+    from fastmu.baselines import cd
+
+    run = fastmu.mu if solver == "mu" else cd
+    X32 = (_low_rank(3) * 1e30).astype(np.float32)
+    with pytest.raises(FloatingPointError, match=r"overflowed float32: X's largest value, .*e\+30.* float64"):
+        run(X32, 3, n_iter=20, random_state=0)
+    A, S = run(X32.astype(np.float64), 3, n_iter=20, random_state=0)  # the remedy named
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+    Xb = torch.from_numpy(np.stack([_low_rank(4), X32.astype(np.float64)]).astype(np.float32))
+    with pytest.raises(FloatingPointError, match=r"for 1 of the 2 problems \(first: 1\)"):
+        run(Xb, 3, n_iter=20, random_state=0)

@@ -8,7 +8,7 @@ import numpy as np
 
 from fastmu.dispatch import TorchEngine
 from fastmu.solver import INITS, _cast, _check_X, _initial_factors
-from fastmu.validation import check_positive_int
+from fastmu.validation import check_positive_int, raise_if_not_finite
 
 Callback = Callable[[int, Any, Any], Any]
 
@@ -166,6 +166,7 @@ def _solve(
         done = _iterate(Xt, At, S, n_iter, tol, order=order, on_iter=on_iter if callback is not None else None,
                         every=callback_every, progress=progress)
 
+        raise_if_not_finite(Xt, At, S, "torch", dtype, "Coordinate descent")
         A_out = release(At.mT.contiguous(), False)
         S_out = release(S, False)
     return A_out, S_out, done
