@@ -27,6 +27,7 @@ import numpy as np
 
 from fastmu import EPS
 from fastmu.interop import array_kind
+from fastmu.validation import caller_stacklevel
 
 try:  # a real scikit-learn estimator where scikit-learn is installed
     from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
@@ -259,7 +260,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             A, S, n_iter = self._fit_tall(X, n, A0, S0, init, max_iter, run)
         if tol > 0 and n_iter == self.max_iter:
             warnings.warn(f"Maximum number of iterations {self.max_iter} reached. Increase it to improve "
-                          "convergence.", ConvergenceWarning, stacklevel=2)
+                          "convergence.", ConvergenceWarning, stacklevel=caller_stacklevel())
         self.components_ = S
         self.n_components_ = int(S.shape[0])
         self.n_iter_ = int(n_iter)
@@ -356,7 +357,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             W = TorchEngine.release(Wt[0].mT.contiguous(), kind, X)
         if tol > 0 and n_iter == max_iter:
             warnings.warn(f"Maximum number of iterations {max_iter} reached. Increase it to improve "
-                          "convergence.", ConvergenceWarning, stacklevel=3)
+                          "convergence.", ConvergenceWarning, stacklevel=caller_stacklevel())
         return W
 
     def inverse_transform(self, X: Any) -> Any:

@@ -171,11 +171,11 @@ def warn_if_eps_dominates(X: Any, kind: ArrayKind, n: int, eps: float) -> None:
             "above, they vanish). MU is scale-free: divide X by its mean and multiply A·S back, or pass "
             "a smaller eps.",
             RuntimeWarning,
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
     """``warnings.warn``'s stacklevel, from its caller, of the first frame outside fastmu (and
     scikit-learn, whose wrappers call the estimator's methods): the user's call."""
     import sys
