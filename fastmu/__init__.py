@@ -9,6 +9,8 @@ mu
     Batched Lee-Seung MU solver (NumPy, torch and CuPy arrays in and out).
 EPS
     The ε added to every MU denominator, the same on every backend.
+ScaleWarning
+    Warned where X is so small that EPS pulls the factors towards 0.
 metrics
     SAD (mean cosine similarity), spectral angle, RMSE/NMSE, Hungarian matching.
 NMF
@@ -38,6 +40,7 @@ _LAZY = {
     "available_backends": ("fastmu.dispatch", "available_backends"),
     "NALMU": ("fastmu.nn.models", "NALMU"),
     "ALMU": ("fastmu.nn.models", "ALMU"),
+    "ScaleWarning": ("fastmu.validation", "ScaleWarning"),
 }
 _SUBMODULES = {"metrics", "data", "nn", "losses", "solver", "reference", "interop", "dispatch", "baselines",
                "training", "experiments"}

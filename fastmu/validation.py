@@ -129,6 +129,10 @@ def check_eps(eps: Any) -> float:
 EPS_SHARE_WARN = 1e-3
 
 
+class ScaleWarning(RuntimeWarning):
+    """X's values are so small that ``eps`` pulls the MU factors towards 0 (:func:`warn_if_eps_dominates`)."""
+
+
 def _host_float64(x: Any, kind: ArrayKind) -> np.ndarray:
     if kind == "torch":
         return x.detach().double().cpu().numpy()
@@ -170,7 +174,7 @@ def warn_if_eps_dominates(X: Any, kind: ArrayKind, n: int, eps: float) -> None:
             "multiplicative updates' denominators, which pulls the factors towards 0 (near 1 times and "
             "above, they vanish). MU is scale-free: divide X by its mean and multiply A·S back, or pass "
             "a smaller eps.",
-            RuntimeWarning,
+            ScaleWarning,
             stacklevel=caller_stacklevel(),
         )
 

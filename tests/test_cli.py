@@ -91,3 +91,29 @@ def test_cuda_without_gpu_is_a_clean_error(tmp_path, capsys, monkeypatch):
                "--out", str(tmp_path / "o.npz")])
     assert rc == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_unmix_names_the_remedy_for_x_s_scale_and_normalise_applies_it(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    X = rng.random((12, 3)) @ rng.random((3, 300))
+    np.save(tmp_path / "tiny.npy", X * 1e-11)
+    np.save(tmp_path / "huge.npy", (X * 1e36).astype(np.float32))
+    out = tmp_path / "res.npz"
+    common = ["-n", "3", "--iters", "300", "--out", str(out), "--no-progress"]
+
+    assert main(["unmix", str(tmp_path / "tiny.npy"), *common]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("fastmu unmix: warning: X has mean") and err.rstrip().endswith("--normalise does that.")
+    assert float(np.load(out)["residual"]) > 0.5  # the factors vanished, as warned
+
+    assert main(["unmix", str(tmp_path / "tiny.npy"), "--normalise", *common]) == 0
+    assert capsys.readouterr().err == ""
+    res = np.load(out)
+    assert float(res["residual"]) < 0.05
+    assert np.linalg.norm(X * 1e-11 - res["A"] @ res["S"]) / np.linalg.norm(X * 1e-11) < 0.05  # A scaled back
+
+    assert main(["unmix", str(tmp_path / "huge.npy"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "error: MU overflowed float32" in err and "--normalise does that." in err
+    assert main(["unmix", str(tmp_path / "huge.npy"), "--normalise", *common]) == 0
+    assert float(np.load(out)["residual"]) < 0.05

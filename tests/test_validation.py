@@ -111,9 +111,9 @@ def test_x_too_small_for_eps_warns_at_the_callers_line(kind):
     call, and the cure it names (dividing X by its mean) works."""
     Xs = _low_rank(1) * 1e-10
     arg = Xs if kind == "numpy" else torch.from_numpy(Xs)
-    with pytest.warns(RuntimeWarning, match=r"X has mean \S+: at that scale eps=1e-12 .*divide X by its mean") as rec:
+    with pytest.warns(fastmu.ScaleWarning, match=r"X has mean \S+: at that scale eps=1e-12 .*divide X by its mean") as rec:
         A, S = fastmu.mu(arg, 3, n_iter=300, random_state=0)
-    assert [w.filename for w in rec if w.category is RuntimeWarning][0] == __file__
+    assert [w.filename for w in rec if w.category is fastmu.ScaleWarning][0] == __file__
     assert _rel(Xs, np.asarray(A), np.asarray(S)) > 0.5  # what the warning is about
     c = Xs.mean()
     with warnings.catch_warnings():
@@ -126,7 +126,7 @@ def test_scale_warning_names_the_worst_problem_and_spares_ordinary_scales():
     Xb = _low_rank(2, b=3)
     Xb[1] *= 1e-9
     Xb[2] *= 1e-10
-    with pytest.warns(RuntimeWarning, match=r"Problem 2 of X's 3 \(2 are affected\)"):
+    with pytest.warns(fastmu.ScaleWarning, match=r"Problem 2 of X's 3 \(2 are affected\)"):
         fastmu.mu(Xb, 3, n_iter=2, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

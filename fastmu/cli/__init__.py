@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 #: sub-command modules, in the order ``fastmu --help`` lists them
 _COMMAND_MODULES = ("unmix", "train", "paper", "bench", "data")
@@ -40,12 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # a command can name its own remedy for X's scale (unmix: --normalise)
+    hint = getattr(args, "scale_hint", "")
     try:
-        rc = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as exc:
-        print(f"fastmu {args.command}: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(args.command, hint, warnings.showwarning)
+            rc = args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, FloatingPointError) as exc:
+        extra = f" {hint}" if hint and isinstance(exc, FloatingPointError) else ""
+        print(f"fastmu {args.command}: error: {exc}{extra}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _show_warning(command: str, hint: str, default: Any) -> Any:
+    """fastmu's warnings about the user's data (:class:`fastmu.ScaleWarning`) as
+    ``fastmu CMD: warning: …`` with the command's remedy, without a source line; others as usual."""
+    from fastmu.validation import ScaleWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ScaleWarning):
+            print(f"fastmu {command}: warning: {message}{' ' + hint if hint else ''}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover
