@@ -27,8 +27,9 @@ Initial factors: the constant ``sqrt(mean(X)/n)`` for every entry of A and
 S, per problem — the same start as ``fastmu.mu(..., init="constant")``. Under
 MU the layer output does not depend on the constant (the updates are
 homogeneous of degree 0 in the scale of A and of S, up to ε), so the value
-only keeps ``A S`` at the scale of X, which keeps ε = 1e-12 negligible for
-data of any scale. With constant factors every column starts identical;
+only keeps ``A S`` at the scale of X: ε = 1e-12 is then as small a share of
+the denominators as X's scale allows (negligible unless X's mean is below
+about 1e-7; see :class:`fastmu.ScaleWarning`). With constant factors every column starts identical;
 only the column-specific ``W`` separate them, which is why the learned
 models output components in the training order.
 
