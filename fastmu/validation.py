@@ -47,6 +47,8 @@ def as_numpy_input(x: Any, name: str) -> np.ndarray:
     """``np.asarray`` with clear errors for things that are not numeric arrays."""
     if isinstance(x, (str, bytes)):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if type(x).__module__.startswith("scipy.sparse"):
+        raise TypeError(f"{name} is a sparse {type(x).__name__}; fastmu works on dense arrays: pass {name}.toarray()")
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:

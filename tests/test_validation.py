@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 
 import fastmu
@@ -28,6 +29,7 @@ S0 = np.ones((2, 20))
         (dict(X=X.astype(str)), TypeError, "dtype"),
         (dict(X=X.astype(object)), TypeError, "dtype"),
         (dict(X="not an array"), TypeError, "must be an array"),
+        (dict(X=scipy.sparse.csr_matrix(X)), TypeError, r"sparse csr_matrix; .*X.toarray\(\)"),
         (dict(X=X.astype(np.float16)), TypeError, "float16"),
         (dict(X=torch.ones(3, 4, dtype=torch.complex64)), TypeError, "complex64"),
         (dict(X=torch.ones(3, 4, dtype=torch.float16)), TypeError, "float16"),
