@@ -158,8 +158,9 @@ def warn_if_eps_dominates(X: Any, kind: ArrayKind, n: int, eps: float) -> None:
     At a balanced start (every entry of A and S near ``sqrt(mean(X)/n)``),
     ``A'SS'ᵀ`` and ``A'ᵀA'S`` are about ``min(m, t)·mean(X)^1.5/√n``; where
     ``eps`` is more than :data:`EPS_SHARE_WARN` of that, it biases the
-    factors towards 0, and at scales 10⁴ times smaller drives them to 0.
-    MU itself is scale-free, so dividing X by a constant cures it.
+    factors towards 0, and where it is about as large (a mean 100 times
+    smaller) drives them to 0. MU itself is scale-free, so dividing X by a
+    constant cures it.
     """
     b, m, t = X.shape
     means = problem_means(X, kind)
@@ -206,9 +207,9 @@ def finite_problems(x: Any, kind: ArrayKind) -> np.ndarray:
 def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, method: str) -> None:
     """A ``FloatingPointError`` naming the problems whose factors overflowed, and what to do.
 
-    Only X's scale overflows these updates (X is checked finite and
-    non-negative on entry): its products with the factors pass the dtype's
-    largest value.
+    X and any given start are checked finite and non-negative on entry, so
+    what overflows is the scale: X's products with the factors pass the
+    dtype's largest value.
     """
     ok = finite_problems(A, kind) & finite_problems(S, kind)
     if ok.all():
