@@ -455,8 +455,11 @@ def format_table(res: PaperResults | dict[str, Any], set_name: str) -> str:
             label += f" ({cfg['mu_iters']} it.)"
         elif kind == "cd":
             label = f"CD ({cfg['cd_iters']} it.)"
-        elif kind in ("nalmu", "almu"):
+        elif kind == "nalmu":
             label += f" ({cfg['nalmu_layers']} layers)"
+        elif kind == "almu":  # half a NALMU front, half adaptive layers (build_model)
+            front = cfg["nalmu_layers"] // 2
+            label += f" ({front} + {cfg['nalmu_layers'] - front} layers)"
         elif kind == "dnmf":
             label += f" ({cfg['dnmf_layers']} layers)"
         else:

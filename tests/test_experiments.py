@@ -68,7 +68,7 @@ def test_run_paper_writes_tables_figure_and_reloads_models(tmp_path):
         assert d["curves"][set_name]["mu"]["x"][-1] == 30
     assert d["machine"]["device"] == "cpu" and "cpu" in d["machine"]
     t1 = (tmp_path / "table1.md").read_text()
-    assert "Table I" in t1 and "MU (30 it.)" in t1 and "CD (20 it.)" in t1 and "ALMU (4 layers)" in t1
+    assert "Table I" in t1 and "MU (30 it.)" in t1 and "CD (20 it.)" in t1 and "NALMU (4 layers)" in t1 and "ALMU (2 + 2 layers)" in t1
     assert "Table II" in (tmp_path / "table2.md").read_text()
     assert (tmp_path / "fig2.png").stat().st_size > 10_000
     for kind in LEARNED:
