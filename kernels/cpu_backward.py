@@ -367,11 +367,10 @@ def _bwd_pass2_block(
                         o[jj] += a * gr[jj]
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
 def layer_backward(
     X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
     need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, nthreads,
-):
+) -> None:
     """Gradients of one learned-MU layer (the equations in the module docstring).
 
     Parameters
@@ -393,68 +392,99 @@ def layer_backward(
         batch when ``bw == 1``), ``(b, m, t)``.
     nthreads
         ``numba.config.NUMBA_NUM_THREADS``.
+
+    Notes
+    -----
+    Problem-major where the problems go round the threads (a multiple of
+    them, or at least four per thread), block-parallel otherwise: two
+    compiled functions, chosen here, so that a first call compiles only the
+    one it runs (as :func:`fastmu.kernels.cpu.mu_run`).
     """
+    b = X.shape[0]
+    run = _backward_problem_major if b % nthreads == 0 or b >= 4 * nthreads else _backward_block_parallel
+    run(X, A, S, W, P, G, gAo, gSo, eps, has_gSo, need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX,
+        nthreads)
+
+
+@nb.njit(cache=True)
+def _backward_scratch(X, n, bw, need_gW, nthreads):
+    """Per-problem ``E, A', H, X gRᵀ, gH, gP, Gs, gW`` parts and per-thread ``R, D, gR, gU`` blocks."""
+    b, m = X.shape[0], X.shape[1]
+    dt = X.dtype
+    return (np.empty((b, m, n), dt), np.empty((b, m, n), dt), np.empty((b, n, n), dt), np.zeros((b, m, n), dt),
+            np.zeros((b, n, n), dt), np.empty((b, m, n), dt), np.empty((b, n, n), dt),
+            np.empty((b if (need_gW and bw == 1) else 0, m, n), dt), np.empty((nthreads, n, TB), dt),
+            np.empty((nthreads, n, TB), dt), np.zeros((nthreads, n, TB), dt), np.empty((nthreads, n, TB), dt))
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _backward_problem_major(
+    X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
+    need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, nthreads,
+):
+    """:func:`layer_backward`, problem-major: each thread runs both passes of its own problems, so a
+    problem's X is still in L2 for pass 2 and the threads meet only once; sums keep the same
+    block order."""
     b, m, t = X.shape
     n = A.shape[2]
     dt = X.dtype
     epsd = dt.type(eps)
     nblk = (t + TB - 1) // TB
-    nchunks = b * nblk
     bw = W.shape[0]
     wstep = 0 if bw == 1 else 1
-    E = np.empty((b, m, n), dt)
-    Aq = np.empty((b, m, n), dt)
-    H = np.empty((b, n, n), dt)
-    XgR = np.zeros((b, m, n), dt)
-    gH = np.zeros((b, n, n), dt)
-    gP = np.empty((b, m, n), dt)
-    Gs = np.empty((b, n, n), dt)
-    gWb = np.empty((b if (need_gW and bw == 1) else 0, m, n), dt)
-    R = np.empty((nthreads, n, TB), dt)
-    D = np.empty((nthreads, n, TB), dt)
-    gR = np.zeros((nthreads, n, TB), dt)
-    gU = np.empty((nthreads, n, TB), dt)
+    E, Aq, H, XgR, gH, gP, Gs, gWb, R, D, gR, gU = _backward_scratch(X, n, bw, need_gW, nthreads)
+    XgRt = np.empty((nthreads, m, n), dt)
+    gHt = np.empty((nthreads, n, n), dt)
+    gstep = 1 if has_gSo else 0  # gSo is a (1, n, 1) dummy without upstream for S'
 
-    if b % nthreads == 0 or b >= 4 * nthreads:
-        # Problem-major (as in kernels/cpu.py): each thread runs both passes of
-        # its own problems, so a problem's X is still in L2 for pass 2 and the
-        # threads meet only once; sums keep the same block order.
-        XgRt = np.empty((nthreads, m, n), dt)
-        gHt = np.empty((nthreads, n, n), dt)
-        gstep = 1 if has_gSo else 0  # gSo is a (1, n, 1) dummy without upstream for S'
+    for p in prange(b):
+        fp = enter_ftz()
+        tid = nb.get_thread_id()
+        _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], Aq[p], H[p])
+        if has_gSo:
+            for blk in range(nblk):
+                j0 = blk * TB
+                _bwd_pass1_block(
+                    X[p], Aq[p], H[p], S[p], gSo[p], j0, min(TB, t - j0), epsd, need_gS,
+                    gS[p] if need_gS else gS[0], XgRt[tid], gHt[tid], R[tid], D[tid], gR[tid], gU[tid],
+                )
+                _add(XgR[p], XgRt[tid])
+                _add(gH[p], gHt[tid])
+        gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
+        _bwd_tiny(
+            A[p], W[p * wstep], P[p], G[p], E[p], Aq[p], gAo[p], has_gSo, XgR[p], gH[p],
+            need_gA, need_gW, gA[p] if need_gA else gA[0], gWp, gP[p], Gs[p],
+        )
+        if need_gS or need_gX:
+            for blk in range(nblk):
+                j0 = blk * TB
+                _bwd_pass2_block(
+                    X[p], Aq[p], H[p], S[p], gSo[p * gstep], gP[p], Gs[p], j0, min(TB, t - j0),
+                    epsd, has_gSo, need_gS, need_gX,
+                    gS[p] if need_gS else gS[0], gX[p] if need_gX else gX[0],
+                    R[tid], D[tid], gR[tid],
+                )
+        leave_ftz(fp)
+    if need_gW and bw == 1:
+        _sum_blocks(gWb, 0, b, gW[0])
 
-        for p in prange(b):
-            fp = enter_ftz()
-            tid = nb.get_thread_id()
-            _a_prime(A[p], W[p * wstep], P[p], G[p], epsd, E[p], Aq[p], H[p])
-            if has_gSo:
-                for blk in range(nblk):
-                    j0 = blk * TB
-                    _bwd_pass1_block(
-                        X[p], Aq[p], H[p], S[p], gSo[p], j0, min(TB, t - j0), epsd, need_gS,
-                        gS[p] if need_gS else gS[0], XgRt[tid], gHt[tid], R[tid], D[tid], gR[tid], gU[tid],
-                    )
-                    _add(XgR[p], XgRt[tid])
-                    _add(gH[p], gHt[tid])
-            gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
-            _bwd_tiny(
-                A[p], W[p * wstep], P[p], G[p], E[p], Aq[p], gAo[p], has_gSo, XgR[p], gH[p],
-                need_gA, need_gW, gA[p] if need_gA else gA[0], gWp, gP[p], Gs[p],
-            )
-            if need_gS or need_gX:
-                for blk in range(nblk):
-                    j0 = blk * TB
-                    _bwd_pass2_block(
-                        X[p], Aq[p], H[p], S[p], gSo[p * gstep], gP[p], Gs[p], j0, min(TB, t - j0),
-                        epsd, has_gSo, need_gS, need_gX,
-                        gS[p] if need_gS else gS[0], gX[p] if need_gX else gX[0],
-                        R[tid], D[tid], gR[tid],
-                    )
-            leave_ftz(fp)
-        if need_gW and bw == 1:
-            _sum_blocks(gWb, 0, b, gW[0])
-        return
 
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def _backward_block_parallel(
+    X, A, S, W, P, G, gAo, gSo, eps, has_gSo,
+    need_gA, need_gS, need_gW, need_gX, gA, gS, gW, gX, nthreads,
+):
+    """:func:`layer_backward`, block-parallel (few problems): the column blocks are shared out over
+    the threads."""
+    b, m, t = X.shape
+    n = A.shape[2]
+    dt = X.dtype
+    epsd = dt.type(eps)
+    nblk = (t + TB - 1) // TB
+    bw = W.shape[0]
+    wstep = 0 if bw == 1 else 1
+    E, Aq, H, XgR, gH, gP, Gs, gWb, R, D, gR, gU = _backward_scratch(X, n, bw, need_gW, nthreads)
+    nchunks = b * nblk
     # Block-parallel (few problems): the per-problem steps (m·n² work each) run
     # serially; a parallel region apiece cost more to compile (~5 s each, cold)
     # than they could save.

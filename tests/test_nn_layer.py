@@ -8,7 +8,7 @@ import torch
 from fastmu.nn import learned_mu_step
 from fastmu.nn.functional import LearnedMUStep, learned_mu_step_pg
 from fastmu.reference import mu_step_torch
-from helpers import learned_layer_inputs
+from helpers import learned_layer_inputs, record_calls
 
 
 _inputs = learned_layer_inputs
@@ -38,10 +38,7 @@ def test_gradcheck_all_inputs(per_problem, shape):
     assert torch.autograd.gradcheck(learned_mu_step, (X, A, S, W), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("per_problem", [False, True])
-def test_gradients_match_autograd_reference(per_problem):
-    """Same gradients as autograd through the pure-torch reference, for a random upstream."""
-    X, A, S, W = _inputs(3, 65, 4, 700, per_problem=per_problem, seed=3)
+def _grads_match_reference(X, A, S, W):
     g = torch.Generator().manual_seed(7)
     gA = torch.randn(A.shape, generator=g, dtype=A.dtype)
     gS = torch.randn(S.shape, generator=g, dtype=S.dtype)
@@ -53,6 +50,30 @@ def test_gradients_match_autograd_reference(per_problem):
         grads.append([v.grad for v in ins])
     for mine, ref in zip(*grads):
         torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+def test_gradients_match_autograd_reference(per_problem):
+    """Same gradients as autograd through the pure-torch reference, for a random upstream."""
+    _grads_match_reference(*_inputs(3, 65, 4, 700, per_problem=per_problem, seed=3))
+
+
+@pytest.mark.parametrize("per_problem", [False, True])
+@pytest.mark.parametrize("schedule", ["problem_major", "block_parallel"])
+def test_each_backward_schedule_matches_autograd(monkeypatch, schedule, per_problem):
+    """Both compiled schedules of the CPU backward on any thread count: the batch sized to the
+    threads (kernels.cpu_backward.layer_backward's rule), a spy checks which one ran."""
+    import numba
+
+    from fastmu.kernels import cpu_backward
+
+    nt = numba.config.NUMBA_NUM_THREADS
+    if schedule == "block_parallel" and nt < 2:
+        pytest.skip("with one thread every batch runs problem-major")
+    calls = record_calls(monkeypatch, cpu_backward, "_backward_problem_major", "_backward_block_parallel")
+    b = 2 * nt if schedule == "problem_major" else nt + 1
+    _grads_match_reference(*_inputs(b, 9, 3, 300, per_problem=per_problem, seed=5))
+    assert calls == [f"_backward_{schedule}"]
 
 
 @pytest.mark.parametrize(
