@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     X = np.asarray(X)
     if X.dtype.kind == "f":
         X = X.astype(args.dtype)
-    scale = np.ones(X.shape[:-2] + (1, 1), X.dtype) if X.dtype.kind == "f" else np.ones((1, 1))
-    if args.normalise:
+    scale: Any = 1.0
+    if args.normalise:  # MU is scale-free; divided by its mean, X meets eps at a scale of 1
         mean = X.mean(axis=(-2, -1), keepdims=True, dtype=np.float64)
         scale = np.where(mean > 0, mean, 1.0).astype(X.dtype if X.dtype.kind == "f" else np.float64)
     t0 = time.perf_counter()
