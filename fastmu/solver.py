@@ -167,7 +167,7 @@ def solve(
         X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn
     )
     engine = engine_cls(Xn, A, S, None, eps)
-    warn_if_eps_dominates(Xc, kind, A.shape[-1], eps)
+    warn_if_eps_dominates(Xc, kind, A.shape[2], eps)  # A: (b, m, n), maybe a device array
 
     bar = None
     if progress:
