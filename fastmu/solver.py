@@ -163,11 +163,12 @@ def solve(
     engine_cls = get_engine(_resolve_backend(backend, X, kind))
 
     Xn = engine_cls.adopt(_cast(Xc, kind, dtype), None)
+    means = _per_problem_means(Xc, kind)  # one pass over X, for the start and the scale check
     A, S = _initial_factors(
-        X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn
+        X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn, means
     )
     engine = engine_cls(Xn, A, S, None, eps)
-    warn_if_eps_dominates(Xc, kind, A.shape[2], eps)  # A: (b, m, n), maybe a device array
+    warn_if_eps_dominates(means, m, t, A.shape[2], eps)  # A: (b, m, n), maybe a device array
 
     bar = None
     if progress:
@@ -283,7 +284,9 @@ def _initial_factors(
     random_state: Any,
     engine_cls: type,
     Xn: Any,
+    means: np.ndarray | None = None,
 ) -> tuple[Any, Any]:
+    """Validated start, as engine-native copies; ``means``: X's per-problem means if already known."""
     b, m, t = Xc.shape
     if (A0 is None) != (S0 is None):
         raise ValueError("give both A0 and S0, or neither")
@@ -302,7 +305,8 @@ def _initial_factors(
     if n_components is None:
         raise ValueError("n_components is required when A0 and S0 are not given")
     n = check_positive_int(n_components, "n_components")
-    means = _per_problem_means(Xc, kind)
+    if means is None:
+        means = _per_problem_means(Xc, kind)
     A_h, S_h = initial_factors(means, m, t, n, init, random_state, X=_host(Xc, kind) if init == "nndsvda" else None)
     return engine_cls.adopt(A_h.astype(dtype), Xn), engine_cls.adopt(S_h.astype(dtype), Xn)
 
@@ -349,7 +353,10 @@ def _per_problem_means(Xc: Any, kind: ArrayKind) -> np.ndarray:
     if kind == "numpy":
         return Xc.mean(axis=(1, 2), dtype=np.float64)
     if kind == "torch":
-        return Xc.double().mean(dim=(1, 2)).cpu().numpy()
+        import torch
+
+        # accumulated in float64 without a float64 copy of X
+        return Xc.detach().mean(dim=(1, 2), dtype=torch.float64).cpu().numpy()
     return Xc.mean(axis=(1, 2), dtype="float64").get()
 
 

@@ -135,25 +135,9 @@ class ScaleWarning(RuntimeWarning):
     """X's values are so small that ``eps`` pulls the MU factors towards 0 (:func:`warn_if_eps_dominates`)."""
 
 
-def _host_float64(x: Any, kind: ArrayKind) -> np.ndarray:
-    if kind == "torch":
-        return x.detach().double().cpu().numpy()
-    if kind == "cupy":
-        return x.get().astype(np.float64)
-    return np.asarray(x, np.float64)
-
-
-def problem_means(X: Any, kind: ArrayKind) -> np.ndarray:
-    """Each problem's mean of a ``(b, m, t)`` X, as float64 on the host."""
-    if kind == "torch":
-        import torch
-
-        return X.detach().mean(dim=(1, 2), dtype=torch.float64).cpu().numpy()
-    return _host_float64(_module(kind).mean(X, axis=(1, 2), dtype="float64"), kind)
-
-
-def warn_if_eps_dominates(X: Any, kind: ArrayKind, n: int, eps: float) -> None:
-    """Warn where X's scale is so small that ``eps`` is a sizeable share of the MU denominators.
+def warn_if_eps_dominates(means: np.ndarray, m: int, t: int, n: int, eps: float) -> None:
+    """Warn where X's scale (``means``: each ``(m, t)`` problem's mean) is so small that ``eps``
+    is a sizeable share of the MU denominators of rank ``n``.
 
     At a balanced start (every entry of A and S near ``sqrt(mean(X)/n)``),
     ``A'SS'ᵀ`` and ``A'ᵀA'S`` are about ``min(m, t)·mean(X)^1.5/√n``; where
@@ -162,8 +146,7 @@ def warn_if_eps_dominates(X: Any, kind: ArrayKind, n: int, eps: float) -> None:
     smaller) drives them to 0. MU itself is scale-free, so dividing X by a
     constant cures it.
     """
-    b, m, t = X.shape
-    means = problem_means(X, kind)
+    b = means.shape[0]
     with np.errstate(divide="ignore"):
         share = eps / (min(m, t) * means**1.5 / np.sqrt(n))
     bad = np.flatnonzero((means > 0) & (share > EPS_SHARE_WARN))
