@@ -131,7 +131,18 @@ class ExperimentConfig:
 
 
 def iteration_checkpoints(n_iter: int, per_decade: int = 8) -> list[int]:
-    """Log-spaced iteration counts ``1 … n_iter`` (inclusive, unique, increasing)."""
+    """Log-spaced iteration counts ``1 … n_iter`` (inclusive, unique, increasing).
+
+    Parameters
+    ----------
+    n_iter : int
+        At least 1; always the last count.
+    per_decade : int, default 8
+
+    Returns
+    -------
+    list of int
+    """
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
     k = np.unique(np.round(np.logspace(0, np.log10(n_iter), per_decade * max(1, int(np.ceil(np.log10(n_iter)))) + 1)))
@@ -240,6 +251,17 @@ def new_model(kind: str, cfg: ExperimentConfig, train_set: Any) -> torch.nn.Modu
     renormalised): the reference spectra their layers are initialised from.
     The parameters are drawn on the CPU (seeded with ``cfg.seed``) and then
     moved, so a seed gives the same initial model on every device.
+
+    Parameters
+    ----------
+    kind : {"nalmu", "almu", "dnmf", "snmf_net"}
+    cfg : ExperimentConfig
+    train_set : MixtureSet
+        Gives m and n (and, for DNMF and SNMF-Net, the mean spectra).
+
+    Returns
+    -------
+    torch.nn.Module
     """
     from fastmu.training import build_model
 
@@ -263,8 +285,23 @@ def new_model(kind: str, cfg: ExperimentConfig, train_set: Any) -> torch.nn.Modu
 def fit_model(kind: str, model: torch.nn.Module, cfg: ExperimentConfig, train_set: Any, **kwargs: Any):
     """Train ``model`` as ``cfg`` says (ALMU: two stages, the MLPs at a tenth of the rate).
 
-    ``kwargs`` go to :func:`fastmu.training.train` (``val_set``, ``progress``,
-    ``on_epoch``). Seeds torch with ``cfg.seed`` first. Returns the History.
+    Seeds torch with ``cfg.seed`` first.
+
+    Parameters
+    ----------
+    kind : {"nalmu", "almu", "dnmf", "snmf_net"}
+    model : torch.nn.Module
+        As :func:`new_model` makes it; trained in place.
+    cfg : ExperimentConfig
+        Epochs, batch size, learning rate and seed.
+    train_set : MixtureSet
+    **kwargs
+        Passed to :func:`fastmu.training.train` (``val_set``, ``progress``,
+        ``on_epoch``).
+
+    Returns
+    -------
+    fastmu.training.History
     """
     from fastmu.training import train, train_almu
 
@@ -323,7 +360,19 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def make_sets(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The paper's three sets for ``cfg`` (:func:`fastmu.data.paper_sets`), described, not materialised."""
+    """The paper's three sets for ``cfg`` (:func:`fastmu.data.paper_sets`), described, not materialised.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        Its preset, seed, SNR, sizes and ``train_spectra`` (``"real"`` reads
+        the Chandra matrices from the reference-data folder).
+
+    Returns
+    -------
+    dict of str to MixtureSet
+        ``"train"``, ``"test_simple"``, ``"test_realistic"``.
+    """
     from fastmu.data import load_spectra, paper_sets, shared_data_dir
 
     train_spectra = None
@@ -429,7 +478,18 @@ def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None
 
 
 def format_table(res: PaperResults | dict[str, Any], set_name: str) -> str:
-    """A Markdown table of one test set: mean ± std over its problems, and the time."""
+    """A Markdown table of one test set: mean ± std over its problems, and the time.
+
+    Parameters
+    ----------
+    res : PaperResults or dict
+        A run's results, or their ``results.json``.
+    set_name : {"test_simple", "test_realistic"}
+
+    Returns
+    -------
+    str
+    """
     d = res.as_dict() if isinstance(res, PaperResults) else res
     if set_name not in d["scores"]:
         raise ValueError(f"no scores for {set_name!r}; have {sorted(d['scores'])}")
@@ -471,7 +531,19 @@ def format_table(res: PaperResults | dict[str, Any], set_name: str) -> str:
 
 
 def plot_figure2(res: PaperResults | dict[str, Any], path: str | Path) -> Path:
-    """Fig. 2: mean cosine of A and S along iterations (MU, CD) and layers (learned), both test sets."""
+    """Fig. 2: mean cosine of A and S along iterations (MU, CD) and layers (learned), both test sets.
+
+    Parameters
+    ----------
+    res : PaperResults or dict
+        A run's results, or their ``results.json``.
+    path : str or Path
+        The image file (its suffix picks the format).
+
+    Returns
+    -------
+    Path
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -36,7 +36,19 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def layer_weights(n_layers: int, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """The paper's linear layer weights ``v_l = (l − 1)/(L − 1)``, ``l = 1..L`` (``[1.]`` when L = 1)."""
+    """The paper's linear layer weights ``v_l = (l − 1)/(L − 1)``, ``l = 1..L`` (``[1.]`` when L = 1).
+
+    Parameters
+    ----------
+    n_layers : int
+        L, at least 1.
+    dtype : torch.dtype, default torch.float64
+    device : torch.device or str, optional
+
+    Returns
+    -------
+    Tensor, shape (L,)
+    """
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
     if n_layers == 1:

@@ -17,6 +17,20 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+__all__ = [
+    "Scores",
+    "apply_permutation",
+    "component_cosines",
+    "cosine_matrix",
+    "evaluate",
+    "match_components",
+    "mean_cosine",
+    "nmse",
+    "nmse_db",
+    "rmse",
+    "spectral_angle_deg",
+]
+
 
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
@@ -26,15 +40,43 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _component_axis(axis: int, ndim: int) -> int:
+    """``axis`` as -2 (columns of A) or -1 (rows of S); anything else is refused."""
+    if ndim < 2:
+        raise ValueError(f"factors must have at least 2 dimensions, got {ndim}")
+    if axis in (-2, ndim - 2):
+        return -2
+    if axis in (-1, ndim - 1):
+        return -1
+    raise ValueError(f"axis must be -2 (columns of A) or -1 (rows of S), got {axis}")
+
+
+def _same_shape(est: np.ndarray, true: np.ndarray) -> None:
+    if est.shape != true.shape:
+        raise ValueError(f"estimate has shape {est.shape} but the truth has shape {true.shape}")
+
+
 def cosine_matrix(X: Any, Y: Any, axis: int) -> np.ndarray:
     """Cosines between every component of X and every component of Y.
 
-    ``axis`` is the axis that runs *along* a component (-2 for columns of A,
-    -1 for rows of S). Returns ``(…, n_x, n_y)``. Zero components have cosine 0.
+    Parameters
+    ----------
+    X, Y : array_like, shape (…, m, n_x) and (…, m, n_y) for ``axis=-2``, or (…, n_x, t) and (…, n_y, t) for ``axis=-1``
+        NumPy, torch or CuPy arrays; batch axes broadcast.
+    axis : {-2, -1}
+        The axis that runs *along* a component: -2 for columns of A, -1 for
+        rows of S.
+
+    Returns
+    -------
+    ndarray, shape (…, n_x, n_y), float64
+        Zero components have cosine 0.
     """
     X, Y = _np(X), _np(Y)
-    if axis in (-2, X.ndim - 2):
+    if _component_axis(axis, X.ndim) == -2:
         X, Y = np.swapaxes(X, -1, -2), np.swapaxes(Y, -1, -2)
+    if X.shape[-1] != Y.shape[-1]:
+        raise ValueError(f"components of X have length {X.shape[-1]} but those of Y have length {Y.shape[-1]}")
     nx = np.linalg.norm(X, axis=-1, keepdims=True)
     ny = np.linalg.norm(Y, axis=-1, keepdims=True)
     Xn = np.divide(X, nx, out=np.zeros_like(X), where=nx > 0)
@@ -48,9 +90,20 @@ def match_components(
     """Hungarian matching of estimated to true components.
 
     Maximises the sum of cosines of the columns of A (plus those of the rows
-    of S when both S are given). Returns ``perm`` with shape ``(…, n)`` such
-    that estimated component ``perm[k]`` is matched to true component ``k``:
-    ``A_est[..., :, perm]`` is in the true order.
+    of S when both S are given).
+
+    Parameters
+    ----------
+    A_est, A_true : array_like, shape (…, m, n_est) and (…, m, n)
+        ``n_est >= n``: extra estimated components are left unmatched.
+    S_est, S_true : array_like, shape (…, n_est, t) and (…, n, t), optional
+        Used only when both are given.
+
+    Returns
+    -------
+    perm : ndarray of intp, shape (…, n)
+        Estimated component ``perm[k]`` is matched to true component ``k``:
+        ``A_est[..., :, perm]`` is in the true order.
     """
     C = cosine_matrix(A_true, A_est, axis=-2)
     if S_est is not None and S_true is not None:
@@ -65,7 +118,20 @@ def match_components(
 
 
 def apply_permutation(A: Any, S: Any, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder the components of ``A`` (columns) and ``S`` (rows) by ``perm``."""
+    """Reorder the components of ``A`` (columns) and ``S`` (rows) by ``perm``.
+
+    Parameters
+    ----------
+    A : array_like, shape (…, m, n)
+    S : array_like, shape (…, n, t)
+    perm : ndarray of int, shape (…, n)
+        As returned by :func:`match_components`.
+
+    Returns
+    -------
+    A_perm, S_perm : ndarray, float64
+        ``A[..., :, perm]`` and ``S[..., perm, :]``, per problem.
+    """
     A, S = _np(A), _np(S)
     Ap = np.take_along_axis(A, np.broadcast_to(perm[..., None, :], A.shape[:-1] + perm.shape[-1:]), axis=-1)
     Sp = np.take_along_axis(S, np.broadcast_to(perm[..., :, None], perm.shape + S.shape[-1:]), axis=-2)
@@ -73,7 +139,21 @@ def apply_permutation(A: Any, S: Any, perm: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def component_cosines(est: Any, true: Any, axis: int) -> np.ndarray:
-    """Cosine of each estimated component with the true one in the same position: ``(…, n)``."""
+    """Cosine of each estimated component with the true one in the same position.
+
+    Parameters
+    ----------
+    est, true : array_like, same shape
+        Mixing matrices ``(…, m, n)`` with ``axis=-2``, sources ``(…, n, t)``
+        with ``axis=-1``.
+    axis : {-2, -1}
+        The axis that runs along a component.
+
+    Returns
+    -------
+    ndarray, shape (…, n), float64
+    """
+    _same_shape(_np(est), _np(true))
     C = cosine_matrix(est, true, axis=axis)
     return np.diagonal(C, axis1=-2, axis2=-1)
 
@@ -81,41 +161,121 @@ def component_cosines(est: Any, true: Any, axis: int) -> np.ndarray:
 def mean_cosine(est: Any, true: Any, axis: int = -2) -> np.ndarray:
     """The paper's "SAD" score: mean cosine similarity of same-position components (1 is perfect).
 
-    ``axis=-2`` for mixing matrices (columns), ``axis=-1`` for sources (rows).
     Match first (:func:`match_components`) when the order is not known.
+
+    Parameters
+    ----------
+    est, true : array_like, same shape
+        Mixing matrices ``(…, m, n)`` or sources ``(…, n, t)``.
+    axis : {-2, -1}, default -2
+        -2 for mixing matrices (components are columns), -1 for sources (rows).
+
+    Returns
+    -------
+    ndarray, shape (…), float64
+        One score per problem (a 0-d array for one problem).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastmu.metrics import mean_cosine
+    >>> A = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> float(mean_cosine(A, np.array([[1.0, 0.0], [0.0, 2.0]])))
+    1.0
+    >>> float(mean_cosine(A, np.array([[1.0, 1.0], [0.0, 1.0]])).round(4))
+    0.8536
     """
     return component_cosines(est, true, axis).mean(axis=-1)
 
 
 def spectral_angle_deg(est: Any, true: Any, axis: int = -2) -> np.ndarray:
-    """Mean spectral angle in degrees between same-position components (0 is perfect)."""
+    """Mean spectral angle in degrees between same-position components (0 is perfect).
+
+    Parameters
+    ----------
+    est, true : array_like, same shape
+    axis : {-2, -1}, default -2
+        As in :func:`mean_cosine`.
+
+    Returns
+    -------
+    ndarray, shape (…), float64
+    """
     c = np.clip(component_cosines(est, true, axis), -1.0, 1.0)
     return np.degrees(np.arccos(c)).mean(axis=-1)
 
 
 def rmse(est: Any, true: Any) -> np.ndarray:
-    """Root-mean-square error over the last two axes."""
-    d = _np(est) - _np(true)
+    """Root-mean-square error over the last two axes.
+
+    Parameters
+    ----------
+    est, true : array_like, same shape (…, p, q)
+
+    Returns
+    -------
+    ndarray, shape (…), float64
+    """
+    est, true = _np(est), _np(true)
+    _same_shape(est, true)
+    d = est - true
     return np.sqrt(np.mean(d * d, axis=(-2, -1)))
 
 
 def nmse(est: Any, true: Any) -> np.ndarray:
-    """Normalised squared error ``‖est − true‖² / ‖true‖²`` over the last two axes."""
+    """Normalised squared error ``‖est − true‖² / ‖true‖²`` over the last two axes.
+
+    Parameters
+    ----------
+    est, true : array_like, same shape (…, p, q)
+
+    Returns
+    -------
+    ndarray, shape (…), float64
+        ``inf`` where ``true`` is all zeros.
+    """
     e, t = _np(est), _np(true)
+    _same_shape(e, t)
     num = np.sum((e - t) ** 2, axis=(-2, -1))
     den = np.sum(t * t, axis=(-2, -1))
     return np.divide(num, den, out=np.full_like(num, np.inf), where=den > 0)
 
 
 def nmse_db(est: Any, true: Any) -> np.ndarray:
-    """:func:`nmse` in decibels (lower is better)."""
+    """:func:`nmse` in decibels (lower is better).
+
+    Parameters
+    ----------
+    est, true : array_like, same shape (…, p, q)
+
+    Returns
+    -------
+    ndarray, shape (…), float64
+        ``-inf`` for an exact estimate.
+    """
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(nmse(est, true))
 
 
 @dataclass
 class Scores:
-    """Per-problem separation scores after matching (arrays of shape (b,), or scalars)."""
+    """Per-problem separation scores after matching, as returned by :func:`evaluate`.
+
+    Each score is an array of shape ``(b,)`` for a batch, 0-d for one problem.
+
+    Attributes
+    ----------
+    cos_A, cos_S : ndarray
+        Mean cosine of matched components (the paper's "SAD"; 1 is perfect).
+    angle_A_deg, angle_S_deg : ndarray
+        Mean spectral angle in degrees (0 is perfect).
+    rmse_A, rmse_S : ndarray
+        Root-mean-square error after the scale of each component is fixed.
+    nmse_A_db, nmse_S_db : ndarray
+        Normalised squared error in dB, after the same scaling.
+    perm : ndarray of intp, shape (…, n)
+        The matching used: estimated component ``perm[k]`` is true component ``k``.
+    """
 
     cos_A: np.ndarray
     cos_S: np.ndarray
@@ -135,12 +295,35 @@ class Scores:
 def evaluate(A_est: Any, S_est: Any, A_true: Any, S_true: Any, match: bool = True) -> Scores:
     """Score estimated factors against the truth.
 
-    With ``match`` the components are first put in the true order by
-    :func:`match_components` (for solvers whose output order is arbitrary);
-    without it the order is taken as given (the learned models output the
-    components in training order). Sources are compared after scaling each
-    estimated row by the norm ratio of its matched column of A, so that the
-    scale ambiguity ``A D, D⁻¹ S`` does not count as error in RMSE/NMSE.
+    Sources are compared after scaling each estimated row by the norm ratio
+    of its matched column of A, so that the scale ambiguity ``A D, D⁻¹ S``
+    does not count as error in RMSE/NMSE.
+
+    Parameters
+    ----------
+    A_est, A_true : array_like, shape (m, n) or (b, m, n)
+    S_est, S_true : array_like, shape (n, t) or (b, n, t)
+        NumPy, torch or CuPy arrays; scores are computed in float64.
+    match : bool, default True
+        Put the components in the true order first (:func:`match_components`),
+        for solvers whose output order is arbitrary. ``False`` takes the order
+        as given (the learned models output the components in training order).
+
+    Returns
+    -------
+    Scores
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastmu.metrics import evaluate
+    >>> rng = np.random.default_rng(0)
+    >>> A, S = rng.random((20, 3)), rng.random((3, 50))
+    >>> s = evaluate(2 * A[:, ::-1], S[::-1] / 2, A, S)   # permuted and rescaled: still perfect
+    >>> round(float(s.cos_A), 6), round(float(s.cos_S), 6), s.perm.tolist()
+    (1.0, 1.0, [2, 1, 0])
+    >>> float(s.rmse_S) < 1e-12
+    True
     """
     A_est, S_est, A_true, S_true = _np(A_est), _np(S_est), _np(A_true), _np(S_true)
     if A_est.shape != A_true.shape or S_est.shape != S_true.shape:

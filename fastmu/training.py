@@ -91,7 +91,22 @@ def build_model(kind: str, **kwargs: Any) -> nn.Module:
 
 
 def model_kind(model: nn.Module) -> str:
-    """The kind of a model made by :func:`build_model` or :func:`load_model`."""
+    """The kind of a model made by :func:`build_model` or :func:`load_model`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    str
+        ``"nalmu"``, ``"almu"``, ``"dnmf"`` or ``"snmf_net"``.
+
+    Raises
+    ------
+    ValueError
+        The model was built some other way.
+    """
     build = getattr(model, "_fastmu_build", None)
     if build is None:
         raise ValueError("this model was not made by fastmu.training.build_model; build it with build_model(kind, ...)")
@@ -119,7 +134,20 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     """Write ``model`` (made by :func:`build_model`) to ``path`` with its build arguments.
 
     ``extra`` (plain values: numbers, strings, lists, dicts) is stored beside
-    it, e.g. the training history. Returns the path.
+    it, e.g. the training history.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Made by :func:`build_model` (or loaded by :func:`load_model`).
+    path : str or Path
+        Parent folders are created.
+    **extra
+        Plain values stored beside the weights.
+
+    Returns
+    -------
+    Path
     """
     kind = model_kind(model)
     path = Path(path)
@@ -167,7 +195,22 @@ def _model_param(model: nn.Module) -> torch.Tensor:
 
 @dataclass
 class EpochLog:
-    """One epoch: mean training loss, validation scores (training order), seconds."""
+    """One epoch: mean training loss, validation scores (training order), seconds.
+
+    Attributes
+    ----------
+    stage : str
+        The ``stage`` given to :func:`train` (``"train"`` by default; ``"almu front"``
+        and ``"almu mlps"`` for ALMU's two stages).
+    epoch : int
+        From 1, counted within the stage.
+    train_loss : float
+        Mean of the batches' losses.
+    val_cos_A, val_cos_S : float or None
+        Mean cosines on the validation set, in training order; None without one.
+    seconds : float
+        Wall time of the epoch, validation included.
+    """
 
     stage: str
     epoch: int
@@ -179,7 +222,12 @@ class EpochLog:
 
 @dataclass
 class History:
-    """Every epoch of a training run."""
+    """Every epoch of a training run.
+
+    Attributes
+    ----------
+    epochs : list of EpochLog
+    """
 
     epochs: list[EpochLog] = field(default_factory=list)
 
@@ -214,6 +262,17 @@ def predict(model: nn.Module, data: Any, *, batch_size: int = 25, return_all: bo
             ) -> tuple[list[Any], np.ndarray, np.ndarray]:
     """Run ``model`` over a whole :class:`~fastmu.data.MixtureSet`.
 
+    Negative entries of X (noise) are clipped to 0 first, as in training.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Run in eval mode, on its parameters' device and dtype.
+    data : MixtureSet
+    batch_size : int, default 25
+    return_all : bool, default False
+        Keep every layer's factors, not only the last layer's.
+
     Returns
     -------
     (outputs, A_true, S_true)
@@ -236,7 +295,19 @@ def predict(model: nn.Module, data: Any, *, batch_size: int = 25, return_all: bo
 
 @torch.no_grad()
 def validate(model: nn.Module, data: Any, *, batch_size: int = 25) -> tuple[float, float]:
-    """Mean cosine of A's columns and S's rows with the truth, in training order (no matching)."""
+    """Mean cosine of A's columns and S's rows with the truth, in training order (no matching).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    data : MixtureSet
+    batch_size : int, default 25
+
+    Returns
+    -------
+    cos_A, cos_S : float
+        Means over the set's problems.
+    """
     p = _model_param(model)
     cA = cS = 0.0
     was_training = model.training

@@ -71,3 +71,32 @@ def test_zero_component_has_cosine_zero():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ"):
         metrics.evaluate(np.ones((3, 2)), np.ones((2, 5)), np.ones((3, 3)), np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("fn", [metrics.mean_cosine, metrics.spectral_angle_deg, metrics.rmse, metrics.nmse,
+                                metrics.nmse_db])
+def test_score_of_a_differently_shaped_estimate_is_an_error(fn):
+    # broadcasting (4, 1) against (4, 3) would otherwise score one column against three
+    with pytest.raises(ValueError, match=r"shape \(4, 1\) but the truth has shape \(4, 3\)"):
+        fn(np.ones((4, 1)), np.ones((4, 3)))
+
+
+@pytest.mark.parametrize("axis", [0, 3, -3])
+def test_axis_other_than_a_component_axis_is_an_error(axis):
+    A = np.ones((2, 4, 3))
+    with pytest.raises(ValueError, match="axis must be -2"):
+        metrics.mean_cosine(A, A, axis=axis)
+
+
+def test_axis_may_be_given_as_a_positive_index():
+    rng = np.random.default_rng(1)
+    A, B = rng.random((2, 5, 3)), rng.random((2, 5, 3))
+    np.testing.assert_array_equal(metrics.mean_cosine(A, B, axis=1), metrics.mean_cosine(A, B, axis=-2))
+    np.testing.assert_array_equal(metrics.mean_cosine(A, B, axis=2), metrics.mean_cosine(A, B, axis=-1))
+
+
+def test_matching_leaves_extra_estimated_components_unmatched():
+    rng = np.random.default_rng(2)
+    A = rng.random((10, 3))
+    extra = np.concatenate([A[:, [2, 0, 1]], rng.random((10, 2))], axis=1)
+    assert metrics.match_components(extra, A).tolist() == [1, 2, 0]

@@ -185,7 +185,7 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     at which all have. ``on_iter(done)``, called after every ``every``
     iterations, returning True stops too. Returns the number of iterations run.
 
-    On CPU tensors in natural order with S updated (``fastmu.cd``,
+    On CPU tensors in natural order with S updated (:func:`cd`,
     ``NMF(solver="cd")``'s fit without shuffling), the iterations run in the
     fused Numba kernel (:mod:`fastmu.kernels.cpu_cd`, one pass over X per
     iteration); otherwise as torch operations, on any device.

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "W1/W2 on CUDA")
     p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the workload's)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="runs per peer (mu: the fastest counts; nalmu: the median, default there 5)")
+                   help="runs per peer (mu: the fastest counts; nalmu: steps per variant, the median counts)")
     p.add_argument("--quick", action="store_true", help="100 iterations, 1 repeat: a smoke run")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: fastmu-bench-<suite>-<device>.json)")
     p.set_defaults(func=run)

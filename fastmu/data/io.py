@@ -78,6 +78,16 @@ def validate_spectra(A, n_components: int = 4) -> np.ndarray:
     A single matrix ``(m, n_components)`` is promoted to ``(1, m, n_components)``.
     Columns are rescaled to unit L2 norm.
 
+    Parameters
+    ----------
+    A : array_like, shape (n, m, n_components) or (m, n_components)
+        Non-negative, finite, no all-zero column, at least ``n_components`` channels.
+    n_components : int, default 4
+
+    Returns
+    -------
+    ndarray, shape (n, m, n_components), float64
+
     Raises
     ------
     TypeError
@@ -108,6 +118,16 @@ def validate_maps(S, n_components: int = 4) -> np.ndarray:
 
     One set ``(n_components, h, w)`` is promoted to ``(1, n_components, h, w)``.
 
+    Parameters
+    ----------
+    S : array_like, shape (n_sets, n_components, h, w) or (n_components, h, w)
+        Non-negative and finite, at least 2 × 2 pixels.
+    n_components : int, default 4
+
+    Returns
+    -------
+    ndarray, shape (n_sets, n_components, h, w), float64
+
     Raises
     ------
     TypeError
@@ -131,7 +151,17 @@ def validate_maps(S, n_components: int = 4) -> np.ndarray:
 
 
 def normalise_maps(S: np.ndarray, how: str = "max") -> np.ndarray:
-    """Scale each map to ``max`` 1 (default) or unit ``sum``; all-zero maps stay zero."""
+    """Scale each map to ``max`` 1 (default) or unit ``sum``; all-zero maps stay zero.
+
+    Parameters
+    ----------
+    S : array_like, shape (..., h, w)
+    how : {"max", "sum"}, default "max"
+
+    Returns
+    -------
+    ndarray, shape (..., h, w), float64
+    """
     S = np.asarray(S, dtype=np.float64)
     if how == "max":
         d = S.max(axis=(-2, -1), keepdims=True)
@@ -143,7 +173,19 @@ def normalise_maps(S: np.ndarray, how: str = "max") -> np.ndarray:
 
 
 def resample_maps(S: np.ndarray, size) -> np.ndarray:
-    """Resize maps ``(..., h, w)`` to ``size`` with anti-aliasing (scikit-image)."""
+    """Resize maps with anti-aliasing (scikit-image), clipped at 0.
+
+    Parameters
+    ----------
+    S : array_like, shape (..., h, w)
+    size : int or (int, int)
+        The new ``(h, w)``; an int for a square.
+
+    Returns
+    -------
+    ndarray, shape (..., size_h, size_w), float64
+        A copy when the size is already right.
+    """
     from fastmu.data.sources import _check_size
 
     h, w = _check_size(size)
@@ -167,6 +209,8 @@ def load_spectra(path, *, key: str | None = None, n_components: int = 4) -> np.n
         ``.npz`` (key ``A`` unless ``key`` is given) or ``.npy``.
     key : str, optional
         Array name inside a ``.npz``.
+    n_components : int, default 4
+        Components (last axis) the file must hold.
 
     Returns
     -------
@@ -184,10 +228,14 @@ def load_maps(path, *, key: str | None = None, size=None, normalise: str | None 
     path : str or Path
         ``.npz`` (key ``S`` unless ``key`` is given) or ``.npy``; shape
         ``(n_components, h, w)`` or ``(n, n_components, h, w)``.
+    key : str, optional
+        Array name inside a ``.npz``.
     size : int or (int, int), optional
         Working size; maps are resized with anti-aliasing.
     normalise : {"max", "sum", None}
         Per-map scaling after resampling (fastmu's convention: max 1).
+    n_components : int, default 4
+        Components (axis 1, or 0 for one set) the file must hold.
 
     Returns
     -------

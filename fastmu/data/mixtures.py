@@ -116,7 +116,19 @@ def mix(A, S, snr_db: float | None = 60.0, *, seeds: Sequence[int] | int | None 
 
 
 def measured_snr_db(X, A, S) -> np.ndarray:
-    """SNR in dB of mixtures: ``20 log10(||A S|| / ||X - A S||)`` per sample."""
+    """SNR in dB of mixtures: ``20 log10(||A S|| / ||X - A S||)`` per sample.
+
+    Parameters
+    ----------
+    X : array_like or Tensor, shape (b, m, t)
+    A : array_like or Tensor, shape (b, m, n)
+    S : array_like or Tensor, shape (b, n, t) or (b, n, h, w)
+
+    Returns
+    -------
+    ndarray, shape (b,), float64
+        ``inf`` for a noiseless mixture.
+    """
     import torch
 
     X, A, S = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in (X, A, S))
@@ -137,6 +149,9 @@ class MixtureSet:
     maps : ndarray (n_maps, 4, h, w) or callable
         Map pool, or ``maps(j) -> (4, h, w)`` producing map set j on demand
         (memoised; ``n_maps`` must then be given).
+    n_maps : int, optional
+        How many map sets a ``maps`` function can make (``map_index`` must be
+        below it); taken from the pool otherwise.
     snr_db : float or None
         Target SNR.
     seeds : ndarray of int, shape (n,)
@@ -195,7 +210,22 @@ class MixtureSet:
         return self._cache[j]
 
     def batch(self, idx, *, device="cpu", dtype=None):
-        """Mixtures for sample indices ``idx``: ``X (b, m, t), A (b, m, 4), S (b, 4, t)``."""
+        """Mixtures for some samples of the set.
+
+        Parameters
+        ----------
+        idx : int or sequence of int
+            Sample indices (negative ones count from the end).
+        device : str or torch.device, default "cpu"
+        dtype : torch.dtype, optional
+            Default: torch's default dtype.
+
+        Returns
+        -------
+        X : Tensor, shape (b, m, t)
+        A : Tensor, shape (b, m, 4)
+        S : Tensor, shape (b, 4, t)
+        """
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range for a set of {len(self)}")
@@ -206,7 +236,22 @@ class MixtureSet:
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int | None = None,
                 device="cpu", dtype=None) -> Iterator[tuple]:
-        """Iterate over the set in batches (the last one may be smaller)."""
+        """Iterate over the set in batches (the last one may be smaller).
+
+        Parameters
+        ----------
+        batch_size : int
+        shuffle : bool, default False
+            Visit the samples in a random order drawn from ``seed``.
+        seed : int, optional
+        device, dtype
+            As in :meth:`batch`.
+
+        Yields
+        ------
+        (X, A, S) : tuple of Tensor
+            As :meth:`batch` returns.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))

@@ -125,6 +125,19 @@ def dead_leaves(n: int, size=128, *, seed: int | None = None, r_min: float = 2.0
     Radii follow the scale-invariant law ``p(r) ~ r^-alpha`` on
     ``[r_min, r_max]``; discs are stacked until the image is covered.
 
+    Parameters
+    ----------
+    n : int
+        Number of images.
+    size : int or (int, int), default 128
+    seed : int, optional
+    r_min : float, default 2.0
+        Smallest radius, in pixels.
+    r_max : float, optional
+        Largest radius; default a third of the larger side.
+    alpha : float, default 3.0
+        Exponent of the radius law.
+
     Returns
     -------
     ndarray, shape (n, h, w), float64, max 1.
@@ -172,6 +185,19 @@ def power_law_field(n: int, size=128, *, seed: int | None = None,
     ``beta`` is drawn per map in the given range (natural scenes: ~2).  The
     field is exponentiated (a log-normal field, like the intensity of clouds
     and textures), then scaled to max 1.
+
+    Parameters
+    ----------
+    n : int
+        Number of maps.
+    size : int or (int, int), default 128
+    seed : int, optional
+    beta : (float, float), default (1.6, 2.4)
+        Range of the spectral exponent.
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), float64, max 1.
     """
     h, w = _check_size(size)
     rng = np.random.default_rng(seed)

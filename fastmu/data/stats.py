@@ -16,10 +16,21 @@ __all__ = ["angles_deg", "fwhm_channels", "stats", "format_stats"]
 
 
 def angles_deg(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Angle in degrees between vectors along the last axis (broadcasting)."""
+    """Angle in degrees between vectors along the last axis (broadcasting).
+
+    Parameters
+    ----------
+    u, v : array_like, shapes broadcastable to (..., m)
+
+    Returns
+    -------
+    ndarray, shape (...), float64
+        NaN where either vector is zero (no angle is defined).
+    """
     u = np.asarray(u, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):  # zero vectors: NaN, as documented
+        cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
@@ -88,7 +99,18 @@ def stats(A: np.ndarray) -> dict[str, float]:
 
 
 def format_stats(columns: dict[str, dict[str, float]]) -> str:
-    """Plain-text table: one row per statistic, one column per named set."""
+    """Plain-text table: one row per statistic, one column per named set.
+
+    Parameters
+    ----------
+    columns : dict of str to dict of str to float
+        ``{set name: stats(A)}``; the first set's keys give the rows, and a
+        statistic another set lacks prints as ``nan``.
+
+    Returns
+    -------
+    str
+    """
     names = list(columns)
     keys = list(next(iter(columns.values())))
     w0 = max(len(k) for k in keys)

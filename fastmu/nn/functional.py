@@ -60,6 +60,16 @@ def check_layer_inputs(
 ) -> None:
     """Validate the inputs of one learned-MU layer.
 
+    Parameters
+    ----------
+    X : Tensor (b, m, t)
+    A : Tensor (b, m, n)
+    S : Tensor (b, n, t)
+    W : Tensor (m, n) or (b, m, n)
+    check_w_values : bool, default True
+        Also check that W is finite and non-negative (reads W's values: on a
+        GPU, a synchronisation).
+
     Raises
     ------
     TypeError
@@ -510,6 +520,22 @@ def learned_mu_step_pg(
     contiguous, valid (see :func:`check_layer_inputs`) and W non-negative; the
     models guarantee that by construction, so the per-layer checks (which
     synchronise a GPU) are skipped.
+
+    Parameters
+    ----------
+    X, A, S, W : Tensor
+        As in :func:`learned_mu_step`.
+    eps : float, default :data:`fastmu.EPS`
+    pg : (Tensor (b, m, n), Tensor (b, n, n)), optional
+        ``(X Sᵀ, S Sᵀ)`` of this S, from the previous layer.
+    want_pg : bool, default True
+        Accumulate ``(X S'ᵀ, S' S'ᵀ)`` for the next layer during the S update.
+
+    Returns
+    -------
+    A_new, S_new : Tensor
+    pg_new : (Tensor, Tensor) or None
+        None unless ``want_pg``.
     """
     P, G = (None, None) if pg is None else pg
     A_out, S_out, P_out, G_out = LearnedMUStep.apply(X, A, S, W, float(eps), P, G, bool(want_pg))
@@ -518,6 +544,16 @@ def learned_mu_step_pg(
 
 def check_unroll_weights(Ws: Any, X: torch.Tensor, n: int, *, check_values: bool = True) -> None:
     """Validate the stacked layer weights of :func:`learned_mu_unroll`.
+
+    Parameters
+    ----------
+    Ws : Tensor (L, m, n) or (L, b, m, n)
+    X : Tensor (b, m, t)
+        The layers' input (gives b, m, dtype and device).
+    n : int
+        Rank.
+    check_values : bool, default True
+        Also check that Ws is finite and non-negative (on a GPU, a synchronisation).
 
     Raises
     ------
