@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmu.nn import learned_mu_step
+from fastmu.nn import learned_mu_step, learned_mu_unroll
 from fastmu.nn.functional import LearnedMUStep, learned_mu_step_pg
 from fastmu.reference import mu_step_torch
 from helpers import learned_layer_inputs, record_calls
@@ -192,6 +192,30 @@ def test_negative_or_nan_w():
     W[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         learned_mu_step(X, A, S, W)
+
+
+@pytest.mark.parametrize("which", ["X", "A", "S"])
+def test_negative_or_nan_data_or_factors(which):
+    X, A, S, W = _inputs(2, 6, 3, 20)
+    args = dict(X=X.clone(), A=A.clone(), S=S.clone())
+    args[which][1, 2, 0] = -0.25
+    with pytest.raises(ValueError, match=f"{which} must be non-negative.*-0.25"):
+        learned_mu_step(args["X"], args["A"], args["S"], W)
+    args[which][1, 2, 0] = float("inf")
+    with pytest.raises(ValueError, match=f"{which} contains NaN or infinite"):
+        learned_mu_step(args["X"], args["A"], args["S"], W)
+    if which == "X":
+        with pytest.raises(ValueError, match="X contains NaN"):
+            learned_mu_unroll(args["X"], A, S, W.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-12, float("nan"), float("inf")])
+def test_bad_eps(eps):
+    X, A, S, W = _inputs(2, 6, 3, 20)
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        learned_mu_step(X, A, S, W, eps=eps)
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        learned_mu_unroll(X, A, S, W.expand(2, -1, -1), eps=eps)
 
 
 def test_mixed_dtypes():

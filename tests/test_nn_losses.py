@@ -68,6 +68,16 @@ def test_unrolled_loss_gradient_and_errors():
 
 
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("S_shape", [(300, 3, 7), (3, 3, 7), (1, 3, 7), (2, 4, 7)])
+def test_truths_of_different_batch_or_rank_are_refused(fused, S_shape):
+    # The fused kernels size their per-component sums from A_true: an S_true with
+    # more problems or components wrote past them (a segfault), fewer scored wrong.
+    A_true, S_true = torch.rand(2, 5, 3), torch.rand(*S_shape)
+    with pytest.raises(ValueError, match="must share the batch and n"):
+        unrolled_loss([(A_true.clone(), S_true.clone())], A_true, S_true, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_tiny_float32_estimates_score_as_their_direction(fused):
     # float32 squares below ~1e-45 underflow: the norm of an estimate with
     # entries ~1e-25 would be 0 while its dot product with the truth is not.

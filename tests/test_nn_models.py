@@ -96,6 +96,53 @@ def test_model_bad_input():
         NALMU(0, 8, 2)
 
 
+@pytest.mark.parametrize("Model", [NALMU, ALMU])
+def test_model_refuses_data_it_would_turn_into_nan_or_negative_factors(Model):
+    # unchecked, NaN X gave all-NaN factors and negative X negative ones
+    model = Model(2, 2, 8, 2) if Model is ALMU else Model(2, 8, 2)
+    X = torch.rand(2, 8, 30)
+    for bad, match in ((float("nan"), "NaN"), (float("inf"), "infinite"), (-0.5, "non-negative.*-0.5")):
+        Xb = X.clone()
+        Xb[1, 3, 7] = bad
+        with pytest.raises(ValueError, match=match):
+            model(Xb)
+    for shape in ((0, 8, 30), (2, 8, 0)):
+        with pytest.raises(ValueError, match="at least one problem and one pixel"):
+            model(torch.rand(*shape))
+
+
+def test_model_arguments_checked_at_construction():
+    with pytest.raises(TypeError, match="float32 or float64.*fused=False"):
+        NALMU(2, 8, 2, dtype=torch.float16)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ALMU(2, 2, 8, 2, dtype=torch.bfloat16)
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            NALMU(2, 8, 2, eps=eps)
+    with pytest.raises(ValueError, match="in_features=5.*m·n = 16"):
+        ALMU(2, 2, 8, 2, in_features=5)
+    model = NALMU(np.int64(2), np.int64(8), np.int32(2))  # NumPy integers are integers
+    assert (model.n_layers, model.m, model.n) == (2, 8, 2) and type(model.m) is int
+
+
+def test_half_precision_runs_unfused_and_is_refused_fused_after_conversion():
+    X = torch.rand(1, 8, 30)
+    A, S = NALMU(2, 8, 2, fused=False).half()(X.half())
+    assert A.dtype == torch.float16 and bool(torch.isfinite(S).all())
+    with pytest.raises(TypeError, match="float32 or float64"):
+        NALMU(2, 8, 2).half()(X.half())
+
+
+def test_almu_features_of_the_wrong_width_name_the_mismatch():
+    class Summed(ALMU):
+        def features(self, A):
+            return A.sum(dim=1)  # (b, n): n values, not the declared in_features
+
+    model = Summed(2, 2, 8, 2, in_features=5)
+    with pytest.raises(ValueError, match=r"take \(b, 5\) features.*\(3, 2\)"):
+        model(torch.rand(3, 8, 30))
+
+
 def test_almu_shapes_untrained_is_mu_and_freeze():
     X = _data(b=3, m=10, t=70, seed=4)
     model = ALMU(nalmu_layers=3, almu_layers=4, m=10, n=3, dtype=torch.float64)

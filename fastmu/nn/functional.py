@@ -36,14 +36,17 @@ Device specifics live in two small runners with one interface
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
 
 from fastmu import EPS
+from fastmu.validation import check_eps
 
 __all__ = [
-    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_unroll_weights", "learned_mu_step",
+    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_nonnegative_finite", "check_unroll_weights",
+    "learned_mu_step",
     "learned_mu_step_pg", "learned_mu_unroll",
 ]
 
@@ -55,8 +58,36 @@ _FLOATS = (torch.float32, torch.float64)
 # ---------------------------------------------------------------------------
 
 
+def check_nonnegative_finite(x: torch.Tensor, name: str) -> None:
+    """Refuse NaN, infinite and negative entries in ``x``.
+
+    One reduction (``aminmax``, which propagates NaN) and, on a GPU, one
+    synchronisation. Skipped while the current CUDA stream is being captured
+    into a graph, where reading a value back is not allowed.
+
+    Parameters
+    ----------
+    x : Tensor
+    name : str
+        How the messages name ``x``.
+
+    Raises
+    ------
+    ValueError
+        ``x`` holds a NaN, an infinity or a negative value.
+    """
+    if x.numel() == 0 or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    with torch.no_grad():
+        lo, hi = torch.stack(list(torch.aminmax(x.detach()))).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if lo < 0:
+        raise ValueError(f"{name} must be non-negative; its minimum is {lo:g}")
+
+
 def check_layer_inputs(
-    X: Any, A: Any, S: Any, W: Any, *, check_w_values: bool = True
+    X: Any, A: Any, S: Any, W: Any, *, check_w_values: bool = True, check_data: bool = True
 ) -> None:
     """Validate the inputs of one learned-MU layer.
 
@@ -69,6 +100,8 @@ def check_layer_inputs(
     check_w_values : bool, default True
         Also check that W is finite and non-negative (reads W's values: on a
         GPU, a synchronisation).
+    check_data : bool, default True
+        Also check that X, A and S are finite and non-negative (:func:`check_nonnegative_finite`).
 
     Raises
     ------
@@ -76,7 +109,8 @@ def check_layer_inputs(
         A non-tensor argument, a dtype other than float32/float64, or mixed dtypes.
     ValueError
         Wrong number of dimensions, inconsistent shapes, tensors on different
-        devices, or (when ``check_w_values``) a negative or non-finite W.
+        devices, or (when ``check_w_values``) a negative or non-finite W, or
+        (when ``check_data``) a negative or non-finite X, A or S.
     """
     names = ("X", "A", "S", "W")
     for name, v in zip(names, (X, A, S, W)):
@@ -114,11 +148,10 @@ def check_layer_inputs(
             f"(one per problem), got {tuple(W.shape)}"
         )
     if check_w_values:
-        with torch.no_grad():
-            if not bool(torch.isfinite(W).all()):
-                raise ValueError("W contains NaN or infinite values")
-            if bool((W < 0).any()):
-                raise ValueError(f"W must be non-negative; its minimum is {float(W.min()):g}")
+        check_nonnegative_finite(W, "W")
+    if check_data:
+        for name, v in zip(names[:3], (X, A, S)):
+            check_nonnegative_finite(v, name)
 
 
 # ---------------------------------------------------------------------------
@@ -496,6 +529,7 @@ def learned_mu_step(
     torch.Size([8, 3])
     """
     check_layer_inputs(X, A, S, W)
+    eps = check_eps(eps)
     if X.device.type not in ("cpu", "cuda"):
         raise ValueError(f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
     A_out, S_out, _, _ = LearnedMUStep.apply(
@@ -576,11 +610,7 @@ def check_unroll_weights(Ws: Any, X: torch.Tensor, n: int, *, check_values: bool
     if Ws.device != X.device:
         raise ValueError(f"Ws is on {Ws.device} but X is on {X.device}; they must be on the same device")
     if check_values:
-        with torch.no_grad():
-            if not bool(torch.isfinite(Ws).all()):
-                raise ValueError("Ws contains NaN or infinite values")
-            if bool((Ws < 0).any()):
-                raise ValueError(f"Ws must be non-negative; its minimum is {float(Ws.min()):g}")
+        check_nonnegative_finite(Ws, "Ws")
 
 
 def learned_mu_unroll(
@@ -646,7 +676,8 @@ def learned_mu_unroll(
         raise ValueError(f"Ws must be (L, m, n) or (L, b, m, n) with L ≥ 1, got shape {tuple(Ws.shape)}")
     if isinstance(X, torch.Tensor) and isinstance(A, torch.Tensor) and X.dim() == 3 and A.dim() == 3:
         check_unroll_weights(Ws, X, A.shape[2])  # first: Ws's own messages, not those for one W
-    check_layer_inputs(X, A, S, Ws[0], check_w_values=False)  # types, dtypes, devices, shapes of X, A, S
+    check_layer_inputs(X, A, S, Ws[0], check_w_values=False)  # types, dtypes, devices, shapes and values of X, A, S
+    eps = check_eps(eps)
     if X.device.type not in ("cpu", "cuda"):
         raise ValueError(f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
     return unroll_unchecked(X.contiguous(), A.contiguous(), S.contiguous(), Ws.contiguous(), eps, return_all)

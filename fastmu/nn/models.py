@@ -43,13 +43,15 @@ for devices without a fused kernel.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from fastmu import EPS
-from fastmu.nn.functional import unroll_unchecked
+from fastmu.nn.functional import check_nonnegative_finite, unroll_unchecked
+from fastmu.validation import check_eps
 
 __all__ = ["NALMU", "ALMU", "WeightMLPs", "constant_init"]
 
@@ -83,6 +85,25 @@ def constant_init(X: torch.Tensor, n: int) -> Factors:
     return A0, S0
 
 
+def _count(v: object, name: str) -> int:
+    """A positive integer argument (Python or NumPy integer; not bool)."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        k = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}") from None
+    if k < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return k
+
+
+def _check_fused_dtype(dtype: torch.dtype, fused: bool) -> None:
+    if fused and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the fused kernels compute in float32 or float64, got {dtype}; "
+                        "convert the model (e.g. model.float()) or build it with fused=False (torch ops)")
+
+
 def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Validate ``X`` for a model of ``m`` channels; returns the batched X and whether it was 2-D."""
     if not isinstance(X, torch.Tensor):
@@ -101,6 +122,9 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tens
         )
     if X.device != ref.device:
         raise ValueError(f"X is on {X.device} but the model is on {ref.device}; move one of them")
+    if X.shape[0] == 0 or X.shape[2] == 0:
+        raise ValueError(f"X must have at least one problem and one pixel, got shape {tuple(X.shape)}")
+    check_nonnegative_finite(X, "X")
     return X.contiguous(), squeeze
 
 
@@ -116,6 +140,7 @@ def run_layers(
     with plain autograd.
     """
     if fused and X.device.type in ("cpu", "cuda"):
+        _check_fused_dtype(X.dtype, fused)
         return unroll_unchecked(X, A, S, Ws, eps, return_all)
     from fastmu.reference import mu_step_torch
 
@@ -173,13 +198,12 @@ class NALMU(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        for name, v in (("n_layers", n_layers), ("m", m), ("n", n)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        n_layers, m, n = _count(n_layers, "n_layers"), _count(m, "m"), _count(n, "n")
         self.n_layers, self.m, self.n = n_layers, m, n
         self.fused = bool(fused)
-        self.eps = float(eps)
+        self.eps = check_eps(eps)
         self.theta = nn.Parameter(torch.zeros(n_layers, m, n, dtype=dtype, device=device))
+        _check_fused_dtype(self.theta.dtype, self.fused)
 
     def weights(self) -> torch.Tensor:
         """The layer weights ``W = exp(θ)``, shape ``(n_layers, m, n)``, all positive."""
@@ -323,15 +347,18 @@ class ALMU(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if isinstance(almu_layers, bool) or not isinstance(almu_layers, int) or almu_layers < 1:
-            raise ValueError(f"almu_layers must be a positive integer, got {almu_layers!r}")
+        almu_layers = _count(almu_layers, "almu_layers")
         hidden = tuple(int(h) for h in hidden)
         if any(h < 1 for h in hidden):
             raise ValueError(f"hidden widths must be positive, got {hidden}")
         self.front = NALMU(nalmu_layers, m, n, fused=fused, eps=eps, dtype=dtype, device=device)
+        nalmu_layers, m, n = self.front.n_layers, self.front.m, self.front.n
         self.nalmu_layers, self.almu_layers, self.m, self.n = nalmu_layers, almu_layers, m, n
         self.normalize_input = bool(normalize_input)
-        self.in_features = m * n if in_features is None else int(in_features)
+        self.in_features = m * n if in_features is None else _count(in_features, "in_features")
+        if self.in_features != m * n and type(self).features is ALMU.features:
+            raise ValueError(f"in_features={self.in_features}, but features() feeds the MLPs vec(A), m·n = {m * n} "
+                             "values; set in_features only when a subclass overrides features()")
         self.hidden = hidden
         self.mlps = WeightMLPs(almu_layers, self.in_features, hidden, m * n, dtype, device)
 
@@ -357,6 +384,9 @@ class ALMU(nn.Module):
     def predict_weights(self, A_nalmu: torch.Tensor) -> torch.Tensor:
         """Every adaptive layer's ``W`` for each problem: ``(almu_layers, b, m, n)``."""
         z = self.features(A_nalmu)
+        if z.dim() != 2 or z.shape[1] != self.in_features:
+            raise ValueError(f"the MLPs take (b, {self.in_features}) features, but features() gave shape "
+                             f"{tuple(z.shape)}")
         return self.mlps(z).view(self.almu_layers, A_nalmu.shape[0], self.m, self.n)
 
     def forward(self, X: torch.Tensor, return_all: bool = False) -> Factors | list[Factors]:
