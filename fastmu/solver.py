@@ -181,15 +181,20 @@ def solve(
         engine.run(0)
         bar.set_description(f"MU ({engine.name})")
         bar.reset(total=n_iter)
-    # The kernels run uninterrupted between events: callbacks, tolerance checks.
-    step = n_iter
-    if callback is not None:
-        step = min(step, callback_every)
-    if tol is not None:
-        step = min(step, check_every)
-    if bar is not None:
-        step = min(step, max(1, n_iter // 100))
-    step = max(step, 1)
+    # The kernels run uninterrupted between events: callbacks, tolerance checks,
+    # progress updates. Each run ends at the next event, so the checks fall on
+    # the same iterations whatever else is on (a bar must not move a tol stop).
+    bar_step = max(1, n_iter // 100)
+
+    def next_event(done: int) -> int:
+        stop = n_iter
+        if callback is not None:
+            stop = min(stop, (done // callback_every + 1) * callback_every)
+        if tol is not None:
+            stop = min(stop, (done // check_every + 1) * check_every)
+        if bar is not None:
+            stop = min(stop, done + bar_step)
+        return stop
 
     def measure() -> np.ndarray:
         f = engine.objective()
@@ -202,7 +207,7 @@ def solve(
     done = 0
     try:
         while done < n_iter:
-            k = min(step, n_iter - done)
+            k = next_event(done) - done
             engine.run(k)
             done += k
             if bar is not None:

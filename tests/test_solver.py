@@ -151,6 +151,25 @@ def test_callback_every(rng):
     assert seen == [5, 10, 15, 20]
 
 
+@pytest.mark.parametrize("watch", [dict(progress=True), dict(callback_every=7), dict(callback_every=3, progress=True)])
+def test_tol_stop_does_not_move_with_progress_bar_or_callback(rng, watch):
+    # The kernels used to run in chunks of the smallest event period, so the
+    # tolerance was only checked where that chunking met multiples of
+    # check_every: a bar or a callback every 7 iterations moved the stop.
+    from fastmu.solver import solve
+
+    X, _, _ = low_rank_problem(rng, 2, 20, 4, 300)
+    kw = dict(n_iter=350, tol=1e-3, random_state=0)
+    A, S, done = solve(X, 4, **kw)
+    assert done < 350 and done % 10 == 0
+    if "callback_every" in watch:
+        watch = dict(watch, callback=lambda i, A, S: None)
+    A2, S2, done2 = solve(X, 4, **kw, **watch)
+    assert done2 == done
+    np.testing.assert_array_equal(A2, A)
+    np.testing.assert_array_equal(S2, S)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_in_torch_out(rng, dtype):
     X, A0, S0 = low_rank_problem(rng, 2, 10, 3, 90)
