@@ -124,6 +124,9 @@ class ExperimentConfig:
             raise ValueError(f"train_spectra must be 'generated' or 'real', got {self.train_spectra!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        from fastmu.training import torch_device
+
+        torch_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -416,9 +419,6 @@ def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None
     say = log or (lambda s: None)
     out = Path(out_dir) if out_dir is not None else None
     mdir = Path(models_dir) if models_dir is not None else (out / "models" if out is not None else None)
-    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {cfg.device!r} asked for, but torch sees no CUDA GPU")
-
     sets = make_sets(cfg)
     res = PaperResults(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},

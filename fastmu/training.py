@@ -42,6 +42,7 @@ __all__ = [
     "model_kind",
     "predict",
     "save_model",
+    "torch_device",
     "train",
     "train_almu",
     "validate",
@@ -49,6 +50,37 @@ __all__ = [
 
 #: model kinds a checkpoint can hold, and the class each builds
 MODEL_KINDS = ("nalmu", "almu", "dnmf", "snmf_net")
+
+
+def torch_device(spec: str | torch.device) -> torch.device:
+    """A torch device that exists here, or a clear error.
+
+    Parameters
+    ----------
+    spec : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        Not a device name, or a CUDA device that torch does not see (torch's own
+        error there is an ``AssertionError`` from deep inside its CUDA setup).
+    """
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {spec!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} asked for, but torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def _model_class(kind: str) -> type[nn.Module]:
@@ -377,7 +409,10 @@ def train(
     ------
     FloatingPointError
         When the loss becomes NaN or infinite: the step is not applied, so the
-        model keeps its last finite parameters.
+        model keeps its last finite parameters. Also when the model's output
+        scores NaN after an epoch (on ``val_set``) or after the last step
+        (on one training batch, without ``val_set``): the parameters are then
+        those of the step that broke it.
     """
     _check_train_args(model, train_set, epochs, batch_size, lr)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -416,10 +451,24 @@ def train(
         vA = vS = None
         if val_set is not None:
             vA, vS = validate(model, val_set, batch_size=batch_size)
+            if not (math.isfinite(vA) and math.isfinite(vS)):
+                raise FloatingPointError(
+                    f"{stage}: after epoch {epoch + 1} the model's output scores cos A {vA}, cos S {vS} on the "
+                    f"validation set; lower the learning rate (lr={lr}) or use float64")
         log = EpochLog(stage, epoch + 1, total / count, vA, vS, time.perf_counter() - t0)
         history.epochs.append(log)
         if on_epoch is not None:
             on_epoch(log)
+    if val_set is None:
+        # A step that breaks the model shows in the next step's loss; the last
+        # step has none, so score one batch with the final parameters.
+        with torch.no_grad():
+            X, A, S = train_set.batch(np.arange(min(batch_size, len(train_set))), device=p0.device, dtype=p0.dtype)
+            value = float(unrolled_loss(model(X.clamp_min_(0), return_all=True)[loss_layers], A, S))
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"{stage}: the last step left a model whose loss is {value}; lower the learning rate "
+                f"(lr={lr}) or use float64")
     return history
 
 

@@ -97,10 +97,20 @@ def test_config_errors():
         ExperimentConfig(size=0)
     with pytest.raises(ValueError, match="ALMU"):
         ExperimentConfig(nalmu_layers=1)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        if torch.cuda.is_available():
-            raise RuntimeError("CUDA present: nothing to check")
-        run_paper(ExperimentConfig(device="cuda", **TINY), None, progress=False, log=None)
+    with pytest.raises(ValueError, match="torch device such as"):
+        ExperimentConfig(device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible to torch")
+@pytest.mark.parametrize("argv", [["train", "nalmu", "--device", "cuda", "--no-progress"],
+                                  ["paper", "--device", "cuda:0", "--no-progress"],
+                                  ["bench", "--suite", "nalmu", "--device", "cuda", "--quick"]])
+def test_cuda_asked_for_without_one_is_a_clear_error(argv, capsys):
+    # torch's own error here is an AssertionError from its lazy CUDA setup
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+        ExperimentConfig(device="cuda", **TINY)
+    assert main(argv) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_cli_train_then_paper_with_the_checkpoint(tmp_path, capsys):

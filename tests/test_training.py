@@ -87,7 +87,7 @@ def test_checkpoint_round_trip(tmp_path, sets, kind, kwargs):
     path = save_model(model, tmp_path / "sub" / f"{kind}.pt", note="hello", history=[{"a": 1.0}])
     loaded, extra = load_model(path)
     assert model_kind(loaded) == kind and extra == {"note": "hello", "history": [{"a": 1.0}]}
-    X = sets["test_simple"].batch([0, 1])[0]
+    X = sets["test_simple"].batch([0, 1])[0].clamp_min(0)  # the noise leaves negatives; the models refuse them
     with torch.no_grad():
         for a, b in zip(model(X), loaded(X)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -119,6 +119,17 @@ def test_nan_loss_is_reported_and_not_applied(sets):
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         train(model, sets["train"], epochs=1, batch_size=8, progress=False)
     assert float(model.w.detach()) == 1.0
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_a_last_step_that_breaks_the_model_is_reported(sets, with_val):
+    # lr = 1e30: the one step sets θ to about ±1e30, W = exp(θ) overflows and the
+    # model outputs NaN. No later step's loss sees it, so train() must look itself.
+    model = build_model("nalmu", n_layers=2, m=65, n=4)
+    n = len(sets["train"])
+    kw = dict(val_set=sets["test_simple"]) if with_val else {}
+    with pytest.raises(FloatingPointError, match="lower the learning rate" + (".*" if with_val else "")):
+        train(model, sets["train"], epochs=1, batch_size=n, lr=1e30, progress=False, **kw)
 
 
 def test_bad_arguments(sets, tmp_path):

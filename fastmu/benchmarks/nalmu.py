@@ -264,6 +264,9 @@ def run_nalmu_benchmark(
     """
     import torch
 
+    from fastmu.training import torch_device
+
+    torch_device(device)
     kw = dict(batch=batch, m=m, t=t, n=n, n_layers=n_layers, dtype=dtype, seed=seed, objective=objective)
     if cuda_graph:
         if not device.startswith("cuda"):

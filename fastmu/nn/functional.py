@@ -58,7 +58,7 @@ _FLOATS = (torch.float32, torch.float64)
 # ---------------------------------------------------------------------------
 
 
-def check_nonnegative_finite(x: torch.Tensor, name: str) -> None:
+def check_nonnegative_finite(x: torch.Tensor, name: str, hint: str = "") -> None:
     """Refuse NaN, infinite and negative entries in ``x``.
 
     One reduction (``aminmax``, which propagates NaN) and, on a GPU, one
@@ -70,6 +70,8 @@ def check_nonnegative_finite(x: torch.Tensor, name: str) -> None:
     x : Tensor
     name : str
         How the messages name ``x``.
+    hint : str, optional
+        Appended to the message about a negative value.
 
     Raises
     ------
@@ -83,7 +85,7 @@ def check_nonnegative_finite(x: torch.Tensor, name: str) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values")
     if lo < 0:
-        raise ValueError(f"{name} must be non-negative; its minimum is {lo:g}")
+        raise ValueError(f"{name} must be non-negative; its minimum is {lo:g}{hint}")
 
 
 def check_layer_inputs(

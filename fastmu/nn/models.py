@@ -124,7 +124,7 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tens
         raise ValueError(f"X is on {X.device} but the model is on {ref.device}; move one of them")
     if X.shape[0] == 0 or X.shape[2] == 0:
         raise ValueError(f"X must have at least one problem and one pixel, got shape {tuple(X.shape)}")
-    check_nonnegative_finite(X, "X")
+    check_nonnegative_finite(X, "X", hint=" (noisy data? X.clamp_min(0) clips the noise's negatives)")
     return X.contiguous(), squeeze
 
 
