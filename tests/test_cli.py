@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +32,50 @@ def test_unmix_npy_with_truth(tmp_path, capsys):
     assert res["A"].shape == (12, 3) and res["S"].shape == (3, 200)
     assert res["score_cos_A"] > 0.95
     assert "mean cosine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("S_truth, msg", [
+    ("transposed", r"S has shape \(200, 3\); X and -n 3 need \(3, 200\)"),
+    ("nan", "S contains NaN"),
+])
+def test_unmix_truth_that_does_not_fit_is_refused_before_the_run(tmp_path, capsys, S_truth, msg):
+    # a (t, n) S of the right size used to be reshaped to (n, t) and scored wrong;
+    # a NaN truth printed cos 0 and exited 0
+    rng = np.random.default_rng(0)
+    A, S = rng.random((12, 3)), rng.random((3, 200))
+    np.save(tmp_path / "X.npy", A @ S)
+    S_t = S.T.copy() if S_truth == "transposed" else np.where(np.arange(200) == 5, np.nan, S)
+    np.savez(tmp_path / "truth.npz", A=A, S=S_t)
+    rc = main(["unmix", str(tmp_path / "X.npy"), "-n", "3", "--truth", str(tmp_path / "truth.npz"),
+               "--out", str(tmp_path / "r.npz"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and re.search(msg, captured.err) and "iterations in" not in captured.out
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_unmix_cube_truth_may_be_maps(tmp_path):
+    rng = np.random.default_rng(2)
+    A, maps = rng.random((10, 2)), rng.random((2, 6, 7))
+    cube = np.einsum("mk,khw->hwm", A, maps)
+    np.savez(tmp_path / "cube.npz", X=cube, A=A, S=maps)
+    assert main(["unmix", str(tmp_path / "cube.npz"), "--key", "X", "--layout", "hwm", "-n", "2", "--iters", "300",
+                 "--truth", str(tmp_path / "cube.npz"), "--out", str(tmp_path / "r.npz"), "--no-progress"]) == 0
+    assert np.load(tmp_path / "r.npz")["score_cos_A"] > 0.9
+
+
+def test_unmix_out_without_suffix_names_the_file_it_writes(tmp_path, capsys):
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).random((5, 30)))
+    assert main(["unmix", str(tmp_path / "X.npy"), "-n", "2", "--iters", "3", "--out", str(tmp_path / "res"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "res.npz").exists()
+    assert f"saved {tmp_path / 'res.npz'}" in capsys.readouterr().out
+
+
+def test_unmix_figure_of_a_batch_is_refused_before_the_run(tmp_path, capsys):
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).random((2, 5, 30)))
+    assert main(["unmix", str(tmp_path / "X.npy"), "-n", "2", "--figure", str(tmp_path / "f.png"),
+                 "--no-progress"]) == 2
+    assert "--figure draws one problem" in capsys.readouterr().err
 
 
 def test_unmix_cube_layout(tmp_path):

@@ -120,9 +120,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("-n/--n-components is required for a file input")
         n = args.n_components
         if args.truth is not None:
-            truth = (_load_array(args.truth, args.truth_keys[0]), _load_array(args.truth, args.truth_keys[1]))
+            truth = _check_truth(_load_array(args.truth, args.truth_keys[0]),
+                                 _load_array(args.truth, args.truth_keys[1]), X.shape, n, grid)
     if args.iters < 0:
         raise ValueError("--iters must be >= 0")
+    if args.figure is not None and np.ndim(X) == 3:
+        raise ValueError(f"--figure draws one problem; X holds {np.shape(X)[0]} (shape {np.shape(X)})")
+    # np.savez adds .npz to a name without it: say the name it writes
+    out_path = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
 
     X = np.asarray(X)
     if X.dtype.kind == "f":
@@ -144,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
     out: dict[str, Any] = {"A": A, "S": S, "residual": rel, "seconds": seconds}
     if truth is not None:
-        A_t, S_t = (np.asarray(a, dtype=np.float64) for a in truth)
-        S_t = S_t.reshape(S.shape) if S_t.size == S.size else S_t
+        A_t, S_t = truth
+        S_t = S_t.reshape(S.shape)  # maps (n, h, w) to rows (n, h·w); _check_truth allowed only that
         sc = metrics.evaluate(A, S, A_t, S_t)
         A, S = metrics.apply_permutation(A, S, sc.perm)  # save in the true order
         out.update({"A": A.astype(X.dtype), "S": S.astype(X.dtype), "perm": sc.perm})
@@ -157,13 +162,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"  NMSE (dB)                    A {summary['nmse_A_db']:.2f}   S {summary['nmse_S_db']:.2f}")
     if layout in ("hwm", "mhw") or args.demo:
         out["S_maps"] = out["S"].reshape(n, *grid)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, **out)
-    print(f"saved {args.out}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out_path, **out)
+    print(f"saved {out_path}")
     if args.figure is not None:
         _figure(args.figure, out["A"], out["S"], grid if len(grid) == 2 else None, truth)
         print(f"saved {args.figure}")
     return 0
+
+
+def _check_truth(A_t: Any, S_t: Any, x_shape: tuple[int, ...], n: int,
+                 grid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The true factors as float64, checked against X's problems before any work is done."""
+    batch, m, t = x_shape[:-2], x_shape[-2], x_shape[-1]
+    A_t, S_t = np.asarray(A_t), np.asarray(S_t)
+    want_A, want_S = (*batch, m, n), (*batch, n, t)
+    maps = (*batch, n, *grid) if len(grid) == 2 else None
+    if A_t.shape != want_A:
+        raise ValueError(f"the truth's A has shape {A_t.shape}; X and -n {n} need {want_A}")
+    if S_t.shape != want_S and S_t.shape != maps:
+        also = f" or maps {maps}" if maps is not None else ""
+        raise ValueError(f"the truth's S has shape {S_t.shape}; X and -n {n} need {want_S}{also}")
+    for name, v in (("A", A_t), ("S", S_t)):
+        if v.dtype.kind not in "iuf":
+            raise ValueError(f"the truth's {name} has dtype {v.dtype}; it must be real numbers")
+        if not np.isfinite(v).all():
+            raise ValueError(f"the truth's {name} contains NaN or infinite values")
+    return A_t.astype(np.float64), S_t.astype(np.float64)
 
 
 def _figure(path: Path, A: np.ndarray, S: np.ndarray, grid: tuple[int, int] | None, truth: Any) -> None:
