@@ -21,6 +21,7 @@ Engines:
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any, Protocol
 
 import numpy as np
@@ -235,7 +236,13 @@ class TorchEngine:
         if kind == "cupy":
             x = torch.from_dlpack(x)
         elif kind == "numpy":
-            x = torch.from_numpy(np.ascontiguousarray(x))
+            x = np.ascontiguousarray(x)
+            # An adopted array is only read (the solvers copy the factors they
+            # update), so a read-only one (a memory map, say) is safe to wrap:
+            # silence torch's warning about writing through it.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                x = torch.from_numpy(x)
         if like is not None and x.device != like.device:
             x = x.to(like.device)
         return x.contiguous()

@@ -403,3 +403,17 @@ def test_fused_path_calls_back_on_schedule_and_takes_tensors_that_require_grad()
     A_np, S_np = cd(X, A0=A0, S0=S0, n_iter=5)
     np.testing.assert_array_equal(A.detach().numpy(), A_np)
     np.testing.assert_array_equal(S.detach().numpy(), S_np)
+
+
+
+def test_read_only_x_is_read_without_a_warning():
+    # A memory-mapped X is read-only; torch warned on wrapping it although X is
+    # only read. torch warns once per process, hence a fresh one.
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, fastmu; from fastmu.baselines import cd\n"
+            "X = np.random.default_rng(0).random((5, 40)); X.setflags(write=False)\n"
+            "cd(X, 2, n_iter=3, random_state=0); fastmu.mu(X, 2, n_iter=3, backend='torch', random_state=0)\n")
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
