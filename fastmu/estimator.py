@@ -27,8 +27,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from fastmu import EPS
-from fastmu.interop import array_kind
-from fastmu.validation import caller_stacklevel
+from fastmu.interop import ArrayKind, array_kind
+from fastmu.validation import (
+    _module,
+    as_numpy_input,
+    caller_stacklevel,
+    check_dtype,
+    check_eps,
+    raise_if_not_finite,
+)
 
 try:  # a real scikit-learn estimator where scikit-learn is installed
     from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
@@ -245,7 +252,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if init == "custom":
             if W is None or H is None:
                 raise ValueError("init='custom' needs both W and H passed to fit / fit_transform")
-            A0, S0, init = _check_start(W, H, X, n), H, "random"
+            (A0, S0), init = _check_start(W, H, X, n), "random"
         else:
             if W is not None or H is not None:
                 raise ValueError(f"W and H are used only with init='custom', not init={self.init!r}")
@@ -308,7 +315,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         from fastmu.interop import numpy_to_kind
         from fastmu.solver import _host, _per_problem_means, initial_factors, solve
 
-        eps = float(self.eps)
+        eps = check_eps(self.eps)
         if W0 is None:  # scikit-learn's start for X itself, as the direct path draws it
             kind = array_kind(X)
             # only NNDSVDa needs X on the host (its SVD); the others need its mean
@@ -317,13 +324,19 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             W0 = numpy_to_kind(np.ascontiguousarray(A_h[0], dtype=_np_dtype(X)), array_kind(X), X)
             H0 = numpy_to_kind(np.ascontiguousarray(S_h[0], dtype=_np_dtype(X)), array_kind(X), X)
         else:
-            W0, H0 = _cast_like(_as_kind(W0, X), X), _cast_like(_as_kind(H0, X), X)
-        if run["tol"] is not None:  # scikit-learn's scale: the residual at its start
-            run = dict(run, tol_initial=_frobenius(X, W0, H0))
-        W = W0 * ((X @ H0.T) / (W0 @ (H0 @ H0.T) + eps))  # W₁
+            W0, H0 = _cast_like(W0, X), _cast_like(H0, X)
+        # an X too large for its dtype overflows these steps as it does the solver's: the same
+        # FloatingPointError, not NumPy's warnings and then a NaN start for the solver to refuse
+        with np.errstate(over="ignore", invalid="ignore"):
+            if run["tol"] is not None:  # scikit-learn's scale: the residual at its start
+                run = dict(run, tol_initial=_frobenius(X, W0, H0))
+            W = W0 * ((X @ H0.T) / (W0 @ (H0 @ H0.T) + eps))  # W₁
+        _raise_if_overflowed(X, W, H0)
         Ht, Wt, done = solve(_transposed(X), A0=_transposed(H0), S0=_transposed(W), n_iter=max_iter - 1, **run)
         W, H = _transposed(Wt), _transposed(Ht)
-        H = H * ((W.T @ X) / ((W.T @ W) @ H + eps))  # H_k
+        with np.errstate(over="ignore", invalid="ignore"):
+            H = H * ((W.T @ X) / ((W.T @ W) @ H + eps))  # H_k
+        _raise_if_overflowed(X, W, H)
         return W, H, done + 1
 
     def transform(self, X: Any) -> Any:
@@ -332,6 +345,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         constant start; ``solver="cd"`` runs coordinate descent on W alone from zeros, with
         its stopping rule on W's sweeps only (and its ConvergenceWarning at ``max_iter``)."""
         check_is_fitted(self)
+        self._check_params()  # set_params may have changed them since fit
         X = self._validate_X(X, reset=False)
         H = self.components_
         if array_kind(X) != array_kind(H):
@@ -364,11 +378,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return W
 
     def inverse_transform(self, X: Any) -> Any:
-        """``X @ components_``: data from a transform (n_samples, n_components)."""
+        """``X @ components_``: data from a transform (n_samples, n_components), of the kind of
+        array the model was fitted on."""
         check_is_fitted(self)
-        W = X
-        if array_kind(W) == "numpy":
-            W = np.asarray(W)
+        kind, fitted = array_kind(X), array_kind(self.components_)
+        if kind != fitted:
+            raise TypeError(f"X is a {kind} array but the model was fitted on {fitted} arrays; pass the same kind")
+        if kind == "numpy":
+            W = as_numpy_input(X, "X")
+        else:
+            check_dtype(X, "X", kind)
+            W = X
         if W.ndim != 2 or W.shape[1] != self.n_components_:
             raise ValueError(f"expected an array of shape (n_samples, {self.n_components_}), got {tuple(W.shape)}")
         return _cast_like(W, self.components_) @ self.components_
@@ -387,6 +407,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not math.isfinite(self.tol)
                 or self.tol < 0):
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        check_eps(self.eps)
+        _check_random_state(self.random_state)
         nc = self.n_components
         if not (nc is None or nc == "auto" or (isinstance(nc, numbers.Integral) and not isinstance(nc, bool)
                                                 and nc >= 1)):
@@ -420,7 +442,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             _check_2d(X)
         else:
             _check_2d(X)
-        if X.size and float(X.min()) < 0:  # scikit-learn's message, for code that matches on it
+        if min(X.shape) == 0:
+            raise ValueError(f"X has shape {tuple(X.shape)}: needs at least one sample and one feature")
+        if kind != "numpy":
+            X = _float_finite(X, kind)
+        if float(X.min()) < 0:  # scikit-learn's message, for code that matches on it
             raise ValueError(f"Negative values in data passed to {type(self).__name__} (input X): "
                              f"its minimum is {float(X.min()):.6g}")
         n_features = int(X.shape[1])
@@ -429,8 +455,6 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         elif n_features != self.n_features_in_:
             raise ValueError(f"X has {n_features} features, but {type(self).__name__} is expecting "
                              f"{self.n_features_in_} features as input.")
-        if min(X.shape) == 0:
-            raise ValueError(f"X has shape {tuple(X.shape)}: needs at least one sample and one feature")
         return X
 
 
@@ -440,30 +464,56 @@ def _check_2d(X: Any) -> None:
                          "fastmu.mu factorises batches of problems")
 
 
-def _check_start(W: Any, H: Any, X: Any, n: int) -> Any:
-    """W (after checking W and H) for ``init="custom"``: X's kind, shapes ``(n_samples, n)`` and
-    ``(n, n_features)``, finite and non-negative; ValueError/TypeError naming the problem."""
+def _float_finite(X: Any, kind: ArrayKind) -> Any:
+    """A torch or CuPy X as scikit-learn's checks leave a NumPy one: float32 or float64 (integers
+    and booleans become float64), finite; detached, so that no result carries X's graph."""
+    from fastmu.solver import _cast
+
+    dtype = check_dtype(X, "X", kind)
+    if kind == "torch":
+        X = X.detach()
+    X = _cast(X, kind, dtype)
+    mod = _module(kind)
+    if not bool(mod.isfinite(X).all()):  # scikit-learn's messages for NumPy input
+        raise ValueError("Input X contains NaN." if bool(mod.isnan(X).any()) else "Input X contains infinity.")
+    return X
+
+
+def _check_start(W: Any, H: Any, X: Any, n: int) -> tuple[Any, Any]:
+    """W and H for ``init="custom"``, checked: X's kind, float32/float64 (integers become
+    float64), shapes ``(n_samples, n)`` and ``(n, n_features)``, finite and non-negative;
+    ValueError/TypeError naming the problem."""
     n_samples, n_features = X.shape
+    checked = []
     for name, F, want in (("W", W, (n_samples, n)), ("H", H, (n, n_features))):
-        F = _as_kind(F, X)
+        F = _as_kind(F, X, name)
         if tuple(F.shape) != want:
             raise ValueError(f"{name} has shape {tuple(F.shape)}, expected {want} for X of shape "
                              f"{tuple(X.shape)} and n_components={n}")
         lo = float(F.min()) if F.size else 0.0
         if not math.isfinite(float(F.sum())) or lo < 0:
             raise ValueError(f"{name} must be finite and non-negative (its minimum is {lo:.6g})")
-    return W
+        checked.append(F)
+    return checked[0], checked[1]
 
 
 def _np_dtype(X: Any) -> np.dtype:
     return np.dtype(str(X.dtype).replace("torch.", ""))
 
 
-def _as_kind(F: Any, X: Any) -> Any:
-    """``F`` (a start the caller passed) as X's kind of array; other kinds are an error."""
-    if array_kind(F) != array_kind(X):
-        raise TypeError(f"W and H must be the same kind of array as X ({array_kind(X)}), got {array_kind(F)}")
-    return np.asarray(F) if array_kind(F) == "numpy" else F
+def _as_kind(F: Any, X: Any, name: str) -> Any:
+    """``F`` (the start ``name`` the caller passed) as a float array of X's kind (detached from
+    autograd); other kinds, and dtypes fastmu does not compute in, are an error."""
+    from fastmu.solver import _cast
+
+    kind = array_kind(X)
+    if array_kind(F) != kind:
+        raise TypeError(f"W and H must be the same kind of array as X ({kind}), got {array_kind(F)}")
+    if kind == "numpy":
+        F = as_numpy_input(F, name)
+    elif kind == "torch":
+        F = F.detach()
+    return _cast(F, kind, check_dtype(F, name, kind))
 
 
 def _transposed(X: Any) -> Any:
@@ -484,10 +534,22 @@ def _cast_like(X: Any, ref: Any) -> Any:
     return X.astype(ref.dtype, copy=False)
 
 
+def _raise_if_overflowed(X: Any, W: Any, H: Any) -> None:
+    """The solver's FloatingPointError where W or H is no longer finite."""
+    raise_if_not_finite(X[None], W[None], H[None], array_kind(X), str(_np_dtype(X)), "MU")
+
+
 def _frobenius(X: Any, W: Any, H: Any) -> float:
     """``‖X − W H‖`` (Frobenius), computed on X's device."""
-    R = X - W @ H
-    return float(math.sqrt(float((R * R).sum())))
+    with np.errstate(over="ignore"):
+        R = X - W @ H
+        f = float((R * R).sum())
+        if math.isinf(f):  # float32 X from about 1e17 on: the sum of squares overflows, the norm need not
+            s = float(abs(R).max())
+            if math.isfinite(s) and s > 0:
+                R = R / s
+                return s * math.sqrt(float((R * R).sum()))
+    return float(math.sqrt(f))
 
 
 @contextlib.contextmanager
@@ -508,7 +570,8 @@ def _check_random_state(seed: Any) -> np.random.RandomState:
         return np.random.RandomState(int(seed))
     if isinstance(seed, np.random.RandomState):
         return seed
-    raise ValueError(f"random_state must be None, an integer or a numpy RandomState, got {seed!r}")
+    raise ValueError("random_state must be None, an integer or a numpy RandomState (the estimator draws "
+                     f"scikit-learn's numbers, from a RandomState as scikit-learn does), got {seed!r}")
 
 
 def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:

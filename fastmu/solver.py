@@ -13,8 +13,10 @@ from fastmu.validation import (
     check_dtype,
     check_eps,
     check_positive_int,
+    check_random_state,
     check_same_kind_and_device,
     check_shape,
+    check_tol,
     check_values,
     raise_if_not_finite,
     warn_if_eps_dominates,
@@ -74,8 +76,8 @@ def mu(
         scikit-learn for one problem and an integer seed), ``"constant"``
         fills both with ``sqrt(mean(X)/n)`` (the learned models' start),
         ``"nndsvda"`` is the NNDSVD start with zeros filled by the mean.
-    random_state : int, RandomState or None
-        Seed of the random start. The start is drawn on the host, so one
+    random_state : int, RandomState, Generator or None
+        Seed of the random start (an integer draws scikit-learn's start). The start is drawn on the host, so one
         seed gives the same start on every backend.
     backend : {"auto", "cpu", "cuda", "torch"}
         ``"auto"``: host arrays run on the fused CPU kernels, GPU arrays on
@@ -147,10 +149,7 @@ def solve(
     callback_every = check_positive_int(callback_every, "callback_every")
     check_every = check_positive_int(check_every, "check_every")
     eps = check_eps(eps)
-    if tol is not None:
-        tol = float(tol)
-        if not np.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    tol = check_tol(tol)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if backend not in BACKENDS:
@@ -387,7 +386,7 @@ def initial_factors(
         S = np.broadcast_to(avg[:, None, None], (b, n, t)).copy()
         return A, S
     if init == "random":
-        rng = random_state if isinstance(random_state, np.random.RandomState) else np.random.RandomState(random_state)
+        rng = check_random_state(random_state)
         A = np.empty((b, m, n))
         S = np.empty((b, n, t))
         for p in range(b):

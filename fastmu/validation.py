@@ -7,6 +7,7 @@ are only ever read.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,8 @@ def as_numpy_input(x: Any, name: str) -> np.ndarray:
             f"{name} has dtype {arr.dtype}; fastmu computes in float32 or float64 "
             "(complex, string and object arrays are refused)"
         )
+    if not arr.dtype.isnative:  # big-endian data (FITS, astropy): the kernels read native floats only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
 
 
@@ -76,6 +79,8 @@ def check_values(x: Any, name: str, kind: ArrayKind) -> None:
         nonneg = bool((x >= 0).all()) if finite else True
         mn = float(x.min()) if not nonneg else 0.0
     else:
+        if _dtype_name(x).startswith("uint"):
+            return  # always finite and >= 0; torch has no comparisons for uint16/32/64
         mod = _module(kind)
         finite = bool(mod.isfinite(x).all())
         nonneg = bool((x >= 0).all()) if finite else True
@@ -115,6 +120,39 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_tol(tol: Any) -> float | None:
+    """``tol`` as a float (None stays None: no early stop)."""
+    if tol is None:
+        return None
+    try:
+        if isinstance(tol, (str, bytes, bool)):
+            raise TypeError
+        t = float(tol)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tol must be a real number or None, got {tol!r}") from exc
+    if not np.isfinite(t) or t < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return t
+
+
+def check_random_state(seed: Any) -> np.random.RandomState | np.random.Generator:
+    """The generator the random start draws from: a new RandomState for an integer seed (so the
+    draws are scikit-learn's) or None (fresh entropy), NumPy's global one for ``np.random``, a
+    RandomState or Generator as given."""
+    if isinstance(seed, (np.random.RandomState, np.random.Generator)):
+        return seed
+    if seed is np.random:
+        return np.random.mtrand._rand
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        try:
+            return np.random.RandomState(seed)
+        except ValueError as exc:
+            raise ValueError(f"random_state must be a seed between 0 and 2**32 - 1, got {seed!r}") from exc
+    raise TypeError(
+        f"random_state must be None, an integer seed, a numpy RandomState or a numpy Generator, got {seed!r}"
+    )
+
+
 def check_eps(eps: Any) -> float:
     try:
         e = float(eps)
@@ -147,7 +185,7 @@ def warn_if_eps_dominates(means: np.ndarray, m: int, t: int, n: int, eps: float)
     constant cures it.
     """
     b = means.shape[0]
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # X too large overflows to share 0: no warning, rightly
         share = eps / (min(m, t) * means**1.5 / np.sqrt(n))
     bad = np.flatnonzero((means > 0) & (share > EPS_SHARE_WARN))
     if bad.size:
@@ -187,19 +225,36 @@ def finite_problems(x: Any, kind: ArrayKind) -> np.ndarray:
     return np.asarray(ok)
 
 
+#: X's largest value, as a share of the square root of its dtype's largest value, from which
+#: :func:`raise_if_not_finite` blames X's scale (MU overflowed from 2.5e18 in float32 on
+#: 5 × 40 to 65 × 16384 problems, 0.14 of that root: its products grow as X's square)
+X_SCALE_BLAME = 1e-4
+
+
 def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, method: str) -> None:
     """A ``FloatingPointError`` naming the problems whose factors overflowed, and what to do.
 
     X and any given start are checked finite and non-negative on entry, so
     what overflows is the scale: X's products with the factors pass the
-    dtype's largest value.
+    dtype's largest value. Where X is far too small for that, the start
+    (a huge one passed in) or a callback that wrote NaN or inf into the
+    factors did it, and the message says so rather than blame X.
     """
     ok = finite_problems(A, kind) & finite_problems(S, kind)
     if ok.all():
         return
     bad = np.flatnonzero(~ok)
+    if _dtype_name(X).startswith("uint") and hasattr(X, "double"):
+        X = X.double()  # torch has no max for uint16/32/64
     xmax = float(X.max())
     which = "" if X.shape[0] == 1 else f" for {bad.size} of the {X.shape[0]} problems (first: {int(bad[0])})"
+    if xmax < X_SCALE_BLAME * np.sqrt(np.finfo(dtype).max):
+        raise FloatingPointError(
+            f"{method}'s factors became NaN or infinite ({dtype}){which}, although X's largest value, "
+            f"{xmax:.3g}, is far from {dtype}'s limit: a given start too large for {dtype}, or a callback "
+            "that wrote NaN or inf into the factors it was passed, does this. Pass a start on X's scale, "
+            "and let a callback change copies of the factors, not the factors."
+        )
     raise FloatingPointError(
         f"{method} overflowed {dtype}{which}: X's largest value, {xmax:.3g}, is too large for its products "
         "with the factors. The factorisation is scale-free: divide X by its maximum (and multiply A·S back)"

@@ -355,3 +355,145 @@ def test_cd_convergence_warning_and_custom_start_untouched():
     assert model.n_components_ == 4 and model.n_iter_ == 10
     np.testing.assert_array_equal(W0, W0_copy)
     np.testing.assert_array_equal(H0, H0_copy)
+
+
+# -- input validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_torch_x_is_checked_as_numpy_x_is(solver):
+    """NaN, inf and negative values in a torch X are refused as scikit-learn refuses them in a
+    NumPy X, in fit (wide and tall) and transform, rather than giving NaN factors."""
+    torch = pytest.importorskip("torch")
+    X = torch.from_numpy(_data(5, 40))
+    model = NMF(2, solver=solver, max_iter=5, tol=0).fit(X)
+    nan, inf = X.clone(), X.clone()
+    nan[0, 0], inf[0, 0] = float("nan"), float("inf")
+    for bad, match in ((nan, "Input X contains NaN"), (inf, "Input X contains infinity"),
+                       (-X, "Negative values in data passed to NMF")):
+        with pytest.raises(ValueError, match=match):
+            model.transform(bad)
+        for Xb in (bad, bad.T):
+            with pytest.raises(ValueError, match=match):
+                NMF(2, solver=solver, max_iter=5, tol=0).fit(Xb)
+    with pytest.raises(TypeError, match="float16"):
+        model.transform(X.half())
+
+
+@pytest.mark.parametrize("shape", [(5, 40), (40, 5)])
+def test_torch_integer_x_becomes_float64(shape):
+    """Integer and boolean torch X are fitted as float64, as NumPy's are: on the tall path too
+    (its first W step mixed an integer X with float factors), unsigned types included."""
+    torch = pytest.importorskip("torch")
+    Xi = (_data(*shape) * 10).astype(np.int64)
+    ref = NMF(2, init="random", random_state=0, max_iter=5, tol=0).fit(Xi)
+    for dtype in (torch.int64, torch.uint16, torch.uint64, torch.bool):
+        Xt = torch.from_numpy(Xi).to(dtype)
+        model = NMF(2, init="random", random_state=0, max_iter=5, tol=0).fit(Xt)
+        assert model.components_.dtype == torch.float64
+        want = ref.components_ if dtype != torch.bool else NMF(2, init="random", random_state=0, max_iter=5,
+                                                                tol=0).fit(Xi > 0).components_
+        np.testing.assert_allclose(model.components_.numpy(), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "torch"])
+def test_tall_x_too_large_for_its_dtype_raises_as_the_wide_one_does(kind):
+    """The tall path's own W and H steps overflow first: the solver's FloatingPointError, not
+    NumPy's overflow warnings and then a complaint about an S0 the user never passed."""
+    X = _data(40, 5)
+    if kind == "float32":
+        X = (X * 1e20).astype(np.float32)
+    elif kind == "float64":
+        X = X * 1e300
+    else:
+        X = pytest.importorskip("torch").from_numpy((X * 1e30).astype(np.float32))
+    for Xs in (X, X.T):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(FloatingPointError, match=r"MU overflowed float(32|64): X's largest value"):
+                NMF(2, max_iter=20).fit(Xs)
+
+
+def test_tall_float32_x_whose_squares_overflow_converges_as_at_scale_1():
+    """‖X − W H‖² passes float32's range from X ≈ 1e17 on (here 2.5e38 at the start) although
+    nothing else does: the tall path's tol scale was inf, and it stopped after 21 iterations."""
+    X = _data(300, 20, dtype=np.float32)
+    kw = dict(n_components=3, init="random", random_state=0, tol=1e-3, max_iter=400)
+    ref = NMF(**kw).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        big = NMF(**kw).fit(X * np.float32(5e17))
+    assert big.n_iter_ == ref.n_iter_
+    assert big.reconstruction_err_ / 5e17 == pytest.approx(ref.reconstruction_err_, rel=1e-4)
+
+
+def test_parameters_set_after_fit_are_checked_by_transform():
+    """set_params bypasses __init__: transform checks eps, max_iter and tol as fit does (eps=0
+    gave NaN W where a component is 0)."""
+    X = _data(5, 40)
+    for solver in ("mu", "cd"):
+        model = NMF(2, solver=solver, max_iter=5, tol=0).fit(X)
+        for params, match in ((dict(eps=0), "eps must be finite and > 0"), (dict(max_iter=-5), "max_iter"),
+                              (dict(tol=float("nan")), "tol")):
+            with pytest.raises(ValueError, match=match):
+                clone(model).set_params(**params).fit(X)
+            model_b = copy.deepcopy(model).set_params(**params)
+            with pytest.raises(ValueError, match=match):
+                model_b.transform(X)
+    for shape in ((5, 40), (40, 5)):
+        with pytest.raises(TypeError, match="eps must be a real number, got 'a'"):
+            NMF(2, eps="a", max_iter=5).fit(_data(*shape))
+
+
+def test_random_state_of_a_type_scikit_learn_refuses_is_named():
+    X = _data(5, 40)
+    for rs in (1.5, "0", np.random.default_rng(0)):
+        for solver in ("mu", "cd"):
+            with pytest.raises(ValueError, match=r"random_state must be None, an integer or a numpy RandomState"):
+                NMF(2, init="random", solver=solver, random_state=rs, max_iter=5).fit(X)
+
+
+def test_inverse_transform_refuses_what_it_cannot_multiply():
+    torch = pytest.importorskip("torch")
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    X = _data(5, 40)
+    model = NMF(2, max_iter=5, tol=0).fit(X)
+    tmodel = NMF(2, max_iter=5, tol=0).fit(torch.from_numpy(X))
+    W = model.transform(X)
+    with pytest.raises(TypeError, match="X is a torch array but the model was fitted on numpy arrays"):
+        model.inverse_transform(torch.from_numpy(W))
+    with pytest.raises(TypeError, match="X is a numpy array but the model was fitted on torch arrays"):
+        tmodel.inverse_transform(W)
+    with pytest.raises(TypeError, match="sparse"):
+        model.inverse_transform(scipy_sparse.csr_matrix(W))
+    with pytest.raises(TypeError, match="complex128"):
+        model.inverse_transform(W + 1j)
+    with pytest.raises(TypeError, match="complex128"):
+        tmodel.inverse_transform(torch.from_numpy(W + 1j))
+    np.testing.assert_allclose(model.inverse_transform(W.tolist()), W @ model.components_)
+
+
+def test_custom_start_of_a_refused_dtype_names_w_or_h_on_both_paths():
+    """A complex W was taken on a tall X (imaginary part dropped) and refused as "A0" on a wide one."""
+    for shape in ((5, 40), (40, 5)):
+        W, H = np.ones((shape[0], 2)), np.ones((2, shape[1]))
+        custom = NMF(2, init="custom", max_iter=5, tol=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no ComplexWarning either
+            with pytest.raises(TypeError, match="W has dtype complex128"):
+                custom.fit(_data(*shape), W=W + 0j, H=H)
+            with pytest.raises(TypeError, match="H has dtype float16"):
+                custom.fit(_data(*shape), W=W, H=H.astype(np.float16))
+
+
+def test_torch_x_requiring_grad_gives_detached_results():
+    torch = pytest.importorskip("torch")
+    for shape in ((5, 40), (40, 5)):
+        X = torch.from_numpy(_data(*shape)).requires_grad_()
+        W0 = torch.ones(shape[0], 2, dtype=torch.float64, requires_grad=True)
+        for model, kw in ((NMF(2, max_iter=5, tol=0), {}),
+                          (NMF(2, init="custom", max_iter=5, tol=0), dict(W=W0, H=torch.ones(2, shape[1]).double()))):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nor torch's warning on float() of a grad tensor
+                W = model.fit_transform(X, **kw)
+            assert not W.requires_grad and not model.components_.requires_grad
+            assert not model.transform(X).requires_grad

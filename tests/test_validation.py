@@ -149,3 +149,88 @@ def test_float32_overflow_is_an_error_not_nan(solver):
     Xb = torch.from_numpy(np.stack([_low_rank(4), X32.astype(np.float64)]).astype(np.float32))
     with pytest.raises(FloatingPointError, match=r"for 1 of the 2 problems \(first: 1\)"):
         run(Xb, 3, n_iter=20, random_state=0)
+
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_big_endian_input_is_read_as_native(solver):
+    """FITS (astropy) arrays are big-endian: the same numbers in either byte order, the same result."""
+    from fastmu.baselines import cd
+
+    run = fastmu.mu if solver == "mu" else cd
+    for dt in ("f8", "f4", "i4"):
+        want = run(X.astype(dt), 2, n_iter=5, random_state=0)
+        got = run(X.astype(">" + dt), 2, n_iter=5, random_state=0)
+        for a, b in zip(got, want):
+            assert a.dtype.isnative
+            np.testing.assert_array_equal(a, b)
+    got = run(X, A0=A0.astype(">f8"), S0=S0.astype(">f8"), n_iter=5)
+    np.testing.assert_array_equal(got[0], run(X, A0=A0, S0=S0, n_iter=5)[0])
+
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_unsigned_torch_integers_become_float64_as_int64_does(solver):
+    from fastmu.baselines import cd
+
+    run = fastmu.mu if solver == "mu" else cd
+    Xi = torch.from_numpy((X * 100).astype(np.int64))
+    want, _ = run(Xi, 2, n_iter=5, random_state=0)
+    assert want.dtype == torch.float64
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        got, _ = run(Xi.to(dtype), 2, n_iter=5, random_state=0)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_non_finite_factors_blame_the_start_or_callback_not_a_modest_x(solver):
+    """X (largest value ~1) cannot overflow: a start too large for the dtype, or a callback that
+    wrote NaN into the factors, is named instead of X's scale."""
+    from fastmu.baselines import cd
+
+    run = fastmu.mu if solver == "mu" else cd
+    want = r"factors became NaN or infinite \(float64\), although X's largest value, 0\.\d+, is far from"
+    with pytest.raises(FloatingPointError, match=want + ".*given start.*callback"):
+        run(X, A0=A0 * 1e300, S0=S0 * 1e300, n_iter=5)
+    with pytest.raises(FloatingPointError, match=want):
+        run(X, 2, n_iter=5, random_state=0, callback=lambda i, A, S: S.fill(np.nan))
+
+
+def test_x_too_large_for_float64_overflows_without_numpy_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the scale check's mean**1.5 overflowed
+        with pytest.raises(FloatingPointError, match=r"MU overflowed float64: X's largest value, .*e\+299"):
+            fastmu.mu(X * 1e300, 2, n_iter=20, random_state=0)
+
+
+def test_check_tol_and_check_random_state_name_the_argument():
+    from fastmu.validation import check_random_state, check_tol
+
+    assert check_tol(None) is None and check_tol(np.float32(0.5)) == 0.5 and check_tol(0) == 0.0
+    for bad in ("abc", "1e-4", True, [1e-4]):
+        with pytest.raises(TypeError, match="tol must be a real number or None"):
+            check_tol(bad)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+            check_tol(bad)
+    np.testing.assert_array_equal(check_random_state(3).standard_normal(4),
+                                  np.random.RandomState(3).standard_normal(4))
+    for rng in (np.random.RandomState(0), np.random.default_rng(0)):
+        assert check_random_state(rng) is rng
+    assert check_random_state(np.random) is np.random.mtrand._rand
+    for bad in (1.5, "0", True, [1, 2]):
+        with pytest.raises(TypeError, match="random_state must be None, an integer seed, a numpy RandomState or"):
+            check_random_state(bad)
+    with pytest.raises(ValueError, match=r"random_state must be a seed between 0 and 2\*\*32 - 1, got -1"):
+        check_random_state(-1)
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_tol_and_random_state_of_the_wrong_type_are_named(solver):
+    from fastmu.baselines import cd
+
+    run = fastmu.mu if solver == "mu" else cd
+    with pytest.raises(TypeError, match="tol must be a real number or None, got 'abc'"):
+        run(X, 2, n_iter=2, tol="abc")
+    with pytest.raises(TypeError, match="random_state must be None, an integer seed, a numpy RandomState or a numpy"):
+        run(X, 2, n_iter=2, random_state=1.5)
+    a, _ = run(X, 2, n_iter=2, random_state=np.random.default_rng(0))  # a Generator draws the start too
+    b, _ = run(X, 2, n_iter=2, random_state=np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)

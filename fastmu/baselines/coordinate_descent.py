@@ -8,7 +8,7 @@ import numpy as np
 
 from fastmu.dispatch import TorchEngine
 from fastmu.solver import INITS, _cast, _check_X, _initial_factors
-from fastmu.validation import check_positive_int, raise_if_not_finite
+from fastmu.validation import check_positive_int, check_tol, raise_if_not_finite
 
 Callback = Callable[[int, Any, Any], Any]
 
@@ -74,7 +74,7 @@ def cd(
         :func:`fastmu.mu`. ``"random"`` is scikit-learn's: identical to
         ``NMF(init="random", random_state=seed)`` for one problem and an
         integer seed.
-    random_state : int, RandomState or None
+    random_state : int, RandomState, Generator or None
         Seed of the random start (drawn on the host).
     callback : callable(iteration, A, S), optional
         Called after every ``callback_every`` iterations with the current
@@ -134,13 +134,7 @@ def _solve(
 
     n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
     callback_every = check_positive_int(callback_every, "callback_every")
-    if tol is not None:
-        try:
-            tol = float(tol)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"tol must be a real number or None, got {tol!r}") from exc
-        if not np.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    tol = check_tol(tol)
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if callback is not None and not callable(callback):
