@@ -35,3 +35,9 @@ def test_preview_writes_pngs(tmp_path):
     assert pngs == ["maps.png", "spectra.png"]
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_preview_size_too_small_for_remnant(tmp_path, capsys):
+    assert main(["data", "preview", "--out", str(tmp_path / "fig"), "--n", "10", "--size", "2"]) == 2
+    assert "--size must be at least 4" in capsys.readouterr().err
+    assert not (tmp_path / "fig").exists()  # refused before any figure is written

@@ -68,6 +68,38 @@ def test_shape_errors():
         mix(A, S, "loud")
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, np.float64, "float64"],
+                         ids=["int64", "complex64", "numpy", "str"])
+def test_mix_dtype_must_be_floating_torch(dtype):
+    A, S = _inputs(1, 4)
+    with pytest.raises(TypeError, match="floating torch dtype"):
+        mix(A, S, 60.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("snr", [60.0, None])
+def test_mix_empty_batch(snr):
+    A, S = _inputs(2, 4)
+    X, At, St = mix(A[:0], S[:0], snr)
+    assert X.shape == (0, 65, 16) and At.shape == (0, 65, 4) and St.shape == (0, 4, 16)
+    assert measured_snr_db(X, At, St).shape == (0,)
+
+
+def test_mix_refuses_bad_factors():
+    A, S = _inputs(2, 4)
+    S_inf = S.copy()
+    S_inf[1, 2, 3, 0] = np.inf
+    with pytest.raises(ValueError, match="A contains non-finite"):
+        mix(np.where(A > 0.3, np.nan, A), S, 60.0)
+    with pytest.raises(ValueError, match="S contains non-finite"):
+        mix(A, S_inf, None)
+    with pytest.raises(ValueError, match="A contains negative"):
+        mix(-A, S, 60.0)
+    with pytest.raises(ValueError, match="S contains negative"):
+        mix(A, torch.from_numpy(S) - 1e-3, 60.0)
+    with pytest.raises(TypeError, match="real numbers"):
+        mix(A.astype(np.complex128), S, 60.0)
+
+
 def test_mixture_set_batches():
     A, S = _inputs(5)
     ms = MixtureSet(A, S, 60.0, seeds=np.arange(5) + 100)
@@ -81,6 +113,21 @@ def test_mixture_set_batches():
         MixtureSet(A, S, float("nan"), seeds=np.arange(5))
     with pytest.raises(ValueError, match="map_index"):
         MixtureSet(A, S, 60.0, seeds=np.arange(5), map_index=np.arange(5) + 1)
+
+
+def test_mixture_set_batch_arguments():
+    A, S = _inputs(3, 4)
+    ms = MixtureSet(A, S, 60.0, seeds=np.arange(3))
+    X, At, St = ms.batch([])
+    assert X.shape == (0, 65, 16) and At.shape == (0, 65, 4) and St.shape == (0, 4, 16)
+    lazy = MixtureSet(A, lambda j: S[j], 60.0, seeds=np.arange(3), n_maps=3)
+    assert lazy.batch(np.array([], dtype=np.int64))[0].shape == (0, 65, 16)
+    for idx in ([1.7], [True], np.array([1.0])):
+        with pytest.raises(TypeError, match="idx must be an int"):
+            ms.batch(idx)
+    for bs in ("2", 2.0, True):
+        with pytest.raises(TypeError, match="batch_size must be an int"):
+            next(ms.batches(bs))
 
 
 def test_paper_sets_small():
@@ -97,6 +144,27 @@ def test_paper_sets_small():
     paper = paper_sets("paper", seed=0, kinds=("power_law",), realistic_maps="remnant")
     assert [len(paper[k]) for k in ("train", "test_simple", "test_realistic")] == [750, 150, 150]
     assert paper["train"].shape == (750, 65, 16384)
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(n_train=0), ValueError, "n_train must be >= 1"),
+    (dict(n_train=-3), ValueError, "n_train must be >= 1"),
+    (dict(n_test=0), ValueError, "n_test must be >= 1"),
+    (dict(size=0), ValueError, "size must be"),
+    (dict(n_train=2.5), TypeError, "n_train must be an int"),
+    (dict(n_test=True), TypeError, "n_test must be an int"),
+    (dict(size=8.0), TypeError, "size must be"),
+])
+def test_paper_sets_bad_sizes(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        paper_sets("small", kinds=("power_law",), realistic_maps="remnant", **kw)
+
+
+def test_paper_sets_none_means_preset():
+    sets = paper_sets("small", kinds=("power_law",), realistic_maps="remnant",
+                      size=None, n_train=None, n_test=3)
+    assert [len(sets[k]) for k in ("train", "test_simple", "test_realistic")] == [64, 3, 3]
+    assert sets["train"].shape == (64, 65, 1024)
 
 
 def test_realistic_uses_casa_when_present():

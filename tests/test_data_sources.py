@@ -72,3 +72,59 @@ def test_bad_size():
         dead_leaves(1, (1, 5))
     with pytest.raises(ValueError):
         natural_images(1, 8, kinds=("nope",))
+
+
+@pytest.mark.parametrize("gen", [natural_images, dead_leaves, power_law_field, photo_crops, remnant])
+@pytest.mark.parametrize("size", [2.5, None, "8", (8.0, 8.0)])
+def test_size_must_be_ints(gen, size):
+    with pytest.raises(TypeError, match="size must be an int or a pair of ints"):
+        gen(size) if gen is remnant else gen(1, size)
+
+
+@pytest.mark.parametrize("gen", [natural_images, dead_leaves, power_law_field, photo_crops])
+@pytest.mark.parametrize("n, exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)])
+def test_n_errors(gen, n, exc):
+    with pytest.raises(exc, match="n must be"):
+        gen(n, 8)
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(r_min=0), ValueError, "r_min must be > 0"),
+    (dict(r_min=-1.0), ValueError, "r_min must be > 0"),
+    (dict(r_min=float("nan")), ValueError, "r_min must be finite"),
+    (dict(r_min="2"), TypeError, "r_min must be a real number"),
+    (dict(r_max=1.0), ValueError, "r_max must be >= r_min"),
+    (dict(r_max=float("inf")), ValueError, "r_max must be finite"),
+    (dict(alpha=1), ValueError, "alpha must not be 1"),
+    (dict(alpha=float("nan")), ValueError, "alpha must be finite"),
+])
+def test_dead_leaves_parameter_errors(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        dead_leaves(1, 8, seed=0, **kw)
+
+
+def test_dead_leaves_parameters_near_limits():
+    x = dead_leaves(1, 8, seed=0, r_min=2.0, r_max=2.0, alpha=1.001)
+    assert x.shape == (1, 8, 8) and np.all(np.isfinite(x))
+
+
+@pytest.mark.parametrize("beta, exc, msg", [
+    ((float("nan"), 2.0), ValueError, r"beta\[0\] must be finite"),
+    ((1.6, float("inf")), ValueError, r"beta\[1\] must be finite"),
+    ((2.4, 1.6), ValueError, "lo <= hi"),
+    (2.0, TypeError, "pair"),
+    ((1.0, 2.0, 3.0), TypeError, "pair"),
+])
+def test_power_law_beta_errors(beta, exc, msg):
+    with pytest.raises(exc, match=msg):
+        power_law_field(1, 8, seed=0, beta=beta)
+
+
+def test_remnant_smallest_size():
+    for size in (2, 3, (3, 16), (16, 3)):
+        with pytest.raises(ValueError, match="at least 4 x 4"):
+            remnant(size, seed=0)
+    for seed in range(5):
+        s = remnant(4, seed=seed)
+        assert np.all(np.isfinite(s))
+        np.testing.assert_allclose(s.sum(axis=(1, 2)), 1.0)

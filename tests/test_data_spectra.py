@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastmu.data import energy_grid, spectra, stats
+from fastmu.data import energy_grid, format_stats, spectra, stats
 
 SHARED = Path(os.environ.get("FASTMU_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 CHANDRA = SHARED / "chandra_mixing_matrices.npz"
@@ -43,6 +43,35 @@ def test_bad_arguments():
         spectra(-1)
     with pytest.raises(ValueError):
         spectra(2, m=3)
+
+
+def test_no_spectra():
+    A = spectra(0, seed=0, m=33)
+    assert A.shape == (0, 33, 4) and A.dtype == np.float64
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.full((3, 20, 4), np.nan), "non-finite"),
+    (-np.ones((3, 20, 4)), "negative"),
+    (np.zeros((3, 20, 4)), "all-zero"),
+    (np.ones((0, 20, 4)), "at least one matrix"),
+])
+def test_stats_refuses_bad_spectra(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        stats(bad)
+
+
+def test_stats_ignore_column_scale():
+    A = spectra(6, seed=0)
+    scaled, plain = stats(A * np.array([3.0, 0.2, 1.0, 50.0])), stats(A)
+    assert scaled.keys() == plain.keys()
+    np.testing.assert_allclose(list(scaled.values()), list(plain.values()), rtol=1e-9)
+
+
+def test_format_stats_needs_a_set():
+    for columns in ({}, {"generated": {}}):
+        with pytest.raises(ValueError, match="at least one set"):
+            format_stats(columns)
 
 
 @pytest.fixture(scope="module")

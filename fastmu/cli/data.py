@@ -64,6 +64,10 @@ def _preview(args) -> int:
     from fastmu.data import natural_images, remnant, shared_data_dir
     from fastmu.data.figures import plot_maps, plot_spectra_fan
 
+    from fastmu.data.remnant import _MIN_SIZE
+
+    if args.size < _MIN_SIZE:  # before any figure is written
+        raise ValueError(f"--size must be at least {_MIN_SIZE} (the remnant's smallest map), got {args.size}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = _spectra_sets(args)

@@ -38,6 +38,25 @@ def _check_snr(snr_db) -> float:
     return snr
 
 
+def _check_factors(A, S) -> None:
+    """Refuse NaN, inf and negative entries of the work tensors A and S.
+
+    mix runs once per training batch, possibly on a GPU: one min/max pass over each
+    (NaN propagates into both) and a single device-to-host copy for the lot.
+    """
+    import torch
+
+    given = [(name, x) for name, x in (("A", A), ("S", S)) if x.numel()]  # aminmax refuses empty input
+    if not given:
+        return
+    vals = torch.stack([v for _, x in given for v in torch.aminmax(x)]).tolist()
+    for (name, _), lo, hi in zip(given, vals[::2], vals[1::2]):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        if lo < 0:
+            raise ValueError(f"{name} contains negative values (min {lo:.3g}); they must be non-negative")
+
+
 def _noise(seeds: Sequence[int], shape: tuple[int, int]):
     """Standard normal noise (b, m, t), on the CPU, one generator per seed.
 
@@ -72,22 +91,34 @@ def mix(A, S, snr_db: float | None = 60.0, *, seeds: Sequence[int] | int | None 
     device : str or torch.device
         Where X, A, S are returned (and the product computed).
     dtype : torch.dtype, optional
-        Output dtype (default float32).
+        Output dtype, a floating one (default float32).
 
     Returns
     -------
     X, A, S : torch.Tensor
-        Shapes (b, m, t), (b, m, n), (b, n, t).
+        Shapes (b, m, t), (b, m, n), (b, n, t); empty when b = 0.
+
+    Raises
+    ------
+    TypeError
+        A non-floating ``dtype``; complex A or S.
+    ValueError
+        Shapes that do not match; NaN, inf or negative entries in A or S.
     """
     import torch
 
     dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype (e.g. torch.float32, torch.float64), got {dtype!r}")
     A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A)
     S = torch.as_tensor(np.asarray(S) if not isinstance(S, torch.Tensor) else S)
+    for name, v in (("A", A), ("S", S)):
+        if v.is_complex():  # casting to the work dtype would drop the imaginary part
+            raise TypeError(f"{name} must be real numbers, got dtype {v.dtype}")
     if A.ndim != 3:
         raise ValueError(f"A must have shape (b, m, n), got {tuple(A.shape)}")
     if S.ndim == 4:
-        S = S.reshape(S.shape[0], S.shape[1], -1)
+        S = S.flatten(2)  # not reshape(b, n, -1): with b = 0 the -1 is ambiguous
     if S.ndim != 3:
         raise ValueError(f"S must have shape (b, n, t) or (b, n, h, w), got rank {S.ndim} {tuple(S.shape)}")
     if S.shape[0] != A.shape[0] or S.shape[1] != A.shape[2]:
@@ -99,6 +130,7 @@ def mix(A, S, snr_db: float | None = 60.0, *, seeds: Sequence[int] | int | None 
     work = torch.float64 if dtype == torch.float64 else torch.float32
     A64 = A.to(device=device, dtype=work)
     S64 = S.to(device=device, dtype=work)
+    _check_factors(A64, S64)
     X = torch.bmm(A64, S64)
     if snr_db is not None:
         snr = _check_snr(snr_db)
@@ -132,7 +164,7 @@ def measured_snr_db(X, A, S) -> np.ndarray:
     import torch
 
     X, A, S = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in (X, A, S))
-    clean = torch.bmm(A.double(), S.double().reshape(S.shape[0], S.shape[1], -1))
+    clean = torch.bmm(A.double(), S.double().flatten(2))
     noise = X.double() - clean
     return (20 * torch.log10(torch.linalg.vector_norm(clean, dim=(1, 2))
                               / torch.linalg.vector_norm(noise, dim=(1, 2)))).cpu().numpy()
@@ -225,13 +257,22 @@ class MixtureSet:
         X : Tensor, shape (b, m, t)
         A : Tensor, shape (b, m, 4)
         S : Tensor, shape (b, 4, t)
+            Empty (b = 0) for an empty ``idx``.
         """
-        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        idx = np.atleast_1d(np.asarray(idx))
+        if idx.size and idx.dtype.kind not in "iu":  # casting would truncate 1.7 to 1, read True as 1
+            raise TypeError(f"idx must be an int or a sequence of ints, got {np.array2string(idx, threshold=6)} "
+                            f"(dtype {idx.dtype})")
+        idx = idx.astype(np.int64)  # an empty list comes as float64
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range for a set of {len(self)}")
         idx = idx % max(len(self), 1)
         A = self.A[self.a_index[idx]]
-        S = np.stack([self.map_set(j) for j in self.map_index[idx]])
+        if idx.size:
+            S = np.stack([self.map_set(j) for j in self.map_index[idx]])
+        else:  # nothing to stack, but X still needs the set's t = h * w
+            hw = self.map_set(0).shape[1:] if callable(self.maps) else self.maps.shape[2:]
+            S = np.empty((0, self.A.shape[2], *hw), dtype=np.float32)
         return mix(A, S, self.snr_db, seeds=self.seeds[idx].tolist(), device=device, dtype=dtype)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int | None = None,
@@ -252,11 +293,23 @@ class MixtureSet:
         (X, A, S) : tuple of Tensor
             As :meth:`batch` returns.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"batch_size must be an int, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
         for s in range(0, len(self), batch_size):
             yield self.batch(order[s:s + batch_size], device=device, dtype=dtype)
+
+
+def _check_set_size(value, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or None (the preset's size), got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 or None (the preset's size), got {value}")
+    return int(value)
 
 
 #: set sizes and map size of each preset
@@ -293,8 +346,10 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
         SNR of all sets (paper: 60 dB).
     m : int
         Channels.
-    size, n_train, n_test : int, optional
-        Override the preset's map size and set sizes.
+    size : int or (int, int), optional
+        Override the preset's map size (h, w >= 2; >= 4 for the procedural remnant).
+    n_train, n_test : int, optional
+        Override the preset's set sizes (>= 1).
     train_spectra : ndarray (n, m, 4), optional
         Use these (e.g. the real Chandra set) for training instead of generated ones.
     realistic_maps : "auto", "remnant", path or ndarray
@@ -308,16 +363,17 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
     dict with keys ``train``, ``test_simple``, ``test_realistic``.
     """
     from fastmu.data.remnant import remnant
-    from fastmu.data.sources import natural_images
+    from fastmu.data.sources import _check_size, natural_images
     from fastmu.data.spectra import spectra
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     cfg = dict(PRESETS[preset])
-    size = int(size or cfg["size"])
-    n_tr = int(n_train or cfg["train"])
-    n_te = int(n_test or cfg["test_simple"])
-    n_re = int(n_test or cfg["test_realistic"])
+    # only None means "the preset's": a 0 must not quietly become the preset's value
+    size = _check_size(cfg["size"] if size is None else size)
+    n_tr = _check_set_size(n_train, "n_train", cfg["train"])
+    n_te = _check_set_size(n_test, "n_test", cfg["test_simple"])
+    n_re = _check_set_size(n_test, "n_test", cfg["test_realistic"])
     if kinds is None:
         try:
             import skimage  # noqa: F401

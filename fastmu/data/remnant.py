@@ -17,6 +17,12 @@ import numpy as np
 
 __all__ = ["remnant"]
 
+# smallest side of a remnant map: at 2 x 2 every pixel but the centre lies outside the
+# shock and whole maps come out zero (NaN after normalisation); at 3 x 3 a map can be a
+# single pixel and the four maps are near-collinear (condition number up to ~5e3);
+# from 4 x 4 on, 1000 seeds give finite maps, each non-zero on >= 3 pixels, cond <= ~140
+_MIN_SIZE = 4
+
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
     """Smooth Gaussian noise with correlation length ``scale`` pixels (FFT filter)."""
@@ -33,17 +39,25 @@ def remnant(size=128, *, seed: int | None = None) -> np.ndarray:
     Parameters
     ----------
     size : int or (int, int)
-        Map size (h, w).
+        Map size (h, w), each at least 4.
     seed : int or None
         Seed; the same seed gives the same maps.
 
     Returns
     -------
     ndarray, shape (4, h, w), float64, non-negative, each map sums to 1.
+
+    Raises
+    ------
+    ValueError
+        A side below 4 pixels: too few to draw four distinct maps.
     """
     from fastmu.data.sources import _check_size
 
     h, w = _check_size(size)
+    if min(h, w) < _MIN_SIZE:
+        raise ValueError(f"size must be at least {_MIN_SIZE} x {_MIN_SIZE} for a remnant "
+                         f"(smaller grids leave maps empty or a single pixel), got {size!r}")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     cy = h / 2 + rng.normal(0, 0.03 * h)

@@ -32,13 +32,43 @@ SKIMAGE_IMAGES = (
 _SKIMAGE_HINT = "natural-image crops need scikit-image: pip install fastmu[data]"
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _check_size(size) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (int(size), int(size))
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 2:
-        raise ValueError(f"size must be an int or (h, w) with h, w >= 2, got {size}")
-    return size
+    if _is_int(size):
+        parts = (size, size)
+    else:
+        try:  # a str is iterable but never a size
+            parts = None if isinstance(size, (str, bytes)) else tuple(size)
+        except TypeError:
+            parts = None
+    if parts is None or not all(_is_int(s) for s in parts):
+        raise TypeError(f"size must be an int or a pair of ints (h, w), got {size!r}")
+    if len(parts) != 2 or min(parts) < 2:
+        raise ValueError(f"size must be an int or (h, w) with h, w >= 2, got {size!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _check_n(n) -> int:
+    if not _is_int(n):
+        raise TypeError(f"n must be an int, got {n!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return int(n)
+
+
+def _check_real(x, name: str) -> float:
+    try:
+        if isinstance(x, (str, bytes)):
+            raise TypeError
+        v = float(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a real number, got {x!r}") from exc
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    return v
 
 
 def _unit_max(x: np.ndarray) -> np.ndarray:
@@ -93,6 +123,7 @@ def photo_crops(n: int, size=128, *, seed: int | None = None) -> np.ndarray:
     ImportError
         If scikit-image is not installed (``pip install fastmu[data]``).
     """
+    n = _check_n(n)
     h, w = _check_size(size)
     photos = _photos()
     from skimage.transform import resize
@@ -132,18 +163,31 @@ def dead_leaves(n: int, size=128, *, seed: int | None = None, r_min: float = 2.0
     size : int or (int, int), default 128
     seed : int, optional
     r_min : float, default 2.0
-        Smallest radius, in pixels.
+        Smallest radius, in pixels; finite and > 0.
     r_max : float, optional
-        Largest radius; default a third of the larger side.
+        Largest radius, finite and >= ``r_min``; default a third of the larger side.
     alpha : float, default 3.0
-        Exponent of the radius law.
+        Exponent of the radius law; finite and not 1.
 
     Returns
     -------
     ndarray, shape (n, h, w), float64, max 1.
     """
+    n = _check_n(n)
     h, w = _check_size(size)
-    r_max = float(r_max if r_max is not None else max(h, w) / 3)
+    r_min = _check_real(r_min, "r_min")
+    if r_min <= 0:  # the radius law r^-alpha needs r > 0
+        raise ValueError(f"r_min must be > 0, got {r_min!r}")
+    if r_max is None:
+        r_max = max(h, w) / 3
+    else:
+        r_max = _check_real(r_max, "r_max")
+        if r_max < r_min:
+            raise ValueError(f"r_max must be >= r_min ({r_min!r}), got {r_max!r}")
+    alpha = _check_real(alpha, "alpha")
+    if alpha == 1.0:  # the inverse CDF below divides by 1 - alpha
+        raise ValueError("alpha must not be 1 (the radius law's inverse CDF divides by 1 - alpha); "
+                         "use a value near it, e.g. 1.001")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     out = np.empty((n, h, w))
@@ -193,13 +237,21 @@ def power_law_field(n: int, size=128, *, seed: int | None = None,
     size : int or (int, int), default 128
     seed : int, optional
     beta : (float, float), default (1.6, 2.4)
-        Range of the spectral exponent.
+        Range ``(lo, hi)`` of the spectral exponent, finite, ``lo <= hi``.
 
     Returns
     -------
     ndarray, shape (n, h, w), float64, max 1.
     """
+    n = _check_n(n)
     h, w = _check_size(size)
+    try:
+        lo, hi = beta
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"beta must be a pair (lo, hi) of real numbers, got {beta!r}") from exc
+    lo, hi = _check_real(lo, "beta[0]"), _check_real(hi, "beta[1]")
+    if lo > hi:
+        raise ValueError(f"beta must be a range (lo, hi) with lo <= hi, got {beta!r}")
     rng = np.random.default_rng(seed)
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
@@ -207,7 +259,7 @@ def power_law_field(n: int, size=128, *, seed: int | None = None,
     f[0, 0] = 1.0
     out = np.empty((n, h, w))
     for i in range(n):
-        b = rng.uniform(*beta)
+        b = rng.uniform(lo, hi)
         spec = (rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) * f ** (-b / 2)
         spec[0, 0] = 0.0
         field = np.fft.irfft2(spec, s=(h, w))
@@ -242,6 +294,7 @@ def natural_images(n: int, size=128, *, seed: int | None = None,
     bad = [k for k in kinds if k not in gens]
     if bad or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {tuple(gens)}, got {kinds}")
+    n = _check_n(n)
     h, w = _check_size(size)
     ss = np.random.SeedSequence(seed)
     children = ss.spawn(n)

@@ -215,7 +215,8 @@ def _continuum_avg(f, edges: np.ndarray, n_sub: int = 8) -> np.ndarray:
     t = (np.arange(n_sub) + 0.5) / n_sub
     sub = edges[:-1, None] + np.diff(edges)[:, None] * t[None, :]  # (m, n_sub)
     vals = f(sub.ravel())  # (n, m*n_sub)
-    return vals.reshape(vals.shape[0], -1, n_sub).mean(-1)
+    # m spelled out, not -1: with n = 0 the size cannot tell m
+    return vals.reshape(vals.shape[0], sub.shape[0], n_sub).mean(-1)
 
 
 def spectra(n: int, *, seed: int | None = None, m: int = 65) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastmu.data.io import validate_spectra
 from fastmu.data.spectra import COMPONENTS
 
 __all__ = ["angles_deg", "fwhm_channels", "stats", "format_stats"]
@@ -62,8 +63,11 @@ def stats(A: np.ndarray) -> dict[str, float]:
 
     Parameters
     ----------
-    A : array_like, shape (n, m, 4)
-        Mixing matrices, columns in the order sync, therm, fe1, fe2.
+    A : array_like, shape (n, m, 4) or (m, 4)
+        Mixing matrices, columns in the order sync, therm, fe1, fe2: finite,
+        non-negative, no all-zero column, n >= 1.  Columns are scaled to unit
+        L2 norm first (fastmu's convention) so the family means and condition
+        numbers do not depend on the arbitrary scale of each column.
 
     Returns
     -------
@@ -75,9 +79,9 @@ def stats(A: np.ndarray) -> dict[str, float]:
         percentile of the Fe line's peak channel, and ``<fe>_fwhm_lo`` /
         ``_fwhm_med`` / ``_fwhm_hi`` of its FWHM in channels.
     """
-    A = np.asarray(A, dtype=np.float64)
-    if A.ndim != 3 or A.shape[2] != 4:
-        raise ValueError(f"A must have shape (n, m, 4), got {A.shape}")
+    A = validate_spectra(A, len(COMPONENTS))
+    if A.shape[0] == 0:
+        raise ValueError(f"A must hold at least one matrix, got shape {A.shape}")
     out: dict[str, float] = {"n": float(A.shape[0]), "m": float(A.shape[1])}
     for k, fam in enumerate(COMPONENTS):
         cols = A[:, :, k]
@@ -112,7 +116,9 @@ def format_stats(columns: dict[str, dict[str, float]]) -> str:
     str
     """
     names = list(columns)
-    keys = list(next(iter(columns.values())))
+    if not names or not columns[names[0]]:
+        raise ValueError(f"columns must map at least one set name to a non-empty stats dict, got {columns!r}")
+    keys = list(columns[names[0]])
     w0 = max(len(k) for k in keys)
     header = "statistic".ljust(w0) + "".join(f"  {n:>12}" for n in names)
     lines = [header, "-" * len(header)]
