@@ -78,6 +78,13 @@ def test_unmix_figure_of_a_batch_is_refused_before_the_run(tmp_path, capsys):
     assert "--figure draws one problem" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_unmix_file_that_is_not_numpy_is_named(tmp_path, capsys, suffix):
+    (tmp_path / f"X{suffix}").write_bytes(b"not an array")
+    assert main(["unmix", str(tmp_path / f"X{suffix}"), "-n", "2", "--no-progress"]) == 2
+    assert f"is not a NumPy {suffix} file" in capsys.readouterr().err
+
+
 def test_unmix_cube_layout(tmp_path):
     rng = np.random.default_rng(1)
     cube = rng.random((6, 7, 10))  # rows, cols, bands

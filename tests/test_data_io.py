@@ -51,6 +51,38 @@ def test_file_errors(tmp_path):
     assert load_spectra(tmp_path / "k.npz", key="B").shape == (2, 8, 4)
 
 
+def _damaged(tmp_path, kind):
+    """A file NumPy cannot read as arrays of numbers; its name is its suffix's."""
+    if kind == "not numpy":
+        for suffix in (".npy", ".npz"):
+            (tmp_path / f"garbage{suffix}").write_bytes(b"hello, world")
+        return "garbage", r"is not a NumPy \.np[yz] file"
+    if kind == "object array":
+        np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+        np.savez(tmp_path / "obj.npz", A=np.array([{"a": 1}, None], dtype=object))
+        return "obj", "holds an object array"
+    full = tmp_path / "full"
+    np.save(f"{full}.npy", np.ones((2, 8, 4)))
+    np.savez_compressed(f"{full}.npz", A=np.random.default_rng(0).random((2, 8, 4)))
+    for suffix, keep in ((".npy", 200), (".npz", None)):
+        data = bytearray((tmp_path / f"full{suffix}").read_bytes())
+        if keep is not None:
+            data = data[:keep]  # truncated
+        else:
+            data[60:120] = b"\x07" * 60  # corrupted inside the compressed member
+        (tmp_path / f"damaged{suffix}").write_bytes(bytes(data))
+    return "damaged", "could not be read"
+
+
+@pytest.mark.parametrize("kind", ["not numpy", "object array", "damaged"])
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_unreadable_files_say_what_is_wrong(tmp_path, kind, suffix):
+    # np.load(allow_pickle=False) calls a file that is not NumPy's "pickled (object) data"
+    stem, msg = _damaged(tmp_path, kind)
+    with pytest.raises(ValueError, match=msg):
+        load_spectra(tmp_path / f"{stem}{suffix}")
+
+
 @pytest.mark.parametrize("bad, msg", [
     (np.ones((4, 8)), "rank 2"),
     (np.ones((1, 1, 4, 8, 8)), "rank 5"),

@@ -55,17 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load_array(path: Path, key: str | None) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.keys())
-            if key is None:
-                key = "X" if "X" in names else (names[0] if len(names) == 1 else None)
-            if key is None or key not in names:
-                raise ValueError(f"{path} holds {names}; name the array with --key")
-            return z[key]
-    raise ValueError(f"{path}: expected a .npy or .npz file")
+    from fastmu.data.io import read_array
+
+    if path.suffix not in (".npy", ".npz"):
+        raise ValueError(f"{path}: expected a .npy or .npz file")
+
+    def choose(names: list[str]) -> str:
+        k = key if key is not None else ("X" if "X" in names else (names[0] if len(names) == 1 else None))
+        if k is None or k not in names:
+            raise ValueError(f"{path} holds {names}; name the array with --key")
+        return k
+
+    return read_array(path, choose)
 
 
 def _to_problems(X: np.ndarray, layout: str | None) -> tuple[np.ndarray, str, tuple[int, ...]]:

@@ -7,7 +7,10 @@ reference folder are files of exactly this kind.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,23 +47,74 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+#: the first bytes of a .npy file and of a .npz (a zip archive)
+_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
+
+
+def read_array(path: Path, choose: Callable[[list[str]], str]) -> np.ndarray:
+    """The array of a ``.npy`` file, or the member ``choose(names)`` of a ``.npz``.
+
+    ``np.load(allow_pickle=False)`` reads a file that is not in NumPy's format
+    as pickled data and says so ("This file contains pickled (object)
+    data"), which misleads; here the header is checked first, and a damaged
+    file or an object array is a ``ValueError`` that says what is wrong.
+
+    Parameters
+    ----------
+    path : Path
+        An existing ``.npy`` or ``.npz`` file.
+    choose : callable
+        Given a ``.npz``'s member names, the one to read (or raise).
+
+    Returns
+    -------
+    ndarray
+    """
+    suffix = path.suffix.lower()
+    if suffix not in _MAGIC:
+        raise ValueError(f"{path.name}: unsupported file type {suffix!r}; use .npz or .npy")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head.startswith(_MAGIC[suffix]):
+        raise ValueError(f"{path} is not a NumPy {suffix} file (it does not start with NumPy's {suffix} header)")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        z = np.load(path, allow_pickle=False)
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+    with z:
+        k = choose(list(z.files))
+        try:
+            return z[k]
+        except _UNREADABLE as exc:
+            raise _unreadable(path, exc) from None
+
+
+#: what NumPy raises on a truncated or damaged file, or an object array
+_UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    if "allow_pickle" in str(exc) or "pickled" in str(exc):  # fastmu reads arrays of numbers only
+        return ValueError(f"{path} holds an object array; fastmu reads arrays of numbers")
+    return ValueError(f"{path} could not be read ({type(exc).__name__}: {exc})")
+
+
 def _load_array(path, key: str | None, default_key: str) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            k = key or default_key
-            if k not in z.files:
-                if key is None and len(z.files) == 1:
-                    k = z.files[0]
-                else:
-                    raise ValueError(f"{path.name}: no array {k!r} (keys: {', '.join(z.files)}); pass key=")
-            return z[k]
-    raise ValueError(f"{path.name}: unsupported file type {suffix!r}; use .npz or .npy")
+
+    def choose(names: list[str]) -> str:
+        k = key or default_key
+        if k not in names:
+            if key is None and len(names) == 1:
+                return names[0]
+            raise ValueError(f"{path.name}: no array {k!r} (keys: {', '.join(names)}); pass key=")
+        return k
+
+    return read_array(path, choose)
 
 
 def _check_values(x: np.ndarray, what: str) -> None:
