@@ -133,6 +133,10 @@ def apply_permutation(A: Any, S: Any, perm: np.ndarray) -> tuple[np.ndarray, np.
         ``A[..., :, perm]`` and ``S[..., perm, :]``, per problem.
     """
     A, S = _np(A), _np(S)
+    perm = np.asarray(perm)
+    n = A.shape[-1]
+    if perm.dtype.kind not in "iu" or perm.shape[-1:] != (n,) or not (np.sort(perm, axis=-1) == np.arange(n)).all():
+        raise ValueError(f"perm must be a permutation of 0..{n - 1} per problem, got {np.array2string(perm, threshold=8)}")
     Ap = np.take_along_axis(A, np.broadcast_to(perm[..., None, :], A.shape[:-1] + perm.shape[-1:]), axis=-1)
     Sp = np.take_along_axis(S, np.broadcast_to(perm[..., :, None], perm.shape + S.shape[-1:]), axis=-2)
     return Ap, Sp

@@ -50,6 +50,10 @@ def as_numpy_input(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if type(x).__module__.startswith("scipy.sparse"):
         raise TypeError(f"{name} is a sparse {type(x).__name__}; fastmu works on dense arrays: pass {name}.toarray()")
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmask(x) is not np.ma.nomask and np.ma.getmask(x).any():
+        # np.asarray would drop the mask and factorise the hidden values as data
+        raise TypeError(f"{name} is a masked array with masked entries; MU has no notion of missing values: "
+                        f"fill them ({name}.filled(value)) or pass {name}.data to use the values under the mask")
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:

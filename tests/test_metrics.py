@@ -100,3 +100,9 @@ def test_matching_leaves_extra_estimated_components_unmatched():
     A = rng.random((10, 3))
     extra = np.concatenate([A[:, [2, 0, 1]], rng.random((10, 2))], axis=1)
     assert metrics.match_components(extra, A).tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("perm", [[0, 0, 1], [0, 1], [0, 1, 3], [0.0, 1.0, 2.0]])
+def test_apply_permutation_refuses_what_is_not_a_permutation(perm):
+    with pytest.raises(ValueError, match="permutation of 0..2"):
+        metrics.apply_permutation(np.ones((4, 3)), np.ones((3, 5)), np.array(perm))

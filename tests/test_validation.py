@@ -234,3 +234,14 @@ def test_tol_and_random_state_of_the_wrong_type_are_named(solver):
     a, _ = run(X, 2, n_iter=2, random_state=np.random.default_rng(0))  # a Generator draws the start too
     b, _ = run(X, 2, n_iter=2, random_state=np.random.default_rng(0))
     np.testing.assert_array_equal(a, b)
+
+
+def test_masked_array_with_masked_entries_is_refused():
+    # np.asarray drops the mask: the hidden values would be factorised as data
+    Xm = np.ma.masked_greater(X, 0.9)
+    assert Xm.mask.any()
+    with pytest.raises(TypeError, match="masked array.*filled"):
+        fastmu.mu(Xm, 2, n_iter=2)
+    A, S = fastmu.mu(np.ma.masked_greater(X, 2.0), 2, n_iter=2, random_state=0)  # nothing masked: plain data
+    A2, S2 = fastmu.mu(X, 2, n_iter=2, random_state=0)
+    np.testing.assert_array_equal(A, A2)
