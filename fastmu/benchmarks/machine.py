@@ -58,7 +58,8 @@ def machine_info() -> dict[str, Any]:
         "packages": package_versions(),
         "blas": blas_info(),
         "env": {k: v for k, v in sorted(os.environ.items())
-                if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "NUMBA_CPU_FEATURES")
+                if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                         "NUMBA_CPU_FEATURES", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
                 or k.startswith("FASTMU_")},
         "cpu_vectors_512bit": _zmm_status(),
         "cpu_block_products": _products(),

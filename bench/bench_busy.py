@@ -1,0 +1,133 @@
+"""MU on a machine that is busy with other work: OpenMP's wait policy and the thread count.
+
+fastmu's CPU kernels run on Numba's OpenMP threading layer. Between parallel
+regions OpenMP's threads spin, waiting for the next one; the single-problem
+schedule opens one region per iteration. When other processes want the same
+cores, a spinning thread holds a core that a working one needs, and an
+iteration can wait a whole scheduler time slice. This script measures it: each
+configuration runs in a fresh process (OpenMP reads its environment once, at
+load), on a quiet machine and beside ``--hogs`` processes that each spin on
+one core, the configurations taking turns.
+
+Usage::
+
+    python bench/bench_busy.py                     # writes bench/results/mu_cpu_busy.json
+    python bench/bench_busy.py --iters 100 --rounds 1 --out /tmp/busy.json
+
+Timings on a machine with other load than the hogs are not meaningful.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: name → environment added to the worker's
+CONFIGS = {
+    "default": {},
+    "OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
+    "NUMBA_NUM_THREADS=1": {"NUMBA_NUM_THREADS": "1"},
+}
+
+#: name → (b, m, t): the paper's single problem (one parallel region per
+#: iteration) and a batch (problem-major: one region for the whole run)
+WORKLOADS = {"single 65 × 16384": (1, 65, 16384), "batch 16 × 65 × 1024": (16, 65, 1024)}
+
+_WORKER = """
+import json, sys, time
+import numpy as np
+import fastmu
+b, m, t, iters, reps = (int(v) for v in sys.argv[1:6])
+rng = np.random.default_rng(0)
+X = (rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32)
+fastmu.mu(X, 4, n_iter=5, random_state=0)  # compile / load, start the threads
+ms = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    fastmu.mu(X, 4, n_iter=iters, random_state=0)
+    ms.append(1e3 * (time.perf_counter() - t0) / iters)
+print(json.dumps(ms))
+"""
+
+
+def _hogs(k: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+
+
+def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int) -> list[float]:
+    full = dict(os.environ, **env)
+    for k in ("OMP_WAIT_POLICY", "NUMBA_NUM_THREADS"):  # only what the configuration sets
+        if k not in env:
+            full.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", _WORKER, *map(str, shape), str(iters), str(reps)],
+                         env=full, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(iters: int = 200, rounds: int = 3, hogs: int | None = None) -> dict:
+    from fastmu.benchmarks.machine import machine_info
+
+    if hogs is None:
+        hogs = os.cpu_count() or 2
+    rows = []
+    for load in ("quiet", "busy"):
+        procs = _hogs(hogs) if load == "busy" else []
+        try:
+            time.sleep(1.0 if procs else 0.0)
+            for wname, shape in WORKLOADS.items():
+                times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+                for _ in range(rounds):
+                    for cname, env in CONFIGS.items():
+                        times[cname] += _measure(shape, env, iters, 3)
+                for cname, ts in times.items():
+                    rows.append({"load": load, "workload": wname, "config": cname, "ms_per_iter": ts,
+                                 "median_ms": float(np.median(ts))})
+                    print(f"{load:5s}  {wname:22s}  {cname:25s}  {np.median(ts):8.3f} ms/iter")
+        finally:
+            for p in procs:
+                p.kill()
+    return {"iters": iters, "rounds": rounds, "hogs": hogs, "configs": CONFIGS, "workloads": WORKLOADS,
+            "results": rows, "machine": machine_info()}
+
+
+def format_table(res: dict) -> str:
+    """Markdown: one row per workload and load, one column per configuration (median ms per iteration)."""
+    names = list(res["configs"])
+    lines = ["| workload | machine | " + " | ".join(f"`{c}`" for c in names) + " |",
+             "| --- | --- |" + " ---: |" * len(names)]
+    by = {(r["load"], r["workload"], r["config"]): r["median_ms"] for r in res["results"]}
+    for w in res["workloads"]:
+        for load in ("quiet", "busy"):
+            quiet_default = by[("quiet", w, "default")]
+            cells = [f"{by[(load, w, c)]:.3f} ({by[(load, w, c)] / quiet_default:.2g}×)" for c in names]
+            label = "quiet" if load == "quiet" else f"{res['hogs']} spinning processes"
+            lines.append(f"| {w} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hogs", type=int, default=None, help="busy-loop processes (default: one per core)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/mu_cpu_busy.json"))
+    ap.add_argument("--table", type=Path, default=None, help="print the table of a saved JSON and exit")
+    args = ap.parse_args()
+    if args.table is not None:
+        print(format_table(json.loads(args.table.read_text())))
+        return
+    res = run(args.iters, args.rounds, args.hogs)
+    print(format_table(res))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
