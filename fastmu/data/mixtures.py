@@ -24,18 +24,16 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fastmu.data.io import normalise_maps, resample_maps, shared_data_dir, validate_maps, validate_spectra
+from fastmu.data.sources import _check_real
 
 __all__ = ["mix", "measured_snr_db", "MixtureSet", "PRESETS", "paper_sets"]
 
 
 def _check_snr(snr_db) -> float:
     try:
-        snr = float(snr_db)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"snr_db must be a real number, got {snr_db!r}") from exc
-    if not math.isfinite(snr):
-        raise ValueError(f"snr_db must be finite, got {snr_db!r} (use snr_db=None for noiseless mixtures)")
-    return snr
+        return _check_real(snr_db, "snr_db")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (use snr_db=None for noiseless mixtures)") from None
 
 
 def _check_factors(A, S) -> None:
