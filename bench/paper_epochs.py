@@ -7,7 +7,9 @@ matched cosines and how many problems each model scores above MU on::
 
     fastmu paper --preset paper --epochs 5 --out bench/results/paper_cpu
     fastmu paper --preset paper --epochs 20 --methods nalmu almu --out bench/results/paper_cpu_20_epochs
-    python bench/paper_epochs.py bench/results/paper_cpu bench/results/paper_cpu_20_epochs
+    fastmu paper --preset paper --epochs 20 --methods dnmf snmf_net --out bench/results/paper_cpu_20_epochs_baselines
+    python bench/paper_epochs.py bench/results/paper_cpu bench/results/paper_cpu_20_epochs \
+        bench/results/paper_cpu_20_epochs_baselines
 """
 from __future__ import annotations
 
