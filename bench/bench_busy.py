@@ -6,8 +6,9 @@ schedule opens one region per iteration. When other processes want the same
 cores, a spinning thread holds a core that a working one needs, and an
 iteration can wait a whole scheduler time slice. This script measures it: each
 configuration runs in a fresh process (OpenMP reads its environment once, at
-load), on a quiet machine and beside ``--hogs`` processes that each spin on
-one core, the configurations taking turns.
+load): on a quiet machine, beside ``--hogs`` Python loops (one per core by
+default), and beside a process running torch matrix products on every core,
+the loads and configurations taking turns round after round.
 
 Usage::
 
@@ -56,8 +57,23 @@ print(json.dumps(ms))
 """
 
 
-def _hogs(k: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+#: name → the competing processes' code (started ``--hogs`` times for the Python loop; once,
+#: on every core, for torch, whose OpenMP threads spin between its operations as fastmu's do)
+LOADS = {
+    "quiet": None,
+    "Python loops": "while True: pass",
+    "torch matmuls": "import torch\nx = torch.rand(512, 512)\nwhile True: x = torch.tanh(x @ x)",
+}
+
+
+def _start(load: str, hogs: int) -> list[subprocess.Popen]:
+    code = LOADS[load]
+    if code is None:
+        return []
+    k = hogs if load == "Python loops" else 1
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(k)]
+    time.sleep(2.0)  # let them start (torch's import takes a second)
+    return procs
 
 
 def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int) -> list[float]:
@@ -75,38 +91,38 @@ def run(iters: int = 200, rounds: int = 3, hogs: int | None = None) -> dict:
 
     if hogs is None:
         hogs = os.cpu_count() or 2
-    rows = []
-    for load in ("quiet", "busy"):
-        procs = _hogs(hogs) if load == "busy" else []
-        try:
-            time.sleep(1.0 if procs else 0.0)
-            for wname, shape in WORKLOADS.items():
-                times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-                for _ in range(rounds):
+    times: dict[tuple[str, str, str], list[float]] = {}
+    # rounds outermost, so that a drift of the machine's speed spreads over every cell
+    for r in range(rounds):
+        for load in LOADS:
+            procs = _start(load, hogs)
+            try:
+                for wname, shape in WORKLOADS.items():
                     for cname, env in CONFIGS.items():
-                        times[cname] += _measure(shape, env, iters, 3)
-                for cname, ts in times.items():
-                    rows.append({"load": load, "workload": wname, "config": cname, "ms_per_iter": ts,
-                                 "median_ms": float(np.median(ts))})
-                    print(f"{load:5s}  {wname:22s}  {cname:25s}  {np.median(ts):8.3f} ms/iter")
-        finally:
-            for p in procs:
-                p.kill()
-    return {"iters": iters, "rounds": rounds, "hogs": hogs, "configs": CONFIGS, "workloads": WORKLOADS,
-            "results": rows, "machine": machine_info()}
+                        times.setdefault((load, wname, cname), []).extend(_measure(shape, env, iters, 3))
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+        print(f"round {r + 1}/{rounds} done")
+    rows = [{"load": load, "workload": w, "config": c, "ms_per_iter": ts, "median_ms": float(np.median(ts))}
+            for (load, w, c), ts in times.items()]
+    return {"iters": iters, "rounds": rounds, "hogs": hogs, "loads": LOADS, "configs": CONFIGS,
+            "workloads": WORKLOADS, "results": rows, "machine": machine_info()}
 
 
 def format_table(res: dict) -> str:
-    """Markdown: one row per workload and load, one column per configuration (median ms per iteration)."""
+    """Markdown: one row per workload and load, one column per configuration (median ms per iteration,
+    and its ratio to the quiet machine's default)."""
     names = list(res["configs"])
-    lines = ["| workload | machine | " + " | ".join(f"`{c}`" for c in names) + " |",
+    lines = ["| workload | competing work | " + " | ".join(f"`{c}`" for c in names) + " |",
              "| --- | --- |" + " ---: |" * len(names)]
     by = {(r["load"], r["workload"], r["config"]): r["median_ms"] for r in res["results"]}
     for w in res["workloads"]:
-        for load in ("quiet", "busy"):
+        for load in res["loads"]:
             quiet_default = by[("quiet", w, "default")]
             cells = [f"{by[(load, w, c)]:.3f} ({by[(load, w, c)] / quiet_default:.2g}×)" for c in names]
-            label = "quiet" if load == "quiet" else f"{res['hogs']} spinning processes"
+            label = {"quiet": "none", "Python loops": f"{res['hogs']} Python loops"}.get(load, load)
             lines.append(f"| {w} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
