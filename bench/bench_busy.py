@@ -66,23 +66,30 @@ LOADS = {
 }
 
 
+#: inherited settings that would change the "default" configuration or the loads
+_THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
+
+
 def _start(load: str, hogs: int) -> list[subprocess.Popen]:
     code = LOADS[load]
     if code is None:
         return []
     k = hogs if load == "Python loops" else 1
-    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(k)]
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(k)]
     time.sleep(2.0)  # let them start (torch's import takes a second)
     return procs
 
 
 def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int) -> list[float]:
     full = dict(os.environ, **env)
-    for k in ("OMP_WAIT_POLICY", "NUMBA_NUM_THREADS"):  # only what the configuration sets
+    for k in _THREAD_ENV:  # only what the configuration sets
         if k not in env:
             full.pop(k, None)
     out = subprocess.run([sys.executable, "-c", _WORKER, *map(str, shape), str(iters), str(reps)],
-                         env=full, capture_output=True, text=True, check=True)
+                         env=full, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the worker failed ({env}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

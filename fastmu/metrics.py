@@ -52,7 +52,12 @@ def _component_axis(axis: int, ndim: int) -> int:
 
 
 def _same_shape(est: np.ndarray, true: np.ndarray) -> None:
-    if est.shape != true.shape:
+    """The factors' own axes must agree; batch axes may broadcast (a batch against one truth)."""
+    try:
+        np.broadcast_shapes(est.shape[:-2], true.shape[:-2])
+    except ValueError:
+        raise ValueError(f"estimate has shape {est.shape} but the truth has shape {true.shape}") from None
+    if est.shape[-2:] != true.shape[-2:]:
         raise ValueError(f"estimate has shape {est.shape} but the truth has shape {true.shape}")
 
 
@@ -124,8 +129,8 @@ def apply_permutation(A: Any, S: Any, perm: np.ndarray) -> tuple[np.ndarray, np.
     ----------
     A : array_like, shape (…, m, n)
     S : array_like, shape (…, n, t)
-    perm : ndarray of int, shape (…, n)
-        As returned by :func:`match_components`.
+    perm : ndarray of int, shape (…, k), k <= n
+        As returned by :func:`match_components`: distinct component indices.
 
     Returns
     -------
@@ -135,8 +140,13 @@ def apply_permutation(A: Any, S: Any, perm: np.ndarray) -> tuple[np.ndarray, np.
     A, S = _np(A), _np(S)
     perm = np.asarray(perm)
     n = A.shape[-1]
-    if perm.dtype.kind not in "iu" or perm.shape[-1:] != (n,) or not (np.sort(perm, axis=-1) == np.arange(n)).all():
-        raise ValueError(f"perm must be a permutation of 0..{n - 1} per problem, got {np.array2string(perm, threshold=8)}")
+    ok = perm.dtype.kind in "iu" and perm.ndim >= 1 and 0 < perm.shape[-1] <= n
+    if ok:
+        srt = np.sort(perm, axis=-1)
+        ok = bool((srt >= 0).all() and (srt < n).all() and (np.diff(srt, axis=-1) > 0).all())
+    if not ok:  # match_components may leave extra estimated components out: distinct, not all
+        raise ValueError(f"perm must pick distinct components of 0..{n - 1} per problem, got "
+                         f"{np.array2string(perm, threshold=8)}")
     Ap = np.take_along_axis(A, np.broadcast_to(perm[..., None, :], A.shape[:-1] + perm.shape[-1:]), axis=-1)
     Sp = np.take_along_axis(S, np.broadcast_to(perm[..., :, None], perm.shape + S.shape[-1:]), axis=-2)
     return Ap, Sp

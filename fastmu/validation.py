@@ -116,6 +116,40 @@ def check_same_kind_and_device(ref: Any, other: Any, ref_name: str, name: str) -
         raise ValueError(f"{name} is on {d_other} but {ref_name} is on {d_ref}; put them on the same device")
 
 
+def check_tensors_nonnegative_finite(tensors: dict[str, Any], hint: str = "") -> None:
+    """Refuse NaN, infinite and negative entries in torch tensors, with one read on the host.
+
+    One ``aminmax`` pass per tensor (it propagates NaN) and one device-to-host
+    copy for all of them: on a GPU a single synchronisation. Empty and meta
+    tensors are skipped, and so is everything while the current CUDA stream is
+    being captured into a graph, where reading a value back is not allowed.
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        The tensors, by the names the messages give them.
+    hint : str, optional
+        Appended to the message about a negative value.
+
+    Raises
+    ------
+    ValueError
+        A tensor holds a NaN, an infinity or a negative value.
+    """
+    import torch
+
+    given = [(k, v) for k, v in tensors.items() if v.numel() and not v.is_meta]
+    if not given or any(v.is_cuda for _, v in given) and torch.cuda.is_current_stream_capturing():
+        return
+    with torch.no_grad():
+        vals = torch.stack([m.to(torch.float64) for _, v in given for m in torch.aminmax(v.detach())]).tolist()
+    for (name, _), lo, hi in zip(given, vals[::2], vals[1::2]):
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if lo < 0:
+            raise ValueError(f"{name} must be non-negative; its minimum is {lo:g}{hint}")
+
+
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
@@ -159,6 +193,8 @@ def check_random_state(seed: Any) -> np.random.RandomState | np.random.Generator
 
 def check_eps(eps: Any) -> float:
     try:
+        if isinstance(eps, (str, bytes, bool)):  # as check_tol: a number, not text that parses as one
+            raise TypeError
         e = float(eps)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"eps must be a real number, got {eps!r}") from exc

@@ -102,7 +102,25 @@ def test_matching_leaves_extra_estimated_components_unmatched():
     assert metrics.match_components(extra, A).tolist() == [1, 2, 0]
 
 
-@pytest.mark.parametrize("perm", [[0, 0, 1], [0, 1], [0, 1, 3], [0.0, 1.0, 2.0]])
-def test_apply_permutation_refuses_what_is_not_a_permutation(perm):
-    with pytest.raises(ValueError, match="permutation of 0..2"):
+@pytest.mark.parametrize("perm", [[0, 0, 1], [0, 1, 3], [-1, 0, 1], [0.0, 1.0, 2.0], [0, 1, 2, 0]])
+def test_apply_permutation_refuses_what_is_not_a_selection(perm):
+    with pytest.raises(ValueError, match="distinct components of 0..2"):
         metrics.apply_permutation(np.ones((4, 3)), np.ones((3, 5)), np.array(perm))
+
+
+def test_apply_permutation_takes_a_partial_match():
+    # more estimated components than true ones: match_components leaves the extra out
+    rng = np.random.default_rng(3)
+    A_true = rng.random((20, 3))
+    A_est = np.concatenate([A_true[:, ::-1], rng.random((20, 2))], axis=1)
+    S_est = rng.random((5, 50))
+    Ap, Sp = metrics.apply_permutation(A_est, S_est, metrics.match_components(A_est, A_true))
+    np.testing.assert_array_equal(Ap, A_true)
+    assert Sp.shape == (3, 50)
+
+
+def test_a_batch_is_scored_against_one_truth():
+    rng = np.random.default_rng(4)
+    A = rng.random((20, 3))
+    np.testing.assert_allclose(metrics.mean_cosine(np.stack([A, 2 * A]), A), [1.0, 1.0])
+    np.testing.assert_allclose(metrics.rmse(np.stack([A, A]), A), [0.0, 0.0])

@@ -204,9 +204,8 @@ def test_negative_or_nan_data_or_factors(which):
     args[which][1, 2, 0] = float("inf")
     with pytest.raises(ValueError, match=f"{which} contains NaN or infinite"):
         learned_mu_step(args["X"], args["A"], args["S"], W)
-    if which == "X":
-        with pytest.raises(ValueError, match="X contains NaN"):
-            learned_mu_unroll(args["X"], A, S, W.expand(3, -1, -1))
+    with pytest.raises(ValueError, match=f"{which} contains NaN"):
+        learned_mu_unroll(args["X"], args["A"], args["S"], W.expand(3, -1, -1))
 
 
 @pytest.mark.parametrize("eps", [0.0, -1e-12, float("nan"), float("inf")])

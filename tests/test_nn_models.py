@@ -111,6 +111,31 @@ def test_model_refuses_data_it_would_turn_into_nan_or_negative_factors(Model):
             model(torch.rand(*shape))
 
 
+@pytest.mark.parametrize("Model", [NALMU, ALMU])
+def test_input_check_can_be_turned_off_for_checked_data(Model, monkeypatch):
+    import fastmu.nn.models as models
+
+    model = Model(2, 2, 8, 2) if Model is ALMU else Model(2, 8, 2)
+    X = torch.rand(2, 8, 30)
+    calls = []
+    monkeypatch.setattr(models, "check_tensors_nonnegative_finite", lambda *a, **k: calls.append(a))
+    model(X)
+    assert len(calls) == 1
+    model.check_input = False
+    out = model(X)
+    assert len(calls) == 1  # no pass over X, no read on the host
+    built = Model(2, 2, 8, 2, check_input=False) if Model is ALMU else Model(2, 8, 2, check_input=False)
+    built(X)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, model(X))
+
+
+def test_half_precision_is_refused_only_where_the_fused_kernels_run():
+    NALMU(2, 8, 2, dtype=torch.float16, device="meta")  # other devices run torch ops whatever fused says
+    with pytest.raises(TypeError, match="float32 or float64"):
+        NALMU(2, 8, 2, dtype=torch.float16, device="cpu")
+
+
 def test_model_arguments_checked_at_construction():
     with pytest.raises(TypeError, match="float32 or float64.*fused=False"):
         NALMU(2, 8, 2, dtype=torch.float16)

@@ -245,3 +245,9 @@ def test_masked_array_with_masked_entries_is_refused():
     A, S = fastmu.mu(np.ma.masked_greater(X, 2.0), 2, n_iter=2, random_state=0)  # nothing masked: plain data
     A2, S2 = fastmu.mu(X, 2, n_iter=2, random_state=0)
     np.testing.assert_array_equal(A, A2)
+
+
+@pytest.mark.parametrize("bad", ["1e-12", True, b"1"])
+def test_eps_given_as_text_or_bool_is_refused_as_tol_is(bad):
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        fastmu.mu(X, 2, n_iter=2, eps=bad)

@@ -127,14 +127,6 @@ def _spectra_matrix(A_init: Any, m: int, n: int, who: str) -> torch.Tensor:
     return a
 
 
-def _check_data(X: torch.Tensor) -> None:
-    """Non-negative, finite data (what every update of these models assumes)."""
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError("X contains NaN or infinite values")
-    if bool((X < 0).any()):
-        raise ValueError(f"X must be non-negative; its smallest entry is {float(X.min()):.3g}")
-
-
 def _check_layers(n_layers: Any, m: Any, n: Any) -> None:
     for name, v in (("n_layers", n_layers), ("m", m), ("n", n)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -278,8 +270,7 @@ class DNMF(nn.Module):
         (A, S) with A (b, m, n), S (b, n, t), or a list of ``n_layers`` such
         pairs; 2-D input gives unbatched factors.
         """
-        X, squeeze = _check_model_input(X, self.m, self.log_A_ref)
-        _check_data(X)
+        X, squeeze = _check_model_input(X, self.m, self.log_A_ref)  # and X's values
         _, S = constant_init(X, self.n)
         U, V = self.layer_matrices()
         outs: list[Factors] = []

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastmu.baselines.dnmf import _check_data, _check_layers, _spectra_matrix
+from fastmu.baselines.dnmf import _check_layers, _spectra_matrix
 from fastmu.nn.models import _check_model_input, _squeeze
 
 __all__ = ["SNMFNet", "lp_threshold"]
@@ -228,8 +228,7 @@ class SNMFNet(nn.Module):
         (A, S) with A (b, m, n), S (b, n, t), or a list of ``n_layers`` such
         pairs; 2-D input gives unbatched factors.
         """
-        X, squeeze = _check_model_input(X, self.m, self.B)
-        _check_data(X)
+        X, squeeze = _check_model_input(X, self.m, self.B)  # and X's values
         finfo = torch.finfo(X.dtype)
         A, S = self.initial_factors(X)
         # the thresholds act on S in units of the problem's brightest entry (scale-free θ)

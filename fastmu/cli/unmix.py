@@ -57,7 +57,7 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
         raise FileNotFoundError(f"{path} does not exist")
     from fastmu.data.io import read_array
 
-    if path.suffix not in (".npy", ".npz"):
+    if path.suffix.lower() not in (".npy", ".npz"):
         raise ValueError(f"{path}: expected a .npy or .npz file")
 
     def choose(names: list[str]) -> str:

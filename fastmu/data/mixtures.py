@@ -17,7 +17,6 @@ training step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from fastmu.data.io import normalise_maps, resample_maps, shared_data_dir, validate_maps, validate_spectra
 from fastmu.data.sources import _check_real
+from fastmu.validation import check_tensors_nonnegative_finite
 
 __all__ = ["mix", "measured_snr_db", "MixtureSet", "PRESETS", "paper_sets"]
 
@@ -34,25 +34,6 @@ def _check_snr(snr_db) -> float:
         return _check_real(snr_db, "snr_db")
     except ValueError as exc:
         raise ValueError(f"{exc} (use snr_db=None for noiseless mixtures)") from None
-
-
-def _check_factors(A, S) -> None:
-    """Refuse NaN, inf and negative entries of the work tensors A and S.
-
-    mix runs once per training batch, possibly on a GPU: one min/max pass over each
-    (NaN propagates into both) and a single device-to-host copy for the lot.
-    """
-    import torch
-
-    given = [(name, x) for name, x in (("A", A), ("S", S)) if x.numel()]  # aminmax refuses empty input
-    if not given:
-        return
-    vals = torch.stack([v for _, x in given for v in torch.aminmax(x)]).tolist()
-    for (name, _), lo, hi in zip(given, vals[::2], vals[1::2]):
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-        if lo < 0:
-            raise ValueError(f"{name} contains negative values (min {lo:.3g}); they must be non-negative")
 
 
 def _noise(seeds: Sequence[int], shape: tuple[int, int]):
@@ -128,7 +109,7 @@ def mix(A, S, snr_db: float | None = 60.0, *, seeds: Sequence[int] | int | None 
     work = torch.float64 if dtype == torch.float64 else torch.float32
     A64 = A.to(device=device, dtype=work)
     S64 = S.to(device=device, dtype=work)
-    _check_factors(A64, S64)
+    check_tensors_nonnegative_finite({"A": A64, "S": S64})  # one pass each, one read on the host
     X = torch.bmm(A64, S64)
     if snr_db is not None:
         snr = _check_snr(snr_db)

@@ -36,17 +36,15 @@ Device specifics live in two small runners with one interface
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
 
 from fastmu import EPS
-from fastmu.validation import check_eps
+from fastmu.validation import check_eps, check_tensors_nonnegative_finite
 
 __all__ = [
-    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_nonnegative_finite", "check_unroll_weights",
-    "learned_mu_step",
+    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_unroll_weights", "learned_mu_step",
     "learned_mu_step_pg", "learned_mu_unroll",
 ]
 
@@ -56,36 +54,6 @@ _FLOATS = (torch.float32, torch.float64)
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
-
-
-def check_nonnegative_finite(x: torch.Tensor, name: str, hint: str = "") -> None:
-    """Refuse NaN, infinite and negative entries in ``x``.
-
-    One reduction (``aminmax``, which propagates NaN) and, on a GPU, one
-    synchronisation. Skipped while the current CUDA stream is being captured
-    into a graph, where reading a value back is not allowed.
-
-    Parameters
-    ----------
-    x : Tensor
-    name : str
-        How the messages name ``x``.
-    hint : str, optional
-        Appended to the message about a negative value.
-
-    Raises
-    ------
-    ValueError
-        ``x`` holds a NaN, an infinity or a negative value.
-    """
-    if x.numel() == 0 or x.is_meta or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    with torch.no_grad():
-        lo, hi = torch.stack(list(torch.aminmax(x.detach()))).tolist()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if lo < 0:
-        raise ValueError(f"{name} must be non-negative; its minimum is {lo:g}{hint}")
 
 
 def check_layer_inputs(
@@ -103,7 +71,8 @@ def check_layer_inputs(
         Also check that W is finite and non-negative (reads W's values: on a
         GPU, a synchronisation).
     check_data : bool, default True
-        Also check that X, A and S are finite and non-negative (:func:`check_nonnegative_finite`).
+        Also check that X, A and S are finite and non-negative
+        (:func:`fastmu.validation.check_tensors_nonnegative_finite`).
 
     Raises
     ------
@@ -149,11 +118,11 @@ def check_layer_inputs(
             f"W must have shape (m, n) = {(m, n)} (shared by the batch) or (b, m, n) = {(b, m, n)} "
             f"(one per problem), got {tuple(W.shape)}"
         )
+    # one read on the host for all of them (on a GPU, one synchronisation)
+    values = dict(zip(names[:3], (X, A, S))) if check_data else {}
     if check_w_values:
-        check_nonnegative_finite(W, "W")
-    if check_data:
-        for name, v in zip(names[:3], (X, A, S)):
-            check_nonnegative_finite(v, name)
+        values["W"] = W
+    check_tensors_nonnegative_finite(values)
 
 
 # ---------------------------------------------------------------------------
@@ -612,7 +581,7 @@ def check_unroll_weights(Ws: Any, X: torch.Tensor, n: int, *, check_values: bool
     if Ws.device != X.device:
         raise ValueError(f"Ws is on {Ws.device} but X is on {X.device}; they must be on the same device")
     if check_values:
-        check_nonnegative_finite(Ws, "Ws")
+        check_tensors_nonnegative_finite({"Ws": Ws})
 
 
 def learned_mu_unroll(

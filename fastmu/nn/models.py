@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from fastmu import EPS
-from fastmu.nn.functional import check_nonnegative_finite, unroll_unchecked
-from fastmu.validation import check_eps
+from fastmu.nn.functional import unroll_unchecked
+from fastmu.validation import check_eps, check_tensors_nonnegative_finite
 
 __all__ = ["NALMU", "ALMU", "WeightMLPs", "constant_init"]
 
@@ -98,13 +98,14 @@ def _count(v: object, name: str) -> int:
     return k
 
 
-def _check_fused_dtype(dtype: torch.dtype, fused: bool) -> None:
-    if fused and dtype not in (torch.float32, torch.float64):
+def _check_fused_dtype(dtype: torch.dtype, fused: bool, device: torch.device) -> None:
+    # other devices run the torch ops whatever fused says (run_layers)
+    if fused and device.type in ("cpu", "cuda") and dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the fused kernels compute in float32 or float64, got {dtype}; "
                         "convert the model (e.g. model.float()) or build it with fused=False (torch ops)")
 
 
-def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _check_model_input(X: object, m: int, ref: torch.Tensor, check_values: bool = True) -> tuple[torch.Tensor, bool]:
     """Validate ``X`` for a model of ``m`` channels; returns the batched X and whether it was 2-D."""
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
@@ -124,7 +125,8 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor) -> tuple[torch.Tens
         raise ValueError(f"X is on {X.device} but the model is on {ref.device}; move one of them")
     if X.shape[0] == 0 or X.shape[2] == 0:
         raise ValueError(f"X must have at least one problem and one pixel, got shape {tuple(X.shape)}")
-    check_nonnegative_finite(X, "X", hint=" (noisy data? X.clamp_min(0) clips the noise's negatives)")
+    if check_values:
+        check_tensors_nonnegative_finite({"X": X}, hint=" (noisy data? X.clamp_min(0) clips the noise's negatives)")
     return X.contiguous(), squeeze
 
 
@@ -140,7 +142,7 @@ def run_layers(
     with plain autograd.
     """
     if fused and X.device.type in ("cpu", "cuda"):
-        _check_fused_dtype(X.dtype, fused)
+        _check_fused_dtype(X.dtype, fused, X.device)
         return unroll_unchecked(X, A, S, Ws, eps, return_all)
     from fastmu.reference import mu_step_torch
 
@@ -170,6 +172,11 @@ class NALMU(nn.Module):
     eps : float, default :data:`fastmu.EPS`
     dtype, device
         Of the parameters (X must match them).
+    check_input : bool, default True
+        Check that X is finite and non-negative on every forward: one pass
+        over X and one read on the host (on a GPU, a synchronisation).
+        ``False`` skips it, for inference loops on checked data. The
+        attribute of the same name can be changed later.
 
     Attributes
     ----------
@@ -196,14 +203,16 @@ class NALMU(nn.Module):
         eps: float = EPS,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        check_input: bool = True,
     ):
         super().__init__()
         n_layers, m, n = _count(n_layers, "n_layers"), _count(m, "m"), _count(n, "n")
         self.n_layers, self.m, self.n = n_layers, m, n
         self.fused = bool(fused)
         self.eps = check_eps(eps)
+        self.check_input = bool(check_input)
         self.theta = nn.Parameter(torch.zeros(n_layers, m, n, dtype=dtype, device=device))
-        _check_fused_dtype(self.theta.dtype, self.fused)
+        _check_fused_dtype(self.theta.dtype, self.fused, self.theta.device)
 
     def weights(self) -> torch.Tensor:
         """The layer weights ``W = exp(θ)``, shape ``(n_layers, m, n)``, all positive."""
@@ -230,7 +239,7 @@ class NALMU(nn.Module):
         -------
         (A, S), or a list of ``n_layers`` such pairs; 2-D input gives unbatched factors.
         """
-        X, squeeze = _check_model_input(X, self.m, self.theta)
+        X, squeeze = _check_model_input(X, self.m, self.theta, self.check_input)
         A0, S0 = constant_init(X, self.n)
         out = self.unroll(X, A0, S0, return_all)
         return _squeeze(out, squeeze)
@@ -319,7 +328,7 @@ class ALMU(nn.Module):
         Feed ``A_NALMU`` with unit-norm columns, so the MLPs see the shape of
         the spectra, not the data's intensity scale (which MU spreads
         arbitrarily between A and S). ``False`` feeds ``vec(A_NALMU)`` as is.
-    fused, eps, dtype, device
+    fused, eps, dtype, device, check_input
         As in :class:`NALMU`.
 
     Notes
@@ -345,12 +354,14 @@ class ALMU(nn.Module):
         eps: float = EPS,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        check_input: bool = True,
     ):
         super().__init__()
         almu_layers = _count(almu_layers, "almu_layers")
         hidden = tuple(int(h) for h in hidden)
         if any(h < 1 for h in hidden):
             raise ValueError(f"hidden widths must be positive, got {hidden}")
+        self.check_input = bool(check_input)
         self.front = NALMU(nalmu_layers, m, n, fused=fused, eps=eps, dtype=dtype, device=device)
         nalmu_layers, m, n = self.front.n_layers, self.front.m, self.front.n
         self.nalmu_layers, self.almu_layers, self.m, self.n = nalmu_layers, almu_layers, m, n
@@ -391,7 +402,7 @@ class ALMU(nn.Module):
 
     def forward(self, X: torch.Tensor, return_all: bool = False) -> Factors | list[Factors]:
         """Unmix ``X`` (see :meth:`NALMU.forward`); ``return_all`` gives all ``L1 + L2`` layers."""
-        X, squeeze = _check_model_input(X, self.m, self.front.theta)
+        X, squeeze = _check_model_input(X, self.m, self.front.theta, self.check_input)
         A, S = constant_init(X, self.n)
         frozen = not any(p.requires_grad for p in self.front.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
