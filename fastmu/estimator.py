@@ -17,12 +17,11 @@ small stand-in for ``get_params``/``set_params``.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import numbers
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -296,9 +295,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # _solve draws the start before the first order: scikit-learn's order of draws
             # from a shared RandomState
             order = _check_random_state(self.random_state)
-        with _read_only_ok():
-            return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
-                          init=init, random_state=self.random_state, progress=bool(self.verbose), order=order)
+        return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
+                      init=init, random_state=self.random_state, progress=bool(self.verbose), order=order)
 
     def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
                   run: dict[str, Any]) -> tuple[Any, Any, int]:
@@ -365,7 +363,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self._check_shuffle()
         kind = array_kind(X)
         max_iter, tol = int(self.max_iter), float(self.tol)
-        with torch.no_grad(), _read_only_ok():
+        with torch.no_grad():
             Xt = TorchEngine.adopt(X, None)[None]
             Ht = TorchEngine.adopt(H, Xt)[None]
             Wt = torch.zeros((1, Ht.shape[1], Xt.shape[1]), dtype=Xt.dtype, device=Xt.device)
@@ -550,15 +548,6 @@ def _frobenius(X: Any, W: Any, H: Any) -> float:
                 R = R / s
                 return s * math.sqrt(float((R * R).sum()))
     return float(math.sqrt(f))
-
-
-@contextlib.contextmanager
-def _read_only_ok() -> Iterator[None]:
-    """Silences torch's warning on wrapping a read-only NumPy array (X from a memory map, say):
-    coordinate descent only reads X, so its tensor view of X is safe."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        yield
 
 
 def _check_random_state(seed: Any) -> np.random.RandomState:

@@ -85,6 +85,9 @@ def check_values(x: Any, name: str, kind: ArrayKind) -> None:
     else:
         if _dtype_name(x).startswith("uint"):
             return  # always finite and >= 0; torch has no comparisons for uint16/32/64
+        if kind == "torch":
+            check_tensors_nonnegative_finite({name: x})
+            return
         mod = _module(kind)
         finite = bool(mod.isfinite(x).all())
         nonneg = bool((x >= 0).all()) if finite else True

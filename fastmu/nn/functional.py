@@ -646,8 +646,9 @@ def learned_mu_unroll(
     if Ws.dim() not in (3, 4) or Ws.shape[0] < 1:
         raise ValueError(f"Ws must be (L, m, n) or (L, b, m, n) with L ≥ 1, got shape {tuple(Ws.shape)}")
     if isinstance(X, torch.Tensor) and isinstance(A, torch.Tensor) and X.dim() == 3 and A.dim() == 3:
-        check_unroll_weights(Ws, X, A.shape[2])  # first: Ws's own messages, not those for one W
-    check_layer_inputs(X, A, S, Ws[0], check_w_values=False)  # types, dtypes, devices, shapes and values of X, A, S
+        check_unroll_weights(Ws, X, A.shape[2], check_values=False)  # first: Ws's own messages, not those for one W
+    check_layer_inputs(X, A, S, Ws[0], check_w_values=False, check_data=False)  # types, dtypes, devices, shapes
+    check_tensors_nonnegative_finite({"X": X, "A": A, "S": S, "Ws": Ws})  # one read on the host for all
     eps = check_eps(eps)
     if X.device.type not in ("cpu", "cuda"):
         raise ValueError(f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
