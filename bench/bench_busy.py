@@ -4,7 +4,9 @@ fastmu's CPU kernels run on Numba's OpenMP threading layer. Between parallel
 regions OpenMP's threads spin, waiting for the next one; the single-problem
 schedule opens one region per iteration. When other processes want the same
 cores, a spinning thread holds a core that a working one needs, and an
-iteration can wait a whole scheduler time slice. This script measures it: each
+iteration can wait a whole scheduler time slice. fastmu's default is to
+govern the thread count while it runs (:mod:`fastmu.cpu_threads`);
+``FASTMU_ADAPTIVE_THREADS=0`` keeps every thread. This script measures it: each
 configuration runs in a fresh process (OpenMP reads its environment once, at
 load): on a quiet machine, beside ``--hogs`` Python loops (one per core by
 default), and beside a process running torch matrix products on every core,
@@ -13,7 +15,8 @@ the loads and configurations taking turns round after round.
 Usage::
 
     python bench/bench_busy.py                     # writes bench/results/mu_cpu_busy.json
-    python bench/bench_busy.py --iters 100 --rounds 1 --out /tmp/busy.json
+    python bench/bench_busy.py --iters 500 --rounds 1 --out /tmp/busy.json
+    python bench/bench_busy.py --table bench/results/mu_cpu_busy.json   # the README's table
 
 Timings on a machine with other load than the hogs are not meaningful.
 """
@@ -29,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-#: name → environment added to the worker's
+#: name → environment added to the worker's. "default" governs the thread count
+#: (fastmu.cpu_threads); FASTMU_ADAPTIVE_THREADS=0 keeps every thread, as fastmu did before.
 CONFIGS = {
     "default": {},
+    "FASTMU_ADAPTIVE_THREADS=0": {"FASTMU_ADAPTIVE_THREADS": "0"},
     "OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
     "NUMBA_NUM_THREADS=1": {"NUMBA_NUM_THREADS": "1"},
 }
@@ -48,13 +53,50 @@ b, m, t, iters, reps = (int(v) for v in sys.argv[1:6])
 rng = np.random.default_rng(0)
 X = (rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32)
 fastmu.mu(X, 4, n_iter=5, random_state=0)  # compile / load, start the threads
-ms = []
+from fastmu import cpu_threads
+cpu_threads._last = None  # the warm-up's threads are not remembered
+ms, ended = [], []
 for _ in range(reps):
     t0 = time.perf_counter()
     fastmu.mu(X, 4, n_iter=iters, random_state=0)
     ms.append(1e3 * (time.perf_counter() - t0) / iters)
+    last = cpu_threads._last  # None where no run was governed
+    ended.append(None if last is None else cpu_threads.thread_levels(last[1])[last[2]])
+    cpu_threads._last = None  # each run starts afresh, as a first call in a new process would
+print(json.dumps([ms, ended]))
+"""
+
+
+_AB_WORKER = """
+import json, os, sys, time
+import numpy as np
+import fastmu
+from fastmu import cpu_threads
+b, m, t, iters, reps = (int(v) for v in sys.argv[1:6])
+rng = np.random.default_rng(0)
+X = (rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32)
+fastmu.mu(X, 4, n_iter=5, random_state=0)
+ms = {"governed": [], "FASTMU_ADAPTIVE_THREADS=0": []}
+for _ in range(reps):
+    for name, flag in (("governed", "1"), ("FASTMU_ADAPTIVE_THREADS=0", "0")):
+        os.environ[cpu_threads.ENV] = flag  # read when the run starts
+        cpu_threads._last = None
+        t0 = time.perf_counter()
+        fastmu.mu(X, 4, n_iter=iters, random_state=0)
+        ms[name].append(1e3 * (time.perf_counter() - t0) / iters)
 print(json.dumps(ms))
 """
+
+
+def quiet_ab(shape: tuple[int, int, int], iters: int, reps: int) -> dict[str, list[float]]:
+    """Governed and fixed thread counts on the quiet machine, alternating in one process (ms/it):
+    the governor's cost where there is nothing to gain, without the spread between processes."""
+    env = {k: v for k, v in os.environ.items() if k not in _THREAD_ENV}
+    out = subprocess.run([sys.executable, "-c", _AB_WORKER, *map(str, shape), str(iters), str(reps)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the A/B worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 #: name → the competing processes' code (started ``--hogs`` times for the Python loop; once,
@@ -67,7 +109,8 @@ LOADS = {
 
 
 #: inherited settings that would change the "default" configuration or the loads
-_THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
+_THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
+               "FASTMU_ADAPTIVE_THREADS")
 
 
 def _start(load: str, hogs: int) -> list[subprocess.Popen]:
@@ -81,7 +124,7 @@ def _start(load: str, hogs: int) -> list[subprocess.Popen]:
     return procs
 
 
-def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int) -> list[float]:
+def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int) -> tuple[list, list]:
     full = dict(os.environ, **env)
     for k in _THREAD_ENV:  # only what the configuration sets
         if k not in env:
@@ -90,15 +133,17 @@ def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps:
                          env=full, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"the worker failed ({env}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    ms, ended = json.loads(out.stdout.strip().splitlines()[-1])
+    return ms, ended
 
 
-def run(iters: int = 200, rounds: int = 3, hogs: int | None = None) -> dict:
+def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None) -> dict:
     from fastmu.benchmarks.machine import machine_info
 
     if hogs is None:
         hogs = os.cpu_count() or 2
     times: dict[tuple[str, str, str], list[float]] = {}
+    ended: dict[tuple[str, str, str], list] = {}
     # rounds outermost, so that a drift of the machine's speed spreads over every cell
     for r in range(rounds):
         for load in LOADS:
@@ -106,16 +151,20 @@ def run(iters: int = 200, rounds: int = 3, hogs: int | None = None) -> dict:
             try:
                 for wname, shape in WORKLOADS.items():
                     for cname, env in CONFIGS.items():
-                        times.setdefault((load, wname, cname), []).extend(_measure(shape, env, iters, 3))
+                        ms, threads = _measure(shape, env, iters, 3)
+                        times.setdefault((load, wname, cname), []).extend(ms)
+                        ended.setdefault((load, wname, cname), []).extend(threads)
             finally:
                 for p in procs:
                     p.kill()
                     p.wait()
         print(f"round {r + 1}/{rounds} done")
-    rows = [{"load": load, "workload": w, "config": c, "ms_per_iter": ts, "median_ms": float(np.median(ts))}
+    ab = quiet_ab(WORKLOADS["single 65 × 16384"], iters, 5 * rounds)
+    rows = [{"load": load, "workload": w, "config": c, "ms_per_iter": ts, "median_ms": float(np.median(ts)),
+             "threads_at_end": ended[(load, w, c)]}
             for (load, w, c), ts in times.items()]
     return {"iters": iters, "rounds": rounds, "hogs": hogs, "loads": LOADS, "configs": CONFIGS,
-            "workloads": WORKLOADS, "results": rows, "machine": machine_info()}
+            "workloads": WORKLOADS, "results": rows, "quiet_ab_single": ab, "machine": machine_info()}
 
 
 def format_table(res: dict) -> str:
@@ -131,12 +180,17 @@ def format_table(res: dict) -> str:
             cells = [f"{by[(load, w, c)]:.3f} ({by[(load, w, c)] / quiet_default:.2g}×)" for c in names]
             label = {"quiet": "none", "Python loops": f"{res['hogs']} Python loops"}.get(load, load)
             lines.append(f"| {w} | {label} | " + " | ".join(cells) + " |")
+    ab = res.get("quiet_ab_single")
+    if ab:
+        g, f = (float(np.median(ab[k])) for k in ("governed", "FASTMU_ADAPTIVE_THREADS=0"))
+        lines.append(f"\nQuiet machine, one process, alternating ({len(ab['governed'])} runs each): "
+                     f"governed {g:.3f}, FASTMU_ADAPTIVE_THREADS=0 {f:.3f} ms per iteration ({g / f:.2f}×)")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hogs", type=int, default=None, help="busy-loop processes (default: one per core)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/mu_cpu_busy.json"))

@@ -12,7 +12,8 @@ any engine the same way::
 Engines:
 
 ``cpu``
-    Numba parallel fused kernels (:mod:`fastmu.kernels.cpu`), NumPy arrays.
+    Numba parallel fused kernels (:mod:`fastmu.kernels.cpu`), NumPy arrays;
+    on as many threads as measures fastest (:mod:`fastmu.cpu_threads`).
 ``torch``
     The pure-torch reference update, on whatever device the tensors live on.
 ``cuda``
@@ -26,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fastmu import cpu_threads
+from fastmu.cpu_threads import ThreadGovernor
 from fastmu.interop import array_kind, is_device_array, numpy_to_kind, torch_to_numpy
 
 
@@ -146,6 +149,20 @@ class CPUEngine:
         self._stale = False  # factors() must copy the kernel's A, S out
         self.P = np.empty((b, m, nk), X.dtype)
         self.G = np.empty((b, nk, nk), X.dtype)
+        # Schedules that open a parallel region per iteration make the threads
+        # wait for each other every iteration: on a busy machine that wait can
+        # be a scheduler time slice (fastmu.cpu_threads). The caller's
+        # numba.set_num_threads is the most the governor uses.
+        if self._tiled:
+            which = cpu_tiled.schedule(b, self._Xt.shape[1], self._nthreads)
+        else:
+            which = cpu.schedule(b, m, t, X.itemsize, self._nthreads)
+        most = numba.get_num_threads()
+        #: the :class:`~fastmu.cpu_threads.ThreadGovernor` of the run, or None (one region per run,
+        #: one thread, or ``FASTMU_ADAPTIVE_THREADS=0``)
+        self.governor = (
+            ThreadGovernor(most) if which != "problem-major" and most > 1 and cpu_threads.enabled() else None
+        )
 
     @property
     def kernel(self) -> str:
@@ -153,6 +170,12 @@ class CPUEngine:
         return "tiled" if self._tiled else "blocked"
 
     def run(self, n_iter: int) -> None:
+        if self.governor is None or n_iter == 0:
+            self._run(n_iter)
+        else:
+            self.governor.run(self._run, n_iter)
+
+    def _run(self, n_iter: int) -> None:
         x = self._Xt if self._tiled else self.X
         self._k.mu_run(
             x, self._ka, self._ks, self._kw, self.P, self.G,

@@ -82,7 +82,10 @@ def mu(
     backend : {"auto", "cpu", "cuda", "torch"}
         ``"auto"``: host arrays run on the fused CPU kernels, GPU arrays on
         the fused CUDA kernels (torch's reference update when Numba CUDA is
-        missing). ``"torch"`` runs the pure-torch reference anywhere.
+        missing). ``"torch"`` runs the pure-torch reference anywhere. On the
+        CPU, one or a few problems run on as many of Numba's threads as
+        measures fastest while they run (:mod:`fastmu.cpu_threads`: fewer on
+        a machine busy with other work); the results are the same bit for bit.
     callback : callable(iteration, A, S), optional
         Called after every ``callback_every`` iterations with the current
         factors in the caller's array type (views of the solver state: copy

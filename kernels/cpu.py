@@ -967,30 +967,35 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -
 
     Each schedule is a compiled function of its own, chosen here in Python,
     so that a first call compiles only the one it runs (Numba compiles on
-    first use; with an empty cache that is most of a first call's time).
+    first use; with an empty cache that is most of a first call's time). As
+    one function the two column schedules made a first call on one 65 × 16384
+    problem take 48.6 s; the block-parallel one alone, 36–37 s (2-core AMD
+    EPYC, float32).
     """
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
-    cpp = row_chunks(b, m, t, X.itemsize, nthreads)
-    if cpp > 0:  # tall X, few pixels: share out the rows
+    which = schedule(b, m, t, X.itemsize, nthreads)
+    if which == "rows":  # tall X, few pixels: share out the rows
+        cpp = row_chunks(b, m, t, X.itemsize, nthreads)
         _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp)
-    else:
-        _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
-
-
-def _mu_columns(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
-    """:func:`mu_run`'s problem-major and block-parallel schedules, one compiled function each.
-
-    With an empty cache, as one function the two made a first call on one
-    65 × 16384 problem take 48.6 s; the block-parallel one alone, 36–37 s
-    (2-core AMD EPYC, float32).
-    """
-    tb = block_length(X.shape[1], X.itemsize)
-    nblk = (S.shape[2] + tb - 1) // tb
-    if _problem_major(X.shape[0], nblk, nthreads, 2):
+    elif which == "problem-major":
         _mu_problem_major(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
     else:
         _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+
+
+def schedule(b: int, m: int, t: int, itemsize: int, nthreads: int) -> str:
+    """The schedule :func:`mu_run` runs ``X (b, m, t)`` with.
+
+    ``"problem-major"`` (one parallel region for the whole run),
+    ``"block-parallel"`` or ``"rows"`` (one region per iteration: the
+    threads wait for each other every iteration).
+    """
+    if row_chunks(b, m, t, itemsize, nthreads) > 0:
+        return "rows"
+    tb = block_length(m, itemsize)
+    nblk = (t + tb - 1) // tb
+    return "problem-major" if _problem_major(b, nblk, nthreads, 2) else "block-parallel"
 
 
 @nb.njit(cache=True)

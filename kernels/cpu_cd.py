@@ -42,7 +42,6 @@ from fastmu.kernels.cpu import (
     _hot,
     _p_block,
     _pg_range,
-    _problem_major,
     _r_block,
     _reduce_problem,
     _rows_p,
@@ -54,6 +53,7 @@ from fastmu.kernels.cpu import (
     block_length,
     pixel_chunking,
     row_chunks,
+    schedule,
 )
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
@@ -214,26 +214,19 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
 
     Notes
     -----
-    Three schedules: problem-major and block-parallel as in
-    :func:`fastmu.kernels.cpu.mu_run`, and, for a tall X with too few column
-    blocks to go round the threads, rows shared out (:func:`row_chunks`),
-    in a kernel of its own that compiles on first use.
+    Three schedules, chosen as :func:`fastmu.kernels.cpu.mu_run` chooses
+    (:func:`fastmu.kernels.cpu.schedule`): problem-major, block-parallel, and,
+    for a tall X with too few column blocks to go round the threads, rows
+    shared out (:func:`row_chunks`); each a compiled function of its own, so
+    that a first call compiles only the one it runs.
     """
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
-    cpp = row_chunks(b, m, t, X.itemsize, nthreads)
-    if cpp > 0:  # tall X, few pixels: share out the rows
+    which = schedule(b, m, t, X.itemsize, nthreads)  # MU's choice, for the same reasons
+    if which == "rows":  # tall X, few pixels: share out the rows
+        cpp = row_chunks(b, m, t, X.itemsize, nthreads)
         _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp)
-    else:
-        _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
-
-
-def _cd_columns(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
-    """:func:`cd_run`'s problem-major and block-parallel schedules: two compiled
-    functions, so that a first call compiles only the one it runs (as for MU's)."""
-    tb = block_length(X.shape[1], X.itemsize)
-    nblk = (S.shape[2] + tb - 1) // tb
-    if _problem_major(X.shape[0], nblk, nthreads, 2):
+    elif which == "problem-major":
         _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
     else:
         _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)

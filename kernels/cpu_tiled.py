@@ -266,10 +266,17 @@ def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
     The problem-major and block-parallel schedules are two compiled functions, so that a first call
     compiles only the one it runs.
     """
-    if _problem_major(Xt.shape[0], Xt.shape[1], nthreads, 8):  # tiles are 16x smaller units than blocks
+    if schedule(Xt.shape[0], Xt.shape[1], nthreads) == "problem-major":
         _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
     else:
         _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+
+
+def schedule(b: int, ntile: int, nthreads: int) -> str:
+    """``"problem-major"`` or ``"block-parallel"``: the schedule :func:`mu_run` runs ``b`` problems
+    of ``ntile`` tiles with (see :func:`fastmu.kernels.cpu.schedule`)."""
+    # tiles are 16x smaller units than the blocked kernel's column blocks
+    return "problem-major" if _problem_major(b, ntile, nthreads, 8) else "block-parallel"
 
 
 @nb.njit(cache=True)

@@ -248,6 +248,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     import numba
     import torch
 
+    from fastmu import cpu_threads
     from fastmu.dispatch import blocked_kernel_x
     from fastmu.kernels import cpu_cd
 
@@ -265,7 +266,24 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
         bar = tqdm(total=n_iter, desc="CD", unit="it")
         step = min(step, max(1, n_iter // 100))
     stop = _Stopping(tol)
+    nthreads = numba.config.NUMBA_NUM_THREADS
     pg_valid = False
+    viol = np.zeros((0, b))
+    filled = 0
+
+    def advance(kk: int) -> None:  # the next kk iterations, their violations in viol's next rows
+        nonlocal pg_valid, filled
+        cpu_cd.cd_run(X, A, Sn, P, G, kk, pg_valid, viol[filled:filled + kk], nthreads)
+        pg_valid = True
+        filled += kk
+
+    # Like MU's engine: schedules with a parallel region per iteration run on as many
+    # threads as measures fastest (fastmu.cpu_threads); the bits do not change.
+    most = numba.get_num_threads()
+    governor = None
+    if cpu_cd.schedule(b, m, Sn.shape[2], X.itemsize, nthreads) != "problem-major" and most > 1 \
+            and cpu_threads.enabled():
+        governor = cpu_threads.ThreadGovernor(most)
     done = 0
     try:
         while done < n_iter:
@@ -273,8 +291,11 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
             if on_iter is not None:  # end the call at the next callback
                 k = min(k, every - done % every)
             viol = np.zeros((k, b))
-            cpu_cd.cd_run(X, A, Sn, P, G, k, pg_valid, viol, numba.config.NUMBA_NUM_THREADS)
-            pg_valid = True
+            filled = 0
+            if governor is None:
+                advance(k)
+            else:
+                governor.run(advance, k)
             done += k
             if bar is not None:
                 bar.update(k)
