@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The suite runs in two processes (the README's `pytest -n 2`) on as few as two
+# cores: OpenMP threads spinning between parallel regions would hold the cores
+# the other process needs (README, "On a machine busy with other work"). Read
+# when Numba or torch loads OpenMP, so set before either is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
