@@ -17,6 +17,7 @@ Usage::
     python bench/bench_busy.py                     # writes bench/results/mu_cpu_busy.json
     python bench/bench_busy.py --iters 500 --rounds 1 --out /tmp/busy.json
     python bench/bench_busy.py --table bench/results/mu_cpu_busy.json   # the README's table
+    python bench/bench_busy.py --layers            # NALMU's forward: bench/results/nalmu_cpu_busy.json
 
 Timings on a machine with other load than the hogs are not meaningful.
 """
@@ -66,6 +67,31 @@ for _ in range(reps):
 print(json.dumps([ms, ended]))
 """
 
+
+#: the learned layers' CPU forward: not governed (FASTMU_ADAPTIVE_THREADS changes nothing there)
+LAYER_WORKLOADS = {"NALMU forward, 65 × 16384, 50 layers": (1, 65, 16384)}
+LAYER_CONFIGS = {k: v for k, v in CONFIGS.items() if k != "FASTMU_ADAPTIVE_THREADS=0"}
+
+_LAYER_WORKER = """
+import json, sys, time
+import numpy as np
+import torch
+import fastmu
+b, m, t, forwards, reps = (int(v) for v in sys.argv[1:6])
+rng = np.random.default_rng(0)
+X = torch.from_numpy((rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32))
+torch.manual_seed(0)
+model = fastmu.NALMU(n_layers=50, m=m, n=4)
+ms = []
+with torch.no_grad():
+    model(X)  # compile / load, start the threads
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            model(X)
+        ms.append(1e3 * (time.perf_counter() - t0) / (forwards * 50))  # per layer
+print(json.dumps([ms, [None] * reps]))
+"""
 
 _AB_WORKER = """
 import json, os, sys, time
@@ -124,12 +150,13 @@ def _start(load: str, hogs: int) -> list[subprocess.Popen]:
     return procs
 
 
-def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int) -> tuple[list, list]:
+def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps: int,
+             worker: str = _WORKER) -> tuple[list, list]:
     full = dict(os.environ, **env)
     for k in _THREAD_ENV:  # only what the configuration sets
         if k not in env:
             full.pop(k, None)
-    out = subprocess.run([sys.executable, "-c", _WORKER, *map(str, shape), str(iters), str(reps)],
+    out = subprocess.run([sys.executable, "-c", worker, *map(str, shape), str(iters), str(reps)],
                          env=full, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"the worker failed ({env}):\n{out.stderr[-3000:]}")
@@ -137,11 +164,15 @@ def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps:
     return ms, ended
 
 
-def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None) -> dict:
+def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None, layers: bool = False) -> dict:
+    """Every load, workload and configuration, ``rounds`` times; with ``layers``, the learned
+    layers' forward (``iters`` forwards a run) instead of MU (``iters`` iterations a run)."""
     from fastmu.benchmarks.machine import machine_info
 
     if hogs is None:
         hogs = os.cpu_count() or 2
+    workloads, configs, worker = (LAYER_WORKLOADS, LAYER_CONFIGS, _LAYER_WORKER) if layers else \
+        (WORKLOADS, CONFIGS, _WORKER)
     times: dict[tuple[str, str, str], list[float]] = {}
     ended: dict[tuple[str, str, str], list] = {}
     # rounds outermost, so that a drift of the machine's speed spreads over every cell
@@ -149,9 +180,9 @@ def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None) -> dict:
         for load in LOADS:
             procs = _start(load, hogs)
             try:
-                for wname, shape in WORKLOADS.items():
-                    for cname, env in CONFIGS.items():
-                        ms, threads = _measure(shape, env, iters, 3)
+                for wname, shape in workloads.items():
+                    for cname, env in configs.items():
+                        ms, threads = _measure(shape, env, iters, 3, worker)
                         times.setdefault((load, wname, cname), []).extend(ms)
                         ended.setdefault((load, wname, cname), []).extend(threads)
             finally:
@@ -159,12 +190,17 @@ def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None) -> dict:
                     p.kill()
                     p.wait()
         print(f"round {r + 1}/{rounds} done")
-    ab = quiet_ab(WORKLOADS["single 65 × 16384"], iters, 5 * rounds)
+    ab = None if layers else quiet_ab(WORKLOADS["single 65 × 16384"], iters, 5 * rounds)
     rows = [{"load": load, "workload": w, "config": c, "ms_per_iter": ts, "median_ms": float(np.median(ts)),
              "threads_at_end": ended[(load, w, c)]}
             for (load, w, c), ts in times.items()]
-    return {"iters": iters, "rounds": rounds, "hogs": hogs, "loads": LOADS, "configs": CONFIGS,
-            "workloads": WORKLOADS, "results": rows, "quiet_ab_single": ab, "machine": machine_info()}
+    res = {"iters": iters, "rounds": rounds, "hogs": hogs, "loads": LOADS, "configs": configs,
+           "workloads": workloads, "results": rows, "machine": machine_info()}
+    if ab is not None:
+        res["quiet_ab_single"] = ab
+    else:
+        res["unit"] = "ms per layer (a forward of 50 layers / 50)"
+    return res
 
 
 def format_table(res: dict) -> str:
@@ -190,16 +226,22 @@ def format_table(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--iters", type=int, default=None,
+                    help="MU iterations per run (default 2000), or forwards per run with --layers (default 10)")
+    ap.add_argument("--layers", action="store_true",
+                    help="the learned layers' forward instead of MU (default out: bench/results/nalmu_cpu_busy.json)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hogs", type=int, default=None, help="busy-loop processes (default: one per core)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/mu_cpu_busy.json"))
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None, help="print the table of a saved JSON and exit")
     args = ap.parse_args()
     if args.table is not None:
         print(format_table(json.loads(args.table.read_text())))
         return
-    res = run(args.iters, args.rounds, args.hogs)
+    iters = args.iters if args.iters is not None else (10 if args.layers else 2000)
+    if args.out is None:
+        args.out = Path("bench/results/nalmu_cpu_busy.json" if args.layers else "bench/results/mu_cpu_busy.json")
+    res = run(iters, args.rounds, args.hogs, args.layers)
     print(format_table(res))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -48,8 +48,9 @@ def thread_levels(most: int) -> list[int]:
 #: how long a run's last thread count is remembered for the next run (seconds, wall clock)
 MEMORY_S = 2.0
 
-#: the last governed run: ``(time.monotonic(), most, level)``; read by the next governor
-_last: tuple[float, int, int] | None = None
+#: the last governed run: ``(clock at its end, most, level, wait, clock when a trial of more
+#: threads is due)``; read by the next governor
+_last: tuple[float, int, int, float, float] | None = None
 
 
 def _numba_threads() -> tuple[Callable[[], int], Callable[[int], None]]:
@@ -95,9 +96,10 @@ class ThreadGovernor:
         undoes a recent move up, up to ``max_wait_s``.
     recall
         Start at the thread count the last governed run ended at, if it ended
-        less than :data:`MEMORY_S` ago with the same ``most`` (short runs in a
-        loop on a busy machine would otherwise each start on every thread),
-        and leave this run's for the next.
+        less than :data:`MEMORY_S` ago (on ``clock``) with the same ``most``,
+        with its schedule of trials of more threads (short runs in a loop on
+        a busy machine would otherwise each start on every thread), and
+        leave this run's for the next.
     """
 
     def __init__(
@@ -136,11 +138,15 @@ class ThreadGovernor:
         self.moves: list[tuple[float, int]] = []
         self._recall = recall
         if recall and _last is not None:
-            at, last_most, level = _last
-            if last_most == most and level > 0 and time.monotonic() - at < MEMORY_S:
+            at, last_most, level, wait, due = _last
+            now = clock()
+            if last_most == most and level > 0 and 0 <= now - at < MEMORY_S:
+                # carry the schedule of trials of more threads over too: runs shorter
+                # than the wait would otherwise never try them, and stay down for good
                 self.level = level
                 self._tried_down_early = True
-                self._next_up = wait_s
+                self._wait = wait
+                self._next_up = max(0.0, due - now)
 
     @property
     def threads(self) -> int:
@@ -177,7 +183,8 @@ class ThreadGovernor:
             self._set(before)
             if self._recall:
                 global _last
-                _last = (time.monotonic(), self.levels[0], self.level)
+                now = self._clock()
+                _last = (now, self.levels[0], self.level, self._wait, now + self._next_up - self.elapsed)
 
     # -- one slice at the current count, one trial at another ----------------------------------
 

@@ -146,6 +146,26 @@ def test_short_runs_in_a_loop_start_where_the_last_one_ended(monkeypatch):
     assert m.governor(2, recall=True).threads == 2  # too old
 
 
+def test_short_runs_in_a_loop_go_back_up_when_the_load_goes(monkeypatch):
+    """Runs shorter than the wait before a trial of more threads still try them: the schedule
+    of trials carries over from run to run, as the count does."""
+    monkeypatch.setattr(cpu_threads, "_last", None)
+
+    def cost(threads: int, now: float) -> float:
+        return busy(threads, now) if now < 2.0 else quiet(threads, now)
+
+    m = FakeMachine(cost, 2)
+    back_at = None
+    while m.now < 8.0:
+        g = m.governor(2, recall=True)
+        g.run(m.step, 100)  # 43 ms on one thread, 22 ms on two: shorter than any wait
+        if m.now > 2.0 and g.threads == 2 and back_at is None:
+            back_at = m.now
+        if back_at is not None:
+            assert g.threads == 2  # and stays
+    assert back_at is not None and back_at < 2.0 + 2.0 + 0.1
+
+
 def test_descends_to_the_best_count_and_stops():
     def cost(threads: int, now: float) -> float:  # 8 cores, 6 taken: 2 threads is best
         return {8: 20e-3, 4: 6e-3, 2: 1e-3, 1: 1.6e-3}[threads]
@@ -304,3 +324,5 @@ def test_readme_busy_table_is_the_committed_measurement():
     assert "FASTMU_ADAPTIVE_THREADS=0" in res["configs"]
     before = json.loads((root / "bench" / "results" / "mu_cpu_busy_before.json").read_text())
     assert "| single 65 × 16384 | none |" in bench_busy.format_table(before)
+    layers = json.loads((root / "bench" / "results" / "nalmu_cpu_busy.json").read_text())
+    assert bench_busy.format_table(layers) in (root / "README.md").read_text()
