@@ -59,6 +59,22 @@ def _numba_threads() -> tuple[Callable[[], int], Callable[[int], None]]:
     return numba.get_num_threads, numba.set_num_threads
 
 
+def governor_for(schedule: str) -> "ThreadGovernor | None":
+    """A governor for a run of a kernel ``schedule``, or None where there is nothing to govern.
+
+    None for ``"problem-major"`` (one parallel region for the whole run: the
+    threads never wait for each other), when Numba runs one thread (the
+    caller's ``numba.set_num_threads`` is the most used), or when
+    ``FASTMU_ADAPTIVE_THREADS=0``.
+    """
+    import numba
+
+    most = numba.get_num_threads()
+    if schedule == "problem-major" or most < 2 or not enabled():
+        return None
+    return ThreadGovernor(most)
+
+
 class ThreadGovernor:
     """Runs a kernel's iterations in timed slices at the thread count that measures fastest.
 

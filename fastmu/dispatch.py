@@ -28,7 +28,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from fastmu import cpu_threads
-from fastmu.cpu_threads import ThreadGovernor
 from fastmu.interop import array_kind, is_device_array, numpy_to_kind, torch_to_numpy
 
 
@@ -157,12 +156,9 @@ class CPUEngine:
             which = cpu_tiled.schedule(b, self._Xt.shape[1], self._nthreads)
         else:
             which = cpu.schedule(b, m, t, X.itemsize, self._nthreads)
-        most = numba.get_num_threads()
         #: the :class:`~fastmu.cpu_threads.ThreadGovernor` of the run, or None (one region per run,
         #: one thread, or ``FASTMU_ADAPTIVE_THREADS=0``)
-        self.governor = (
-            ThreadGovernor(most) if which != "problem-major" and most > 1 and cpu_threads.enabled() else None
-        )
+        self.governor = cpu_threads.governor_for(which)
 
     @property
     def kernel(self) -> str:

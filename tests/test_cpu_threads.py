@@ -233,7 +233,6 @@ SHAPES = [(1, 20, 8000), (3, 20, 3000), (1, 6000, 40)]
 def test_thread_count_changes_no_bits(solver, shape, dtype, monkeypatch):
     """Each slice at another thread count: the result is the plain run's, bit for bit."""
     import fastmu
-    from fastmu import dispatch
     from fastmu.baselines import cd
     from fastmu.kernels import cpu
 
@@ -259,7 +258,6 @@ def test_thread_count_changes_no_bits(solver, shape, dtype, monkeypatch):
             finally:
                 numba.set_num_threads(before)
 
-    monkeypatch.setattr(dispatch, "ThreadGovernor", Alternating)
     monkeypatch.setattr(cpu_threads, "ThreadGovernor", Alternating)
     A1, S1 = run(X, 3, n_iter=40, random_state=1)
     assert set(made) == {1, 2}

@@ -279,11 +279,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
 
     # Like MU's engine: schedules with a parallel region per iteration run on as many
     # threads as measures fastest (fastmu.cpu_threads); the bits do not change.
-    most = numba.get_num_threads()
-    governor = None
-    if cpu_cd.schedule(b, m, Sn.shape[2], X.itemsize, nthreads) != "problem-major" and most > 1 \
-            and cpu_threads.enabled():
-        governor = cpu_threads.ThreadGovernor(most)
+    governor = cpu_threads.governor_for(cpu_cd.schedule(b, m, Sn.shape[2], X.itemsize, nthreads))
     done = 0
     try:
         while done < n_iter:
