@@ -68,9 +68,8 @@ print(json.dumps([ms, ended]))
 """
 
 
-#: the learned layers' CPU forward: not governed (FASTMU_ADAPTIVE_THREADS changes nothing there)
+#: the learned layers' CPU forward (the stack's layers are the governor's iterations)
 LAYER_WORKLOADS = {"NALMU forward, 65 × 16384, 50 layers": (1, 65, 16384)}
-LAYER_CONFIGS = {k: v for k, v in CONFIGS.items() if k != "FASTMU_ADAPTIVE_THREADS=0"}
 
 _LAYER_WORKER = """
 import json, sys, time
@@ -171,7 +170,7 @@ def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None, layers: boo
 
     if hogs is None:
         hogs = os.cpu_count() or 2
-    workloads, configs, worker = (LAYER_WORKLOADS, LAYER_CONFIGS, _LAYER_WORKER) if layers else \
+    workloads, configs, worker = (LAYER_WORKLOADS, CONFIGS, _LAYER_WORKER) if layers else \
         (WORKLOADS, CONFIGS, _WORKER)
     times: dict[tuple[str, str, str], list[float]] = {}
     ended: dict[tuple[str, str, str], list] = {}

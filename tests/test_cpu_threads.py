@@ -324,3 +324,74 @@ def test_readme_busy_table_is_the_committed_measurement():
     assert "| single 65 × 16384 | none |" in bench_busy.format_table(before)
     layers = json.loads((root / "bench" / "results" / "nalmu_cpu_busy.json").read_text())
     assert bench_busy.format_table(layers) in (root / "README.md").read_text()
+    layers_before = json.loads((root / "bench" / "results" / "nalmu_cpu_busy_before.json").read_text())
+    assert bench_busy.format_table(layers_before) in (root / "README.md").read_text()
+
+
+@needs_threads
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_learned_stack_thread_count_changes_no_bits(dtype, monkeypatch):
+    """NALMU on one problem, its layers at 2, 1, 2, ... threads: the factors and every
+    gradient are the plain run's, bit for bit."""
+    import torch
+
+    import fastmu
+    from fastmu.nn import functional as F
+
+    X = torch.from_numpy(_problem(1, 20, 8000, dtype))
+
+    def run():
+        F._UNROLL_GOVERNORS.clear()
+        torch.manual_seed(0)
+        model = fastmu.NALMU(n_layers=5, m=20, n=3, dtype=X.dtype)
+        A, S = model(X)
+        (A.sum() + (S * S).sum()).backward()
+        return [A.detach(), S.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setenv(cpu_threads.ENV, "0")
+    plain = run()
+    monkeypatch.setenv(cpu_threads.ENV, "1")
+    made = []
+
+    class Alternating(ThreadGovernor):
+        def run(self, step, n_iter):
+            before = numba.get_num_threads()
+            try:
+                for _ in range(n_iter):
+                    numba.set_num_threads(2 - len(made) % 2)
+                    step(1)
+                    made.append(numba.get_num_threads())
+            finally:
+                numba.set_num_threads(before)
+
+    monkeypatch.setattr(cpu_threads, "ThreadGovernor", Alternating)
+    governed = run()
+    F._UNROLL_GOVERNORS.clear()
+    assert set(made) == {1, 2} and len(made) == 5  # one step per layer
+    for a, b in zip(governed, plain):
+        assert torch.equal(a, b)
+
+
+@needs_threads
+def test_learned_stack_governs_only_schedules_that_wait(monkeypatch):
+    import torch
+
+    from fastmu.nn import functional as F
+
+    monkeypatch.setattr(F, "_UNROLL_GOVERNORS", {})
+    one = torch.zeros((1, 20, 8000))
+    gov = F._CpuLayers.governor(one)
+    assert gov is not None and F._CpuLayers.governor(one) is gov  # kept across calls: it learns
+    assert F._CpuLayers.governor(torch.zeros((4, 20, 8000))) is None  # problem-major
+    monkeypatch.setenv(cpu_threads.ENV, "0")
+    assert F._CpuLayers.governor(one) is None
+    monkeypatch.setenv(cpu_threads.ENV, "1")
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert F._CpuLayers.governor(one) is None  # the caller's one thread
+    finally:
+        numba.set_num_threads(before)
+    for t in range(8000, 8000 + 2 * F._MAX_UNROLL_GOVERNORS):  # many shapes: the cache stays bounded
+        F._CpuLayers.governor(torch.zeros((1, 20, t)))
+    assert len(F._UNROLL_GOVERNORS) == F._MAX_UNROLL_GOVERNORS

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastmu import EPS
@@ -141,10 +142,42 @@ def _np(x: torch.Tensor):
     return x.detach().numpy() if x.requires_grad else x.numpy()  # detach costs ~0.4 µs
 
 
+#: thread governors of the CPU stack forward, by (shape, dtype, threads): kept across calls,
+#: so that one learns over many forwards
+_UNROLL_GOVERNORS: dict[tuple, Any] = {}
+_MAX_UNROLL_GOVERNORS = 16
+
+
 class _CpuLayers:
     """The Numba CPU kernels on zero-copy NumPy views of CPU tensors."""
 
     zeroed_pg = False  # the CPU forward overwrites P, G: no need to zero them
+
+    @staticmethod
+    def governor(X: torch.Tensor):
+        """The :class:`fastmu.cpu_threads.ThreadGovernor` of a stack forward on ``X``'s shape, or None.
+
+        With one or a few problems each layer opens a parallel region, and where
+        other work wants the cores a layer waits a scheduler time slice for a
+        thread that was taken away (README, "On a machine busy with other
+        work"): the stack's layers are the governor's iterations. None where the
+        forward runs problem-major, on one thread, or with
+        ``FASTMU_ADAPTIVE_THREADS=0``.
+        """
+        from fastmu import cpu_threads
+        from fastmu.kernels import cpu as kf
+
+        b, m, t = X.shape
+        key = (b, m, t, X.dtype)
+        gov = _UNROLL_GOVERNORS.get(key)
+        fresh = cpu_threads.governor_for(kf.schedule(b, m, t, X.element_size(), _nthreads()))
+        if fresh is None:
+            return None
+        if gov is None or gov.levels[0] != fresh.levels[0]:
+            if len(_UNROLL_GOVERNORS) >= _MAX_UNROLL_GOVERNORS:
+                _UNROLL_GOVERNORS.pop(next(iter(_UNROLL_GOVERNORS)))  # the oldest shape
+            gov = _UNROLL_GOVERNORS[key] = fresh
+        return gov
 
     def begin(self, X: torch.Tensor, n: int, bw: int) -> contextlib.AbstractContextManager:
         """Ready to run layers of ``X``'s shape, rank ``n`` and W batch ``bw``; the
@@ -155,20 +188,21 @@ class _CpuLayers:
         """``A_out, S_out`` (and ``P_out, G_out`` of ``S_out`` when ``want_pg``; P, G of S when
         not ``pg_valid``): the solver's fused iteration (kernels.cpu.mu_run), run once in
         place on the outputs. It picks the problem-major schedule for batches, which
-        measured faster than a column-block-parallel layer forward."""
+        measured faster than a column-block-parallel layer forward. The copies are
+        NumPy's: torch's run on torch's OpenMP threads, which no governor sets."""
         from fastmu.kernels import cpu as kf
 
-        Xn, Pn, Gn = _np(X), _np(P), _np(G)
+        Xn, An, Sn, Wn, Pn, Gn = _np(X), _np(A), _np(S), _np(W3), _np(P), _np(G)
         if not pg_valid:  # P, G of the input S: the backward needs them too
-            kf.mu_run(Xn, _np(A), _np(S), _np(W3), Pn, Gn, 0, float(eps), False, True, _nthreads())
-        A_out.copy_(A)
-        S_out.copy_(S)
-        Pw = P_out if want_pg else torch.empty_like(P)
-        Gw = G_out if want_pg else torch.empty_like(G)
-        Pw.copy_(P)
-        Gw.copy_(G)
-        kf.mu_run(Xn, _np(A_out), _np(S_out), _np(W3), _np(Pw), _np(Gw), 1, float(eps), True,
-                  bool(want_pg), _nthreads())
+            kf.mu_run(Xn, An, Sn, Wn, Pn, Gn, 0, float(eps), False, True, _nthreads())
+        Aon, Son = _np(A_out), _np(S_out)
+        Pwn = _np(P_out) if want_pg else np.empty_like(Pn)
+        Gwn = _np(G_out) if want_pg else np.empty_like(Gn)
+        np.copyto(Aon, An)
+        np.copyto(Son, Sn)
+        np.copyto(Pwn, Pn)
+        np.copyto(Gwn, Gn)
+        kf.mu_run(Xn, Aon, Son, Wn, Pwn, Gwn, 1, float(eps), True, bool(want_pg), _nthreads())
 
     def backward(self, X, A, S, W3, P, G, gAo, gSo, eps, has_gSo, need, gA, gS, gW, gX) -> None:
         """The handwritten backward into ``gA, gS, gW, gX`` (dummies where not ``need``-ed)."""
@@ -193,6 +227,11 @@ class _CudaLayers:
     """
 
     zeroed_pg = True  # the forward accumulates P, G with atomics into zeroed arrays
+
+    @staticmethod
+    def governor(X: torch.Tensor) -> None:
+        """No thread count to govern on a GPU."""
+        return None
 
     def __init__(self) -> None:
         self._plan = None
@@ -379,16 +418,27 @@ class LearnedMUUnroll(torch.autograd.Function):
             S_mid = S0.new_empty((k, b, n, t))
             A_outs, S_outs = A_mid.unbind(0), S_mid.unbind(0)
             A, S = A0, S0
-            for l in range(L):
-                last = l == L - 1
-                if last:
-                    A_out, S_out = torch.empty_like(A0), torch.empty_like(S0)
-                else:
-                    i = l if stack else l % 2
-                    A_out, S_out = A_outs[i], S_outs[i]
-                P_out, G_out = (no_p, no_g) if last else (Pl[l + 1], Gl[l + 1])
-                run.forward(X, A, S, W3s[l], Pl[l], Gl[l], A_out, S_out, P_out, G_out, eps, l > 0, not last)
-                A, S = A_out, S_out
+            l = 0
+
+            def layers(k: int) -> None:  # the next k layers
+                nonlocal A, S, l
+                for _ in range(k):
+                    last = l == L - 1
+                    if last:
+                        A_out, S_out = torch.empty_like(A0), torch.empty_like(S0)
+                    else:
+                        i = l if stack else l % 2
+                        A_out, S_out = A_outs[i], S_outs[i]
+                    P_out, G_out = (no_p, no_g) if last else (Pl[l + 1], Gl[l + 1])
+                    run.forward(X, A, S, W3s[l], Pl[l], Gl[l], A_out, S_out, P_out, G_out, eps, l > 0, not last)
+                    A, S = A_out, S_out
+                    l += 1
+
+            gov = run.governor(X)
+            if gov is None:
+                layers(L)
+            else:  # the layers are its iterations; the results do not change
+                gov.run(layers, L)
         ctx.L, ctx.eps, ctx.return_all, ctx.run, ctx.shared = L, float(eps), bool(return_all), run, shared
         if keep:
             ctx.save_for_backward(X, A0, S0, Ws, Ps, Gs, A_mid, S_mid)
