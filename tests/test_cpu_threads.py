@@ -222,6 +222,24 @@ def _problem(b: int, m: int, t: int, dtype) -> np.ndarray:
     return (rng.random((b, m, 3)) @ rng.random((b, 3, t)) + 0.01).astype(dtype)
 
 
+def alternating(made: list[int]) -> type:
+    """A governor class whose runs take one iteration a step, at 2, 1, 2, 1, ... threads,
+    recording the thread count of each step in ``made``."""
+
+    class Alternating(ThreadGovernor):
+        def run(self, step, n_iter):
+            before = numba.get_num_threads()
+            try:
+                for _ in range(n_iter):
+                    numba.set_num_threads(2 - len(made) % 2)
+                    step(1)
+                    made.append(numba.get_num_threads())
+            finally:
+                numba.set_num_threads(before)
+
+    return Alternating
+
+
 # one problem and three (block-parallel), one tall problem (row-parallel)
 SHAPES = [(1, 20, 8000), (3, 20, 3000), (1, 6000, 40)]
 
@@ -243,22 +261,8 @@ def test_thread_count_changes_no_bits(solver, shape, dtype, monkeypatch):
     A0, S0 = run(X, 3, n_iter=40, random_state=1)
     monkeypatch.setenv(cpu_threads.ENV, "1")
 
-    made = []
-
-    class Alternating(ThreadGovernor):
-        """Every slice one iteration, at 2, 1, 2, 1, ... threads."""
-
-        def run(self, step, n_iter):
-            before = numba.get_num_threads()
-            try:
-                for _ in range(n_iter):
-                    numba.set_num_threads(2 - len(made) % 2)
-                    step(1)
-                    made.append(numba.get_num_threads())
-            finally:
-                numba.set_num_threads(before)
-
-    monkeypatch.setattr(cpu_threads, "ThreadGovernor", Alternating)
+    made: list[int] = []
+    monkeypatch.setattr(cpu_threads, "ThreadGovernor", alternating(made))
     A1, S1 = run(X, 3, n_iter=40, random_state=1)
     assert set(made) == {1, 2}
     np.testing.assert_array_equal(A1, A0)
@@ -351,20 +355,8 @@ def test_learned_stack_thread_count_changes_no_bits(dtype, monkeypatch):
     monkeypatch.setenv(cpu_threads.ENV, "0")
     plain = run()
     monkeypatch.setenv(cpu_threads.ENV, "1")
-    made = []
-
-    class Alternating(ThreadGovernor):
-        def run(self, step, n_iter):
-            before = numba.get_num_threads()
-            try:
-                for _ in range(n_iter):
-                    numba.set_num_threads(2 - len(made) % 2)
-                    step(1)
-                    made.append(numba.get_num_threads())
-            finally:
-                numba.set_num_threads(before)
-
-    monkeypatch.setattr(cpu_threads, "ThreadGovernor", Alternating)
+    made: list[int] = []
+    monkeypatch.setattr(cpu_threads, "ThreadGovernor", alternating(made))
     governed = run()
     F._UNROLL_GOVERNORS.clear()
     assert set(made) == {1, 2} and len(made) == 5  # one step per layer
