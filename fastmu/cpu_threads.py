@@ -59,10 +59,10 @@ def _numba_threads() -> tuple[Callable[[], int], Callable[[int], None]]:
     return numba.get_num_threads, numba.set_num_threads
 
 
-def governor_for(schedule: str) -> "ThreadGovernor | None":
-    """A governor for a run of a kernel ``schedule``, or None where there is nothing to govern.
+def governed_threads(schedule: str) -> int:
+    """The most threads a governor of a run of a kernel ``schedule`` would use, or 0 for none.
 
-    None for ``"problem-major"`` (one parallel region for the whole run: the
+    0 for ``"problem-major"`` (one parallel region for the whole run: the
     threads never wait for each other), when Numba runs one thread (the
     caller's ``numba.set_num_threads`` is the most used), or when
     ``FASTMU_ADAPTIVE_THREADS=0``.
@@ -70,9 +70,13 @@ def governor_for(schedule: str) -> "ThreadGovernor | None":
     import numba
 
     most = numba.get_num_threads()
-    if schedule == "problem-major" or most < 2 or not enabled():
-        return None
-    return ThreadGovernor(most)
+    return most if schedule != "problem-major" and most > 1 and enabled() else 0
+
+
+def governor_for(schedule: str) -> "ThreadGovernor | None":
+    """A new governor for a run of a kernel ``schedule``, or None (:func:`governed_threads`)."""
+    most = governed_threads(schedule)
+    return ThreadGovernor(most) if most else None
 
 
 class ThreadGovernor:

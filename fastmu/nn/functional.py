@@ -168,15 +168,15 @@ class _CpuLayers:
         from fastmu.kernels import cpu as kf
 
         b, m, t = X.shape
-        key = (b, m, t, X.dtype)
-        gov = _UNROLL_GOVERNORS.get(key)
-        fresh = cpu_threads.governor_for(kf.schedule(b, m, t, X.element_size(), _nthreads()))
-        if fresh is None:
+        most = cpu_threads.governed_threads(kf.schedule(b, m, t, X.element_size(), _nthreads()))
+        if not most:
             return None
-        if gov is None or gov.levels[0] != fresh.levels[0]:
+        key = (b, m, t, X.dtype, most)
+        gov = _UNROLL_GOVERNORS.get(key)
+        if gov is None:  # built once per shape, not per forward
             if len(_UNROLL_GOVERNORS) >= _MAX_UNROLL_GOVERNORS:
                 _UNROLL_GOVERNORS.pop(next(iter(_UNROLL_GOVERNORS)))  # the oldest shape
-            gov = _UNROLL_GOVERNORS[key] = fresh
+            gov = _UNROLL_GOVERNORS[key] = cpu_threads.ThreadGovernor(most)
         return gov
 
     def begin(self, X: torch.Tensor, n: int, bw: int) -> contextlib.AbstractContextManager:
