@@ -29,6 +29,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# registers its at-fork hook now, so a child forked later knows what its parent ran
+from fastmu import fork_safety as _fork_safety  # noqa: F401  (cheap: no Numba import)
+
 __version__ = "0.1.0"
 
 #: ε added to every MU denominator (``num / (den + EPS)``), on every backend and dtype.

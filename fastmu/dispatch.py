@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fastmu import cpu_threads
+from fastmu import cpu_threads, fork_safety
 from fastmu.interop import array_kind, is_device_array, numpy_to_kind, torch_to_numpy
 
 
@@ -114,6 +114,7 @@ class CPUEngine:
 
         from fastmu.kernels import cpu, cpu_tiled
 
+        fork_safety.check_cpu_kernels_usable()  # before make_tiled's parallel copy too
         self._nthreads = numba.config.NUMBA_NUM_THREADS
         self._cpu = cpu
         b, m, t = X.shape

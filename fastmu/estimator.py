@@ -248,6 +248,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         init = self.init
         if init is None:
             init = "nndsvda" if n <= min(n_samples, n_features) else "random"
+        elif init == "nndsvda" and n > min(n_samples, n_features):  # scikit-learn refuses it too
+            raise ValueError(f"init='nndsvda' can only be used when n_components <= min(n_samples, "
+                             f"n_features) = {min(n_samples, n_features)}, got n_components={n}")
         if init == "custom":
             if W is None or H is None:
                 raise ValueError("init='custom' needs both W and H passed to fit / fit_transform")
@@ -406,6 +409,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 or self.tol < 0):
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
         check_eps(self.eps)
+        from fastmu.dispatch import BACKENDS
+
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got backend={self.backend!r}")
         _check_random_state(self.random_state)
         nc = self.n_components
         if not (nc is None or nc == "auto" or (isinstance(nc, numbers.Integral) and not isinstance(nc, bool)

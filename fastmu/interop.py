@@ -67,3 +67,36 @@ def numpy_to_kind(arr: np.ndarray, kind: ArrayKind, like: Any = None) -> Any:
     import cupy
 
     return cupy.asarray(arr)
+
+
+def torch_device(spec: Any) -> Any:
+    """A torch device that exists here, or a clear error.
+
+    Parameters
+    ----------
+    spec : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        Not a device name, or a CUDA device that torch does not see (torch's own
+        error there is an ``AssertionError`` from deep inside its CUDA setup).
+    """
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {spec!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} asked for, but torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev

@@ -40,6 +40,13 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _finite(**arrays: np.ndarray) -> None:
+    """NaN or inf would give NaN scores, or a cosine of 0 that looks like a real one."""
+    for name, x in arrays.items():
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def _component_axis(axis: int, ndim: int) -> int:
     """``axis`` as -2 (columns of A) or -1 (rows of S); anything else is refused."""
     if ndim < 2:
@@ -110,8 +117,15 @@ def match_components(
         Estimated component ``perm[k]`` is matched to true component ``k``:
         ``A_est[..., :, perm]`` is in the true order.
     """
+    A_est, A_true = _np(A_est), _np(A_true)
+    _finite(A_est=A_est, A_true=A_true)
+    if A_est.ndim >= 2 and A_true.ndim >= 2 and A_est.shape[-1] < A_true.shape[-1]:
+        raise ValueError(f"A_est has {A_est.shape[-1]} components, fewer than the truth's "
+                         f"{A_true.shape[-1]}: every true component needs an estimated one")
     C = cosine_matrix(A_true, A_est, axis=-2)
     if S_est is not None and S_true is not None:
+        S_est, S_true = _np(S_est), _np(S_true)
+        _finite(S_est=S_est, S_true=S_true)
         C = C + cosine_matrix(S_true, S_est, axis=-1)
     batch = C.shape[:-2]
     flat = C.reshape(-1, *C.shape[-2:])
@@ -340,6 +354,7 @@ def evaluate(A_est: Any, S_est: Any, A_true: Any, S_true: Any, match: bool = Tru
     True
     """
     A_est, S_est, A_true, S_true = _np(A_est), _np(S_est), _np(A_true), _np(S_true)
+    _finite(A_est=A_est, S_est=S_est, A_true=A_true, S_true=S_true)
     if A_est.shape != A_true.shape or S_est.shape != S_true.shape:
         raise ValueError(
             f"estimated shapes {A_est.shape}, {S_est.shape} differ from true {A_true.shape}, {S_true.shape}"
@@ -350,10 +365,11 @@ def evaluate(A_est: Any, S_est: Any, A_true: Any, S_true: Any, match: bool = Tru
     ).copy()
     A_m, S_m = apply_permutation(A_est, S_est, perm)
     # Fix the scale ambiguity column by column: A_k ← A_k·c_k, S_k ← S_k/c_k,
-    # with c_k making the column norms equal to the truth's.
+    # with c_k making the column norms equal to the truth's; where either
+    # column is zero there is no scale to fix (and 1/0 would give inf).
     na = np.linalg.norm(A_m, axis=-2)
     nt = np.linalg.norm(A_true, axis=-2)
-    c = np.divide(nt, na, out=np.ones_like(na), where=na > 0)
+    c = np.divide(nt, na, out=np.ones_like(na), where=(na > 0) & (nt > 0))
     A_s = A_m * c[..., None, :]
     S_s = S_m / c[..., :, None]
     return Scores(

@@ -10,6 +10,7 @@ from fastmu.dispatch import BACKENDS, cuda_available, get_engine
 from fastmu.interop import ArrayKind, array_kind, is_device_array
 from fastmu.validation import (
     as_numpy_input,
+    callback_says_stop,
     check_dtype,
     check_eps,
     check_positive_int,
@@ -220,7 +221,7 @@ def solve(
                 )
                 if squeeze:
                     A_v, S_v = A_v[0], S_v[0]
-                if callback(done, A_v, S_v) is True:
+                if callback_says_stop(callback(done, A_v, S_v)):
                     break
             if tol is not None and done % check_every == 0:
                 f = measure()
@@ -327,14 +328,23 @@ def _check_factor(F: Any, name: str, X: Any, kind: ArrayKind, dtype: str, b: int
         check_same_kind_and_device(X, Fc, "X", name)
     check_shape(tuple(Fc.shape), name, (2, 3))
     check_dtype(Fc, name, kind)
+    given, x_shape = tuple(Fc.shape), tuple(X.shape)
+    # the shape wanted, in the user's terms: a batch axis where X has one, "n" for the free rank
+    want = ((b,) if len(x_shape) == 3 else ()) + tuple("n" if d is None else d for d in dims)
+    want_txt = "(" + ", ".join(map(str, want)) + ")"
+    if len(x_shape) == 2 and Fc.ndim == 3 and given[0] != 1:
+        raise ValueError(f"{name} has shape {given}, a batch of {given[0]}, but X is one problem of shape "
+                         f"{x_shape}: {name} must be {want_txt}")
+    if len(x_shape) == 3 and Fc.ndim == 2 and b != 1:
+        raise ValueError(f"{name} has shape {given}, with no batch axis, but X holds {b} problems "
+                         f"(shape {x_shape}): {name} must be {want_txt}")
     if Fc.ndim == 2:
         Fc = Fc[None]
     if Fc.shape[0] != b:
-        raise ValueError(f"{name} has batch size {Fc.shape[0]} but X has {b}")
-    for axis, want in zip((1, 2), dims):
-        if want is not None and Fc.shape[axis] != want:
-            raise ValueError(f"{name} has shape {tuple(Fc.shape)}, incompatible with X of shape ({b}, ...)"
-                             f": dimension {axis} must be {want}")
+        raise ValueError(f"{name} has shape {given} but X has shape {x_shape}: {name} must be {want_txt}")
+    for axis, d in zip((1, 2), dims):
+        if d is not None and Fc.shape[axis] != d:
+            raise ValueError(f"{name} has shape {given} but X has shape {x_shape}: {name} must be {want_txt}")
     check_values(Fc, name, kind)
     if kind == "numpy" and Fc.dtype.kind != "f":
         Fc = Fc.astype(np.float64)
@@ -345,7 +355,8 @@ def _copy_native(x: Any, engine_cls: type) -> Any:
     copier = getattr(engine_cls, "copy", None)  # engines whose arrays lack .copy()/.clone()
     if copier is not None:
         return copier(x)
-    return x.clone() if hasattr(x, "clone") else x.copy()
+    # detached: the factors are the solver's, never part of the caller's autograd graph
+    return x.detach().clone() if hasattr(x, "clone") else x.copy()
 
 
 def _host(Xc: Any, kind: ArrayKind) -> np.ndarray:

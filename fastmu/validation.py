@@ -27,6 +27,10 @@ def check_dtype(x: Any, name: str, kind: ArrayKind) -> str:
     float32 and float64 are kept; integer and boolean input (photon counts,
     masks) becomes float64 as in scikit-learn; anything else is a TypeError.
     """
+    if kind == "torch" and str(getattr(x, "layout", "torch.strided")) != "torch.strided":
+        # sparse layouts have no min, isfinite or strides: refuse before any of them is asked for
+        raise TypeError(f"{name} is a sparse torch tensor ({x.layout}); fastmu works on dense arrays: "
+                        f"pass {name}.to_dense()")
     dt = _dtype_name(x)
     if dt in _FLOAT_NAMES:
         return dt
@@ -210,6 +214,25 @@ def check_eps(eps: Any) -> float:
 #: (measured on a rank-3 20 × 3000 problem: at 0.4 % the residual after 1000 iterations was 6 %
 #: above its value at scale 1, at 13 % five times it, at ~100 % the factors went to 0)
 EPS_SHARE_WARN = 1e-3
+
+
+def callback_says_stop(result: Any) -> bool:
+    """Whether a callback's return value asks the run to stop.
+
+    ``True`` does, and so do NumPy's ``True`` and a one-element boolean array
+    or tensor holding True: comparisons on arrays (``err < 1e-3``) return
+    those, not Python's ``True``. Anything else (None, numbers, strings) does
+    not, so a callback that returns what it computed does not stop the run.
+    """
+    if result is True:
+        return True
+    if isinstance(result, np.bool_):
+        return bool(result)
+    dtype = getattr(result, "dtype", None)
+    if dtype is not None and str(dtype) in ("bool", "torch.bool") and getattr(result, "size", None) is not None:
+        size = result.size if isinstance(result.size, int) else result.numel()
+        return size == 1 and bool(result)
+    return False
 
 
 class ScaleWarning(RuntimeWarning):

@@ -187,3 +187,10 @@ def test_same_data_on_gpu():
     Xg, _, _ = mix(A, S, 40.0, seeds=5, dtype=torch.float64, device="cuda")
     assert Xg.device.type == "cuda"
     torch.testing.assert_close(Xg.cpu(), Xc, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_clear_error():
+    A, S = spectra(1, seed=0, m=16), np.random.default_rng(0).random((1, 4, 20))
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+        mix(A, S, 60.0, device="cuda")

@@ -134,3 +134,12 @@ def test_fe_width_bulk(k):
     lo, hi = np.percentile(real, [1, 99])
     inside = np.mean((gen >= lo - 1.0) & (gen <= hi + 1.0))
     assert inside >= 0.95, inside
+
+
+@pytest.mark.parametrize("m", [8, 10, 13, 14])
+def test_few_channels_give_finite_spectra(m):
+    """Below m = 14 the first channel reaches below 0 keV: no flux there, no NaN."""
+    with np.errstate(invalid="raise", divide="raise"):  # underflow is expected: no flux at the edge
+        A = spectra(3, seed=0, m=m)
+    assert A.shape == (3, m, 4) and np.isfinite(A).all() and (A >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(A, axis=1), 1.0, rtol=1e-12)

@@ -497,3 +497,18 @@ def test_torch_x_requiring_grad_gives_detached_results():
                 W = model.fit_transform(X, **kw)
             assert not W.requires_grad and not model.components_.requires_grad
             assert not model.transform(X).requires_grad
+
+
+def test_backend_is_checked_for_every_solver():
+    X = np.random.default_rng(0).random((30, 8))
+    for solver in ("mu", "cd"):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            NMF(2, solver=solver, backend="bogus").fit(X)
+
+
+def test_nndsvda_refused_above_the_smaller_dimension_as_in_scikit_learn():
+    X = np.random.default_rng(0).random((30, 8))
+    with pytest.raises(ValueError, match="n_components <= min"):
+        NMF(10, init="nndsvda").fit(X)
+    with pytest.raises(ValueError):
+        SkNMF(10, init="nndsvda").fit(X)

@@ -124,3 +124,31 @@ def test_a_batch_is_scored_against_one_truth():
     A = rng.random((20, 3))
     np.testing.assert_allclose(metrics.mean_cosine(np.stack([A, 2 * A]), A), [1.0, 1.0])
     np.testing.assert_allclose(metrics.rmse(np.stack([A, A]), A), [0.0, 0.0])
+
+
+def test_match_components_needs_an_estimate_per_true_component():
+    A = np.random.default_rng(0).random((20, 3))
+    with pytest.raises(ValueError, match="fewer than the truth's 3"):
+        metrics.match_components(A[:, :2], A)
+    assert metrics.match_components(np.hstack([A, A[:, :1]]), A).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("where", ["A_est", "S_est", "A_true", "S_true"])
+def test_non_finite_factors_are_refused_by_name(bad, where):
+    rng = np.random.default_rng(0)
+    args = dict(A_est=rng.random((20, 3)), S_est=rng.random((3, 30)), A_true=rng.random((20, 3)),
+                S_true=rng.random((3, 30)))
+    args[where][0, 0] = bad
+    with pytest.raises(ValueError, match=f"{where} contains NaN or infinite"):
+        metrics.evaluate(**args)
+
+
+def test_zero_true_component_gives_finite_scores():
+    rng = np.random.default_rng(0)
+    A, S = rng.random((20, 3)), rng.random((3, 30))
+    A_true = A.copy()
+    A_true[:, 1] = 0
+    with np.errstate(all="raise"):
+        s = metrics.evaluate(A, S, A_true, S)
+    assert np.isfinite(s.rmse_S) and np.isfinite(s.rmse_A)

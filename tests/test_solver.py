@@ -211,3 +211,56 @@ def test_inits_converge(rng, init):
     X, _, _ = low_rank_problem(rng, 1, 15, 3, 120)
     A, S = fastmu.mu(X[0], 3, n_iter=400, init=init, random_state=0)
     assert np.linalg.norm(X[0] - A @ S) / np.linalg.norm(X[0]) < 0.05
+
+
+@pytest.mark.parametrize("stop", [True, np.True_, np.array([True]), torch.tensor(True)])
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_callback_stops_on_any_boolean_true(stop, solver):
+    """`err < tol` on arrays returns NumPy's or torch's True, not Python's: it must stop too."""
+    from fastmu.baselines import cd
+
+    X = np.random.default_rng(0).random((6, 40))
+    run = fastmu.mu if solver == "mu" else cd
+    calls = []
+    run(X, 2, n_iter=30, random_state=0, callback=lambda it, A, S: calls.append(it) or stop)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("result", [None, 1, 0.5, "yes", np.False_, np.array([True, True])])
+def test_callback_results_that_do_not_stop(result):
+    X = np.random.default_rng(0).random((6, 40))
+    calls = []
+    fastmu.mu(X, 2, n_iter=7, random_state=0, callback=lambda it, A, S: calls.append(it) or result)
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize("X_shape, A_shape, S_shape, expect", [
+    ((8, 30), (9, 2), (2, 30), r"A0 has shape \(9, 2\) but X has shape \(8, 30\): A0 must be \(8, n\)"),
+    ((2, 8, 30), (8, 2), (2, 30), r"A0 has shape \(8, 2\), with no batch axis, but X holds 2 problems"),
+    ((8, 30), (2, 8, 2), (2, 2, 30), r"A0 has shape \(2, 8, 2\), a batch of 2, but X is one problem"),
+    ((2, 8, 30), (2, 8, 2), (2, 2, 31), r"S0 has shape \(2, 2, 31\) but X has shape \(2, 8, 30\): "
+                                        r"S0 must be \(2, n, 30\)"),
+])
+def test_start_shape_errors_speak_of_the_shapes_given(X_shape, A_shape, S_shape, expect):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=expect):
+        fastmu.mu(rng.random(X_shape), A0=rng.random(A_shape), S0=rng.random(S_shape), n_iter=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_factors_never_join_the_callers_graph(backend):
+    X = torch.rand(8, 30, dtype=torch.float64)
+    A0 = torch.rand(8, 2, dtype=torch.float64, requires_grad=True)
+    for n_iter in (0, 2):
+        A, S = fastmu.mu(X, A0=A0, S0=torch.rand(2, 30, dtype=torch.float64), n_iter=n_iter, backend=backend)
+        assert not A.requires_grad and not S.requires_grad
+
+
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
+def test_sparse_torch_input_is_refused_clearly(layout):
+    from fastmu.baselines import cd
+
+    X = getattr(torch.rand(8, 30), layout)()
+    for call in (lambda: fastmu.mu(X, 2), lambda: cd(X, 2), lambda: fastmu.NMF(2).fit(X.t() if layout == "to_sparse" else X)):
+        with pytest.raises(TypeError, match=r"sparse torch tensor.*to_dense\(\)"):
+            call()

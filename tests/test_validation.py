@@ -43,7 +43,7 @@ S0 = np.ones((2, 20))
         (dict(A0=A0, S0=np.ones((3, 20))), ValueError, "components"),
         (dict(A0=-A0, S0=S0), ValueError, "A0 must be non-negative"),
         (dict(A0=A0, S0=S0 * np.nan), ValueError, "S0 contains NaN"),
-        (dict(A0=np.ones((2, 6, 2)), S0=np.ones((2, 2, 20))), ValueError, "batch size"),
+        (dict(A0=np.ones((2, 6, 2)), S0=np.ones((2, 2, 20))), ValueError, "a batch of 2, but X is one problem"),
         (dict(A0=torch.ones(6, 2), S0=S0), TypeError, "torch array but X is a numpy"),
         (dict(n_iter=-1), ValueError, "n_iter"),
         (dict(eps=0.0), ValueError, "eps"),

@@ -8,7 +8,7 @@ import numpy as np
 
 from fastmu.dispatch import TorchEngine
 from fastmu.solver import INITS, _cast, _check_X, _initial_factors
-from fastmu.validation import check_positive_int, check_tol, raise_if_not_finite
+from fastmu.validation import callback_says_stop, check_positive_int, check_tol, raise_if_not_finite
 
 Callback = Callable[[int, Any, Any], Any]
 
@@ -155,7 +155,7 @@ def _solve(
             return out[0] if squeeze else out
 
         def on_iter(done: int) -> bool:
-            return callback(done, release(At, True), release(S, False)) is True
+            return callback_says_stop(callback(done, release(At, True), release(S, False)))
 
         done = _iterate(Xt, At, S, n_iter, tol, order=order, on_iter=on_iter if callback is not None else None,
                         every=callback_every, progress=progress)
@@ -248,9 +248,11 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     import numba
     import torch
 
-    from fastmu import cpu_threads
+    from fastmu import cpu_threads, fork_safety
     from fastmu.dispatch import blocked_kernel_x
     from fastmu.kernels import cpu_cd
+
+    fork_safety.check_cpu_kernels_usable()
 
     X = blocked_kernel_x(np.ascontiguousarray(Xt.detach().numpy()), numba.config.NUMBA_NUM_THREADS)
     A = np.ascontiguousarray(At.detach().mT.numpy())  # the kernel's layout, (b, m, n)

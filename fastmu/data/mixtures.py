@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from fastmu.interop import torch_device
 from fastmu.data.io import normalise_maps, resample_maps, shared_data_dir, validate_maps, validate_spectra
 from fastmu.data.sources import _check_real
 from fastmu.validation import check_tensors_nonnegative_finite
@@ -89,6 +90,7 @@ def mix(A, S, snr_db: float | None = 60.0, *, seeds: Sequence[int] | int | None 
     dtype = dtype or torch.float32
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch dtype (e.g. torch.float32, torch.float64), got {dtype!r}")
+    device = torch_device(device)
     A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A)
     S = torch.as_tensor(np.asarray(S) if not isinstance(S, torch.Tensor) else S)
     for name, v in (("A", A), ("S", S)):

@@ -214,7 +214,12 @@ def _continuum_avg(f, edges: np.ndarray, n_sub: int = 8) -> np.ndarray:
     """Average a smooth (n, E) -> (n, E) function over each channel by sub-sampling."""
     t = (np.arange(n_sub) + 0.5) / n_sub
     sub = edges[:-1, None] + np.diff(edges)[:, None] * t[None, :]  # (m, n_sub)
-    vals = f(sub.ravel())  # (n, m*n_sub)
+    # Below m = 14 the first channel is so wide that it reaches below 0 keV, where the
+    # power laws are undefined; no flux gets there (the filter transmits under 1e-80
+    # below 0.05 keV), so those sub-samples count as 0. From m = 14 on every sub-sample
+    # is positive and nothing changes.
+    pos = sub.ravel() > 0
+    vals = f(np.where(pos, sub.ravel(), 1.0)) * pos  # (n, m*n_sub)
     # m spelled out, not -1: with n = 0 the size cannot tell m
     return vals.reshape(vals.shape[0], sub.shape[0], n_sub).mean(-1)
 

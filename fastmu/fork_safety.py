@@ -1,0 +1,58 @@
+"""Refuse, with a clear error, to run the CPU kernels where Numba would kill the process.
+
+Numba's OpenMP threading layer (``omp``, its default on Linux without TBB)
+is not fork-safe: in a process forked after its threads started (``os.fork``,
+``multiprocessing``'s default ``"fork"`` start method on Linux before Python
+3.14), the first parallel region prints "Terminating: fork() called from a
+process already using GNU OpenMP" and sends the process SIGTERM. A
+``multiprocessing.Pool`` whose workers die that way waits forever for their
+results. :func:`check_cpu_kernels_usable` turns that into a RuntimeError, which
+a pool hands back to the caller, before any parallel kernel runs.
+
+A process forked before fastmu's first CPU run, or whose parent ran Numba's
+``workqueue`` or ``tbb`` layer (``NUMBA_THREADING_LAYER``), is not affected.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+#: set in a forked child whose parent had started Numba's OpenMP threads
+_forked_after_omp = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_omp
+    if _forked_after_omp or "numba" not in sys.modules:
+        return  # already marked (a grandchild), or Numba never ran in the parent
+    try:
+        layer = sys.modules["numba"].threading_layer()
+    except Exception:  # ValueError: no parallel region has run, so no threads to inherit
+        return
+    _forked_after_omp = layer == "omp"
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_cpu_kernels_usable() -> None:
+    """Raise RuntimeError where a parallel CPU kernel would kill this process.
+
+    That is a process forked from one that had already run Numba's OpenMP
+    threading layer (module docstring). Costs an attribute read.
+
+    Raises
+    ------
+    RuntimeError
+        Naming the remedies: the ``"spawn"`` or ``"forkserver"`` start method,
+        or a fork-safe Numba threading layer chosen before the first run.
+    """
+    if _forked_after_omp:
+        raise RuntimeError(
+            "fastmu's CPU kernels cannot run in a process forked from one that already ran "
+            "them: Numba's OpenMP threading layer is not fork-safe and would terminate this "
+            "process. Start worker processes with multiprocessing.get_context('spawn') or "
+            "'forkserver' (e.g. ProcessPoolExecutor(mp_context=...)), or choose a fork-safe "
+            "threading layer before the parent's first run: NUMBA_THREADING_LAYER=workqueue, "
+            "or 'tbb' with the tbb package installed")
