@@ -33,7 +33,7 @@ import torch
 from fastmu.metrics import evaluate
 
 __all__ = ["METHODS", "LEARNED", "ExperimentConfig", "make_sets", "new_model", "fit_model", "run_paper", "format_table", "plot_figure2",
-           "iteration_checkpoints"]
+           "iteration_checkpoints", "training_settings"]
 
 #: every method, in table order
 METHODS = ("mu", "cd", "dnmf", "snmf_net", "nalmu", "almu")
@@ -315,24 +315,178 @@ def fit_model(kind: str, model: torch.nn.Module, cfg: ExperimentConfig, train_se
     return train(model, train_set, epochs=cfg.epochs, lr=cfg.lr, stage=kind, **kw)
 
 
-def _train_or_load(kind: str, cfg: ExperimentConfig, sets: dict, models_dir: Path | None,
-                   progress: bool, log: Callable[[str], None]):
-    from fastmu.training import load_model, save_model
+#: the ExperimentConfig field that sets each learned kind's depth
+_DEPTH_FIELD = {"nalmu": "nalmu_layers", "almu": "nalmu_layers", "dnmf": "dnmf_layers", "snmf_net": "snmf_layers"}
 
-    path = models_dir / f"{kind}.pt" if models_dir is not None else None
-    if path is not None and path.exists():
-        model, extra = load_model(path, device=cfg.device, dtype=cfg.torch_dtype)
-        log(f"{LABELS[kind]}: loaded {path}")
-        return model, extra.get("history", []), extra.get("train_seconds")
+
+def _depth(kind: str, config: ExperimentConfig | dict[str, Any]) -> int | list[int]:
+    """The depth a configuration (or its results.json dict) gives ``kind``; ALMU's as [NALMU front,
+    adaptive layers], split as :func:`new_model` splits it."""
+    total = config[_DEPTH_FIELD[kind]] if isinstance(config, dict) else getattr(config, _DEPTH_FIELD[kind])
+    return [total // 2, total - total // 2] if kind == "almu" else total
+
+
+def training_settings(kind: str, cfg: ExperimentConfig, train_set: Any) -> dict[str, Any]:
+    """The settings that determine a model of ``kind`` trained as ``cfg`` says on ``train_set``.
+
+    :func:`run_paper` and ``fastmu train`` store them in the checkpoint
+    (``trained_with``) and compare them when a checkpoint is reused. The
+    training set enters through its shape (the preset's sizes or their
+    overrides), seed, SNR and spectra; the device does not enter.
+
+    Parameters
+    ----------
+    kind : {"nalmu", "almu", "dnmf", "snmf_net"}
+    cfg : ExperimentConfig
+    train_set : MixtureSet
+
+    Returns
+    -------
+    dict
+        Plain values (JSON-able, and loadable with ``torch.load(weights_only=True)``).
+    """
+    m, n = (int(v) for v in train_set.A.shape[1:])
+    return {"kind": kind, "m": m, "n": n, "layers": _depth(kind, cfg), "epochs": cfg.epochs, "lr": float(cfg.lr),
+            "batch_size": cfg.batch_size, "snr_db": float(cfg.snr_db), "seed": cfg.seed, "preset": cfg.preset,
+            "train_shape": [int(v) for v in train_set.shape], "train_spectra": cfg.train_spectra,
+            "dtype": cfg.dtype}
+
+
+#: settings that fix a model's architecture: a checkpoint that differs in one is another model
+_ARCHITECTURE = ("kind", "m", "n", "layers")
+#: settings of its training; "preset" is left out, as it enters only through train_shape
+_TRAINING = ("epochs", "lr", "batch_size", "snr_db", "seed", "train_shape", "train_spectra", "dtype")
+_SETTING_NAMES = {"m": "channels m", "n": "components n", "batch_size": "batch size", "snr_db": "SNR (dB)",
+                  "train_shape": "training set shape", "train_spectra": "training spectra"}
+
+
+def _architecture(model: torch.nn.Module) -> dict[str, Any]:
+    """A loaded model's kind, m, n and depth, from the model itself (not from what its file claims)."""
+    from fastmu.training import model_kind
+
+    kind = model_kind(model)
+    layers = ([int(model.nalmu_layers), int(model.almu_layers)] if kind == "almu"
+              else int(model.n_layers))
+    return {"kind": kind, "m": int(model.m), "n": int(model.n), "layers": layers}
+
+
+def _differences(keys: Sequence[str], have: dict[str, Any], want: dict[str, Any]) -> str:
+    """'layers 50 (this run: 10), SNR (dB) -10.0 (this run: 60.0)' for the keys in which have and want differ."""
+    diffs = [f"{_SETTING_NAMES.get(k, k)} {have.get(k, 'unrecorded')} (this run: {want[k]})"
+             for k in keys if have.get(k) != want[k]]
+    return ", ".join(diffs)
+
+
+def _checkpoint_path(mdir: Path, kind: str) -> Path | None:
+    """``<kind>.pt`` in ``mdir``, else ``fastmu-<kind>.pt`` (``fastmu train``'s default name), else None."""
+    for name in (f"{kind}.pt", f"fastmu-{kind}.pt"):
+        if (mdir / name).is_file():
+            return mdir / name
+    return None
+
+
+def _read_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """load_model, with any failure to read the file as a one-line ValueError."""
+    from fastmu.training import load_model
+
+    try:
+        return load_model(path, device=cfg.device, dtype=cfg.torch_dtype)
+    except (MemoryError, ValueError):  # load_model's ValueError says what is wrong with the file
+        raise
+    except Exception as exc:  # torch's unpickler raises KeyError, UnpicklingError, EOFError, RuntimeError, ...
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a readable fastmu checkpoint ({type(exc).__name__}: {first})") from None
+
+
+@dataclass
+class _ModelPlan:
+    """What :func:`run_paper` does for one learned kind: load ``model`` or train one (``reason`` says why)."""
+
+    kind: str
+    want: dict[str, Any]
+    path: Path | None
+    model: torch.nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    note: str | None = None
+
+
+def _plan_model(kind: str, cfg: ExperimentConfig, sets: dict, mdir: Path | None, own_dir: bool) -> _ModelPlan:
+    """Decide, before any training, whether ``kind`` is loaded from ``mdir`` or trained.
+
+    ``own_dir`` (run_paper's ``out_dir/models``): a checkpoint is reused only when it records exactly
+    this run's settings; otherwise it is trained anew and overwritten. A folder the caller gave: its
+    checkpoints are never overwritten; one that cannot be read, or whose kind, m, n or depth differ,
+    is refused; one trained with other (or unrecorded) settings is used, and the results say so.
+    """
+    want = training_settings(kind, cfg, sets["train"])
+    path = _checkpoint_path(mdir, kind) if mdir is not None else None
+    if path is None:
+        return _ModelPlan(kind, want, mdir / f"{kind}.pt" if mdir is not None else None)
+    try:
+        model, extra = _read_checkpoint(path, cfg)
+        arch = _architecture(model)
+    except ValueError as exc:
+        if own_dir:
+            return _ModelPlan(kind, want, mdir / f"{kind}.pt", reason=f"{exc}")
+        raise ValueError(f"{exc}; remove it, or give another models folder, to train {LABELS[kind]} anew") from None
+    have = extra.get("trained_with")
+    have = have if isinstance(have, dict) else None
+    wrong_model = _differences(_ARCHITECTURE, arch, want)
+    trained_otherwise = _differences(_TRAINING, have, want) if have is not None else None
+    if own_dir:
+        if wrong_model or trained_otherwise or have is None:
+            why = ", ".join(d for d in (wrong_model, trained_otherwise) if d) or "it records no training settings"
+            return _ModelPlan(kind, want, mdir / f"{kind}.pt", reason=f"{path} differs: {why}")
+        return _ModelPlan(kind, want, path, model, extra)
+    if wrong_model:
+        raise ValueError(f"{path} is not the {LABELS[kind]} this run asks for: {wrong_model}; give matching "
+                         "options, or another models folder to train it anew")
+    if have is None:
+        note = f"{LABELS[kind]}: loaded from {path}, which records no training settings"
+    elif trained_otherwise:
+        note = f"{LABELS[kind]}: loaded from {path}, trained with other settings: {trained_otherwise}"
+    else:
+        note = None
+    return _ModelPlan(kind, want, path, model, extra, note=note)
+
+
+def _train_or_load(plan: _ModelPlan, cfg: ExperimentConfig, sets: dict, progress: bool,
+                   log: Callable[[str], None]) -> tuple[torch.nn.Module, list, float | None]:
+    from fastmu.training import save_model
+
+    kind = plan.kind
+    if plan.model is not None:
+        log(f"{plan.note}" if plan.note else f"{LABELS[kind]}: loaded {plan.path}")
+        return plan.model, plan.extra.get("history", []), plan.extra.get("train_seconds")
+    if plan.reason:
+        log(f"{LABELS[kind]}: {plan.reason}; training it anew")
     model = new_model(kind, cfg, sets["train"])
     t0 = time.perf_counter()
-    hist = fit_model(kind, model, cfg, sets["train"], progress=progress,
-                     on_epoch=lambda e: log(f"{LABELS[kind]} {e.stage} epoch {e.epoch}: loss {e.train_loss:.4f}"))
+
+    def on_epoch(e: Any) -> None:
+        # train() names the stage after the kind ("nalmu"); ALMU's are "almu front" and "almu mlps"
+        stage = e.stage[len(kind):].strip() if e.stage.startswith(kind) else e.stage
+        log(f"{LABELS[kind]} {stage + ' ' if stage else ''}epoch {e.epoch}: loss {e.train_loss:.4f}")
+
+    hist = fit_model(kind, model, cfg, sets["train"], progress=progress, on_epoch=on_epoch)
     seconds = time.perf_counter() - t0
-    if path is not None:
-        save_model(model, path, history=hist.as_dicts(), train_seconds=seconds)
-        log(f"{LABELS[kind]}: trained in {seconds:.1f} s, saved {path}")
+    if plan.path is not None:
+        save_model(model, plan.path, history=hist.as_dicts(), train_seconds=seconds, trained_with=plan.want)
+        log(f"{LABELS[kind]}: trained in {seconds:.1f} s, saved {plan.path}")
     return model, hist.as_dicts(), seconds
+
+
+def _check_outputs(out: Path | None, models_dir: Path | None) -> None:
+    """Refuse unwritable outputs and a models "folder" that is a file, before the sets are built."""
+    from fastmu.paths import check_output_file, check_output_folder
+
+    if models_dir is not None and models_dir.exists() and not models_dir.is_dir():
+        raise ValueError(f"models folder {models_dir} is a file, not a folder")
+    if out is not None:
+        check_output_folder(out, "output folder")
+        for name in ("results.json", "table1.md", "table2.md", "fig2.png"):
+            check_output_file(out / name, "output")
 
 
 @dataclass
@@ -346,10 +500,13 @@ class PaperResults:
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     curves: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    #: per learned kind, what was scored: trained or loaded (from where), its depth and the settings
+    #: it was trained with (None when a loaded checkpoint does not record them)
+    models: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("config", "machine", "sets", "scores", "seconds", "curves",
-                                               "training")}
+                                               "training", "models")}
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -392,7 +549,7 @@ def make_sets(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None = None, *,
               models_dir: str | Path | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = print) -> PaperResults:
+              log: Callable[[str], None] | None = None) -> PaperResults:
     """Train (or load) every learned model, score every method, write tables and Fig. 2.
 
     Parameters
@@ -402,36 +559,64 @@ def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None
     out_dir : path, optional
         Writes ``results.json``, ``table1.md``, ``table2.md`` and
         ``fig2.png`` (with matplotlib) there, and the checkpoints under
-        ``models/`` unless ``models_dir`` is given.
+        ``models/`` unless ``models_dir`` is given. A checkpoint found in
+        ``out_dir/models`` is reused only when it records exactly this run's
+        training settings (:func:`training_settings`); otherwise the model is
+        trained anew and the file overwritten (the log says why).
     models_dir : path, optional
-        Where checkpoints are read from (when present) and written to:
-        models found there are loaded instead of trained.
+        A folder of checkpoints (``<kind>.pt``, or ``fastmu train``'s
+        ``fastmu-<kind>.pt``) to load instead of training; the models not
+        found there are trained and saved there. Its checkpoints are never
+        overwritten: one that cannot be read, or whose kind, m, n or depth
+        differ from this run's, is refused (ValueError, before any
+        training); one trained with other settings (epochs, SNR, ...), or
+        that records none, is used, and ``results.json`` (``models``), the
+        tables and the log say so.
     progress : bool
-        Progress bars for training and the baselines.
-    log : callable or None
-        Receives one line per step (default ``print``).
+        Progress bars for training and the baselines, and, unless ``log`` is
+        given, the log lines: ``progress=False`` is quiet.
+    log : callable, optional
+        Receives one line per step. Default: ``print`` when ``progress`` is
+        true, else nothing.
 
     Returns
     -------
     PaperResults
     """
     cfg = config or ExperimentConfig()
-    say = log or (lambda s: None)
+    say = log if log is not None else (print if progress else (lambda s: None))
     out = Path(out_dir) if out_dir is not None else None
+    own_dir = models_dir is None
     mdir = Path(models_dir) if models_dir is not None else (out / "models" if out is not None else None)
+    _check_outputs(out, None if own_dir else mdir)
     sets = make_sets(cfg)
     res = PaperResults(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         machine=_machine(cfg.device),
         sets={k: {"name": v.name, "shape": list(v.shape)} for k, v in sets.items()},
     )
-    say(f"sets: " + ", ".join(f"{v.name} {v.shape}" for v in sets.values()))
+    say("sets: " + ", ".join(f"{v.name} {v.shape}" for v in sets.values()))
 
+    # every checkpoint is read and checked before the first model is trained
+    plans = [_plan_model(kind, cfg, sets, mdir, own_dir) for kind in METHODS if kind in cfg.methods and kind in LEARNED]
+    if not own_dir and any(p.model is None for p in plans):
+        from fastmu.paths import check_output_folder
+
+        check_output_folder(mdir, "models folder")  # it will receive the models trained here
     models = {}
-    for kind in (k for k in METHODS if k in cfg.methods and k in LEARNED):
-        model, hist, secs = _train_or_load(kind, cfg, sets, mdir, progress, say)
+    for plan in plans:
+        kind = plan.kind
+        model, hist, secs = _train_or_load(plan, cfg, sets, progress, say)
         models[kind] = model
         res.training[kind] = {"history": hist, "seconds": secs}
+        loaded = plan.model is not None
+        res.models[kind] = {
+            "source": "loaded" if loaded else "trained",
+            "path": str(plan.path) if plan.path is not None else None,
+            "layers": _architecture(model)["layers"],
+            "trained_with": (plan.extra.get("trained_with") if loaded else plan.want),
+            "note": plan.note,
+        }
 
     for set_name in SETS:
         data = sets[set_name]
@@ -506,6 +691,7 @@ def format_table(res: PaperResults | dict[str, Any], set_name: str) -> str:
     def ms(v: list[float], f: str) -> str:
         return f"{np.mean(v):{f}} ± {np.std(v):{f}}"
 
+    models = d.get("models", {})  # results.json before fastmu recorded the models scored: the config's depths
     for kind in METHODS:
         if kind not in sc:
             continue
@@ -515,18 +701,16 @@ def format_table(res: PaperResults | dict[str, Any], set_name: str) -> str:
             label += f" ({cfg['mu_iters']} it.)"
         elif kind == "cd":
             label = f"CD ({cfg['cd_iters']} it.)"
-        elif kind == "nalmu":
-            label += f" ({cfg['nalmu_layers']} layers)"
-        elif kind == "almu":  # half a NALMU front, half adaptive layers (build_model)
-            front = cfg["nalmu_layers"] // 2
-            label += f" ({front} + {cfg['nalmu_layers'] - front} layers)"
-        elif kind == "dnmf":
-            label += f" ({cfg['dnmf_layers']} layers)"
-        else:
-            label += f" ({cfg['snmf_layers']} layers)"
+        else:  # the depth of the model scored, which a loaded checkpoint gives
+            layers = models.get(kind, {}).get("layers") or _depth(kind, cfg)
+            # ALMU: a NALMU front, then adaptive layers (build_model)
+            label += f" ({layers[0]} + {layers[1]} layers)" if kind == "almu" else f" ({layers} layers)"
         lines.append(f"| {label} | {ms(s['cos_A'], '.4f')} | {ms(s['cos_S'], '.4f')} | "
                      f"{ms(s['angle_A_deg'], '.2f')} | {ms(s['angle_S_deg'], '.2f')} | "
                      f"{np.mean(s['rmse_A']):.4f} | {secs[kind]:.2f} |")
+    notes = [models[k]["note"] for k in METHODS if k in sc and models.get(k, {}).get("note")]
+    if notes:  # loaded checkpoints not trained as this run's configuration says
+        lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines)
 
 

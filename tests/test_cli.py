@@ -169,3 +169,172 @@ def test_unmix_names_the_remedy_for_x_s_scale_and_normalise_applies_it(tmp_path,
     assert "error: MU overflowed float32" in err and "--normalise does that." in err
     assert main(["unmix", str(tmp_path / "huge.npy"), "--normalise", *common]) == 0
     assert float(np.load(out)["residual"]) < 0.05
+
+
+# --- the audit of the CLI: wrong output, tracebacks, messages ---------------------------------------------------
+
+
+def _x(tmp_path, dtype=float, shape=(12, 3, 60), seed=0):
+    """A rank-3 X = A S (as `dtype`) and its truth in tmp_path: X.npy, truth.npz."""
+    rng = np.random.default_rng(seed)
+    m, n, t = shape
+    A, S = rng.random((m, n)), rng.random((n, t)) ** 2
+    X = A @ S
+    X = (X > np.median(X)) if dtype is bool else (X * 10).astype(dtype) if np.dtype(dtype).kind == "i" else X
+    np.save(tmp_path / "X.npy", X)
+    np.savez(tmp_path / "truth.npz", A=A, S=S)
+    return tmp_path / "X.npy"
+
+
+@pytest.mark.parametrize("dtype, args, want", [(np.int64, [], np.float64), (bool, [], np.float64),
+                                               (np.int64, ["--dtype", "float32"], np.float32)])
+def test_unmix_factors_are_floating_whatever_x_is(tmp_path, dtype, args, want):
+    # the truth path used to cast the factors to X's dtype (int64, bool); --dtype was ignored for integers
+    x = _x(tmp_path, dtype)
+    out = tmp_path / "r.npz"
+    assert main(["unmix", str(x), "-n", "3", "--iters", "5", "--truth", str(tmp_path / "truth.npz"), *args,
+                 "--out", str(out), "--no-progress"]) == 0
+    res = np.load(out)
+    assert res["A"].dtype == want and res["S"].dtype == want
+
+
+def test_unmix_reports_and_saves_the_iterations_run(tmp_path, capsys):
+    out = tmp_path / "r.npz"
+    assert main(["unmix", str(_x(tmp_path)), "-n", "3", "--iters", "3000", "--tol", "1e-2", "--out", str(out),
+                 "--no-progress"]) == 0
+    n_iter = int(np.load(out)["n_iter"])
+    assert 0 < n_iter < 3000 and n_iter % 10 == 0  # tol is checked every 10 iterations
+    assert f"{n_iter} iterations (stopped early by --tol; --iters 3000)" in capsys.readouterr().out
+
+
+def _paths(tmp_path):
+    (tmp_path / "adir.npz").mkdir()
+    (tmp_path / "figdir.png").mkdir()
+    (tmp_path / "afile").write_text("")
+    return {"{t}": str(tmp_path)}
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--out", "{t}/adir.npz"], "--out {t}/adir.npz is a folder"),
+    (["--out", "{t}/afile/o.npz"], "--out: {t}/afile is a file, not a folder"),
+    (["--figure", "{t}/figdir.png"], "--figure {t}/figdir.png is a folder"),
+    (["--figure", "{t}/f.xyz"], "matplotlib cannot write .xyz files; use one of"),
+    (["--figure", "{t}/afile/f.png"], "--figure: {t}/afile is a file, not a folder"),
+])
+def test_unmix_output_paths_are_checked_before_the_run(tmp_path, capsys, extra, msg):
+    subst = _paths(tmp_path)
+    extra = [a.replace("{t}", subst["{t}"]) for a in extra]
+    x = _x(tmp_path)
+    rc = main(["unmix", str(x), "-n", "3", "--iters", "5", "--no-progress", *extra]
+              + ([] if "--out" in extra else ["--out", str(tmp_path / "r.npz")]))
+    captured = capsys.readouterr()
+    assert rc == 2 and msg.replace("{t}", str(tmp_path)) in captured.err
+    assert "iterations in" not in captured.out and not (tmp_path / "r.npz").exists()
+
+
+def test_unwritable_output_folder_is_one_line_before_the_run(tmp_path, capsys, monkeypatch):
+    # a read-only place (/sys, a folder without write permission): simulated, as root may write anywhere else
+    from fastmu import paths
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", refuse)
+    assert main(["unmix", str(_x(tmp_path)), "-n", "3", "--out", str(tmp_path / "r.npz"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"fastmu unmix: error: --out: cannot write in {tmp_path} (Permission denied)\n"
+    assert "iterations in" not in captured.out
+
+
+def test_unmix_input_that_is_a_folder(tmp_path, capsys):
+    (tmp_path / "d.npy").mkdir()
+    assert main(["unmix", str(tmp_path / "d.npy"), "-n", "2"]) == 2
+    assert f"{tmp_path / 'd.npy'} is a folder, not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--out", ""], "argument --out: the path is empty"),
+    (["--figure", ""], "argument --figure: the path is empty"),
+    (["--seed", "-3", "--init", "nndsvda"], "argument --seed: must be >= 0, got -3"),
+    (["-n", "0"], "argument -n/--n-components: must be >= 1, got 0"),
+])
+def test_unmix_argument_errors_name_the_option(tmp_path, capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        main(["unmix", str(_x(tmp_path)), *(["-n", "3"] if "-n" not in argv else []), *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_unmix_figure_without_suffix_names_the_file_it_writes(tmp_path, capsys):
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).random((5, 30)))
+    assert main(["unmix", str(tmp_path / "X.npy"), "-n", "2", "--iters", "2", "--out", str(tmp_path / "r.npz"),
+                 "--figure", str(tmp_path / "fig"), "--no-progress"]) == 0
+    assert (tmp_path / "fig.png").exists() and f"saved {tmp_path / 'fig.png'}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exc, rc, msg", [(MemoryError("Unable to allocate 298. GiB"), 2,
+                                           "fastmu unmix: error: not enough memory (Unable to allocate 298. GiB)"),
+                                          (KeyboardInterrupt(), 130, "fastmu unmix: interrupted")])
+def test_memory_error_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch, exc, rc, msg):
+    import fastmu.solver
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(fastmu.solver, "solve", fail)
+    assert main(["unmix", str(_x(tmp_path)), "-n", "3", "--out", str(tmp_path / "r.npz"), "--no-progress"]) == rc
+    assert capsys.readouterr().err == msg + "\n"
+
+
+def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    # whatever the up-front checks miss (a disk that fills up, a race) still ends in one line, not a traceback
+    def fail(*args, **kwargs):
+        raise IsADirectoryError(21, "Is a directory", "somewhere.npz")
+
+    x = _x(tmp_path)
+    monkeypatch.setattr(np, "savez", fail)
+    assert main(["unmix", str(x), "-n", "3", "--iters", "2", "--out", str(tmp_path / "r.npz"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == "fastmu unmix: error: Is a directory: somewhere.npz\n"
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--demo", "-n", "3"], "the demo scene has 4 components"),
+    (["--demo", "--truth", "{t}/truth.npz"], "--truth does not apply to --demo"),
+    (["--demo", "--layout", "hwm", "--key", "X"], "--key, --layout do not apply to --demo"),
+    (["{t}/X.npy", "-n", "3", "--key", "X"], "--key names an array inside an .npz"),
+    (["{t}/X.npy", "-n", "3", "--truth-keys", "A", "S"], "give --truth too"),
+    (["{t}/k.npz", "-n", "3", "--key", "nope"], "has no array 'nope' (given with --key); its arrays: foo, bar"),
+    (["{t}/k.npz", "-n", "3"], "holds foo, bar; name the array with --key"),
+    (["{t}/X.npy", "-n", "3", "--truth", "{t}/k.npz"],
+     "has no array 'A' (its arrays: foo, bar); name them with --truth-keys A_KEY S_KEY"),
+    (["{t}/X.npy", "-n", "3", "--truth", "{t}/X.npy"], "expected an .npz holding the true A and S"),
+])
+def test_unmix_options_that_would_be_ignored_or_misread(tmp_path, capsys, argv, msg):
+    _x(tmp_path)
+    np.savez(tmp_path / "k.npz", foo=np.ones((3, 4)), bar=np.ones((3, 4)))
+    argv = [a.replace("{t}", str(tmp_path)) for a in argv]
+    assert main(["unmix", *argv, "--out", str(tmp_path / "r.npz"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert msg in captured.err and "iterations in" not in captured.out and "demo scene" not in captured.out
+
+
+def test_unmix_options_have_help():
+    from fastmu.cli import build_parser
+
+    unmix = build_parser()._subparsers._group_actions[0].choices["unmix"]
+    missing = [a.dest for a in unmix._actions if not a.help]
+    assert missing == []
+    assert "3-D array without --layout is a batch" in unmix.format_help()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--suite", "nalmu", "--iters", "3"], "--iters applies to the mu suite only"),
+    (["--suite", "nalmu", "--workload", "tall"], "--workload applies to the mu suite only"),
+    (["--device", "cuda", "--workload", "tall"], "--workload picks CPU workloads"),
+    (["--out", "{t}/afile/b.json"], "--out: {t}/afile is a file, not a folder"),
+])
+def test_bench_refuses_options_it_would_ignore_and_bad_outputs_up_front(tmp_path, capsys, argv, msg):
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("{t}", str(tmp_path)) for a in argv]
+    assert main(["bench", "--quick", *argv]) == 2
+    assert msg.replace("{t}", str(tmp_path)) in capsys.readouterr().err

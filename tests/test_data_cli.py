@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fastmu.cli import main
 
@@ -41,3 +42,39 @@ def test_preview_size_too_small_for_remnant(tmp_path, capsys):
     assert main(["data", "preview", "--out", str(tmp_path / "fig"), "--n", "10", "--size", "2"]) == 2
     assert "--size must be at least 4" in capsys.readouterr().err
     assert not (tmp_path / "fig").exists()  # refused before any figure is written
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--m", "3"], "argument --m: must be >= 8, got 3"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--n", "0"], "argument --n: must be >= 1, got 0"),
+])
+def test_stats_argument_errors_name_the_option_and_the_command(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "stats", *argv])
+    assert e.value.code == 2
+    assert f"fastmu data stats: error: {msg}" in capsys.readouterr().err
+
+
+def test_min_channels_is_the_generator_s():
+    from fastmu.cli.data import MIN_CHANNELS
+    from fastmu.data import spectra
+
+    assert spectra(1, m=MIN_CHANNELS, seed=0).shape == (1, MIN_CHANNELS, 4)
+    with pytest.raises(ValueError, match=f">= {MIN_CHANNELS}"):
+        spectra(1, m=MIN_CHANNELS - 1, seed=0)
+
+
+def test_errors_name_the_data_subcommand_and_the_file_s_own_shape(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((20, 50)))
+    assert main(["data", "stats", "--spectra", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmu data stats: error: --spectra") and "got shape (20, 50)" in err
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_preview_output_folder_is_checked_first(tmp_path, capsys, where):
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "sub"
+    assert main(["data", "preview", "--out", str(out), "--n", "5", "--size", "8"]) == 2
+    assert f"fastmu data preview: error: --out: {tmp_path / 'f'}" in capsys.readouterr().err

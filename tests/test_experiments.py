@@ -126,11 +126,19 @@ def test_cli_train_then_paper_with_the_checkpoint(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "NALMU: loaded" in out and "| MU (10 it.) |" in out and "Table II" in out
+    # the checkpoint records how it was trained; the tables say where the paper run's settings differ
+    from fastmu.training import load_model
+
+    assert load_model(ck)[1]["trained_with"]["layers"] == 3
+    assert "- NALMU: loaded from" in out and "epochs 1 (this run: 10), batch size 4 (this run: 25)" in out
 
 
 def test_cli_errors(capsys):
-    assert main(["paper", "--mu-iters", "0", "--no-progress"]) == 2
-    assert "mu_iters" in capsys.readouterr().err
+    # argparse checks the range, so the message names the option typed, not ExperimentConfig's mu_iters
+    with pytest.raises(SystemExit) as e:
+        main(["paper", "--mu-iters", "0", "--no-progress"])
+    assert e.value.code == 2
+    assert "argument --mu-iters: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "resnet"])
 
@@ -155,3 +163,99 @@ def test_new_models_are_seeded_and_start_as_their_untrained_definition():
     assert not torch.equal(other.mlps.weights[0], new_model("almu", cfg, train_set).mlps.weights[0])
     with pytest.raises(ValueError, match="kind"):
         new_model("mu", cfg, train_set)
+
+
+
+# --- checkpoints reused by run_paper / fastmu paper ----------------------------------------------------------
+
+
+NALMU_ONLY = dict(TINY, methods=("nalmu",))
+
+
+def test_run_paper_retrains_a_stale_checkpoint_in_its_own_folder(tmp_path, capsys):
+    lines = []
+    run_paper(ExperimentConfig(**NALMU_ONLY, snr_db=-10.0), tmp_path, log=lines.append, progress=False)
+    assert "NALMU epoch 1: loss" in "\n".join(lines)  # the kind once, not "NALMU nalmu epoch 1"
+
+    # new settings into the same folder: not the old model under the new label
+    lines = []
+    res = run_paper(ExperimentConfig(**{**NALMU_ONLY, "nalmu_layers": 3}), tmp_path, log=lines.append,
+                    progress=False)
+    text = "\n".join(lines)
+    assert "nalmu.pt differs: layers 4 (this run: 3), SNR (dB) -10.0 (this run: 60.0); training it anew" in text
+    assert "loaded" not in text
+    d = json.loads((tmp_path / "results.json").read_text())
+    assert d["models"]["nalmu"]["layers"] == 3 and d["models"]["nalmu"]["trained_with"]["snr_db"] == 60.0
+    assert d["curves"]["test_simple"]["nalmu"]["x"] == [1, 2, 3]
+
+    # the same settings again: reused; progress=False without a log is quiet
+    capsys.readouterr()
+    res2 = run_paper(ExperimentConfig(**{**NALMU_ONLY, "nalmu_layers": 3}), tmp_path, progress=False)
+    assert capsys.readouterr().out == ""
+    assert res2.models["nalmu"]["source"] == "loaded"
+    assert res2.scores["test_simple"]["nalmu"] == res.scores["test_simple"]["nalmu"]
+
+
+def test_models_dir_checkpoints_are_checked_before_any_training(tmp_path):
+    cfg = ExperimentConfig(**NALMU_ONLY)
+    run_paper(cfg, tmp_path / "a", progress=False, log=None)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (tmp_path / "a" / "models" / "nalmu.pt").rename(mine / "dnmf.pt")  # a NALMU under DNMF's name
+    lines = []
+    with pytest.raises(ValueError, match=r"dnmf.pt is not the DNMF this run asks for: kind nalmu \(this run: dnmf\)"):
+        run_paper(ExperimentConfig(**{**TINY, "methods": ("nalmu", "dnmf")}), tmp_path / "b", models_dir=mine,
+                  log=lines.append, progress=False)
+    assert not any("epoch" in ln for ln in lines)  # refused before NALMU was trained
+
+    (mine / "nalmu.pt").write_text("junk\n")
+    with pytest.raises(ValueError, match="nalmu.pt is not a .*checkpoint") as e:
+        run_paper(cfg, tmp_path / "b", models_dir=mine, progress=False)
+    assert "\n" not in str(e.value)
+    assert (mine / "nalmu.pt").read_text() == "junk\n"  # the user's folder is never overwritten
+
+
+def test_models_dir_checkpoint_without_settings_is_used_and_said_so(tmp_path, capsys):
+    # an older checkpoint (or one saved by hand) records no training settings: kind, m, n, depth must match
+    from fastmu.experiments import new_model
+    from fastmu.training import save_model
+
+    cfg = ExperimentConfig(**NALMU_ONLY)
+    save_model(new_model("nalmu", cfg, make_sets(cfg)["train"]), tmp_path / "m" / "fastmu-nalmu.pt")
+    rc = main(["paper", "--methods", "nalmu", "--size", "8", "--n-train", "8", "--n-test", "3", "--layers", "4",
+               "--out", str(tmp_path / "p"), "--models", str(tmp_path / "m"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "NALMU: loaded from" in out and "which records no training settings" in out
+    assert "| NALMU (4 layers) |" in out
+    d = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert d["models"]["nalmu"]["source"] == "loaded" and d["models"]["nalmu"]["trained_with"] is None
+
+    assert main(["paper", "--methods", "nalmu", "--size", "8", "--n-train", "8", "--n-test", "3", "--layers", "5",
+                 "--out", str(tmp_path / "p"), "--models", str(tmp_path / "m"), "--no-progress"]) == 2
+    assert "layers 4 (this run: 5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["paper", "--out", "{f}"], "--out: {f} is a file, not a folder"),
+    (["paper", "--models", "{f}"], "--models {f} is a file, not a folder"),
+    (["paper", "--methods", "almu", "--layers", "1"], "--layers must be >= 2 with ALMU"),
+    (["train", "nalmu", "--out", "{f}/m.pt"], "--out: {f} is a file, not a folder"),
+    (["train", "almu", "--layers", "1"], "--layers must be >= 2 for ALMU"),
+])
+def test_cli_paper_and_train_refuse_before_the_work(tmp_path, capsys, argv, msg):
+    f = tmp_path / "afile"
+    f.write_text("")
+    argv = [a.replace("{f}", str(f)) for a in argv]
+    assert main([*argv, "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert msg.replace("{f}", str(f)) in captured.err and "sets:" not in captured.out
+
+
+@pytest.mark.parametrize("argv, msg", [(["train", "nalmu", "--layers", "0"], "argument --layers: must be >= 1"),
+                                       (["paper", "--seed", "-1"], "argument --seed: must be >= 0"),
+                                       (["paper", "--lr", "0"], "argument --lr: must be > 0")])
+def test_cli_range_errors_name_the_option(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -41,17 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # "data stats" rather than "data": the sub-command the user typed
+    name = getattr(args, "command_name", args.command)
     # a command can name its own remedy for X's scale (unmix: --normalise)
     hint = getattr(args, "scale_hint", "")
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning(args.command, hint, warnings.showwarning)
+            warnings.showwarning = _show_warning(name, hint, warnings.showwarning)
             rc = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, FloatingPointError) as exc:
+    except KeyboardInterrupt:
+        print(f"fastmu {name}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
+    except MemoryError as exc:
+        print(f"fastmu {name}: error: not enough memory ({exc or 'the allocation failed'})", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, FloatingPointError) as exc:
+        # FileNotFoundError is an OSError; the others (a folder given as a file, a read-only place)
+        # have no message of their own beyond strerror and the file name
         extra = f" {hint}" if hint and isinstance(exc, FloatingPointError) else ""
-        print(f"fastmu {args.command}: error: {exc}{extra}", file=sys.stderr)
+        print(f"fastmu {name}: error: {_one_line(exc)}{extra}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (an OSError as "what: file"), so the error stays one line."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc)
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or type(exc).__name__
 
 
 def _show_warning(command: str, hint: str, default: Any) -> Any:

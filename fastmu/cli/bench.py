@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastmu.cli import _checks
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,32 +17,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--suite", choices=("mu", "nalmu"), default="mu",
-                   help="mu: plain MU solver workloads; nalmu: 50-layer NALMU forward+backward")
-    p.add_argument("--workload", choices=("paper", "batched", "tall", "all"), default="all",
-                   help="mu suite: paper = 1×65×16384, batched = 150×65×1024, tall = 1×16384×65 (CPU); "
-                        "W1/W2 on CUDA")
-    p.add_argument("--iters", type=int, default=None, help="iterations per run (default: the workload's)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs per peer (mu: the fastest counts; nalmu: steps per variant, the median counts)")
-    p.add_argument("--quick", action="store_true", help="100 iterations, 1 repeat: a smoke run")
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default: fastmu-bench-<suite>-<device>.json)")
+                   help="mu: plain MU solver workloads; nalmu: NALMU training step (forward+backward), "
+                        "fused vs plain autograd, 50 layers, 25 problems of 65×4096")
+    p.add_argument("--workload", choices=("paper", "batched", "tall", "all"), default=None,
+                   help="mu suite on the CPU only: paper = 1×65×16384, batched = 150×65×1024, "
+                        "tall = 1×16384×65, all (default); on CUDA the mu suite runs W1 and W2")
+    p.add_argument("--iters", type=_checks.int_at_least(1), default=None,
+                   help="mu suite only: iterations per run (default: the workload's)")
+    p.add_argument("--repeats", type=_checks.int_at_least(1), default=None,
+                   help="runs per peer, default 3 (mu on the CPU: the fastest counts; nalmu: steps per variant, "
+                        "the median counts; not for the mu suite on CUDA, which times its own way)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run, 1 repeat: mu suite 100 iterations (CUDA: also a batch of 8); "
+                        "nalmu suite 10 layers at t=1024, no memory measurement")
+    p.add_argument("--out", type=_checks.path, default=None,
+                   help="JSON file (default: fastmu-bench-<suite>-<device>.json)")
     p.set_defaults(func=run)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse the options this suite and device would silently ignore."""
+    if args.suite == "nalmu":
+        given = [opt for opt, v in (("--workload", args.workload), ("--iters", args.iters)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the mu suite "
+                             "only; --suite nalmu times one fixed workload (see --quick)")
+    elif args.device == "cuda" and args.workload is not None:
+        raise ValueError("--workload picks CPU workloads; on CUDA the mu suite runs its workloads W1 and W2")
+    elif args.device == "cuda" and args.repeats is not None:
+        raise ValueError("--repeats does not apply to the mu suite on CUDA, which times its own way")
 
 
 def run(args: argparse.Namespace) -> int:
     from fastmu.benchmarks.machine import machine_info
 
+    _check_options(args)
+    out = args.out or Path(f"fastmu-bench-{args.suite}-{args.device}.json")
+    _checks.check_output_file(out, "--out")  # before the benchmark, not after it
     iters = 100 if args.quick and args.iters is None else args.iters
-    repeats = 1 if args.quick else args.repeats
-    if iters is not None and iters < 1:
-        raise ValueError("--iters must be >= 1")
-    if repeats < 1:
-        raise ValueError("--repeats must be >= 1")
+    repeats = args.repeats or (1 if args.quick else 3)  # --quick's defaults give way to explicit options
     result: dict[str, Any] = {"suite": args.suite, "device": args.device, "machine": machine_info()}
     if args.suite == "mu" and args.device == "cpu":
         from fastmu.benchmarks import mu_cpu
 
-        names = list(mu_cpu.WORKLOADS) if args.workload == "all" else [args.workload]
+        names = list(mu_cpu.WORKLOADS) if args.workload in (None, "all") else [args.workload]
         rows = []
         for name in names:
             rows += mu_cpu.run_workload(name, n_iter=iters, repeats=repeats)
@@ -57,11 +77,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         from fastmu.benchmarks import nalmu
 
-        kw = dict(n_layers=10, t=1024, repeats=1, measure_memory=False) if args.quick else dict(repeats=args.repeats)
-        res = nalmu.run_nalmu_benchmark(device=args.device, **kw)
+        kw = dict(n_layers=10, t=1024, measure_memory=False) if args.quick else {}
+        res = nalmu.run_nalmu_benchmark(device=args.device, repeats=repeats, **kw)
         print(nalmu.format_table(res))
         result.update(res)
-    out = args.out or Path(f"fastmu-bench-{args.suite}-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"saved {out}")

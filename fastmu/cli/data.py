@@ -4,6 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from fastmu.cli import _checks
+
+#: fewest channels the spectral model resolves (fastmu.data.spectra's check, spelt out so that
+#: ``fastmu --help`` does not import the generators; a test keeps the two equal)
+MIN_CHANNELS = 8
+
 
 def register(subparsers) -> None:
     """Add the ``data`` command (with ``preview`` and ``stats``) to ``subparsers``."""
@@ -13,33 +21,46 @@ def register(subparsers) -> None:
     sub.required = True
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--spectra", type=Path, help="spectra file (.npz key A, or .npy) instead of generated ones")
-        q.add_argument("--n", type=int, default=750, help="number of generated spectra (default 750)")
-        q.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
-        q.add_argument("--m", type=int, default=65, help="channels of generated spectra (default 65)")
-        q.add_argument("--reference", type=Path,
+        q.add_argument("--spectra", type=_checks.path,
+                       help="spectra file (.npz key A, or .npy) instead of generated ones")
+        q.add_argument("--n", type=_checks.int_at_least(1), default=750,
+                       help="number of generated spectra (default 750)")
+        q.add_argument("--seed", type=_checks.seed, default=0, help="seed of the generator (default 0)")
+        q.add_argument("--m", type=_checks.int_at_least(MIN_CHANNELS), default=65,
+                       help=f"channels of generated spectra, at least {MIN_CHANNELS} (default 65)")
+        q.add_argument("--reference", type=_checks.path,
                        help="real spectra to compare with (default: chandra_mixing_matrices.npz "
                             "in the reference-data folder, if found)")
 
     pv = sub.add_parser("preview", help="write PNG figures like the paper's Fig. 1")
     common(pv)
-    pv.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
+    pv.add_argument("--out", type=_checks.path, required=True, help="output folder for the PNGs")
     pv.add_argument("--size", type=int, default=128, help="map size (default 128)")
-    pv.set_defaults(func=_preview)
+    # command_name: errors say "fastmu data preview: ...", the command the user typed
+    pv.set_defaults(func=_preview, command_name="data preview")
 
     st = sub.add_parser("stats", help="print the realism statistics of spectra")
     common(st)
-    st.set_defaults(func=_stats)
+    st.set_defaults(func=_stats, command_name="data stats")
+
+
+def _read_spectra(path: Path, option: str) -> np.ndarray:
+    """Spectra from ``path``, validated; a wrong shape is reported as the file holds it."""
+    _checks.check_input_file(path, option)
+    from fastmu.data import load_spectra
+
+    try:
+        return load_spectra(path)
+    except ValueError as exc:  # load_spectra names the shape the file holds
+        raise ValueError(f"{option} {path}: {exc}") from None
 
 
 def _spectra_sets(args) -> dict:
-    from fastmu.data import load_spectra, shared_data_dir, spectra
+    from fastmu.data import shared_data_dir, spectra
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
     sets = {}
     if args.spectra is not None:
-        sets[args.spectra.stem] = load_spectra(args.spectra)
+        sets[args.spectra.stem] = _read_spectra(args.spectra, "--spectra")
     else:
         sets["generated"] = spectra(args.n, seed=args.seed, m=args.m)
     ref = args.reference
@@ -48,7 +69,7 @@ def _spectra_sets(args) -> dict:
         if d is not None and (d / "chandra_mixing_matrices.npz").exists():
             ref = d / "chandra_mixing_matrices.npz"
     if ref is not None:
-        sets = {"real": load_spectra(ref), **sets}
+        sets = {"real": _read_spectra(ref, "--reference"), **sets}
     return sets
 
 
@@ -69,8 +90,9 @@ def _preview(args) -> int:
     if args.size < _MIN_SIZE:  # before any figure is written
         raise ValueError(f"--size must be at least {_MIN_SIZE} (the remnant's smallest map), got {args.size}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _checks.check_output_folder(out, "--out")  # before the figures are drawn; creates nothing
     sets = _spectra_sets(args)
+    out.mkdir(parents=True, exist_ok=True)
     written = [plot_spectra_fan(sets, out / "spectra.png")]
     size = args.size
     rows = {"natural": natural_images(4, size, seed=args.seed)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastmu.cli import _checks
 
 #: fastmu.experiments.METHODS, spelt out so that ``fastmu --help`` does not import torch
 METHODS = ("mu", "cd", "dnmf", "snmf_net", "nalmu", "almu")
@@ -17,43 +18,70 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Build the paper's sets, train the unrolled models (or load them from --models), run MU and "
             "coordinate descent, score every method on both test sets (Hungarian-matched mean cosine, the "
             "paper's 'SAD'; spectral angle; RMSE) and write results.json, table1.md, table2.md and fig2.png. "
-            "--preset small runs in minutes on a CPU; --preset paper is the paper's size (750 training and "
-            "2 × 150 test problems of 65 × 16384, 10 000 MU iterations): use a GPU."
+            "--preset small takes about half a minute on 2 CPU cores; --preset paper is the paper's size "
+            "(750 training and 2 × 150 test problems of 65 × 16384, 10 000 MU iterations): use a GPU."
+        ),
+        epilog=(
+            "Checkpoints. The models trained are saved in OUT/models and reused by a later run into the same "
+            "--out only if they were trained with exactly that run's settings; otherwise they are trained "
+            "anew and overwritten (the log says why). --models DIR is yours: its <kind>.pt or "
+            "fastmu-<kind>.pt (from `fastmu train`) are loaded and never overwritten; one that cannot be "
+            "read, or of another kind, m, n or depth, is refused before any training; one trained with other "
+            "settings (epochs, SNR, ...) or recording none is used, and the log, the tables and "
+            "results.json say so. The models missing from DIR are trained and saved there."
         ),
     )
-    p.add_argument("--preset", choices=("small", "paper"), default="small")
-    p.add_argument("--out", type=Path, default=Path("fastmu-paper"), help="output folder (default fastmu-paper)")
-    p.add_argument("--models", type=Path, default=None,
-                   help="folder of checkpoints (<kind>.pt) to load, and to write the ones it trains "
-                        "(default OUT/models)")
+    p.add_argument("--preset", choices=("small", "paper"), default="small",
+                   help="set sizes: small = 64 train and 2 × 16 test problems of 65×1024 (default); "
+                        "paper = 750 and 2 × 150 of 65×16384")
+    p.add_argument("--out", type=_checks.path, default=Path("fastmu-paper"),
+                   help="output folder (default fastmu-paper)")
+    p.add_argument("--models", type=_checks.path, default=None,
+                   help="folder of checkpoints to load, and to write the ones it trains (default: OUT/models; "
+                        "see below)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--epochs", type=int, default=10, help="training epochs per model (ALMU: per stage)")
-    p.add_argument("--batch-size", type=int, default=25)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--layers", type=int, default=50, help="NALMU depth; ALMU = half front, half adaptive")
-    p.add_argument("--mu-iters", type=int, default=10_000)
-    p.add_argument("--cd-iters", type=int, default=1_000)
+    p.add_argument("--epochs", type=_checks.int_at_least(1), default=10,
+                   help="training epochs per model (ALMU: per stage; default 10)")
+    p.add_argument("--batch-size", type=_checks.int_at_least(1), default=25, help="default 25")
+    p.add_argument("--lr", type=_checks.positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
+    p.add_argument("--layers", type=_checks.int_at_least(1), default=50,
+                   help="NALMU depth (default 50); ALMU = half front, half adaptive, so >= 2 with almu")
+    p.add_argument("--dnmf-layers", type=_checks.int_at_least(1), default=10, help="DNMF depth (default 10)")
+    p.add_argument("--snmf-layers", type=_checks.int_at_least(1), default=9, help="SNMF-Net depth (default 9)")
+    p.add_argument("--mu-iters", type=_checks.int_at_least(1), default=10_000, help="default 10000")
+    p.add_argument("--cd-iters", type=_checks.int_at_least(1), default=1_000, help="default 1000")
     p.add_argument("--train-spectra", choices=("generated", "real"), default="generated")
-    p.add_argument("--snr", type=float, default=60.0, help="SNR in dB of every set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None, help="map side (t = size²), overriding the preset's")
-    p.add_argument("--n-train", type=int, default=None, help="training problems, overriding the preset's")
-    p.add_argument("--n-test", type=int, default=None, help="problems per test set, overriding the preset's")
+    p.add_argument("--snr", type=_checks.finite_float, default=60.0, help="SNR in dB of every set (default 60)")
+    p.add_argument("--seed", type=_checks.seed, default=0)
+    p.add_argument("--size", type=_checks.int_at_least(1), default=None,
+                   help="map side (t = size²), overriding the preset's")
+    p.add_argument("--n-train", type=_checks.int_at_least(1), default=None,
+                   help="training problems, overriding the preset's")
+    p.add_argument("--n-test", type=_checks.int_at_least(1), default=None,
+                   help="problems per test set, overriding the preset's")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if "almu" in args.methods and args.layers < 2:
+        raise ValueError("--layers must be >= 2 with ALMU (half NALMU front, half adaptive layers)")
+    # the folders are checked again by run_paper; here before torch is imported
+    _checks.check_output_folder(args.out, "--out")
+    if args.models is not None and args.models.exists() and not args.models.is_dir():
+        raise ValueError(f"--models {args.models} is a file, not a folder")
+
     from fastmu.experiments import ExperimentConfig, format_table, run_paper
 
     cfg = ExperimentConfig(
         preset=args.preset, seed=args.seed, snr_db=args.snr, methods=tuple(args.methods),
-        mu_iters=args.mu_iters, cd_iters=args.cd_iters, nalmu_layers=args.layers, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, train_spectra=args.train_spectra, device=args.device,
-        dtype=args.dtype, size=args.size, n_train=args.n_train, n_test=args.n_test)
-    res = run_paper(cfg, args.out, models_dir=args.models, progress=not args.no_progress)
+        mu_iters=args.mu_iters, cd_iters=args.cd_iters, nalmu_layers=args.layers, dnmf_layers=args.dnmf_layers,
+        snmf_layers=args.snmf_layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        train_spectra=args.train_spectra, device=args.device, dtype=args.dtype, size=args.size,
+        n_train=args.n_train, n_test=args.n_test)
+    res = run_paper(cfg, args.out, models_dir=args.models, progress=not args.no_progress, log=print)
     for set_name in ("test_simple", "test_realistic"):
         print()
         print(format_table(res, set_name))

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastmu.cli import _checks
+
 KINDS = ("nalmu", "almu", "dnmf", "snmf_net")
 
 
@@ -17,31 +19,42 @@ def register(sub: argparse._SubParsersAction) -> None:
             "ones with --train-spectra real, mixed with natural-image maps at 60 dB), scoring it on the "
             "held-out simple test set after every epoch. ALMU trains in two stages: its NALMU front, then "
             "its MLPs with the front frozen (--epochs each). The checkpoint loads with "
-            "fastmu.training.load_model and feeds `fastmu paper --models`."
+            "fastmu.training.load_model and records the settings it was trained with; `fastmu paper "
+            "--models DIR` loads DIR/<kind>.pt or DIR/fastmu-<kind>.pt (this command's default name) when "
+            "those settings match the paper run's."
         ),
     )
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--preset", choices=("small", "paper"), default="small",
-                   help="set sizes: small = 64 train problems of 65×1024; paper = 750 of 65×16384")
-    p.add_argument("--layers", type=int, default=None,
-                   help="depth (default: nalmu/almu 50, dnmf 10, snmf_net 9); ALMU splits it in half")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (ALMU: per stage)")
-    p.add_argument("--batch-size", type=int, default=25)
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (ALMU's MLP stage: a tenth)")
+                   help="set sizes: small = 64 train problems of 65×1024 (default); paper = 750 of 65×16384")
+    p.add_argument("--layers", type=_checks.int_at_least(1), default=None,
+                   help="depth (default: nalmu/almu 50, dnmf 10, snmf_net 9); ALMU splits it in half, so >= 2")
+    p.add_argument("--epochs", type=_checks.int_at_least(1), default=10, help="epochs (ALMU: per stage)")
+    p.add_argument("--batch-size", type=_checks.int_at_least(1), default=25)
+    p.add_argument("--lr", type=_checks.positive_float, default=1e-2,
+                   help="Adam learning rate (ALMU's MLP stage: a tenth)")
     p.add_argument("--train-spectra", choices=("generated", "real"), default="generated")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None, help="map side (t = size²), overriding the preset's")
-    p.add_argument("--n-train", type=int, default=None, help="training problems, overriding the preset's")
-    p.add_argument("--n-test", type=int, default=None, help="problems per test set, overriding the preset's")
+    p.add_argument("--seed", type=_checks.seed, default=0)
+    p.add_argument("--size", type=_checks.int_at_least(1), default=None,
+                   help="map side (t = size²), overriding the preset's")
+    p.add_argument("--n-train", type=_checks.int_at_least(1), default=None,
+                   help="training problems, overriding the preset's")
+    p.add_argument("--n-test", type=_checks.int_at_least(1), default=None,
+                   help="problems per test set, overriding the preset's")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--out", type=Path, default=None, help="checkpoint path (default: fastmu-<kind>.pt)")
+    p.add_argument("--out", type=_checks.path, default=None, help="checkpoint path (default: fastmu-<kind>.pt)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastmu.experiments import ExperimentConfig, fit_model, make_sets, new_model
+    if args.kind == "almu" and args.layers is not None and args.layers < 2:
+        raise ValueError("--layers must be >= 2 for ALMU (half NALMU front, half adaptive layers)")
+    out = args.out or Path(f"fastmu-{args.kind}.pt")
+    _checks.check_output_file(out, "--out")  # before the training, not after it
+
+    from fastmu.experiments import ExperimentConfig, fit_model, make_sets, new_model, training_settings
     from fastmu.training import save_model
 
     # --layers sets the depth field of this kind; the others keep ExperimentConfig's defaults
@@ -63,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     hist = fit_model(args.kind, model, cfg, tr, val_set=sets["test_simple"], progress=not args.no_progress,
                      on_epoch=show)
-    out = args.out or Path(f"fastmu-{args.kind}.pt")
-    save_model(model, out, history=hist.as_dicts(), config=json.loads(json.dumps(cfg.__dict__, default=list)))
+    # trained_with lets `fastmu paper --models` check that the checkpoint is the model it asks for
+    save_model(model, out, history=hist.as_dicts(), config=json.loads(json.dumps(cfg.__dict__, default=list)),
+               trained_with=training_settings(args.kind, cfg, tr))
     print(f"saved {out}")
     return 0

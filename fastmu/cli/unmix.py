@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from fastmu.cli import _checks
+
 LAYOUTS = {
     "mt": "(m channels, t pixels)",
     "bmt": "(b problems, m channels, t pixels)",
@@ -22,49 +24,84 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="factorise X ≈ A S with fused MU (a .npy/.npz file, or --demo)",
         description=(
             "Factorise non-negative data X ≈ A S with multiplicative updates. Reads a .npy "
-            "or .npz file (or builds a demo scene), writes A, S and, given the truth, the "
-            "separation scores to an .npz file."
+            "or .npz file (or builds a demo scene), writes A, S, the iterations run (n_iter) and, "
+            "given the truth, the separation scores to an .npz file."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="layouts:\n" + "\n".join(f"  {k:<4} {v}" for k, v in LAYOUTS.items()),
+        epilog="layouts:\n" + "\n".join(f"  {k:<4} {v}" for k, v in LAYOUTS.items())
+        + "\n\nA 3-D array without --layout is a batch (bmt); an image cube needs --layout hwm or mhw.",
     )
-    p.add_argument("input", nargs="?", type=Path, help=".npy or .npz file holding X")
+    p.add_argument("input", nargs="?", type=_checks.path, help=".npy or .npz file holding X")
     p.add_argument("--demo", action="store_true",
-                   help="unmix a built-in scene: generated Chandra-like spectra × a procedural supernova remnant, 60 dB")
-    p.add_argument("--key", default=None, help="array name inside an .npz (default: X, or the only array)")
+                   help="unmix a built-in scene: generated Chandra-like spectra × a procedural supernova remnant, "
+                        "60 dB, 4 components (takes no input, --key, --layout or --truth)")
+    p.add_argument("--key", default=None,
+                   help="array name inside an .npz input (default: X, or the only array); not for .npy")
     p.add_argument("--layout", choices=tuple(LAYOUTS), default=None,
-                   help="how X is laid out (default: mt for 2-D, bmt for 3-D)")
-    p.add_argument("-n", "--n-components", type=int, default=None, help="rank (default 4 for --demo)")
-    p.add_argument("--iters", type=int, default=1000, help="MU iterations (default 1000)")
-    p.add_argument("--tol", type=float, default=None, help="stop early at this relative decrease")
-    p.add_argument("--init", choices=("random", "nndsvda"), default="random")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random start (and the demo scene)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+                   help="how X is laid out (default: mt for 2-D, bmt, a batch of problems, for 3-D)")
+    p.add_argument("-n", "--n-components", type=_checks.int_at_least(1), default=None,
+                   help="rank (required for a file; --demo has 4 components)")
+    p.add_argument("--iters", type=_checks.int_at_least(0), default=1000,
+                   help="maximum number of MU iterations (default 1000)")
+    p.add_argument("--tol", type=_checks.non_negative_float, default=None,
+                   help="stop early once, for every problem, the objective ½‖X − AS‖² fell by less than TOL "
+                        "times its initial value over the last 10 iterations (checked every 10; "
+                        "default: run all --iters)")
+    p.add_argument("--init", choices=("random", "nndsvda"), default="random",
+                   help="the start: random = scikit-learn's random start, seeded by --seed (default); "
+                        "nndsvda = NNDSVD, zeros filled with the mean")
+    p.add_argument("--seed", type=_checks.seed, default=0,
+                   help="seed of the random start (and the demo scene), 0 … 2**32-1 (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="precision of the run and of the saved factors (default: float32; float64 for "
+                        "integer or bool input)")
     p.add_argument("--normalise", action="store_true",
                    help="divide each problem's X by its mean before MU and scale A back (MU is scale-free): "
                         "for data whose values are so small that eps=1e-12 matters, e.g. fluxes")
-    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "torch"), default="auto")
-    p.add_argument("--truth", type=Path, default=None, help=".npz with the true factors, to score the result")
-    p.add_argument("--truth-keys", nargs=2, default=("A", "S"), metavar=("A_KEY", "S_KEY"))
-    p.add_argument("--out", type=Path, default=Path("fastmu-unmix.npz"), help="output .npz (default fastmu-unmix.npz)")
-    p.add_argument("--figure", type=Path, default=None, help="also draw spectra and maps to this PNG")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "torch"), default="auto",
+                   help="auto (default) and cpu: the fused CPU kernels; cuda: the fused CUDA kernels "
+                        "(needs a GPU and Numba CUDA); torch: the pure-torch reference update")
+    p.add_argument("--truth", type=_checks.path, default=None,
+                   help=".npz with the true factors, to score the result")
+    p.add_argument("--truth-keys", nargs=2, default=None, metavar=("A_KEY", "S_KEY"),
+                   help="names of the true A and S inside the --truth file (default: A S)")
+    p.add_argument("--out", type=_checks.path, default=Path("fastmu-unmix.npz"),
+                   help="output .npz (default fastmu-unmix.npz; .npz is added to a name without it)")
+    p.add_argument("--figure", type=_checks.path, default=None,
+                   help="also draw spectra and maps to this image (.png, .pdf, .svg, ...; .png is added "
+                        "to a name without a suffix)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, scale_hint="Here: --normalise does that.")
 
 
-def _load_array(path: Path, key: str | None) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+def _load_array(path: Path, key: str | None, *, key_option: str = "--key", key_given: bool = True,
+                option: str = "") -> np.ndarray:
+    """The array in a .npy file, or the one named ``key`` (default: X, or the only one) in an .npz.
+
+    ``key_option`` is the option that names the array, ``key_given`` whether the user gave it (the
+    messages then say the name is wrong rather than that one is needed).
+    """
+    _checks.check_input_file(path, option)
     from fastmu.data.io import read_array
 
     if path.suffix.lower() not in (".npy", ".npz"):
         raise ValueError(f"{path}: expected a .npy or .npz file")
 
     def choose(names: list[str]) -> str:
-        k = key if key is not None else ("X" if "X" in names else (names[0] if len(names) == 1 else None))
-        if k is None or k not in names:
-            raise ValueError(f"{path} holds {names}; name the array with --key")
-        return k
+        if not names:
+            raise ValueError(f"{path} holds no arrays")
+        listed = ", ".join(names)
+        if key is not None:
+            if key not in names:
+                if key_given:
+                    raise ValueError(f"{path} has no array {key!r} (given with {key_option}); its arrays: {listed}")
+                raise ValueError(f"{path} has no array {key!r} (its arrays: {listed}); name them with {key_option}")
+            return key
+        if "X" in names:
+            return "X"
+        if len(names) == 1:
+            return names[0]
+        raise ValueError(f"{path} holds {listed}; name the array with {key_option}")
 
     return read_array(path, choose)
 
@@ -87,12 +124,16 @@ def _to_problems(X: np.ndarray, layout: str | None) -> tuple[np.ndarray, str, tu
     return X, layout, (X.shape[-1],)
 
 
+#: components of the demo scene (Chandra-like spectra: sync, therm, fe1, fe2)
+DEMO_COMPONENTS = 4
+
+
 def _demo_scene(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     from fastmu import data
 
     A = data.spectra(1, seed=seed)[0]  # (65, 4)
     maps = data.remnant(128, seed=seed)  # (4, 128, 128)
-    S = maps.reshape(4, -1)
+    S = maps.reshape(DEMO_COMPONENTS, -1)
     import torch
 
     X = data.mix(A[None], S[None], 60.0, seeds=[seed], dtype=torch.float64)[0][0]
@@ -100,45 +141,86 @@ def _demo_scene(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
     return np.maximum(X.numpy(), 0.0), A, S, maps.shape[1:]
 
 
-def run(args: argparse.Namespace) -> int:
-    import fastmu
-    from fastmu import metrics
-
-    truth: tuple[np.ndarray, np.ndarray] | None = None
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that would be silently ignored, before any work."""
     if args.demo:
         if args.input is not None:
             raise ValueError("give an input file or --demo, not both")
+        unused = [opt for opt, value in (("--key", args.key), ("--layout", args.layout), ("--truth", args.truth),
+                                         ("--truth-keys", args.truth_keys)) if value is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --demo "
+                             "(it builds its own X and truth)")
+        if args.n_components not in (None, DEMO_COMPONENTS):
+            raise ValueError(f"the demo scene has {DEMO_COMPONENTS} components: leave -n out or give -n "
+                             f"{DEMO_COMPONENTS}, not {args.n_components}")
+        return
+    if args.input is None:
+        raise ValueError("give an input .npy/.npz file, or --demo")
+    if args.key is not None and args.input.suffix.lower() == ".npy":
+        raise ValueError(f"--key names an array inside an .npz; {args.input} is a .npy file, which holds one")
+    if args.truth_keys is not None and args.truth is None:
+        raise ValueError("--truth-keys names the arrays of the --truth file; give --truth too")
+    if args.truth is not None and args.truth.suffix.lower() != ".npz":
+        raise ValueError(f"--truth {args.truth}: expected an .npz holding the true A and S (see --truth-keys)")
+
+
+def _out_path(out: Path) -> Path:
+    """The .npz file written, checked before the work."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'fastmu-unmix.npz'}")
+    # np.savez adds .npz to a name without it: say the name it writes
+    path = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    _checks.check_output_file(path, "--out")
+    return path
+
+
+def _working_dtype(X: np.ndarray, requested: str | None) -> np.dtype:
+    """The precision MU runs in: --dtype, else float32 for float input and float64 for integers and bools."""
+    if requested is not None:
+        return np.dtype(requested)
+    return np.dtype(np.float32) if X.dtype.kind == "f" else np.dtype(np.float64)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastmu import metrics
+    from fastmu.solver import solve
+
+    _check_options(args)
+    out_path = _out_path(args.out)
+    figure = _checks.figure_path(args.figure) if args.figure is not None else None
+    truth: tuple[np.ndarray, np.ndarray] | None = None
+    if args.demo:
         X, A_true, S_true, grid = _demo_scene(args.seed)
         truth = (A_true, S_true)
-        n = args.n_components or 4
+        n = DEMO_COMPONENTS
         layout = "mt"
         print(f"demo scene: Chandra-like spectra (65 channels × 4) × procedural remnant maps {grid[0]}×{grid[1]}, 60 dB")
     else:
-        if args.input is None:
-            raise ValueError("give an input .npy/.npz file, or --demo")
         X, layout, grid = _to_problems(_load_array(args.input, args.key), args.layout)
         if args.n_components is None:
             raise ValueError("-n/--n-components is required for a file input")
         n = args.n_components
         if args.truth is not None:
-            truth = _check_truth(_load_array(args.truth, args.truth_keys[0]),
-                                 _load_array(args.truth, args.truth_keys[1]), X.shape, n, grid)
-    if args.iters < 0:
-        raise ValueError("--iters must be >= 0")
-    if args.figure is not None and np.ndim(X) == 3:
+            keys = args.truth_keys or ("A", "S")
+            kw = dict(key_option="--truth-keys A_KEY S_KEY", key_given=args.truth_keys is not None,
+                      option="--truth")
+            truth = _check_truth(_load_array(args.truth, keys[0], **kw), _load_array(args.truth, keys[1], **kw),
+                                 X.shape, n, grid)
+    if figure is not None and np.ndim(X) == 3:
         raise ValueError(f"--figure draws one problem; X holds {np.shape(X)[0]} (shape {np.shape(X)})")
-    # np.savez adds .npz to a name without it: say the name it writes
-    out_path = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
 
     X = np.asarray(X)
-    if X.dtype.kind == "f":
-        X = X.astype(args.dtype)
+    dtype = _working_dtype(X, args.dtype)
+    if X.dtype.kind in "fiub":  # others (complex, ...) go to MU as they are, which says what is wrong
+        X = X.astype(dtype, copy=False)
     scale: Any = 1.0
     if args.normalise:  # MU is scale-free; divided by its mean, X meets eps at a scale of 1
         mean = X.mean(axis=(-2, -1), keepdims=True, dtype=np.float64)
-        scale = np.where(mean > 0, mean, 1.0).astype(X.dtype if X.dtype.kind == "f" else np.float64)
+        scale = np.where(mean > 0, mean, 1.0).astype(dtype)
     t0 = time.perf_counter()
-    A, S = fastmu.mu(
+    # solve is mu that also returns the iterations run (fewer than --iters when --tol stops early)
+    A, S, n_iter = solve(
         X / scale if args.normalise else X, n, n_iter=args.iters, tol=args.tol, init=args.init,
         random_state=args.seed, backend=args.backend, progress=not args.no_progress,
     )
@@ -146,15 +228,18 @@ def run(args: argparse.Namespace) -> int:
     A, S = np.asarray(A) * scale, np.asarray(S)
     X64 = X.astype(np.float64)  # float32 norms of a large X overflow
     rel = float(np.linalg.norm(X64 - A.astype(np.float64) @ S) / max(np.linalg.norm(X64), 1e-300))
-    print(f"{args.iters} iterations in {seconds:.2f} s (includes kernel load/compile); relative residual {rel:.3e}")
+    early = f" (stopped early by --tol; --iters {args.iters})" if n_iter < args.iters else ""
+    print(f"{n_iter} iterations{early} in {seconds:.2f} s (includes kernel load/compile); "
+          f"relative residual {rel:.3e}")
 
-    out: dict[str, Any] = {"A": A, "S": S, "residual": rel, "seconds": seconds}
+    out: dict[str, Any] = {"A": A, "S": S, "residual": rel, "seconds": seconds, "n_iter": n_iter}
     if truth is not None:
         A_t, S_t = truth
         S_t = S_t.reshape(S.shape)  # maps (n, h, w) to rows (n, h·w); _check_truth allowed only that
         sc = metrics.evaluate(A, S, A_t, S_t)
-        A, S = metrics.apply_permutation(A, S, sc.perm)  # save in the true order
-        out.update({"A": A.astype(X.dtype), "S": S.astype(X.dtype), "perm": sc.perm})
+        # save in the true order, in the run's precision (apply_permutation returns float64)
+        A, S = metrics.apply_permutation(A, S, sc.perm)
+        out.update({"A": A.astype(dtype), "S": S.astype(dtype), "perm": sc.perm})
         summary = sc.summary()
         out.update({f"score_{k}": v for k, v in summary.items()})
         print("scores against the truth (components matched by the Hungarian method):")
@@ -166,9 +251,9 @@ def run(args: argparse.Namespace) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path, **out)
     print(f"saved {out_path}")
-    if args.figure is not None:
-        _figure(args.figure, out["A"], out["S"], grid if len(grid) == 2 else None, truth)
-        print(f"saved {args.figure}")
+    if figure is not None:
+        _figure(figure, out["A"], out["S"], grid if len(grid) == 2 else None, truth)
+        print(f"saved {figure}")
     return 0
 
 
@@ -220,5 +305,5 @@ def _figure(path: Path, A: np.ndarray, S: np.ndarray, grid: tuple[int, int] | No
             axes[1, k].axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format=path.suffix[1:].lower())  # figure_path checked the suffix
     plt.close(fig)

@@ -152,14 +152,15 @@ def validate_spectra(A, n_components: int = 4) -> np.ndarray:
     """
     A = np.asarray(A)
     _check_values(A, "spectra")
+    given = A.shape  # the messages name the shape the caller passed, before the promotion
     if A.ndim == 2:
         A = A[None]
     if A.ndim != 3:
-        raise ValueError(f"spectra must have shape (n, m, {n_components}) or (m, {n_components}), got {A.shape}")
+        raise ValueError(f"spectra must have shape (n, m, {n_components}) or (m, {n_components}), got {given}")
     if A.shape[2] != n_components:
-        raise ValueError(f"spectra must have {n_components} components (last axis), got shape {A.shape}")
+        raise ValueError(f"spectra must have {n_components} components (last axis), got shape {given}")
     if A.shape[1] < n_components:
-        raise ValueError(f"spectra need at least {n_components} channels, got shape {A.shape}")
+        raise ValueError(f"spectra need at least {n_components} channels, got shape {given}")
     A = A.astype(np.float64)
     norms = np.linalg.norm(A, axis=1, keepdims=True)
     if np.any(norms == 0):

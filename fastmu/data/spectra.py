@@ -126,6 +126,10 @@ _BLEND_FWHM_KEV = 0.30  # keV at 1 keV, ~sqrt(E): CCD resolution + unresolved bl
 _DET_FWHM_KEV = 0.006  # microcalorimeter resolution (XRISM/Resolve-class, ~5-7 eV FWHM)
 
 
+#: the fewest channels the spectral model resolves (its four components' features)
+MIN_CHANNELS = 8
+
+
 def energy_grid(m: int = 65) -> tuple[np.ndarray, np.ndarray]:
     """Channel energies and bin edges of the inferred reference grid.
 
@@ -173,8 +177,8 @@ def energy_grid(m: int = 65) -> tuple[np.ndarray, np.ndarray]:
 def _check_m(m: int) -> int:
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
         raise TypeError(f"m must be an int, got {type(m).__name__}")
-    if m < 8:
-        raise ValueError(f"m must be >= 8 channels to resolve the model, got {m}")
+    if m < MIN_CHANNELS:
+        raise ValueError(f"m must be >= {MIN_CHANNELS} channels to resolve the model, got {m}")
     return int(m)
 
 
