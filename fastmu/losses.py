@@ -26,9 +26,14 @@ This module imports torch.
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+
+from fastmu.nn.functional import first_order_only
 
 __all__ = ["layer_weights", "mean_component_cosine", "unrolled_loss"]
 
@@ -41,7 +46,7 @@ def layer_weights(n_layers: int, *, dtype: torch.dtype = torch.float64, device=N
     Parameters
     ----------
     n_layers : int
-        L, at least 1.
+        L, at least 1 (a Python or NumPy integer).
     dtype : torch.dtype, default torch.float64
     device : torch.device or str, optional
 
@@ -49,7 +54,13 @@ def layer_weights(n_layers: int, *, dtype: torch.dtype = torch.float64, device=N
     -------
     Tensor, shape (L,)
     """
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+    try:  # any integer (NumPy's too), but not a bool
+        if isinstance(n_layers, bool):
+            raise TypeError
+        n_layers = operator.index(n_layers)
+    except TypeError:
+        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}") from None
+    if n_layers < 1:
         raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
     if n_layers == 1:
         return torch.ones(1, dtype=dtype, device=device)
@@ -69,10 +80,29 @@ def mean_component_cosine(est: torch.Tensor, true: torch.Tensor, dim: int) -> to
     -------
     Tensor (...)
         One value per problem, in [−1, 1]. A zero component has cosine 0.
+
+    Notes
+    -----
+    NumPy arrays are accepted (converted to tensors, as are integer inputs
+    to float64); the result is a tensor.
     """
+    est, true = _as_float_tensor(est, "est"), _as_float_tensor(true, "true")
     if est.shape != true.shape:
         raise ValueError(f"estimate shape {tuple(est.shape)} differs from the truth's {tuple(true.shape)}")
     return _mean_cosine(est, true, true.norm(dim=dim), dim)
+
+
+def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
+    """A floating-point tensor of ``x`` (a tensor or a NumPy array; integers become float64)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name} has dtype {x.dtype}; pass a numeric array")
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))  # native byte order
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{name} has dtype {x.dtype}; the cosine is computed for real values")
+    return x if x.is_floating_point() else x.to(torch.float64)
 
 
 def _mean_cosine(est: torch.Tensor, true: torch.Tensor, true_norm: torch.Tensor, dim: int) -> torch.Tensor:
@@ -106,8 +136,8 @@ def unrolled_loss(
     A_true : Tensor (b, m, n)
     S_true : Tensor (b, n, t)
     weights : optional
-        Per-layer weights (constants, read on the host; no gradient flows to
-        them); default :func:`layer_weights` ``(L)``.
+        Per-layer weights, finite and non-negative (constants, read on the
+        host; no gradient flows to them); default :func:`layer_weights` ``(L)``.
     reduction : {"mean", "sum"}
         Over the problems of the batch.
     fused : bool
@@ -118,11 +148,23 @@ def unrolled_loss(
         CPU or a CUDA device, and a truth that does not require grad.
         Otherwise, or with ``fused=False``, torch ops with autograd
         (about 70 ops per layer). Both give the same value and gradients to
-        rounding.
+        rounding. The fused backward gives first derivatives only: asking
+        for a second one (``create_graph=True``, a Hessian) raises; use
+        ``fused=False`` for those.
 
     Returns
     -------
     Tensor (scalar)
+
+    Raises
+    ------
+    TypeError
+        ``outputs`` not one ``(A, S)`` pair or a list of them, non-tensor or
+        non-floating truths, factors of another dtype than the truth's, or
+        non-numeric weights.
+    ValueError
+        Empty ``outputs``, mismatched shapes or devices, weights not one finite
+        non-negative value per layer, or an unknown ``reduction``.
 
     Examples
     --------
@@ -131,15 +173,14 @@ def unrolled_loss(
     >>> float(unrolled_loss([(A, S), (A, S)], A, S))  # v = (0, 1): −(1 + 1)
     -2.0
     """
-    if isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[0], torch.Tensor):
-        outputs = [outputs]
-    outputs = list(outputs)
-    if not outputs:
-        raise ValueError("outputs is empty")
+    outputs = _layer_outputs(outputs)
     L = len(outputs)
     for name, truth in (("A_true", A_true), ("S_true", S_true)):
         if not isinstance(truth, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(truth).__name__}")
+        if not truth.is_floating_point():
+            raise TypeError(f"{name} has dtype {truth.dtype}; the loss compares floating-point factors: convert it "
+                            f"(e.g. {name}.to(A.dtype) with A a layer output)")
     if A_true.dim() < 2 or S_true.dim() < 2 or A_true.numel() == 0 or S_true.numel() == 0:
         raise ValueError(f"A_true and S_true must be non-empty (..., m, n) and (..., n, t), got shapes "
                          f"{tuple(A_true.shape)} and {tuple(S_true.shape)}")
@@ -152,13 +193,7 @@ def unrolled_loss(
                          f"{tuple(A_true.shape)} and {tuple(S_true.shape)}")
     # The weights are read on the host once: comparing device scalars layer by
     # layer would synchronise a GPU L times (and rule out CUDA-graph capture).
-    if weights is None:
-        v = layer_weights(L).tolist()
-    else:
-        vt = torch.as_tensor(weights).detach()
-        if vt.shape != (L,):
-            raise ValueError(f"weights must have one value per layer ({L}), got shape {tuple(vt.shape)}")
-        v = vt.to("cpu", torch.float64).tolist()
+    v = layer_weights(L).tolist() if weights is None else _check_weights(weights, L)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     for A, S in outputs:
@@ -188,6 +223,49 @@ def unrolled_loss(
     return -total
 
 
+def _layer_outputs(outputs: Any) -> list[tuple[Any, Any]]:
+    """``outputs`` as a non-empty list of ``(A_l, S_l)`` pairs (one pair given alone counts as one layer)."""
+    if isinstance(outputs, torch.Tensor):
+        raise TypeError("outputs must be a list of (A_l, S_l) pairs or one (A, S) pair, got a single tensor")
+    if isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[0], torch.Tensor):
+        outputs = [outputs]
+    try:
+        outputs = list(outputs)
+    except TypeError:
+        raise TypeError(f"outputs must be a list of (A_l, S_l) pairs or one (A, S) pair, "
+                        f"got {type(outputs).__name__}") from None
+    if not outputs:
+        raise ValueError("outputs is empty")
+    if all(isinstance(x, torch.Tensor) for x in outputs):  # e.g. (A, S, X): not one layer per tensor
+        raise TypeError(f"outputs is a sequence of {len(outputs)} tensors; one layer's output is an (A, S) pair: "
+                        "pass one pair or a list of pairs (model(X, return_all=True))")
+    for l, pair in enumerate(outputs):
+        # a tuple of three tensors is not three layers: each layer is a pair
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            got = (f"a {type(pair).__name__} of {len(pair)}" if isinstance(pair, (tuple, list))
+                   else f"a {type(pair).__name__}")
+            raise TypeError(f"outputs[{l}] must be an (A_l, S_l) pair, got {got}; pass a list of pairs "
+                            "(model(X, return_all=True)) or one (A, S) pair")
+    return outputs
+
+
+def _check_weights(weights: Any, L: int) -> list[float]:
+    """The per-layer weights as floats on the host: ``L`` finite non-negative numbers."""
+    try:
+        vt = torch.as_tensor(weights).detach()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"weights must be a tensor or a sequence of numbers, got {type(weights).__name__}") from exc
+    if vt.is_complex() or vt.dtype == torch.bool:
+        raise TypeError(f"weights must be real numbers, got dtype {vt.dtype}")
+    if vt.shape != (L,):
+        raise ValueError(f"weights must have one value per layer ({L}), got shape {tuple(vt.shape)}")
+    v = vt.to("cpu", torch.float64).tolist()
+    # a negative weight would reward a layer for the wrong components; NaN makes the loss NaN
+    if not all(math.isfinite(x) and x >= 0 for x in v):
+        raise ValueError(f"weights must be finite and non-negative, got {v}")
+    return v
+
+
 # ---------------------------------------------------------------------------
 # The fused loss: one autograd node over the layers, a kernel per factor and layer
 # ---------------------------------------------------------------------------
@@ -208,6 +286,9 @@ def _as3d(x: torch.Tensor) -> torch.Tensor:
 
 class _CpuCosine:
     def session(self) -> contextlib.AbstractContextManager:
+        from fastmu import fork_safety
+
+        fork_safety.check_cpu_kernels_usable()  # forward and backward both open a session
         return contextlib.nullcontext()
 
     def forward(self, E, T, cols, tnorm, tiny, scale, stats, j) -> None:
@@ -259,7 +340,7 @@ class _FusedLoss(torch.autograd.Function):
         return stats[2].sum().neg_().to(A_true.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
+    @first_order_only("the fused loss", "unrolled_loss(..., fused=False)")
     def backward(ctx, g):  # type: ignore[override]
         A_true, S_true, tnA, tnS, stats, *factors = ctx.saved_tensors
         L, run, tiny = len(ctx.scales), ctx.run, ctx.tiny

@@ -14,14 +14,22 @@ The Gaussian noise leaves a few entries of X slightly negative (at 60 dB,
 about −1e-3 of X's maximum); the models assume X ≥ 0 (MU's ratios, DNMF's
 checks), so every batch is clipped at 0 before it reaches a model, here and
 in :mod:`fastmu.experiments`.
-Every random choice (batch order, parameter init, noise) derives from the
-``seed`` argument, so a run is reproducible on the same machine and backend.
+The batch order derives from the ``seed`` argument of :func:`train` and the
+noise from the set's stored per-sample seeds. Model initialisation is
+deterministic except ALMU's MLPs, drawn from torch's global random generator
+when the model is built: call ``torch.manual_seed`` before
+:func:`build_model` too, and a run is reproducible on the same machine and
+backend.
 
 This module imports torch.
 """
 from __future__ import annotations
 
+import io
 import math
+import numbers
+import operator
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastmu.interop import torch_device
 from fastmu.losses import mean_component_cosine, unrolled_loss
 
 __all__ = [
@@ -50,37 +59,6 @@ __all__ = [
 
 #: model kinds a checkpoint can hold, and the class each builds
 MODEL_KINDS = ("nalmu", "almu", "dnmf", "snmf_net")
-
-
-def torch_device(spec: str | torch.device) -> torch.device:
-    """A torch device that exists here, or a clear error.
-
-    Parameters
-    ----------
-    spec : str or torch.device
-        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    ValueError
-        Not a device name, or a CUDA device that torch does not see (torch's own
-        error there is an ``AssertionError`` from deep inside its CUDA setup).
-    """
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {spec!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} asked for, but torch sees no CUDA GPU "
-                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    return dev
 
 
 def _model_class(kind: str) -> type[nn.Module]:
@@ -148,25 +126,65 @@ def model_kind(model: nn.Module) -> str:
 def _portable(kwargs: dict[str, Any]) -> dict[str, Any]:
     # Checkpoints load with torch.load(weights_only=True): keep only plain
     # Python values and tensors in them, and leave dtype/device to load time.
-    out: dict[str, Any] = {}
-    for k, v in kwargs.items():
-        if k in ("dtype", "device"):
-            continue
-        if isinstance(v, np.ndarray):
-            v = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
-        elif isinstance(v, torch.Tensor):
-            v = v.detach().to("cpu", torch.float64).clone()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
+    return {k: _portable_value(v, arg=True) for k, v in kwargs.items() if k not in ("dtype", "device")}
+
+
+def _portable_value(v: Any, arg: bool = False) -> Any:
+    """``v`` with NumPy scalars as Python scalars and numeric arrays as CPU tensors, in lists,
+    tuples and dicts too. When ``arg`` (a constructor argument): 0-d tensors become Python
+    scalars (``m=torch.tensor(6)``), integer and boolean arrays nested lists (so that integer
+    arguments stay integers) and floating ones float64 tensors (``A_init``). What a
+    weights-only load cannot read is left as it is, for :func:`_check_loadable` to name."""
+    if isinstance(v, np.generic):  # np.float64 is a float subclass, but pickles as a NumPy object
+        return v.item()
+    if isinstance(v, np.ndarray) and v.dtype.kind in "fiub":
+        v = torch.from_numpy(np.ascontiguousarray(v))
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        if not arg:
+            return v.clone()
+        if v.dim() == 0:
+            return v.item()
+        return v.to(torch.float64).clone() if v.is_floating_point() else v.tolist()
+    if isinstance(v, (list, tuple)):
+        items = [_portable_value(x, arg) for x in v]
+        return items if arg or isinstance(v, list) else tuple(items)
+    if isinstance(v, dict):
+        return {k: _portable_value(x, arg) for k, x in v.items()}
+    return v
+
+
+def _check_loadable(payload: dict[str, Any], what: str) -> None:
+    """Refuse, naming the key, a value that ``torch.load(weights_only=True)`` could not read back.
+
+    Tried on the small part of a checkpoint (build arguments, extra), never the weights.
+    """
+    for key, value in payload.items():
+        buf = io.BytesIO()
+        try:
+            torch.save(value, buf)
+            buf.seek(0)
+            torch.load(buf, weights_only=True)
+        except Exception as exc:  # pickling errors vary: PicklingError, AttributeError, TypeError, ...
+            raise ValueError(
+                f"{what} {key!r} holds a {type(value).__name__} that a checkpoint cannot store (it loads with "
+                f"torch.load(weights_only=True)): keep to numbers, strings, None, tensors, NumPy numbers and "
+                f"numeric arrays, and lists, tuples and dicts of them ({_summary(exc)})") from None
+
+
+def _summary(exc: BaseException) -> str:
+    """``Type: first line`` of an error, without terminal colour codes, at most 160 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     """Write ``model`` (made by :func:`build_model`) to ``path`` with its build arguments.
 
     ``extra`` (plain values: numbers, strings, lists, dicts) is stored beside
-    it, e.g. the training history.
+    it, e.g. the training history. NumPy numbers are stored as Python
+    numbers and numeric NumPy arrays as tensors.
 
     Parameters
     ----------
@@ -180,12 +198,24 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     Returns
     -------
     Path
+
+    Raises
+    ------
+    ValueError
+        The model was not made by :func:`build_model`, or a value of ``extra``
+        (or of the build arguments) is something :func:`load_model` could not
+        read back (named in the message); nothing is written then.
     """
     kind = model_kind(model)
+    kwargs = _portable(model._fastmu_build[1])  # type: ignore[attr-defined]
+    extra = {k: _portable_value(v) for k, v in extra.items()}
+    # checked before writing: a checkpoint that cannot be loaded is found out only at load time
+    _check_loadable(kwargs, "the build argument")
+    _check_loadable(extra, "extra")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": "fastmu-model-1", "kind": kind, "kwargs": model._fastmu_build[1],  # type: ignore[attr-defined]
+    torch.save({"format": "fastmu-model-1", "kind": kind, "kwargs": kwargs,
                 "state_dict": state, "extra": extra}, path)
     return path
 
@@ -204,21 +234,62 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu",
     Returns
     -------
     (model, extra)
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not a fastmu model checkpoint (not a torch file, truncated,
+        not a checkpoint dict, or one whose parts do not fit its model kind),
+        or ``device`` is not a device torch sees.
+    TypeError
+        ``dtype`` is not float32 or float64.
     """
+    from fastmu.nn.models import check_model_dtype
+
     path = Path(path)
+    device = torch_device(device)  # the caller's arguments first: their errors are not the file's
+    check_model_dtype(dtype, "load_model", allowed=(torch.float32, torch.float64))
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "fastmu-model-1":
-        raise ValueError(f"{path} is not a fastmu model checkpoint")
+    ckpt = _read_checkpoint(path)
     state = ckpt["state_dict"]
     if dtype is None:
         floats = [v.dtype for v in state.values() if v.is_floating_point()]
         dtype = floats[0] if floats else torch.get_default_dtype()
-    model = build_model(ckpt["kind"], **ckpt["kwargs"], dtype=dtype, device=device)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v
-                           for k, v in state.items()})
-    return model, ckpt.get("extra", {})
+    try:
+        model = build_model(ckpt["kind"], **ckpt["kwargs"], dtype=dtype, device=device)
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v
+                               for k, v in state.items()})
+    except (TypeError, ValueError, RuntimeError) as exc:  # wrong arguments or weights for its kind
+        raise ValueError(f"{path} is not a fastmu model checkpoint (its build arguments or weights do not fit "
+                         f"a {ckpt['kind']!r} model: {' '.join(str(exc).split())})") from exc
+    return model, ckpt["extra"]
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint dict in ``path``, its parts' types checked, or a ValueError saying why not."""
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"{path} is not a fastmu model checkpoint ({why})")
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # a directory, no permission: the file system's own errors are clearer
+        raise
+    except Exception as exc:  # text: KeyError; empty: EOFError; truncated: RuntimeError; pickled module: Unpickling
+        raise refuse(f"torch.load could not read it: {_summary(exc)}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "fastmu-model-1":
+        raise refuse("no 'format': 'fastmu-model-1' entry")
+    if ckpt.get("kind") not in MODEL_KINDS:
+        raise refuse(f"model kind {ckpt.get('kind')!r} is not one of {MODEL_KINDS}")
+    state, kwargs = ckpt.get("state_dict"), ckpt.get("kwargs")
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise refuse("no 'state_dict' of tensors")
+    if not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+        raise refuse("no 'kwargs' dict of build arguments")
+    ckpt.setdefault("extra", {})
+    return ckpt
 
 
 def _model_param(model: nn.Module) -> torch.Tensor:
@@ -272,21 +343,60 @@ class History:
         return max(vals) if vals else None
 
 
-def _check_train_args(model: nn.Module, train_set: Any, epochs: int, batch_size: int, lr: float) -> None:
+def _positive_int(v: Any, name: str) -> int:
+    """A positive integer argument (Python or NumPy integer, 0-d integer tensor; not bool, not float)."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        k = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}") from None
+    if k < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return k
+
+
+def _check_set(data: Any, name: str, model: nn.Module) -> None:
+    """``data`` looks like a non-empty MixtureSet with the model's number of channels."""
+    if not hasattr(data, "batches") or not hasattr(data, "batch") or not hasattr(data, "__len__"):
+        raise TypeError(f"{name} must be a fastmu.data.MixtureSet, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty")
+    m = getattr(model, "m", None)
+    if m is not None and data.A.shape[1] != m:
+        label = "training" if name == "train_set" else "validation"
+        raise ValueError(f"the model expects m = {m} channels but the {label} set has {data.A.shape[1]}")
+
+
+def _check_train_args(model: nn.Module, train_set: Any, epochs: Any, batch_size: Any, lr: Any, *,
+                      val_set: Any = None, loss_layers: Any = slice(None), seed: Any = 0,
+                      on_epoch: Any = None) -> tuple[int, int, int]:
+    """Check :func:`train`'s arguments before any work (a bad ``val_set`` or ``on_epoch`` would
+    otherwise fail only after a whole epoch); returns ``epochs, batch_size, seed`` as ints."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not hasattr(train_set, "batch") or not hasattr(train_set, "__len__"):
         raise TypeError(f"train_set must be a fastmu.data.MixtureSet, got {type(train_set).__name__}")
-    if len(train_set) == 0:
-        raise ValueError("train_set is empty")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    epochs, batch_size = _positive_int(epochs, "epochs"), _positive_int(batch_size, "batch_size")
+    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    m = getattr(model, "m", None)
-    if m is not None and train_set.A.shape[1] != m:
-        raise ValueError(f"the model expects m = {m} channels but the training set has {train_set.A.shape[1]}")
+    _check_set(train_set, "train_set", model)
+    if val_set is not None:
+        _check_set(val_set, "val_set", model)
+    if not isinstance(loss_layers, slice):
+        raise TypeError(f"loss_layers must be a slice of the layers, e.g. slice(10, None), got {loss_layers!r}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"on_epoch must be callable (it is called with each EpochLog), got {type(on_epoch).__name__}")
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer (epoch e's batch order is drawn from seed + e), "
+                        f"got {seed!r}") from None
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return epochs, batch_size, seed
 
 
 @torch.no_grad()
@@ -381,7 +491,8 @@ def train(
     train_set : fastmu.data.MixtureSet
         Mixtures with their truth; reshuffled every epoch.
     epochs, batch_size : int
-        Passes over the set and problems per step (paper: mini-batches of 25).
+        Passes over the set and problems per step (paper: mini-batches of 25);
+        Python or NumPy integers.
     lr : float
         Adam's learning rate.
     val_set : MixtureSet, optional
@@ -391,7 +502,9 @@ def train(
         ALMU's second stage); their weights are ``v_l = (l−1)/(L−1)`` over
         the selected layers.
     seed : int
-        Batch order of epoch e is drawn from ``seed + e``.
+        Batch order of epoch e is drawn from ``seed + e`` (a non-negative
+        integer; None is refused). The model's initialisation is not drawn
+        from it (see the module docstring).
     progress : bool
         A tqdm bar over the steps of each epoch.
     stage : str
@@ -407,21 +520,36 @@ def train(
 
     Raises
     ------
+    TypeError, ValueError
+        Bad arguments, found before the first step.
     FloatingPointError
         When the loss becomes NaN or infinite: the step is not applied, so the
         model keeps its last finite parameters. Also when the model's output
         scores NaN after an epoch (on ``val_set``) or after the last step
         (on one training batch, without ``val_set``): the parameters are then
-        those of the step that broke it.
+        those of the step that broke it. The fastmu models raise it
+        themselves where their output is not finite: before the first step
+        that error is passed on as is (X's scale, or the model as given),
+        after it is reported as the training's.
     """
-    _check_train_args(model, train_set, epochs, batch_size, lr)
+    epochs, batch_size, seed = _check_train_args(model, train_set, epochs, batch_size, lr, val_set=val_set,
+                                                 loss_layers=loss_layers, seed=seed, on_epoch=on_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (is everything frozen?)")
     p0 = params[0]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=float(lr))
     history = History() if history is None else history
     steps = math.ceil(len(train_set) / batch_size)
+    done = 0  # optimiser steps applied
+
+    def broke(exc: FloatingPointError, where: str) -> FloatingPointError:
+        """The model's own non-finite-output error, as the training's once a step has changed it."""
+        if done == 0:
+            return exc
+        return FloatingPointError(f"{stage}: {where} the model's output became NaN or infinite; lower the learning "
+                                  f"rate (lr={lr}) or use float64. The model said: {exc}")
+
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -429,7 +557,10 @@ def train(
         bar = _bar(steps, f"{stage} {epoch + 1}/{epochs}", progress)
         for X, A, S in train_set.batches(batch_size, shuffle=True, seed=seed + epoch,
                                           device=p0.device, dtype=p0.dtype):
-            outs = model(X.clamp_min_(0), return_all=True)[loss_layers]
+            try:
+                outs = model(X.clamp_min_(0), return_all=True)[loss_layers]
+            except FloatingPointError as exc:
+                raise broke(exc, f"in epoch {epoch + 1}") from exc
             loss = unrolled_loss(outs, A, S)  # MixtureSet batches give S as (b, n, t)
             # one read of the loss per step, before the backward is queued: a second
             # read after opt.step() would make the host wait for the whole step on a GPU
@@ -441,6 +572,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            done += 1
             total += value * X.shape[0]
             count += X.shape[0]
             if bar is not None:
@@ -450,7 +582,10 @@ def train(
             bar.close()
         vA = vS = None
         if val_set is not None:
-            vA, vS = validate(model, val_set, batch_size=batch_size)
+            try:
+                vA, vS = validate(model, val_set, batch_size=batch_size)
+            except FloatingPointError as exc:
+                raise broke(exc, f"after epoch {epoch + 1}, on the validation set,") from exc
             if not (math.isfinite(vA) and math.isfinite(vS)):
                 raise FloatingPointError(
                     f"{stage}: after epoch {epoch + 1} the model's output scores cos A {vA}, cos S {vS} on the "
@@ -464,7 +599,10 @@ def train(
         # step has none, so score one batch with the final parameters.
         with torch.no_grad():
             X, A, S = train_set.batch(np.arange(min(batch_size, len(train_set))), device=p0.device, dtype=p0.dtype)
-            value = float(unrolled_loss(model(X.clamp_min_(0), return_all=True)[loss_layers], A, S))
+            try:
+                value = float(unrolled_loss(model(X.clamp_min_(0), return_all=True)[loss_layers], A, S))
+            except FloatingPointError as exc:
+                raise broke(exc, "the last step left a model whose loss cannot be computed:") from exc
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"{stage}: the last step left a model whose loss is {value}; lower the learning rate "
@@ -487,8 +625,11 @@ def train_almu(
     model : fastmu.ALMU
     train_set : MixtureSet
     epochs, lr : (stage 1, stage 2)
+        A pair each (a single number is refused: the stages usually want
+        different values). Epochs are integers.
     **kwargs
-        Passed to :func:`train` (``batch_size``, ``val_set``, ``seed``, ``progress``, ``on_epoch``).
+        Passed to :func:`train` (``batch_size``, ``val_set``, ``seed``, ``progress``, ``on_epoch``,
+        ``history``); not ``loss_layers`` or ``stage``, which each stage sets.
 
     Returns
     -------
@@ -498,14 +639,29 @@ def train_almu(
     """
     if not hasattr(model, "front") or not hasattr(model, "freeze_front"):
         raise TypeError(f"train_almu needs a fastmu.ALMU, got {type(model).__name__}")
+    e1, e2 = _pair(epochs, "epochs", "(10, 10)")
+    lr1, lr2 = _pair(lr, "lr", "(1e-2, 1e-3)")
+    fixed = sorted({"loss_layers", "stage"} & set(kwargs))
+    if fixed:
+        raise TypeError(f"train_almu sets {' and '.join(fixed)} itself (stage 2 scores the layers from "
+                        f"model.nalmu_layers on); call train() for other choices")
     history = kwargs.pop("history", None) or History()
+    # both stages' arguments are checked before stage 1 runs (train checks the rest)
+    _check_train_args(model, train_set, e2, kwargs.get("batch_size", 25), lr2,
+                      **{k: kwargs[k] for k in ("val_set", "seed", "on_epoch") if k in kwargs})
     model.freeze_front(False)
-    train(model.front, train_set, epochs=int(epochs[0]), lr=float(lr[0]), stage="almu front",
-          history=history, **kwargs)
+    train(model.front, train_set, epochs=e1, lr=lr1, stage="almu front", history=history, **kwargs)
     model.freeze_front(True)
-    train(model, train_set, epochs=int(epochs[1]), lr=float(lr[1]), stage="almu mlps",
+    train(model, train_set, epochs=e2, lr=lr2, stage="almu mlps",
           loss_layers=slice(model.nalmu_layers, None), history=history, **kwargs)
     return history
+
+
+def _pair(v: Any, name: str, example: str) -> tuple[Any, Any]:
+    """``train_almu``'s per-stage argument: a pair (checked by :func:`train`), or a clear TypeError."""
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
+        raise TypeError(f"{name} must be a pair (stage 1, stage 2), e.g. {name}={example}, got {v!r}")
+    return v[0], v[1]
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -376,3 +376,47 @@ def test_dnmf_accepts_zeros_in_A_init():
     with torch.no_grad():
         A, S = model(_problems(2, 14)[0])
     assert bool(torch.isfinite(A).all() and torch.isfinite(S).all())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_arguments_checked_at_construction(kind):
+    cls, good = KINDS[kind], _A_init()
+    model = cls(n_layers=np.int64(2), m=np.int32(M), n=N, A_init=good)  # NumPy integers are integers
+    assert (model.n_layers, model.m) == (2, M) and type(model.n_layers) is int
+    for bad in (2.0, True):
+        with pytest.raises(ValueError, match="n_layers must be a positive integer"):
+            cls(n_layers=bad, m=M, n=N, A_init=good)
+    for dtype in (torch.int64, torch.float16):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            cls(n_layers=2, m=M, n=N, A_init=good, dtype=dtype)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        cls(n_layers=2, m=M, n=N, A_init=good, device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            cls(n_layers=2, m=M, n=N, A_init=good, device="cuda")
+
+
+def test_dnmf_eps_must_be_positive():
+    # with eps = 0 a zero pixel gave 0/0 = NaN
+    for eps in (0.0, -1e-12, float("nan")):
+        with pytest.raises(ValueError, match="eps must be finite and > 0"):
+            _model("dnmf", n_layers=2, eps=eps)
+    X = _problems(2, 15)[0]
+    X[:, :, 0] = 0.0
+    A, S = _model("dnmf", n_layers=2)(X)
+    assert bool(torch.isfinite(A).all() and torch.isfinite(S).all())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_non_finite_output_raises(kind):
+    model = _model(kind, dtype=torch.float32, n_layers=2)
+    X = _problems(2, 16, torch.float32)[0] * 1e20
+    with pytest.raises(FloatingPointError, match="too large for float32.*mean"):
+        model(X)
+    with pytest.raises(FloatingPointError, match="too large for float32"):
+        model(X, return_all=True)
+    first = next(model.named_parameters())
+    with torch.no_grad():
+        first[1].view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"parameter.*{first[0]}"):
+        model(X / 1e20)

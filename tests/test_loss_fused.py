@@ -88,8 +88,10 @@ def test_fused_loss_gradcheck_and_second_derivative():
 
     assert torch.autograd.gradcheck(f, flat, eps=1e-6, atol=1e-8, rtol=1e-6)
     loss = f(*flat)
-    (g,) = torch.autograd.grad(loss, flat[-1], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    # raises as the graph of the first derivative is asked for: it used to come back without
+    # one, so that the second derivative was silently zero
+    with pytest.raises(RuntimeError, match="not itself differentiable"):
+        (g,) = torch.autograd.grad(loss, flat[-1], create_graph=True)
         g.sum().backward()
 
 

@@ -192,6 +192,8 @@ def test_second_derivative_is_refused(stack):
     X, A, S, Ws = _stack(2, per_problem=False)
     Ws.requires_grad_(True)
     A1, _ = learned_mu_unroll(X, A, S, Ws) if stack else learned_mu_step(X, A, S, Ws[0])
-    (g,) = torch.autograd.grad(A1.square().sum(), Ws, create_graph=True)
+    # it raises when the graph of the first derivative is asked for (create_graph=True), which
+    # otherwise came back without one: a silently zero second derivative
     with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        (g,) = torch.autograd.grad(A1.square().sum(), Ws, create_graph=True)
         g.sum().backward()

@@ -161,3 +161,115 @@ def test_bad_arguments(sets, tmp_path):
     torch.save({"a": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a fastmu model checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return paper_sets("small", seed=4, m=8, size=4, n_train=4, n_test=2, realistic_maps="remnant")
+
+
+def test_checkpoints_of_numpy_and_tensor_arguments_load(tmp_path):
+    # NumPy scalars (np.float64 is a float subclass but pickles as a NumPy object) and 0-d
+    # tensors used to make checkpoints that the weights-only load refused
+    cases = [
+        (dict(kind="nalmu", n_layers=np.int64(2), m=4, n=3), {}),
+        (dict(kind="nalmu", n_layers=2, m=torch.tensor(4), n=3, eps=np.float64(1e-12)), {}),
+        (dict(kind="almu", nalmu_layers=1, almu_layers=np.int32(1), m=4, n=3, hidden=np.array([5])),
+         dict(best=np.float64(0.5), arr=np.arange(3), pair=(1, np.int32(2)), nested={"a": [np.float32(1.5)]})),
+    ]
+    for i, (kw, extra) in enumerate(cases):
+        model = build_model(**kw)
+        path = save_model(model, tmp_path / f"{i}.pt", **extra)
+        loaded, got = load_model(path)
+        assert type(loaded) is type(model) and loaded.m == 4 and type(loaded.m) is int
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+            assert torch.equal(a, b)
+    assert got["best"] == 0.5 and type(got["best"]) is float
+    assert torch.equal(got["arr"], torch.arange(3)) and got["pair"] == (1, 2) and got["nested"] == {"a": [1.5]}
+    assert loaded.hidden == (5,)
+
+
+def test_save_refuses_what_load_could_not_read(tmp_path):
+    class Thing:
+        pass
+
+    model = build_model("nalmu", n_layers=2, m=4, n=3)
+    for bad in (Thing(), [1, Thing()], lambda: 1):
+        with pytest.raises(ValueError, match="extra 'bad'"):
+            save_model(model, tmp_path / "x.pt", bad=bad)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_load_refuses_files_that_are_not_checkpoints(tmp_path):
+    good = save_model(build_model("nalmu", n_layers=2, m=4, n=3), tmp_path / "good.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    raw = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    torch.save({"format": "fastmu-model-1", "kind": "nalmu", "kwargs": {}}, tmp_path / "nostate.pt")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["kind"] = "almu"
+    torch.save(ckpt, tmp_path / "relabelled.pt")
+    for name in ("text", "empty", "cut", "module", "nostate", "relabelled"):
+        with pytest.raises(ValueError, match=f"{name}.pt is not a fastmu model checkpoint"):
+            load_model(tmp_path / f"{name}.pt")
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pt")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        load_model(good, dtype=torch.int64)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        load_model(good, device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            load_model(good, device="cuda")
+
+
+def test_train_checks_its_arguments_before_the_first_step(tiny):
+    model = build_model("nalmu", n_layers=2, m=8, n=4)
+    before = _params(model)
+    bad = [
+        (dict(seed=None), TypeError, "seed must be an integer"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(val_set=[1, 2]), TypeError, "val_set must be a fastmu.data.MixtureSet"),
+        (dict(on_epoch=3), TypeError, "on_epoch must be callable"),
+        (dict(loss_layers=2), TypeError, "loss_layers must be a slice"),
+        (dict(epochs=1.0), ValueError, "epochs must be a positive integer"),
+        (dict(batch_size=True), ValueError, "batch_size must be a positive integer"),
+    ]
+    for kw, err, match in bad:
+        with pytest.raises(err, match=match):
+            train(model, tiny["train"], progress=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    hist = train(model, tiny["train"], epochs=np.int64(1), batch_size=np.int32(2), seed=np.int64(1),
+                 progress=False)
+    assert len(hist.epochs) == 1
+
+
+def test_train_almu_arguments(tiny):
+    torch.manual_seed(0)
+    model = build_model("almu", nalmu_layers=1, almu_layers=1, m=8, n=4, hidden=4)
+    before = _params(model)
+    for kw, err, match in (
+        (dict(epochs=3), TypeError, r"epochs must be a pair \(stage 1, stage 2\)"),
+        (dict(lr=1e-2), TypeError, "lr must be a pair"),
+        (dict(epochs=(1.7, 1)), ValueError, "epochs must be a positive integer, got 1.7"),
+        (dict(epochs=(1, 1.7)), ValueError, "epochs must be a positive integer, got 1.7"),
+        (dict(loss_layers=slice(1, None)), TypeError, "train_almu sets loss_layers itself"),
+    ):
+        with pytest.raises(err, match=match):
+            train_almu(model, tiny["train"], progress=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model)))  # nothing ran
+    hist = train_almu(model, tiny["train"], epochs=(1, np.int64(1)), batch_size=4, progress=False)
+    assert [e.stage for e in hist.epochs] == ["almu front", "almu mlps"]
+
+
+def test_a_model_broken_before_training_reports_its_own_error(tiny):
+    model = build_model("nalmu", n_layers=2, m=8, n=4)
+    with torch.no_grad():
+        model.theta[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NALMU's output .*theta"):
+        train(model, tiny["train"], epochs=1, batch_size=2, progress=False)

@@ -81,7 +81,10 @@ import torch
 from torch import nn
 
 from fastmu import EPS
-from fastmu.nn.models import _check_model_input, _squeeze, constant_init
+from fastmu.nn.models import (
+    _check_model_input, _count, _squeeze, check_finite_output, check_model_dtype, constant_init, model_device,
+)
+from fastmu.validation import check_eps
 
 __all__ = ["DNMF", "ridge_nnls_step"]
 
@@ -127,10 +130,15 @@ def _spectra_matrix(A_init: Any, m: int, n: int, who: str) -> torch.Tensor:
     return a
 
 
-def _check_layers(n_layers: Any, m: Any, n: Any) -> None:
-    for name, v in (("n_layers", n_layers), ("m", m), ("n", n)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+def _check_layers(n_layers: Any, m: Any, n: Any) -> tuple[int, int, int]:
+    """``n_layers, m, n`` as Python ints (any positive integer, NumPy's or a 0-d integer tensor too; not bool)."""
+    return _count(n_layers, "n_layers"), _count(m, "m"), _count(n, "n")
+
+
+def _check_dtype_device(dtype: Any, device: Any, who: str) -> torch.device | None:
+    """Refuse a non-float32/float64 ``dtype`` (the models solve linear systems) and an unknown device."""
+    check_model_dtype(dtype, who, allowed=(torch.float32, torch.float64))
+    return model_device(device)
 
 
 def ridge_nnls_step(X: torch.Tensor, S: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
@@ -189,9 +197,11 @@ class DNMF(nn.Module):
     ridge : float, default 1e-6
         Relative ridge ``δ / (trace(S Sᵀ)/n)`` of the ``A`` read-out.
     eps : float, default :data:`fastmu.EPS`
-        Added to the update's denominator.
+        Added to the update's denominator; finite and > 0 (with 0 a zero
+        pixel gives 0/0).
     dtype, device
-        Of the parameters (X must match them).
+        Of the parameters (X must match them): float32 or float64, and a
+        device torch sees.
 
     Attributes
     ----------
@@ -225,13 +235,13 @@ class DNMF(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        _check_layers(n_layers, m, n)
+        n_layers, m, n = _check_layers(n_layers, m, n)
+        device = _check_dtype_device(dtype, device, "DNMF")
         A0 = _spectra_matrix(A_init, m, n, "DNMF")
-        ridge, eps = float(ridge), float(eps)
+        ridge = float(ridge)
         if not (np.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge must be a finite non-negative number, got {ridge!r}")
-        if not (np.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+        eps = check_eps(eps)  # > 0: with eps = 0 a zero pixel gives 0/0 = NaN
         self.n_layers, self.m, self.n = n_layers, m, n
         self.ridge, self.eps = ridge, eps
         # exp cannot hold 0: raise zeros (and near-zeros) to a small fraction of the column's max
@@ -269,6 +279,13 @@ class DNMF(nn.Module):
         -------
         (A, S) with A (b, m, n), S (b, n, t), or a list of ``n_layers`` such
         pairs; 2-D input gives unbatched factors.
+
+        Raises
+        ------
+        FloatingPointError
+            The factors came out NaN or infinite: X too large for the dtype,
+            or non-finite or overflowing parameters (the last layer's factors and
+            the parameters are checked: one read on the host).
         """
         X, squeeze = _check_model_input(X, self.m, self.log_A_ref)  # and X's values
         _, S = constant_init(X, self.n)
@@ -283,6 +300,7 @@ class DNMF(nn.Module):
             if return_all:
                 outs.append((ridge_nnls_step(X, S, self.ridge), S))
         out: Factors | list[Factors] = outs if return_all else (ridge_nnls_step(X, S, self.ridge), S)
+        check_finite_output(self, X, *(out[-1] if return_all else out))
         return _squeeze(out, squeeze)
 
     def extra_repr(self) -> str:

@@ -70,8 +70,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastmu.baselines.dnmf import _check_layers, _spectra_matrix
-from fastmu.nn.models import _check_model_input, _squeeze
+from fastmu.baselines.dnmf import _check_dtype_device, _check_layers, _spectra_matrix
+from fastmu.nn.models import _check_model_input, _squeeze, check_finite_output
 
 __all__ = ["SNMFNet", "lp_threshold"]
 
@@ -136,7 +136,8 @@ class SNMFNet(nn.Module):
     theta_scale : float, default 0.01
         Initial thresholds ``θ_k = theta_scale · α_k``.
     dtype, device
-        Of the parameters (X must match them).
+        Of the parameters (X must match them): float32 or float64, and a
+        device torch sees.
 
     Attributes
     ----------
@@ -172,7 +173,8 @@ class SNMFNet(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        _check_layers(n_layers, m, n)
+        n_layers, m, n = _check_layers(n_layers, m, n)
+        device = _check_dtype_device(dtype, device, "SNMFNet")
         A0 = _spectra_matrix(A_init, m, n, "SNMFNet")
         ridge, theta_scale = float(ridge), float(theta_scale)
         if not (np.isfinite(ridge) and ridge >= 0):
@@ -227,6 +229,13 @@ class SNMFNet(nn.Module):
         -------
         (A, S) with A (b, m, n), S (b, n, t), or a list of ``n_layers`` such
         pairs; 2-D input gives unbatched factors.
+
+        Raises
+        ------
+        FloatingPointError
+            The factors came out NaN or infinite: X too large for the dtype,
+            or non-finite or overflowing parameters (the last layer's factors and
+            the parameters are checked: one read on the host).
         """
         X, squeeze = _check_model_input(X, self.m, self.B)  # and X's values
         finfo = torch.finfo(X.dtype)
@@ -260,6 +269,7 @@ class SNMFNet(nn.Module):
             A = torch.relu(A - beta * ((A @ SSt - X @ St) / scale))
             if return_all:
                 outs.append((A, S))
+        check_finite_output(self, X, A, S)
         return _squeeze(outs if return_all else (A, S), squeeze)
 
     def extra_repr(self) -> str:

@@ -36,7 +36,8 @@ Device specifics live in two small runners with one interface
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,11 +46,48 @@ from fastmu import EPS
 from fastmu.validation import check_eps, check_tensors_nonnegative_finite
 
 __all__ = [
-    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_unroll_weights", "learned_mu_step",
-    "learned_mu_step_pg", "learned_mu_unroll",
+    "LearnedMUStep", "LearnedMUUnroll", "check_layer_inputs", "check_unroll_weights", "first_order_only",
+    "learned_mu_step", "learned_mu_step_pg", "learned_mu_unroll",
 ]
 
 _FLOATS = (torch.float32, torch.float64)
+
+
+def first_order_only(what: str, alternative: str) -> Callable[[Callable], Callable]:
+    """Decorate a handwritten ``backward`` so that a graph of it (a second derivative) raises.
+
+    The engine runs a backward with grad mode on exactly when the caller asked for
+    ``create_graph=True`` (``torch.autograd.grad(..., create_graph=True)``,
+    ``torch.autograd.functional.hessian``, a gradient penalty). A handwritten
+    backward's result has no graph, so the derivative of it would silently be
+    zero; ``once_differentiable`` raises only when an incoming gradient itself
+    requires grad, which a first ``create_graph`` backward's does not. So the
+    check is grad mode, before any work.
+
+    Parameters
+    ----------
+    what : str
+        What the backward differentiates, for the message.
+    alternative : str
+        What to use instead for higher derivatives, for the message.
+    """
+    def wrap(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def checked(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{what} has a handwritten backward that is not itself differentiable, so a second "
+                    f"derivative through it (create_graph=True, a Hessian, a gradient penalty) would be "
+                    f"silently wrong; use {alternative} for higher derivatives")
+            return backward(ctx, *grads)
+
+        return checked
+
+    return wrap
+
+
+_LAYER_ALTERNATIVE = ("the torch-op layers (fastmu.reference.mu_step_torch, or a model built with "
+                      "fused=False)")
 
 
 # ---------------------------------------------------------------------------
@@ -182,6 +220,9 @@ class _CpuLayers:
     def begin(self, X: torch.Tensor, n: int, bw: int) -> contextlib.AbstractContextManager:
         """Ready to run layers of ``X``'s shape, rank ``n`` and W batch ``bw``; the
         context to run them in."""
+        from fastmu import fork_safety
+
+        fork_safety.check_cpu_kernels_usable()  # forward and backward both begin here
         return contextlib.nullcontext()
 
     def forward(self, X, A, S, W3, P, G, A_out, S_out, P_out, G_out, eps, pg_valid, want_pg) -> None:
@@ -361,7 +402,7 @@ class LearnedMUStep(torch.autograd.Function):
         return A_out, S_out, P_out, G_out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
+    @first_order_only("the fused learned-MU layer", _LAYER_ALTERNATIVE)
     def backward(ctx, gA_out, gS_out, _gP, _gG):  # type: ignore[override]
         X, A, S, W, P, G = ctx.saved_tensors
         need = tuple(bool(x) for x in ctx.needs_input_grad[:4])  # X, A, S, W
@@ -446,7 +487,7 @@ class LearnedMUUnroll(torch.autograd.Function):
         return (*A_outs, A, *S_outs, S) if return_all else (A, S)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # handwritten kernels: a second derivative raises
+    @first_order_only("the fused learned-MU unroll", _LAYER_ALTERNATIVE)
     def backward(ctx, *grads):  # type: ignore[override]
         L, run = ctx.L, ctx.run
         X, A0, S0, Ws, Ps, Gs, A_mid, S_mid = ctx.saved_tensors
@@ -534,7 +575,10 @@ def learned_mu_step(
     Notes
     -----
     float32 and float64, CPU (Numba) and CUDA (Numba CUDA). Gradients flow to
-    every input that requires one; the backward computes only those.
+    every input that requires one; the backward computes only those. First
+    derivatives only: a backward with ``create_graph=True`` (a Hessian, a
+    gradient penalty) raises a RuntimeError; use
+    :func:`fastmu.reference.mu_step_torch` for those.
 
     Examples
     --------
@@ -613,13 +657,16 @@ def check_unroll_weights(Ws: Any, X: torch.Tensor, n: int, *, check_values: bool
     Raises
     ------
     TypeError
-        ``Ws`` not a tensor, or not of X's dtype.
+        ``Ws`` not a tensor, X not float32/float64, or ``Ws`` not of X's dtype.
     ValueError
         Not ``(L, m, n)`` or ``(L, b, m, n)`` with ``L ≥ 1``, not on X's device,
         or (when ``check_values``) negative or non-finite.
     """
     if not isinstance(Ws, torch.Tensor):
         raise TypeError(f"Ws must be a torch.Tensor, got {type(Ws).__name__}")
+    if X.dtype not in _FLOATS:  # before comparing Ws with it: the fault is X's, not Ws's
+        raise TypeError(f"X has dtype {X.dtype}; the learned layers compute in float32 or float64: convert X "
+                        f"(e.g. X.to({Ws.dtype if Ws.dtype in _FLOATS else torch.float32}))")
     b, m, _ = X.shape
     if Ws.dim() not in (3, 4) or Ws.shape[0] < 1 or tuple(Ws.shape[1:]) not in ((m, n), (b, m, n)):
         raise ValueError(
@@ -675,6 +722,9 @@ def learned_mu_unroll(
     ------
     TypeError, ValueError
         See :func:`check_layer_inputs` and :func:`check_unroll_weights`.
+    RuntimeError
+        In a backward with ``create_graph=True``: the handwritten backward
+        gives first derivatives only (:func:`first_order_only`).
 
     Examples
     --------

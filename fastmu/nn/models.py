@@ -23,11 +23,13 @@ with zero weights and bias ``softplus⁻¹(1)``, so an untrained ALMU is MU too
 (to rounding: ``softplus(log(e − 1))`` is 1 ± 1 ulp). Softplus, not exp, because
 an MLP output is unbounded and exp of it could overflow early in training.
 
-Initial factors: the constant ``sqrt(mean(X)/n)`` for every entry of A and
+Initial factors: the constant ``c = sqrt(mean(X)/n)`` for every entry of A and
 S, per problem — the same start as ``fastmu.mu(..., init="constant")``. Under
-MU the layer output does not depend on the constant (the updates are
-homogeneous of degree 0 in the scale of A and of S, up to ε), so the value
-only keeps ``A S`` at the scale of X: ε = 1e-12 is then as small a share of
+MU the product ``A S`` of a layer's output does not depend on the constant (up
+to ε), nor do the cosines the loss scores; A and S themselves do (from a start
+``c`` the outputs are those of the start 1 with A divided by ``c`` and S
+multiplied by it), so ``c`` is part of the differentiated function of X. The
+value keeps ``A S`` at the scale of X: ε = 1e-12 is then as small a share of
 the denominators as X's scale allows (negligible unless X's mean is below
 about 1e-7; see :class:`fastmu.ScaleWarning`). With constant factors every column starts identical;
 only the column-specific ``W`` separate them, which is why the learned
@@ -53,7 +55,7 @@ from fastmu import EPS
 from fastmu.nn.functional import unroll_unchecked
 from fastmu.validation import check_eps, check_tensors_nonnegative_finite
 
-__all__ = ["NALMU", "ALMU", "WeightMLPs", "constant_init"]
+__all__ = ["NALMU", "ALMU", "WeightMLPs", "check_finite_output", "check_model_dtype", "constant_init", "model_device"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -62,7 +64,10 @@ _INV_SOFTPLUS_1 = math.log(math.e - 1.0)
 
 
 def constant_init(X: torch.Tensor, n: int) -> Factors:
-    """Constant starting factors ``sqrt(mean(X)/n)`` per problem (not differentiated).
+    """Constant starting factors ``sqrt(mean(X)/n)`` per problem, differentiable in X.
+
+    The models' A and S depend on this constant (only their product does not),
+    so gradients with respect to X flow through it.
 
     Parameters
     ----------
@@ -75,13 +80,14 @@ def constant_init(X: torch.Tensor, n: int) -> Factors:
     S0 : Tensor (b, n, t)
     """
     b, m, t = X.shape
-    with torch.no_grad():
-        c = torch.sqrt(X.mean(dim=(1, 2)).clamp_min(0) / n)
-        # A problem with an all-zero X would start at 0 and stay there; start
-        # at 1 instead (MU then still returns 0 · anything for it).
-        c = torch.where(c > 0, c, torch.ones_like(c))
-        A0 = c.view(b, 1, 1).expand(b, m, n).contiguous()
-        S0 = c.view(b, 1, 1).expand(b, n, t).contiguous()
+    q = X.mean(dim=(1, 2)) / n
+    # A problem with an all-zero X would start at 0 and stay there; start at 1
+    # instead (MU then still returns 0 · anything for it). The where comes
+    # before the sqrt, so that no infinite sqrt'(0) meets the where's zero
+    # gradient there (0 · inf = NaN).
+    c = torch.sqrt(torch.where(q > 0, q, torch.ones_like(q)))
+    A0 = c.view(b, 1, 1).expand(b, m, n).contiguous()
+    S0 = c.view(b, 1, 1).expand(b, n, t).contiguous()
     return A0, S0
 
 
@@ -96,6 +102,76 @@ def _count(v: object, name: str) -> int:
     if k < 1:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
     return k
+
+
+def check_model_dtype(dtype: object, who: str, allowed: tuple[torch.dtype, ...] | None = None) -> None:
+    """Refuse a parameter ``dtype`` that is not a floating-point ``torch.dtype`` (or not in ``allowed``).
+
+    Without this check an integer dtype fails deep inside torch ("Only Tensors of
+    floating point can require gradients").
+
+    Parameters
+    ----------
+    dtype : torch.dtype or None
+        None (torch's default dtype) passes.
+    who : str
+        The model (or function) named in the message.
+    allowed : tuple of torch.dtype, optional
+        The dtypes accepted; default every floating-point one.
+
+    Raises
+    ------
+    TypeError
+        Not a torch.dtype, not floating point, or not in ``allowed``.
+    """
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{who}: dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+    if not dtype.is_floating_point or (allowed is not None and dtype not in allowed):
+        raise TypeError(f"{who}: the parameters must be float32 or float64 (torch.float32, torch.float64), "
+                        f"got {dtype}")
+
+
+def model_device(device: object) -> torch.device | None:
+    """``device`` as a torch device that exists here (None stays None).
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+
+    Returns
+    -------
+    torch.device or None
+
+    Raises
+    ------
+    ValueError
+        Not a device name, or a CUDA device torch does not see
+        (:func:`fastmu.interop.torch_device`; torch's own error is an
+        ``AssertionError`` from deep inside its CUDA setup).
+    """
+    if device is None:
+        return None
+    from fastmu.interop import torch_device
+
+    return torch_device(device)
+
+
+def _widths(hidden: object) -> tuple[int, ...]:
+    """ALMU's hidden widths: an int (one hidden layer) or a sequence of positive ints."""
+    if isinstance(hidden, (str, bytes)):  # tuple("12") would be the widths (1, 2)
+        raise TypeError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
+    if isinstance(hidden, bool):
+        raise TypeError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
+    try:
+        widths: tuple = (operator.index(hidden),)
+    except TypeError:  # not one integer: a sequence of them
+        try:
+            widths = tuple(hidden)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"hidden must be an int or a sequence of ints, got {hidden!r}") from None
+    return tuple(_count(h, "each hidden width") for h in widths)
 
 
 def _check_fused_dtype(dtype: torch.dtype, fused: bool, device: torch.device) -> None:
@@ -116,6 +192,9 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor, check_values: bool 
         raise ValueError(f"X must be (m, t) or (b, m, t), got shape {tuple(X.shape)}")
     if X.shape[1] != m:
         raise ValueError(f"X has {X.shape[1]} channels but the model was built for m={m}")
+    if not X.is_floating_point():  # convert X, not the model: its parameters must stay floating point
+        raise TypeError(f"X has dtype {X.dtype}, but the model computes in {ref.dtype}; convert X "
+                        f"(e.g. X.to({ref.dtype}))")
     if X.dtype != ref.dtype:
         raise TypeError(
             f"X has dtype {X.dtype} but the model's parameters are {ref.dtype}; "
@@ -128,6 +207,75 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor, check_values: bool 
     if check_values:
         check_tensors_nonnegative_finite({"X": X}, hint=" (noisy data? X.clamp_min(0) clips the noise's negatives)")
     return X.contiguous(), squeeze
+
+
+def check_finite_output(model: nn.Module, X: torch.Tensor, A: torch.Tensor, S: torch.Tensor) -> None:
+    """Refuse NaN or infinite returned factors or model parameters, with one read on the host.
+
+    X was checked finite on entry, so non-finite factors come from X's scale
+    (the layers' products overflow the dtype) or from the model's parameters
+    (NaN ones, or ones so large that the layers overflow). The factors and the
+    parameters (and floating-point buffers), not X, are read: ``(b, m, n)`` and
+    ``(b, n, t)`` are far smaller than X. Skipped
+    while a CUDA graph is being captured, where no value may be read back, and
+    on meta tensors.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model that computed them (named in the message; its parameters
+        are read on the error path only).
+    X : Tensor
+        Its (checked, batched) input.
+    A, S : Tensor
+        The factors it returns (the last layer's).
+
+    Raises
+    ------
+    FloatingPointError
+        Naming the cause (X's largest value against its dtype's limit, or
+        the parameters that are not finite) and the cure.
+    """
+    if A.is_meta or (A.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    # The parameters too (small next to X): a NaN one does not always reach the output
+    # (SNMF-Net's thresholding maps NaN to 0), and the output would then be silently wrong.
+    tensors = [A, S, *(t for _, t in _float_state(model))]
+    with torch.no_grad():
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())  # one synchronisation
+    if not finite:
+        raise _non_finite_output_error(model, X)
+
+
+def _float_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's floating-point parameters and buffers, by name."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+
+
+def _non_finite_output_error(model: nn.Module, X: torch.Tensor) -> FloatingPointError:
+    """The :func:`check_finite_output` error (reads what it needs; only on the error path)."""
+    from fastmu.validation import X_SCALE_BLAME
+
+    who, dtype = type(model).__name__, str(X.dtype).replace("torch.", "")
+    with torch.no_grad():
+        xmax = float(X.max())
+        bad = [name for name, p in _float_state(model) if not bool(torch.isfinite(p).all())]
+    head = f"{who}'s output is NaN or infinite ({dtype}): "
+    if bad:
+        head = f"{who}'s output cannot be trusted ({dtype}): "
+        return FloatingPointError(
+            head + f"its parameter(s) {', '.join(bad)} hold NaN or infinite values (a diverged training, or a "
+            "broken checkpoint); retrain or reload them")
+    if xmax >= X_SCALE_BLAME * math.sqrt(torch.finfo(X.dtype).max):
+        return FloatingPointError(
+            head + f"X's largest value, {xmax:.3g}, is too large for {dtype}: the layers' products overflow. "
+            "The model is scale-equivariant: divide X by its mean (X / X.mean()) and rescale the factors"
+            + (", or use float64." if X.dtype == torch.float32 else "."))
+    return FloatingPointError(
+        head + f"X's largest value, {xmax:.3g}, is far from {dtype}'s limit, so the model's parameters produced "
+        "the non-finite values (finite but so large that the layers overflow, e.g. NALMU's W = exp(θ) or "
+        "an ALMU MLP's output after a diverged training); retrain or reload them, or use float64")
 
 
 def run_layers(
@@ -171,12 +319,15 @@ class NALMU(nn.Module):
         runs the same model with torch ops and autograd.
     eps : float, default :data:`fastmu.EPS`
     dtype, device
-        Of the parameters (X must match them).
+        Of the parameters (X must match them): float32 or float64 (with
+        ``fused=False`` any floating dtype), and a device torch sees.
     check_input : bool, default True
-        Check that X is finite and non-negative on every forward: one pass
-        over X and one read on the host (on a GPU, a synchronisation).
-        ``False`` skips it, for inference loops on checked data. The
-        attribute of the same name can be changed later.
+        Check on every forward that X is finite and non-negative (one pass
+        over X and one read on the host) and that the returned factors and
+        the parameters are finite (one more read, not of X; on a GPU each read
+        is a synchronisation). ``False`` skips both, for inference loops on
+        checked data with a trusted model. The attribute of the same name can
+        be changed later.
 
     Attributes
     ----------
@@ -207,6 +358,8 @@ class NALMU(nn.Module):
     ):
         super().__init__()
         n_layers, m, n = _count(n_layers, "n_layers"), _count(m, "m"), _count(n, "n")
+        check_model_dtype(dtype, type(self).__name__)
+        device = model_device(device)
         self.n_layers, self.m, self.n = n_layers, m, n
         self.fused = bool(fused)
         self.eps = check_eps(eps)
@@ -238,10 +391,21 @@ class NALMU(nn.Module):
         Returns
         -------
         (A, S), or a list of ``n_layers`` such pairs; 2-D input gives unbatched factors.
+
+        Raises
+        ------
+        TypeError, ValueError
+            X of the wrong kind, dtype, device or shape, or (``check_input``)
+            negative or non-finite.
+        FloatingPointError
+            (``check_input``) The factors came out NaN or infinite: X too large
+            for the dtype, or non-finite or overflowing parameters.
         """
         X, squeeze = _check_model_input(X, self.m, self.theta, self.check_input)
         A0, S0 = constant_init(X, self.n)
         out = self.unroll(X, A0, S0, return_all)
+        if self.check_input:
+            check_finite_output(self, X, *(out[-1] if return_all else out))
         return _squeeze(out, squeeze)
 
     def extra_repr(self) -> str:
@@ -319,8 +483,9 @@ class ALMU(nn.Module):
         Adaptive layers (``L2``), each with its own MLP (all of them in
         ``model.mlps``, a :class:`WeightMLPs`).
     m, n : int, default 65, 4
-    hidden : sequence of int, default (130, 75)
-        Hidden widths of every MLP (paper: three linear layers, ReLU, 130 and 75).
+    hidden : int or sequence of int, default (130, 75)
+        Hidden widths of every MLP (paper: three linear layers, ReLU, 130 and
+        75); an int is one hidden layer of that width.
     in_features : int, optional
         MLP input width; default ``m·n`` (``vec(A_NALMU)``). Set it when
         subclassing :meth:`features` to feed something else.
@@ -335,7 +500,10 @@ class ALMU(nn.Module):
     -----
     Stage 1: train ``model.front`` (a :class:`NALMU`) alone. Stage 2:
     ``model.freeze_front()`` and train the MLPs on ``model(X)`` — the frozen
-    front then runs without building a graph. ``return_all`` returns the
+    front then runs without building a graph (unless X requires grad).
+    The MLPs' first layers are initialised from torch's global random
+    generator: call ``torch.manual_seed`` before building the model for a
+    reproducible initialisation. ``return_all`` returns the
     ``L1 + L2`` layers' factors; the stage-2 loss usually weighs
     ``outs[model.nalmu_layers:]``.
     """
@@ -358,9 +526,9 @@ class ALMU(nn.Module):
     ):
         super().__init__()
         almu_layers = _count(almu_layers, "almu_layers")
-        hidden = tuple(int(h) for h in hidden)
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden widths must be positive, got {hidden}")
+        hidden = _widths(hidden)
+        check_model_dtype(dtype, type(self).__name__)
+        device = model_device(device)
         self.check_input = bool(check_input)
         self.front = NALMU(nalmu_layers, m, n, fused=fused, eps=eps, dtype=dtype, device=device)
         nalmu_layers, m, n = self.front.n_layers, self.front.m, self.front.n
@@ -404,8 +572,10 @@ class ALMU(nn.Module):
         """Unmix ``X`` (see :meth:`NALMU.forward`); ``return_all`` gives all ``L1 + L2`` layers."""
         X, squeeze = _check_model_input(X, self.m, self.front.theta, self.check_input)
         A, S = constant_init(X, self.n)
+        # A frozen front needs no graph, unless a gradient w.r.t. X must pass through it
+        # (X is the only other input of the front: the start A, S is a function of X)
         frozen = not any(p.requires_grad for p in self.front.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (not frozen or X.requires_grad)):
             front = self.front.unroll(X, A, S, return_all)
         outs: list[Factors] = list(front) if return_all else []
         A, S = front[-1] if return_all else front
@@ -415,6 +585,8 @@ class ALMU(nn.Module):
             outs += adaptive
         else:
             A, S = adaptive
+        if self.check_input:
+            check_finite_output(self, X, *(outs[-1] if return_all else (A, S)))
         return _squeeze(outs if return_all else (A, S), squeeze)
 
     def extra_repr(self) -> str:

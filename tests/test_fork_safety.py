@@ -1,0 +1,71 @@
+"""A process forked after fastmu's CPU kernels ran gets a RuntimeError, not SIGTERM or a hang."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+
+# The parent runs `before` (or nothing), forks, and the child runs `call`; the child's exit
+# code says what happened: 0 ran, 3 RuntimeError naming the start methods, 4 another error.
+# SIGTERM (Numba's own guard) shows as -15.
+_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import torch
+    import fastmu
+    from fastmu.baselines import cd
+    X = np.random.default_rng(0).random((2, 12, 256))
+    calls = {
+        "mu": lambda: fastmu.mu(X, 3, n_iter=3, random_state=0),
+        "cd": lambda: cd(X, 3, n_iter=3, random_state=0),
+        "nmf": lambda: fastmu.NMF(3, max_iter=3, init="random", random_state=0).fit(X[0]),
+        "nalmu": lambda: fastmu.NALMU(2, 12, 3)(torch.from_numpy(X).float()),
+        "loss": lambda: fastmu.losses.unrolled_loss(
+            [(torch.rand(2, 12, 3), torch.rand(2, 3, 256))], torch.rand(2, 12, 3), torch.rand(2, 3, 256)),
+    }
+    if sys.argv[1] == "run":
+        calls["mu"]()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            calls[sys.argv[2]]()
+            code = 0
+        except RuntimeError as e:
+            code = 3 if "spawn" in str(e) and "fork" in str(e) else 4
+        except BaseException:
+            code = 4
+        os._exit(code)
+    print("layer", __import__("numba").threading_layer() if sys.argv[1] == "run" else "-")
+    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) + 100)
+""")
+
+
+def _fork_child(parent: str, call: str, **env: str) -> tuple[int, str]:
+    full = dict(os.environ, **env)
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, parent, call], env=full,
+                       capture_output=True, text=True, timeout=240)
+    return r.returncode - 100, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("call", ["mu", "cd", "nmf", "nalmu", "loss"])
+def test_forked_child_gets_a_clear_error_under_openmp(call):
+    code, out = _fork_child("run", call)
+    if "layer omp" not in out:
+        pytest.skip(f"Numba chose another threading layer here: {out.strip()[:80]}")
+    assert code == 3, out
+
+
+def test_child_forked_before_any_run_works():
+    code, out = _fork_child("idle", "mu")
+    assert code == 0, out
+
+
+def test_fork_safe_layer_is_not_refused():
+    code, out = _fork_child("run", "mu", NUMBA_THREADING_LAYER="workqueue")
+    assert "layer workqueue" in out, out
+    assert code == 0, out
