@@ -122,6 +122,12 @@ def measure_step(b: int, m: int, t: int, n: int, layers: int, dtype: str = "floa
     _stub_device()
     from fastmu import losses
     from fastmu.benchmarks.nalmu import make_step
+    from fastmu.nn import models
+
+    # The stubbed kernels write nothing, so the factors are uninitialised memory, which the
+    # model's check of its output would refuse. That check (on a GPU: a few small reads and
+    # one synchronisation per forward) is left out of these host times.
+    models.check_finite_output = lambda *args: None
     from fastmu.benchmarks.opcount import AtenOpCounter
     from fastmu.kernels.cuda_cosine import CosinePlan
     from fastmu.nn import functional as F
