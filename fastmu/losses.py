@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from fastmu.nn.functional import first_order_only
+from fastmu.validation import positive_count
 
 __all__ = ["layer_weights", "mean_component_cosine", "unrolled_loss"]
 
@@ -54,14 +54,7 @@ def layer_weights(n_layers: int, *, dtype: torch.dtype = torch.float64, device=N
     -------
     Tensor, shape (L,)
     """
-    try:  # any integer (NumPy's too), but not a bool
-        if isinstance(n_layers, bool):
-            raise TypeError
-        n_layers = operator.index(n_layers)
-    except TypeError:
-        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}") from None
-    if n_layers < 1:
-        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+    n_layers = positive_count(n_layers, "n_layers")
     if n_layers == 1:
         return torch.ones(1, dtype=dtype, device=device)
     return torch.arange(n_layers, dtype=dtype, device=device) / (n_layers - 1)

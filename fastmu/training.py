@@ -41,6 +41,7 @@ from torch import nn
 
 from fastmu.interop import torch_device
 from fastmu.losses import mean_component_cosine, unrolled_loss
+from fastmu.validation import positive_count
 
 __all__ = [
     "MODEL_KINDS",
@@ -343,19 +344,6 @@ class History:
         return max(vals) if vals else None
 
 
-def _positive_int(v: Any, name: str) -> int:
-    """A positive integer argument (Python or NumPy integer, 0-d integer tensor; not bool, not float)."""
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        k = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}") from None
-    if k < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return k
-
-
 def _check_set(data: Any, name: str, model: nn.Module) -> None:
     """``data`` looks like a non-empty MixtureSet with the model's number of channels."""
     if not hasattr(data, "batches") or not hasattr(data, "batch") or not hasattr(data, "__len__"):
@@ -377,7 +365,7 @@ def _check_train_args(model: nn.Module, train_set: Any, epochs: Any, batch_size:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not hasattr(train_set, "batch") or not hasattr(train_set, "__len__"):
         raise TypeError(f"train_set must be a fastmu.data.MixtureSet, got {type(train_set).__name__}")
-    epochs, batch_size = _positive_int(epochs, "epochs"), _positive_int(batch_size, "batch_size")
+    epochs, batch_size = positive_count(epochs, "epochs"), positive_count(batch_size, "batch_size")
     if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     _check_set(train_set, "train_set", model)

@@ -8,6 +8,7 @@ are only ever read.
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Any
 
 import numpy as np
@@ -163,6 +164,20 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def positive_count(value: Any, name: str) -> int:
+    """A count argument (layers, epochs, a batch size): any integer (NumPy's, a 0-d integer
+    tensor), not a bool or a float; ValueError otherwise or below 1."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        k = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if k < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return k
 
 
 def check_tol(tol: Any) -> float | None:

@@ -82,9 +82,9 @@ from torch import nn
 
 from fastmu import EPS
 from fastmu.nn.models import (
-    _check_model_input, _count, _squeeze, check_finite_output, check_model_dtype, constant_init, model_device,
+    _check_model_input, _squeeze, check_finite_output, check_model_dtype, constant_init, model_device,
 )
-from fastmu.validation import check_eps
+from fastmu.validation import check_eps, positive_count
 
 __all__ = ["DNMF", "ridge_nnls_step"]
 
@@ -132,7 +132,7 @@ def _spectra_matrix(A_init: Any, m: int, n: int, who: str) -> torch.Tensor:
 
 def _check_layers(n_layers: Any, m: Any, n: Any) -> tuple[int, int, int]:
     """``n_layers, m, n`` as Python ints (any positive integer, NumPy's or a 0-d integer tensor too; not bool)."""
-    return _count(n_layers, "n_layers"), _count(m, "m"), _count(n, "n")
+    return positive_count(n_layers, "n_layers"), positive_count(m, "m"), positive_count(n, "n")
 
 
 def _check_dtype_device(dtype: Any, device: Any, who: str) -> torch.device | None:

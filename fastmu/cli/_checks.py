@@ -17,7 +17,7 @@ from typing import Callable
 from fastmu.paths import check_input_file, check_output_file, check_output_folder, figure_path
 
 __all__ = ["MAX_SEED", "check_input_file", "check_output_file", "check_output_folder", "figure_path",
-           "finite_float", "int_at_least", "non_negative_float", "path", "positive_float", "seed"]
+           "add_set_options", "finite_float", "int_at_least", "non_negative_float", "path", "positive_float", "seed"]
 
 #: the largest seed every command accepts: NumPy's RandomState (MU's random start) takes 0 … 2**32 - 1
 MAX_SEED = 2**32 - 1
@@ -78,3 +78,14 @@ def path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("the path is empty")
     return Path(text)
+
+
+def add_set_options(p: argparse.ArgumentParser) -> None:
+    """The options ``train`` and ``paper`` share: the sets' seed and sizes, the device and dtype."""
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--size", type=int_at_least(1), default=None, help="map side (t = size²), overriding the preset's")
+    p.add_argument("--n-train", type=int_at_least(1), default=None, help="training problems, overriding the preset's")
+    p.add_argument("--n-test", type=int_at_least(1), default=None,
+                   help="problems per test set, overriding the preset's")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")

@@ -52,15 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cd-iters", type=_checks.int_at_least(1), default=1_000, help="default 1000")
     p.add_argument("--train-spectra", choices=("generated", "real"), default="generated")
     p.add_argument("--snr", type=_checks.finite_float, default=60.0, help="SNR in dB of every set (default 60)")
-    p.add_argument("--seed", type=_checks.seed, default=0)
-    p.add_argument("--size", type=_checks.int_at_least(1), default=None,
-                   help="map side (t = size²), overriding the preset's")
-    p.add_argument("--n-train", type=_checks.int_at_least(1), default=None,
-                   help="training problems, overriding the preset's")
-    p.add_argument("--n-test", type=_checks.int_at_least(1), default=None,
-                   help="problems per test set, overriding the preset's")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    _checks.add_set_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
     p.set_defaults(func=run)
 

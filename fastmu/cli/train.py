@@ -34,15 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_checks.positive_float, default=1e-2,
                    help="Adam learning rate (ALMU's MLP stage: a tenth)")
     p.add_argument("--train-spectra", choices=("generated", "real"), default="generated")
-    p.add_argument("--seed", type=_checks.seed, default=0)
-    p.add_argument("--size", type=_checks.int_at_least(1), default=None,
-                   help="map side (t = size²), overriding the preset's")
-    p.add_argument("--n-train", type=_checks.int_at_least(1), default=None,
-                   help="training problems, overriding the preset's")
-    p.add_argument("--n-test", type=_checks.int_at_least(1), default=None,
-                   help="problems per test set, overriding the preset's")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    _checks.add_set_options(p)
     p.add_argument("--out", type=_checks.path, default=None, help="checkpoint path (default: fastmu-<kind>.pt)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

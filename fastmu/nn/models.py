@@ -53,7 +53,7 @@ from torch import nn
 
 from fastmu import EPS
 from fastmu.nn.functional import unroll_unchecked
-from fastmu.validation import check_eps, check_tensors_nonnegative_finite
+from fastmu.validation import check_eps, check_tensors_nonnegative_finite, positive_count
 
 __all__ = ["NALMU", "ALMU", "WeightMLPs", "check_finite_output", "check_model_dtype", "constant_init", "model_device"]
 
@@ -89,19 +89,6 @@ def constant_init(X: torch.Tensor, n: int) -> Factors:
     A0 = c.view(b, 1, 1).expand(b, m, n).contiguous()
     S0 = c.view(b, 1, 1).expand(b, n, t).contiguous()
     return A0, S0
-
-
-def _count(v: object, name: str) -> int:
-    """A positive integer argument (Python or NumPy integer; not bool)."""
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        k = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}") from None
-    if k < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return k
 
 
 def check_model_dtype(dtype: object, who: str, allowed: tuple[torch.dtype, ...] | None = None) -> None:
@@ -171,7 +158,7 @@ def _widths(hidden: object) -> tuple[int, ...]:
             widths = tuple(hidden)  # type: ignore[arg-type]
         except TypeError:
             raise TypeError(f"hidden must be an int or a sequence of ints, got {hidden!r}") from None
-    return tuple(_count(h, "each hidden width") for h in widths)
+    return tuple(positive_count(h, "each hidden width") for h in widths)
 
 
 def _check_fused_dtype(dtype: torch.dtype, fused: bool, device: torch.device) -> None:
@@ -357,7 +344,7 @@ class NALMU(nn.Module):
         check_input: bool = True,
     ):
         super().__init__()
-        n_layers, m, n = _count(n_layers, "n_layers"), _count(m, "m"), _count(n, "n")
+        n_layers, m, n = positive_count(n_layers, "n_layers"), positive_count(m, "m"), positive_count(n, "n")
         check_model_dtype(dtype, type(self).__name__)
         device = model_device(device)
         self.n_layers, self.m, self.n = n_layers, m, n
@@ -525,7 +512,7 @@ class ALMU(nn.Module):
         check_input: bool = True,
     ):
         super().__init__()
-        almu_layers = _count(almu_layers, "almu_layers")
+        almu_layers = positive_count(almu_layers, "almu_layers")
         hidden = _widths(hidden)
         check_model_dtype(dtype, type(self).__name__)
         device = model_device(device)
@@ -534,7 +521,7 @@ class ALMU(nn.Module):
         nalmu_layers, m, n = self.front.n_layers, self.front.m, self.front.n
         self.nalmu_layers, self.almu_layers, self.m, self.n = nalmu_layers, almu_layers, m, n
         self.normalize_input = bool(normalize_input)
-        self.in_features = m * n if in_features is None else _count(in_features, "in_features")
+        self.in_features = m * n if in_features is None else positive_count(in_features, "in_features")
         if self.in_features != m * n and type(self).features is ALMU.features:
             raise ValueError(f"in_features={self.in_features}, but features() feeds the MLPs vec(A), m·n = {m * n} "
                              "values; set in_features only when a subclass overrides features()")
