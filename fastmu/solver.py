@@ -44,7 +44,8 @@ def mu(
     callback_every: int = 1,
     check_every: int = 10,
     progress: bool = False,
-) -> tuple[Any, Any]:
+    return_n_iter: bool = False,
+) -> tuple[Any, Any] | tuple[Any, Any, int]:
     """Factorise ``X ≈ A S`` with Lee-Seung multiplicative updates (Frobenius loss).
 
     One iteration updates A first, then S with the new A::
@@ -97,12 +98,19 @@ def mu(
         Iterations between objective checks when ``tol`` is set.
     progress : bool, default False
         Show a progress bar (tqdm).
+    return_n_iter : bool, default False
+        Also return the number of iterations run (fewer than ``n_iter``
+        where ``tol`` or the callback stopped the run), as scikit-learn's
+        ``non_negative_factorization`` does.
 
     Returns
     -------
     A : array ([b,] m, n)
     S : array ([b,] n, t)
         In the caller's array type, dtype and device; 2-D in, 2-D out.
+    n_iter : int
+        Only with ``return_n_iter=True``: the iterations run (every problem
+        of a batch runs the same number).
 
     Examples
     --------
@@ -115,10 +123,10 @@ def mu(
     >>> bool(np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 0.05)
     True
     """
-    A, S, _ = solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, eps=eps, init=init,
-                    random_state=random_state, backend=backend, callback=callback,
-                    callback_every=callback_every, check_every=check_every, progress=progress)
-    return A, S
+    A, S, done = solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, eps=eps, init=init,
+                       random_state=random_state, backend=backend, callback=callback,
+                       callback_every=callback_every, check_every=check_every, progress=progress)
+    return (A, S, done) if return_n_iter else (A, S)
 
 
 def solve(

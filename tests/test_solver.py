@@ -264,3 +264,19 @@ def test_sparse_torch_input_is_refused_clearly(layout):
     for call in (lambda: fastmu.mu(X, 2), lambda: cd(X, 2), lambda: fastmu.NMF(2).fit(X.t() if layout == "to_sparse" else X)):
         with pytest.raises(TypeError, match=r"sparse torch tensor.*to_dense\(\)"):
             call()
+
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_return_n_iter_counts_the_iterations_run(solver):
+    from fastmu.baselines import cd
+
+    run = fastmu.mu if solver == "mu" else cd
+    X = np.random.default_rng(0).random((20, 300))
+    A, S, k = run(X, 3, n_iter=40, random_state=0, return_n_iter=True)
+    assert k == 40
+    np.testing.assert_array_equal(A, run(X, 3, n_iter=40, random_state=0)[0])  # the same run
+    _, _, k = run(X, 3, n_iter=5000, tol=1e-3, random_state=0, return_n_iter=True)
+    assert 0 < k < 5000
+    _, _, k = run(X, 3, n_iter=50, random_state=0, callback=lambda it, A, S: it >= 7, return_n_iter=True)
+    assert k == 7
+    assert run(X, 3, n_iter=0, random_state=0, return_n_iter=True)[2] == 0

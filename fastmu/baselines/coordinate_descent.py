@@ -26,7 +26,8 @@ def cd(
     callback: Callback | None = None,
     callback_every: int = 1,
     progress: bool = False,
-) -> tuple[Any, Any]:
+    return_n_iter: bool = False,
+) -> tuple[Any, Any] | tuple[Any, Any, int]:
     """Factorise ``X ≈ A S`` by cyclic coordinate descent (Frobenius loss).
 
     The update of scikit-learn's ``NMF(solver="cd", shuffle=False)`` without
@@ -83,12 +84,19 @@ def cd(
     callback_every : int, default 1
     progress : bool, default False
         Show a progress bar (tqdm).
+    return_n_iter : bool, default False
+        Also return the number of iterations run (fewer than ``n_iter``
+        where ``tol`` or the callback stopped the run), as scikit-learn's
+        ``non_negative_factorization`` does.
 
     Returns
     -------
     A : array ([b,] m, n)
     S : array ([b,] n, t)
         In the caller's array type, dtype and device; 2-D in, 2-D out.
+    n_iter : int
+        Only with ``return_n_iter=True``: the iterations run (every problem
+        of a batch runs the same number).
 
     Examples
     --------
@@ -102,10 +110,10 @@ def cd(
     >>> bool(np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 0.05)
     True
     """
-    A, S, _ = _solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, init=init,
-                     random_state=random_state, callback=callback,
-                     callback_every=callback_every, progress=progress)
-    return A, S
+    A, S, done = _solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, init=init,
+                        random_state=random_state, callback=callback,
+                        callback_every=callback_every, progress=progress)
+    return (A, S, done) if return_n_iter else (A, S)
 
 
 def _solve(

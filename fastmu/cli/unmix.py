@@ -184,7 +184,7 @@ def _working_dtype(X: np.ndarray, requested: str | None) -> np.dtype:
 
 def run(args: argparse.Namespace) -> int:
     from fastmu import metrics
-    from fastmu.solver import solve
+    import fastmu
 
     _check_options(args)
     out_path = _out_path(args.out)
@@ -219,10 +219,9 @@ def run(args: argparse.Namespace) -> int:
         mean = X.mean(axis=(-2, -1), keepdims=True, dtype=np.float64)
         scale = np.where(mean > 0, mean, 1.0).astype(dtype)
     t0 = time.perf_counter()
-    # solve is mu that also returns the iterations run (fewer than --iters when --tol stops early)
-    A, S, n_iter = solve(
+    A, S, n_iter = fastmu.mu(  # n_iter: fewer than --iters when --tol stops early
         X / scale if args.normalise else X, n, n_iter=args.iters, tol=args.tol, init=args.init,
-        random_state=args.seed, backend=args.backend, progress=not args.no_progress,
+        random_state=args.seed, backend=args.backend, progress=not args.no_progress, return_n_iter=True,
     )
     seconds = time.perf_counter() - t0
     A, S = np.asarray(A) * scale, np.asarray(S)
