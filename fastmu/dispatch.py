@@ -160,6 +160,7 @@ class CPUEngine:
         #: the :class:`~fastmu.cpu_threads.ThreadGovernor` of the run, or None (one region per run,
         #: one thread, or ``FASTMU_ADAPTIVE_THREADS=0``)
         self.governor = cpu_threads.governor_for(which)
+        self._slice = 1  # iterations per call of an ungoverned run (cpu_threads.run_in_slices)
 
     @property
     def kernel(self) -> str:
@@ -167,8 +168,10 @@ class CPUEngine:
         return "tiled" if self._tiled else "blocked"
 
     def run(self, n_iter: int) -> None:
-        if self.governor is None or n_iter == 0:
-            self._run(n_iter)
+        if n_iter == 0:
+            self._run(0)
+        elif self.governor is None:  # slices keep Ctrl-C working in a long run
+            self._slice = cpu_threads.run_in_slices(self._run, n_iter, self._slice)
         else:
             self.governor.run(self._run, n_iter)
 
@@ -225,6 +228,8 @@ class TorchEngine:
     native = "torch"
 
     def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float):
+        if X.device.type == "cpu":  # torch's OpenMP hangs where Numba's would be killed
+            fork_safety.check_cpu_kernels_usable()
         self.X, self.A, self.S, self.W, self.eps = X, A, S, W, float(eps)
 
     def run(self, n_iter: int) -> None:

@@ -9,8 +9,12 @@ process already using GNU OpenMP" and sends the process SIGTERM. A
 results. :func:`check_cpu_kernels_usable` turns that into a RuntimeError, which
 a pool hands back to the caller, before any parallel kernel runs.
 
-A process forked before fastmu's first CPU run, or whose parent ran Numba's
-``workqueue`` or ``tbb`` layer (``NUMBA_THREADING_LAYER``), is not affected.
+torch's CPU operations in such a process wait forever on the same OpenMP
+runtime, so fastmu's torch paths on the CPU (``backend="torch"``, CD in torch
+operations, the models with ``fused=False``, DNMF, SNMF-Net, the loss in
+torch operations) check too. A process forked before fastmu's first CPU run,
+or whose parent ran Numba's ``workqueue`` or ``tbb`` layer
+(``NUMBA_THREADING_LAYER``), is not affected.
 """
 from __future__ import annotations
 
@@ -50,9 +54,10 @@ def check_cpu_kernels_usable() -> None:
     """
     if _forked_after_omp:
         raise RuntimeError(
-            "fastmu's CPU kernels cannot run in a process forked from one that already ran "
-            "them: Numba's OpenMP threading layer is not fork-safe and would terminate this "
-            "process. Start worker processes with multiprocessing.get_context('spawn') or "
+            "fastmu cannot compute on the CPU in a process forked from one that already ran its "
+            "CPU kernels: Numba's OpenMP threading layer is not fork-safe (its kernels would "
+            "terminate this process, and torch's CPU operations wait forever on the same OpenMP "
+            "runtime). Start worker processes with multiprocessing.get_context('spawn') or "
             "'forkserver' (e.g. ProcessPoolExecutor(mp_context=...)), or choose a fork-safe "
             "threading layer before the parent's first run: NUMBA_THREADING_LAYER=workqueue, "
             "or 'tbb' with the tbb package installed")

@@ -180,6 +180,10 @@ def unrolled_loss(
     if S_true.dtype != A_true.dtype or S_true.device != A_true.device:
         raise TypeError(f"A_true and S_true must share dtype and device, got {A_true.dtype} on {A_true.device} "
                         f"and {S_true.dtype} on {S_true.device}")
+    if A_true.device.type == "cpu":  # Numba's kernels or torch's OpenMP, in a forked child
+        from fastmu import fork_safety
+
+        fork_safety.check_cpu_kernels_usable()
     # the fused kernels size their per-component sums from A_true: S_true must agree
     if A_true.shape[:-2] != S_true.shape[:-2] or A_true.shape[-1] != S_true.shape[-2]:
         raise ValueError(f"A_true (..., m, n) and S_true (..., n, t) must share the batch and n, got shapes "
@@ -281,7 +285,7 @@ class _CpuCosine:
     def session(self) -> contextlib.AbstractContextManager:
         from fastmu import fork_safety
 
-        fork_safety.check_cpu_kernels_usable()  # forward and backward both open a session
+        fork_safety.check_cpu_kernels_usable()  # the backward too (unrolled_loss checks the forward)
         return contextlib.nullcontext()
 
     def forward(self, E, T, cols, tnorm, tiny, scale, stats, j) -> None:

@@ -29,6 +29,7 @@ import io
 import math
 import numbers
 import operator
+import pickle
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,15 +169,21 @@ def _check_loadable(payload: dict[str, Any], what: str) -> None:
             torch.load(buf, weights_only=True)
         except Exception as exc:  # pickling errors vary: PicklingError, AttributeError, TypeError, ...
             raise ValueError(
-                f"{what} {key!r} holds a {type(value).__name__} that a checkpoint cannot store (it loads with "
-                f"torch.load(weights_only=True)): keep to numbers, strings, None, tensors, NumPy numbers and "
-                f"numeric arrays, and lists, tuples and dicts of them ({_summary(exc)})") from None
+                f"{what} {key!r} holds a value of type {type(value).__name__}, which a checkpoint cannot store "
+                f"(checkpoints load with torch.load(weights_only=True)): keep to numbers, strings, None, "
+                f"tensors, NumPy numbers and numeric arrays, and lists, tuples and dicts of them "
+                f"({type(exc).__name__})") from None
 
 
 def _summary(exc: BaseException) -> str:
-    """``Type: first line`` of an error, without terminal colour codes, at most 160 characters."""
+    """Why ``torch.load`` failed, in a few words: its own text where that is short and about the file
+    (a truncated archive), not its advice on ``weights_only=False``."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects beyond tensors and plain values, as a pickled model does"
+    if isinstance(exc, (KeyError, EOFError)):
+        return "not a torch file, or an empty one"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = text.splitlines()[0] if text else ""
+    first = (text.splitlines()[0] if text else "").split(". ")[0]  # the first sentence: the rest is advice
     return f"{type(exc).__name__}: {first[:160]}"
 
 
@@ -279,7 +286,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     except OSError:  # a directory, no permission: the file system's own errors are clearer
         raise
     except Exception as exc:  # text: KeyError; empty: EOFError; truncated: RuntimeError; pickled module: Unpickling
-        raise refuse(f"torch.load could not read it: {_summary(exc)}") from exc
+        raise refuse(f"torch.load could not read it: {_summary(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "fastmu-model-1":
         raise refuse("no 'format': 'fastmu-model-1' entry")
     if ckpt.get("kind") not in MODEL_KINDS:

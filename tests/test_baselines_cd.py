@@ -385,10 +385,11 @@ def test_cd_on_cpu_runs_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(cpu_cd, "cd_run", spy)
     X, A0, S0 = one_problem(seed=3)
     cd(X, A0=A0, S0=S0, n_iter=7)
-    assert calls == [7]
+    assert sum(calls) == 7 and len(calls) <= 3  # slices (cpu_threads.run_in_slices): 1, then the rest
     calls.clear()
     cd(X, A0=A0, S0=S0, n_iter=7, callback=lambda it, A, S: None, callback_every=3)
-    assert calls == [3, 3, 1]
+    # no call crosses a callback; each slice is at most 16 times the one before
+    assert calls[:2] == [1, 2] and sum(calls) == 7 and len(calls) <= 4
 
 
 def test_fused_path_calls_back_on_schedule_and_takes_tensors_that_require_grad():

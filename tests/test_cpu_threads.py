@@ -387,3 +387,50 @@ def test_learned_stack_governs_only_schedules_that_wait(monkeypatch):
     for t in range(8000, 8000 + 2 * F._MAX_UNROLL_GOVERNORS):  # many shapes: the cache stays bounded
         F._CpuLayers.governor(torch.zeros((1, 20, t)))
     assert len(F._UNROLL_GOVERNORS) == F._MAX_UNROLL_GOVERNORS
+
+
+def test_run_in_slices_runs_every_iteration_in_bounded_slices():
+    now = [0.0]
+    calls = []
+    compiled = []
+
+    def step(k):
+        calls.append(k)
+        now[0] += k * (0.001 if compiled else 0.5)  # a slow first slice (a compile), then 1 ms each
+        compiled.append(True)
+
+    nxt = cpu_threads.run_in_slices(step, 10_000, slice_s=0.25, clock=lambda: now[0])
+    assert sum(calls) == 10_000
+    assert calls[0] == 1
+    assert all(b <= 16 * a for a, b in zip(calls, calls[1:-1]))  # never more than 16-fold growth
+    assert 249 <= max(calls) <= 250 and 249 <= nxt <= 250  # then about 0.25 s per slice (float rounding)
+    calls.clear()  # the next run starts at the size learned: short runs stay one call each
+    assert 249 <= cpu_threads.run_in_slices(step, 10, nxt, slice_s=0.25, clock=lambda: now[0]) <= 250
+    assert calls == [10]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+def test_ctrl_c_stops_a_long_problem_major_run_quickly():
+    """One parallel region per run (a batch): without slices Ctrl-C would wait for the whole run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import numpy as np, fastmu; X = np.random.default_rng(0).random((8, 20, 512)); "
+            "fastmu.mu(X, 3, n_iter=5, random_state=0); print('go', flush=True); "
+            "fastmu.mu(X, 3, n_iter=10**8, random_state=0)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "go"
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+        waited = time.perf_counter() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "KeyboardInterrupt" in err
+    assert waited < 5.0

@@ -27,6 +27,10 @@ _SCRIPT = textwrap.dedent("""
         "nalmu": lambda: fastmu.NALMU(2, 12, 3)(torch.from_numpy(X).float()),
         "loss": lambda: fastmu.losses.unrolled_loss(
             [(torch.rand(2, 12, 3), torch.rand(2, 3, 256))], torch.rand(2, 12, 3), torch.rand(2, 3, 256)),
+        # torch's CPU operations hang on the OpenMP runtime Numba's threads hold: refused as well
+        "mu_torch": lambda: fastmu.mu(X, 3, n_iter=3, random_state=0, backend="torch"),
+        "nalmu_torch": lambda: fastmu.NALMU(2, 12, 3, fused=False)(torch.from_numpy(X).float()),
+        "dnmf": lambda: fastmu.baselines.DNMF(2, 12, 3, A_init=np.random.rand(12, 3))(torch.from_numpy(X).float()),
     }
     if sys.argv[1] == "run":
         calls["mu"]()
@@ -52,7 +56,7 @@ def _fork_child(parent: str, call: str, **env: str) -> tuple[int, str]:
     return r.returncode - 100, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("call", ["mu", "cd", "nmf", "nalmu", "loss"])
+@pytest.mark.parametrize("call", ["mu", "cd", "nmf", "nalmu", "loss", "mu_torch", "nalmu_torch", "dnmf"])
 def test_forked_child_gets_a_clear_error_under_openmp(call):
     code, out = _fork_child("run", call)
     if "layer omp" not in out:

@@ -194,6 +194,10 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     """
     import torch
 
+    from fastmu import fork_safety
+
+    if Xt.device.type == "cpu":  # the kernel, or torch's OpenMP, in a forked child
+        fork_safety.check_cpu_kernels_usable()
     if (update_S and order is None and Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
             and At.dtype == S.dtype == Xt.dtype and S.is_contiguous()):
         return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress)
@@ -290,6 +294,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     # Like MU's engine: schedules with a parallel region per iteration run on as many
     # threads as measures fastest (fastmu.cpu_threads); the bits do not change.
     governor = cpu_threads.governor_for(cpu_cd.schedule(b, m, Sn.shape[2], X.itemsize, nthreads))
+    slice_k = 1  # iterations per call of an ungoverned run (cpu_threads.run_in_slices)
     done = 0
     try:
         while done < n_iter:
@@ -298,8 +303,8 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
                 k = min(k, every - done % every)
             viol = np.zeros((k, b))
             filled = 0
-            if governor is None:
-                advance(k)
+            if governor is None:  # slices keep Ctrl-C working in a long run
+                slice_k = cpu_threads.run_in_slices(advance, k, slice_k)
             else:
                 governor.run(advance, k)
             done += k

@@ -177,6 +177,10 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor, check_values: bool 
         X = X.unsqueeze(0)
     if X.dim() != 3:
         raise ValueError(f"X must be (m, t) or (b, m, t), got shape {tuple(X.shape)}")
+    if X.device.type == "cpu":  # Numba's kernels or torch's OpenMP, in a forked child
+        from fastmu import fork_safety
+
+        fork_safety.check_cpu_kernels_usable()
     if X.shape[1] != m:
         raise ValueError(f"X has {X.shape[1]} channels but the model was built for m={m}")
     if not X.is_floating_point():  # convert X, not the model: its parameters must stay floating point
