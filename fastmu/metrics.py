@@ -181,7 +181,9 @@ def component_cosines(est: Any, true: Any, axis: int) -> np.ndarray:
     -------
     ndarray, shape (…, n), float64
     """
-    _same_shape(_np(est), _np(true))
+    est, true = _np(est), _np(true)
+    _same_shape(est, true)
+    _finite(est=est, true=true)  # a NaN component would score a plausible-looking cosine of 0
     C = cosine_matrix(est, true, axis=axis)
     return np.diagonal(C, axis1=-2, axis2=-1)
 

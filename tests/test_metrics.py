@@ -152,3 +152,12 @@ def test_zero_true_component_gives_finite_scores():
     with np.errstate(all="raise"):
         s = metrics.evaluate(A, S, A_true, S)
     assert np.isfinite(s.rmse_S) and np.isfinite(s.rmse_A)
+
+
+@pytest.mark.parametrize("score", [metrics.mean_cosine, metrics.spectral_angle_deg])
+def test_scores_refuse_nan_components(score):
+    A = np.random.default_rng(0).random((5, 3))
+    B = A.copy()
+    B[0, 0] = np.nan
+    with pytest.raises(ValueError, match="est contains NaN"):
+        score(B, A)

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "its MLPs with the front frozen (--epochs each). The checkpoint loads with "
             "fastmu.training.load_model and records the settings it was trained with; `fastmu paper "
             "--models DIR` loads DIR/<kind>.pt or DIR/fastmu-<kind>.pt (this command's default name) when "
-            "those settings match the paper run's."
+            "its kind, m, n and depth match the paper run's, and says so where it was trained with other "
+            "settings."
         ),
     )
     p.add_argument("kind", choices=KINDS)
