@@ -385,19 +385,6 @@ def _checkpoint_path(mdir: Path, kind: str) -> Path | None:
     return None
 
 
-def _read_checkpoint(path: Path, cfg: ExperimentConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """load_model, with any failure to read the file as a one-line ValueError."""
-    from fastmu.training import load_model
-
-    try:
-        return load_model(path, device=cfg.device, dtype=cfg.torch_dtype)
-    except (MemoryError, ValueError):  # load_model's ValueError says what is wrong with the file
-        raise
-    except Exception as exc:  # torch's unpickler raises KeyError, UnpicklingError, EOFError, RuntimeError, ...
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path} is not a readable fastmu checkpoint ({type(exc).__name__}: {first})") from None
-
-
 @dataclass
 class _ModelPlan:
     """What :func:`run_paper` does for one learned kind: load ``model`` or train one (``reason`` says why)."""
@@ -419,12 +406,15 @@ def _plan_model(kind: str, cfg: ExperimentConfig, sets: dict, mdir: Path | None,
     checkpoints are never overwritten; one that cannot be read, or whose kind, m, n or depth differ,
     is refused; one trained with other (or unrecorded) settings is used, and the results say so.
     """
+    from fastmu.training import load_model
+
     want = training_settings(kind, cfg, sets["train"])
     path = _checkpoint_path(mdir, kind) if mdir is not None else None
     if path is None:
         return _ModelPlan(kind, want, mdir / f"{kind}.pt" if mdir is not None else None)
     try:
-        model, extra = _read_checkpoint(path, cfg)
+        # load_model raises ValueError, saying why, for a file that is not a fastmu checkpoint
+        model, extra = load_model(path, device=cfg.device, dtype=cfg.torch_dtype)
         arch = _architecture(model)
     except ValueError as exc:
         if own_dir:

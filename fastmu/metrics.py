@@ -231,8 +231,11 @@ def spectral_angle_deg(est: Any, true: Any, axis: int = -2) -> np.ndarray:
     -------
     ndarray, shape (…), float64
     """
-    c = np.clip(component_cosines(est, true, axis), -1.0, 1.0)
-    return np.degrees(np.arccos(c)).mean(axis=-1)
+    return _mean_angle_deg(component_cosines(est, true, axis))
+
+
+def _mean_angle_deg(cosines: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).mean(axis=-1)
 
 
 def rmse(est: Any, true: Any) -> np.ndarray:
@@ -374,11 +377,14 @@ def evaluate(A_est: Any, S_est: Any, A_true: Any, S_true: Any, match: bool = Tru
     c = np.divide(nt, na, out=np.ones_like(na), where=(na > 0) & (nt > 0))
     A_s = A_m * c[..., None, :]
     S_s = S_m / c[..., :, None]
+    # each factor's cosines once, for both its mean cosine and its mean angle
+    cA = component_cosines(A_m, A_true, axis=-2)
+    cS = component_cosines(S_m, S_true, axis=-1)
     return Scores(
-        cos_A=mean_cosine(A_m, A_true, axis=-2),
-        cos_S=mean_cosine(S_m, S_true, axis=-1),
-        angle_A_deg=spectral_angle_deg(A_m, A_true, axis=-2),
-        angle_S_deg=spectral_angle_deg(S_m, S_true, axis=-1),
+        cos_A=cA.mean(axis=-1),
+        cos_S=cS.mean(axis=-1),
+        angle_A_deg=_mean_angle_deg(cA),
+        angle_S_deg=_mean_angle_deg(cS),
         rmse_A=rmse(A_s, A_true),
         rmse_S=rmse(S_s, S_true),
         nmse_A_db=nmse_db(A_s, A_true),

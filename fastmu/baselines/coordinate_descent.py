@@ -260,11 +260,9 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     import numba
     import torch
 
-    from fastmu import cpu_threads, fork_safety
+    from fastmu import cpu_threads
     from fastmu.dispatch import blocked_kernel_x
     from fastmu.kernels import cpu_cd
-
-    fork_safety.check_cpu_kernels_usable()
 
     X = blocked_kernel_x(np.ascontiguousarray(Xt.detach().numpy()), numba.config.NUMBA_NUM_THREADS)
     A = np.ascontiguousarray(At.detach().mT.numpy())  # the kernel's layout, (b, m, n)
