@@ -27,6 +27,7 @@ import numpy as np
 
 from fastmu import EPS
 from fastmu.interop import ArrayKind, array_kind
+from fastmu.solver import SVD_INITS
 from fastmu.validation import (
     _module,
     as_numpy_input,
@@ -88,7 +89,7 @@ except ImportError:  # pragma: no cover - exercised in a scikit-learn-free envir
             raise NotFittedError(f"This {type(estimator).__name__} instance is not fitted yet; call 'fit' first.")
 
 
-_INITS = (None, "random", "nndsvda", "constant", "custom")
+_INITS = (None, "random", "nndsvd", "nndsvda", "nndsvdar", "constant", "custom")
 _SOLVERS = ("mu", "cd")
 
 
@@ -108,11 +109,21 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     n_components : int, "auto" or None, default None
         Rank. None: ``n_features``. "auto": taken from ``W``/``H`` with
         ``init="custom"``, else ``n_features``.
-    init : {None, "random", "nndsvda", "constant", "custom"}, default None
+    init : {None, "random", "nndsvd", "nndsvda", "nndsvdar", "constant", "custom"}, default None
         Start. None: ``"nndsvda"`` when ``n_components <= min(n_samples,
         n_features)``, else ``"random"`` (scikit-learn's rule). ``"random"``
         draws scikit-learn's start (the same numbers for the same integer
-        seed); ``"custom"`` takes ``W`` and ``H`` passed to ``fit``.
+        seed); ``"custom"`` takes ``W`` and ``H`` passed to ``fit``. The
+        NNDSVD starts are scikit-learn's from an exact SVD (scikit-learn's
+        is randomized, so they agree to its accuracy), and need
+        ``n_components <= min(n_samples, n_features)``. ``"nndsvd"`` keeps
+        NNDSVD's zeros, which ``solver="mu"`` never updates (a
+        ``UserWarning``, as scikit-learn's); ``"nndsvdar"`` fills them with
+        small random values, the same as scikit-learn's for an integer
+        seed (a ``RandomState`` instance gives other, equally valid,
+        values: scikit-learn's randomized SVD draws from it first).
+        ``"constant"`` (fastmu's) fills W and H with
+        ``sqrt(mean(X) / n_components)``.
     solver : {"mu", "cd"}, default "mu"
         ``"mu"``: multiplicative updates. ``"cd"``: cyclic coordinate descent
         (scikit-learn's update, without regularisation); each iteration
@@ -137,7 +148,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``solver="cd"`` only: visit the components in a random order, a new
         permutation for every sweep, drawn as scikit-learn draws them (from
         ``random_state``: the same orders for the same integer seed). With a
-        ``RandomState`` instance and an NNDSVDa start this is refused:
+        ``RandomState`` instance and an NNDSVD start this is refused:
         scikit-learn's randomized SVD draws from the instance before the
         permutations, fastmu's exact SVD does not, so the orders would differ.
     backend : {"auto", "cpu", "cuda", "torch"}, default "auto"
@@ -248,9 +259,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         init = self.init
         if init is None:
             init = "nndsvda" if n <= min(n_samples, n_features) else "random"
-        elif init == "nndsvda" and n > min(n_samples, n_features):  # scikit-learn refuses it too
-            raise ValueError(f"init='nndsvda' can only be used when n_components <= min(n_samples, "
+        elif init in SVD_INITS and n > min(n_samples, n_features):  # scikit-learn refuses it too
+            raise ValueError(f"init={init!r} can only be used when n_components <= min(n_samples, "
                              f"n_features) = {min(n_samples, n_features)}, got n_components={n}")
+        if init == "nndsvd" and self.solver == "mu":
+            warnings.warn("The multiplicative update ('mu') solver cannot update zeros present in the "
+                          "initialization, and so leads to poorer results when used jointly with init='nndsvd'. "
+                          "You may try init='nndsvda' or init='nndsvdar' instead.", UserWarning,
+                          stacklevel=caller_stacklevel())
         if init == "custom":
             if W is None or H is None:
                 raise ValueError("init='custom' needs both W and H passed to fit / fit_transform")
@@ -290,8 +306,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         order = None
         if self.shuffle:
-            if isinstance(self.random_state, np.random.RandomState) and init == "nndsvda" and W0 is None:
-                raise ValueError("shuffle=True with a RandomState instance and an NNDSVDa start cannot follow "
+            if isinstance(self.random_state, np.random.RandomState) and init in SVD_INITS and W0 is None:
+                raise ValueError("shuffle=True with a RandomState instance and an NNDSVD start cannot follow "
                                  "scikit-learn: its randomized SVD draws from the instance before the component "
                                  "orders (fastmu's exact SVD does not); pass an integer random_state or another "
                                  "init")
@@ -319,9 +335,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         eps = check_eps(self.eps)
         if W0 is None:  # scikit-learn's start for X itself, as the direct path draws it
             kind = array_kind(X)
-            # only NNDSVDa needs X on the host (its SVD); the others need its mean
+            # only the NNDSVD starts need X on the host (its SVD); the others need its mean
             A_h, S_h = initial_factors(_per_problem_means(X[None], kind), X.shape[0], X.shape[1], n, init,
-                                       self.random_state, X=_host(X[None], kind) if init == "nndsvda" else None)
+                                       self.random_state, X=_host(X[None], kind) if init in SVD_INITS else None)
             W0 = numpy_to_kind(np.ascontiguousarray(A_h[0], dtype=_np_dtype(X)), array_kind(X), X)
             H0 = numpy_to_kind(np.ascontiguousarray(S_h[0], dtype=_np_dtype(X)), array_kind(X), X)
         else:

@@ -23,7 +23,11 @@ from fastmu.validation import (
     warn_if_eps_dominates,
 )
 
-INITS = ("random", "constant", "nndsvda")
+INITS = ("random", "constant", "nndsvd", "nndsvda", "nndsvdar")
+#: the starts computed from X's leading singular vectors (the others need only X's mean)
+SVD_INITS = ("nndsvd", "nndsvda", "nndsvdar")
+#: NNDSVD entries below this become 0 before any fill, as in scikit-learn's ``_initialize_nmf``
+NNDSVD_ZERO = 1e-6
 
 Callback = Callable[[int, Any, Any], Any]
 
@@ -72,12 +76,17 @@ def mu(
         ``None`` runs exactly ``n_iter`` iterations.
     eps : float, default :data:`fastmu.EPS` (1e-12)
         Added to every denominator; the same on every backend.
-    init : {"random", "constant", "nndsvda"}
+    init : {"random", "constant", "nndsvd", "nndsvda", "nndsvdar"}
         Start when ``A0``/``S0`` are not given: ``"random"`` is scikit-learn's
         (``|N(0,1)|·sqrt(mean(X)/n)``, S drawn before A; identical to
         scikit-learn for one problem and an integer seed), ``"constant"``
-        fills both with ``sqrt(mean(X)/n)`` (the learned models' start),
-        ``"nndsvda"`` is the NNDSVD start with zeros filled by the mean.
+        fills both with ``sqrt(mean(X)/n)`` (the learned models' start).
+        The NNDSVD starts (Boutsidis & Gallopoulos, 2008; scikit-learn's,
+        from an exact SVD where scikit-learn's is randomized) set entries
+        below 1e-6 to 0; ``"nndsvd"`` keeps those zeros, which multiplicative
+        updates never change (so it needs ``n_components <= min(m, t)``),
+        ``"nndsvda"`` fills them with X's mean and ``"nndsvdar"`` with
+        ``|N(0,1)|·mean(X)/100`` drawn from ``random_state``.
     random_state : int, RandomState, Generator or None
         Seed of the random start (an integer draws scikit-learn's start). The start is drawn on the host, so one
         seed gives the same start on every backend.
@@ -324,7 +333,7 @@ def _initial_factors(
     n = check_positive_int(n_components, "n_components")
     if means is None:
         means = _per_problem_means(Xc, kind)
-    A_h, S_h = initial_factors(means, m, t, n, init, random_state, X=_host(Xc, kind) if init == "nndsvda" else None)
+    A_h, S_h = initial_factors(means, m, t, n, init, random_state, X=_host(Xc, kind) if init in SVD_INITS else None)
     return engine_cls.adopt(A_h.astype(dtype), Xn), engine_cls.adopt(S_h.astype(dtype), Xn)
 
 
@@ -416,14 +425,25 @@ def initial_factors(
             S[p] = np.abs(avg[p] * rng.standard_normal(size=(n, t)))
             A[p] = np.abs(avg[p] * rng.standard_normal(size=(m, n)))
         return A, S
-    if init == "nndsvda":
+    if init in SVD_INITS:
         assert X is not None
+        if init == "nndsvd" and n > min(m, t):
+            raise ValueError(f"init='nndsvd' needs n_components <= min(m, t) = {min(m, t)}, got {n}: the "
+                             "components past X's rank would start, and under multiplicative updates stay, "
+                             "all zero; use init='nndsvda' or 'nndsvdar'")
+        rng = check_random_state(random_state) if init == "nndsvdar" else None
         A = np.empty((b, m, n))
         S = np.empty((b, n, t))
         for p in range(b):
             A[p], S[p] = _nndsvd(X[p], n)
-            A[p][A[p] == 0] = means[p]
-            S[p][S[p] == 0] = means[p]
+            for F in (A[p], S[p]):  # A's zeros first, then S's: scikit-learn's order of draws
+                zero = F < NNDSVD_ZERO
+                if init == "nndsvda":
+                    F[zero] = means[p]
+                elif init == "nndsvdar":
+                    F[zero] = np.abs(means[p] * rng.standard_normal(size=int(zero.sum())) / 100)
+                else:
+                    F[zero] = 0.0
         return A, S
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
@@ -442,7 +462,7 @@ def _nndsvd(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         yp, yn = np.maximum(y, 0), np.maximum(-y, 0)
         npos = np.linalg.norm(xp) * np.linalg.norm(yp)
         nneg = np.linalg.norm(xn) * np.linalg.norm(yn)
-        if npos >= nneg:
+        if npos > nneg:  # a tie takes the negative parts, as scikit-learn does
             u, v, s = xp / (np.linalg.norm(xp) or 1), yp / (np.linalg.norm(yp) or 1), npos
         else:
             u, v, s = xn / (np.linalg.norm(xn) or 1), yn / (np.linalg.norm(yn) or 1), nneg

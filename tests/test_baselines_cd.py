@@ -89,7 +89,7 @@ def test_random_start_is_scikit_learns(dtype):
     close(S, H, dtype)
 
 
-@pytest.mark.parametrize("init", ["random", "constant", "nndsvda"])
+@pytest.mark.parametrize("init", ["random", "constant", "nndsvd", "nndsvda", "nndsvdar"])
 def test_starts_are_fastmu_mus(init):
     X, _, _ = low_rank_problem(np.random.default_rng(3), 2, 12, 3, 40)
     A, S = cd(X, 3, n_iter=0, init=init, random_state=5)
@@ -243,7 +243,7 @@ def test_bad_input_is_refused():
     with pytest.raises(TypeError, match="tol must be a real number"):
         cd(X, 2, tol="small")
     with pytest.raises(ValueError, match="init must be one of"):
-        cd(X, 2, init="nndsvd")
+        cd(X, 2, init="svd")
     with pytest.raises(ValueError, match="callback_every must be >= 1"):
         cd(X, 2, callback_every=0)
     with pytest.raises(TypeError, match="callback must be callable"):

@@ -53,6 +53,25 @@ def test_unmix_truth_that_does_not_fit_is_refused_before_the_run(tmp_path, capsy
     assert not (tmp_path / "r.npz").exists()
 
 
+def test_unmix_nndsvd_starts(tmp_path):
+    """--init takes every NNDSVD start; nndsvdar's fill follows --seed, nndsvd's zeros stay zero."""
+    import fastmu
+
+    X = np.random.default_rng(0).random((8, 60))
+    np.save(tmp_path / "X.npy", X)
+    res = {}
+    for init, seed in (("nndsvd", 0), ("nndsvda", 0), ("nndsvdar", 0), ("nndsvdar", 1)):
+        out = tmp_path / f"{init}{seed}.npz"
+        assert main(["unmix", str(tmp_path / "X.npy"), "-n", "3", "--iters", "20", "--init", init, "--seed",
+                     str(seed), "--dtype", "float64", "--out", str(out), "--no-progress"]) == 0
+        res[init, seed] = np.load(out)
+        A, S = fastmu.mu(X, 3, n_iter=20, init=init, random_state=seed)
+        np.testing.assert_array_equal(res[init, seed]["A"], A)
+        np.testing.assert_array_equal(res[init, seed]["S"], S)
+    assert (res["nndsvd", 0]["A"] == 0).any() and (res["nndsvda", 0]["A"] > 0).all()
+    assert not np.array_equal(res["nndsvdar", 0]["A"], res["nndsvdar", 1]["A"])
+
+
 def test_unmix_cube_truth_may_be_maps(tmp_path):
     rng = np.random.default_rng(2)
     A, maps = rng.random((10, 2)), rng.random((2, 6, 7))

@@ -206,6 +206,63 @@ def test_constant_init_keeps_columns_identical(rng):
     np.testing.assert_allclose(A, A[:, :1].repeat(3, axis=1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "nndsvdar"])
+@pytest.mark.parametrize("shape", [(12, 50), (50, 12)])
+def test_nndsvd_starts_are_scikit_learns(init, shape):
+    """scikit-learn's NNDSVD starts from a randomized SVD, fastmu's from an exact one: on a
+    matrix whose leading singular values stand apart they agree to the SVDs' accuracy, with the
+    same zeros, and nndsvdar's fill draws the same numbers for the same integer seed."""
+    sk_nmf = pytest.importorskip("sklearn.decomposition._nmf")
+    from fastmu.solver import initial_factors
+
+    X, _, _ = low_rank_problem(np.random.default_rng(4), 1, *shape[:1], 3, shape[1])
+    W, H = sk_nmf._initialize_nmf(X[0], 3, init=init, random_state=7)
+    A, S = initial_factors(X.mean(axis=(1, 2)), *shape, 3, init, 7, X=X)
+    assert A.shape == (1, shape[0], 3) and S.shape == (1, 3, shape[1])
+    np.testing.assert_array_equal(A[0] == 0, W == 0)
+    np.testing.assert_array_equal(S[0] == 0, H == 0)
+    np.testing.assert_allclose(A[0], W, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(S[0], H, rtol=1e-6, atol=1e-9)
+    if init == "nndsvd":
+        assert (W == 0).any()  # the case the others fill
+    else:
+        assert (A > 0).all() and (S > 0).all()
+
+
+def test_nndsvdar_batch_draws_one_stream_in_problem_order(rng):
+    """A batch's nndsvdar fills come from one seeded stream, problem after problem (A's zeros,
+    then S's): problem 0 starts as it would alone, and a seed repeats the batch's start."""
+    X, _, _ = low_rank_problem(rng, 3, 10, 3, 40)
+    A, S = fastmu.mu(X, 3, n_iter=0, init="nndsvdar", random_state=2)
+    A1, S1 = fastmu.mu(X[0], 3, n_iter=0, init="nndsvdar", random_state=2)
+    np.testing.assert_array_equal(A[0], A1)
+    np.testing.assert_array_equal(S[0], S1)
+    A2, S2 = fastmu.mu(X, 3, n_iter=0, init="nndsvdar", random_state=2)
+    np.testing.assert_array_equal(A, A2)
+    np.testing.assert_array_equal(S, S2)
+    A3, _ = fastmu.mu(X, 3, n_iter=0, init="nndsvdar", random_state=3)
+    assert not np.array_equal(A, A3)
+    Ad, Sd = fastmu.mu(X, 3, n_iter=0, init="nndsvd")
+    zero = Ad == 0
+    assert zero.any() and (A[zero] > 0).all() and (A[zero] < X.mean() / 10).all()
+    np.testing.assert_array_equal(A[~zero], Ad[~zero])
+
+
+def test_nndsvd_zeros_stay_zero_under_mu_and_its_rank_is_bounded(rng):
+    X, _, _ = low_rank_problem(rng, 2, 10, 3, 40)
+    A0, S0 = fastmu.mu(X, 3, n_iter=0, init="nndsvd")
+    A, S = fastmu.mu(X, 3, n_iter=30, init="nndsvd")
+    assert (A0 == 0).any()
+    np.testing.assert_array_equal(A == 0, A0 == 0)
+    np.testing.assert_array_equal(S == 0, S0 == 0)
+    assert np.isfinite(A).all() and np.isfinite(S).all()
+    with pytest.raises(ValueError, match=r"init='nndsvd' needs n_components <= min\(m, t\) = 10, got 11"):
+        fastmu.mu(X, 11, init="nndsvd")
+    for init in ("nndsvda", "nndsvdar"):  # filled: every component starts non-zero
+        A, S = fastmu.mu(X, 11, n_iter=0, init=init, random_state=0)
+        assert (A > 0).all() and (S > 0).all()
+
+
 @pytest.mark.parametrize("init", ["random", "nndsvda"])
 def test_inits_converge(rng, init):
     X, _, _ = low_rank_problem(rng, 1, 15, 3, 120)

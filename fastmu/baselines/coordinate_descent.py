@@ -70,9 +70,10 @@ def cd(
         of the batch has converged at some iteration (so a batch runs as long
         as its slowest problem would alone). ``None`` runs exactly
         ``n_iter`` iterations.
-    init : {"random", "constant", "nndsvda"}
+    init : {"random", "constant", "nndsvd", "nndsvda", "nndsvdar"}
         Start when ``A0``/``S0`` are not given; the starts of
-        :func:`fastmu.mu`. ``"random"`` is scikit-learn's: identical to
+        :func:`fastmu.mu` (coordinate descent does update ``"nndsvd"``'s
+        zeros). ``"random"`` is scikit-learn's: identical to
         ``NMF(init="random", random_state=seed)`` for one problem and an
         integer seed.
     random_state : int, RandomState, Generator or None

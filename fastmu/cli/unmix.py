@@ -47,9 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop early once, for every problem, the objective ½‖X − AS‖² fell by less than TOL "
                         "times its initial value over the last 10 iterations (checked every 10; "
                         "default: run all --iters)")
-    p.add_argument("--init", choices=("random", "nndsvda"), default="random",
+    p.add_argument("--init", choices=("random", "nndsvda", "nndsvdar", "nndsvd"), default="random",
                    help="the start: random = scikit-learn's random start, seeded by --seed (default); "
-                        "nndsvda = NNDSVD, zeros filled with the mean")
+                        "nndsvda = NNDSVD, zeros filled with the mean; nndsvdar = NNDSVD, zeros filled with "
+                        "small random values (seeded by --seed); nndsvd = NNDSVD as is (MU never updates its "
+                        "zeros)")
     p.add_argument("--seed", type=_checks.seed, default=0,
                    help="seed of the random start (and the demo scene), 0 … 2**32-1 (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
