@@ -142,6 +142,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     random_state : int, RandomState or None
         Seed of the random start, and with ``shuffle=True`` of the order of
         the components (scikit-learn's use of it, both).
+    alpha_W, alpha_H, l1_ratio : default 0.0, "same", 0.0
+        scikit-learn's regularisation, accepted for drop-in use at its
+        defaults (no regularisation, which is all fastmu implements):
+        ``alpha_W`` or ``alpha_H`` above 0 raise a ``ValueError``.
+        ``l1_ratio`` (in [0, 1]) then has no effect, as in scikit-learn.
     verbose : int, default 0
         Above 0: a progress bar over the iterations.
     shuffle : bool, default False
@@ -201,6 +206,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tol: float = 1e-4,
         max_iter: int = 200,
         random_state: Any = None,
+        alpha_W: float = 0.0,
+        alpha_H: float | str = "same",
+        l1_ratio: float = 0.0,
         verbose: int = 0,
         shuffle: bool = False,
         backend: str = "auto",
@@ -213,6 +221,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.random_state = random_state
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
         self.verbose = verbose
         self.shuffle = shuffle
         self.backend = backend
@@ -411,6 +422,22 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return _cast_like(W, self.components_) @ self.components_
 
     # -- checks ----------------------------------------------------------------
+    def _check_regularisation(self) -> None:
+        """scikit-learn's alpha_W, alpha_H, l1_ratio: valid values, and no regularisation."""
+        def real(value: Any, name: str, high: float = math.inf, also: str = "") -> float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= high:
+                bound = "a number >= 0" if high == math.inf else f"a number in [0, {high:g}]"
+                raise ValueError(f"{name} must be {bound}{also}, got {value!r}")
+            return float(value)
+
+        alpha_W = real(self.alpha_W, "alpha_W")
+        same = isinstance(self.alpha_H, str) and self.alpha_H == "same"
+        alpha_H = alpha_W if same else real(self.alpha_H, "alpha_H", also=" or 'same'")
+        real(self.l1_ratio, "l1_ratio", 1.0)
+        if alpha_W > 0 or alpha_H > 0:
+            raise ValueError(f"fastmu does not implement regularisation: alpha_W and alpha_H must be 0 (got "
+                             f"alpha_W={self.alpha_W!r}, alpha_H={self.alpha_H!r}); scikit-learn's NMF does")
+
     def _check_params(self) -> None:
         if not isinstance(self.solver, str) or self.solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got solver={self.solver!r}")
@@ -419,6 +446,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"fastmu implements beta_loss='frobenius' only, got {self.beta_loss!r}")
         if self.init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
+        self._check_regularisation()
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not math.isfinite(self.tol)

@@ -521,6 +521,36 @@ def test_torch_x_requiring_grad_gives_detached_results():
             assert not model.transform(X).requires_grad
 
 
+def test_regularisation_parameters_accepted_at_scikit_learns_defaults_only():
+    """alpha_W, alpha_H, l1_ratio are in the signature (clone, get_params, grid searches over
+    scikit-learn's names), work at their defaults, and refuse what fastmu does not implement."""
+    X = _data(20, 30)
+    params = NMF().get_params()
+    assert {k: params[k] for k in ("alpha_W", "alpha_H", "l1_ratio")} == {
+        k: SkNMF().get_params()[k] for k in ("alpha_W", "alpha_H", "l1_ratio")}
+    kw = dict(n_components=3, init="random", random_state=0, max_iter=30, tol=0)
+    ref = NMF(**kw).fit(X).components_
+    for ok in (dict(alpha_W=0.0, alpha_H="same", l1_ratio=0.0), dict(alpha_W=0, alpha_H=0.0, l1_ratio=0.7)):
+        for solver in ("mu", "cd"):
+            model = clone(NMF(solver=solver, **kw, **ok)).fit(X)
+            if solver == "mu":
+                np.testing.assert_array_equal(model.components_, ref)
+    for bad, msg in ((dict(alpha_W=0.1), "does not implement regularisation"),
+                     (dict(alpha_H=1e-3), "does not implement regularisation"),
+                     (dict(alpha_W=-1.0), "alpha_W must be a number >= 0, got -1.0"),
+                     (dict(alpha_W=float("nan")), "alpha_W must be a number >= 0"),
+                     (dict(alpha_W=True), "alpha_W must be a number >= 0"),
+                     (dict(alpha_H="both"), "alpha_H must be a number >= 0 or 'same', got 'both'"),
+                     (dict(l1_ratio=1.5), r"l1_ratio must be a number in \[0, 1\], got 1.5")):
+        for solver in ("mu", "cd"):
+            with pytest.raises(ValueError, match=msg):
+                NMF(solver=solver, **kw, **bad).fit(X)
+        # scikit-learn refuses these too (it implements regularisation, and reads True as 1.0)
+        if "regularisation" not in msg and bad != dict(alpha_W=True):
+            with pytest.raises(ValueError):
+                SkNMF(**kw, **bad).fit(X)
+
+
 def test_backend_is_checked_for_every_solver():
     X = np.random.default_rng(0).random((30, 8))
     for solver in ("mu", "cd"):
