@@ -343,7 +343,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         from fastmu.interop import numpy_to_kind
         from fastmu.solver import _host, _per_problem_means, initial_factors, solve
 
-        eps = check_eps(self.eps)
+        eps = check_eps(self.eps, _np_dtype(X))
         if W0 is None:  # scikit-learn's start for X itself, as the direct path draws it
             kind = array_kind(X)
             # only the NNDSVD starts need X on the host (its SVD); the others need its mean

@@ -180,6 +180,7 @@ def solve(
         raise TypeError("callback must be callable")
 
     kind, Xc, dtype, squeeze = _check_X(X)
+    check_eps(eps, dtype)
     b, m, t = Xc.shape
     engine_cls = get_engine(_resolve_backend(backend, X, kind))
 

@@ -213,7 +213,10 @@ def check_random_state(seed: Any) -> np.random.RandomState | np.random.Generator
     )
 
 
-def check_eps(eps: Any) -> float:
+def check_eps(eps: Any, dtype: Any = None) -> float:
+    """``eps`` as a float: finite, > 0 and, given the working ``dtype``, at least its smallest
+    normal number (the CPU kernels read subnormals as 0, :mod:`fastmu.kernels.fpenv`, and an eps
+    that is 0 in the working precision gives 0/0 at zero entries)."""
     try:
         if isinstance(eps, (str, bytes, bool)):  # as check_tol: a number, not text that parses as one
             raise TypeError
@@ -222,6 +225,12 @@ def check_eps(eps: Any) -> float:
         raise TypeError(f"eps must be a real number, got {eps!r}") from exc
     if not np.isfinite(e) or e <= 0:
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        tiny = float(np.finfo(name).tiny)
+        if e < tiny:
+            raise ValueError(f"eps={eps!r} is below the smallest normal {name} number ({tiny:.4g}), which the "
+                             f"kernels read as 0; pass eps >= {tiny:.4g}")
     return e
 
 

@@ -263,6 +263,22 @@ def test_nndsvd_zeros_stay_zero_under_mu_and_its_rank_is_bounded(rng):
         assert (A > 0).all() and (S > 0).all()
 
 
+def test_eps_below_the_dtypes_smallest_normal_number_is_refused():
+    """The CPU kernels read subnormals as 0 (flush-to-zero), so such an eps would give 0/0 at zero
+    entries: refused up front, naming the bound; the same eps is fine in float64."""
+    X = np.random.default_rng(0).random((6, 40))
+    X[:, 3] = 0.0
+    for backend in ("cpu", "torch"):
+        with pytest.raises(ValueError, match=r"eps=1e-40 is below the smallest normal float32 number \(1.175e-38\)"):
+            fastmu.mu(X.astype(np.float32), 2, n_iter=5, eps=1e-40, backend=backend)
+        A, S = fastmu.mu(X, 2, n_iter=5, eps=1e-40, backend=backend, random_state=0)
+        assert np.isfinite(A).all() and np.isfinite(S).all()
+    with pytest.raises(ValueError, match="below the smallest normal float32"):
+        fastmu.NMF(2, eps=1e-40).fit(X.T.astype(np.float32))  # tall: W's first update before the solver
+    with pytest.raises(ValueError, match="below the smallest normal float32"):
+        fastmu.NMF(2, eps=1e-40).fit(X.astype(np.float32))
+
+
 @pytest.mark.parametrize("init", ["random", "nndsvda"])
 def test_inits_converge(rng, init):
     X, _, _ = low_rank_problem(rng, 1, 15, 3, 120)
