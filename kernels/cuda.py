@@ -116,6 +116,10 @@ _GRAPH_LEN = 120
 
 _MODES = ("auto", "block", "grid", "flat")
 
+#: most blocks a launch grid may have along y (CUDA's limit; along x it is 2³¹ − 1): the
+#: problems of grid-mode launches, so larger batches run in flat mode (1-D grid)
+_MAX_GRID_Y = 65535
+
 
 def _env_int(name: str, default: int | None) -> int | None:
     raw = os.environ.get(name)
@@ -1024,8 +1028,9 @@ def _build(
         for it in range(0 if pg_valid else -1, n_iter):
             if it >= 0:
                 a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+            # the P/G pass (it = -1) always accumulates: with n_iter = 0 its P, G are the result
             sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, 0, 1, t, m, t, eps, it >= 0,
-                     acc_last or it < n_iter - 1, tid)
+                     acc_last or it < n_iter - 1 or it < 0, tid)
         for q in range(tid, m * n, tpb):
             A[p, q // n, q % n] = Ash[q]
         if acc_last or n_iter == 0:
@@ -1192,28 +1197,31 @@ def _build(
 
     @cuda.jit
     def sumsq(X, out):
-        """``out[p] += Σ X[p]²`` in float64, ``gridDim.x`` blocks per problem ``blockIdx.y``."""
-        p = cuda.blockIdx.y
+        """``out[p] += Σ X[p]²`` in float64, ``gridDim.x`` blocks per problem; problems
+        ``blockIdx.y, blockIdx.y + gridDim.y, ...`` (the grid's y extent is capped)."""
         tid = cuda.threadIdx.x
+        b = X.shape[0]
         m = X.shape[1]
         t = X.shape[2]
         red = cuda.shared.array(tpb, numba.float64)
-        acc = 0.0
         start = cuda.blockIdx.x * tpb + tid
         stride = cuda.gridDim.x * tpb
-        for q in range(start, m * t, stride):
-            x = numba.float64(X[p, q // t, q % t])
-            acc += x * x
-        red[tid] = acc
-        cuda.syncthreads()
-        half = tpb // 2
-        while half > 0:  # tree reduction in shared memory (no warp shuffles: simulator-safe)
-            if tid < half:
-                red[tid] += red[tid + half]
+        for p in range(cuda.blockIdx.y, b, cuda.gridDim.y):  # uniform over the block
+            acc = 0.0
+            for q in range(start, m * t, stride):
+                x = numba.float64(X[p, q // t, q % t])
+                acc += x * x
+            red[tid] = acc
             cuda.syncthreads()
-            half //= 2
-        if tid == 0:
-            cuda.atomic.add(out, p, red[0])
+            half = tpb // 2
+            while half > 0:  # tree reduction in shared memory (no warp shuffles: simulator-safe)
+                if tid < half:
+                    red[tid] += red[tid + half]
+                cuda.syncthreads()
+                half //= 2
+            if tid == 0:
+                cuda.atomic.add(out, p, red[0])
+            cuda.syncthreads()  # red[0] is read before the next problem overwrites red
 
     @cuda.jit
     def zero(Z):
@@ -1520,6 +1528,8 @@ def mu_run(
         return
     dtype = np.dtype(X.dtype)
     k, mode, bpp, dyn = _kernels_for(b, m, t, n, dtype)
+    if mode == "grid" and b > _MAX_GRID_Y:  # a grid's y extent (the problems) is capped: deal the
+        mode, bpp = "flat", bpp * b  # same blocks per problem over a 1-D grid instead
     tpb = k.tpb
     epsd = dtype.type(eps)
 
@@ -1616,6 +1626,11 @@ def layer_step(
             raise ValueError(f"{name} must be a C-contiguous array of shape {shape}, of the same kind as X")
         if np_dtype(arr) != dtype:
             raise TypeError(f"{name} has dtype {arr.dtype} but X has {dtype}")
+    if b > _MAX_GRID_Y:
+        raise ValueError(
+            f"layer_step launches one grid row per problem: at most {_MAX_GRID_Y} problems per call, "
+            f"got b = {b}; split the batch"
+        )
     k, _, bpp, dyn = _kernels_for(b, m, t, n, dtype, flat_ok=False)
     args = (X, S, S_out, W, A, P, G, A_out, P_out, G_out, dtype.type(eps), bool(update), bool(accumulate))
     if tensors:
@@ -1642,7 +1657,7 @@ def sum_squares(X: Any, stream: Any = 0) -> Any:
     out = cuda.device_array(b, np.float64, stream=stream)
     k.zero[-(-b // tpb), tpb, stream](out)
     nbx = max(1, min(-(-m * t // tpb), -(-4 * _multiprocessors() // b)))
-    k.sumsq[(nbx, b), tpb, stream](X, out)
+    k.sumsq[(nbx, min(b, _MAX_GRID_Y)), tpb, stream](X, out)
     return out
 
 

@@ -610,6 +610,13 @@ class LayerPlan:
         dt = np.dtype(dtype)
         if n > MAX_N:
             raise ValueError(f"n = {n} exceeds the CUDA backward's MAX_N = {MAX_N}")
+        from fastmu.kernels.cuda import _MAX_GRID_Y
+
+        if b > _MAX_GRID_Y:  # the forward's and the passes' grids have one row per problem
+            raise ValueError(
+                f"the CUDA learned layer runs at most {_MAX_GRID_Y} problems per call (one grid row "
+                f"each), got b = {b}; split the batch"
+            )
         self.shape, self.dtype, self.bw, self.stream = (b, m, t, n), dt, int(bw), stream
         self.alloc = alloc or _device_alloc(stream)
         self._step: Launcher | None = None  # the forward's launch site, planned at the first forward
