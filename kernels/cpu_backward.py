@@ -495,6 +495,7 @@ def _backward_block_parallel(
         XgRpart = np.empty((nchunks, m, n), dt)
         gHpart = np.empty((nchunks, n, n), dt)
         for c in prange(nchunks):
+            fp = enter_ftz()  # as the problem-major schedule: the same results, and no slow subnormals
             p = c // nblk
             j0 = (c % nblk) * TB
             tid = nb.get_thread_id()
@@ -502,9 +503,12 @@ def _backward_block_parallel(
                 X[p], Aq[p], H[p], S[p], gSo[p], j0, min(TB, t - j0), epsd, need_gS,
                 gS[p] if need_gS else gS[0], XgRpart[c], gHpart[c], R[tid], D[tid], gR[tid], gU[tid],
             )
+            leave_ftz(fp)
         for p in prange(b):
+            fp = enter_ftz()
             _sum_blocks(XgRpart, p * nblk, nblk, XgR[p])
             _sum_blocks(gHpart, p * nblk, nblk, gH[p])
+            leave_ftz(fp)
 
     for p in range(b):
         gWp = gW[p] if bw != 1 else (gWb[p] if need_gW else gW[0])
@@ -517,6 +521,7 @@ def _backward_block_parallel(
 
     if need_gS or need_gX:
         for c in prange(nchunks):
+            fp = enter_ftz()
             p = c // nblk
             j0 = (c % nblk) * TB
             tid = nb.get_thread_id()
@@ -526,3 +531,4 @@ def _backward_block_parallel(
                 gS[p] if need_gS else gS[0], gX[p] if need_gX else gX[0],
                 R[tid], D[tid], gR[tid],
             )
+            leave_ftz(fp)
