@@ -18,6 +18,7 @@ Usage::
     python bench/bench_busy.py --iters 500 --rounds 1 --out /tmp/busy.json
     python bench/bench_busy.py --table bench/results/mu_cpu_busy.json   # the README's table
     python bench/bench_busy.py --layers            # NALMU's forward: bench/results/nalmu_cpu_busy.json
+    python bench/bench_busy.py --training          # NALMU training steps: bench/results/nalmu_train_cpu_busy.json
 
 Timings on a machine with other load than the hogs are not meaningful.
 """
@@ -92,6 +93,36 @@ with torch.no_grad():
 print(json.dumps([ms, [None] * reps]))
 """
 
+#: a NALMU training step on the CPU, forward and backward (the layers' backward is one parallel
+#: region per layer too, whatever the batch)
+TRAIN_WORKLOADS = {"NALMU training step, 8 × 65 × 4096, 50 layers": (8, 65, 4096),
+                   "NALMU training step, 1 × 65 × 16384, 50 layers": (1, 65, 16384)}
+
+_TRAIN_WORKER = """
+import json, sys, time
+import numpy as np
+import torch
+import fastmu
+b, m, t, steps, reps = (int(v) for v in sys.argv[1:6])
+rng = np.random.default_rng(0)
+X = torch.from_numpy((rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32))
+torch.manual_seed(0)
+model = fastmu.NALMU(n_layers=50, m=m, n=4)
+
+def step():
+    A, S = model(X)
+    (A.sum() + S.sum()).backward()  # gradients for every layer's W, as training computes them
+
+step()  # compile / load, start the threads
+ms = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    ms.append(1e3 * (time.perf_counter() - t0) / steps)  # per step
+print(json.dumps([ms, [None] * reps]))
+"""
+
 _AB_WORKER = """
 import json, os, sys, time
 import numpy as np
@@ -163,15 +194,17 @@ def _measure(shape: tuple[int, int, int], env: dict[str, str], iters: int, reps:
     return ms, ended
 
 
-def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None, layers: bool = False) -> dict:
+def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None, layers: bool = False,
+        training: bool = False) -> dict:
     """Every load, workload and configuration, ``rounds`` times; with ``layers``, the learned
-    layers' forward (``iters`` forwards a run) instead of MU (``iters`` iterations a run)."""
+    layers' forward (``iters`` forwards a run) instead of MU (``iters`` iterations a run); with
+    ``training``, NALMU training steps (``iters`` steps a run)."""
     from fastmu.benchmarks.machine import machine_info
 
     if hogs is None:
         hogs = os.cpu_count() or 2
-    workloads, configs, worker = (LAYER_WORKLOADS, CONFIGS, _LAYER_WORKER) if layers else \
-        (WORKLOADS, CONFIGS, _WORKER)
+    workloads, configs, worker = (TRAIN_WORKLOADS, CONFIGS, _TRAIN_WORKER) if training else \
+        (LAYER_WORKLOADS, CONFIGS, _LAYER_WORKER) if layers else (WORKLOADS, CONFIGS, _WORKER)
     times: dict[tuple[str, str, str], list[float]] = {}
     ended: dict[tuple[str, str, str], list] = {}
     # rounds outermost, so that a drift of the machine's speed spreads over every cell
@@ -189,7 +222,7 @@ def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None, layers: boo
                     p.kill()
                     p.wait()
         print(f"round {r + 1}/{rounds} done")
-    ab = None if layers else quiet_ab(WORKLOADS["single 65 × 16384"], iters, 5 * rounds)
+    ab = None if layers or training else quiet_ab(WORKLOADS["single 65 × 16384"], iters, 5 * rounds)
     rows = [{"load": load, "workload": w, "config": c, "ms_per_iter": ts, "median_ms": float(np.median(ts)),
              "threads_at_end": ended[(load, w, c)]}
             for (load, w, c), ts in times.items()]
@@ -198,7 +231,7 @@ def run(iters: int = 2000, rounds: int = 3, hogs: int | None = None, layers: boo
     if ab is not None:
         res["quiet_ab_single"] = ab
     else:
-        res["unit"] = "ms per layer (a forward of 50 layers / 50)"
+        res["unit"] = "ms per training step" if training else "ms per layer (a forward of 50 layers / 50)"
     return res
 
 
@@ -226,9 +259,13 @@ def format_table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=None,
-                    help="MU iterations per run (default 2000), or forwards per run with --layers (default 10)")
+                    help="MU iterations per run (default 2000), forwards per run with --layers (default 10), "
+                         "training steps per run with --training (default 3)")
     ap.add_argument("--layers", action="store_true",
                     help="the learned layers' forward instead of MU (default out: bench/results/nalmu_cpu_busy.json)")
+    ap.add_argument("--training", action="store_true",
+                    help="NALMU training steps, forward and backward (default out: "
+                         "bench/results/nalmu_train_cpu_busy.json)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hogs", type=int, default=None, help="busy-loop processes (default: one per core)")
     ap.add_argument("--out", type=Path, default=None)
@@ -237,10 +274,13 @@ def main() -> None:
     if args.table is not None:
         print(format_table(json.loads(args.table.read_text())))
         return
-    iters = args.iters if args.iters is not None else (10 if args.layers else 2000)
+    if args.layers and args.training:
+        ap.error("--layers and --training: pick one")
+    iters = args.iters if args.iters is not None else (10 if args.layers else 3 if args.training else 2000)
     if args.out is None:
-        args.out = Path("bench/results/nalmu_cpu_busy.json" if args.layers else "bench/results/mu_cpu_busy.json")
-    res = run(iters, args.rounds, args.hogs, args.layers)
+        args.out = Path("bench/results/nalmu_train_cpu_busy.json" if args.training else
+                        "bench/results/nalmu_cpu_busy.json" if args.layers else "bench/results/mu_cpu_busy.json")
+    res = run(iters, args.rounds, args.hogs, args.layers, args.training)
     print(format_table(res))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -59,18 +59,23 @@ def _numba_threads() -> tuple[Callable[[], int], Callable[[int], None]]:
     return numba.get_num_threads, numba.set_num_threads
 
 
+def adjustable_threads() -> int:
+    """Numba's thread count where a governor may move it, else 0: when Numba runs one thread (the
+    caller's ``numba.set_num_threads`` is the most used) or with ``FASTMU_ADAPTIVE_THREADS=0``."""
+    import numba
+
+    most = numba.get_num_threads()
+    return most if most > 1 and enabled() else 0
+
+
 def governed_threads(schedule: str) -> int:
     """The most threads a governor of a run of a kernel ``schedule`` would use, or 0 for none.
 
     0 for ``"problem-major"`` (one parallel region for the whole run: the
-    threads never wait for each other), when Numba runs one thread (the
-    caller's ``numba.set_num_threads`` is the most used), or when
-    ``FASTMU_ADAPTIVE_THREADS=0``.
+    threads never wait for each other), and where :func:`adjustable_threads`
+    is 0.
     """
-    import numba
-
-    most = numba.get_num_threads()
-    return most if schedule != "problem-major" and most > 1 and enabled() else 0
+    return adjustable_threads() if schedule != "problem-major" else 0
 
 
 def governor_for(schedule: str) -> "ThreadGovernor | None":

@@ -330,19 +330,24 @@ def test_readme_busy_table_is_the_committed_measurement():
     assert bench_busy.format_table(layers) in (root / "README.md").read_text()
     layers_before = json.loads((root / "bench" / "results" / "nalmu_cpu_busy_before.json").read_text())
     assert bench_busy.format_table(layers_before) in (root / "README.md").read_text()
+    for name in ("nalmu_train_cpu_busy.json", "nalmu_train_cpu_busy_before.json"):
+        train = json.loads((root / "bench" / "results" / name).read_text())
+        assert train["unit"] == "ms per training step"
+        assert bench_busy.format_table(train) in (root / "README.md").read_text()
 
 
 @needs_threads
+@pytest.mark.parametrize("shape", [(1, 20, 8000), (4, 20, 2000)])  # block-parallel, problem-major
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_learned_stack_thread_count_changes_no_bits(dtype, monkeypatch):
-    """NALMU on one problem, its layers at 2, 1, 2, ... threads: the factors and every
-    gradient are the plain run's, bit for bit."""
+def test_learned_stack_thread_count_changes_no_bits(dtype, shape, monkeypatch):
+    """NALMU, its layers at 2, 1, 2, ... threads in the forward and in the backward: the factors
+    and every gradient are the plain run's, bit for bit, for one problem and for a batch."""
     import torch
 
     import fastmu
     from fastmu.nn import functional as F
 
-    X = torch.from_numpy(_problem(1, 20, 8000, dtype))
+    X = torch.from_numpy(_problem(*shape, dtype))
 
     def run():
         F._UNROLL_GOVERNORS.clear()
@@ -359,24 +364,29 @@ def test_learned_stack_thread_count_changes_no_bits(dtype, monkeypatch):
     monkeypatch.setattr(cpu_threads, "ThreadGovernor", alternating(made))
     governed = run()
     F._UNROLL_GOVERNORS.clear()
-    assert set(made) == {1, 2} and len(made) == 5  # one step per layer
+    assert set(made) == {1, 2} and len(made) == 10  # one step per layer, forward and backward
     for a, b in zip(governed, plain):
         assert torch.equal(a, b)
 
 
 @needs_threads
-def test_learned_stack_governs_only_schedules_that_wait(monkeypatch):
+def test_learned_stack_governs_every_schedule_forward_and_backward(monkeypatch):
+    """Each layer opens its own parallel regions whatever the kernels' schedule (a problem-major
+    batch too), so the stack is governed for one problem and for a batch, with a governor of its
+    own for the backward; not on one thread or with FASTMU_ADAPTIVE_THREADS=0."""
     import torch
 
     from fastmu.nn import functional as F
 
     monkeypatch.setattr(F, "_UNROLL_GOVERNORS", {})
-    one = torch.zeros((1, 20, 8000))
+    one, batch = torch.zeros((1, 20, 8000)), torch.zeros((4, 20, 8000))
     gov = F._CpuLayers.governor(one)
     assert gov is not None and F._CpuLayers.governor(one) is gov  # kept across calls: it learns
-    assert F._CpuLayers.governor(torch.zeros((4, 20, 8000))) is None  # problem-major
+    assert F._CpuLayers.governor(batch) is not None  # problem-major: still one region per layer
+    back = F._CpuLayers.governor(one, backward=True)
+    assert back is not None and back is not gov and F._CpuLayers.governor(one, backward=True) is back
     monkeypatch.setenv(cpu_threads.ENV, "0")
-    assert F._CpuLayers.governor(one) is None
+    assert F._CpuLayers.governor(one) is None and F._CpuLayers.governor(batch, backward=True) is None
     monkeypatch.setenv(cpu_threads.ENV, "1")
     before = numba.get_num_threads()
     numba.set_num_threads(1)

@@ -192,24 +192,25 @@ class _CpuLayers:
     zeroed_pg = False  # the CPU forward overwrites P, G: no need to zero them
 
     @staticmethod
-    def governor(X: torch.Tensor):
-        """The :class:`fastmu.cpu_threads.ThreadGovernor` of a stack forward on ``X``'s shape, or None.
+    def governor(X: torch.Tensor, backward: bool = False):
+        """The :class:`fastmu.cpu_threads.ThreadGovernor` of a stack's forward (or ``backward``) on
+        ``X``'s shape, or None.
 
-        With one or a few problems each layer opens a parallel region, and where
-        other work wants the cores a layer waits a scheduler time slice for a
-        thread that was taken away (README, "On a machine busy with other
-        work"): the stack's layers are the governor's iterations. None where the
-        forward runs problem-major, on one thread, or with
-        ``FASTMU_ADAPTIVE_THREADS=0``.
+        Each layer opens its own parallel regions, whatever the kernels'
+        schedule (a problem-major batch too: one region per layer, not per
+        run), and where other work wants the cores a layer waits a scheduler
+        time slice for a thread that was taken away (README, "On a machine
+        busy with other work"): the stack's layers are the governor's
+        iterations, in the forward and, with a governor of its own, in the
+        backward. None on one thread or with ``FASTMU_ADAPTIVE_THREADS=0``.
         """
         from fastmu import cpu_threads
-        from fastmu.kernels import cpu as kf
 
-        b, m, t = X.shape
-        most = cpu_threads.governed_threads(kf.schedule(b, m, t, X.element_size(), _nthreads()))
+        most = cpu_threads.adjustable_threads()
         if not most:
             return None
-        key = (b, m, t, X.dtype, most)
+        b, m, t = X.shape
+        key = (b, m, t, X.dtype, most, backward)
         gov = _UNROLL_GOVERNORS.get(key)
         if gov is None:  # built once per shape, not per forward
             if len(_UNROLL_GOVERNORS) >= _MAX_UNROLL_GOVERNORS:
@@ -270,7 +271,7 @@ class _CudaLayers:
     zeroed_pg = True  # the forward accumulates P, G with atomics into zeroed arrays
 
     @staticmethod
-    def governor(X: torch.Tensor) -> None:
+    def governor(X: torch.Tensor, backward: bool = False) -> None:
         """No thread count to govern on a GPU."""
         return None
 
@@ -512,24 +513,36 @@ class LearnedMUUnroll(torch.autograd.Function):
             dummies = _dummies(X, A0.shape[2])
             gA_c: torch.Tensor | None = None  # w.r.t. the output of layer l (its carry)
             gS_c: torch.Tensor | None = None
-            for l in range(L - 1, -1, -1):
-                gAo = _accumulate(gA_c, gA_up[l])
-                gSo = _accumulate(gS_c, gS_up[l])
-                need_gA, need_gS = (l > 0 or need_A0), (l > 0 or need_S0)
-                if (gAo is None and gSo is None) or not (need_gA or need_gS or need_W or need_X):
-                    gA_c = gS_c = None  # nothing flows into this layer: all its gradients are 0
-                    continue
-                k = l % 2
-                if need_gA and bufA[k] is None:
-                    bufA[k] = torch.empty_like(A0)
-                if need_gS and bufS[k] is None:
-                    bufS[k] = torch.empty_like(S0)
-                gXl, gA_c, gS_c, _ = _layer_backward(
-                    run, X, As[l], Ss[l], W3s[l], Pl[l], Gl[l], gAo, gSo, ctx.eps,
-                    (need_X, need_gA, need_gS, need_W), gA=bufA[k], gS=bufS[k],
-                    gW=gW3s[l] if need_W else None, dummies=dummies)
-                if need_X:
-                    gX.add_(gXl)
+            l = L - 1
+
+            def layers(k: int) -> None:  # the next k layers, from the last one down
+                nonlocal l, gA_c, gS_c
+                for _ in range(k):
+                    gAo = _accumulate(gA_c, gA_up[l])
+                    gSo = _accumulate(gS_c, gS_up[l])
+                    need_gA, need_gS = (l > 0 or need_A0), (l > 0 or need_S0)
+                    if (gAo is None and gSo is None) or not (need_gA or need_gS or need_W or need_X):
+                        gA_c = gS_c = None  # nothing flows into this layer: all its gradients are 0
+                        l -= 1
+                        continue
+                    i = l % 2
+                    if need_gA and bufA[i] is None:
+                        bufA[i] = torch.empty_like(A0)
+                    if need_gS and bufS[i] is None:
+                        bufS[i] = torch.empty_like(S0)
+                    gXl, gA_c, gS_c, _ = _layer_backward(
+                        run, X, As[l], Ss[l], W3s[l], Pl[l], Gl[l], gAo, gSo, ctx.eps,
+                        (need_X, need_gA, need_gS, need_W), gA=bufA[i], gS=bufS[i],
+                        gW=gW3s[l] if need_W else None, dummies=dummies)
+                    if need_X:
+                        gX.add_(gXl)
+                    l -= 1
+
+            gov = run.governor(X, backward=True)
+            if gov is None:
+                layers(L)
+            else:  # as in the forward, the layers are its iterations; the gradients do not change
+                gov.run(layers, L)
         gA0 = gA_c if need_A0 else None
         gS0 = gS_c if need_S0 else None
         return gX, gA0, gS0, gWs, None, None, None, None
