@@ -72,56 +72,43 @@ print(json.dumps([ms, ended]))
 #: the learned layers' CPU forward (the stack's layers are the governor's iterations)
 LAYER_WORKLOADS = {"NALMU forward, 65 × 16384, 50 layers": (1, 65, 16384)}
 
-_LAYER_WORKER = """
-import json, sys, time
-import numpy as np
-import torch
-import fastmu
-b, m, t, forwards, reps = (int(v) for v in sys.argv[1:6])
-rng = np.random.default_rng(0)
-X = torch.from_numpy((rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32))
-torch.manual_seed(0)
-model = fastmu.NALMU(n_layers=50, m=m, n=4)
-ms = []
-with torch.no_grad():
-    model(X)  # compile / load, start the threads
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(forwards):
-            model(X)
-        ms.append(1e3 * (time.perf_counter() - t0) / (forwards * 50))  # per layer
-print(json.dumps([ms, [None] * reps]))
-"""
-
 #: a NALMU training step on the CPU, forward and backward (the layers' backward is one parallel
 #: region per layer too, whatever the batch)
 TRAIN_WORKLOADS = {"NALMU training step, 8 × 65 × 4096, 50 layers": (8, 65, 4096),
                    "NALMU training step, 1 × 65 × 16384, 50 layers": (1, 65, 16384)}
 
-_TRAIN_WORKER = """
+#: a 50-layer NALMU on the CPU: ``TRAIN`` False times forwards under no_grad (ms per layer), True
+#: training steps, forward and backward with gradients for every layer's W (ms per step)
+_STACK_WORKER = """
 import json, sys, time
 import numpy as np
 import torch
 import fastmu
-b, m, t, steps, reps = (int(v) for v in sys.argv[1:6])
+b, m, t, runs, reps = (int(v) for v in sys.argv[1:6])
 rng = np.random.default_rng(0)
 X = torch.from_numpy((rng.random((b, m, 4)) @ rng.random((b, 4, t))).astype(np.float32))
 torch.manual_seed(0)
 model = fastmu.NALMU(n_layers=50, m=m, n=4)
 
-def step():
-    A, S = model(X)
-    (A.sum() + S.sum()).backward()  # gradients for every layer's W, as training computes them
+def once():
+    if TRAIN:
+        A, S = model(X)
+        (A.sum() + S.sum()).backward()
+    else:
+        with torch.no_grad():
+            model(X)
 
-step()  # compile / load, start the threads
+once()  # compile / load, start the threads
 ms = []
 for _ in range(reps):
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    ms.append(1e3 * (time.perf_counter() - t0) / steps)  # per step
+    for _ in range(runs):
+        once()
+    ms.append(1e3 * (time.perf_counter() - t0) / (runs if TRAIN else runs * 50))  # per step / per layer
 print(json.dumps([ms, [None] * reps]))
 """
+_LAYER_WORKER = "TRAIN = False\n" + _STACK_WORKER
+_TRAIN_WORKER = "TRAIN = True\n" + _STACK_WORKER
 
 _AB_WORKER = """
 import json, os, sys, time
