@@ -4,10 +4,14 @@ An *engine* owns the solver state of a batch of problems on one device and
 advances it with its fused kernel. The solver (:mod:`fastmu.solver`) drives
 any engine the same way::
 
-    eng = Engine(X, A, S, W, eps)   # native arrays of the backend; A, S are owned
-    eng.run(n_iter)                 # n_iter MU iterations, no return to Python between them
-    eng.objective()                 # 0.5‖X − AS‖² per problem, float64 NumPy (b,)
-    eng.factors()                   # (A, S) native arrays, views of the state
+    eng = Engine(X, A, S, W, eps, penalty)  # native arrays of the backend; A, S are owned
+    eng.run(n_iter)                         # n_iter MU iterations, no return to Python between them
+    eng.objective()                         # 0.5‖X − AS‖² per problem, float64 NumPy (b,)
+    eng.factors()                           # (A, S) native arrays, views of the state
+
+``penalty`` (a :class:`fastmu.penalty.Penalty`, or None for none) adds the L1
+and L2 penalties of :mod:`fastmu.penalty` to the updates; ``objective()``
+stays the data term ``0.5‖X − AS‖²`` either way.
 
 Engines:
 
@@ -29,6 +33,7 @@ import numpy as np
 
 from fastmu import cpu_threads, fork_safety
 from fastmu.interop import array_kind, is_device_array, numpy_to_kind, torch_to_numpy
+from fastmu.penalty import Penalty
 
 
 class Engine(Protocol):
@@ -36,7 +41,8 @@ class Engine(Protocol):
     #: the array namespace the engine takes and returns: "numpy", "torch" or "cuda"
     native: str
 
-    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float) -> None: ...
+    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float, penalty: Penalty | None = None) -> None:
+        """``penalty``: the weights ``(l1_A, l2_A, l1_S, l2_S)`` of :mod:`fastmu.penalty`; None: plain MU."""
 
     def run(self, n_iter: int) -> None: ...
 
@@ -109,7 +115,10 @@ class CPUEngine:
     name = "cpu"
     native = "numpy"
 
-    def __init__(self, X: np.ndarray, A: np.ndarray, S: np.ndarray, W: np.ndarray | None, eps: float):
+    def __init__(
+        self, X: np.ndarray, A: np.ndarray, S: np.ndarray, W: np.ndarray | None, eps: float,
+        penalty: Penalty | None = None,
+    ):
         import numba
 
         from fastmu.kernels import cpu, cpu_tiled
@@ -122,6 +131,8 @@ class CPUEngine:
         self.X, self.A, self.S = X, A, S
         self.W = np.ones((1, m, n), X.dtype) if W is None else np.ascontiguousarray(W, X.dtype)
         self.eps = float(eps)
+        #: the penalty as the kernels take it: a plain tuple of four floats (zeros: none)
+        self._penalty = cpu.penalty_tuple(penalty)
         self._pg_valid = False
         self._x2: np.ndarray | None = None
         # Rank <= 4 with 512-bit vectors: the tiled kernel, on a tiled copy of X
@@ -179,7 +190,7 @@ class CPUEngine:
         x = self._Xt if self._tiled else self.X
         self._k.mu_run(
             x, self._ka, self._ks, self._kw, self.P, self.G,
-            int(n_iter), self.eps, self._pg_valid, True, self._nthreads,
+            int(n_iter), self.eps, self._pg_valid, True, self._nthreads, self._penalty,
         )
         self._pg_valid = True
         self._stale = self._ks is not self.S or self._ka is not self.A
@@ -227,10 +238,11 @@ class TorchEngine:
     name = "torch"
     native = "torch"
 
-    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float):
+    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float, penalty: Penalty | None = None):
         if X.device.type == "cpu":  # torch's OpenMP hangs where Numba's would be killed
             fork_safety.check_cpu_kernels_usable()
         self.X, self.A, self.S, self.W, self.eps = X, A, S, W, float(eps)
+        self.penalty = penalty
 
     def run(self, n_iter: int) -> None:
         import torch
@@ -240,7 +252,7 @@ class TorchEngine:
         with torch.no_grad():
             A, S = self.A, self.S
             for _ in range(int(n_iter)):
-                A, S = mu_step_torch(self.X, A, S, self.W, self.eps)
+                A, S = mu_step_torch(self.X, A, S, self.W, self.eps, penalty=self.penalty)
             self.A, self.S = A, S
 
     def objective(self) -> np.ndarray:

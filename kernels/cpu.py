@@ -1,5 +1,18 @@
 """Fused multiplicative-update kernels for the CPU (Numba, parallel).
 
+The update, with the optional L1/L2 penalties of :mod:`fastmu.penalty`
+(all four weights zero: plain MU; ``W`` all ones: not learned)::
+
+    A' = A ⊙ W ⊙ (X Sᵀ) ⊘ (A (S Sᵀ + l2_A I) + ε + l1_A)
+    S' = S ⊙ (A'ᵀ X) ⊘ ((A'ᵀ A' + l2_S I) S + ε + l1_S)
+
+The penalties cost nothing per pixel: each L1 weight joins its factor's ε
+(``ε_A = ε + l1_A``, ``ε_S = ε + l1_S``, one scalar each) and each L2 weight
+the diagonal of the Gram matrix its update reads, ``S Sᵀ`` where the A
+update loads it (``P``, ``G`` keep their meaning, unshifted, for
+:func:`objective_from_pg` and the next call) and ``H = A'ᵀA'`` once it is
+complete (a scratch matrix only the S update reads).
+
 One pass over X per iteration. The S update of iteration l is
 fused with the reductions ``P = X S'ᵀ`` and ``G = S' S'ᵀ`` that the A update
 of iteration l+1 needs, so each column block of X is read once per iteration
@@ -24,6 +37,8 @@ stride that keeps its rows out of each other's L1 sets
 (:func:`fastmu.kernels.cpu_products.row_stride`); t is S's.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numba as nb
 import numpy as np
@@ -361,7 +376,8 @@ def _s_chunk(Xp, Ap, Hp, Sp, j0, L, eps, accumulate, Pc, Gc, R, Dk, hot):
     """S update on one column block, then (optionally) add its ``X S'ᵀ``, ``S' S'ᵀ`` to Pc, Gc.
 
     ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` for the block's pixels j, with
-    ``H = A'ᵀ A'`` precomputed; ``R`` (n × tb) and ``Dk`` (tb) are scratch.
+    ``H = A'ᵀ A' + l2_S I`` precomputed and ``eps`` the S update's ``ε + l1_S``
+    (:func:`_penalty_scalars`); ``R`` (n × tb) and ``Dk`` (tb) are scratch.
     """
     m = Xp.shape[0]
     n = Sp.shape[0]
@@ -384,7 +400,9 @@ def _s_update4(Hp, Sp, j0, L, eps, R):
     """Rank-4 S update of one block in a single sweep: all four old values sit in registers.
 
     ``S'_k = S_k R_k / (Σ_l H_kl S_l + ε)``; new values go to S and to R (the
-    contiguous copy that the P accumulation reads next).
+    contiguous copy that the P accumulation reads next). The penalties are in
+    ``H`` (its diagonal) and ``eps`` already (see :func:`_s_chunk`), so this
+    loop is the same with and without them.
     """
     s0 = Sp[0, j0 : j0 + L]
     s1 = Sp[1, j0 : j0 + L]
@@ -471,6 +489,7 @@ def _s_update(Hp, Sp, j0, L, eps, R, Dk):
     """Any-rank S update of one block: ``R ← S ⊙ R ⊘ (H S + ε)``, then S ← R.
 
     The old S is read for every k, so new values stay in R until all rows are done.
+    ``H`` and ``eps`` carry the penalties, as in :func:`_s_update4`.
     """
     n = Sp.shape[0]
     for k in range(n):
@@ -522,14 +541,25 @@ def _reduce_problem(Ppart, Gpart, c0, nblk, Pp, Gp):
         _add(Gp, Gpart[c])
 
 
+@nb.njit(cache=True, inline="always")
+def _add_diag(Hp, v):
+    """``Hp += v I``: the L2 weight on the diagonal of a Gram matrix (n adds)."""
+    for k in range(Hp.shape[0]):
+        Hp[k, k] += v
+
+
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM, inline="always")
-def _a_update4(Ap, Wp, Pp, Gp, eps, Hp):
-    """Rank-4 A update and Gram with G and the running H in scalars (no inner loops over n)."""
+def _a_update4(Ap, Wp, Pp, Gp, eps, l2a, Hp):
+    """Rank-4 A update and Gram with G and the running H in scalars (no inner loops over n).
+
+    ``l2a`` joins G's diagonal as it is loaded (``A (G + l2_A I) = A G + l2_A A``):
+    G itself stays ``S Sᵀ``, which the objective and the next call read.
+    """
     m = Ap.shape[0]
-    g00, g01, g02, g03 = Gp[0, 0], Gp[0, 1], Gp[0, 2], Gp[0, 3]
-    g10, g11, g12, g13 = Gp[1, 0], Gp[1, 1], Gp[1, 2], Gp[1, 3]
-    g20, g21, g22, g23 = Gp[2, 0], Gp[2, 1], Gp[2, 2], Gp[2, 3]
-    g30, g31, g32, g33 = Gp[3, 0], Gp[3, 1], Gp[3, 2], Gp[3, 3]
+    g00, g01, g02, g03 = Gp[0, 0] + l2a, Gp[0, 1], Gp[0, 2], Gp[0, 3]
+    g10, g11, g12, g13 = Gp[1, 0], Gp[1, 1] + l2a, Gp[1, 2], Gp[1, 3]
+    g20, g21, g22, g23 = Gp[2, 0], Gp[2, 1], Gp[2, 2] + l2a, Gp[2, 3]
+    g30, g31, g32, g33 = Gp[3, 0], Gp[3, 1], Gp[3, 2], Gp[3, 3] + l2a
     z = Hp.dtype.type(0)
     h00 = h01 = h02 = h03 = h11 = h12 = h13 = h22 = h23 = h33 = z
     for i in range(m):
@@ -559,17 +589,33 @@ def _a_update4(Ap, Wp, Pp, Gp, eps, Hp):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _a_update(Ap, Wp, Pp, Gp, eps, Hp, Erow):
-    """``A ← A ⊙ W ⊙ P ⊘ (A G + ε)`` in place (row-wise independent), then ``H = AᵀA``."""
+def _a_update(Ap, Wp, Pp, Gp, eps, l2a, Hp, Erow):
+    """``A ← A ⊙ W ⊙ P ⊘ (A (G + l2a I) + ε)`` in place (row-wise independent), then ``H = AᵀA``.
+
+    ``eps`` is the A update's ``ε + l1_A`` and ``l2a`` its L2 weight, both of
+    A's dtype (:func:`_penalty_scalars`). ``H`` is the plain Gram of the new
+    A (or of these rows of it): the caller adds ``l2_S`` to its diagonal once
+    H is complete (:func:`_add_diag`).
+
+    Above rank 4 the update reads ``G + l2a I`` from ``Hp``, free until H is
+    formed: G itself stays ``S Sᵀ`` for the objective and the next call. A
+    shifted copy rather than a ``+ l2a·A_ik`` term in the denominator: that
+    term changed how LLVM reassociated the sum over l, so unpenalised results
+    moved (by rounding) from those of the kernel before penalties existed;
+    with the copy the loop is unchanged and ``G + 0`` is G, bit for bit.
+    """
     m, n = Ap.shape
     if n == 4:
-        _a_update4(Ap, Wp, Pp, Gp, eps, Hp)
+        _a_update4(Ap, Wp, Pp, Gp, eps, l2a, Hp)
         return
+    Gs = Hp
+    _copy(Gs, Gp)
+    _add_diag(Gs, l2a)
     for i in range(m):
         for k in range(n):
             acc = eps
             for l in range(n):
-                acc += Ap[i, l] * Gp[l, k]
+                acc += Ap[i, l] * Gs[l, k]
             Erow[k] = acc
         for k in range(n):
             Ap[i, k] = Ap[i, k] * Wp[i, k] * Pp[i, k] / Erow[k]
@@ -580,6 +626,20 @@ def _a_update(Ap, Wp, Pp, Gp, eps, Hp, Erow):
                 acc += Ap[i, k] * Ap[i, l]
             Hp[k, l] = acc
             Hp[l, k] = acc
+
+
+@nb.njit(cache=True, inline="always")
+def _penalty_scalars(X, eps, penalty):
+    """``(ε + l1_A, l2_A, ε + l1_S, l2_S)`` in X's dtype from ``penalty = (l1_A, l2_A, l1_S, l2_S)``.
+
+    The sums are formed in float64 and rounded once. Converting matters: a
+    float64 scalar would promote float32 arithmetic in the updates to float64.
+    With zero weights ``ε + 0`` is ``ε``, so the unpenalised run is the same
+    bit for bit.
+    """
+    dt = X.dtype
+    l1a, l2a, l1s, l2s = penalty
+    return dt.type(eps + l1a), dt.type(l2a), dt.type(eps + l1s), dt.type(l2s)
 
 
 @nb.njit(cache=True)
@@ -684,15 +744,21 @@ def _block_parallel_state(A, P, G, cpp, nthreads, pg_valid):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, Wp, eps, Al, Pl, Gl, Hl, El):
+def _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, Wp, eps_a, l2a, l2s, Al, Pl, Gl, Hl, El):
     """A chunk's start of an iteration: its problem's P, G summed, the A update (into ``Al``),
-    ``H = A'ᵀA'`` (into ``Hl``), the new A stored by the problem's first chunk, and the chunk's
-    slots for this iteration's partials cleared."""
+    ``H = A'ᵀA' + l2s I`` (into ``Hl``), the new A stored by the problem's first chunk, and the
+    chunk's slots for this iteration's partials cleared.
+
+    ``eps_a``, ``l2a``, ``l2s``: :func:`_penalty_scalars`. The partials summed
+    here are P and G (unshifted); H is formed whole from the whole new A, so
+    its shift is added once, here.
+    """
     p = c // cpp
     dst = 1 - src
     _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl, Gl)
     _copy(Al, Abuf[src, p])
-    _a_update(Al, Wp, Pl, Gl, eps, Hl, El)
+    _a_update(Al, Wp, Pl, Gl, eps_a, l2a, Hl, El)
+    _add_diag(Hl, l2s)
     if c % cpp == 0:
         _copy(Abuf[dst, p], Al)
     Ppart[dst, c] = 0
@@ -875,7 +941,7 @@ def _sum_units(Gpart, nsu, G):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp):
+def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp, penalty):
     """:func:`mu_run` with the rows shared out (``cpp`` chunks per problem; :func:`row_chunks`).
 
     Per iteration two parallel regions. Over the chunks: the chunk's rows of
@@ -884,11 +950,14 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
     Over blocks of pixels: the parts summed in chunk order, the S update, and
     the block's part of ``S'S'ᵀ``. After the last iteration one more pass over
     the chunks leaves ``P`` for the returned S, where it is wanted.
+
+    ``AᵀA`` is a sum of per-chunk parts here, so ``l2_S`` joins its diagonal
+    after the sum (adding it per chunk would add it ``cpp`` times).
     """
     b, m = X.shape[0], X.shape[1]
     n = A.shape[2]
     dt = X.dtype
-    epsd = dt.type(eps)
+    eps_a, l2a, eps_s, l2s = _penalty_scalars(X, eps, penalty)
     wstep = 0 if W.shape[0] == 1 else 1
     rpc, tb, nsu, Rpart, Hpart, Gpart, Rsum, H, Rb = _rows_state(X, A, S, G, pg_valid, cpp, nthreads)
     Dk = np.empty((nthreads, _S_UNIT), dt)
@@ -905,22 +974,24 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
                 _rows_p(Xc, S[p], P[p, r0:r1], tb, Rb[tid])
             if not last:
                 Ac = A[p, r0:r1]
-                _a_update(Ac, W[p * wstep, r0:r1], P[p, r0:r1], G[p], epsd, Hpart[c], Erow[tid])
+                _a_update(Ac, W[p * wstep, r0:r1], P[p, r0:r1], G[p], eps_a, l2a, Hpart[c], Erow[tid])
                 _rows_r(Xc, Ac, Rpart[c], tb, Rb[tid])
             leave_ftz(fp)
         if last:
             break
         acc = accumulate_last or it < n_iter - 1
         _sum_chunks(Rpart, Hpart, cpp, Rsum, H)
+        for p in range(b):  # H complete: its L2 shift, once
+            _add_diag(H[p], l2s)
         for u in prange(b * nsu):
             fp = enter_ftz()
             tid = nb.get_thread_id()
             R = Rb[tid]
             p, j0, L = _s_unit(u, nsu, Rsum, R)
             if n == 4:
-                _s_update4(H[p], S[p], j0, L, epsd, R)
+                _s_update4(H[p], S[p], j0, L, eps_s, R)
             else:
-                _s_update(H[p], S[p], j0, L, epsd, R, Dk[tid])
+                _s_update(H[p], S[p], j0, L, eps_s, R, Dk[tid])
             if acc:  # R holds the new S
                 Gpart[u] = 0
                 _gram_block(R, n, L, Gpart[u])
@@ -929,7 +1000,24 @@ def _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads,
             _sum_units(Gpart, nsu, G)
 
 
-def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -> None:
+#: ``mu_run``'s default penalty: none (plain MU)
+NO_PENALTY: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+def penalty_tuple(penalty: Sequence[float] | None) -> tuple[float, float, float, float]:
+    """``penalty`` (a :class:`fastmu.penalty.Penalty`, any sequence of four numbers, or None)
+    as the plain tuple of four Python floats the compiled schedules take.
+
+    A tuple of one type keeps the schedules at one compiled signature; a
+    NamedTuple or NumPy scalars would each compile their own.
+    """
+    if penalty is None:
+        return NO_PENALTY
+    l1a, l2a, l1s, l2s = (float(v) for v in penalty)
+    return (l1a, l2a, l1s, l2s)
+
+
+def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, penalty=NO_PENALTY) -> None:
     """Run ``n_iter`` fused (learned) MU iterations in place on ``A`` and ``S``.
 
     Parameters
@@ -941,14 +1029,29 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -
         Read when ``pg_valid`` (they carry over between calls, so running in
         slices costs no extra pass), recomputed otherwise; on return they hold
         the values for the returned S when ``accumulate_last`` or when
-        ``n_iter`` is 0.
+        ``n_iter`` is 0. They never include the penalty (the L2 shift of G is
+        added where the A update loads it), so :func:`objective_from_pg` gives
+        the data term ``0.5‖X − A S‖²`` and a run may change its penalty
+        between calls on carried P, G.
     n_iter
         Number of iterations (A update then S update).
     eps
         ε added to every denominator.
+    pg_valid, accumulate_last
+        See ``P, G``.
     nthreads
         ``numba.config.NUMBA_NUM_THREADS`` (sizes the per-thread scratch; a
         run-time argument so that cached machine code stays valid).
+    penalty
+        ``(l1_A, l2_A, l1_S, l2_S)``, finite and ≥ 0 (not checked here;
+        :func:`fastmu.penalty.check_penalty` validates): the weights of
+        :mod:`fastmu.penalty`, a plain tuple or a
+        :class:`~fastmu.penalty.Penalty`. The updates become
+        ``A ⊙ W ⊙ P ⊘ (A (G + l2_A I) + ε + l1_A)`` and
+        ``S ⊙ (A'ᵀX) ⊘ ((A'ᵀA' + l2_S I) S + ε + l1_S)``. All zeros (the
+        default) is plain (learned) MU, bit for bit. Padded zero components
+        (:func:`pad_rank`) stay zero: their numerators are 0 and their
+        denominators at least ``ε + l1 > 0``.
 
     Notes
     -----
@@ -971,17 +1074,25 @@ def mu_run(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -
     one function the two column schedules made a first call on one 65 × 16384
     problem take 48.6 s; the block-parallel one alone, 36–37 s (2-core AMD
     EPYC, float32).
+
+    The penalty enters each schedule as four scalars outside the per-pixel
+    loops (:func:`_penalty_scalars`): ``ε + l1_A`` and ``l2_A`` in the A
+    update (:func:`_a_update`), ``l2_S`` on the diagonal of ``H = A'ᵀA'``
+    once H is complete (:func:`_add_diag`; after the chunks' parts are summed
+    in the row-parallel schedule), and ``ε + l1_S`` in place of ε in the S
+    update. The unpenalised run executes the same loops as before.
     """
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
+    pen = NO_PENALTY if penalty is NO_PENALTY else penalty_tuple(penalty)
     which = schedule(b, m, t, X.itemsize, nthreads)
     if which == "rows":  # tall X, few pixels: share out the rows
         cpp = row_chunks(b, m, t, X.itemsize, nthreads)
-        _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp)
+        _mu_rows(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, cpp, pen)
     elif which == "problem-major":
-        _mu_problem_major(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+        _mu_problem_major(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, pen)
     else:
-        _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+        _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, pen)
 
 
 def schedule(b: int, m: int, t: int, itemsize: int, nthreads: int) -> str:
@@ -1009,13 +1120,13 @@ def _columns_scratch(X, n, nthreads):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _mu_problem_major(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+def _mu_problem_major(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, penalty):
     """Problem-major: each thread runs every iteration of its own problems."""
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
     tb = block_length(m, X.itemsize)
     nblk = (t + tb - 1) // tb
-    epsd = X.dtype.type(eps)
+    eps_a, l2a, eps_s, l2s = _penalty_scalars(X, eps, penalty)
     H, Erow, R, Dk = _columns_scratch(X, A.shape[2], nthreads)
     wstep = 0 if W.shape[0] == 1 else 1  # W shared by the batch, or one per problem
     hot = _hot(b, m, t, X.itemsize, n_iter, True)
@@ -1030,18 +1141,19 @@ def _mu_problem_major(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, 
             _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
         for it in range(n_iter):
             acc = accumulate_last or it < n_iter - 1
-            _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
+            _a_update(A[p], W[p * wstep], Pp, Gp, eps_a, l2a, H[p], Erow[p])
+            _add_diag(H[p], l2s)
             Pp[:, :] = 0
             Gp[:, :] = 0
             for blk in range(nblk):
                 j0 = blk * tb
-                _s_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), epsd, acc,
+                _s_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), eps_s, acc,
                          Pp, Gp, R[tid], Dk[tid], hot)
         leave_ftz(fp)
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+def _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, penalty):
     """Block-parallel: each problem's pixels are cut into chunks, about two per thread overall.
 
     One parallel region per iteration: every chunk sums its problem's partial
@@ -1053,7 +1165,7 @@ def _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last,
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
     tb = block_length(m, X.itemsize)
-    epsd = X.dtype.type(eps)
+    eps_a, l2a, eps_s, l2s = _penalty_scalars(X, eps, penalty)
     _, _, R, Dk = _columns_scratch(X, A.shape[2], nthreads)
     wstep = 0 if W.shape[0] == 1 else 1
     cpp, pc = pixel_chunking(t, b, nthreads)  # chunks per problem, pixels per chunk
@@ -1069,11 +1181,11 @@ def _mu_block_parallel(X, A, S, W, P, G, n_iter, eps, pg_valid, accumulate_last,
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
-            _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], epsd, Al[tid], Pl[tid], Gl[tid],
-                            Hl[tid], El[tid])
+            _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], eps_a, l2a, l2s, Al[tid], Pl[tid],
+                            Gl[tid], Hl[tid], El[tid])
             c0, c1 = _chunk_pixels(c, cpp, pc, t)
             for j0 in range(c0, c1, tb):
-                _s_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), epsd, acc,
+                _s_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), eps_s, acc,
                          Ppart[1 - src, c], Gpart[1 - src, c], R[tid], Dk[tid], hot)
             leave_ftz(fp)
     _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last)
@@ -1099,9 +1211,11 @@ def pad_rank(A: np.ndarray, S: np.ndarray, W: np.ndarray, rank: int) -> tuple[np
     """Copies of ``A (b, m, n)``, ``S (b, n, t)``, ``W (bw, m, n)`` at rank ``rank ≥ n``.
 
     The added components are zero in A and S, so they stay exactly zero
-    (``0·W·P / (… + ε) = 0``, ``0·R / (… + ε) = 0``) and contribute exact zeros
-    to ``P``, ``G`` and ``H``: the first n components follow the rank-n
-    iteration. W's added columns are ones (any value would do).
+    (``0·W·P / (… + ε + l1_A) = 0``, ``0·R / (… + ε + l1_S) = 0``, with or
+    without penalties) and contribute exact zeros to ``P``, ``G`` and ``H``
+    (but for ``l2_S`` on H's diagonal, which multiplies the zero row of S):
+    the first n components follow the rank-n iteration. W's added columns
+    are ones (any value would do).
     """
     b, m, n = A.shape
     Ak = np.zeros((b, m, rank), A.dtype)

@@ -18,8 +18,16 @@ would compete for the same L1 sets). S lives in a padded copy
 ``Sp (b, 4, ntile·TW)`` whose padding stays zero: padded pixels have X = 0
 and S = 0, so their update gives ``0·0/ε = 0`` and adds nothing to P or G.
 
-Semantics are those of :func:`fastmu.kernels.cpu.mu_run` for ``n = 4``;
-the schedules (problem-major, block-parallel) are the same. Lower ranks run
+Semantics are those of :func:`fastmu.kernels.cpu.mu_run` for ``n = 4``,
+penalties included::
+
+    A' = A ⊙ W ⊙ (X Sᵀ) ⊘ (A (S Sᵀ + l2_A I) + ε + l1_A)
+    S' = S ⊙ (A'ᵀ X) ⊘ ((A'ᵀ A' + l2_S I) S + ε + l1_S)
+
+The A update is the blocked kernel's; in the tile the penalty is already in
+the splatted ``H`` (``l2_S`` on its diagonal) and ε (``ε + l1_S``), so the
+tile's code is the same with and without it. The schedules (problem-major,
+block-parallel) are the same. Lower ranks run
 through it padded with zero components (:func:`fastmu.kernels.cpu.pad_rank`).
 """
 from __future__ import annotations
@@ -31,13 +39,17 @@ import numpy as np
 from numba import prange
 
 from fastmu.kernels.cpu import (
+    NO_PENALTY,
     _FM,
     _a_update,
+    _add_diag,
     _block_parallel_finish,
     _block_parallel_state,
     _chunk_a_update,
     _chunking,
+    _penalty_scalars,
     _problem_major,
+    penalty_tuple,
 )
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 from fastmu.kernels.simd import VECTOR_BYTES, lanes_for, vdiv, vfma, vhsum, vlanes, vload, vmul, vsplat, vstore, vzeros
@@ -162,6 +174,7 @@ def _tile(xt, Ap, Hp, sp, so, eps, update, accumulate, pw, gw):
     ``xt (m, TW)`` is the tile of X, ``sp (4, tpad)`` the problem's padded S
     (the tile starts at column ``so``), ``pw`` holds ``m·4`` vectors (entry
     ``(i, k)`` at vector ``4i + k``), ``gw`` 10 (upper triangle of G, row-major).
+    ``Hp`` is ``A'ᵀA' + l2_S I`` and ``eps`` the S update's ``ε + l1_S``.
     """
     w = vlanes(xt)
     m = xt.shape[0]
@@ -259,17 +272,29 @@ def _aligned_rows(nrows, rowlen, like):
     return buf[off : off + nrows * rowlen].reshape((nrows, rowlen))
 
 
-def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads) -> None:
+def mu_run(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, penalty=NO_PENALTY) -> None:
     """:func:`fastmu.kernels.cpu.mu_run` for ``n = 4`` on ``Xt``/``Sp`` from :func:`pack`.
 
     ``Sp`` holds S (padded) and is updated in place; :func:`fastmu.kernels.cpu.copy_rows` copies it out.
     The problem-major and block-parallel schedules are two compiled functions, so that a first call
     compiles only the one it runs.
+
+    Parameters
+    ----------
+    Xt, Sp
+        The tiled X and padded S of :func:`make_tiled` / :func:`pack`.
+    A, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads
+        As in :func:`fastmu.kernels.cpu.mu_run` (rank 4).
+    penalty
+        ``(l1_A, l2_A, l1_S, l2_S)``, as in :func:`fastmu.kernels.cpu.mu_run`: a plain tuple or a
+        :class:`~fastmu.penalty.Penalty`; all zeros (the default) is plain MU, bit for bit. P and
+        G stay ``X Sᵀ`` and ``S Sᵀ`` (unshifted).
     """
+    pen = NO_PENALTY if penalty is NO_PENALTY else penalty_tuple(penalty)
     if schedule(Xt.shape[0], Xt.shape[1], nthreads) == "problem-major":
-        _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+        _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, pen)
     else:
-        _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads)
+        _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, pen)
 
 
 def schedule(b: int, ntile: int, nthreads: int) -> str:
@@ -288,12 +313,12 @@ def _tiled_scratch(Xt, nthreads):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+def _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, penalty):
     """Problem-major: each thread runs every iteration of its own problems."""
     b, ntile = Xt.shape[0], Xt.shape[1]
     n = A.shape[2]
     dt = Xt.dtype
-    epsd = dt.type(eps)
+    eps_a, l2a, eps_s, l2s = _penalty_scalars(Xt, eps, penalty)
     H = np.empty((b, n, n), dt)
     Erow = np.empty((b, n), dt)
     PW, GW = _tiled_scratch(Xt, nthreads)
@@ -306,22 +331,24 @@ def _tiled_problem_major(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_l
         if not pg_valid:
             Pp[:, :] = 0
             Gp[:, :] = 0
-            _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, epsd, False, True, Pp, Gp, PW[tid], GW[tid])
+            _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, eps_s, False, True, Pp, Gp, PW[tid], GW[tid])
         for it in range(n_iter):
             acc = accumulate_last or it < n_iter - 1
-            _a_update(A[p], W[p * wstep], Pp, Gp, epsd, H[p], Erow[p])
+            _a_update(A[p], W[p * wstep], Pp, Gp, eps_a, l2a, H[p], Erow[p])
+            _add_diag(H[p], l2s)  # H is whole here: its L2 shift, once
             Pp[:, :] = 0
             Gp[:, :] = 0
-            _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, epsd, True, acc, Pp, Gp, PW[tid], GW[tid])
+            _tiles(Xt[p], A[p], H[p], Sp[p], 0, ntile, eps_s, True, acc, Pp, Gp, PW[tid], GW[tid])
         leave_ftz(fp)
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads):
+def _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_last, nthreads, penalty):
     """Block-parallel, as :func:`fastmu.kernels.cpu._mu_block_parallel`: chunks of tiles,
-    double-buffered A and partials."""
+    double-buffered A and partials (the penalty enters in :func:`fastmu.kernels.cpu._chunk_a_update`
+    and the tile's ε)."""
     b, ntile = Xt.shape[0], Xt.shape[1]
-    epsd = Xt.dtype.type(eps)
+    eps_a, l2a, eps_s, l2s = _penalty_scalars(Xt, eps, penalty)
     PW, GW = _tiled_scratch(Xt, nthreads)
     wstep = 0 if W.shape[0] == 1 else 1
     cpp, tpc = _chunking(ntile, b, nthreads)  # chunks per problem, tiles per chunk
@@ -332,7 +359,7 @@ def _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_
             p = c // cpp
             tid = nb.get_thread_id()
             q0 = (c % cpp) * tpc
-            _tiles(Xt[p], A[p], Hl[tid], Sp[p], q0, min(ntile, q0 + tpc), epsd, False, True,
+            _tiles(Xt[p], A[p], Hl[tid], Sp[p], q0, min(ntile, q0 + tpc), eps_s, False, True,
                    Ppart[0, c], Gpart[0, c], PW[tid], GW[tid])
             leave_ftz(fp)
 
@@ -343,10 +370,10 @@ def _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_
             fp = enter_ftz()
             p = c // cpp
             tid = nb.get_thread_id()
-            _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], epsd, Al[tid], Pl[tid], Gl[tid],
-                            Hl[tid], El[tid])
+            _chunk_a_update(c, cpp, src, Ppart, Gpart, Abuf, W[p * wstep], eps_a, l2a, l2s, Al[tid], Pl[tid],
+                            Gl[tid], Hl[tid], El[tid])
             q0 = (c % cpp) * tpc
-            _tiles(Xt[p], Al[tid], Hl[tid], Sp[p], q0, min(ntile, q0 + tpc), epsd, True, acc,
+            _tiles(Xt[p], Al[tid], Hl[tid], Sp[p], q0, min(ntile, q0 + tpc), eps_s, True, acc,
                    Ppart[1 - src, c], Gpart[1 - src, c], PW[tid], GW[tid])
             leave_ftz(fp)
     _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last)
