@@ -27,6 +27,7 @@ Interop policy:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -92,12 +93,20 @@ class CUDAEngine:
         ``None`` (plain MU) or a ``(m, n)`` / ``(bw, m, n)`` array of any kind.
     eps
         ε added to every denominator.
+    penalty
+        ``None`` (plain MU) or the L1/L2 weights ``(l1_A, l2_A, l1_S, l2_S)``
+        of :mod:`fastmu.penalty` (a :class:`~fastmu.penalty.Penalty` or any
+        sequence of four non-negative reals), passed to every
+        :func:`~fastmu.kernels.cuda.mu_run`. The objective stays the data term
+        ``0.5‖X − AS‖²`` (P and G are never shifted by the penalty).
     """
 
     name = "cuda"
     native = "cuda"
 
-    def __init__(self, X: Any, A: Any, S: Any, W: Any, eps: float) -> None:
+    def __init__(
+        self, X: Any, A: Any, S: Any, W: Any, eps: float, penalty: Sequence[float] | None = None,
+    ) -> None:
         from fastmu.kernels import cuda as kernels
 
         cuda = _cuda()
@@ -123,6 +132,10 @@ class CUDAEngine:
                 Wd = Wd.reshape((1, *Wd.shape))
             self.W = Wd
         self.eps = float(eps)
+        # refuse bad weights now, not at the first run; then keep four Python floats (a plain
+        # tuple: all zeros launch the plain kernels, anything else the "_pen" ones)
+        kernels.penalty_scalars(X.dtype, self.eps, penalty)
+        self.penalty = kernels.NO_PENALTY if penalty is None else tuple(float(v) for v in penalty)
         self.P = cuda.device_array((b, m, n), X.dtype, stream=s)
         self.G = cuda.device_array((b, n, n), X.dtype, stream=s)
         self._pg_valid = False
@@ -157,7 +170,7 @@ class CUDAEngine:
         """``n_iter`` iterations queued on the caller's stream (asynchronous)."""
         self._k.mu_run(
             self.X, self.A, self.S, self.W, self.P, self.G, int(n_iter), self.eps,
-            self._pg_valid, True, stream=self._stream_obj, workspace=self._ws,
+            self._pg_valid, True, stream=self._stream_obj, workspace=self._ws, penalty=self.penalty,
         )
         self._pg_valid = True
 

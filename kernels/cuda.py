@@ -1,11 +1,20 @@
 """Fused multiplicative-update kernels for NVIDIA GPUs (Numba CUDA).
 
 The same semantics as :func:`fastmu.kernels.cpu.mu_run` : per
-iteration, the tiny A update ``A' = A ⊙ W ⊙ P ⊘ (A G + ε)`` and
-``H = A'ᵀA'`` from the carried ``P = X Sᵀ`` and ``G = S Sᵀ``, then the
-column-parallel S update ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε)`` fused with
+iteration, the tiny A update ``A' = A ⊙ W ⊙ P ⊘ (A (G + l2_A I) + ε_A)`` and
+``H = A'ᵀA' + l2_S I`` from the carried ``P = X Sᵀ`` and ``G = S Sᵀ``, then the
+column-parallel S update ``S'_j = S_j ⊙ (A'ᵀ X_j) ⊘ (H S_j + ε_S)`` fused with
 the reductions ``P += X_j S'_jᵀ``, ``G += S'_j S'_jᵀ`` that the next
 iteration's A update needs: one pass over X per iteration.
+
+The L1/L2 penalties of :mod:`fastmu.penalty` (``mu_run(..., penalty=(l1_A,
+l2_A, l1_S, l2_S))``, scikit-learn's regularised MU) cost nothing per pixel:
+the L1 weights join ε (``ε_A = ε + l1_A``, ``ε_S = ε + l1_S``), l2_A is added
+to G's diagonal where the A update reads G (P and G themselves stay ``X Sᵀ``,
+``S Sᵀ``) and l2_S to H's diagonal once H is complete. Without a penalty
+(all four weights zero: plain MU) the plain kernels run, which hold no
+penalty code; a penalty runs the ``_pen`` kernels, which take the scalars
+as kernel parameters (:func:`mu_run`).
 
 Two launch designs, both keeping every barrier inside a thread block (the
 CUDA simulator, which CI runs, has no real grid-wide barrier and no warp
@@ -92,6 +101,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -524,6 +534,10 @@ class _Kernels:
     layer_step: Any
     sumsq: Any
     zero: Any
+    #: the MU kernels with L1/L2 penalties (three more scalar parameters; compiled on first use)
+    mu_block_pen: Any = None
+    mu_grid_step_pen: Any = None
+    mu_flat_step_pen: Any = None
     device_funcs: dict = field(default_factory=dict)
 
 
@@ -686,11 +700,24 @@ def _build(
         return acc
 
     @cuda.jit(device=True)
-    def a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid):
-        """``A' = A ⊙ W ⊙ P ⊘ (A G + ε)`` in shared memory, then ``H = A'ᵀA'``.
+    def s_eps(eps, pen):
+        """The S update's ε: ``eps`` itself without a penalty, ``ε + l1_S`` (``pen[0]``) with one."""
+        if pen is None:
+            return eps
+        return pen[0]
 
-        Consumes the block's ``Psh``, ``Gsh`` and leaves them zeroed for the
-        next sweep's accumulation. Ends with a barrier.
+    @cuda.jit(device=True)
+    def a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, pen, tid):
+        """``A' = A ⊙ W ⊙ P ⊘ (A (G + l2_A I) + ε_A)`` in shared memory, then ``H = A'ᵀA' + l2_S I``.
+
+        ``eps`` is the A update's ε (``ε + l1_A`` with a penalty). ``pen`` is
+        None (plain MU) or ``(ε + l1_S, l2_A, l2_S)`` in the arrays' dtype
+        (see :func:`mu_run`); with None, Numba prunes the ``pen is not None``
+        branches before typing, so the unpenalised kernels hold no penalty
+        code at all. ``Gsh`` stays ``S Sᵀ`` (l2_A is added as G is read) and
+        ``Hsh``, read only by the S update, gets l2_S on its diagonal once
+        it is complete. Consumes the block's ``Psh``, ``Gsh`` and leaves them
+        zeroed for the next sweep's accumulation. Ends with a barrier.
         """
         arow = cuda.local.array(n, nbt)
         for i in range(tid, m, tpb):  # rows are independent: one thread per row
@@ -700,6 +727,10 @@ def _build(
                 e = eps
                 for l in range(n):
                     e += arow[l] * Gsh[l, k]
+                if pen is not None:
+                    # l2_A on G's diagonal, (A (G + l2_A I))_ik = (A G)_ik + l2_A A_ik: one
+                    # FMA per entry of A (per row, not per pixel), and G itself unshifted
+                    e += arow[k] * pen[1]
                 Ash[i * n + k] = arow[k] * W[wp, i, k] * Psh[i * n + k] / e
         cuda.syncthreads()
         for q in range(tid, nn, tpb):
@@ -715,6 +746,13 @@ def _build(
         for q in range(tid, nn, tpb):
             Gsh[q // n, q % n] = 0
         cuda.syncthreads()
+        if pen is not None:
+            # l2_S once on the complete H (each entry was one thread's whole sum), after the
+            # barrier and with one more: added inside the H loop, on the summing thread, it made
+            # NVVM reshape the kernel (mu_block_pen "rows" f32 spilled 232 B per thread at sm_90)
+            if tid < n:
+                Hsh[tid, tid] += pen[2]
+            cuda.syncthreads()
 
     @cuda.jit(device=True)
     def add_gram(Gsh, gl, tid):
@@ -737,7 +775,10 @@ def _build(
         ``So`` may be ``S``)
         and accumulation of ``P += X S'ᵀ``, ``G += S' S'ᵀ`` into ``Psh``, ``Gsh``
         (when ``accumulate``; both flags are uniform over the block, so the
-        barriers below are reached by every thread). Ends with a barrier."""
+        barriers below are reached by every thread). ``eps`` is the S update's
+        ε (``ε + l1_S`` with a penalty, whose l2_S :func:`a_update` has put on
+        ``Hsh``'s diagonal): the per-pixel loops never see the penalty. Ends
+        with a barrier."""
         s = cuda.local.array(n, nbt)
         r = cuda.local.array(n, nbt)
         pa = cuda.local.array(n, nbt)
@@ -1000,9 +1041,11 @@ def _build(
 
     sweep_fn = sweep_regs if regs else (sweep_tile if tile else sweep)
 
-    @kjit
-    def mu_block(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last):
-        """One persistent block per problem: all ``n_iter`` iterations in one launch."""
+    @cuda.jit(device=True)
+    def block_body(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last, pen):
+        """One persistent block per problem: all ``n_iter`` iterations in one launch
+        (``mu_block``, ``mu_block_pen``; ``eps`` and ``pen`` as in :func:`a_update`)."""
+        eps_s = s_eps(eps, pen)
         p = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         m = X.shape[1]
@@ -1027,9 +1070,9 @@ def _build(
         # site for sweep keeps the register allocation of a single copy.
         for it in range(0 if pg_valid else -1, n_iter):
             if it >= 0:
-                a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+                a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, pen, tid)
             # the P/G pass (it = -1) always accumulates: with n_iter = 0 its P, G are the result
-            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, 0, 1, t, m, t, eps, it >= 0,
+            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, 0, 1, t, m, t, eps_s, it >= 0,
                      acc_last or it < n_iter - 1 or it < 0, tid)
         for q in range(tid, m * n, tpb):
             A[p, q // n, q % n] = Ash[q]
@@ -1039,8 +1082,24 @@ def _build(
             for q in range(tid, nn, tpb):
                 G[p, q // n, q % n] = Gsh[q // n, q % n]
 
+    # Each MU kernel comes twice: plain, with the signature the benchmarks and
+    # tools compile (bench/sass_report.py), and "_pen" with the penalty's three
+    # scalars as trailing kernel parameters (``eps`` then is ε + l1_A). Both
+    # inline the same body; the plain one passes ``pen = None``, which compiles
+    # the penalty code out, so it is the same machine code as before penalties
+    # existed, and the "_pen" one is compiled only when a penalty is used.
+    @kjit
+    def mu_block(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last):
+        """One persistent block per problem: all ``n_iter`` iterations in one launch."""
+        block_body(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last, None)
+
+    @kjit
+    def mu_block_pen(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last, eps_s, l2a, l2s):
+        """:func:`mu_block` with L1/L2 penalties: ``eps`` is ε + l1_A, ``eps_s`` ε + l1_S."""
+        block_body(X, A, S, W, P, G, n_iter, eps, pg_valid, acc_last, (eps_s, l2a, l2s))
+
     @cuda.jit(device=True)
-    def grid_body(X, S, So, W, Ai, Pi, Gi, Ao, Po, Go, Pz, Gz, clear, eps, update, accumulate):
+    def grid_body(X, S, So, W, Ai, Pi, Gi, Ao, Po, Go, Pz, Gz, clear, eps, update, accumulate, pen):
         """One iteration (or, with ``update`` false, the P/G pass over S) by block
         ``blockIdx.x`` of ``gridDim.x`` on problem ``blockIdx.y``.
 
@@ -1048,7 +1107,9 @@ def _build(
         to ``So``; the block's P, G partials are added to ``Po``, ``Go``
         (which start at zero) when ``accumulate``; with ``clear``, block 0
         zeroes ``Pz``, ``Gz`` for a later launch. All arrays 3-D, per problem.
+        ``eps``, ``pen``: as in :func:`a_update` (every block shifts its own H).
         """
+        eps_s = s_eps(eps, pen)
         bx = cuda.blockIdx.x
         p = cuda.blockIdx.y
         nbx = cuda.gridDim.x
@@ -1072,7 +1133,7 @@ def _build(
             for q in range(tid, nn, tpb):
                 Gsh[q // n, q % n] = Gi[p, q // n, q % n]
             cuda.syncthreads()
-            a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+            a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, pen, tid)
             if bx == 0:
                 for q in range(tid, m * n, tpb):
                     Ao[p, q // n, q % n] = Ash[q]
@@ -1087,15 +1148,16 @@ def _build(
                 Pz[p, q // n, q % n] = 0
             for q in range(tid, nn, tpb):
                 Gz[p, q // n, q % n] = 0
-        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, bx, nbx, t, m, t, eps, update, accumulate, tid)
+        sweep_fn(X, S, So, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, bx, nbx, t, m, t, eps_s, update, accumulate,
+                 tid)
         if accumulate:
             for q in range(tid, m * n, tpb):
                 cuda.atomic.add(Po, (p, q // n, q % n), Psh[q])
             for q in range(tid, nn, tpb):
                 cuda.atomic.add(Go, (p, q // n, q % n), Gsh[q // n, q % n])
 
-    @kjit
-    def mu_grid_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
+    @cuda.jit(device=True)
+    def ring_body(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, pen):
         """One in-place iteration of the grid-mode loop (see :func:`grid_body`).
 
         Reads ``Ar[phase % 2]``, ``Pr/Gr[phase % 3]``; writes
@@ -1107,13 +1169,24 @@ def _build(
         nxt = (phase + 1) % 3
         old = (phase + 2) % 3
         grid_body(X, S, S, W, Ar[phase % 2], Pr[cur], Gr[cur], Ar[(phase + 1) % 2], Pr[nxt], Gr[nxt],
-                  Pr[old], Gr[old], True, eps, update, accumulate)
+                  Pr[old], Gr[old], True, eps, update, accumulate, pen)
+
+    @kjit
+    def mu_grid_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
+        """One in-place iteration of the grid-mode loop (:func:`ring_body`)."""
+        ring_body(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, None)
+
+    @kjit
+    def mu_grid_step_pen(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, eps_s, l2a, l2s):
+        """:func:`mu_grid_step` with L1/L2 penalties: ``eps`` is ε + l1_A, ``eps_s`` ε + l1_S."""
+        ring_body(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, (eps_s, l2a, l2s))
 
     TWK = TWP if regs else tpb  # pixels per tile of the sweep
 
-    @kjit
-    def mu_flat_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
-        """:func:`mu_grid_step` with the batch's tiles dealt evenly over a 1-D grid.
+    @cuda.jit(device=True)
+    def flat_body(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, pen):
+        """:func:`mu_grid_step` with the batch's tiles dealt evenly over a 1-D grid
+        (``mu_flat_step``, ``mu_flat_step_pen``; ``eps``, ``pen`` as in :func:`a_update`).
 
         The ``b · tiles`` (problem, tile) pairs, problem-major, are cut into
         ``gridDim.x`` contiguous ranges, one per block, so every block has the
@@ -1127,6 +1200,7 @@ def _build(
         # across the segment loop (ptxas then spilled ~500 B per thread)
         ai, ao = phase % 2, (phase + 1) % 2
         cur, nxt, old = phase % 3, (phase + 1) % 3, (phase + 2) % 3
+        eps_s = s_eps(eps, pen)
         tid = cuda.threadIdx.x
         b = X.shape[0]
         m = X.shape[1]
@@ -1159,7 +1233,7 @@ def _build(
                 for q in range(tid, nn, tpb):
                     Gsh[q // n, q % n] = Gr[cur, p, q // n, q % n]
                 cuda.syncthreads()
-                a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, tid)
+                a_update(Ash, Psh, Gsh, Hsh, W, wp, m, eps, pen, tid)
                 if c_lo == 0:
                     for q in range(tid, m * n, tpb):
                         Ar[ao, p, q // n, q % n] = Ash[q]
@@ -1174,7 +1248,7 @@ def _build(
                     Pr[old, p, q // n, q % n] = 0
                 for q in range(tid, nn, tpb):
                     Gr[old, p, q // n, q % n] = 0
-            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c_lo, 1, c_hi, m, t, eps, update,
+            sweep_fn(X, S, S, p, Ash, Hsh, Psh, Gsh, Ssh, Xsh, Xt, Rd, c_lo, 1, c_hi, m, t, eps_s, update,
                      accumulate, tid)
             if accumulate:
                 for q in range(tid, m * n, tpb):
@@ -1185,6 +1259,16 @@ def _build(
             q0 = (p + 1) * nt
 
     @kjit
+    def mu_flat_step(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate):
+        """:func:`mu_grid_step` with the batch's tiles dealt evenly over a 1-D grid (:func:`flat_body`)."""
+        flat_body(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, None)
+
+    @kjit
+    def mu_flat_step_pen(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, eps_s, l2a, l2s):
+        """:func:`mu_flat_step` with L1/L2 penalties: ``eps`` is ε + l1_A, ``eps_s`` ε + l1_S."""
+        flat_body(X, S, W, Ar, Pr, Gr, phase, eps, update, accumulate, (eps_s, l2a, l2s))
+
+    @kjit
     def layer_step(X, S, So, W, A, P, G, Ao, Po, Go, eps, update, accumulate):
         """One out-of-place iteration (a learned-MU layer's forward) in one launch.
 
@@ -1193,7 +1277,8 @@ def _build(
         ``Po``, ``Go``, which the caller zeroes. With ``update`` false it is
         the P/G pass over S alone (``Ao``, ``So`` untouched).
         """
-        grid_body(X, S, So, W, A, P, G, Ao, Po, Go, Po, Go, False, eps, update, accumulate)
+        # no penalty (the learned layers' forward): the same code as mu_grid_step's plain body
+        grid_body(X, S, So, W, A, P, G, Ao, Po, Go, Po, Go, False, eps, update, accumulate, None)
 
     @cuda.jit
     def sumsq(X, out):
@@ -1233,6 +1318,7 @@ def _build(
     return _Kernels(
         tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step,
         mu_flat_step=mu_flat_step, layer_step=layer_step, sumsq=sumsq, zero=zero,
+        mu_block_pen=mu_block_pen, mu_grid_step_pen=mu_grid_step_pen, mu_flat_step_pen=mu_flat_step_pen,
         device_funcs={"a_update": a_update, "sweep": sweep_fn},
     )
 
@@ -1471,6 +1557,38 @@ def _capture_graph(launch_range: Any, n_launch: int) -> Any:
     return graph
 
 
+#: ``mu_run``'s default penalty: none (plain MU)
+NO_PENALTY: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+def penalty_scalars(dtype: Any, eps: float, penalty: Sequence[float] | None) -> tuple[np.floating, ...] | None:
+    """The penalised kernels' scalars ``(ε + l1_A, ε + l1_S, l2_A, l2_S)`` in ``dtype``, or None
+    when ``penalty`` (four weights ``(l1_A, l2_A, l1_S, l2_S)``, or None) is all zeros.
+
+    The sums are formed in float64 and rounded once (as the CPU kernel does).
+    They are NumPy scalars of the arrays' dtype so that the kernels' float32
+    arithmetic stays float32 (a Python float would be typed float64).
+
+    Raises
+    ------
+    ValueError
+        Not four weights, or a negative or non-finite one.
+    """
+    if penalty is None:
+        return None
+    weights = tuple(float(v) for v in penalty)
+    if len(weights) != 4:
+        raise ValueError(f"penalty must be four weights (l1_A, l2_A, l1_S, l2_S), got {penalty!r}")
+    l1a, l2a, l1s, l2s = weights
+    if not any((l1a, l2a, l1s, l2s)):
+        return None
+    for name, v in zip(("l1_A", "l2_A", "l1_S", "l2_S"), (l1a, l2a, l1s, l2s)):
+        if not (0.0 <= v < float("inf")):  # also refuses NaN
+            raise ValueError(f"penalty weight {name} must be a finite number >= 0, got {v!r}")
+    f = np.dtype(dtype).type
+    return f(eps + l1a), f(eps + l1s), f(l2a), f(l2s)
+
+
 def mu_run(
     X: Any,
     A: Any,
@@ -1484,6 +1602,7 @@ def mu_run(
     accumulate_last: bool,
     stream: Any = 0,
     workspace: GridWorkspace | None = None,
+    penalty: Sequence[float] | None = NO_PENALTY,
 ) -> None:
     """Run ``n_iter`` fused (learned) MU iterations in place on device arrays ``A`` and ``S``.
 
@@ -1498,7 +1617,9 @@ def mu_run(
         ``(b, m, n)`` and ``(b, n, n)``: ``X Sᵀ`` and ``S Sᵀ`` of the current
         S. Read when ``pg_valid`` (carried between calls), recomputed
         otherwise; on return they hold the values for the returned S when
-        ``accumulate_last`` or when ``n_iter`` is 0.
+        ``accumulate_last`` or when ``n_iter`` is 0. Never shifted by the
+        penalty, so :func:`objective_from_pg` gives the data term and a
+        later call may use another penalty on carried P, G.
     n_iter
         Number of iterations (A update, then S update with the new A).
     eps
@@ -1511,12 +1632,25 @@ def mu_run(
         queued on it; nothing synchronises the host.
     workspace
         Grid-mode buffers and graphs to reuse between calls (optional).
+    penalty
+        ``(l1_A, l2_A, l1_S, l2_S)``: the L1/L2 weights of :mod:`fastmu.penalty`
+        (a plain tuple, a :class:`~fastmu.penalty.Penalty`, or None for none),
+        finite and ≥ 0. The updates become
+        ``A ⊙ W ⊙ P ⊘ (A (G + l2_A I) + ε + l1_A)`` and
+        ``S ⊙ (A'ᵀX) ⊘ ((A'ᵀA' + l2_S I) S + ε + l1_S)``. All zeros (the
+        default) launches the plain kernels: plain (learned) MU, bit for bit.
+        Otherwise the ``_pen`` kernels run, with ``ε + l1_A``, ``ε + l1_S``,
+        ``l2_A`` and ``l2_S`` (:func:`penalty_scalars`) as kernel parameters:
+        the L1 weights join ε, l2_A joins G's diagonal where the A update
+        reads it and l2_S the diagonal of ``A'ᵀA'`` once it is complete, so
+        nothing is added per pixel.
 
     Raises
     ------
     ValueError
         ``n`` above :data:`MAX_N`, inconsistent shapes, non-contiguous arrays,
-        or ``m`` too large for the block's shared memory.
+        ``m`` too large for the block's shared memory, or a negative or
+        non-finite penalty weight.
     TypeError
         Mixed dtypes or a dtype other than float32/float64.
     """
@@ -1527,23 +1661,29 @@ def mu_run(
     if n_iter == 0 and pg_valid:
         return
     dtype = np.dtype(X.dtype)
+    pen = penalty_scalars(dtype, eps, penalty)
     k, mode, bpp, dyn = _kernels_for(b, m, t, n, dtype)
     if mode == "grid" and b > _MAX_GRID_Y:  # a grid's y extent (the problems) is capped: deal the
         mode, bpp = "flat", bpp * b  # same blocks per problem over a 1-D grid instead
     tpb = k.tpb
-    epsd = dtype.type(eps)
+    if pen is None:  # the plain kernels, their parameters as before penalties existed
+        epsd, extra = dtype.type(eps), ()
+        block, grid_step, flat_step = k.mu_block, k.mu_grid_step, k.mu_flat_step
+    else:  # ε + l1_A in eps's place; ε + l1_S, l2_A, l2_S trailing (kernel parameters: constant bank)
+        epsd, extra = pen[0], pen[1:]
+        block, grid_step, flat_step = k.mu_block_pen, k.mu_grid_step_pen, k.mu_flat_step_pen
 
     if mode == "block":
-        k.mu_block[b, tpb, stream, dyn](X, A, S, W, P, G, n_iter, epsd, bool(pg_valid), bool(accumulate_last))
+        block[b, tpb, stream, dyn](X, A, S, W, P, G, n_iter, epsd, bool(pg_valid), bool(accumulate_last), *extra)
         return
 
     ws = workspace if workspace is not None else GridWorkspace()
     ws.prepare(b, m, n, dtype, stream)
     Ar, Pr, Gr = ws.Ar, ws.Pr, ws.Gr
-    kernel, grid = (k.mu_flat_step, (bpp,)) if mode == "flat" else (k.mu_grid_step, (bpp, b))
+    kernel, grid = (flat_step, (bpp,)) if mode == "flat" else (grid_step, (bpp, b))
 
     def step(s: Any, *args: Any) -> None:  # one launch per iteration: without Numba's per-call dispatch
-        launch(kernel, grid, tpb, s, dyn, *args)
+        launch(kernel, grid, tpb, s, dyn, *args, *extra)
 
     Ar[0].copy_to_device(A, stream=stream)
     if pg_valid:
@@ -1573,6 +1713,8 @@ def mu_run(
             done = 6
             gkey = (
                 _ptr(X), _ptr(S), _ptr(W), _ptr(Ar), _ptr(Pr), _ptr(Gr), float(epsd), grid, tpb, dtype.str,
+                # the kernel and its penalty scalars are baked into the captured launches too
+                id(kernel), tuple(float(v) for v in extra),
             )
             try:
                 if ws.graph_key != gkey:
@@ -1690,6 +1832,8 @@ __all__ = [
     "set_rows_per_thread",
     "zero_fill",
     "mu_run",
+    "NO_PENALTY",
+    "penalty_scalars",
     "objective_from_pg",
     "set_blocks_per_problem",
     "set_config",
