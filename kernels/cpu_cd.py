@@ -1,8 +1,8 @@
 """Fused coordinate-descent NMF kernels for the CPU (Numba, parallel).
 
-scikit-learn's ``solver="cd"`` update (cyclic, unregularised; the HALS
-update) with one pass over X per iteration, built from the MU kernels'
-parts (:mod:`fastmu.kernels.cpu`).
+scikit-learn's ``solver="cd"`` update (cyclic; the HALS update), with its
+L1/L2 regularisation (:mod:`fastmu.penalty`), with one pass over X per
+iteration, built from the MU kernels' parts (:mod:`fastmu.kernels.cpu`).
 
 The S half of a CD iteration is column-separable: pixel j's components are
 updated in turn from ``Aᵀ X_j`` and ``AᵀA`` alone. So, per column block of
@@ -18,6 +18,14 @@ Each coordinate's step is scikit-learn's ``_update_cdnmf_fast``: with
 the row already updated), the projected gradient ``pg`` (``min(grad, 0)`` at
 a coordinate that is 0) is added to the iteration's violation, and, unless
 ``G[k, k] = 0``, ``F[i, k] ← max(F[i, k] − grad / G[k, k], 0)``.
+
+Penalties are scikit-learn's (``_update_coordinate_descent``): a sweep runs
+on ``G + l2 I`` and ``P − l1`` (A's with ``l1_A``, ``l2_A``; S's on
+``H = AᵀA``, ``R = AᵀX`` with ``l1_S``, ``l2_S``), its violation included.
+The shifts are applied where the sweep reads ``G`` and ``P``
+(:func:`_s_cd_block`), never stored: ``P`` and ``G`` keep their meaning,
+``X Sᵀ`` and ``S Sᵀ``, between calls (``pg_valid``), and a Gram matrix
+summed from partials is shifted once.
 
 Arrays are C-contiguous and share one float dtype: ``X (b, m, t)``,
 ``A (b, m, n)``, ``S (b, n, t)``, ``P (b, m, n)``, ``G (b, n, n)``; X's rows
@@ -59,8 +67,9 @@ from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga):
-    """One CD sweep over the components of A (in place) from ``P``, ``G``; then ``H = AᵀA``.
+def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga, l1, l2):
+    """One CD sweep over the components of A (in place) from ``P − l1``, ``G + l2 I``;
+    then ``H = AᵀA`` (unshifted: S's sweep adds its own weights).
 
     A's rows are independent, so the sweep is S's (:func:`_s_cd_block`) on
     the transposed problem: ``Aᵀ`` and ``Pᵀ`` are copied into the scratch
@@ -73,7 +82,7 @@ def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga):
         for k in range(n):
             Ft[k, i] = Ap[i, k]
             Rt[k, i] = Pp[i, k]
-    v = _s_cd_block(Gp, Ft, 0, m, Rt, ga)
+    v = _s_cd_block(Gp, Ft, 0, m, Rt, ga, l1, l2)
     for i in range(m):
         for k in range(n):
             Ap[i, k] = Ft[k, i]
@@ -83,24 +92,36 @@ def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _s_cd_block(Hp, Sp, j0, L, R, gk):
+def _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2):
     """CD sweep over the components of S's pixels ``j0 … j0+L−1`` (in place), from
-    ``R[:, :L] = (AᵀX)`` of the block and ``H = AᵀA``; ``gk`` (≥ L) is scratch.
+    ``R[:, :L] = (AᵀX)`` of the block and ``H = AᵀA``, penalised: the sweep of
+    scikit-learn on ``R − l1`` and ``H + l2 I``; ``gk`` (≥ L) is scratch.
+
+    The shifts are applied here, as the sweep reads R and H, so that neither
+    is modified (the callers' P, G carry over between calls unshifted). They
+    are rounded to the arrays' dtype first, as scikit-learn's in-place
+    ``HHt.flat[::n+1] += l2`` and ``XHt -= l1`` round them, and so that the
+    float32 loop stays float32. With zero weights every value is today's:
+    ``r − 0`` is ``r`` and ``h + 0`` is ``h`` (a Gram diagonal is not −0).
 
     Vectorised over the pixels: component k's gradient for the whole block,
     then its step. Returns the block's violation (float64).
     """
     n = Sp.shape[0]
     z = Sp.dtype.type(0)
+    l1c = Sp.dtype.type(l1)
+    l2c = Sp.dtype.type(l2)
     v = 0.0
     g = gk[:L]
     for k in range(n):
-        hess = Hp[k, k]
+        hess = Hp[k, k] + l2c
         rk = R[k, :L]
         for jj in range(L):
-            g[jj] = -rk[jj]
+            g[jj] = -(rk[jj] - l1c)
         for r in range(n):  # rows r < k already hold this sweep's values
             h = Hp[k, r]
+            if r == k:
+                h += l2c
             sr = Sp[r, j0 : j0 + L]
             for jj in range(L):
                 g[jj] += h * sr[jj]
@@ -116,15 +137,16 @@ def _s_cd_block(Hp, Sp, j0, L, R, gk):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot):
-    """S's CD sweep on one column block, then its ``X S'ᵀ``, ``S'S'ᵀ`` added to ``Pc``, ``Gc``.
+def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot, l1, l2):
+    """S's CD sweep on one column block (on ``AᵀX − l1``, ``H + l2 I``: S's weights), then
+    its ``X S'ᵀ``, ``S'S'ᵀ`` (unshifted) added to ``Pc``, ``Gc``.
 
     Returns the block's violation.
     """
     m = Xp.shape[0]
     n = Sp.shape[0]
     _r_block(Xp, Ap, m, n, j0, L, R, hot)
-    v = _s_cd_block(Hp, Sp, j0, L, R, gk)
+    v = _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2)
     for k in range(n):  # the new S, contiguous, for the fused second use of the block
         for jj in range(L):
             R[k, jj] = Sp[k, j0 + jj]
@@ -134,7 +156,7 @@ def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
+def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen):
     """:func:`cd_run` with the rows shared out (``cpp`` chunks per problem; :func:`row_chunks`).
 
     Per iteration two parallel regions. Over the chunks: the chunk's rows of
@@ -143,11 +165,14 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
     blocks of pixels: the parts summed in chunk order, S's sweep, and the
     block's part of ``S'S'ᵀ``. After the last iteration one more pass over the
     chunks leaves ``P`` for the returned S. Violations: A's from the chunks,
-    S's from the pixel blocks, each added in order.
+    S's from the pixel blocks, each added in order. ``pen``: the weights
+    ``(l1_A, l2_A, l1_S, l2_S)``; S's sweep reads the summed ``AᵀA``, so its
+    ``l2_S`` goes on once, not on each chunk's part.
     """
     b, m = X.shape[0], X.shape[1]
     n = A.shape[2]
     dt = X.dtype
+    l1a, l2a, l1s, l2s = pen
     rpc, tb, nsu, Rpart, Hpart, Gpart, Rsum, H, Rb = _rows_state(X, A, S, G, pg_valid, cpp, nthreads)
     vpart = np.zeros(b * cpp, np.float64)
     vs = np.zeros(b * nsu, np.float64)
@@ -165,7 +190,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
                 _rows_p(Xc, S[p], P[p, r0:r1], tb, Rb[tid])
             if not last:
                 Ac = A[p, r0:r1]
-                vpart[c] = _a_cd(Ac, P[p, r0:r1], G[p], Hpart[c], Ft[tid], Rt[tid], ga[tid])
+                vpart[c] = _a_cd(Ac, P[p, r0:r1], G[p], Hpart[c], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
                 _rows_r(Xc, Ac, Rpart[c], tb, Rb[tid])
             leave_ftz(fp)
         if last:
@@ -176,7 +201,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
             tid = nb.get_thread_id()
             R = Rb[tid]
             p, j0, L = _s_unit(u, nsu, Rsum, R)
-            vs[u] = _s_cd_block(H[p], S[p], j0, L, R, ga[tid])
+            vs[u] = _s_cd_block(H[p], S[p], j0, L, R, ga[tid], l1s, l2s)
             for k in range(n):  # the new S, contiguous
                 for jj in range(L):
                     R[k, jj] = S[p, k, j0 + jj]
@@ -193,7 +218,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp):
             viol[it, p] = v
 
 
-def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
+def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0.0, 0.0)) -> None:
     """Run ``n_iter`` fused CD iterations (A's sweep, then S's) in place on ``A`` and ``S``.
 
     Parameters
@@ -203,7 +228,8 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
     P, G
         ``X Sᵀ`` and ``S Sᵀ`` of the current S: read when ``pg_valid`` (they
         carry over between calls), recomputed otherwise; on return they hold
-        the values for the returned S.
+        the values for the returned S. Never shifted by the penalty, so a
+        run continued with ``pg_valid`` from a penalised call is the same run.
     n_iter
         Number of iterations.
     viol
@@ -211,6 +237,11 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
         of iteration ``it`` (A's sweep plus S's), as scikit-learn sums it.
     nthreads
         ``numba.config.NUMBA_NUM_THREADS`` (sizes the per-thread scratch).
+    penalty
+        ``(l1_A, l2_A, l1_S, l2_S)``, finite and ``>= 0``
+        (:class:`fastmu.penalty.Penalty`, or any sequence of four reals):
+        the sweeps are scikit-learn's regularised ones (module docstring).
+        Zeros (the default) give the unpenalised iterates bit for bit.
 
     Notes
     -----
@@ -222,14 +253,18 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads) -> None:
     """
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
+    # a plain tuple of floats: one compiled signature, whatever sequence (a Penalty is a
+    # NamedTuple, which Numba would type, and compile for, separately)
+    l1a, l2a, l1s, l2s = penalty
+    pen = (float(l1a), float(l2a), float(l1s), float(l2s))
     which = schedule(b, m, t, X.itemsize, nthreads)  # MU's choice, for the same reasons
     if which == "rows":  # tall X, few pixels: share out the rows
         cpp = row_chunks(b, m, t, X.itemsize, nthreads)
-        _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp)
+        _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen)
     elif which == "problem-major":
-        _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
+        _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen)
     else:
-        _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads)
+        _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen)
 
 
 @nb.njit(cache=True)
@@ -243,8 +278,10 @@ def _cd_scratch(X, n, nthreads):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
-    """Problem-major: each thread runs every iteration of its own problems."""
+def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
+    """Problem-major: each thread runs every iteration of its own problems (``pen``: the
+    weights ``(l1_A, l2_A, l1_S, l2_S)``)."""
+    l1a, l2a, l1s, l2s = pen
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
     n = A.shape[2]
@@ -263,25 +300,29 @@ def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             Gp[:, :] = 0
             _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
         for it in range(n_iter):
-            v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid])
+            v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
             Pp[:, :] = 0
             Gp[:, :] = 0
             for blk in range(nblk):
                 j0 = blk * tb
-                v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot)
+                v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot,
+                               l1s, l2s)
             viol[it, p] = v
         leave_ftz(fp)
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
+def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
     """Block-parallel, as MU's (:func:`fastmu.kernels.cpu._mu_block_parallel`).
 
     Every chunk sums its problem's partial P, G and repeats the tiny A sweep
     itself (the same inputs give every chunk the same A); A and the partials
     are double-buffered. A's violation is counted by the problem's first
-    chunk; the chunks' sums are added in chunk order.
+    chunk; the chunks' sums are added in chunk order. ``pen``: the weights
+    ``(l1_A, l2_A, l1_S, l2_S)``, applied by the sweeps to the summed P, G and
+    each chunk's own ``H``, never to the partials.
     """
+    l1a, l2a, l1s, l2s = pen
     b, m = X.shape[0], X.shape[1]
     t = S.shape[2]
     n = A.shape[2]
@@ -303,7 +344,7 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             tid = nb.get_thread_id()
             _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
             _copy(Al[tid], Abuf[src, p])
-            va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid])
+            va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
             if c % cpp == 0:
                 _copy(Abuf[dst, p], Al[tid])
             Ppart[dst, c] = 0
@@ -312,7 +353,7 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads):
             c0, c1 = _chunk_pixels(c, cpp, pc, t)
             for j0 in range(c0, c1, tb):
                 v += _cd_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), Ppart[dst, c], Gpart[dst, c],
-                               R[tid], gk[tid], hot)
+                               R[tid], gk[tid], hot, l1s, l2s)
             vpart[c] = v
             leave_ftz(fp)
         for p in range(b):

@@ -1,5 +1,6 @@
-"""Batched coordinate-descent NMF: scikit-learn's ``solver="cd"`` update, in a fused Numba
-kernel on CPU arrays (:mod:`fastmu.kernels.cpu_cd`) and in torch operations on any device."""
+"""Batched coordinate-descent NMF: scikit-learn's ``solver="cd"`` update (with its L1/L2
+regularisation, :mod:`fastmu.penalty`), in a fused Numba kernel on CPU arrays
+(:mod:`fastmu.kernels.cpu_cd`) and in torch operations on any device."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fastmu.dispatch import TorchEngine
+from fastmu.penalty import NONE, Penalty, check_penalty
 from fastmu.solver import INITS, _cast, _check_X, _initial_factors
 from fastmu.validation import callback_says_stop, check_positive_int, check_tol, raise_if_not_finite
 
@@ -27,25 +29,34 @@ def cd(
     callback_every: int = 1,
     progress: bool = False,
     return_n_iter: bool = False,
+    l1_A: float = 0.0,
+    l2_A: float = 0.0,
+    l1_S: float = 0.0,
+    l2_S: float = 0.0,
 ) -> tuple[Any, Any] | tuple[Any, Any, int]:
-    """Factorise ``X ≈ A S`` by cyclic coordinate descent (Frobenius loss).
+    """Factorise ``X ≈ A S`` by cyclic coordinate descent (Frobenius loss, optionally
+    with L1/L2 penalties on the factors).
 
-    The update of scikit-learn's ``NMF(solver="cd", shuffle=False)`` without
-    regularisation (the HALS / FastHALS update of Cichocki & Phan), batched
-    over problems: in a fused Numba kernel for CPU arrays (one pass over X
-    per iteration), in torch operations on other devices. One iteration
-    updates A, then S with the new A.
-    For A, with ``G = S Sᵀ`` and ``P = X Sᵀ``, components ``k = 0 … n−1``
-    in turn::
+    The update of scikit-learn's ``NMF(solver="cd", shuffle=False)`` (the
+    HALS / FastHALS update of Cichocki & Phan), with its regularisation,
+    batched over problems: in a fused Numba kernel for CPU arrays (one pass
+    over X per iteration), in torch operations on other devices. It
+    minimises::
+
+        ½‖X − A S‖²_F + l1_A ‖A‖₁ + ½ l2_A ‖A‖²_F + l1_S ‖S‖₁ + ½ l2_S ‖S‖²_F
+
+    (all weights 0 by default: plain CD). One iteration updates A, then S
+    with the new A. For A, with ``G = S Sᵀ + l2_A I`` and
+    ``P = X Sᵀ − l1_A``, components ``k = 0 … n−1`` in turn::
 
         A[:, k] ← max(A[:, k] − ((A G)[:, k] − P[:, k]) / G[k, k], 0)
 
     where ``A G`` uses the columns already updated in this sweep, and a
     component with ``G[k, k] = 0`` is left as it is. S is updated the same
-    way on the transposed problem (``G = Aᵀ A``, ``P = Aᵀ X``, rows of S).
-    Each step minimises the objective exactly over one column, so
-    ``‖X − A S‖`` never increases. From the same start the iterates are
-    scikit-learn's to rounding.
+    way on the transposed problem (``G = Aᵀ A + l2_S I``,
+    ``P = Aᵀ X − l1_S``, rows of S). Each step minimises the objective
+    exactly over one column, so the objective never increases. From the
+    same start the iterates are scikit-learn's to rounding.
 
     Parameters
     ----------
@@ -89,6 +100,14 @@ def cd(
         Also return the number of iterations run (fewer than ``n_iter``
         where ``tol`` or the callback stopped the run), as scikit-learn's
         ``non_negative_factorization`` does.
+    l1_A, l2_A, l1_S, l2_S : float, default 0.0
+        Penalty weights (finite, ``>= 0``): L1 and L2 on A, L1 and L2 on S,
+        as in the objective above. They are scikit-learn's ``l1_reg_W``,
+        ``l2_reg_W``, ``l1_reg_H``, ``l2_reg_H`` with ``A = W``, ``S = H``
+        (its private ``_fit_coordinate_descent``; the ``NMF`` estimator
+        derives them from ``alpha_W``, ``alpha_H`` and ``l1_ratio``, see
+        :func:`fastmu.penalty.from_sklearn`). The violation of the ``tol``
+        rule is then the penalised objective's, as scikit-learn's.
 
     Returns
     -------
@@ -111,9 +130,10 @@ def cd(
     >>> bool(np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 0.05)
     True
     """
+    penalty = check_penalty(l1_A, l2_A, l1_S, l2_S)
     A, S, done = _solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, init=init,
                         random_state=random_state, callback=callback,
-                        callback_every=callback_every, progress=progress)
+                        callback_every=callback_every, progress=progress, penalty=penalty)
     return (A, S, done) if return_n_iter else (A, S)
 
 
@@ -131,16 +151,20 @@ def _solve(
     callback_every: int = 1,
     progress: bool = False,
     order: np.random.RandomState | None = None,
+    penalty: Penalty | None = None,
 ) -> tuple[Any, Any, int]:
     """:func:`cd`, also returning the number of iterations run.
 
     ``order``: visit the components of each sweep in the order of a fresh
     ``order.permutation(n)`` (A's drawn before S's), as scikit-learn's
     ``shuffle=True``; drawn after the start, so a RandomState shared with
-    ``random_state`` is used in scikit-learn's order.
+    ``random_state`` is used in scikit-learn's order. ``penalty``: the
+    weights ``(l1_A, l2_A, l1_S, l2_S)`` (a :class:`fastmu.penalty.Penalty`
+    or four reals, validated here too); None for none.
     """
     import torch
 
+    penalty = _check_penalty_arg(penalty)
     n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
     callback_every = check_positive_int(callback_every, "callback_every")
     tol = check_tol(tol)
@@ -167,7 +191,7 @@ def _solve(
             return callback_says_stop(callback(done, release(At, True), release(S, False)))
 
         done = _iterate(Xt, At, S, n_iter, tol, order=order, on_iter=on_iter if callback is not None else None,
-                        every=callback_every, progress=progress)
+                        every=callback_every, progress=progress, penalty=penalty)
 
         raise_if_not_finite(Xt, At, S, "torch", dtype, "Coordinate descent")
         A_out = release(At.mT.contiguous(), False)
@@ -175,9 +199,22 @@ def _solve(
     return A_out, S_out, done
 
 
+def _check_penalty_arg(penalty: Any) -> Penalty:
+    """``penalty`` of :func:`_solve` / :func:`_iterate` as a validated :class:`Penalty` (None: none)."""
+    if penalty is None:
+        return NONE
+    try:
+        weights = tuple(penalty)
+    except TypeError:
+        raise TypeError(f"penalty must be a Penalty or 4 weights, got {type(penalty).__name__}") from None
+    if len(weights) != 4:
+        raise ValueError(f"penalty must have 4 weights (l1_A, l2_A, l1_S, l2_S), got {len(weights)}")
+    return check_penalty(*weights)
+
+
 def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update_S: bool = True,
              order: np.random.RandomState | None = None, on_iter: Callable[[int], bool] | None = None,
-             every: int = 1, progress: bool = False) -> int:
+             every: int = 1, progress: bool = False, penalty: Penalty | None = None) -> int:
     """scikit-learn's CD iterations on ``Xt (b, m, t)``, ``At = Aᵀ (b, n, m)``, ``S (b, n, t)``, in place.
 
     One iteration sweeps A's components, then S's with the new A (S stays
@@ -188,6 +225,11 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     at which all have. ``on_iter(done)``, called after every ``every``
     iterations, returning True stops too. Returns the number of iterations run.
 
+    ``penalty`` (:class:`fastmu.penalty.Penalty`, None for none): A's sweeps
+    run on ``S Sᵀ + l2_A I`` and ``S Xᵀ − l1_A``, S's on ``AᵀA + l2_S I``
+    and ``AᵀX − l1_S``, as scikit-learn's; with ``update_S=False`` only A's
+    weights are used.
+
     On CPU tensors in natural order with S updated (:func:`cd`,
     ``NMF(solver="cd")``'s fit without shuffling), the iterations run in the
     fused Numba kernel (:mod:`fastmu.kernels.cpu_cd`, one pass over X per
@@ -197,11 +239,13 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
 
     from fastmu import fork_safety
 
+    penalty = _check_penalty_arg(penalty)
     if Xt.device.type == "cpu":  # the kernel, or torch's OpenMP, in a forked child
         fork_safety.check_cpu_kernels_usable()
     if (update_S and order is None and Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
             and At.dtype == S.dtype == Xt.dtype and S.is_contiguous()):
-        return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress)
+        return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress, penalty)
+    l1_A, l2_A, l1_S, l2_S = penalty
     want_violation = tol is not None
     if not update_S:
         G_a, P_a = torch.bmm(S, S.mT), torch.bmm(S, Xt.mT)
@@ -216,9 +260,10 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
         while done < n_iter:
             if update_S:  # A: G = S Sᵀ, P = (X Sᵀ)ᵀ = S Xᵀ
                 G_a, P_a = torch.bmm(S, S.mT), torch.bmm(S, Xt.mT)
-            violation = _ordered_sweep(At, G_a, P_a, want_violation, order)
+            violation = _ordered_sweep(At, G_a, P_a, want_violation, order, l1_A, l2_A)
             if update_S:  # S with the new A: G = Aᵀ A, P = Aᵀ X
-                v_s = _ordered_sweep(S, torch.bmm(At, At.mT), torch.bmm(At, Xt), want_violation, order)
+                v_s = _ordered_sweep(S, torch.bmm(At, At.mT), torch.bmm(At, Xt), want_violation, order,
+                                     l1_S, l2_S)
                 violation = violation + v_s if want_violation else None
             done += 1
             if bar is not None:
@@ -253,11 +298,13 @@ class _Stopping:
 
 
 def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
-                   on_iter: Callable[[int], bool] | None, every: int, progress: bool) -> int:
+                   on_iter: Callable[[int], bool] | None, every: int, progress: bool,
+                   penalty: Penalty = NONE) -> int:
     """:func:`_iterate` on the CPU kernel: calls of :func:`fastmu.kernels.cpu_cd.cd_run` of as
     many iterations as the stopping rule, the callback and the progress bar allow (one at a
     time under ``tol``, since a batch stops at the first iteration where all have converged),
-    with ``P``, ``G`` carried from call to call, so slicing adds no pass over X."""
+    with ``P``, ``G`` carried from call to call, so slicing adds no pass over X (the kernel
+    applies the penalty as it reads them, so they carry over unshifted)."""
     import numba
     import torch
 
@@ -283,10 +330,11 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     pg_valid = False
     viol = np.zeros((0, b))
     filled = 0
+    pen = tuple(float(w) for w in penalty)  # a plain tuple for the compiled kernel
 
     def advance(kk: int) -> None:  # the next kk iterations, their violations in viol's next rows
         nonlocal pg_valid, filled
-        cpu_cd.cd_run(X, A, Sn, P, G, kk, pg_valid, viol[filled:filled + kk], nthreads)
+        cpu_cd.cd_run(X, A, Sn, P, G, kk, pg_valid, viol[filled:filled + kk], nthreads, pen)
         pg_valid = True
         filled += kk
 
@@ -322,29 +370,41 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     return done
 
 
-def _ordered_sweep(F: Any, G: Any, P: Any, want_violation: bool, order: np.random.RandomState | None) -> Any:
-    """:func:`_sweep` in natural order, or in the order of ``order.permutation(n)``."""
+def _ordered_sweep(F: Any, G: Any, P: Any, want_violation: bool, order: np.random.RandomState | None,
+                   l1: float = 0.0, l2: float = 0.0) -> Any:
+    """:func:`_sweep` (penalised by ``l1``, ``l2``) in natural order, or in the order of
+    ``order.permutation(n)``."""
     if order is None:
-        return _sweep(F, G, P, want_violation)
+        return _sweep(F, G, P, want_violation, l1, l2)
     import torch
 
-    # a sweep in the order p is the natural-order sweep of the permuted problem
+    # a sweep in the order p is the natural-order sweep of the permuted problem (whose
+    # penalty is the same: l2 I permutes to itself, l1 is the same for every entry)
     p = torch.as_tensor(np.asarray(order.permutation(F.shape[1]), dtype=np.int64), device=F.device)
     Fp = F[:, p].contiguous()
-    v = _sweep(Fp, G[:, p][:, :, p].contiguous(), P[:, p].contiguous(), want_violation)
+    v = _sweep(Fp, G[:, p][:, :, p].contiguous(), P[:, p].contiguous(), want_violation, l1, l2)
     F[:, p] = Fp
     return v
 
 
-def _sweep(F: Any, G: Any, P: Any, want_violation: bool) -> Any:
+def _sweep(F: Any, G: Any, P: Any, want_violation: bool, l1: float = 0.0, l2: float = 0.0) -> Any:
     """One cyclic CD pass over the rows of ``F (b, n, r)`` in place, for ``min ½‖·‖²``
-    with Gram matrix ``G (b, n, n)`` and linear term ``P (b, n, r)``.
+    with Gram matrix ``G (b, n, n)`` and linear term ``P (b, n, r)``, penalised by
+    ``l1 ‖F‖₁ + ½ l2 ‖F‖²``: scikit-learn's sweep on ``G + l2 I`` and ``P − l1``.
 
-    Returns the per-problem sum of |projected gradient| (float64, shape (b,))
-    when ``want_violation``, else None.
+    ``G`` and ``P`` are not modified (the shifts go on copies), so a caller may
+    reuse them. Returns the per-problem sum of |projected gradient| (float64,
+    shape (b,)) when ``want_violation``, else None.
     """
     import torch
 
+    # in the tensors' dtype, as scikit-learn's in-place shifts of HHt and XHt;
+    # skipped at 0, so that an unpenalised sweep is today's, bit for bit
+    if l2 != 0.0:
+        G = G.clone()
+        G.diagonal(dim1=-2, dim2=-1).add_(l2)
+    if l1 != 0.0:
+        P = P - l1
     b, n, _ = F.shape
     violation = torch.zeros(b, dtype=torch.float64, device=F.device) if want_violation else None
     for k in range(n):
