@@ -27,6 +27,7 @@ import numpy as np
 
 from fastmu import EPS
 from fastmu.interop import ArrayKind, array_kind
+from fastmu.penalty import Penalty, from_sklearn
 from fastmu.solver import SVD_INITS
 from fastmu.validation import (
     _module,
@@ -126,8 +127,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``sqrt(mean(X) / n_components)``.
     solver : {"mu", "cd"}, default "mu"
         ``"mu"``: multiplicative updates. ``"cd"``: cyclic coordinate descent
-        (scikit-learn's update, without regularisation); each iteration
-        sweeps the components of W, then those of H.
+        (scikit-learn's update); each iteration sweeps the components of W,
+        then those of H.
     beta_loss : {"frobenius", 2}, default "frobenius"
         Accepted for drop-in use; only the Frobenius loss is implemented.
     tol : float, default 1e-4
@@ -143,10 +144,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Seed of the random start, and with ``shuffle=True`` of the order of
         the components (scikit-learn's use of it, both).
     alpha_W, alpha_H, l1_ratio : default 0.0, "same", 0.0
-        scikit-learn's regularisation, accepted for drop-in use at its
-        defaults (no regularisation, which is all fastmu implements):
-        ``alpha_W`` or ``alpha_H`` above 0 raise a ``ValueError``.
-        ``l1_ratio`` (in [0, 1]) then has no effect, as in scikit-learn.
+        scikit-learn's regularisation, with both solvers: the objective gains
+        ``alpha_W·n_features·(l1_ratio‖W‖₁ + ½(1 − l1_ratio)‖W‖²_F)`` and the
+        same for H with ``alpha_H`` (``"same"``: ``alpha_W``) and
+        ``n_samples``. The fused kernels take these penalties at no cost per
+        pixel (:func:`fastmu.mu`'s ``l1_A`` … ``l2_S``). ``tol`` measures the
+        data term alone, and ``reconstruction_err_`` is ``‖X − W H‖``, as in
+        scikit-learn.
     verbose : int, default 0
         Above 0: a progress bar over the iterations.
     shuffle : bool, default False
@@ -266,6 +270,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self._check_params()
         X = self._validate_X(X, reset=True)
         n_samples, n_features = X.shape
+        pen = self._penalty(n_samples, n_features)
         n = self._rank(n_features, W, H)
         init = self.init
         if init is None:
@@ -291,12 +296,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         run = dict(tol=tol if tol > 0 else None, eps=self.eps, backend=self.backend,
                    progress=bool(self.verbose), tol_on_norm=True)
         if self.solver == "cd":  # on X as given, either orientation: no transposed run needed
-            A, S, n_iter = self._fit_cd(X, n, A0, S0, init, max_iter, tol)
+            A, S, n_iter = self._fit_cd(X, n, A0, S0, init, max_iter, tol, pen)
         elif n_samples <= n_features:
             A, S, n_iter = solve(X, None if A0 is not None else n, A0=A0, S0=S0, n_iter=max_iter, init=init,
-                                 random_state=self.random_state, **run)
+                                 random_state=self.random_state, penalty=pen, **run)
         else:
-            A, S, n_iter = self._fit_tall(X, n, A0, S0, init, max_iter, run)
+            A, S, n_iter = self._fit_tall(X, n, A0, S0, init, max_iter, run, pen)
         if tol > 0 and n_iter == self.max_iter:
             warnings.warn(f"Maximum number of iterations {self.max_iter} reached. Increase it to improve "
                           "convergence.", ConvergenceWarning, stacklevel=caller_stacklevel())
@@ -307,7 +312,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return A
 
     def _fit_cd(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
-                tol: float) -> tuple[Any, Any, int]:
+                tol: float, pen: Penalty) -> tuple[Any, Any, int]:
         """fit for ``solver="cd"``: scikit-learn's ``_fit_coordinate_descent`` from fastmu's start.
 
         ``tol`` goes to the solver even when 0, as scikit-learn applies its
@@ -326,10 +331,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # from a shared RandomState
             order = _check_random_state(self.random_state)
         return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
-                      init=init, random_state=self.random_state, progress=bool(self.verbose), order=order)
+                      init=init, random_state=self.random_state, progress=bool(self.verbose), order=order,
+                      penalty=pen)
 
     def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
-                  run: dict[str, Any]) -> tuple[Any, Any, int]:
+                  run: dict[str, Any], pen: Penalty) -> tuple[Any, Any, int]:
         """fit for ``n_samples > n_features``, on ``Xᵀ`` (features × samples).
 
         fastmu's kernels stream over the second axis of X (pixels): a tall X
@@ -339,6 +345,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         W once before (from scikit-learn's start) and H once after: the
         iterates are scikit-learn's. Only the ``tol`` checks fall half an
         iteration later (at ``(W_{i+1}, H_i)`` rather than ``(W_i, H_i)``).
+        The penalty on W becomes the penalty on ``Sᵀ`` there, and H's on ``Aᵀ``.
         """
         from fastmu.interop import numpy_to_kind
         from fastmu.solver import _host, _per_problem_means, initial_factors, solve
@@ -358,12 +365,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         with np.errstate(over="ignore", invalid="ignore"):
             if run["tol"] is not None:  # scikit-learn's scale: the residual at its start
                 run = dict(run, tol_initial=_frobenius(X, W0, H0))
-            W = W0 * ((X @ H0.T) / (W0 @ (H0 @ H0.T) + eps))  # W₁
+            W = W0 * ((X @ H0.T) / _penalised(W0 @ (H0 @ H0.T) + eps, W0, pen.l1_A, pen.l2_A))  # W₁
         _raise_if_overflowed(X, W, H0)
-        Ht, Wt, done = solve(_transposed(X), A0=_transposed(H0), S0=_transposed(W), n_iter=max_iter - 1, **run)
+        Ht, Wt, done = solve(_transposed(X), A0=_transposed(H0), S0=_transposed(W), n_iter=max_iter - 1,
+                             penalty=pen.transposed(), **run)
         W, H = _transposed(Wt), _transposed(Ht)
         with np.errstate(over="ignore", invalid="ignore"):
-            H = H * ((W.T @ X) / ((W.T @ W) @ H + eps))  # H_k
+            H = H * ((W.T @ X) / _penalised((W.T @ W) @ H + eps, H, pen.l1_S, pen.l2_S))  # H_k
         _raise_if_overflowed(X, W, H)
         return W, H, done + 1
 
@@ -380,11 +388,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise TypeError(f"X is a {array_kind(X)} array but the model was fitted on {array_kind(H)} "
                             "arrays; pass the same kind")
         X = _cast_like(X, H)
+        pen = self._penalty(*X.shape)  # scikit-learn's: from the new X's shape (W's weights need n_features)
         if self.solver == "cd":
-            return self._transform_cd(X, H)
-        return _solve_w(X, H, int(self.max_iter), float(self.tol), float(self.eps))
+            return self._transform_cd(X, H, pen)
+        return _solve_w(X, H, int(self.max_iter), float(self.tol), float(self.eps), pen)
 
-    def _transform_cd(self, X: Any, H: Any) -> Any:
+    def _transform_cd(self, X: Any, H: Any, pen: Penalty) -> Any:
         import torch
 
         from fastmu.baselines.coordinate_descent import _iterate
@@ -398,7 +407,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             Ht = TorchEngine.adopt(H, Xt)[None]
             Wt = torch.zeros((1, Ht.shape[1], Xt.shape[1]), dtype=Xt.dtype, device=Xt.device)
             order = _check_random_state(self.random_state) if self.shuffle else None
-            n_iter = _iterate(Xt, Wt, Ht, max_iter, tol, update_S=False, order=order)
+            n_iter = _iterate(Xt, Wt, Ht, max_iter, tol, update_S=False, order=order, penalty=pen)
             W = TorchEngine.release(Wt[0].mT.contiguous(), kind, X)
         if tol > 0 and n_iter == max_iter:
             warnings.warn(f"Maximum number of iterations {max_iter} reached. Increase it to improve "
@@ -422,21 +431,21 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return _cast_like(W, self.components_) @ self.components_
 
     # -- checks ----------------------------------------------------------------
-    def _check_regularisation(self) -> None:
-        """scikit-learn's alpha_W, alpha_H, l1_ratio: valid values, and no regularisation."""
+    def _penalty(self, n_samples: int, n_features: int) -> Penalty:
+        """scikit-learn's alpha_W, alpha_H, l1_ratio, checked, as the :class:`~fastmu.penalty.Penalty`
+        on ``A = W``, ``S = H`` of an X of this shape (scikit-learn's ``_compute_regularization``)."""
         def real(value: Any, name: str, high: float = math.inf, also: str = "") -> float:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= high:
-                bound = "a number >= 0" if high == math.inf else f"a number in [0, {high:g}]"
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= high
+                    or not math.isfinite(value)):
+                bound = "a finite number >= 0" if high == math.inf else f"a number in [0, {high:g}]"
                 raise ValueError(f"{name} must be {bound}{also}, got {value!r}")
             return float(value)
 
         alpha_W = real(self.alpha_W, "alpha_W")
         same = isinstance(self.alpha_H, str) and self.alpha_H == "same"
         alpha_H = alpha_W if same else real(self.alpha_H, "alpha_H", also=" or 'same'")
-        real(self.l1_ratio, "l1_ratio", 1.0)
-        if alpha_W > 0 or alpha_H > 0:
-            raise ValueError(f"fastmu does not implement regularisation: alpha_W and alpha_H must be 0 (got "
-                             f"alpha_W={self.alpha_W!r}, alpha_H={self.alpha_H!r}); scikit-learn's NMF does")
+        l1_ratio = real(self.l1_ratio, "l1_ratio", 1.0)
+        return from_sklearn(alpha_W, alpha_H, l1_ratio, n_samples, n_features)
 
     def _check_params(self) -> None:
         if not isinstance(self.solver, str) or self.solver not in _SOLVERS:
@@ -446,7 +455,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"fastmu implements beta_loss='frobenius' only, got {self.beta_loss!r}")
         if self.init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
-        self._check_regularisation()
+        self._penalty(1, 1)
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if (isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not math.isfinite(self.tol)
@@ -614,12 +623,23 @@ def _check_random_state(seed: Any) -> np.random.RandomState:
                      f"scikit-learn's numbers, from a RandomState as scikit-learn does), got {seed!r}")
 
 
-def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:
-    """W ≥ 0 minimising ``‖X − W H‖`` with H fixed, by multiplicative updates of W alone.
+def _penalised(den: Any, F: Any, l1: float, l2: float) -> Any:
+    """A denominator of the multiplicative update of factor F with its L1/L2 weights added
+    (scikit-learn's order: the L1 weight, then the L2 term)."""
+    if l1:
+        den = den + l1
+    if l2:
+        den = den + l2 * F
+    return den
+
+
+def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty) -> Any:
+    """W ≥ 0 minimising ``‖X − W H‖`` (plus W's penalties) with H fixed, by multiplicative
+    updates of W alone.
 
     ``X Hᵀ`` and ``H Hᵀ`` are formed once, so an iteration costs
     O(n_samples · n_components²) and never reads X again; the residual norm for
-    ``tol`` comes from the same products.
+    ``tol`` (the data term alone, as scikit-learn's) comes from the same products.
     """
     n = H.shape[0]
     mean = float(X.mean())
@@ -634,7 +654,7 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float) -> Any:
 
     e_init = e_prev = norm(W) if tol > 0 else 0.0
     for it in range(1, max_iter + 1):
-        W = W * (XHt / (W @ HHt + eps))
+        W = W * (XHt / _penalised(W @ HHt + eps, W, pen.l1_A, pen.l2_A))
         if tol > 0 and it % 10 == 0:
             e = norm(W)
             if (e_prev - e) / (e_init if e_init > 0 else 1.0) < tol:

@@ -8,6 +8,7 @@ import numpy as np
 from fastmu import EPS
 from fastmu.dispatch import BACKENDS, cuda_available, get_engine
 from fastmu.interop import ArrayKind, array_kind, is_device_array
+from fastmu.penalty import Penalty, check_penalty
 from fastmu.validation import (
     as_numpy_input,
     callback_says_stop,
@@ -49,6 +50,10 @@ def mu(
     check_every: int = 10,
     progress: bool = False,
     return_n_iter: bool = False,
+    l1_A: float = 0.0,
+    l2_A: float = 0.0,
+    l1_S: float = 0.0,
+    l2_S: float = 0.0,
 ) -> tuple[Any, Any] | tuple[Any, Any, int]:
     """Factorise ``X ≈ A S`` with Lee-Seung multiplicative updates (Frobenius loss).
 
@@ -56,6 +61,14 @@ def mu(
 
         A ← A ⊙ (X Sᵀ) ⊘ (A S Sᵀ + ε)
         S ← S ⊙ (Aᵀ X) ⊘ (Aᵀ A S + ε)
+
+    With L1/L2 penalties (``l1_A`` … ``l2_S``) the objective becomes
+    ``½‖X − A S‖² + l1_A‖A‖₁ + ½ l2_A‖A‖² + l1_S‖S‖₁ + ½ l2_S‖S‖²`` and each
+    penalty's gradient joins its factor's denominator (scikit-learn's
+    regularised multiplicative updates)::
+
+        A ← A ⊙ (X Sᵀ) ⊘ (A S Sᵀ + l2_A A + l1_A + ε)
+        S ← S ⊙ (Aᵀ X) ⊘ (Aᵀ A S + l2_S S + l1_S + ε)
 
     Parameters
     ----------
@@ -112,6 +125,14 @@ def mu(
         Also return the number of iterations run (fewer than ``n_iter``
         where ``tol`` or the callback stopped the run), as scikit-learn's
         ``non_negative_factorization`` does.
+    l1_A, l2_A, l1_S, l2_S : float, default 0.0
+        Weights (≥ 0) of the L1 and L2 penalties on A and on S; scikit-learn's
+        ``l1_reg_W``, ``l2_reg_W``, ``l1_reg_H``, ``l2_reg_H`` for ``A = W``,
+        ``S = H`` (:func:`fastmu.penalty.from_sklearn` converts its
+        ``alpha_W``, ``alpha_H``, ``l1_ratio``). They cost nothing per pixel:
+        the L2 weights go on the diagonals of the Gram matrices, the L1
+        weights join ε. ``tol`` still measures the data term alone, as
+        scikit-learn's does.
 
     Returns
     -------
@@ -133,9 +154,11 @@ def mu(
     >>> bool(np.linalg.norm(X - A @ S) / np.linalg.norm(X) < 0.05)
     True
     """
+    penalty = check_penalty(l1_A, l2_A, l1_S, l2_S)
     A, S, done = solve(X, n_components, A0=A0, S0=S0, n_iter=n_iter, tol=tol, eps=eps, init=init,
                        random_state=random_state, backend=backend, callback=callback,
-                       callback_every=callback_every, check_every=check_every, progress=progress)
+                       callback_every=callback_every, check_every=check_every, progress=progress,
+                       penalty=penalty)
     return (A, S, done) if return_n_iter else (A, S)
 
 
@@ -157,6 +180,7 @@ def solve(
     progress: bool = False,
     tol_on_norm: bool = False,
     tol_initial: float | None = None,
+    penalty: Penalty | None = None,
 ) -> tuple[Any, Any, int]:
     """:func:`mu`, also returning the number of iterations run.
 
@@ -166,6 +190,8 @@ def solve(
     ``tol_initial`` (one problem) replaces the start's value as the scale of
     the decrease and the first "previous" value: the value at an earlier
     start that the caller advanced by half an iteration before calling.
+    ``penalty`` (a validated :class:`~fastmu.penalty.Penalty`; None: none)
+    carries :func:`mu`'s ``l1_A`` … ``l2_S``.
     """
     n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
     callback_every = check_positive_int(callback_every, "callback_every")
@@ -189,7 +215,7 @@ def solve(
     A, S = _initial_factors(
         X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn, means
     )
-    engine = engine_cls(Xn, A, S, None, eps)
+    engine = engine_cls(Xn, A, S, None, eps, penalty=penalty if penalty is not None and penalty.active else None)
     warn_if_eps_dominates(means, m, t, A.shape[2], eps)  # A: (b, m, n), maybe a device array
 
     bar = None

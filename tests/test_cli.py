@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+import fastmu
 from fastmu.cli import main
 
 
@@ -32,6 +33,28 @@ def test_unmix_npy_with_truth(tmp_path, capsys):
     assert res["A"].shape == (12, 3) and res["S"].shape == (3, 200)
     assert res["score_cos_A"] > 0.95
     assert "mean cosine" in capsys.readouterr().out
+
+
+def test_unmix_penalty_options_reach_the_solver(tmp_path, capsys):
+    """--l1-S etc. run fastmu.mu's penalised updates: the saved factors are the reference's."""
+    from fastmu.penalty import Penalty
+    from fastmu.reference import mu_numpy
+
+    rng = np.random.default_rng(1)
+    X = rng.random((10, 3)) @ rng.random((3, 80))
+    np.save(tmp_path / "X.npy", X)
+    out = tmp_path / "res.npz"
+    rc = main(["unmix", str(tmp_path / "X.npy"), "-n", "3", "--iters", "25", "--dtype", "float64",
+               "--l1-S", "0.05", "--l2-A", "0.2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    A0, S0 = fastmu.mu(X, 3, n_iter=0, random_state=0)
+    A, S = mu_numpy(X[None], A0[None], S0[None], 25, penalty=Penalty(l2_A=0.2, l1_S=0.05))
+    res = np.load(out)
+    np.testing.assert_allclose(res["A"], A[0], rtol=1e-10)
+    np.testing.assert_allclose(res["S"], S[0], rtol=1e-10, atol=1e-14)
+    with pytest.raises(SystemExit):
+        main(["unmix", str(tmp_path / "X.npy"), "-n", "3", "--l1-A", "-1"])
+    assert "--l1-A" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("S_truth, msg", [

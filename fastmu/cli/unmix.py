@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "nndsvda = NNDSVD, zeros filled with the mean; nndsvdar = NNDSVD, zeros filled with "
                         "small random values (seeded by --seed); nndsvd = NNDSVD as is (MU never updates its "
                         "zeros)")
+    for name, what in (("l1-A", "L1 (sparsity)"), ("l2-A", "L2"), ("l1-S", "L1 (sparsity)"), ("l2-S", "L2")):
+        p.add_argument(f"--{name}", type=_checks.non_negative_float, default=0.0, metavar="W",
+                       dest=name.replace("-", "_"),
+                       help=f"weight of an {what} penalty on {name[-1]} (default 0; see fastmu.mu; with "
+                            "--normalise it applies to the normalised X)")
     p.add_argument("--seed", type=_checks.seed, default=0,
                    help="seed of the random start (and the demo scene), 0 … 2**32-1 (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
@@ -224,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     A, S, n_iter = fastmu.mu(  # n_iter: fewer than --iters when --tol stops early
         X / scale if args.normalise else X, n, n_iter=args.iters, tol=args.tol, init=args.init,
         random_state=args.seed, backend=args.backend, progress=not args.no_progress, return_n_iter=True,
+        l1_A=args.l1_A, l2_A=args.l2_A, l1_S=args.l1_S, l2_S=args.l2_S,
     )
     seconds = time.perf_counter() - t0
     A, S = np.asarray(A) * scale, np.asarray(S)
