@@ -8,7 +8,11 @@ scikit-learn) take turns after a warm-up (fastmu's compiles its kernels), and
 the median fit is the figure; both factorisations are checked to agree.
 
     python bench/bench_estimator.py [--solver {mu,cd,both}] [--iters 1000] [--repeats 5]
-                                    [--dtype float32] [--out bench/results/estimator_cpu.json]
+                                    [--dtype float32] [--alpha 0] [--l1-ratio 0]
+                                    [--out bench/results/estimator_cpu.json]
+
+``--alpha`` > 0 times the regularised fit (``alpha_W=alpha``, ``alpha_H="same"``,
+``l1_ratio``) of both estimators.
 
 In the JSON, ``shapes`` holds one entry per solver and orientation: ``tall``
 and ``wide`` for solver="mu" (the keys of earlier runs), ``tall-cd`` and
@@ -30,7 +34,7 @@ SOLVERS = ("mu", "cd")
 
 
 def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: int = 4,
-        solvers: tuple[str, ...] = SOLVERS) -> dict[str, Any]:
+        solvers: tuple[str, ...] = SOLVERS, alpha: float = 0.0, l1_ratio: float = 0.0) -> dict[str, Any]:
     from sklearn.decomposition import NMF as SkNMF
 
     from fastmu import NMF
@@ -40,12 +44,14 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
     X_wide = (rng.random((m, n)) @ rng.random((n, t)) + 0.01 * rng.random((m, t))).astype(dtype)
     res: dict[str, Any] = {"suite": "estimator", "machine": machine_info(),
                            "workload": {"iters": iters, "repeats": repeats, "dtype": dtype, "rank": n,
-                                        "solvers": list(solvers)}, "shapes": {}}
+                                        "solvers": list(solvers), "alpha_W": alpha, "alpha_H": "same",
+                                        "l1_ratio": l1_ratio}, "shapes": {}}
     cases = [(solver, orient) for solver in solvers for orient in ("tall", "wide")]
     for solver, orient in cases:
         X = np.ascontiguousarray(X_wide.T) if orient == "tall" else X_wide
         name = orient if solver == "mu" else f"{orient}-{solver}"
-        kw = dict(init="random", solver=solver, random_state=0, tol=0, max_iter=iters)
+        kw = dict(init="random", solver=solver, random_state=0, tol=0, max_iter=iters, alpha_W=alpha,
+                  l1_ratio=l1_ratio)
         makers = {
             "fastmu": lambda kw=kw: NMF(n, **kw),
             "sklearn": lambda kw=kw: SkNMF(n, **kw),
@@ -79,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--alpha", type=float, default=0.0,
+                    help="alpha_W of both estimators (alpha_H='same'); 0: unregularised (default)")
+    ap.add_argument("--l1-ratio", type=float, default=0.0, help="l1_ratio of both estimators (default 0)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's ConvergenceWarning-free at tol=0; threadpool notes
         res = run(args.iters, args.repeats, args.dtype,
-                  solvers=SOLVERS if args.solver == "both" else (args.solver,))
+                  solvers=SOLVERS if args.solver == "both" else (args.solver,), alpha=args.alpha,
+                  l1_ratio=args.l1_ratio)
     for name, r in res["shapes"].items():
         orient = name.split("-")[0]
         print(f"{r['solver']:2s} {orient:4s} {tuple(r['shape'])}: fastmu {r['median_s']['fastmu'] * 1e3:8.1f} ms, "
