@@ -71,3 +71,27 @@ def schedule_shapes(nthreads, unit, min_units=2):
     """
     return {"problem_major": (2 * nthreads, unit // 2 + 9),
             "block_parallel": (nthreads + 1, min_units * unit + unit // 3)}
+
+
+def run_tiled(X, A, S, W=None, n_iter=1, penalty=None, state=None, accumulate_last=True):
+    """``n_iter`` iterations of ``cpu_tiled.mu_run`` (rank 4) on a copy of A; returns
+    (A, S, state). ``state`` = (Xt, Sp, P, G) carries on from an earlier call;
+    ``penalty`` None calls the kernel without the argument, as before penalties existed."""
+    import numba
+
+    from fastmu import EPS
+    from fastmu.kernels import cpu, cpu_tiled
+
+    b, m, t = X.shape
+    A = A.copy()
+    W = np.ones((1, m, 4), X.dtype) if W is None else W
+    if state is None:
+        Xt, Sp = cpu_tiled.make_tiled(X, S)
+        P, G, valid = np.empty((b, m, 4), X.dtype), np.empty((b, 4, 4), X.dtype), False
+    else:
+        (Xt, Sp, P, G), valid = state, True
+    args = (Xt, A, Sp, W, P, G, n_iter, EPS, valid, accumulate_last, numba.config.NUMBA_NUM_THREADS)
+    cpu_tiled.mu_run(*args) if penalty is None else cpu_tiled.mu_run(*args, penalty)
+    S_out = np.empty(S.shape, X.dtype)
+    cpu.copy_rows(Sp, S_out)
+    return A, S_out, (Xt, Sp, P, G)

@@ -18,26 +18,10 @@ from fastmu.dispatch import CPUEngine
 from fastmu.kernels import cpu, cpu_tiled, simd
 from fastmu.reference import mu_numpy, mu_step_numpy
 
-from helpers import low_rank_problem, record_calls, schedule_shapes
+from helpers import low_rank_problem, record_calls, run_tiled, schedule_shapes
 
 NT = numba.config.NUMBA_NUM_THREADS
 RTOL = {np.float32: 2e-4, np.float64: 1e-10}
-
-
-def run(X, A, S, W=None, n_iter=1, state=None, accumulate_last=True):
-    """``n_iter`` tiled iterations; ``state`` = (Xt, Sp, P, G) carries on from an earlier call."""
-    b, m, t = X.shape
-    A = A.copy()
-    W = np.ones((1, m, 4), X.dtype) if W is None else W
-    if state is None:
-        Xt, Sp = cpu_tiled.make_tiled(X, S)
-        P, G, valid = np.empty((b, m, 4), X.dtype), np.empty((b, 4, 4), X.dtype), False
-    else:
-        (Xt, Sp, P, G), valid = state, True
-    cpu_tiled.mu_run(Xt, A, Sp, W, P, G, n_iter, EPS, valid, accumulate_last, NT)
-    S_out = np.empty_like(S)
-    cpu.copy_rows(Sp, S_out)
-    return A, S_out, (Xt, Sp, P, G)
 
 
 def rel_err(x, ref):
@@ -58,7 +42,7 @@ def rel_err(x, ref):
 )
 def test_matches_numpy(rng, dtype, b, m, t):
     X, A0, S0 = low_rank_problem(rng, b, m, 4, t, dtype, noise=0.05)
-    A, S, (_, _, P, G) = run(X, A0, S0, n_iter=6)
+    A, S, (_, _, P, G) = run_tiled(X, A0, S0, n_iter=6)
     Ar, Sr = mu_numpy(X.astype(np.float64), A0.astype(np.float64), S0.astype(np.float64), 6)
     assert A.dtype == dtype and S.dtype == dtype
     assert rel_err(A, Ar) < RTOL[dtype]
@@ -77,8 +61,8 @@ def test_each_schedule_matches_numpy(monkeypatch, rng, dtype, schedule):
     b, t = schedule_shapes(NT, cpu_tiled.tile_width(np.dtype(dtype).itemsize), min_units=8)[schedule]
     calls = record_calls(monkeypatch, cpu_tiled, "_tiled_problem_major", "_tiled_block_parallel")
     X, A0, S0 = low_rank_problem(rng, b, 9, 4, t, dtype, noise=0.05)
-    A, S, state = run(X, A0, S0, n_iter=3)
-    A, S, (_, _, P, G) = run(X, A, S, n_iter=2, state=state)
+    A, S, state = run_tiled(X, A0, S0, n_iter=3)
+    A, S, (_, _, P, G) = run_tiled(X, A, S, n_iter=2, state=state)
     assert calls == [f"_tiled_{schedule}"] * 2
     Ar, Sr = mu_numpy(X.astype(np.float64), A0.astype(np.float64), S0.astype(np.float64), 5)
     assert rel_err(A, Ar) < RTOL[dtype]
@@ -89,7 +73,7 @@ def test_each_schedule_matches_numpy(monkeypatch, rng, dtype, schedule):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_padding_stays_zero(rng, dtype):
     X, A0, S0 = low_rank_problem(rng, 2, 9, 4, 70, dtype)
-    _, _, (Xt, Sp, _, _) = run(X, A0, S0, n_iter=4)
+    _, _, (Xt, Sp, _, _) = run_tiled(X, A0, S0, n_iter=4)
     assert Sp.shape[2] > 70
     assert not Sp[:, :, 70:].any()
     assert not Xt.reshape(2, -1, 9, Xt.shape[3])[:, -1, :, 70 - (Xt.shape[1] - 1) * Xt.shape[3]:].any()
@@ -101,7 +85,7 @@ def test_learned_step_with_w(rng, dtype, shared):
     b, m, t = 3, 11, 300
     X, A0, S0 = low_rank_problem(rng, b, m, 4, t, dtype)
     W = (rng.random((1 if shared else b, m, 4)) * 2).astype(dtype)
-    A, S, _ = run(X, A0, S0, W=W, n_iter=1)
+    A, S, _ = run_tiled(X, A0, S0, W=W, n_iter=1)
     Ar, Sr = mu_step_numpy(*(a.astype(np.float64) for a in (X, A0, S0, W)))
     assert rel_err(A, Ar) < RTOL[dtype]
     assert rel_err(S, Sr) < RTOL[dtype]
@@ -111,16 +95,16 @@ def test_learned_step_with_w(rng, dtype, shared):
 def test_state_carries_between_calls(rng, b):
     """3 + 4 iterations with the tiled state carried equal 7 in one call (bit for bit)."""
     X, A0, S0 = low_rank_problem(rng, b, 10, 4, 600)
-    A7, S7, _ = run(X, A0, S0, n_iter=7)
-    A3, _, state = run(X, A0, S0, n_iter=3)
-    A, S, _ = run(X, A3, S0, n_iter=4, state=state)  # S0 only gives the output shape here
+    A7, S7, _ = run_tiled(X, A0, S0, n_iter=7)
+    A3, _, state = run_tiled(X, A0, S0, n_iter=3)
+    A, S, _ = run_tiled(X, A3, S0, n_iter=4, state=state)  # S0 only gives the output shape here
     np.testing.assert_array_equal(A, A7)
     np.testing.assert_array_equal(S, S7)
 
 
 def test_zero_iterations_only_computes_pg(rng):
     X, A0, S0 = low_rank_problem(rng, 2, 6, 4, 100)
-    A, S, (_, _, P, G) = run(X, A0, S0, n_iter=0)
+    A, S, (_, _, P, G) = run_tiled(X, A0, S0, n_iter=0)
     np.testing.assert_array_equal(A, A0)
     np.testing.assert_array_equal(S, S0)
     np.testing.assert_allclose(P, X @ S0.transpose(0, 2, 1), rtol=1e-12)
@@ -129,16 +113,16 @@ def test_zero_iterations_only_computes_pg(rng):
 
 def test_without_final_accumulation_factors_agree(rng):
     X, A0, S0 = low_rank_problem(rng, 3, 8, 4, 200)
-    A1, S1, _ = run(X, A0, S0, n_iter=5)
-    A2, S2, _ = run(X, A0, S0, n_iter=5, accumulate_last=False)
+    A1, S1, _ = run_tiled(X, A0, S0, n_iter=5)
+    A2, S2, _ = run_tiled(X, A0, S0, n_iter=5, accumulate_last=False)
     np.testing.assert_array_equal(A1, A2)
     np.testing.assert_array_equal(S1, S2)
 
 
 def test_deterministic_across_runs(rng):
     X, A0, S0 = low_rank_problem(rng, 1, 65, 4, 3000, np.float32)
-    A1, S1, _ = run(X, A0, S0, n_iter=5)
-    A2, S2, _ = run(X, A0, S0, n_iter=5)
+    A1, S1, _ = run_tiled(X, A0, S0, n_iter=5)
+    A2, S2, _ = run_tiled(X, A0, S0, n_iter=5)
     np.testing.assert_array_equal(A1, A2)
     np.testing.assert_array_equal(S1, S2)
 
@@ -153,7 +137,7 @@ def test_deterministic_across_runs(rng):
 def test_property_any_shape_matches_reference(b, m, t, seed):
     rng = np.random.default_rng(seed)
     X, A0, S0 = low_rank_problem(rng, b, m, 4, t)
-    A, S, _ = run(X, A0, S0, n_iter=3)
+    A, S, _ = run_tiled(X, A0, S0, n_iter=3)
     Ar, Sr = mu_numpy(X, A0, S0, 3)
     np.testing.assert_allclose(A, Ar, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(S, Sr, rtol=1e-9, atol=1e-12)
@@ -205,7 +189,7 @@ def test_padded_ranks_match_reference(rng, n):
     X, A0, S0 = low_rank_problem(rng, 3, 10, n, 130, noise=0.05)
     W = rng.random((3, 10, n)) + 0.5
     A4, S4, W4 = cpu.pad_rank(A0, S0, W, 4)
-    A, S, (_, _, P, G) = run(X, A4, S4, W=W4, n_iter=5)
+    A, S, (_, _, P, G) = run_tiled(X, A4, S4, W=W4, n_iter=5)
     assert not A[:, :, n:].any() and not S[:, n:].any()
     assert not P[:, :, n:].any() and not G[:, n:].any() and not G[:, :, n:].any()
     Ar, Sr = A0, S0

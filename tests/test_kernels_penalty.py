@@ -24,7 +24,7 @@ from fastmu.kernels import cpu, cpu_tiled
 from fastmu.penalty import Penalty
 from fastmu.reference import mu_numpy, mu_step_numpy, objective_numpy
 
-from helpers import low_rank_problem, record_calls, schedule_shapes
+from helpers import low_rank_problem, record_calls, run_tiled, schedule_shapes
 
 NT = numba.config.NUMBA_NUM_THREADS
 # As in test_kernels_cpu.py: float32 rounding grows a little with each iteration.
@@ -79,26 +79,6 @@ def run_blocked(X, A, S, W, n_iter, penalty=None, pg=None, nthreads=NT, accumula
     else:
         cpu.mu_run(*args, penalty)
     return A, S, P, G
-
-
-def run_tiled(X, A, S, W, n_iter, penalty=None, state=None, accumulate_last=True):
-    """``cpu_tiled.mu_run``; ``state`` = (Xt, Sp, P, G) carries on from an earlier call."""
-    b, m, t = X.shape
-    A = A.copy()
-    W = np.ones((1, m, 4), X.dtype) if W is None else W
-    if state is None:
-        Xt, Sp = cpu_tiled.make_tiled(X, S)
-        P, G, valid = np.empty((b, m, 4), X.dtype), np.empty((b, 4, 4), X.dtype), False
-    else:
-        (Xt, Sp, P, G), valid = state, True
-    args = (Xt, A, Sp, W, P, G, n_iter, EPS, valid, accumulate_last, NT)
-    if penalty is None:
-        cpu_tiled.mu_run(*args)
-    else:
-        cpu_tiled.mu_run(*args, penalty)
-    S_out = np.empty(S.shape, X.dtype)
-    cpu.copy_rows(Sp, S_out)
-    return A, S_out, (Xt, Sp, P, G)
 
 
 def blocked_shape(schedule, dtype, n):
