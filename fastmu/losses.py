@@ -35,7 +35,13 @@ import torch
 from fastmu.nn.functional import first_order_only
 from fastmu.validation import positive_count
 
-__all__ = ["layer_weights", "mean_component_cosine", "unrolled_loss"]
+__all__ = ["NORM_FLOOR", "layer_weights", "mean_component_cosine", "unrolled_loss"]
+
+#: Components (estimated or true) with a norm below this count as zero in the loss: cosine 0,
+#: no gradient. The loss sums in float64, where entries down to ~1e-154 square without
+#: underflow, so above it the cosine is exact to rounding; float32 data never comes near it
+#: (its smallest entries, ~1e-45, are normal in float64), only an all-zero component does.
+NORM_FLOOR = 1e-100
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -72,7 +78,9 @@ def mean_component_cosine(est: torch.Tensor, true: torch.Tensor, dim: int) -> to
     Returns
     -------
     Tensor (...)
-        One value per problem, in [−1, 1]. A zero component has cosine 0.
+        One value per problem, in [−1, 1]. A component whose norm (or whose
+        truth's norm) is below :data:`NORM_FLOOR` counts as zero: cosine 0,
+        and no gradient.
 
     Notes
     -----
@@ -82,7 +90,9 @@ def mean_component_cosine(est: torch.Tensor, true: torch.Tensor, dim: int) -> to
     est, true = _as_float_tensor(est, "est"), _as_float_tensor(true, "true")
     if est.shape != true.shape:
         raise ValueError(f"estimate shape {tuple(est.shape)} differs from the truth's {tuple(true.shape)}")
-    return _mean_cosine(est, true, true.norm(dim=dim), dim)
+    if not -true.dim() <= dim < true.dim():
+        raise ValueError(f"dim={dim} is out of range for tensors of {true.dim()} dimensions")
+    return _mean_cosine(est, true, _norms(true, dim), dim)
 
 
 def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
@@ -98,17 +108,25 @@ def _as_float_tensor(x: Any, name: str) -> torch.Tensor:
     return x if x.is_floating_point() else x.to(torch.float64)
 
 
+def _norms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Component norms in float64 (the sums of the loss all run in float64)."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float64)
+
+
 def _mean_cosine(est: torch.Tensor, true: torch.Tensor, true_norm: torch.Tensor, dim: int) -> torch.Tensor:
-    # vecdot avoids the (b, n, t) product temporary; the truth's norms are
-    # computed once per loss, not once per layer. float32 sums run in float64,
-    # as in the fused kernels: the norm of an estimate with entries below
-    # ~1e-19 underflows to 0 in float32 while its dot product with the truth
-    # does not, which would give cosines far above 1.
-    tiny = torch.finfo(est.dtype).tiny
-    acc = torch.float64 if est.dtype == torch.float32 else est.dtype
-    e, t, tn = est.to(acc), true.to(acc), true_norm.to(acc)
+    # vecdot avoids the (b, n, t) product temporary; the truth's norms
+    # (float64) are computed once per loss, not once per layer. The sums run
+    # in float64, as in the fused kernels: in float32 the norm of an estimate
+    # with entries below ~1e-19 underflows to 0 while its dot product with
+    # the truth does not, which would give cosines far above 1.
+    e, t = est.to(torch.float64), true.to(torch.float64)
     dot = torch.linalg.vecdot(e, t, dim=dim)
-    return (dot / (e.norm(dim=dim) * tn).clamp_min(tiny)).mean(dim=-1).to(est.dtype)
+    ne = e.norm(dim=dim)
+    # below the floor: cosine 0 and no gradient (the inner where keeps the
+    # masked branch finite, so its zero gradient is not 0 · inf = NaN)
+    ok = ~((ne < NORM_FLOOR) | (true_norm < NORM_FLOOR))  # NaN norms stay in, and propagate
+    c = torch.where(ok, dot / torch.where(ok, ne * true_norm, 1.0), 0.0)
+    return c.mean(dim=-1).to(est.dtype)
 
 
 def unrolled_loss(
@@ -212,8 +230,8 @@ def unrolled_loss(
     if fused and _fusable(A_true, S_true):
         return _fused_loss(scored, A_true, S_true, reduction)
     total = A_true.new_zeros(())
-    nA = A_true.norm(dim=-2)
-    nS = S_true.norm(dim=-1)
+    nA = _norms(A_true, -2)
+    nS = _norms(S_true, -1)
     for vl, A, S in scored:
         per = _mean_cosine(A, A_true, nA, -2) + _mean_cosine(S, S_true, nS, -1)
         total = total + vl * (per.mean() if reduction == "mean" else per.sum())
@@ -288,15 +306,15 @@ class _CpuCosine:
         fork_safety.check_cpu_kernels_usable()  # the backward too (unrolled_loss checks the forward)
         return contextlib.nullcontext()
 
-    def forward(self, E, T, cols, tnorm, tiny, scale, stats, j) -> None:
+    def forward(self, E, T, cols, tnorm, floor, scale, stats, j) -> None:
         from fastmu.kernels.cpu_cosine import cosine_forward
 
-        cosine_forward(*(x.detach().numpy() for x in (E, T)), cols, tnorm.numpy(), tiny, scale, stats.numpy(), j)
+        cosine_forward(*(x.detach().numpy() for x in (E, T)), cols, tnorm.numpy(), floor, scale, stats.numpy(), j)
 
-    def backward(self, E, T, cols, tnorm, tiny, stats, j, g, scale, G) -> None:
+    def backward(self, E, T, cols, tnorm, floor, stats, j, g, scale, G) -> None:
         from fastmu.kernels.cpu_cosine import cosine_backward
 
-        cosine_backward(*(x.detach().numpy() for x in (E, T)), cols, tnorm.numpy(), tiny, stats.numpy(), j,
+        cosine_backward(*(x.detach().numpy() for x in (E, T)), cols, tnorm.numpy(), floor, stats.numpy(), j,
                         g.detach().numpy(), scale, G.numpy())
 
 
@@ -320,27 +338,26 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A_true, S_true, scales, run, *factors):  # type: ignore[override]
         L = len(scales)
-        tiny = float(torch.finfo(A_true.dtype).tiny)
+        floor = NORM_FLOOR
         # ‖t‖ per component in float64, once per loss
-        tnA = torch.linalg.vector_norm(A_true, dim=-2, dtype=torch.float64)
-        tnS = torch.linalg.vector_norm(S_true, dim=-1, dtype=torch.float64)
+        tnA, tnS = _norms(A_true, -2), _norms(S_true, -1)
         stats = torch.empty((3, 2 * L, *tnA.shape), dtype=torch.float64, device=A_true.device)
         with contextlib.ExitStack() as stack:
             if A_true.device.type == "cuda":
                 stack.enter_context(torch.cuda.device(A_true.device))
             stack.enter_context(run.session())
             for l in range(L):
-                run.forward(factors[l], A_true, True, tnA, tiny, scales[l], stats, 2 * l)
-                run.forward(factors[L + l], S_true, False, tnS, tiny, scales[l], stats, 2 * l + 1)
+                run.forward(factors[l], A_true, True, tnA, floor, scales[l], stats, 2 * l)
+                run.forward(factors[L + l], S_true, False, tnS, floor, scales[l], stats, 2 * l + 1)
         ctx.save_for_backward(A_true, S_true, tnA, tnS, stats, *factors)
-        ctx.scales, ctx.run, ctx.tiny = scales, run, tiny
+        ctx.scales, ctx.run, ctx.floor = scales, run, floor
         return stats[2].sum().neg_().to(A_true.dtype)
 
     @staticmethod
     @first_order_only("the fused loss", "unrolled_loss(..., fused=False)")
     def backward(ctx, g):  # type: ignore[override]
         A_true, S_true, tnA, tnS, stats, *factors = ctx.saved_tensors
-        L, run, tiny = len(ctx.scales), ctx.run, ctx.tiny
+        L, run, floor = len(ctx.scales), ctx.run, ctx.floor
         need = ctx.needs_input_grad[4:]
         g1 = g.reshape(1).contiguous()
         grads: list[torch.Tensor | None] = [None] * (2 * L)
@@ -353,10 +370,10 @@ class _FusedLoss(torch.autograd.Function):
             stack.enter_context(run.session())
             for l in range(L):
                 if need[l]:
-                    run.backward(factors[l], A_true, True, tnA, tiny, stats, 2 * l, g1, -ctx.scales[l], gA[l])
+                    run.backward(factors[l], A_true, True, tnA, floor, stats, 2 * l, g1, -ctx.scales[l], gA[l])
                     grads[l] = gA[l]
                 if need[L + l]:
-                    run.backward(factors[L + l], S_true, False, tnS, tiny, stats, 2 * l + 1, g1,
+                    run.backward(factors[L + l], S_true, False, tnS, floor, stats, 2 * l + 1, g1,
                                  -ctx.scales[l], gS[l])
                     grads[L + l] = gS[l]
         return (None, None, None, None, *grads)

@@ -227,10 +227,15 @@ def check_eps(eps: Any, dtype: Any = None) -> float:
         raise ValueError(f"eps must be finite and > 0, got {eps!r}")
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
-        tiny = float(np.finfo(name).tiny)
+        if type(dtype).__module__ == "torch":  # torch.finfo knows bfloat16, which NumPy does not
+            import torch
+
+            tiny = float(torch.finfo(dtype).tiny)
+        else:
+            tiny = float(np.finfo(name).tiny)
         if e < tiny:
             raise ValueError(f"eps={eps!r} is below the smallest normal {name} number ({tiny:.4g}), which the "
-                             f"kernels read as 0; pass eps >= {tiny:.4g}")
+                             f"computation reads as 0 (a zero entry of X then gives 0/0); pass eps >= {tiny:.4g}")
     return e
 
 

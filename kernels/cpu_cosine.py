@@ -5,14 +5,20 @@ components are the columns (``cols``: ``A (b, m, n)``, component ``k`` is
 ``E[b, :, k]``) or the rows (``S (b, n, t)``, component ``k`` is ``E[b, k, :]``).
 Per problem ``b`` and component ``k``::
 
-    c = ⟨e, t⟩ / max(‖e‖ ‖t‖, tiny)
+    c = ⟨e, t⟩ / (‖e‖ ‖t‖)   where ‖e‖ ≥ floor and ‖t‖ ≥ floor
+      = 0                    elsewhere (a zero component has no direction)
 
-(``tiny`` the dtype's smallest normal number), the same expression as
-:func:`fastmu.losses.mean_component_cosine` in torch ops, and the gradient
-autograd gives it::
+(``floor`` is :data:`fastmu.losses.NORM_FLOOR`, 1e-100: every sum runs in
+float64, where squares of entries down to 1e-154 stay normal, so above the
+floor ``c`` is the true cosine to rounding and lies in [−1, 1]), the same
+expression as :func:`fastmu.losses.mean_component_cosine` in torch ops, and
+its gradient::
 
-    ∂c/∂e = t / (‖e‖ ‖t‖) − c e / ‖e‖²   where ‖e‖ ‖t‖ ≥ tiny
-          = t / tiny                      elsewhere (the clamp passes no gradient)
+    ∂c/∂e = t / (‖e‖ ‖t‖) − c e / ‖e‖²   where both norms ≥ floor
+          = 0                           elsewhere
+
+A zero component thus passes no gradient, where a clamped denominator would
+pass ``t / tiny`` (~1e37 in float32) and wreck a training step.
 
 Why a kernel: in torch ops each layer's term is about 70 small ops (forward
 and backward), so a 50-layer loss is ~3400 ops: on a GPU host-bound. Here
@@ -39,7 +45,7 @@ from numba import prange
 PARALLEL_MIN = 1 << 15
 
 
-def _forward(E, T, cols, tnorm, tiny, scale, stats, j):  # pragma: no cover - compiled
+def _forward(E, T, cols, tnorm, floor, scale, stats, j):  # pragma: no cover - compiled
     B, D1, D2 = E.shape
     K = D2 if cols else D1
     R = D1 if cols else D2
@@ -59,14 +65,15 @@ def _forward(E, T, cols, tnorm, tiny, scale, stats, j):  # pragma: no cover - co
                 dot += e * np.float64(T[b, k, r])
                 ee += e * e
         ne = np.sqrt(ee)
-        den = ne * tnorm[b, k]
-        c = dot / (den if den >= tiny else tiny)
+        tn = tnorm[b, k]
+        # written so that NaN fails both tests and propagates (a NaN estimate must not score 0)
+        c = 0.0 if ne < floor or tn < floor else dot / (ne * tn)
         stats[0, j, b, k] = c
         stats[1, j, b, k] = ne
         stats[2, j, b, k] = c * scale
 
 
-def _backward(E, T, cols, tnorm, tiny, stats, j, g, scale, G):  # pragma: no cover - compiled
+def _backward(E, T, cols, tnorm, floor, stats, j, g, scale, G):  # pragma: no cover - compiled
     B, D1, D2 = E.shape
     K = D2 if cols else D1
     gs = np.float64(g[0]) * scale
@@ -77,13 +84,13 @@ def _backward(E, T, cols, tnorm, tiny, stats, j, g, scale, G):  # pragma: no cov
     for b in range(B):
         for k in range(K):
             ne = stats[1, j, b, k]
-            den = ne * tnorm[b, k]
-            if den >= tiny:
-                ca[b, k] = gs / den
-                ce[b, k] = gs * stats[0, j, b, k] / (ne * ne)
-            else:
-                ca[b, k] = gs / tiny
+            tn = tnorm[b, k]
+            if ne < floor or tn < floor:
+                ca[b, k] = 0.0
                 ce[b, k] = 0.0
+            else:
+                ca[b, k] = gs / (ne * tn)
+                ce[b, k] = gs * stats[0, j, b, k] / (ne * ne)
     if cols:
         for b in prange(B):
             for r in range(D1):
@@ -108,16 +115,16 @@ _backward_par = nb.njit(parallel=True, **_opts)(_backward)
 _backward_ser = nb.njit(**_opts)(_backward)
 
 
-def cosine_forward(E, T, cols: bool, tnorm, tiny: float, scale: float, stats, j: int) -> None:
+def cosine_forward(E, T, cols: bool, tnorm, floor: float, scale: float, stats, j: int) -> None:
     """Cosines of one factor's components against the truth's, into ``stats[:, j]`` (see the module)."""
     run = _forward_par if E.size >= PARALLEL_MIN else _forward_ser
-    run(E, T, bool(cols), tnorm, float(tiny), float(scale), stats, int(j))
+    run(E, T, bool(cols), tnorm, float(floor), float(scale), stats, int(j))
 
 
-def cosine_backward(E, T, cols: bool, tnorm, tiny: float, stats, j: int, g, scale: float, G) -> None:
+def cosine_backward(E, T, cols: bool, tnorm, floor: float, stats, j: int, g, scale: float, G) -> None:
     """``G = g[0] · scale · ∂(Σ cosines)/∂E`` per component, from the forward's ``stats[:, j]``."""
     run = _backward_par if E.size >= PARALLEL_MIN else _backward_ser
-    run(E, T, bool(cols), tnorm, float(tiny), stats, int(j), g, float(scale), G)
+    run(E, T, bool(cols), tnorm, float(floor), stats, int(j), g, float(scale), G)
 
 
 __all__ = ["PARALLEL_MIN", "cosine_backward", "cosine_forward"]

@@ -34,7 +34,7 @@ def _build(tpb: int) -> tuple[Any, Any]:
     """Compile (lazily, at the first launch) the two kernels for ``tpb`` threads per block."""
 
     @cuda.jit
-    def forward(E, T, cols, tnorm, tiny, scale, stats, j):
+    def forward(E, T, cols, tnorm, floor, scale, stats, j):
         q = cuda.blockIdx.x
         tx = cuda.threadIdx.x
         D1 = E.shape[1]
@@ -68,14 +68,15 @@ def _build(tpb: int) -> tuple[Any, Any]:
             h //= 2
         if tx == 0:
             ne = math.sqrt(see[0])
-            den = ne * tnorm[b, k]
-            c = sdot[0] / (den if den >= tiny else tiny)
+            tn = tnorm[b, k]
+            # NaN fails both tests and propagates (a NaN estimate must not score 0)
+            c = 0.0 if ne < floor or tn < floor else sdot[0] / (ne * tn)
             stats[0, j, b, k] = c
             stats[1, j, b, k] = ne
             stats[2, j, b, k] = c * scale
 
     @cuda.jit
-    def backward(E, T, cols, tnorm, tiny, stats, j, g, scale, G):
+    def backward(E, T, cols, tnorm, floor, stats, j, g, scale, G):
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         B = E.shape[0]
         D1 = E.shape[1]
@@ -87,12 +88,11 @@ def _build(tpb: int) -> tuple[Any, Any]:
         y = i % D2
         k = y if cols else x
         ne = stats[1, j, b, k]
-        den = ne * tnorm[b, k]
+        tn = tnorm[b, k]
         gs = float64(g[0]) * scale
-        if den >= tiny:
-            v = gs * (float64(T[b, x, y]) / den - stats[0, j, b, k] * float64(E[b, x, y]) / (ne * ne))
-        else:
-            v = gs * float64(T[b, x, y]) / tiny
+        v = 0.0  # a component below the floor has cosine 0 and no gradient
+        if not (ne < floor or tn < floor):
+            v = gs * (float64(T[b, x, y]) / (ne * tn) - stats[0, j, b, k] * float64(E[b, x, y]) / (ne * ne))
         G[b, x, y] = v
 
     return forward, backward
@@ -138,11 +138,11 @@ class CosinePlan:
                 site.session()
         return site
 
-    def forward(self, E, T, cols: bool, tnorm, tiny: float, scale: float, stats, j: int) -> None:
-        self._site(0, E, cols)(E, T, bool(cols), tnorm, float(tiny), float(scale), stats, int(j))
+    def forward(self, E, T, cols: bool, tnorm, floor: float, scale: float, stats, j: int) -> None:
+        self._site(0, E, cols)(E, T, bool(cols), tnorm, float(floor), float(scale), stats, int(j))
 
-    def backward(self, E, T, cols: bool, tnorm, tiny: float, stats, j: int, g, scale: float, G) -> None:
-        self._site(1, E, cols)(E, T, bool(cols), tnorm, float(tiny), stats, int(j), g, float(scale), G)
+    def backward(self, E, T, cols: bool, tnorm, floor: float, stats, j: int, g, scale: float, G) -> None:
+        self._site(1, E, cols)(E, T, bool(cols), tnorm, float(floor), stats, int(j), g, float(scale), G)
 
 
 __all__ = ["THREADS", "CosinePlan"]

@@ -66,3 +66,5 @@ def test_cuda_loss_matches_torch_ops(sim_runner, dtype, rtol, atol):
     assert len(sim_runner) == 4 * (L - 1)  # forward and backward, A and S, of the scored layers
     for mine, ref in zip(*results):
         torch.testing.assert_close(mine, ref, rtol=rtol, atol=atol)
+    # the zero estimated component (layer 3's S, row 1 of problem 0) passes no gradient
+    assert bool((results[0][4][0, 1] == 0).all()) and bool(results[0][4].abs().sum() > 0)

@@ -92,3 +92,50 @@ def test_tiny_float32_estimates_score_as_their_direction(fused):
     torch.testing.assert_close(tiny.double(), ref, rtol=1e-5, atol=1e-6)
     c = mean_component_cosine(S_est * 1e-25, S_true, dim=-1)
     assert c.dtype == torch.float32 and bool((c <= 1).all())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_zero_component_scores_zero_and_passes_no_gradient(fused, dtype):
+    # cosine with a zero vector has no direction: 0, and no gradient (a clamped
+    # denominator would pass t / tiny, ~1e37 in float32, into the training step)
+    g = torch.Generator().manual_seed(1)
+    A_true, S_true = torch.rand(2, 6, 3, generator=g, dtype=dtype), torch.rand(2, 3, 40, generator=g, dtype=dtype)
+    A = torch.rand(2, 6, 3, generator=g, dtype=dtype)
+    A[0, :, 1] = 0.0
+    A.requires_grad_(True)
+    S = torch.rand(2, 3, 40, generator=g, dtype=dtype, requires_grad=True)
+    loss = unrolled_loss((A, S), A_true, S_true, reduction="sum", fused=fused)
+    loss.backward()
+    assert bool((A.grad[0, :, 1] == 0).all())
+    assert bool(torch.isfinite(A.grad).all()) and float(A.grad.abs().max()) < 10
+    with torch.no_grad():
+        c = mean_component_cosine(A, A_true, dim=-2)
+        expected = (torch.nn.functional.cosine_similarity(A[0], A_true[0], dim=0).sum() / 3)
+    torch.testing.assert_close(c[0], expected.to(dtype))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float64_cosines_stay_in_range_at_any_scale(fused):
+    g = torch.Generator().manual_seed(2)
+    A_true, S_true = torch.rand(2, 6, 3, generator=g, dtype=torch.float64), torch.rand(2, 3, 40, generator=g,
+                                                                                          dtype=torch.float64)
+    for scale, cos_A in ((1e-90, 1.0), (1e90, 1.0), (1e-170, 0.0)):  # 1e-170: squares underflow, below the floor
+        loss = unrolled_loss((A_true * scale, S_true), A_true, S_true, reduction="mean", fused=fused)
+        torch.testing.assert_close(float(loss), -(cos_A + 1.0), rtol=1e-12, atol=1e-12)
+        c = mean_component_cosine(A_true * scale, A_true, dim=-2)
+        assert bool(((c >= -1) & (c <= 1)).all())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nan_estimate_makes_the_loss_nan(fused):
+    A_true, S_true = torch.rand(1, 6, 3), torch.rand(1, 3, 40)
+    A = A_true.clone()
+    A[0, 2, 1] = float("nan")  # NaN norms must not pass for zero components
+    assert torch.isnan(unrolled_loss((A, S_true), A_true, S_true, fused=fused))
+
+
+def test_cosine_dim_out_of_range_is_refused():
+    A = torch.rand(2, 6, 3)
+    with pytest.raises(ValueError, match="dim=5 is out of range"):
+        mean_component_cosine(A, A, 5)

@@ -198,3 +198,37 @@ def test_cosine_accepts_numpy_and_layer_weights_numpy_integers():
         with pytest.raises(ValueError, match="positive integer"):
             layer_weights(bad)
     assert fastmu.nn.NALMU is NALMU
+
+
+def test_layer_weights_of_the_wrong_shape_are_refused_before_the_kernels():
+    # the fused kernels index W by A's shape: a smaller replaced theta would be read past its end
+    X = torch.rand(10, 50)
+    for shape in [(3, 2, 3), (3, 100, 3), (3, 10, 5)]:
+        model = NALMU(3, 10, 3)
+        model.theta = torch.nn.Parameter(torch.zeros(shape))
+        with pytest.raises(ValueError, match=r"layer weights have shape .*\(layers, 10, 3\)"):
+            model(X)
+
+
+@pytest.mark.parametrize("build", [lambda: NALMU(2, 8, 2), lambda: ALMU(2, 2, 8, 2),
+                                   lambda: fastmu.baselines.SNMFNet(2, 8, 2, A_init=torch.rand(8, 2) + 0.1),
+                                   lambda: fastmu.baselines.DNMF(2, 8, 2, A_init=torch.rand(8, 2) + 0.1)])
+def test_sparse_x_is_refused_clearly(build):
+    with pytest.raises(TypeError, match=r"sparse torch tensor.*X.to_dense\(\)"):
+        build()(torch.rand(8, 30).to_sparse())
+
+
+def test_default_eps_follows_the_dtype_and_a_given_one_must_fit_it():
+    X = torch.rand(8, 30)
+    X[3] = 0.0  # a zero channel: 0/0 in the A update unless eps > 0 in the working precision
+    model = NALMU(2, 8, 2, fused=False).half()
+    assert model.eps == float(torch.finfo(torch.float16).tiny)
+    A, S = model(X.half())
+    assert bool(torch.isfinite(A).all() and torch.isfinite(S).all())
+    assert NALMU(2, 8, 2).eps == fastmu.EPS == ALMU(2, 2, 8, 2, dtype=torch.float64).front.eps
+    with pytest.raises(ValueError, match="eps=1e-50 is below the smallest normal float32"):
+        NALMU(2, 8, 2, eps=1e-50)
+    with pytest.raises(ValueError, match="eps=1e-12 is below the smallest normal float16"):
+        NALMU(2, 8, 2, fused=False, eps=1e-12).half()(X.half())
+    with pytest.raises(ValueError, match="eps=1e-40 is below the smallest normal float32"):
+        learned_mu_step(X[None], torch.ones(1, 8, 2), torch.ones(1, 2, 30), torch.ones(8, 2), eps=1e-40)

@@ -241,7 +241,8 @@ class DNMF(nn.Module):
         ridge = float(ridge)
         if not (np.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge must be a finite non-negative number, got {ridge!r}")
-        eps = check_eps(eps)  # > 0: with eps = 0 a zero pixel gives 0/0 = NaN
+        # > 0 and held by the dtype: with eps = 0 a zero pixel gives 0/0 = NaN
+        eps = check_eps(eps, torch.get_default_dtype() if dtype is None else dtype)
         self.n_layers, self.m, self.n = n_layers, m, n
         self.ridge, self.eps = ridge, eps
         # exp cannot hold 0: raise zeros (and near-zeros) to a small fraction of the column's max
@@ -287,7 +288,7 @@ class DNMF(nn.Module):
             or non-finite or overflowing parameters (the last layer's factors and
             the parameters are checked: one read on the host).
         """
-        X, squeeze = _check_model_input(X, self.m, self.log_A_ref)  # and X's values
+        X, squeeze = _check_model_input(X, self.m, self.log_A_ref, eps=self.eps)  # and X's values
         _, S = constant_init(X, self.n)
         U, V = self.layer_matrices()
         outs: list[Factors] = []

@@ -607,7 +607,7 @@ def learned_mu_step(
     torch.Size([8, 3])
     """
     check_layer_inputs(X, A, S, W)
-    eps = check_eps(eps)
+    eps = check_eps(eps, X.dtype)
     if X.device.type not in ("cpu", "cuda"):
         raise ValueError(f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
     A_out, S_out, _, _ = LearnedMUStep.apply(
@@ -762,7 +762,7 @@ def learned_mu_unroll(
         check_unroll_weights(Ws, X, A.shape[2], check_values=False)  # first: Ws's own messages, not those for one W
     check_layer_inputs(X, A, S, Ws[0], check_w_values=False, check_data=False)  # types, dtypes, devices, shapes
     check_tensors_nonnegative_finite({"X": X, "A": A, "S": S, "Ws": Ws})  # one read on the host for all
-    eps = check_eps(eps)
+    eps = check_eps(eps, X.dtype)
     if X.device.type not in ("cpu", "cuda"):
         raise ValueError(f"no fused learned-MU kernel for device {X.device}; use fastmu.reference.mu_step_torch")
     return unroll_unchecked(X.contiguous(), A.contiguous(), S.contiguous(), Ws.contiguous(), eps, return_all)

@@ -168,10 +168,16 @@ def _check_fused_dtype(dtype: torch.dtype, fused: bool, device: torch.device) ->
                         "convert the model (e.g. model.float()) or build it with fused=False (torch ops)")
 
 
-def _check_model_input(X: object, m: int, ref: torch.Tensor, check_values: bool = True) -> tuple[torch.Tensor, bool]:
-    """Validate ``X`` for a model of ``m`` channels; returns the batched X and whether it was 2-D."""
+def _check_model_input(
+    X: object, m: int, ref: torch.Tensor, check_values: bool = True, eps: float | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """Validate ``X`` for a model of ``m`` channels (and the model's ``eps`` against the dtype it
+    computes in); returns the batched X and whether it was 2-D."""
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
+    if X.layout != torch.strided:  # sparse layouts have no amin, isfinite or strides
+        raise TypeError(f"X is a sparse torch tensor ({X.layout}); the models work on dense tensors: "
+                        "pass X.to_dense()")
     squeeze = X.dim() == 2
     if squeeze:
         X = X.unsqueeze(0)
@@ -195,6 +201,8 @@ def _check_model_input(X: object, m: int, ref: torch.Tensor, check_values: bool 
         raise ValueError(f"X is on {X.device} but the model is on {ref.device}; move one of them")
     if X.shape[0] == 0 or X.shape[2] == 0:
         raise ValueError(f"X must have at least one problem and one pixel, got shape {tuple(X.shape)}")
+    if eps is not None:  # the model may have been converted (model.half()) since it was built
+        check_eps(eps, X.dtype)
     if check_values:
         check_tensors_nonnegative_finite({"X": X}, hint=" (noisy data? X.clamp_min(0) clips the noise's negatives)")
     return X.contiguous(), squeeze
@@ -280,6 +288,12 @@ def run_layers(
     another device) layer by layer through :func:`fastmu.reference.mu_step_torch`
     with plain autograd.
     """
+    # a host-side check (no synchronisation): the fused kernels index W by A's shape and
+    # would read past a smaller W (a replaced theta, a subclass's weights of another shape)
+    want = (X.shape[0], A.shape[1], A.shape[2])
+    if Ws.dim() not in (3, 4) or Ws.shape[-2:] != want[1:] or (Ws.dim() == 4 and Ws.shape[1] != want[0]):
+        raise ValueError(f"the layer weights have shape {tuple(Ws.shape)}; the model needs (layers, m, n) = "
+                         f"(layers, {want[1]}, {want[2]}) or (layers, b, m, n) = (layers, {', '.join(map(str, want))})")
     if fused and X.device.type in ("cpu", "cuda"):
         _check_fused_dtype(X.dtype, fused, X.device)
         return unroll_unchecked(X, A, S, Ws, eps, return_all)
@@ -308,7 +322,13 @@ class NALMU(nn.Module):
     fused : bool, default True
         Fused kernels with the handwritten backward (CPU, CUDA); ``False``
         runs the same model with torch ops and autograd.
-    eps : float, default :data:`fastmu.EPS`
+    eps : float, optional
+        Added to the MU denominators. Default: :data:`fastmu.EPS` (1e-12),
+        or the dtype's smallest normal number where that is larger
+        (float16: 6.1e-5; 1e-12 is 0 there), following the parameters'
+        dtype through ``model.half()`` and the like. A given eps must be at
+        least that smallest normal number. The attribute reads the value
+        in use.
     dtype, device
         Of the parameters (X must match them): float32 or float64 (with
         ``fused=False`` any floating dtype), and a device torch sees.
@@ -342,7 +362,7 @@ class NALMU(nn.Module):
         n: int = 4,
         *,
         fused: bool = True,
-        eps: float = EPS,
+        eps: float | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         check_input: bool = True,
@@ -353,10 +373,23 @@ class NALMU(nn.Module):
         device = model_device(device)
         self.n_layers, self.m, self.n = n_layers, m, n
         self.fused = bool(fused)
-        self.eps = check_eps(eps)
+        self._eps = None if eps is None else check_eps(eps)
         self.check_input = bool(check_input)
         self.theta = nn.Parameter(torch.zeros(n_layers, m, n, dtype=dtype, device=device))
         _check_fused_dtype(self.theta.dtype, self.fused, self.theta.device)
+        self.eps_for(self.theta.dtype)  # a given eps the dtype cannot hold fails here, not at the first forward
+
+    @property
+    def eps(self) -> float:
+        """The ε the layers use at the parameters' dtype (see the class's ``eps``)."""
+        return self.eps_for(self.theta.dtype)
+
+    def eps_for(self, dtype: torch.dtype) -> float:
+        """The ε for layers computing in ``dtype``: the given one (checked against the dtype's
+        smallest normal number), or by default :data:`fastmu.EPS` raised to that number."""
+        if self._eps is None:
+            return max(EPS, float(torch.finfo(dtype).tiny))
+        return check_eps(self._eps, dtype)
 
     def weights(self) -> torch.Tensor:
         """The layer weights ``W = exp(θ)``, shape ``(n_layers, m, n)``, all positive."""
@@ -510,7 +543,7 @@ class ALMU(nn.Module):
         in_features: int | None = None,
         normalize_input: bool = True,
         fused: bool = True,
-        eps: float = EPS,
+        eps: float | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         check_input: bool = True,
