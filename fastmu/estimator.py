@@ -351,6 +351,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         from fastmu.solver import _host, _per_problem_means, initial_factors, solve
 
         eps = check_eps(self.eps, _np_dtype(X))
+        drawn = init if W0 is None else None  # named in an overflow error
         if W0 is None:  # scikit-learn's start for X itself, as the direct path draws it
             kind = array_kind(X)
             # only the NNDSVD starts need X on the host (its SVD); the others need its mean
@@ -366,7 +367,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             if run["tol"] is not None:  # scikit-learn's scale: the residual at its start
                 run = dict(run, tol_initial=_frobenius(X, W0, H0))
             W = W0 * ((X @ H0.T) / _penalised(W0 @ (H0 @ H0.T) + eps, W0, pen.l1_A, pen.l2_A))  # W₁
-        _raise_if_overflowed(X, W, H0)
+        _raise_if_overflowed(X, W, H0, drawn)
         Ht, Wt, done = solve(_transposed(X), A0=_transposed(H0), S0=_transposed(W), n_iter=max_iter - 1,
                              penalty=pen.transposed(), **run)
         W, H = _transposed(Wt), _transposed(Ht)
@@ -592,9 +593,9 @@ def _cast_like(X: Any, ref: Any) -> Any:
     return X.astype(ref.dtype, copy=False)
 
 
-def _raise_if_overflowed(X: Any, W: Any, H: Any) -> None:
-    """The solver's FloatingPointError where W or H is no longer finite."""
-    raise_if_not_finite(X[None], W[None], H[None], array_kind(X), str(_np_dtype(X)), "MU")
+def _raise_if_overflowed(X: Any, W: Any, H: Any, init: str | None = None) -> None:
+    """The solver's FloatingPointError where W or H is no longer finite (``init``: the drawn start's)."""
+    raise_if_not_finite(X[None], W[None], H[None], array_kind(X), str(_np_dtype(X)), "MU", init=init)
 
 
 def _frobenius(X: Any, W: Any, H: Any) -> float:

@@ -34,10 +34,24 @@ __all__ = [
 
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_complex():
+            raise TypeError(f"the scores compare real factors, got a {x.dtype} tensor")
+        x = x.double().numpy()  # via torch: NumPy has no bfloat16
     elif hasattr(x, "get") and not isinstance(x, np.ndarray):
         x = x.get()
-    return np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    if x.dtype.kind == "c":  # NumPy would drop the imaginary parts with a warning
+        raise TypeError(f"the scores compare real factors, got dtype {x.dtype}")
+    return x.astype(np.float64, copy=False)
+
+
+def _norm(x: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """Euclidean norm over ``axis`` without overflow or underflow: each slice is divided by its
+    largest magnitude first (float64 squares overflow from ~1e154 and vanish below ~1e-162)."""
+    s = np.max(np.abs(x), axis=axis, keepdims=True, initial=0.0)
+    xs = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
+    return np.sqrt(np.sum(xs * xs, axis=axis)) * np.squeeze(s, axis=axis)
 
 
 def _finite(**arrays: np.ndarray) -> None:
@@ -89,11 +103,16 @@ def cosine_matrix(X: Any, Y: Any, axis: int) -> np.ndarray:
         X, Y = np.swapaxes(X, -1, -2), np.swapaxes(Y, -1, -2)
     if X.shape[-1] != Y.shape[-1]:
         raise ValueError(f"components of X have length {X.shape[-1]} but those of Y have length {Y.shape[-1]}")
-    nx = np.linalg.norm(X, axis=-1, keepdims=True)
-    ny = np.linalg.norm(Y, axis=-1, keepdims=True)
-    Xn = np.divide(X, nx, out=np.zeros_like(X), where=nx > 0)
-    Yn = np.divide(Y, ny, out=np.zeros_like(Y), where=ny > 0)
-    return Xn @ np.swapaxes(Yn, -1, -2)
+    _finite(X=X, Y=Y)
+
+    def unit(Z: np.ndarray) -> np.ndarray:
+        # scaled by the largest entry first, so that no square under- or overflows
+        s = np.max(np.abs(Z), axis=-1, keepdims=True, initial=0.0)
+        Z = np.divide(Z, s, out=np.zeros_like(Z), where=s > 0)
+        nz = np.linalg.norm(Z, axis=-1, keepdims=True)
+        return np.divide(Z, nz, out=np.zeros_like(Z), where=nz > 0)
+
+    return unit(X) @ np.swapaxes(unit(Y), -1, -2)
 
 
 def match_components(
@@ -251,8 +270,9 @@ def rmse(est: Any, true: Any) -> np.ndarray:
     """
     est, true = _np(est), _np(true)
     _same_shape(est, true)
+    _finite(est=est, true=true)
     d = est - true
-    return np.sqrt(np.mean(d * d, axis=(-2, -1)))
+    return _norm(d, (-2, -1)) / np.sqrt(max(d.shape[-2] * d.shape[-1], 1))
 
 
 def nmse(est: Any, true: Any) -> np.ndarray:
@@ -269,9 +289,10 @@ def nmse(est: Any, true: Any) -> np.ndarray:
     """
     e, t = _np(est), _np(true)
     _same_shape(e, t)
-    num = np.sum((e - t) ** 2, axis=(-2, -1))
-    den = np.sum(t * t, axis=(-2, -1))
-    return np.divide(num, den, out=np.full_like(num, np.inf), where=den > 0)
+    _finite(est=e, true=t)
+    num, den = _norm(e - t, (-2, -1)), _norm(t, (-2, -1))
+    with np.errstate(over="ignore"):  # a ratio past 1e154 squares to inf, which it is
+        return np.divide(num, den, out=np.full_like(num, np.inf), where=den > 0) ** 2
 
 
 def nmse_db(est: Any, true: Any) -> np.ndarray:
@@ -365,6 +386,12 @@ def evaluate(A_est: Any, S_est: Any, A_true: Any, S_true: Any, match: bool = Tru
             f"estimated shapes {A_est.shape}, {S_est.shape} differ from true {A_true.shape}, {S_true.shape}"
         )
     n = A_est.shape[-1]
+    if A_est.ndim < 2 or S_est.ndim < 2 or 0 in A_est.shape[-2:] or S_est.shape[-1] == 0:
+        raise ValueError(f"A must be (…, m, n) and S (…, n, t) with m, n, t ≥ 1, got shapes {A_est.shape} "
+                         f"and {S_est.shape}")
+    if S_est.shape[-2] != n or A_est.shape[:-2] != S_est.shape[:-2]:
+        raise ValueError(f"A (…, m, n) and S (…, n, t) must share the batch and n, got shapes {A_est.shape} "
+                         f"and {S_est.shape}")
     perm = match_components(A_est, A_true, S_est, S_true) if match else np.broadcast_to(
         np.arange(n), A_est.shape[:-2] + (n,)
     ).copy()
@@ -372,8 +399,8 @@ def evaluate(A_est: Any, S_est: Any, A_true: Any, S_true: Any, match: bool = Tru
     # Fix the scale ambiguity column by column: A_k ← A_k·c_k, S_k ← S_k/c_k,
     # with c_k making the column norms equal to the truth's; where either
     # column is zero there is no scale to fix (and 1/0 would give inf).
-    na = np.linalg.norm(A_m, axis=-2)
-    nt = np.linalg.norm(A_true, axis=-2)
+    na = _norm(A_m, -2)
+    nt = _norm(A_true, -2)
     c = np.divide(nt, na, out=np.ones_like(na), where=(na > 0) & (nt > 0))
     A_s = A_m * c[..., None, :]
     S_s = S_m / c[..., :, None]

@@ -279,7 +279,7 @@ def solve(
             bar.close()
 
     A_out, S_out = (engine_cls.release(a, kind, X) for a in engine.factors())
-    raise_if_not_finite(Xc, A_out, S_out, kind, dtype, "MU")
+    raise_if_not_finite(Xc, A_out, S_out, kind, dtype, "MU", init=init if A0 is None else None)
     if squeeze:
         A_out, S_out = A_out[0], S_out[0]
     return A_out, S_out, done

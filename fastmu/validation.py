@@ -326,14 +326,18 @@ def finite_problems(x: Any, kind: ArrayKind) -> np.ndarray:
 X_SCALE_BLAME = 1e-4
 
 
-def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, method: str) -> None:
+def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, method: str,
+                        init: str | None = None) -> None:
     """A ``FloatingPointError`` naming the problems whose factors overflowed, and what to do.
 
     X and any given start are checked finite and non-negative on entry, so
     what overflows is the scale: X's products with the factors pass the
     dtype's largest value. Where X is far too small for that, the start
     (a huge one passed in) or a callback that wrote NaN or inf into the
-    factors did it, and the message says so rather than blame X.
+    factors did it, and the message says so rather than blame X. ``init``:
+    the start's scheme where fastmu drew it (None: given, or not known);
+    NNDSVDa's start overflows sooner (its products grow as X's cube) and is
+    named.
     """
     ok = finite_problems(A, kind) & finite_problems(S, kind)
     if ok.all():
@@ -343,6 +347,15 @@ def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, met
         X = X.double()  # torch has no max for uint16/32/64
     xmax = float(X.max())
     which = "" if X.shape[0] == 1 else f" for {bad.size} of the {X.shape[0]} problems (first: {int(bad[0])})"
+    if xmax < X_SCALE_BLAME * np.sqrt(np.finfo(dtype).max) and init in ("nndsvda", "nndsvdar"):
+        # scikit-learn's fill: NNDSVD's zeros become X's mean (nndsvdar: ~1 % of it), so the first
+        # A S Sᵀ is of order mean³ · t, which passes float32's limit from a mean of ~1e11
+        raise FloatingPointError(
+            f"{method}'s factors became NaN or infinite ({dtype}){which}: the init={init!r} start fills "
+            f"NNDSVD's zeros with X's mean, and with X this large (largest value {xmax:.3g}) its first "
+            f"products overflow {dtype}. Use init='nndsvd' or 'random', divide X by its maximum (and "
+            "multiply A·S back)" + (", or pass float64." if dtype == "float32" else ".")
+        )
     if xmax < X_SCALE_BLAME * np.sqrt(np.finfo(dtype).max):
         raise FloatingPointError(
             f"{method}'s factors became NaN or infinite ({dtype}){which}, although X's largest value, "

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastmu import metrics
+from fastmu.metrics import cosine_matrix, evaluate, mean_cosine, nmse, rmse
 
 
 def test_known_angle():
@@ -161,3 +162,38 @@ def test_scores_refuse_nan_components(score):
     B[0, 0] = np.nan
     with pytest.raises(ValueError, match="est contains NaN"):
         score(B, A)
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-300, 1e160])
+def test_scores_do_not_depend_on_the_scale(scale):
+    # float64 squares vanish below ~1e-162 and overflow from ~1e154: the norms are taken
+    # after dividing by the largest entry, so identical factors score as identical at any scale
+    rng = np.random.default_rng(3)
+    A, S = rng.random((10, 3)), rng.random((3, 50))
+    s = evaluate(A * scale, S, A * scale, S)
+    assert float(s.cos_A) == pytest.approx(1.0, abs=1e-12) and float(s.cos_S) == pytest.approx(1.0, abs=1e-12)
+    assert float(s.rmse_S) < 1e-12 and float(s.nmse_A_db) < -200
+    assert float(rmse(A * scale, 2 * A * scale)) == pytest.approx(scale * float(rmse(A, 2 * A)), rel=1e-12)
+    assert float(nmse(A * scale, 2 * A * scale)) == pytest.approx(0.25, rel=1e-12)
+
+
+def test_scores_refuse_empty_complex_and_nan_input_and_take_bfloat16():
+    import torch
+
+    rng = np.random.default_rng(4)
+    A, S = rng.random((10, 3)), rng.random((3, 50))
+    with pytest.raises(ValueError, match="m, n, t ≥ 1"):
+        evaluate(A[:, :0], S[:0], A[:, :0], S[:0])
+    with pytest.raises(ValueError, match="m, n, t ≥ 1"):
+        evaluate(A[:0], S, A[:0], S)
+    with pytest.raises(TypeError, match="real factors"):
+        evaluate(A.astype(complex), S, A, S)
+    with pytest.raises(TypeError, match="real factors"):
+        mean_cosine(torch.tensor(A, dtype=torch.complex64), A)
+    for f in (rmse, nmse):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            f(A * np.nan, A)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cosine_matrix(A * np.inf, A, axis=-2)
+    s = evaluate(torch.tensor(A).bfloat16(), torch.tensor(S).bfloat16(), A, S)
+    assert float(s.cos_A) > 0.999

@@ -353,3 +353,16 @@ def test_return_n_iter_counts_the_iterations_run(solver):
     _, _, k = run(X, 3, n_iter=50, random_state=0, callback=lambda it, A, S: it >= 7, return_n_iter=True)
     assert k == 7
     assert run(X, 3, n_iter=0, random_state=0, return_n_iter=True)[2] == 0
+
+
+def test_an_nndsvda_start_that_overflows_is_named():
+    # NNDSVDa fills NNDSVD's zeros with X's mean, so its first products grow as X's cube:
+    # X near 1e13 overflows float32 there, far below where X's own scale would
+    rng = np.random.default_rng(0)
+    X = ((rng.random((10, 3)) @ rng.random((3, 50))) * 1e13).astype(np.float32)
+    for call in (lambda: fastmu.mu(X, 3, n_iter=20, init="nndsvda"),
+                 lambda: fastmu.NMF(3, max_iter=20, random_state=0).fit(X)):  # NMF's default start
+        with pytest.raises(FloatingPointError, match="init='nndsvda' start fills NNDSVD's zeros with X's mean"):
+            call()
+    A, S = fastmu.mu(X, 3, n_iter=20, init="random", random_state=0)  # the cure it names
+    assert np.isfinite(A).all() and np.isfinite(S).all()
