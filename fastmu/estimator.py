@@ -617,6 +617,8 @@ def _check_random_state(seed: Any) -> np.random.RandomState:
     if seed is None or seed is np.random:
         return np.random.mtrand._rand
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        if not 0 <= int(seed) < 2**32:
+            raise ValueError(f"random_state must be a seed between 0 and 2**32 - 1, got {seed!r}")
         return np.random.RandomState(int(seed))
     if isinstance(seed, np.random.RandomState):
         return seed

@@ -221,6 +221,8 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     _check_loadable(kwargs, "the build argument")
     _check_loadable(extra, "extra")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder; give the checkpoint a file name (e.g. model.pt)")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"format": "fastmu-model-1", "kind": kind, "kwargs": kwargs,
@@ -357,10 +359,20 @@ def _check_set(data: Any, name: str, model: nn.Module) -> None:
         raise TypeError(f"{name} must be a fastmu.data.MixtureSet, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{name} is empty")
-    m = getattr(model, "m", None)
+    label = {"train_set": "the training set", "val_set": "the validation set"}.get(name, name)
+    m, n = getattr(model, "m", None), getattr(model, "n", None)
     if m is not None and data.A.shape[1] != m:
-        label = "training" if name == "train_set" else "validation"
-        raise ValueError(f"the model expects m = {m} channels but the {label} set has {data.A.shape[1]}")
+        raise ValueError(f"the model expects m = {m} channels but {label} has {data.A.shape[1]}")
+    if n is not None and data.A.shape[2] != n:
+        raise ValueError(f"the model has n = {n} components but {label} has {data.A.shape[2]}")
+
+
+def _n_layers(model: nn.Module) -> int | None:
+    """How many layers' outputs ``model(X, return_all=True)`` lists, where the model says."""
+    if hasattr(model, "nalmu_layers") and hasattr(model, "almu_layers"):
+        return int(model.nalmu_layers) + int(model.almu_layers)
+    n = getattr(model, "n_layers", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def _check_train_args(model: nn.Module, train_set: Any, epochs: Any, batch_size: Any, lr: Any, *,
@@ -380,6 +392,9 @@ def _check_train_args(model: nn.Module, train_set: Any, epochs: Any, batch_size:
         _check_set(val_set, "val_set", model)
     if not isinstance(loss_layers, slice):
         raise TypeError(f"loss_layers must be a slice of the layers, e.g. slice(10, None), got {loss_layers!r}")
+    L = _n_layers(model)
+    if L is not None and not range(L)[loss_layers]:
+        raise ValueError(f"loss_layers={loss_layers!r} selects none of the model's {L} layers")
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch must be callable (it is called with each EpochLog), got {type(on_epoch).__name__}")
     try:
@@ -392,6 +407,14 @@ def _check_train_args(model: nn.Module, train_set: Any, epochs: Any, batch_size:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     return epochs, batch_size, seed
+
+
+def _check_eval_args(model: Any, data: Any, batch_size: Any) -> int:
+    """:func:`predict`'s and :func:`validate`'s checks (before any work); the batch size as an int."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_set(data, "data", model)
+    return positive_count(batch_size, "batch_size")
 
 
 @torch.no_grad()
@@ -416,6 +439,7 @@ def predict(model: nn.Module, data: Any, *, batch_size: int = 25, return_all: bo
         ``outputs``: per batch, the model's output (``(A, S)`` or the list of
         every layer's); the truths as NumPy arrays ``(N, m, n)``, ``(N, n, t)``.
     """
+    batch_size = _check_eval_args(model, data, batch_size)
     p = _model_param(model)
     was_training = model.training
     model.eval()
@@ -445,6 +469,7 @@ def validate(model: nn.Module, data: Any, *, batch_size: int = 25) -> tuple[floa
     cos_A, cos_S : float
         Means over the set's problems.
     """
+    batch_size = _check_eval_args(model, data, batch_size)
     p = _model_param(model)
     cA = cS = 0.0
     was_training = model.training

@@ -195,6 +195,17 @@ def check_tol(tol: Any) -> float | None:
     return t
 
 
+def default_rng(seed: Any, name: str = "seed") -> np.random.Generator:
+    """``np.random.default_rng(seed)`` with an error that names the argument (None, a
+    non-negative integer or a sequence of them, a SeedSequence or a Generator)."""
+    if isinstance(seed, (bool, float, str, bytes)):  # NumPy would take True; floats and text are typos
+        raise TypeError(f"{name} must be None or a non-negative integer, got {seed!r}")
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name} must be None or a non-negative integer, got {seed!r}") from None
+
+
 def check_random_state(seed: Any) -> np.random.RandomState | np.random.Generator:
     """The generator the random start draws from: a new RandomState for an integer seed (so the
     draws are scikit-learn's) or None (fresh entropy), NumPy's global one for ``np.random``, a

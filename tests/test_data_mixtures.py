@@ -194,3 +194,17 @@ def test_cuda_device_without_a_gpu_is_a_clear_error():
     A, S = spectra(1, seed=0, m=16), np.random.default_rng(0).random((1, 4, 20))
     with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
         mix(A, S, 60.0, device="cuda")
+
+
+def test_mixtures_that_overflow_the_dtype_and_bad_seeds_are_refused():
+    A = np.random.default_rng(0).random((2, 10, 4))
+    S = np.random.default_rng(1).random((2, 4, 50))
+    with pytest.raises(FloatingPointError, match="overflow float32"):
+        mix(A * 1e20, S * 1e20, 30)
+    with pytest.raises(FloatingPointError, match="overflow float16"):
+        mix(A * 1e5, S, 30, dtype=torch.float16)
+    for seeds in (1.5, [1, 2.5], "ab"):
+        with pytest.raises(TypeError, match="seeds must be an int or a sequence of ints"):
+            mix(A, S, 30, seeds=seeds)
+    X, _, _ = mix(A, S, 30, seeds=np.array([3, 4]))
+    torch.testing.assert_close(X, mix(A, S, 30, seeds=3)[0])

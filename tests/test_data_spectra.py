@@ -143,3 +143,9 @@ def test_few_channels_give_finite_spectra(m):
         A = spectra(3, seed=0, m=m)
     assert A.shape == (3, m, 4) and np.isfinite(A).all() and (A >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(A, axis=1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed,err", [(-1, ValueError), (1.5, TypeError), ("0", TypeError)])
+def test_a_bad_seed_is_named(seed, err):
+    with pytest.raises(err, match="seed must be None or a non-negative integer"):
+        spectra(2, seed=seed)

@@ -579,3 +579,9 @@ def test_nndsvd_with_mu_warns_as_scikit_learn_and_keeps_its_zeros():
         W = model.fit_transform(X)
     np.testing.assert_array_equal(W == 0, W0 == 0)
     np.testing.assert_array_equal(model.components_ == 0, H0 == 0)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_an_out_of_range_seed_names_random_state(seed):
+    with pytest.raises(ValueError, match="random_state must be a seed between 0 and 2\\*\\*32 - 1"):
+        NMF(3, random_state=seed).fit(np.random.default_rng(0).random((10, 30)))

@@ -239,6 +239,8 @@ def test_train_checks_its_arguments_before_the_first_step(tiny):
         (dict(loss_layers=2), TypeError, "loss_layers must be a slice"),
         (dict(epochs=1.0), ValueError, "epochs must be a positive integer"),
         (dict(batch_size=True), ValueError, "batch_size must be a positive integer"),
+        (dict(loss_layers=slice(5, None)), ValueError, r"loss_layers=slice\(5, None, None\) selects none of the "
+                                                        r"model's 2 layers"),
     ]
     for kw, err, match in bad:
         with pytest.raises(err, match=match):
@@ -273,3 +275,18 @@ def test_a_model_broken_before_training_reports_its_own_error(tiny):
         model.theta[0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NALMU's output .*theta"):
         train(model, tiny["train"], epochs=1, batch_size=2, progress=False)
+
+
+def test_evaluation_and_checkpoint_arguments_are_checked(tiny, tmp_path):
+    model = build_model("nalmu", n_layers=2, m=8, n=4)
+    for f in (predict, validate):
+        with pytest.raises(TypeError, match="data must be a fastmu.data.MixtureSet, got Tensor"):
+            f(model, torch.rand(3, 8, 16))
+        with pytest.raises(ValueError, match="batch_size"):
+            f(model, tiny["train"], batch_size=0)
+        with pytest.raises(ValueError, match="n = 3 components but data has 4"):
+            f(build_model("nalmu", n_layers=2, m=8, n=3), tiny["train"])
+    with pytest.raises(ValueError, match="n = 3 components but the training set has 4"):
+        train(build_model("nalmu", n_layers=2, m=8, n=3), tiny["train"], progress=False)
+    with pytest.raises(IsADirectoryError, match="is a folder; give the checkpoint a file name"):
+        save_model(model, tmp_path)

@@ -17,6 +17,8 @@ training step.
 """
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -117,15 +119,26 @@ def mix(A, S, snr_db: float | None = 60.0, *, seeds: Sequence[int] | int | None 
         snr = _check_snr(snr_db)
         if seeds is None:
             seeds = 0
-        if isinstance(seeds, (int, np.integer)):
+        if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
             seeds = [int(seeds) + i for i in range(b)]
+        try:
+            seeds = [operator.index(s) for s in seeds]
+        except TypeError:
+            raise TypeError(f"seeds must be an int or a sequence of ints, got {seeds!r}") from None
         if len(seeds) != b:
             raise ValueError(f"need one seed per sample ({b}), got {len(seeds)}")
         N = _noise(seeds, (m, t)).to(device=device, dtype=work)
         norm = lambda v: torch.linalg.vector_norm(v, dim=(1, 2), dtype=torch.float64)  # noqa: E731
         scale = 10.0 ** (-snr / 20.0) * norm(X) / norm(N)
         X = X + N * scale.to(work)[:, None, None]
-    return X.to(dtype), A64.to(dtype), S64.to(dtype)
+    X, A, S = X.to(dtype), A64.to(dtype), S64.to(dtype)
+    # A and S were checked finite: an inf or NaN here is A S (or a cast) past the dtype's range
+    if not bool(torch.stack([torch.isfinite(v).all() for v in (X, A, S)]).all()):
+        raise FloatingPointError(
+            f"the mixtures overflow {str(dtype).removeprefix('torch.')}: A, S or A S passes its largest value, "
+            f"{torch.finfo(dtype).max:.3g} (the largest entries of A and S: {float(A64.max()):.3g} and "
+            f"{float(S64.max()):.3g}); scale A or S down, or pass a wider dtype")
+    return X, A, S
 
 
 def measured_snr_db(X, A, S) -> np.ndarray:

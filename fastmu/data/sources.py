@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from fastmu.validation import default_rng
+
 __all__ = [
     "SKIMAGE_IMAGES",
     "natural_images",
@@ -128,7 +130,7 @@ def photo_crops(n: int, size=128, *, seed: int | None = None) -> np.ndarray:
     photos = _photos()
     from skimage.transform import resize
 
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     out = np.empty((n, h, w))
     for i in range(n):
         im = photos[rng.integers(len(photos))]
@@ -188,7 +190,7 @@ def dead_leaves(n: int, size=128, *, seed: int | None = None, r_min: float = 2.0
     if alpha == 1.0:  # the inverse CDF below divides by 1 - alpha
         raise ValueError("alpha must not be 1 (the radius law's inverse CDF divides by 1 - alpha); "
                          "use a value near it, e.g. 1.001")
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     out = np.empty((n, h, w))
     a1 = 1.0 - alpha
@@ -252,7 +254,7 @@ def power_law_field(n: int, size=128, *, seed: int | None = None,
     lo, hi = _check_real(lo, "beta[0]"), _check_real(hi, "beta[1]")
     if lo > hi:
         raise ValueError(f"beta must be a range (lo, hi) with lo <= hi, got {beta!r}")
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy**2 + fx**2)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
+from fastmu.validation import default_rng
+
 __all__ = [
     "COMPONENTS",
     "PARAMETER_RANGES",
@@ -259,7 +261,7 @@ def spectra(n: int, *, seed: int | None = None, m: int = 65) -> np.ndarray:
         raise ValueError(f"n must be >= 0, got {n}")
     m = _check_m(m)
     n = int(n)
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     _, edges = energy_grid(m)
 
     # one line of sight per region: the same absorption applies to all four components
