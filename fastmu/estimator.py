@@ -165,7 +165,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         on the CPU kernels, GPU arrays on the CUDA kernels. ``solver="cd"``
         runs where X is: its fit on the fused CPU kernel for host arrays, in
         torch on X's device otherwise (and for ``shuffle=True`` and
-        ``transform``).
+        ``transform``); a backend naming another place is refused.
     eps : float, default :data:`fastmu.EPS`
         Added to every denominator of the multiplicative updates (unused by
         ``solver="cd"``, which has none).
@@ -296,6 +296,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         run = dict(tol=tol if tol > 0 else None, eps=self.eps, backend=self.backend,
                    progress=bool(self.verbose), tol_on_norm=True)
         if self.solver == "cd":  # on X as given, either orientation: no transposed run needed
+            _check_cd_backend(self.backend, X)
             A, S, n_iter = self._fit_cd(X, n, A0, S0, init, max_iter, tol, pen)
         elif n_samples <= n_features:
             A, S, n_iter = solve(X, None if A0 is not None else n, A0=A0, S0=S0, n_iter=max_iter, init=init,
@@ -609,6 +610,18 @@ def _frobenius(X: Any, W: Any, H: Any) -> float:
                 R = R / s
                 return s * math.sqrt(float((R * R).sum()))
     return float(math.sqrt(f))
+
+
+def _check_cd_backend(backend: str, X: Any) -> None:
+    """``solver="cd"`` runs where X is; a ``backend`` it would not honour is refused, not ignored."""
+    from fastmu.interop import is_device_array
+
+    on_gpu = is_device_array(X)
+    where = "cuda" if on_gpu else "cpu"
+    if backend not in ("auto", where) and not (backend == "torch" and array_kind(X) == "torch"):
+        raise ValueError(f"solver='cd' runs where X is ({'on the GPU, in torch' if on_gpu else 'on the CPU'}), "
+                         f"so backend={backend!r} cannot be honoured; leave backend='auto', or pass X "
+                         + ("on the host" if on_gpu else "as a GPU array (CuPy or a CUDA tensor)"))
 
 
 def _check_random_state(seed: Any) -> np.random.RandomState:

@@ -32,6 +32,8 @@ def check_dtype(x: Any, name: str, kind: ArrayKind) -> str:
         # sparse layouts have no min, isfinite or strides: refuse before any of them is asked for
         raise TypeError(f"{name} is a sparse torch tensor ({x.layout}); fastmu works on dense arrays: "
                         f"pass {name}.to_dense()")
+    if kind == "torch" and getattr(x, "is_meta", False):  # shapes only: nothing to factorise
+        raise TypeError(f"{name} is a meta tensor, which holds no values; pass a tensor with data")
     dt = _dtype_name(x)
     if dt in _FLOAT_NAMES:
         return dt

@@ -585,3 +585,12 @@ def test_nndsvd_with_mu_warns_as_scikit_learn_and_keeps_its_zeros():
 def test_an_out_of_range_seed_names_random_state(seed):
     with pytest.raises(ValueError, match="random_state must be a seed between 0 and 2\\*\\*32 - 1"):
         NMF(3, random_state=seed).fit(np.random.default_rng(0).random((10, 30)))
+
+
+def test_cd_refuses_a_backend_it_cannot_honour():
+    # coordinate descent runs where X is: backend="cuda" for host X must not silently run on the CPU
+    X = np.random.default_rng(0).random((10, 30))
+    with pytest.raises(ValueError, match="solver='cd' runs where X is .*backend='cuda' cannot be honoured"):
+        NMF(3, solver="cd", backend="cuda", max_iter=5).fit(X)
+    for backend in ("auto", "cpu"):
+        assert NMF(3, solver="cd", backend=backend, max_iter=300).fit(X).components_.shape == (3, 30)

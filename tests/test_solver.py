@@ -339,6 +339,16 @@ def test_sparse_torch_input_is_refused_clearly(layout):
             call()
 
 
+def test_meta_tensors_are_refused_clearly():
+    from fastmu.baselines import cd
+
+    X = torch.rand(8, 30, device="meta")
+    for call in (lambda: fastmu.mu(X, 2, backend="torch"), lambda: fastmu.mu(X, 2), lambda: cd(X, 2),
+                 lambda: fastmu.NMF(2).fit(X)):
+        with pytest.raises(TypeError, match="X is a meta tensor, which holds no values"):
+            call()
+
+
 @pytest.mark.parametrize("solver", ["mu", "cd"])
 def test_return_n_iter_counts_the_iterations_run(solver):
     from fastmu.baselines import cd
