@@ -54,6 +54,8 @@ def figure_path(target: Path, option: str = "--figure") -> Path:
     A name without a suffix gets ``.png`` (what matplotlib would write anyway,
     silently), so the caller can report the real name.
     """
+    if target.is_dir() or target.name in ("", ".", ".."):  # "." and ".." have no name to add .png to
+        raise ValueError(f"{option} {target} is a folder; give a file name such as {target / 'figure.png'}")
     if not target.suffix:
         target = target.with_name(target.name + ".png")
     try:

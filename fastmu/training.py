@@ -299,6 +299,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     if not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
         raise refuse("no 'kwargs' dict of build arguments")
     ckpt.setdefault("extra", {})
+    if not (isinstance(ckpt["extra"], dict) and all(isinstance(k, str) for k in ckpt["extra"])):
+        raise refuse("its 'extra' entry is not a dict of named values")  # save_model writes one
     return ckpt
 
 

@@ -260,6 +260,8 @@ def _paths(tmp_path):
     (["--out", "{t}/adir.npz"], "--out {t}/adir.npz is a folder"),
     (["--out", "{t}/afile/o.npz"], "--out: {t}/afile is a file, not a folder"),
     (["--figure", "{t}/figdir.png"], "--figure {t}/figdir.png is a folder"),
+    (["--figure", "{t}"], "--figure {t} is a folder; give a file name such as {t}/figure.png"),
+    (["--figure", "{t}/.."], "--figure {t}/.. is a folder"),
     (["--figure", "{t}/f.xyz"], "matplotlib cannot write .xyz files; use one of"),
     (["--figure", "{t}/afile/f.png"], "--figure: {t}/afile is a file, not a folder"),
 ])
@@ -380,3 +382,22 @@ def test_bench_refuses_options_it_would_ignore_and_bad_outputs_up_front(tmp_path
     argv = [a.replace("{t}", str(tmp_path)) for a in argv]
     assert main(["bench", "--quick", *argv]) == 2
     assert msg.replace("{t}", str(tmp_path)) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale, why", [(1e300, "largest value"), (1e-50, "smallest non-zero value")])
+def test_unmix_float64_values_float32_cannot_hold(tmp_path, capsys, scale, why):
+    # the default float32 cast would turn them into inf or 0 (and factorise those)
+    rng = np.random.default_rng(0)
+    X = rng.random((10, 3)) @ rng.random((3, 60))
+    np.save(tmp_path / "x.npy", X / X.max() * scale)
+    out = tmp_path / "r.npz"
+    assert main(["unmix", str(tmp_path / "x.npy"), "-n", "3", "--iters", "30", "--no-progress",
+                 "--normalise", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"running in float64: X's {why}" in captured.out
+    r = np.load(out)
+    assert r["A"].dtype == np.float64 and 0 < float(r["residual"]) < 0.5
+    assert np.isfinite(r["A"]).all() and np.abs(r["A"] @ r["S"]).max() > 0.1 * scale
+    assert main(["unmix", str(tmp_path / "x.npy"), "-n", "3", "--dtype", "float32", "--no-progress",
+                 "--out", str(out)]) == 2
+    assert "--dtype float32 cannot hold X; use --dtype float64" in capsys.readouterr().err

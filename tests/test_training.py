@@ -214,7 +214,8 @@ def test_load_refuses_files_that_are_not_checkpoints(tmp_path):
     ckpt = torch.load(good, weights_only=True)
     ckpt["kind"] = "almu"
     torch.save(ckpt, tmp_path / "relabelled.pt")
-    for name in ("text", "empty", "cut", "module", "nostate", "relabelled"):
+    torch.save(dict(torch.load(good, weights_only=True), extra="notes"), tmp_path / "badextra.pt")
+    for name in ("text", "empty", "cut", "module", "nostate", "relabelled", "badextra"):
         with pytest.raises(ValueError, match=f"{name}.pt is not a fastmu model checkpoint"):
             load_model(tmp_path / f"{name}.pt")
     with pytest.raises(FileNotFoundError):

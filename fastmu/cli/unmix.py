@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the random start (and the demo scene), 0 … 2**32-1 (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="precision of the run and of the saved factors (default: float32; float64 for "
-                        "integer or bool input)")
+                        "integer or bool input, and for float input whose values float32 cannot hold)")
     p.add_argument("--normalise", action="store_true",
                    help="divide each problem's X by its mean before MU and scale A back (MU is scale-free): "
                         "for data whose values are so small that eps=1e-12 matters, e.g. fluxes")
@@ -182,11 +182,37 @@ def _out_path(out: Path) -> Path:
     return path
 
 
+def _out_of_range(X: np.ndarray, dtype: np.dtype) -> str | None:
+    """Why ``dtype`` cannot hold X's finite values (None where it can): a value past its
+    largest, or a non-zero one below its smallest normal number (which the kernels read as 0)."""
+    if X.dtype.kind != "f" or np.finfo(X.dtype).bits <= np.finfo(dtype).bits:
+        return None
+    info = np.finfo(dtype)
+    a = np.abs(X[np.isfinite(X)])
+    big = float(a.max(initial=0.0))
+    small = float(a.min(initial=np.inf, where=a > 0))
+    if big > float(info.max):
+        return f"X's largest value, {big:.3g}, is past {dtype}'s largest ({float(info.max):.3g})"
+    if small < float(info.tiny):
+        return f"X's smallest non-zero value, {small:.3g}, is below {dtype}'s smallest normal number " \
+               f"({float(info.tiny):.3g})"
+    return None
+
+
 def _working_dtype(X: np.ndarray, requested: str | None) -> np.dtype:
-    """The precision MU runs in: --dtype, else float32 for float input and float64 for integers and bools."""
+    """The precision MU runs in: --dtype, else float32 for float input that float32 holds and
+    float64 otherwise (integers, bools, and float64 values out of float32's range)."""
     if requested is not None:
-        return np.dtype(requested)
-    return np.dtype(np.float32) if X.dtype.kind == "f" else np.dtype(np.float64)
+        dtype = np.dtype(requested)
+        why = _out_of_range(X, dtype)
+        if why is not None:  # the cast would turn them into inf or 0, and the run would factorise those
+            raise ValueError(f"{why}: --dtype {requested} cannot hold X; use --dtype float64")
+        return dtype
+    if X.dtype.kind == "f" and _out_of_range(X, np.dtype(np.float32)) is None:
+        return np.dtype(np.float32)
+    if X.dtype.kind == "f":
+        print(f"running in float64: {_out_of_range(X, np.dtype(np.float32))} (--dtype chooses)")
+    return np.dtype(np.float64)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
         X = X.astype(dtype, copy=False)
     scale: Any = 1.0
     if args.normalise:  # MU is scale-free; divided by its mean, X meets eps at a scale of 1
-        mean = X.mean(axis=(-2, -1), keepdims=True, dtype=np.float64)
-        scale = np.where(mean > 0, mean, 1.0).astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN X: MU says what is wrong
+            mean = X.mean(axis=(-2, -1), keepdims=True, dtype=np.float64)
+        scale = np.where(np.isfinite(mean) & (mean > 0), mean, 1.0).astype(dtype)
     t0 = time.perf_counter()
     A, S, n_iter = fastmu.mu(  # n_iter: fewer than --iters when --tol stops early
         X / scale if args.normalise else X, n, n_iter=args.iters, tol=args.tol, init=args.init,
@@ -234,7 +261,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     A, S = np.asarray(A) * scale, np.asarray(S)
     X64 = X.astype(np.float64)  # float32 norms of a large X overflow
-    rel = float(np.linalg.norm(X64 - A.astype(np.float64) @ S) / max(np.linalg.norm(X64), 1e-300))
+    with np.errstate(over="ignore", invalid="ignore"):  # (X's largest entry as the unit, for float64 too)
+        unit = float(np.abs(X64).max(initial=0.0))
+        unit = unit if np.isfinite(unit) and unit > 0 else 1.0
+        R = (X64 - A.astype(np.float64) @ S) / unit
+    rel = float(np.linalg.norm(R) / max(np.linalg.norm(X64 / unit), 1e-300))
     early = f" (stopped early by --tol; --iters {args.iters})" if n_iter < args.iters else ""
     print(f"{n_iter} iterations{early} in {seconds:.2f} s (includes kernel load/compile); "
           f"relative residual {rel:.3e}")
