@@ -401,3 +401,19 @@ def test_unmix_float64_values_float32_cannot_hold(tmp_path, capsys, scale, why):
     assert main(["unmix", str(tmp_path / "x.npy"), "-n", "3", "--dtype", "float32", "--no-progress",
                  "--out", str(out)]) == 2
     assert "--dtype float32 cannot hold X; use --dtype float64" in capsys.readouterr().err
+
+
+def test_unmix_out_that_is_the_input_is_refused(tmp_path, capsys):
+    x = tmp_path / "x.npz"
+    np.savez(x, X=np.random.default_rng(0).random((10, 40)))
+    before = x.read_bytes()
+    for out in (str(x), str(tmp_path / "x")):  # ".npz" is added to a name without one
+        assert main(["unmix", str(x), "-n", "3", "--no-progress", "--out", out]) == 2
+        assert "is the input file itself" in capsys.readouterr().err
+    assert x.read_bytes() == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--debug", "unmix", str(tmp_path / "missing.npy"), "-n", "3"])
+    assert main(["unmix", str(tmp_path / "missing.npy"), "-n", "3"]) == 2

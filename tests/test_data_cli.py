@@ -78,3 +78,13 @@ def test_preview_output_folder_is_checked_first(tmp_path, capsys, where):
     out = tmp_path / "f" if where == "file" else tmp_path / "f" / "sub"
     assert main(["data", "preview", "--out", str(out), "--n", "5", "--size", "8"]) == 2
     assert f"fastmu data preview: error: --out: {tmp_path / 'f'}" in capsys.readouterr().err
+
+
+def test_stats_refuses_generator_options_with_a_file(tmp_path, capsys):
+    A = np.random.default_rng(0).random((3, 20, 4))
+    np.save(tmp_path / "a.npy", A)
+    assert main(["data", "stats", "--spectra", str(tmp_path / "a.npy"), "--n", "5", "--m", "20"]) == 2
+    assert "--n and --m size the generated spectra; with --spectra the file's are used" in capsys.readouterr().err
+    np.save(tmp_path / "empty.npy", A[:0])
+    assert main(["data", "stats", "--spectra", str(tmp_path / "empty.npy")]) == 2
+    assert f"--spectra {tmp_path / 'empty.npy'}: spectra must hold at least one matrix" in capsys.readouterr().err

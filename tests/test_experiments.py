@@ -242,6 +242,10 @@ def test_models_dir_checkpoint_without_settings_is_used_and_said_so(tmp_path, ca
     (["paper", "--methods", "almu", "--layers", "1"], "--layers must be >= 2 with ALMU"),
     (["train", "nalmu", "--out", "{f}/m.pt"], "--out: {f} is a file, not a folder"),
     (["train", "almu", "--layers", "1"], "--layers must be >= 2 for ALMU"),
+    (["paper", "--methods", "mu", "--epochs", "3", "--layers", "5", "--cd-iters", "5"],
+     "--epochs, --layers, --cd-iters: not used by --methods mu; drop them"),
+    (["paper", "--methods", "mu", "cd", "--models", "{f}"], "--models: not used by --methods mu cd"),
+    (["paper", "--methods", "nalmu", "--dnmf-layers", "4"], "--dnmf-layers: not used by --methods nalmu; drop it"),
 ])
 def test_cli_paper_and_train_refuse_before_the_work(tmp_path, capsys, argv, msg):
     f = tmp_path / "afile"

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fastmu import __version__
 
     parser.add_argument("--version", action="version", version=f"fastmu {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show Python's full traceback instead of one line (for bug reports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:
@@ -53,9 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastmu {name}: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
     except MemoryError as exc:
+        if args.debug:
+            raise
         print(f"fastmu {name}: error: not enough memory ({exc or 'the allocation failed'})", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, RuntimeError, ImportError, FloatingPointError) as exc:
+        if args.debug:
+            raise
         # FileNotFoundError is an OSError; the others (a folder given as a file, a read-only place)
         # have no message of their own beyond strerror and the file name
         extra = f" {hint}" if hint and isinstance(exc, FloatingPointError) else ""

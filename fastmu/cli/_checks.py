@@ -82,10 +82,11 @@ def path(text: str) -> Path:
 
 def add_set_options(p: argparse.ArgumentParser) -> None:
     """The options ``train`` and ``paper`` share: the sets' seed and sizes, the device and dtype."""
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--size", type=int_at_least(1), default=None, help="map side (t = size²), overriding the preset's")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the sets and of the training (default 0)")
+    p.add_argument("--size", type=int_at_least(2), default=None,
+                   help="map side, at least 2 (t = size²), overriding the preset's")
     p.add_argument("--n-train", type=int_at_least(1), default=None, help="training problems, overriding the preset's")
     p.add_argument("--n-test", type=int_at_least(1), default=None,
                    help="problems per test set, overriding the preset's")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default float32")

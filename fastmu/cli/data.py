@@ -23,10 +23,10 @@ def register(subparsers) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--spectra", type=_checks.path,
                        help="spectra file (.npz key A, or .npy) instead of generated ones")
-        q.add_argument("--n", type=_checks.int_at_least(1), default=750,
+        q.add_argument("--n", type=_checks.int_at_least(1), default=None,
                        help="number of generated spectra (default 750)")
         q.add_argument("--seed", type=_checks.seed, default=0, help="seed of the generator (default 0)")
-        q.add_argument("--m", type=_checks.int_at_least(MIN_CHANNELS), default=65,
+        q.add_argument("--m", type=_checks.int_at_least(MIN_CHANNELS), default=None,
                        help=f"channels of generated spectra, at least {MIN_CHANNELS} (default 65)")
         q.add_argument("--reference", type=_checks.path,
                        help="real spectra to compare with (default: chandra_mixing_matrices.npz "
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     pv = sub.add_parser("preview", help="write PNG figures like the paper's Fig. 1")
     common(pv)
     pv.add_argument("--out", type=_checks.path, required=True, help="output folder for the PNGs")
-    pv.add_argument("--size", type=int, default=128, help="map size (default 128)")
+    pv.add_argument("--size", type=_checks.int_at_least(1), default=128, help="map size, at least 4 (default 128)")
     # command_name: errors say "fastmu data preview: ...", the command the user typed
     pv.set_defaults(func=_preview, command_name="data preview")
 
@@ -51,8 +51,8 @@ def _read_spectra(path: Path, option: str) -> np.ndarray:
 
     try:
         return load_spectra(path)
-    except ValueError as exc:  # load_spectra names the shape the file holds
-        raise ValueError(f"{option} {path}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # load_spectra names the shape or dtype the file holds
+        raise type(exc)(f"{option} {path}: {exc}") from None
 
 
 def _spectra_sets(args) -> dict:
@@ -60,9 +60,14 @@ def _spectra_sets(args) -> dict:
 
     sets = {}
     if args.spectra is not None:
+        given = [o for o, v in (("--n", args.n), ("--m", args.m)) if v is not None]
+        if given:  # refused rather than ignored, as unmix and bench do
+            raise ValueError(f"{' and '.join(given)} size the generated spectra; with --spectra the file's are "
+                             "used: drop " + ("them" if len(given) > 1 else "it"))
         sets[args.spectra.stem] = _read_spectra(args.spectra, "--spectra")
     else:
-        sets["generated"] = spectra(args.n, seed=args.seed, m=args.m)
+        sets["generated"] = spectra(750 if args.n is None else args.n, seed=args.seed,
+                                    m=65 if args.m is None else args.m)
     ref = args.reference
     if ref is None:
         d = shared_data_dir()

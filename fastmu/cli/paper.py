@@ -40,24 +40,51 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder of checkpoints to load, and to write the ones it trains (default: OUT/models; "
                         "see below)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--epochs", type=_checks.int_at_least(1), default=10,
+    p.add_argument("--epochs", type=_checks.int_at_least(1), default=None,
                    help="training epochs per model (ALMU: per stage; default 10)")
     p.add_argument("--batch-size", type=_checks.int_at_least(1), default=25, help="default 25")
-    p.add_argument("--lr", type=_checks.positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
-    p.add_argument("--layers", type=_checks.int_at_least(1), default=50,
+    p.add_argument("--lr", type=_checks.positive_float, default=None, help="Adam learning rate (default 0.01)")
+    p.add_argument("--layers", type=_checks.int_at_least(1), default=None,
                    help="NALMU depth (default 50); ALMU = half front, half adaptive, so >= 2 with almu")
-    p.add_argument("--dnmf-layers", type=_checks.int_at_least(1), default=10, help="DNMF depth (default 10)")
-    p.add_argument("--snmf-layers", type=_checks.int_at_least(1), default=9, help="SNMF-Net depth (default 9)")
-    p.add_argument("--mu-iters", type=_checks.int_at_least(1), default=10_000, help="default 10000")
-    p.add_argument("--cd-iters", type=_checks.int_at_least(1), default=1_000, help="default 1000")
-    p.add_argument("--train-spectra", choices=("generated", "real"), default="generated")
+    p.add_argument("--dnmf-layers", type=_checks.int_at_least(1), default=None, help="DNMF depth (default 10)")
+    p.add_argument("--snmf-layers", type=_checks.int_at_least(1), default=None, help="SNMF-Net depth (default 9)")
+    p.add_argument("--mu-iters", type=_checks.int_at_least(1), default=None, help="default 10000")
+    p.add_argument("--cd-iters", type=_checks.int_at_least(1), default=None, help="default 1000")
+    p.add_argument("--train-spectra", choices=("generated", "real"), default=None,
+                   help="train on generated spectra (default) or on the real Chandra set of the reference-data folder")
     p.add_argument("--snr", type=_checks.finite_float, default=60.0, help="SNR in dB of every set (default 60)")
     _checks.add_set_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
     p.set_defaults(func=run)
 
 
+#: the options that only some methods use, their defaults, and the methods (refused, not ignored, without them)
+_LEARNED = {"nalmu", "almu", "dnmf", "snmf_net"}
+_METHOD_OPTIONS: dict[str, tuple[object, set[str]]] = {
+    "epochs": (10, _LEARNED), "lr": (1e-2, _LEARNED), "train_spectra": ("generated", _LEARNED),
+    "models": (None, _LEARNED), "n_train": (None, _LEARNED), "layers": (50, {"nalmu", "almu"}),
+    "dnmf_layers": (10, {"dnmf"}), "snmf_layers": (9, {"snmf_net"}), "mu_iters": (10_000, {"mu"}),
+    "cd_iters": (1_000, {"cd"}),
+}
+
+
+def _method_options(args: argparse.Namespace) -> None:
+    """Refuse options none of ``--methods`` uses (as unmix and bench do), then fill in the defaults."""
+    methods = set(args.methods)
+    unused = [dest for dest, (_, users) in _METHOD_OPTIONS.items()
+              if getattr(args, dest) is not None and not users & methods]
+    if unused:
+        names = ", ".join("--" + d.replace("_", "-") for d in unused)
+        raise ValueError(f"{names}: not used by --methods {' '.join(args.methods)}; drop "
+                         + ("them" if len(unused) > 1 else "it") + " or add a method that uses "
+                         + ("them" if len(unused) > 1 else "it"))
+    for dest, (default, _) in _METHOD_OPTIONS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+
+
 def run(args: argparse.Namespace) -> int:
+    _method_options(args)
     if "almu" in args.methods and args.layers < 2:
         raise ValueError("--layers must be >= 2 with ALMU (half NALMU front, half adaptive layers)")
     # the folders are checked again by run_paper; here before torch is imported

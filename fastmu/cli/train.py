@@ -30,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="set sizes: small = 64 train problems of 65×1024 (default); paper = 750 of 65×16384")
     p.add_argument("--layers", type=_checks.int_at_least(1), default=None,
                    help="depth (default: nalmu/almu 50, dnmf 10, snmf_net 9); ALMU splits it in half, so >= 2")
-    p.add_argument("--epochs", type=_checks.int_at_least(1), default=10, help="epochs (ALMU: per stage)")
-    p.add_argument("--batch-size", type=_checks.int_at_least(1), default=25)
+    p.add_argument("--epochs", type=_checks.int_at_least(1), default=10,
+                   help="epochs (ALMU: per stage; default 10)")
+    p.add_argument("--batch-size", type=_checks.int_at_least(1), default=25, help="default 25")
     p.add_argument("--lr", type=_checks.positive_float, default=1e-2,
-                   help="Adam learning rate (ALMU's MLP stage: a tenth)")
-    p.add_argument("--train-spectra", choices=("generated", "real"), default="generated")
+                   help="Adam learning rate (ALMU's MLP stage: a tenth; default 0.01)")
+    p.add_argument("--train-spectra", choices=("generated", "real"), default="generated",
+                   help="train on generated spectra (default) or on the real Chandra set of the reference-data folder")
     _checks.add_set_options(p)
     p.add_argument("--out", type=_checks.path, default=None, help="checkpoint path (default: fastmu-<kind>.pt)")
     p.add_argument("--no-progress", action="store_true")

@@ -221,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     out_path = _out_path(args.out)
+    for option, given in (("input", args.input), ("--truth", args.truth)):
+        if given is not None and Path(given).resolve() == out_path.resolve():
+            raise ValueError(f"--out {out_path} is the {option} file itself; the results would replace it: "
+                             "give another name")
     figure = _checks.figure_path(args.figure) if args.figure is not None else None
     truth: tuple[np.ndarray, np.ndarray] | None = None
     if args.demo:

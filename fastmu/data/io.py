@@ -161,6 +161,8 @@ def validate_spectra(A, n_components: int = 4) -> np.ndarray:
         raise ValueError(f"spectra must have {n_components} components (last axis), got shape {given}")
     if A.shape[1] < n_components:
         raise ValueError(f"spectra need at least {n_components} channels, got shape {given}")
+    if A.shape[0] == 0:
+        raise ValueError(f"spectra must hold at least one matrix, got shape {given}")
     A = A.astype(np.float64)
     norms = np.linalg.norm(A, axis=1, keepdims=True)
     if np.any(norms == 0):
