@@ -126,7 +126,9 @@ class ExperimentConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         from fastmu.training import torch_device
 
-        torch_device(self.device)
+        if torch_device(self.device).type == "meta":  # shapes only: nothing to train on or score
+            raise ValueError("device 'meta' holds no values; the experiments need a device with data "
+                             "(cpu, cuda, ...)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -97,6 +97,8 @@ def test_config_errors():
         ExperimentConfig(size=0)
     with pytest.raises(ValueError, match="ALMU"):
         ExperimentConfig(nalmu_layers=1)
+    with pytest.raises(ValueError, match="device 'meta' holds no values"):
+        ExperimentConfig(device="meta")
     with pytest.raises(ValueError, match="torch device such as"):
         ExperimentConfig(device="gpu")
 
