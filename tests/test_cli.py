@@ -417,3 +417,12 @@ def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["--debug", "unmix", str(tmp_path / "missing.npy"), "-n", "3"])
     assert main(["unmix", str(tmp_path / "missing.npy"), "-n", "3"]) == 2
+
+
+@pytest.mark.parametrize("argv, usage", [(["unmix", "x.npy", "-n", "3", "--bogus"], "usage: fastmu unmix"),
+                                         (["data", "stats", "--bogus"], "usage: fastmu data stats")])
+def test_an_unknown_option_shows_the_command_s_usage(capsys, argv, usage):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and "unrecognized arguments: --bogus" in err

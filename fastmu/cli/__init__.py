@@ -40,9 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)sub-command parser ``args`` was parsed by, so that its errors show its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None))
+            if chosen is not None:
+                return _innermost(chosen, args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser: its usage line, not fastmu's
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     # "data stats" rather than "data": the sub-command the user typed
     name = getattr(args, "command_name", args.command)
     # a command can name its own remedy for X's scale (unmix: --normalise)
