@@ -196,6 +196,11 @@ class CPUEngine:
         self._stale = self._ks is not self.S or self._ka is not self.A
 
     def objective(self) -> np.ndarray:
+        if self.X.dtype == np.float32:  # one pass over X: see kernels.cpu.objective_from_pg
+            A, S = self.factors()
+            parts = np.empty((A.shape[0], -(-S.shape[2] // self._cpu.RESIDUAL_TILE)))
+            self._cpu.residual_partials(self.X, A, S, parts)
+            return 0.5 * parts.sum(axis=1)
         if not self._pg_valid:
             self.run(0)
         if self._x2 is None:

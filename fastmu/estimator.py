@@ -295,15 +295,18 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         max_iter = int(self.max_iter)
         run = dict(tol=tol if tol > 0 else None, eps=self.eps, backend=self.backend,
                    progress=bool(self.verbose), tol_on_norm=True)
+        stop: dict[str, bool] = {}
         if self.solver == "cd":  # on X as given, either orientation: no transposed run needed
             _check_cd_backend(self.backend, X)
             A, S, n_iter = self._fit_cd(X, n, A0, S0, init, max_iter, tol, pen)
         elif n_samples <= n_features:
             A, S, n_iter = solve(X, None if A0 is not None else n, A0=A0, S0=S0, n_iter=max_iter, init=init,
-                                 random_state=self.random_state, penalty=pen, **run)
+                                 random_state=self._start_state(), penalty=pen, **run)
         else:
-            A, S, n_iter = self._fit_tall(X, n, A0, S0, init, max_iter, run, pen)
-        if tol > 0 and n_iter == self.max_iter:
+            # a tol stop at the transposed run's last check is a stop, not max_iter reached
+            # (scikit-learn's iteration count for it is one less: _fit_tall)
+            A, S, n_iter = self._fit_tall(X, n, A0, S0, init, max_iter, dict(run, stop_info=stop), pen)
+        if tol > 0 and n_iter == self.max_iter and not stop.get("tol"):
             warnings.warn(f"Maximum number of iterations {self.max_iter} reached. Increase it to improve "
                           "convergence.", ConvergenceWarning, stacklevel=caller_stacklevel())
         self.components_ = S
@@ -332,7 +335,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             # from a shared RandomState
             order = _check_random_state(self.random_state)
         return _solve(X, None if W0 is not None else n, A0=W0, S0=H0, n_iter=max_iter, tol=tol,
-                      init=init, random_state=self.random_state, progress=bool(self.verbose), order=order,
+                      init=init, random_state=self._start_state(), progress=bool(self.verbose), order=order,
                       penalty=pen)
 
     def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
@@ -357,7 +360,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             kind = array_kind(X)
             # only the NNDSVD starts need X on the host (its SVD); the others need its mean
             A_h, S_h = initial_factors(_per_problem_means(X[None], kind), X.shape[0], X.shape[1], n, init,
-                                       self.random_state, X=_host(X[None], kind) if init in SVD_INITS else None)
+                                       self._start_state(), X=_host(X[None], kind) if init in SVD_INITS else None)
             W0 = numpy_to_kind(np.ascontiguousarray(A_h[0], dtype=_np_dtype(X)), array_kind(X), X)
             H0 = numpy_to_kind(np.ascontiguousarray(S_h[0], dtype=_np_dtype(X)), array_kind(X), X)
         else:
@@ -377,6 +380,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         _raise_if_overflowed(X, W, H)
         return W, H, done + 1
 
+    def _start_state(self) -> Any:
+        """What the starts draw from: ``random_state``, with None as scikit-learn reads it (NumPy's
+        global RandomState, so that ``np.random.seed`` makes a fit reproducible)."""
+        return np.random.mtrand._rand if self.random_state is None else self.random_state
+
     def transform(self, X: Any) -> Any:
         """W for new data with ``components_`` fixed, with the same ``tol`` and ``max_iter``:
         as scikit-learn, ``solver="mu"`` runs multiplicative updates of W alone from a
@@ -393,7 +401,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         pen = self._penalty(*X.shape)  # scikit-learn's: from the new X's shape (W's weights need n_features)
         if self.solver == "cd":
             return self._transform_cd(X, H, pen)
-        return _solve_w(X, H, int(self.max_iter), float(self.tol), float(self.eps), pen)
+        W, n_iter = _solve_w(X, H, int(self.max_iter), float(self.tol), float(self.eps), pen)
+        if self.tol > 0 and n_iter == self.max_iter:  # as scikit-learn's transform
+            warnings.warn(f"Maximum number of iterations {self.max_iter} reached. Increase it to improve "
+                          "convergence.", ConvergenceWarning, stacklevel=caller_stacklevel())
+        return W
 
     def _transform_cd(self, X: Any, H: Any, pen: Penalty) -> Any:
         import torch
@@ -649,26 +661,38 @@ def _penalised(den: Any, F: Any, l1: float, l2: float) -> Any:
     return den
 
 
-def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty) -> Any:
+def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty) -> tuple[Any, int]:
     """W ≥ 0 minimising ``‖X − W H‖`` (plus W's penalties) with H fixed, by multiplicative
-    updates of W alone.
+    updates of W alone; returns W and the iterations run.
 
     ``X Hᵀ`` and ``H Hᵀ`` are formed once, so an iteration costs
     O(n_samples · n_components²) and never reads X again; the residual norm for
-    ``tol`` (the data term alone, as scikit-learn's) comes from the same products.
+    ``tol`` (the data term alone, as scikit-learn's) comes from the same products,
+    formed once more in float64 for float32 X: ``‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩``
+    cancels, and from float32 products its error (~1e-7·‖X‖²) passed the
+    decreases ``tol`` looks for, stopping transforms early.
     """
+    from fastmu.solver import _cast
+
     n = H.shape[0]
     mean = float(X.mean())
     XHt = X @ H.T
     HHt = H @ H.T
-    x2 = float((X * X).sum())
     W = XHt * 0 + math.sqrt(mean / n)  # scikit-learn's start for transform, in X's kind and dtype
+    if tol > 0:
+        kind = array_kind(X)
+        X64, H64 = (_cast(v, kind, "float64") for v in (X, H))
+        XHt64, HHt64 = (XHt, HHt) if X64 is X else (X64 @ H64.T, H64 @ H64.T)
+        x2 = float((X64 * X64).sum())
+        del X64
 
     def norm(W: Any) -> float:
-        f = x2 - 2.0 * float((W * XHt).sum()) + float(((W.T @ W) * HHt).sum())
+        W64 = _cast(W, array_kind(W), "float64")
+        f = x2 - 2.0 * float((W64 * XHt64).sum()) + float(((W64.T @ W64) * HHt64).sum())
         return math.sqrt(max(f, 0.0))
 
     e_init = e_prev = norm(W) if tol > 0 else 0.0
+    it = 0
     for it in range(1, max_iter + 1):
         W = W * (XHt / _penalised(W @ HHt + eps, W, pen.l1_A, pen.l2_A))
         if tol > 0 and it % 10 == 0:
@@ -676,7 +700,7 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty
             if (e_prev - e) / (e_init if e_init > 0 else 1.0) < tol:
                 break
             e_prev = e
-    return W
+    return W, it
 
 
 __all__ = ["NMF"]

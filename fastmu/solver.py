@@ -181,6 +181,7 @@ def solve(
     tol_on_norm: bool = False,
     tol_initial: float | None = None,
     penalty: Penalty | None = None,
+    stop_info: dict[str, bool] | None = None,
 ) -> tuple[Any, Any, int]:
     """:func:`mu`, also returning the number of iterations run.
 
@@ -191,7 +192,8 @@ def solve(
     the decrease and the first "previous" value: the value at an earlier
     start that the caller advanced by half an iteration before calling.
     ``penalty`` (a validated :class:`~fastmu.penalty.Penalty`; None: none)
-    carries :func:`mu`'s ``l1_A`` … ``l2_S``.
+    carries :func:`mu`'s ``l1_A`` … ``l2_S``. ``stop_info`` (a dict) gets
+    ``"tol": True`` when the tolerance stopped the run.
     """
     n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
     callback_every = check_positive_int(callback_every, "callback_every")
@@ -272,6 +274,8 @@ def solve(
                 f = measure()
                 scale = np.where(f_init > 0, f_init, 1.0)
                 if np.all((f_prev - f) / scale < tol):
+                    if stop_info is not None:
+                        stop_info["tol"] = True
                     break
                 f_prev = f
     finally:

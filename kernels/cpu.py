@@ -1243,8 +1243,11 @@ def objective_from_pg(X2, A, P, G, out):
     """``0.5‖X − A S‖²`` per problem from ``‖X‖²``, ``P = X Sᵀ``, ``G = S Sᵀ`` (float64).
 
     ``‖X − AS‖² = ‖X‖² − 2⟨A, P⟩ + ⟨AᵀA, G⟩``: no pass over X. Cancellation
-    limits its accuracy to about ``eps(dtype)·‖X‖²``: fine for stopping
-    tests, not for judging convergence to rounding.
+    limits its accuracy to about ``eps(dtype)·‖X‖²``: fine for float64's
+    stopping tests. In float32 that error (~6e-8·‖X‖², P and G being float32
+    sums) passes the decrease a ``tol`` check looks for once the fit is
+    good, and stopped runs hundreds of iterations early: float32 runs use
+    :func:`residual_partials` instead.
     """
     b, m, n = A.shape
     for p in prange(b):
@@ -1260,3 +1263,49 @@ def objective_from_pg(X2, A, P, G, out):
                     h += float(A[p, i, k]) * float(A[p, i, l])
                 quad += h * float(G[p, k, l])
         out[p] = 0.5 * max(X2[p] - 2.0 * cross + quad, 0.0)
+
+
+#: pixels per (problem, tile) work item of :func:`residual_partials`
+RESIDUAL_TILE = 2048
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def residual_partials(X, A, S, out):
+    """``out[p, c] = ‖X[p] − A[p] S[p]‖²`` over the pixels of tile ``c``: one pass over X.
+
+    For float32 runs, where :func:`objective_from_pg`'s cancellation is too
+    coarse for ``tol``: the model ``A S`` is formed in X's dtype (its error,
+    ``eps·|A S|`` per entry, puts an error of about ``eps·‖R‖·‖X‖`` on the
+    result, as scikit-learn's own float32 residual has), the differences and
+    their squares in float64. Measured on the 2-core dev machine beside a
+    float64 model: 0.19 against 0.35 ms for one 65 × 16384 problem. Tiles of
+    :data:`RESIDUAL_TILE` pixels are the parallel work items; X may be wider
+    than S (a padded copy): its first ``t`` columns count. The caller sums
+    ``out`` over tiles in a fixed order.
+    """
+    b, m, n = A.shape
+    t = S.shape[2]
+    nt = out.shape[1]
+    for q in prange(b * nt):
+        p = q // nt
+        j0 = (q % nt) * RESIDUAL_TILE
+        w = min(t - j0, RESIDUAL_TILE)
+        y = np.empty(w, S.dtype)
+        acc = 0.0
+        for i in range(m):
+            a = A[p, i, 0]
+            s0 = S[p, 0, j0:j0 + w]
+            for j in range(w):
+                y[j] = a * s0[j]
+            for k in range(1, n):
+                a = A[p, i, k]
+                sk = S[p, k, j0:j0 + w]
+                for j in range(w):
+                    y[j] += a * sk[j]
+            xr = X[p, i, j0:j0 + w]
+            row = 0.0
+            for j in range(w):
+                d = np.float64(xr[j]) - np.float64(y[j])
+                row += d * d
+            acc += row
+        out[p, q % nt] = acc

@@ -533,6 +533,7 @@ class _Kernels:
     mu_flat_step: Any
     layer_step: Any
     sumsq: Any
+    residsq: Any
     zero: Any
     #: the MU kernels with L1/L2 penalties (three more scalar parameters; compiled on first use)
     mu_block_pen: Any = None
@@ -1309,6 +1310,40 @@ def _build(
             cuda.syncthreads()  # red[0] is read before the next problem overwrites red
 
     @cuda.jit
+    def residsq(X, A, S, out):
+        """``out[p] += ‖X[p] − A[p] S[p]‖²`` in float64 (for float32 runs' ``tol``: see
+        :func:`residual_squares`); the grid as :func:`sumsq`'s."""
+        tid = cuda.threadIdx.x
+        b = X.shape[0]
+        m = X.shape[1]
+        t = X.shape[2]
+        n = A.shape[2]
+        red = cuda.shared.array(tpb, numba.float64)
+        start = cuda.blockIdx.x * tpb + tid
+        stride = cuda.gridDim.x * tpb
+        for p in range(cuda.blockIdx.y, b, cuda.gridDim.y):  # uniform over the block
+            acc = 0.0
+            for q in range(start, m * t, stride):  # consecutive threads, consecutive pixels of a row
+                i = q // t
+                j = q % t
+                y = 0.0
+                for k in range(n):
+                    y += numba.float64(A[p, i, k]) * numba.float64(S[p, k, j])
+                d = numba.float64(X[p, i, j]) - y
+                acc += d * d
+            red[tid] = acc
+            cuda.syncthreads()
+            half = tpb // 2
+            while half > 0:
+                if tid < half:
+                    red[tid] += red[tid + half]
+                cuda.syncthreads()
+                half //= 2
+            if tid == 0:
+                cuda.atomic.add(out, p, red[0])
+            cuda.syncthreads()
+
+    @cuda.jit
     def zero(Z):
         """``Z[:] = 0`` for a 1-D device array (used on flattened ring buffers)."""
         q = cuda.grid(1)
@@ -1317,7 +1352,7 @@ def _build(
 
     return _Kernels(
         tpb=tpb, n=n, rc=rc, launch_bounds=bounds, mu_block=mu_block, mu_grid_step=mu_grid_step,
-        mu_flat_step=mu_flat_step, layer_step=layer_step, sumsq=sumsq, zero=zero,
+        mu_flat_step=mu_flat_step, layer_step=layer_step, sumsq=sumsq, residsq=residsq, zero=zero,
         mu_block_pen=mu_block_pen, mu_grid_step_pen=mu_grid_step_pen, mu_flat_step_pen=mu_flat_step_pen,
         device_funcs={"a_update": a_update, "sweep": sweep_fn},
     )
@@ -1803,6 +1838,24 @@ def sum_squares(X: Any, stream: Any = 0) -> Any:
     return out
 
 
+def residual_squares(X: Any, A: Any, S: Any, stream: Any = 0) -> Any:
+    """``‖X[p] − A[p] S[p]‖²`` per problem as a float64 device array ``(b,)``: one pass over X.
+
+    For float32 runs: there :func:`objective_from_pg`'s cancellation (an
+    error of ~6e-8·‖X‖², P and G being float32 sums) passes the decrease a
+    ``tol`` check looks for once the fit is good. The model and the squares
+    are formed in float64.
+    """
+    b, m, t = X.shape
+    tpb = _config.threads
+    k = _build(np.dtype(X.dtype).name, tpb, 1)
+    out = cuda.device_array(b, np.float64, stream=stream)
+    k.zero[-(-b // tpb), tpb, stream](out)
+    nbx = max(1, min(-(-m * t // tpb), -(-4 * _multiprocessors() // b)))
+    k.residsq[(nbx, min(b, _MAX_GRID_Y)), tpb, stream](X, A, S, out)
+    return out
+
+
 def objective_from_pg(x2: np.ndarray, A: np.ndarray, P: np.ndarray, G: np.ndarray) -> np.ndarray:
     """``0.5‖X − A S‖²`` per problem from host copies of ``‖X‖²``, A, P, G (float64).
 
@@ -1845,5 +1898,6 @@ __all__ = [
     "set_unroll",
     "choose_staging",
     "static_shared_bytes",
+    "residual_squares",
     "sum_squares",
 ]

@@ -90,6 +90,7 @@ def test_kernels_compile_to_ptx(no_device, dtype, tpb, n, ur, staging, rows):
         assert ptx.count(".local .align") <= 1
     _compile(k.layer_step.py_func, (a3,) * 10 + (f, b, b), k.launch_bounds)
     _compile(k.sumsq.py_func, (a3, types.Array(types.float64, 1, "C")), None)
+    _compile(k.residsq.py_func, (a3, a3, a3, types.Array(types.float64, 1, "C")), None)
     _compile(k.zero.py_func, (a1,), None)
 
 

@@ -305,6 +305,8 @@ def test_sum_squares_and_objective():
     obj = kc.objective_from_pg(x2, A, Xd @ Sd.transpose(0, 2, 1), Sd @ Sd.transpose(0, 2, 1))
     R = Xd - Ad @ Sd
     np.testing.assert_allclose(obj, 0.5 * (R * R).sum(axis=(1, 2)), rtol=1e-5)
+    r2 = kc.residual_squares(cuda.to_device(X), cuda.to_device(A), cuda.to_device(S)).copy_to_host()
+    np.testing.assert_allclose(r2, (R * R).sum(axis=(1, 2)), rtol=1e-12)  # float64 sums of float32 data
 
 
 def test_bad_input():
@@ -670,3 +672,16 @@ def test_regs_lane_reduction_in_several_rounds(dtype, mode, bpp, monkeypatch):
     np.testing.assert_allclose(S1, Sr, **TOL[dtype])
     np.testing.assert_allclose(P1, X.astype(np.float64) @ Sr.transpose(0, 2, 1), **TOL[dtype])
     np.testing.assert_allclose(G1, Sr @ Sr.transpose(0, 2, 1), **TOL[dtype])
+
+
+def test_float32_tol_stops_where_the_cpu_backend_does():
+    """float32 tol checks read the residual itself on both backends (P and G are too coarse
+    there): the same stopping iteration."""
+    import fastmu
+
+    rng = np.random.default_rng(17)
+    X = (rng.random((6, 3)) @ rng.random((3, 70)) + 0.01 * rng.random((6, 70))).astype(np.float32)
+    kw = dict(n_iter=40, tol=1e-2, check_every=5, random_state=0, init="random", return_n_iter=True)
+    *_, n_gpu = fastmu.mu(X, 3, backend="cuda", **kw)  # (the simulator takes ~1 s per iteration here)
+    *_, n_cpu = fastmu.mu(X, 3, backend="cpu", **kw)
+    assert n_gpu == n_cpu < 40

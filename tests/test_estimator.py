@@ -594,3 +594,53 @@ def test_cd_refuses_a_backend_it_cannot_honour():
         NMF(3, solver="cd", backend="cuda", max_iter=5).fit(X)
     for backend in ("auto", "cpu"):
         assert NMF(3, solver="cd", backend=backend, max_iter=300).fit(X).components_.shape == (3, 30)
+
+
+def test_float32_tol_stops_where_scikit_learn_and_float64_do():
+    # ‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩ from float32 products carries an error of ~1e-7·‖X‖², more than
+    # the decrease tol looks for near the end: fits stopped at 980 iterations here (1490 is right)
+    rng = np.random.default_rng(0)
+    X = (rng.random((50, 3)) @ rng.random((3, 2000))).astype(np.float32)
+    kw = dict(n_components=3, init="random", random_state=0, max_iter=3000, tol=1e-5)
+    ours = NMF(**kw).fit(X)
+    assert ours.n_iter_ == SkNMF(solver="mu", **kw).fit(X).n_iter_ == NMF(**kw).fit(X.astype(np.float64)).n_iter_
+    # transform: W alone, from the same components, in float32 as in float64
+    Xt = np.ascontiguousarray(X.T)
+    kw = dict(kw, max_iter=1000, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = NMF(**kw).fit(Xt)
+        W32 = est.transform(Xt)
+        est.components_ = est.components_.astype(np.float64)
+        W64 = est.transform(Xt.astype(np.float64))
+    assert np.abs(W32 - W64).max() <= 1e-4 * np.abs(W64).max()
+
+
+def test_convergence_warnings_as_scikit_learn_gives_them():
+    rng = np.random.default_rng(5)
+    X = rng.random((60, 3)) @ rng.random((3, 30)) + 0.05 * rng.random((60, 30))  # tall: run on Xᵀ
+    stop = NMF(3, init="random", random_state=0, max_iter=500).fit(X).n_iter_
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        # the same tol stop, now at the last check the budget allows: a stop, not max_iter reached
+        assert NMF(3, init="random", random_state=0, max_iter=stop).fit(X).n_iter_ == stop
+    est = NMF(3, max_iter=5, random_state=0)
+    with pytest.warns(ConvergenceWarning):
+        est.fit(X)
+    with pytest.warns(ConvergenceWarning, match="Maximum number of iterations 5"):  # transform too
+        est.transform(X)
+
+
+@pytest.mark.parametrize("solver", ["mu", "cd"])
+def test_random_state_none_draws_from_numpy_s_global_generator(solver):
+    rng = np.random.default_rng(6)
+    X = rng.random((20, 3)) @ rng.random((3, 60))
+    kw = dict(n_components=3, init="random", max_iter=20, solver=solver)
+    fits = []
+    for Est in (NMF, NMF, SkNMF):
+        np.random.seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fits.append(Est(**kw).fit_transform(X))
+    assert np.array_equal(fits[0], fits[1])
+    np.testing.assert_allclose(fits[0], fits[2], rtol=1e-9, atol=1e-12)
