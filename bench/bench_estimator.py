@@ -2,13 +2,14 @@
 
 The paper's scene in both orientations: tall (pixels as samples, 16384 × 65:
 how scikit-learn users hold hyperspectral data) and wide (65 × 16384), rank
-4, a fixed number of iterations (``tol=0``), scikit-learn's random start. For
+4, a fixed number of iterations (``tol=0``; ``--tol`` for scikit-learn's stopping
+rule, each estimator then running to its own stop), scikit-learn's random start. For
 each solver the two estimators (``NMF(solver=s)`` from fastmu and from
 scikit-learn) take turns after a warm-up (fastmu's compiles its kernels), and
 the median fit is the figure; both factorisations are checked to agree.
 
     python bench/bench_estimator.py [--solver {mu,cd,both}] [--iters 1000] [--repeats 5]
-                                    [--dtype float32] [--alpha 0] [--l1-ratio 0]
+                                    [--dtype float32] [--alpha 0] [--l1-ratio 0] [--tol 0]
                                     [--out bench/results/estimator_cpu.json]
 
 ``--alpha`` > 0 times the regularised fit (``alpha_W=alpha``, ``alpha_H="same"``,
@@ -34,7 +35,8 @@ SOLVERS = ("mu", "cd")
 
 
 def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: int = 4,
-        solvers: tuple[str, ...] = SOLVERS, alpha: float = 0.0, l1_ratio: float = 0.0) -> dict[str, Any]:
+        solvers: tuple[str, ...] = SOLVERS, alpha: float = 0.0, l1_ratio: float = 0.0,
+        tol: float = 0.0) -> dict[str, Any]:
     from sklearn.decomposition import NMF as SkNMF
 
     from fastmu import NMF
@@ -45,18 +47,19 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
     res: dict[str, Any] = {"suite": "estimator", "machine": machine_info(),
                            "workload": {"iters": iters, "repeats": repeats, "dtype": dtype, "rank": n,
                                         "solvers": list(solvers), "alpha_W": alpha, "alpha_H": "same",
-                                        "l1_ratio": l1_ratio}, "shapes": {}}
+                                        "l1_ratio": l1_ratio, "tol": tol}, "shapes": {}}
     cases = [(solver, orient) for solver in solvers for orient in ("tall", "wide")]
     for solver, orient in cases:
         X = np.ascontiguousarray(X_wide.T) if orient == "tall" else X_wide
         name = orient if solver == "mu" else f"{orient}-{solver}"
-        kw = dict(init="random", solver=solver, random_state=0, tol=0, max_iter=iters, alpha_W=alpha,
+        kw = dict(init="random", solver=solver, random_state=0, tol=tol, max_iter=iters, alpha_W=alpha,
                   l1_ratio=l1_ratio)
         makers = {
             "fastmu": lambda kw=kw: NMF(n, **kw),
             "sklearn": lambda kw=kw: SkNMF(n, **kw),
         }
-        W = {k: make().fit_transform(X) for k, make in makers.items()}  # warm-up (kernel compilation)
+        fitted = {k: make() for k, make in makers.items()}
+        W = {k: est.fit_transform(X) for k, est in fitted.items()}  # warm-up (kernel compilation)
         times: dict[str, list[float]] = {k: [] for k in makers}
         for _ in range(repeats):
             for k, make in makers.items():
@@ -74,6 +77,7 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
             "speedup_median": med["sklearn"] / med["fastmu"],
             "speedup_best": min(times["sklearn"]) / min(times["fastmu"]),
             "max_abs_diff_W_relative": float(np.abs(W["fastmu"] - W["sklearn"]).max()) / scale,
+            "n_iter": {k: int(est.n_iter_) for k, est in fitted.items()},
         }
     return res
 
@@ -88,18 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.0,
                     help="alpha_W of both estimators (alpha_H='same'); 0: unregularised (default)")
     ap.add_argument("--l1-ratio", type=float, default=0.0, help="l1_ratio of both estimators (default 0)")
+    ap.add_argument("--tol", type=float, default=0.0,
+                    help="tol of both estimators (default 0: --iters iterations; scikit-learn's default is 1e-4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's ConvergenceWarning-free at tol=0; threadpool notes
         res = run(args.iters, args.repeats, args.dtype,
                   solvers=SOLVERS if args.solver == "both" else (args.solver,), alpha=args.alpha,
-                  l1_ratio=args.l1_ratio)
+                  l1_ratio=args.l1_ratio, tol=args.tol)
     for name, r in res["shapes"].items():
         orient = name.split("-")[0]
         print(f"{r['solver']:2s} {orient:4s} {tuple(r['shape'])}: fastmu {r['median_s']['fastmu'] * 1e3:8.1f} ms, "
               f"scikit-learn {r['median_s']['sklearn'] * 1e3:8.1f} ms -> {r['speedup_median']:.2f}x "
-              f"(best {r['speedup_best']:.2f}x); |ΔW|/max|W| = {r['max_abs_diff_W_relative']:.1e}")
+              f"(best {r['speedup_best']:.2f}x); |ΔW|/max|W| = {r['max_abs_diff_W_relative']:.1e}; "
+              f"iterations {r['n_iter']['fastmu']} and {r['n_iter']['sklearn']}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

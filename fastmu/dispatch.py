@@ -197,9 +197,15 @@ class CPUEngine:
 
     def objective(self) -> np.ndarray:
         if self.X.dtype == np.float32:  # one pass over X: see kernels.cpu.objective_from_pg
-            A, S = self.factors()
-            parts = np.empty((A.shape[0], -(-S.shape[2] // self._cpu.RESIDUAL_TILE)))
-            self._cpu.residual_partials(self.X, A, S, parts)
+            if not self._pg_valid:
+                self.run(0)  # (the tiled S is current only once a run has packed it)
+            if self._tiled:  # the copy the iterations read: it stays in cache
+                parts = np.empty((self._Xt.shape[0], self._k.residual_items(self._Xt)))
+                self._k.residual_partials(self._Xt, self._ka, self._ks, parts)
+            else:  # the blocked kernel's X (itself, or its aligned copy)
+                A, S = self._ka, self._ks
+                parts = np.empty((A.shape[0], -(-self.S.shape[2] // self._cpu.RESIDUAL_TILE)))
+                self._cpu.residual_partials(self.X, A, S, parts)
             return 0.5 * parts.sum(axis=1)
         if not self._pg_valid:
             self.run(0)

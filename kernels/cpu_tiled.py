@@ -40,6 +40,7 @@ from numba import prange
 
 from fastmu.kernels.cpu import (
     NO_PENALTY,
+    RESIDUAL_TILE,
     _FM,
     _a_update,
     _add_diag,
@@ -377,3 +378,49 @@ def _tiled_block_parallel(Xt, A, Sp, W, P, G, n_iter, eps, pg_valid, accumulate_
                    Ppart[1 - src, c], Gpart[1 - src, c], PW[tid], GW[tid])
             leave_ftz(fp)
     _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, accumulate_last)
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def residual_partials(Xt, A, Sp, out):
+    """:func:`fastmu.kernels.cpu.residual_partials` on the tiled copies: ``out[p, c]`` is
+    ``‖X − A S‖²`` over the ``c``-th run of :data:`fastmu.kernels.cpu.RESIDUAL_TILE` pixels
+    (whole tiles) of problem ``p``, ``Xt (b, ntile, m, tw)``, ``Sp (b, 4, ntile·tw)``.
+
+    Reading the tiled copy the iterations read, rather than the caller's X,
+    keeps it in cache for the next iteration. The zero padding (pixels,
+    components) adds exact zeros.
+    """
+    b, ntile, m, tw = Xt.shape
+    n = A.shape[2]
+    per = max(1, RESIDUAL_TILE // tw)  # tiles per work item
+    nc = out.shape[1]
+    for c in prange(b * nc):
+        p = c // nc
+        q0 = (c % nc) * per
+        y = np.empty(tw, Xt.dtype)
+        acc = 0.0
+        for q in range(q0, min(ntile, q0 + per)):
+            j0 = q * tw
+            for i in range(m):
+                xr = Xt[p, q, i]
+                a = A[p, i, 0]
+                s0 = Sp[p, 0, j0:j0 + tw]
+                for j in range(tw):
+                    y[j] = a * s0[j]
+                for k in range(1, n):
+                    a = A[p, i, k]
+                    sk = Sp[p, k, j0:j0 + tw]
+                    for j in range(tw):
+                        y[j] += a * sk[j]
+                row = 0.0
+                for j in range(tw):
+                    d = np.float64(xr[j]) - np.float64(y[j])
+                    row += d * d
+                acc += row
+        out[p, c % nc] = acc
+
+
+def residual_items(Xt) -> int:
+    """The work items per problem of :func:`residual_partials` (``out``'s second axis)."""
+    per = max(1, RESIDUAL_TILE // Xt.shape[3])
+    return -(-Xt.shape[1] // per)
