@@ -51,6 +51,7 @@ from fastmu.kernels.cpu import (
     _penalty_scalars,
     _problem_major,
     penalty_tuple,
+    residual_row,
 )
 from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 from fastmu.kernels.simd import VECTOR_BYTES, lanes_for, vdiv, vfma, vhsum, vlanes, vload, vmul, vsplat, vstore, vzeros
@@ -391,7 +392,6 @@ def residual_partials(Xt, A, Sp, out):
     components) adds exact zeros.
     """
     b, ntile, m, tw = Xt.shape
-    n = A.shape[2]
     per = max(1, RESIDUAL_TILE // tw)  # tiles per work item
     nc = out.shape[1]
     for c in prange(b * nc):
@@ -400,23 +400,8 @@ def residual_partials(Xt, A, Sp, out):
         y = np.empty(tw, Xt.dtype)
         acc = 0.0
         for q in range(q0, min(ntile, q0 + per)):
-            j0 = q * tw
             for i in range(m):
-                xr = Xt[p, q, i]
-                a = A[p, i, 0]
-                s0 = Sp[p, 0, j0:j0 + tw]
-                for j in range(tw):
-                    y[j] = a * s0[j]
-                for k in range(1, n):
-                    a = A[p, i, k]
-                    sk = Sp[p, k, j0:j0 + tw]
-                    for j in range(tw):
-                        y[j] += a * sk[j]
-                row = 0.0
-                for j in range(tw):
-                    d = np.float64(xr[j]) - np.float64(y[j])
-                    row += d * d
-                acc += row
+                acc += residual_row(Xt[p, q, i], A[p, i], Sp[p], q * tw, y)
         out[p, c % nc] = acc
 
 

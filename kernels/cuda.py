@@ -1281,45 +1281,50 @@ def _build(
         # no penalty (the learned layers' forward): the same code as mu_grid_step's plain body
         grid_body(X, S, So, W, A, P, G, Ao, Po, Go, Po, Go, False, eps, update, accumulate, None)
 
+    @cuda.jit(device=True)
+    def block_add(red, acc, out, p):
+        """``out[p] += Σ acc`` over the block's threads: a tree reduction in shared memory
+        ``red`` (no warp shuffles: simulator-safe), one atomic add per block."""
+        tid = cuda.threadIdx.x
+        red[tid] = acc
+        cuda.syncthreads()
+        half = tpb // 2
+        while half > 0:
+            if tid < half:
+                red[tid] += red[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            cuda.atomic.add(out, p, red[0])
+        cuda.syncthreads()  # red[0] is read before the next problem overwrites red
+
     @cuda.jit
     def sumsq(X, out):
         """``out[p] += Σ X[p]²`` in float64, ``gridDim.x`` blocks per problem; problems
         ``blockIdx.y, blockIdx.y + gridDim.y, ...`` (the grid's y extent is capped)."""
-        tid = cuda.threadIdx.x
         b = X.shape[0]
         m = X.shape[1]
         t = X.shape[2]
         red = cuda.shared.array(tpb, numba.float64)
-        start = cuda.blockIdx.x * tpb + tid
+        start = cuda.blockIdx.x * tpb + cuda.threadIdx.x
         stride = cuda.gridDim.x * tpb
         for p in range(cuda.blockIdx.y, b, cuda.gridDim.y):  # uniform over the block
             acc = 0.0
             for q in range(start, m * t, stride):
                 x = numba.float64(X[p, q // t, q % t])
                 acc += x * x
-            red[tid] = acc
-            cuda.syncthreads()
-            half = tpb // 2
-            while half > 0:  # tree reduction in shared memory (no warp shuffles: simulator-safe)
-                if tid < half:
-                    red[tid] += red[tid + half]
-                cuda.syncthreads()
-                half //= 2
-            if tid == 0:
-                cuda.atomic.add(out, p, red[0])
-            cuda.syncthreads()  # red[0] is read before the next problem overwrites red
+            block_add(red, acc, out, p)
 
     @cuda.jit
     def residsq(X, A, S, out):
         """``out[p] += ‖X[p] − A[p] S[p]‖²`` in float64 (for float32 runs' ``tol``: see
         :func:`residual_squares`); the grid as :func:`sumsq`'s."""
-        tid = cuda.threadIdx.x
         b = X.shape[0]
         m = X.shape[1]
         t = X.shape[2]
         n = A.shape[2]
         red = cuda.shared.array(tpb, numba.float64)
-        start = cuda.blockIdx.x * tpb + tid
+        start = cuda.blockIdx.x * tpb + cuda.threadIdx.x
         stride = cuda.gridDim.x * tpb
         for p in range(cuda.blockIdx.y, b, cuda.gridDim.y):  # uniform over the block
             acc = 0.0
@@ -1331,17 +1336,7 @@ def _build(
                     y += numba.float64(A[p, i, k]) * numba.float64(S[p, k, j])
                 d = numba.float64(X[p, i, j]) - y
                 acc += d * d
-            red[tid] = acc
-            cuda.syncthreads()
-            half = tpb // 2
-            while half > 0:
-                if tid < half:
-                    red[tid] += red[tid + half]
-                cuda.syncthreads()
-                half //= 2
-            if tid == 0:
-                cuda.atomic.add(out, p, red[0])
-            cuda.syncthreads()
+            block_add(red, acc, out, p)
 
     @cuda.jit
     def zero(Z):
