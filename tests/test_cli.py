@@ -177,14 +177,17 @@ def test_bench_quick_writes_json(tmp_path, capsys, workload):
 
 
 def test_cuda_without_gpu_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    import fastmu.dispatch as dispatch
     import fastmu.solver as solver
 
     monkeypatch.setattr(solver, "cuda_available", lambda: False)
+    monkeypatch.setattr(dispatch, "cuda_available", lambda: False)
     np.save(tmp_path / "x.npy", np.ones((3, 4)))
     rc = main(["unmix", str(tmp_path / "x.npy"), "-n", "2", "--backend", "cuda", "--no-progress",
                "--out", str(tmp_path / "o.npz")])
     assert rc == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--backend cuda: no CUDA GPU" in err and "use --backend cpu" in err
 
 
 def test_unmix_names_the_remedy_for_x_s_scale_and_normalise_applies_it(tmp_path, capsys):

@@ -88,3 +88,10 @@ def test_stats_refuses_generator_options_with_a_file(tmp_path, capsys):
     np.save(tmp_path / "empty.npy", A[:0])
     assert main(["data", "stats", "--spectra", str(tmp_path / "empty.npy")]) == 2
     assert f"--spectra {tmp_path / 'empty.npy'}: spectra must hold at least one matrix" in capsys.readouterr().err
+
+
+def test_stats_names_what_a_spectra_npz_must_hold(tmp_path, capsys):
+    np.savez(tmp_path / "two.npz", X=np.random.default_rng(0).random((2, 20, 4)), Y=np.ones((2, 20, 4)))
+    assert main(["data", "stats", "--spectra", str(tmp_path / "two.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "must hold an array named 'A', or only one array" in err and "key=" not in err

@@ -52,7 +52,9 @@ def _read_spectra(path: Path, option: str) -> np.ndarray:
     try:
         return load_spectra(path)
     except (ValueError, TypeError) as exc:  # load_spectra names the shape or dtype the file holds
-        raise type(exc)(f"{option} {path}: {exc}") from None
+        # the library's remedy (its key= argument) is not an option here
+        msg = str(exc).replace("; pass key=", ": the file must hold an array named 'A', or only one array")
+        raise type(exc)(f"{option} {path}: {msg}") from None
 
 
 def _spectra_sets(args) -> dict:

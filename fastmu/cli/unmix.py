@@ -220,6 +220,12 @@ def run(args: argparse.Namespace) -> int:
     import fastmu
 
     _check_options(args)
+    if args.backend == "cuda":  # before any work, in the command's words (the solver's name backend='cpu')
+        from fastmu.dispatch import cuda_available
+
+        if not cuda_available():
+            raise RuntimeError("--backend cuda: no CUDA GPU is visible to Numba here; use --backend cpu (or "
+                               "auto), or install fastmu[cuda12] or fastmu[cuda13] on a machine with a GPU")
     out_path = _out_path(args.out)
     for option, given in (("input", args.input), ("--truth", args.truth)):
         if given is not None and Path(given).resolve() == out_path.resolve():
