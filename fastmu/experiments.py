@@ -532,8 +532,9 @@ def make_sets(cfg: ExperimentConfig) -> dict[str, Any]:
         d = shared_data_dir()
         f = d / "chandra_mixing_matrices.npz" if d is not None else None
         if f is None or not f.exists():
-            raise FileNotFoundError("train_spectra='real' needs chandra_mixing_matrices.npz in the reference-data "
-                                    "folder (set FASTMU_SHARED_DATA)")
+            raise FileNotFoundError("the real training spectra (train_spectra='real', --train-spectra real) need "
+                                    "chandra_mixing_matrices.npz in the reference-data folder: set "
+                                    "FASTMU_SHARED_DATA to the folder that holds it")
         train_spectra = load_spectra(f)
     return paper_sets(cfg.preset, seed=cfg.seed, snr_db=cfg.snr_db, train_spectra=train_spectra, size=cfg.size,
                       n_train=cfg.n_train, n_test=cfg.n_test)

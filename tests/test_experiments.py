@@ -265,3 +265,9 @@ def test_cli_range_errors_name_the_option(capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_real_training_spectra_without_the_reference_file_say_where_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMU_SHARED_DATA", str(tmp_path))  # a reference-data folder without the file
+    with pytest.raises(FileNotFoundError, match="--train-spectra real\\) need chandra_mixing_matrices.npz"):
+        make_sets(ExperimentConfig(**dict(TINY, train_spectra="real")))
