@@ -165,7 +165,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         on the CPU kernels, GPU arrays on the CUDA kernels. ``solver="cd"``
         runs where X is: its fit on the fused CPU kernel for host arrays, in
         torch on X's device otherwise (and for ``shuffle=True`` and
-        ``transform``); a backend naming another place is refused.
+        ``transform``); it takes ``"auto"``, or the backend naming where X is
+        (``"cpu"``, ``"cuda"``), and refuses others rather than ignore them.
     eps : float, default :data:`fastmu.EPS`
         Added to every denominator of the multiplicative updates (unused by
         ``solver="cd"``, which has none).
@@ -370,7 +371,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         with np.errstate(over="ignore", invalid="ignore"):
             if run["tol"] is not None:  # scikit-learn's scale: the residual at its start
                 run = dict(run, tol_initial=_frobenius(X, W0, H0))
-            W = W0 * ((X @ H0.T) / _penalised(W0 @ (H0 @ H0.T) + eps, W0, pen.l1_A, pen.l2_A))  # W₁
+            den = _penalised(W0 @ (H0 @ H0.T) + eps, W0, pen.l1_A, pen.l2_A)
+            W = W0 * ((X @ H0.T) / den)  # W₁
+        # an overflowed denominator leaves W finite (zeros, from x / inf): checked itself
+        _raise_if_overflowed(X, den, H0, drawn)
         _raise_if_overflowed(X, W, H0, drawn)
         Ht, Wt, done = solve(_transposed(X), A0=_transposed(H0), S0=_transposed(W), n_iter=max_iter - 1,
                              penalty=pen.transposed(), **run)
@@ -625,15 +629,19 @@ def _frobenius(X: Any, W: Any, H: Any) -> float:
 
 
 def _check_cd_backend(backend: str, X: Any) -> None:
-    """``solver="cd"`` runs where X is; a ``backend`` it would not honour is refused, not ignored."""
+    """``solver="cd"`` picks its implementation from where X is (the fused CPU kernel for host
+    arrays, torch on X's device for GPU arrays and ``shuffle=True``): a ``backend`` naming anything
+    else is refused, not ignored."""
     from fastmu.interop import is_device_array
 
-    on_gpu = is_device_array(X)
-    where = "cuda" if on_gpu else "cpu"
-    if backend not in ("auto", where) and not (backend == "torch" and array_kind(X) == "torch"):
-        raise ValueError(f"solver='cd' runs where X is ({'on the GPU, in torch' if on_gpu else 'on the CPU'}), "
-                         f"so backend={backend!r} cannot be honoured; leave backend='auto', or pass X "
-                         + ("on the host" if on_gpu else "as a GPU array (CuPy or a CUDA tensor)"))
+    where = "cuda" if is_device_array(X) else "cpu"
+    if backend in ("auto", where):
+        return
+    remedy = {"cuda": "pass X as a GPU array (CuPy or a CUDA tensor) or leave backend='auto'",
+              "cpu": "pass X on the host or leave backend='auto'",
+              "torch": "leave backend='auto'"}[backend]
+    raise ValueError(f"solver='cd' runs where X is (the fused CPU kernel for host arrays, torch on the GPU for "
+                     f"GPU arrays), so backend={backend!r} cannot be honoured for this X; {remedy}")
 
 
 def _check_random_state(seed: Any) -> np.random.RandomState:

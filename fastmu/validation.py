@@ -360,7 +360,13 @@ def raise_if_not_finite(X: Any, A: Any, S: Any, kind: ArrayKind, dtype: str, met
         X = X.double()  # torch has no max for uint16/32/64
     xmax = float(X.max())
     which = "" if X.shape[0] == 1 else f" for {bad.size} of the {X.shape[0]} problems (first: {int(bad[0])})"
-    if xmax < X_SCALE_BLAME * np.sqrt(np.finfo(dtype).max) and init in ("nndsvda", "nndsvdar"):
+    # NNDSVDa's first A S Sᵀ is of order mean³ · pixels: named only where that can reach the limit
+    # (a callback that wrote NaN into a small problem's factors gets the message below)
+    pixels = max(X.shape[-1], X.shape[-2])
+    with np.errstate(over="ignore"):  # (a float64 X near 1e150 cubes past float64's range: inf, a yes)
+        cube = np.float64(xmax) ** 3 * pixels
+    nndsvda_overflow = init in ("nndsvda", "nndsvdar") and cube > 1e-3 * float(np.finfo(dtype).max)
+    if xmax < X_SCALE_BLAME * np.sqrt(np.finfo(dtype).max) and nndsvda_overflow:
         # scikit-learn's fill: NNDSVD's zeros become X's mean (nndsvdar: ~1 % of it), so the first
         # A S Sᵀ is of order mean³ · t, which passes float32's limit from a mean of ~1e11
         raise FloatingPointError(

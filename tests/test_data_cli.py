@@ -39,8 +39,14 @@ def test_preview_writes_pngs(tmp_path):
 
 
 def test_preview_size_too_small_for_remnant(tmp_path, capsys):
-    assert main(["data", "preview", "--out", str(tmp_path / "fig"), "--n", "10", "--size", "2"]) == 2
-    assert "--size must be at least 4" in capsys.readouterr().err
+    from fastmu.cli.data import MIN_SIZE
+    from fastmu.data.remnant import _MIN_SIZE
+
+    assert MIN_SIZE == _MIN_SIZE  # the parser's bound is the generator's
+    with pytest.raises(SystemExit) as e:
+        main(["data", "preview", "--out", str(tmp_path / "fig"), "--n", "10", "--size", "2"])
+    assert e.value.code == 2 and "argument --size: must be >= 4" in capsys.readouterr().err
+    assert not (tmp_path / "fig").exists()
     assert not (tmp_path / "fig").exists()  # refused before any figure is written
 
 
@@ -84,7 +90,9 @@ def test_stats_refuses_generator_options_with_a_file(tmp_path, capsys):
     A = np.random.default_rng(0).random((3, 20, 4))
     np.save(tmp_path / "a.npy", A)
     assert main(["data", "stats", "--spectra", str(tmp_path / "a.npy"), "--n", "5", "--m", "20"]) == 2
-    assert "--n and --m size the generated spectra; with --spectra the file's are used" in capsys.readouterr().err
+    assert "--n and --m shape the generated spectra; with --spectra the file's are used" in capsys.readouterr().err
+    assert main(["data", "stats", "--spectra", str(tmp_path / "a.npy"), "--seed", "3"]) == 2
+    assert "--seed shapes the generated spectra" in capsys.readouterr().err
     np.save(tmp_path / "empty.npy", A[:0])
     assert main(["data", "stats", "--spectra", str(tmp_path / "empty.npy")]) == 2
     assert f"--spectra {tmp_path / 'empty.npy'}: spectra must hold at least one matrix" in capsys.readouterr().err

@@ -592,6 +592,11 @@ def test_cd_refuses_a_backend_it_cannot_honour():
     X = np.random.default_rng(0).random((10, 30))
     with pytest.raises(ValueError, match="solver='cd' runs where X is .*backend='cuda' cannot be honoured"):
         NMF(3, solver="cd", backend="cuda", max_iter=5).fit(X)
+    import torch
+
+    for Xb in (X, torch.from_numpy(X)):  # it picks the kernel or torch itself: "torch" is not a choice
+        with pytest.raises(ValueError, match="backend='torch' cannot be honoured for this X; leave backend='auto'"):
+            NMF(3, solver="cd", backend="torch", shuffle=True, max_iter=5).fit(Xb)
     for backend in ("auto", "cpu"):
         assert NMF(3, solver="cd", backend=backend, max_iter=300).fit(X).components_.shape == (3, 30)
 

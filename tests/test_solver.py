@@ -371,11 +371,19 @@ def test_an_nndsvda_start_that_overflows_is_named():
     rng = np.random.default_rng(0)
     X = ((rng.random((10, 3)) @ rng.random((3, 50))) * 1e13).astype(np.float32)
     for call in (lambda: fastmu.mu(X, 3, n_iter=20, init="nndsvda"),
-                 lambda: fastmu.NMF(3, max_iter=20, random_state=0).fit(X)):  # NMF's default start
+                 lambda: fastmu.NMF(3, max_iter=20, random_state=0).fit(X),  # NMF's default start
+                 lambda: fastmu.NMF(3, max_iter=20, random_state=0).fit(np.ascontiguousarray(X.T))):  # tall
         with pytest.raises(FloatingPointError, match="init='nndsvda' start fills NNDSVD's zeros with X's mean"):
             call()
     A, S = fastmu.mu(X, 3, n_iter=20, init="random", random_state=0)  # the cure it names
     assert np.isfinite(A).all() and np.isfinite(S).all()
+
+    def spoil(it, A, S):
+        A[...] = np.nan
+
+    # a small X cannot overflow that start: a NaN from a callback is named as such
+    with pytest.raises(FloatingPointError, match="a callback that wrote NaN"):
+        fastmu.mu(X / 1e13, 3, n_iter=20, init="nndsvda", callback=spoil)
 
 
 @pytest.mark.parametrize("n", [3, 4, 6])  # tiled (rank <= 4 where 512-bit vectors are) and blocked kernels

@@ -11,6 +11,8 @@ from fastmu.cli import _checks
 #: fewest channels the spectral model resolves (fastmu.data.spectra's check, spelt out so that
 #: ``fastmu --help`` does not import the generators; a test keeps the two equal)
 MIN_CHANNELS = 8
+#: smallest map side of ``data preview`` (the remnant generator's; spelt out for the same reason)
+MIN_SIZE = 4
 
 
 def register(subparsers) -> None:
@@ -25,7 +27,7 @@ def register(subparsers) -> None:
                        help="spectra file (.npz key A, or .npy) instead of generated ones")
         q.add_argument("--n", type=_checks.int_at_least(1), default=None,
                        help="number of generated spectra (default 750)")
-        q.add_argument("--seed", type=_checks.seed, default=0, help="seed of the generator (default 0)")
+        q.add_argument("--seed", type=_checks.seed, default=None, help="seed of the generator (default 0)")
         q.add_argument("--m", type=_checks.int_at_least(MIN_CHANNELS), default=None,
                        help=f"channels of generated spectra, at least {MIN_CHANNELS} (default 65)")
         q.add_argument("--reference", type=_checks.path,
@@ -35,7 +37,8 @@ def register(subparsers) -> None:
     pv = sub.add_parser("preview", help="write PNG figures like the paper's Fig. 1")
     common(pv)
     pv.add_argument("--out", type=_checks.path, required=True, help="output folder for the PNGs")
-    pv.add_argument("--size", type=_checks.int_at_least(1), default=128, help="map size, at least 4 (default 128)")
+    pv.add_argument("--size", type=_checks.int_at_least(MIN_SIZE), default=128,
+                    help=f"map size, at least {MIN_SIZE} (default 128)")
     # command_name: errors say "fastmu data preview: ...", the command the user typed
     pv.set_defaults(func=_preview, command_name="data preview")
 
@@ -62,13 +65,16 @@ def _spectra_sets(args) -> dict:
 
     sets = {}
     if args.spectra is not None:
+        # refused rather than ignored, as unmix and bench do (preview's maps still take --seed)
         given = [o for o, v in (("--n", args.n), ("--m", args.m)) if v is not None]
-        if given:  # refused rather than ignored, as unmix and bench do
-            raise ValueError(f"{' and '.join(given)} size the generated spectra; with --spectra the file's are "
-                             "used: drop " + ("them" if len(given) > 1 else "it"))
+        if args.seed is not None and args.command_name == "data stats":
+            given.append("--seed")
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the generated "
+                             "spectra; with --spectra the file's are used: drop " + ("them" if len(given) > 1 else "it"))
         sets[args.spectra.stem] = _read_spectra(args.spectra, "--spectra")
     else:
-        sets["generated"] = spectra(750 if args.n is None else args.n, seed=args.seed,
+        sets["generated"] = spectra(750 if args.n is None else args.n, seed=args.seed or 0,
                                     m=65 if args.m is None else args.m)
     ref = args.reference
     if ref is None:
@@ -92,18 +98,15 @@ def _preview(args) -> int:
     from fastmu.data import natural_images, remnant, shared_data_dir
     from fastmu.data.figures import plot_maps, plot_spectra_fan
 
-    from fastmu.data.remnant import _MIN_SIZE
-
-    if args.size < _MIN_SIZE:  # before any figure is written
-        raise ValueError(f"--size must be at least {_MIN_SIZE} (the remnant's smallest map), got {args.size}")
     out = Path(args.out)
     _checks.check_output_folder(out, "--out")  # before the figures are drawn; creates nothing
     sets = _spectra_sets(args)
     out.mkdir(parents=True, exist_ok=True)
     written = [plot_spectra_fan(sets, out / "spectra.png")]
     size = args.size
-    rows = {"natural": natural_images(4, size, seed=args.seed)}
-    rows["remnant"] = remnant(size, seed=args.seed)
+    seed = args.seed or 0
+    rows = {"natural": natural_images(4, size, seed=seed)}
+    rows["remnant"] = remnant(size, seed=seed)
     d = shared_data_dir()
     if d is not None and (d / "casa_source_maps.npz").exists():
         from fastmu.data import load_maps
