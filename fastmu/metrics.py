@@ -106,10 +106,7 @@ def cosine_matrix(X: Any, Y: Any, axis: int) -> np.ndarray:
     _finite(X=X, Y=Y)
 
     def unit(Z: np.ndarray) -> np.ndarray:
-        # scaled by the largest entry first, so that no square under- or overflows
-        s = np.max(np.abs(Z), axis=-1, keepdims=True, initial=0.0)
-        Z = np.divide(Z, s, out=np.zeros_like(Z), where=s > 0)
-        nz = np.linalg.norm(Z, axis=-1, keepdims=True)
+        nz = _norm(Z, -1)[..., None]  # scaled: no square under- or overflows
         return np.divide(Z, nz, out=np.zeros_like(Z), where=nz > 0)
 
     return unit(X) @ np.swapaxes(unit(Y), -1, -2)
