@@ -151,12 +151,13 @@ class CPUEngine:
         self._tiled = cpu_tiled.available(n) and affordable and not by_rows
         nk = 4 if self._tiled else cpu.padded_rank(n)
         self._ka, self._ks, self._kw = (A, S, self.W) if nk == n else cpu.pad_rank(A, S, self.W, nk)
-        if self._tiled:
-            self._k = cpu_tiled
-            self._Xt, self._ks = cpu_tiled.make_tiled(X, self._ks)
-        else:
-            self._k = cpu
-            self.X = blocked_kernel_x(X, self._nthreads)
+        with fork_safety.cpu_kernels():  # the copies are parallel kernels too
+            if self._tiled:
+                self._k = cpu_tiled
+                self._Xt, self._ks = cpu_tiled.make_tiled(X, self._ks)
+            else:
+                self._k = cpu
+                self.X = blocked_kernel_x(X, self._nthreads)
         self._stale = False  # factors() must copy the kernel's A, S out
         self.P = np.empty((b, m, nk), X.dtype)
         self.G = np.empty((b, nk, nk), X.dtype)
@@ -179,12 +180,13 @@ class CPUEngine:
         return "tiled" if self._tiled else "blocked"
 
     def run(self, n_iter: int) -> None:
-        if n_iter == 0:
-            self._run(0)
-        elif self.governor is None:  # slices keep Ctrl-C working in a long run
-            self._slice = cpu_threads.run_in_slices(self._run, n_iter, self._slice)
-        else:
-            self.governor.run(self._run, n_iter)
+        with fork_safety.cpu_kernels():  # outside the governor: it must not time a wait for the lock
+            if n_iter == 0:
+                self._run(0)
+            elif self.governor is None:  # slices keep Ctrl-C working in a long run
+                self._slice = cpu_threads.run_in_slices(self._run, n_iter, self._slice)
+            else:
+                self.governor.run(self._run, n_iter)
 
     def _run(self, n_iter: int) -> None:
         x = self._Xt if self._tiled else self.X
@@ -196,6 +198,10 @@ class CPUEngine:
         self._stale = self._ks is not self.S or self._ka is not self.A
 
     def objective(self) -> np.ndarray:
+        with fork_safety.cpu_kernels():
+            return self._objective()
+
+    def _objective(self) -> np.ndarray:
         if self.X.dtype == np.float32:  # one pass over X: see kernels.cpu.objective_from_pg
             if not self._pg_valid:
                 self.run(0)  # (the tiled S is current only once a run has packed it)
@@ -219,7 +225,8 @@ class CPUEngine:
         if self._stale:
             n = self.A.shape[2]
             if self._ks is not self.S:  # the first n rows (and t columns) of the kernel's S
-                self._cpu.copy_rows(self._ks, self.S)
+                with fork_safety.cpu_kernels():
+                    self._cpu.copy_rows(self._ks, self.S)
             if self._ka is not self.A:
                 self.A[...] = self._ka[:, :, :n]
             self._stale = False

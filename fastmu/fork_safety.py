@@ -1,4 +1,14 @@
-"""Refuse, with a clear error, to run the CPU kernels where Numba would kill the process.
+"""Run the CPU kernels only where Numba will not kill the process.
+
+Two cases, each turned into something a caller can live with:
+
+- a forked child of a process that ran Numba's OpenMP layer: a clear error
+  (below);
+- two Python threads in Numba's ``workqueue`` layer at once (Numba aborts the
+  process: "Concurrent access has been detected"): the kernels take turns
+  (:func:`cpu_kernels`).
+
+The first case in detail:
 
 Numba's OpenMP threading layer (``omp``, its default on Linux without TBB)
 is not fork-safe: in a process forked after its threads started (``os.fork``,
@@ -18,15 +28,24 @@ or whose parent ran Numba's ``workqueue`` or ``tbb`` layer
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 
 #: set in a forked child whose parent had started Numba's OpenMP threads
 _forked_after_omp = False
+#: whether Numba's threading layer is ``workqueue`` (None: its threads have not started yet)
+_workqueue: bool | None = None
+#: held around parallel CPU kernels where the layer is ``workqueue``; reentrant, because
+#: entry points nest (the estimator calls the solver, a model the layers)
+_workqueue_turns = threading.RLock()
 
 
 def _after_fork_in_child() -> None:
-    global _forked_after_omp
+    global _forked_after_omp, _workqueue_turns
+    _workqueue_turns = threading.RLock()  # a thread of the parent may have held it: it has no thread here
     if _forked_after_omp or "numba" not in sys.modules:
         return  # already marked (a grandchild), or Numba never ran in the parent
     try:
@@ -61,3 +80,46 @@ def check_cpu_kernels_usable() -> None:
             "'forkserver' (e.g. ProcessPoolExecutor(mp_context=...)), or choose a fork-safe "
             "threading layer before the parent's first run: NUMBA_THREADING_LAYER=workqueue, "
             "or 'tbb' with the tbb package installed")
+
+
+def _layer_is_workqueue() -> bool:
+    global _workqueue
+    if _workqueue is None:
+        import numba
+
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel region has run: start Numba's threads, as the first one would
+            try:
+                from numba.np.ufunc import parallel
+
+                parallel._launch_threads()
+                layer = numba.threading_layer()
+            except Exception:  # Numba's internals moved: what the user asked for, not cached
+                return str(numba.config.THREADING_LAYER) == "workqueue"
+        _workqueue = layer == "workqueue"
+    return _workqueue
+
+
+@contextlib.contextmanager
+def cpu_kernels() -> Iterator[None]:
+    """The context in which fastmu runs its parallel CPU kernels.
+
+    Checks :func:`check_cpu_kernels_usable`. Where Numba's threading layer is
+    ``workqueue`` (``NUMBA_THREADING_LAYER=workqueue``, or the fallback where
+    neither OpenMP nor TBB loads), which aborts the process when two threads
+    enter parallel code at once, it also holds a process-wide lock, so that
+    concurrent calls from several Python threads run one after another.
+    Under ``omp`` and ``tbb`` it holds nothing: their calls run together.
+
+    Raises
+    ------
+    RuntimeError
+        As :func:`check_cpu_kernels_usable`.
+    """
+    check_cpu_kernels_usable()
+    if _layer_is_workqueue():
+        with _workqueue_turns:
+            yield
+    else:
+        yield

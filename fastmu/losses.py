@@ -303,8 +303,7 @@ class _CpuCosine:
     def session(self) -> contextlib.AbstractContextManager:
         from fastmu import fork_safety
 
-        fork_safety.check_cpu_kernels_usable()  # the backward too (unrolled_loss checks the forward)
-        return contextlib.nullcontext()
+        return fork_safety.cpu_kernels()  # the forward and the backward run in it
 
     def forward(self, E, T, cols, tnorm, floor, scale, stats, j) -> None:
         from fastmu.kernels.cpu_cosine import cosine_forward

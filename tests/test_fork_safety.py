@@ -73,3 +73,59 @@ def test_fork_safe_layer_is_not_refused():
     code, out = _fork_child("run", "mu", NUMBA_THREADING_LAYER="workqueue")
     assert "layer workqueue" in out, out
     assert code == 0, out
+
+
+# Several Python threads call fastmu at once; each call's result must equal the one it gives
+# alone. Exit code 0: all equal; 5: a difference. Numba's own guard aborts the process (-6).
+_THREADS_SCRIPT = textwrap.dedent("""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    import numpy as np
+    import torch
+    import fastmu
+    from fastmu.baselines import cd
+
+    rng = np.random.default_rng(0)
+    Xs = [rng.random((2, 12, 300)) for _ in range(4)]
+
+    def model(X):
+        torch.manual_seed(0)
+        net = fastmu.NALMU(3, 12, 3).double()
+        A, S = net(torch.from_numpy(X))
+        loss = fastmu.losses.unrolled_loss([(A, S)], torch.ones(2, 12, 3, dtype=torch.float64),
+                                          torch.ones(2, 3, 300, dtype=torch.float64))
+        loss.backward()
+        return [A.detach().numpy(), S.detach().numpy(), net.theta.grad.numpy()]
+
+    calls = {
+        "mu": lambda X: fastmu.mu(X, 3, n_iter=200, random_state=0),
+        "mu_f32_tol": lambda X: fastmu.mu(X.astype(np.float32), 4, n_iter=200, tol=1e-6, check_every=5,
+                                          random_state=0),
+        "cd": lambda X: cd(X, 3, n_iter=50, random_state=0),
+        "nmf": lambda X: fastmu.NMF(3, max_iter=50, init="random", random_state=0).fit_transform(X[0]),
+        "model": model,
+    }
+    fn = calls[sys.argv[1]]
+    alone = [fn(X) for X in Xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(fn, Xs))
+            for a, b in zip(alone, together):
+                for u, v in zip(*(x if isinstance(x, (list, tuple)) else [x] for x in (a, b))):
+                    if not np.array_equal(u, v):
+                        sys.exit(5)
+    print("layer", __import__("numba").threading_layer())
+""")
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "default"])
+@pytest.mark.parametrize("call", ["mu", "mu_f32_tol", "cd", "nmf", "model"])
+def test_threads_calling_together_get_what_they_get_alone(call, layer):
+    # workqueue ends the process when two threads enter parallel code at once: fastmu takes turns
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer)
+    r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, call], env=env,
+                       capture_output=True, text=True, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    if layer == "workqueue":
+        assert "layer workqueue" in out, out

@@ -308,7 +308,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     import numba
     import torch
 
-    from fastmu import cpu_threads
+    from fastmu import cpu_threads, fork_safety
     from fastmu.dispatch import blocked_kernel_x
     from fastmu.kernels import cpu_cd
 
@@ -350,10 +350,11 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
                 k = min(k, every - done % every)
             viol = np.zeros((k, b))
             filled = 0
-            if governor is None:  # slices keep Ctrl-C working in a long run
-                slice_k = cpu_threads.run_in_slices(advance, k, slice_k)
-            else:
-                governor.run(advance, k)
+            with fork_safety.cpu_kernels():  # outside the governor: it must not time a wait for the lock
+                if governor is None:  # slices keep Ctrl-C working in a long run
+                    slice_k = cpu_threads.run_in_slices(advance, k, slice_k)
+                else:
+                    governor.run(advance, k)
             done += k
             if bar is not None:
                 bar.update(k)

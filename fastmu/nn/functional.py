@@ -223,8 +223,7 @@ class _CpuLayers:
         context to run them in."""
         from fastmu import fork_safety
 
-        fork_safety.check_cpu_kernels_usable()  # forward and backward both begin here
-        return contextlib.nullcontext()
+        return fork_safety.cpu_kernels()  # forward and backward both run in it
 
     def forward(self, X, A, S, W3, P, G, A_out, S_out, P_out, G_out, eps, pg_valid, want_pg) -> None:
         """``A_out, S_out`` (and ``P_out, G_out`` of ``S_out`` when ``want_pg``; P, G of S when
