@@ -46,6 +46,15 @@ try:  # a real scikit-learn estimator where scikit-learn is installed
     _SKLEARN = True
 except ImportError:  # pragma: no cover - exercised in a scikit-learn-free environment
     _SKLEARN = False
+    try:  # installed, but older than the API used above (validate_data: scikit-learn 1.6)
+        import sklearn as _sk
+    except ImportError:
+        pass
+    else:
+        warnings.warn(
+            f"scikit-learn {_sk.__version__} is older than the 1.6 that fastmu.NMF needs to be a "
+            "scikit-learn estimator; fastmu.NMF works without it but is not a BaseEstimator "
+            "(pip install 'scikit-learn>=1.6')", RuntimeWarning, stacklevel=2)
 
     class ConvergenceWarning(UserWarning):  # type: ignore[no-redef]
         """The solver stopped at ``max_iter`` before meeting ``tol``."""

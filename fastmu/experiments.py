@@ -650,7 +650,7 @@ def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None
         try:
             plot_figure2(res, out / "fig2.png")
         except ImportError:
-            say("matplotlib is not installed: fig2.png not drawn (pip install fastmu[data])")
+            say("matplotlib is not installed: fig2.png not drawn (pip install matplotlib, or fastmu's data extra)")
         say(f"wrote {out}/results.json, table1.md, table2.md, fig2.png")
     return res
 

@@ -61,7 +61,7 @@ def figure_path(target: Path, option: str = "--figure") -> Path:
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        raise ImportError(f"{option} needs matplotlib (pip install fastmu[data])") from None
+        raise ImportError(f"{option} needs matplotlib (pip install matplotlib, or fastmu's data extra)") from None
     supported = FigureCanvasBase.get_supported_filetypes()
     fmt = target.suffix[1:].lower()
     if fmt not in supported:

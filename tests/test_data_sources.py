@@ -45,7 +45,7 @@ def test_photo_crops_without_skimage(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(ImportError, match=r"pip install fastmu\[data\]"):
+    with pytest.raises(ImportError, match=r"pip install scikit-image"):
         photo_crops(1, 16, seed=0)
     # procedural generators keep working
     assert natural_images(2, 16, seed=0, kinds=("dead_leaves", "power_law")).shape == (2, 16, 16)

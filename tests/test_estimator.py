@@ -649,3 +649,19 @@ def test_random_state_none_draws_from_numpy_s_global_generator(solver):
             fits.append(Est(**kw).fit_transform(X))
     assert np.array_equal(fits[0], fits[1])
     np.testing.assert_allclose(fits[0], fits[2], rtol=1e-9, atol=1e-12)
+
+
+def test_a_scikit_learn_too_old_for_the_estimator_is_named():
+    # scikit-learn < 1.6 has no validate_data: NMF then works as the plain fallback, and says why
+    import subprocess
+    import sys
+
+    code = ("import warnings, sklearn.utils.validation as v; del v.validate_data; "
+            "warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    import fastmu.estimator as e\n"
+            "print(e._SKLEARN, any('older than the 1.6' in str(x.message) for x in w))\n"
+            "import numpy as np; print(e.NMF(2, max_iter=20, random_state=0).fit_transform(np.ones((4, 3))).shape)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["False True", "(4, 2)"], r.stdout + r.stderr

@@ -252,7 +252,7 @@ def resample_maps(S: np.ndarray, size) -> np.ndarray:
     try:
         from skimage.transform import resize
     except ImportError as exc:  # pragma: no cover
-        raise ImportError("resampling maps needs scikit-image: pip install fastmu[data]") from exc
+        raise ImportError("resampling maps needs scikit-image (pip install scikit-image, or fastmu's data extra)") from exc
     out = resize(S, S.shape[:-2] + (h, w), anti_aliasing=True, preserve_range=True)
     return np.clip(out, 0.0, None)  # interpolation may undershoot zero by rounding
 

@@ -31,7 +31,7 @@ SKIMAGE_IMAGES = (
     "retina", "rocket", "text",
 )
 
-_SKIMAGE_HINT = "natural-image crops need scikit-image: pip install fastmu[data]"
+_SKIMAGE_HINT = "natural-image crops need scikit-image (pip install scikit-image, or fastmu's data extra)"
 
 
 def _is_int(x) -> bool:
@@ -123,7 +123,7 @@ def photo_crops(n: int, size=128, *, seed: int | None = None) -> np.ndarray:
     Raises
     ------
     ImportError
-        If scikit-image is not installed (``pip install fastmu[data]``).
+        If scikit-image is not installed (``pip install scikit-image``, or fastmu's data extra).
     """
     n = _check_n(n)
     h, w = _check_size(size)
