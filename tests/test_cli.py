@@ -176,6 +176,24 @@ def test_bench_quick_writes_json(tmp_path, capsys, workload):
     assert "fastmu speedup" in capsys.readouterr().out
 
 
+def test_bench_says_when_scikit_learn_is_missing(monkeypatch):
+    import builtins
+
+    from fastmu.benchmarks.mu_cpu import run_workload
+
+    real = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    with pytest.warns(RuntimeWarning, match="without its sklearn peer"):
+        rows = run_workload("paper", n_iter=2, repeats=1, progress=False, peers=("sklearn",))
+    assert [r.peer for r in rows] == ["fastmu"]
+
+
 def test_cuda_without_gpu_is_a_clean_error(tmp_path, capsys, monkeypatch):
     import fastmu.dispatch as dispatch
     import fastmu.solver as solver

@@ -147,6 +147,11 @@ def run_workload(name: str, *, n_iter: int | None = None, repeats: int = 3, peer
     b, m, n, t, it = spec["b"], spec["m"], spec["n"], spec["t"], spec["n_iter"]
     X, A0, S0 = make_problem(b, m, n, t)
     fns = _peers(X, A0, S0, it, with_sklearn=(b == 1))
+    if b == 1 and "sklearn" not in fns and (peers is None or "sklearn" in peers):
+        import warnings
+
+        warnings.warn(f"scikit-learn is not installed: workload {name!r} runs without its sklearn peer "
+                      "(pip install scikit-learn)", RuntimeWarning, stacklevel=2)
     if peers is not None:
         fns = {k: v for k, v in fns.items() if k in peers or k == "fastmu"}
     # Warm-up: Numba compilation / cache load, BLAS thread start; a few iterations.
