@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from fastmu import EPS
-from fastmu.interop import ArrayKind, array_kind
+from fastmu import EPS, fork_safety
+from fastmu.interop import ArrayKind, array_kind, is_device_array
 from fastmu.penalty import Penalty, from_sklearn
 from fastmu.solver import SVD_INITS
 from fastmu.validation import (
@@ -514,9 +514,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _validate_X(self, X: Any, reset: bool) -> Any:
         """X as a 2-D array of its own kind; feature counts (and names) recorded or checked."""
         kind = array_kind(X)
+        if not is_device_array(X):  # the solvers' torch CPU operations would hang in a forked child
+            fork_safety.check_cpu_kernels_usable()
         if kind == "numpy":
             if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
                 raise TypeError("fastmu.NMF does not support sparse input; pass a dense array (X.toarray())")
+            if _sparse_columns(X):
+                raise TypeError("fastmu.NMF does not support sparse input; pass a dense DataFrame "
+                                "(X.sparse.to_dense())")
             if _SKLEARN:
                 X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=1,
                                   ensure_min_features=1)
@@ -541,6 +546,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"X has {n_features} features, but {type(self).__name__} is expecting "
                              f"{self.n_features_in_} features as input.")
         return X
+
+
+def _sparse_columns(X: Any) -> bool:
+    """Whether X is a pandas DataFrame with sparse columns (without importing pandas)."""
+    dtypes = getattr(X, "dtypes", None)
+    if dtypes is None or isinstance(dtypes, np.dtype) or not hasattr(dtypes, "__iter__"):
+        return False
+    return any(type(dt).__name__ == "SparseDtype" for dt in dtypes)
 
 
 def _check_2d(X: Any) -> None:
@@ -641,8 +654,6 @@ def _check_cd_backend(backend: str, X: Any) -> None:
     """``solver="cd"`` picks its implementation from where X is (the fused CPU kernel for host
     arrays, torch on X's device for GPU arrays and ``shuffle=True``): a ``backend`` naming anything
     else is refused, not ignored."""
-    from fastmu.interop import is_device_array
-
     where = "cuda" if is_device_array(X) else "cpu"
     if backend in ("auto", where):
         return

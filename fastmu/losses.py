@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fastmu.nn.functional import first_order_only
+from fastmu.nn.functional import eager_under_compile, first_order_only
 from fastmu.validation import positive_count
 
 __all__ = ["NORM_FLOOR", "layer_weights", "mean_component_cosine", "unrolled_loss"]
@@ -378,6 +378,7 @@ class _FusedLoss(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+@eager_under_compile
 def _fused_loss(scored: list, A_true: torch.Tensor, S_true: torch.Tensor, reduction: str) -> torch.Tensor:
     At, St = _as3d(A_true), _as3d(S_true)
     B, n = At.shape[0], At.shape[2]

@@ -83,8 +83,33 @@ def check_shape(shape: tuple[int, ...], name: str, ndims: tuple[int, ...]) -> No
         raise ValueError(f"{name} has a zero-size dimension: shape {tuple(shape)}")
 
 
+def check_torch_usable(tensors: Any) -> None:
+    """Refuse tensors that fastmu's torch operations cannot take, before any of them runs.
+
+    - CPU tensors in a process forked after fastmu's CPU kernels ran: torch's
+      CPU operations would wait forever there (:mod:`fastmu.fork_safety`), so
+      the RuntimeError comes first;
+    - tensors of a ``torch.func`` transform (``vmap``, ``grad``, ...): fastmu's
+      kernels read their storage, which such tensors do not have.
+    """
+    import torch
+
+    if any(t.device.type == "cpu" for t in tensors):
+        from fastmu import fork_safety
+
+        fork_safety.check_cpu_kernels_usable()
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and any(wrapped(t) for t in tensors):
+        raise TypeError(
+            "fastmu does not support torch.func transforms (vmap, grad, jacrev, ...): its kernels read "
+            "the tensors' memory. Batch problems along the first axis instead, and take gradients with "
+            "loss.backward() (or use the learned models with fused=False)")
+
+
 def check_values(x: Any, name: str, kind: ArrayKind) -> None:
     """Finite and non-negative, or a ValueError that says which and where."""
+    if kind == "torch":
+        check_torch_usable([x])
     if kind == "numpy":
         finite = bool(np.isfinite(x).all())
         nonneg = bool((x >= 0).all()) if finite else True
@@ -148,6 +173,7 @@ def check_tensors_nonnegative_finite(tensors: dict[str, Any], hint: str = "") ->
     """
     import torch
 
+    check_torch_usable(list(tensors.values()))
     given = [(k, v) for k, v in tensors.items() if v.numel() and not v.is_meta]
     if not given or any(v.is_cuda for _, v in given) and torch.cuda.is_current_stream_capturing():
         return

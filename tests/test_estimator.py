@@ -665,3 +665,25 @@ def test_a_scikit_learn_too_old_for_the_estimator_is_named():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["False True", "(4, 2)"], r.stdout + r.stderr
+
+
+def test_a_sparse_dataframe_gets_fastmu_s_own_message():
+    # scikit-learn's message for it suggests X.toarray(), which a DataFrame does not have
+    from fastmu.estimator import _sparse_columns
+
+    class SparseDtype:  # pandas' name for it; checked without importing pandas
+        pass
+
+    class Frame:
+        def __init__(self, dtypes):
+            self.dtypes = dtypes
+
+    assert _sparse_columns(Frame([np.dtype(float), SparseDtype()]))
+    assert not _sparse_columns(Frame([np.dtype(float)])) and not _sparse_columns(np.ones((2, 2)))
+
+
+def test_a_sparse_pandas_dataframe_is_refused_by_name():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(_data(20, 6)).astype(pd.SparseDtype("float64", 0.0))
+    with pytest.raises(TypeError, match=r"X\.sparse\.to_dense\(\)"):
+        NMF(2).fit(df)

@@ -20,6 +20,9 @@ _SCRIPT = textwrap.dedent("""
     import fastmu
     from fastmu.baselines import cd
     X = np.random.default_rng(0).random((2, 12, 256))
+    # big enough for torch's CPU operations to go parallel (and so hang on the inherited OpenMP
+    # runtime) if one ran before fastmu's check
+    Xb = np.random.default_rng(1).random((65, 4096)).astype(np.float32)
     calls = {
         "mu": lambda: fastmu.mu(X, 3, n_iter=3, random_state=0),
         "cd": lambda: cd(X, 3, n_iter=3, random_state=0),
@@ -31,11 +34,19 @@ _SCRIPT = textwrap.dedent("""
         "mu_torch": lambda: fastmu.mu(X, 3, n_iter=3, random_state=0, backend="torch"),
         "nalmu_torch": lambda: fastmu.NALMU(2, 12, 3, fused=False)(torch.from_numpy(X).float()),
         "dnmf": lambda: fastmu.baselines.DNMF(2, 12, 3, A_init=np.random.rand(12, 3))(torch.from_numpy(X).float()),
+        "mu_tensor": lambda: fastmu.mu(torch.from_numpy(Xb), 4, n_iter=3, random_state=0),
+        "cd_tensor": lambda: cd(torch.from_numpy(Xb), 4, n_iter=3, random_state=0),
+        "nmf_tensor": lambda: fastmu.NMF(4, max_iter=3, init="random", random_state=0).fit(torch.from_numpy(Xb.T)),
+        "nmf_cd_transform": lambda: NMF_CD.transform(np.tile(Xb.T, (4, 1))),
+        "mix": lambda: fastmu.data.mix(np.ones((1, 65, 4)), np.ones((1, 4, 64, 64)), 60.0, seeds=[0]),
     }
     if sys.argv[1] == "run":
         calls["mu"]()
+        NMF_CD = fastmu.NMF(4, solver="cd", max_iter=3, init="random", random_state=0).fit(Xb.T)
     pid = os.fork()
     if pid == 0:
+        import signal
+        signal.alarm(60)  # a hang ends as SIGALRM (-14)
         try:
             calls[sys.argv[2]]()
             code = 0
@@ -56,7 +67,8 @@ def _fork_child(parent: str, call: str, **env: str) -> tuple[int, str]:
     return r.returncode - 100, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("call", ["mu", "cd", "nmf", "nalmu", "loss", "mu_torch", "nalmu_torch", "dnmf"])
+@pytest.mark.parametrize("call", ["mu", "cd", "nmf", "nalmu", "loss", "mu_torch", "nalmu_torch", "dnmf",
+                                  "mu_tensor", "cd_tensor", "nmf_tensor", "nmf_cd_transform", "mix"])
 def test_forked_child_gets_a_clear_error_under_openmp(call):
     code, out = _fork_child("run", call)
     if "layer omp" not in out:

@@ -307,3 +307,27 @@ def test_stacked_mlps_equal_separate_mlps_and_cost_no_ops_per_layer():
             m(torch.rand(3, 12)).sum().backward()
         counts.append(c.ops)
     assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("which", ["nalmu", "almu"])
+def test_torch_compile_runs_the_fused_layers_eagerly(which):
+    # TorchDynamo cannot trace the kernels' NumPy views: they run outside the graph, and the
+    # compiled model's outputs, loss and gradients are the eager model's
+    import fastmu
+
+    torch.manual_seed(0)
+    model = fastmu.NALMU(3, 10, 2) if which == "nalmu" else fastmu.ALMU(2, 2, 10, 2)
+    X = torch.rand(2, 10, 40)
+    At, St = torch.rand(2, 10, 2), torch.rand(2, 2, 40)
+
+    def loss_of(fn):
+        model.zero_grad()
+        loss = fastmu.losses.unrolled_loss([fn(X)], At, St)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    compiled = torch.compile(model, backend="eager")
+    assert all(torch.equal(a, b) for a, b in zip(model(X), compiled(X)))
+    (l_e, g_e), (l_c, g_c) = loss_of(model), loss_of(compiled)
+    assert torch.equal(l_e, l_c) and len(g_e) == len(g_c) > 0
+    assert all(torch.equal(a, b) for a, b in zip(g_e, g_c))

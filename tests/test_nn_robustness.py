@@ -232,3 +232,17 @@ def test_default_eps_follows_the_dtype_and_a_given_one_must_fit_it():
         NALMU(2, 8, 2, fused=False, eps=1e-12).half()(X.half())
     with pytest.raises(ValueError, match="eps=1e-40 is below the smallest normal float32"):
         learned_mu_step(X[None], torch.ones(1, 8, 2), torch.ones(1, 2, 30), torch.ones(8, 2), eps=1e-40)
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    # the kernels read tensor memory, which vmap's and grad's wrapped tensors do not have
+    import fastmu
+
+    X = torch.rand(3, 2, 8, 16, dtype=torch.float64)
+    model = fastmu.NALMU(2, 8, 2).double()
+    with pytest.raises(TypeError, match="torch.func"):
+        torch.func.vmap(model)(X)
+    with pytest.raises(TypeError, match="torch.func"):
+        torch.func.vmap(lambda x: fastmu.mu(x, 2, n_iter=2, random_state=0)[0])(X[:, 0])
+    with pytest.raises(TypeError, match="torch.func"):
+        torch.func.grad(lambda x: model(x)[0].sum())(X[0])

@@ -86,6 +86,25 @@ def first_order_only(what: str, alternative: str) -> Callable[[Callable], Callab
     return wrap
 
 
+def eager_under_compile(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly where ``torch.compile`` traces its caller (a graph break there).
+
+    The fused layers and loss hand NumPy views of tensor memory to Numba or
+    launch Numba CUDA kernels, which TorchDynamo cannot trace: a compiled
+    model would otherwise fail on its first call. ``torch._dynamo`` is imported
+    only under compilation (it takes about as long as torch itself to import).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            from torch import _dynamo
+
+            return _dynamo.disable(fn, recursive=True)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 _LAYER_ALTERNATIVE = ("the torch-op layers (fastmu.reference.mu_step_torch, or a model built with "
                       "fused=False)")
 
@@ -556,6 +575,7 @@ def _accumulate(carry: torch.Tensor | None, up: torch.Tensor | None) -> torch.Te
     return carry.add_(up)
 
 
+@eager_under_compile
 def learned_mu_step(
     X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, W: torch.Tensor, eps: float = EPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -615,6 +635,7 @@ def learned_mu_step(
     return A_out, S_out
 
 
+@eager_under_compile
 def learned_mu_step_pg(
     X: torch.Tensor,
     A: torch.Tensor,
@@ -693,6 +714,7 @@ def check_unroll_weights(Ws: Any, X: torch.Tensor, n: int, *, check_values: bool
         check_tensors_nonnegative_finite({"Ws": Ws})
 
 
+@eager_under_compile
 def learned_mu_unroll(
     X: torch.Tensor,
     A: torch.Tensor,
@@ -767,6 +789,7 @@ def learned_mu_unroll(
     return unroll_unchecked(X.contiguous(), A.contiguous(), S.contiguous(), Ws.contiguous(), eps, return_all)
 
 
+@eager_under_compile
 def unroll_unchecked(
     X: torch.Tensor, A: torch.Tensor, S: torch.Tensor, Ws: torch.Tensor, eps: float = EPS, return_all: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
