@@ -151,7 +151,7 @@ class CPUEngine:
         self._tiled = cpu_tiled.available(n) and affordable and not by_rows
         nk = 4 if self._tiled else cpu.padded_rank(n)
         self._ka, self._ks, self._kw = (A, S, self.W) if nk == n else cpu.pad_rank(A, S, self.W, nk)
-        with fork_safety.cpu_kernels():  # the copies are parallel kernels too
+        with fork_safety.cpu_kernels():  # the tiled copy is a parallel kernel too
             if self._tiled:
                 self._k = cpu_tiled
                 self._Xt, self._ks = cpu_tiled.make_tiled(X, self._ks)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import re
 import warnings
 from typing import Any
 
@@ -44,17 +45,20 @@ try:  # a real scikit-learn estimator where scikit-learn is installed
     from sklearn.utils.validation import check_is_fitted, validate_data
 
     _SKLEARN = True
-except ImportError:  # pragma: no cover - exercised in a scikit-learn-free environment
+except ImportError as _sk_error:  # pragma: no cover - exercised in a scikit-learn-free environment
     _SKLEARN = False
-    try:  # installed, but older than the API used above (validate_data: scikit-learn 1.6)
+    try:  # installed, but too old for the API used above (validate_data: 1.6), or broken
         import sklearn as _sk
     except ImportError:
         pass
     else:
+        _v = tuple(int(p) for p in re.findall(r"\d+", _sk.__version__)[:2])
         warnings.warn(
-            f"scikit-learn {_sk.__version__} is older than the 1.6 that fastmu.NMF needs to be a "
-            "scikit-learn estimator; fastmu.NMF works without it but is not a BaseEstimator "
-            "(pip install 'scikit-learn>=1.6')", RuntimeWarning, stacklevel=2)
+            (f"scikit-learn {_sk.__version__} is older than the 1.6 that fastmu.NMF needs to be a "
+             "scikit-learn estimator" if _v < (1, 6) else
+             f"scikit-learn {_sk.__version__} is installed but fastmu.NMF could not import from it "
+             f"({_sk_error})") + "; fastmu.NMF works without it but is not a BaseEstimator",
+            RuntimeWarning, stacklevel=2)
 
     class ConvergenceWarning(UserWarning):  # type: ignore[no-redef]
         """The solver stopped at ``max_iter`` before meeting ``tol``."""

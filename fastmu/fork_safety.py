@@ -82,22 +82,17 @@ def check_cpu_kernels_usable() -> None:
             "or 'tbb' with the tbb package installed")
 
 
-def _layer_is_workqueue() -> bool:
+def _layer_is_workqueue() -> bool | None:
+    """Whether Numba's threading layer is ``workqueue``; None until its threads have started
+    (starting them just to ask would mark a process forked later as unable to compute)."""
     global _workqueue
     if _workqueue is None:
         import numba
 
         try:
-            layer = numba.threading_layer()
-        except ValueError:  # no parallel region has run: start Numba's threads, as the first one would
-            try:
-                from numba.np.ufunc import parallel
-
-                parallel._launch_threads()
-                layer = numba.threading_layer()
-            except Exception:  # Numba's internals moved: what the user asked for, not cached
-                return str(numba.config.THREADING_LAYER) == "workqueue"
-        _workqueue = layer == "workqueue"
+            _workqueue = numba.threading_layer() == "workqueue"
+        except ValueError:  # no parallel region has run yet
+            return None
     return _workqueue
 
 
@@ -111,6 +106,9 @@ def cpu_kernels() -> Iterator[None]:
     enter parallel code at once, it also holds a process-wide lock, so that
     concurrent calls from several Python threads run one after another.
     Under ``omp`` and ``tbb`` it holds nothing: their calls run together.
+    Until a parallel region has run, the layer is not known (and starting
+    Numba's threads to learn it would make a later fork's child refuse to
+    compute), so the lock is held then too.
 
     Raises
     ------
@@ -118,7 +116,7 @@ def cpu_kernels() -> Iterator[None]:
         As :func:`check_cpu_kernels_usable`.
     """
     check_cpu_kernels_usable()
-    if _layer_is_workqueue():
+    if _layer_is_workqueue() is not False:  # workqueue, or not known yet: the lock costs nothing uncontended
         with _workqueue_turns:
             yield
     else:

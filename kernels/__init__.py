@@ -20,6 +20,7 @@ def _private_cache_dir() -> str:
     """A folder of this user's own for Numba's compiled kernels: stable across runs where the
     system's temporary folder allows, else a fresh one."""
     import os
+    import stat
     import tempfile
 
     uid = os.getuid() if hasattr(os, "getuid") else None
@@ -27,9 +28,11 @@ def _private_cache_dir() -> str:
         base = os.path.join(tempfile.gettempdir(), f"fastmu-numba-cache-{uid}")
         try:
             os.makedirs(base, mode=0o700, exist_ok=True)
-            st = os.stat(base)
-            # Numba loads pickled code from here: only a folder that no one else can write
-            if st.st_uid == uid and not st.st_mode & 0o022 and os.access(base, os.W_OK):
+            # Numba loads pickled code from here: only a real folder (not a symlink, which its
+            # owner could re-point) of this user's, that no one else can write
+            st = os.lstat(base)
+            if (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022
+                    and os.access(base, os.W_OK)):
                 return base
         except OSError:
             pass
@@ -71,11 +74,14 @@ def _ensure_kernel_cache() -> None:
             "Numba has nowhere to write fastmu's compiled kernels: neither beside the package, nor in "
             f"the user's cache folder, nor in the temporary folder ({e}). Set NUMBA_CACHE_DIR to a "
             "writable folder") from None
-    numba.config.CACHE_DIR = folder
+    # The environment too: Numba re-reads its configuration from it (at a compilation, when a
+    # NUMBA_* variable has changed), and worker processes inherit it. It is process-wide: other
+    # cache=True functions of this process are cached there as well.
+    os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = folder
     warnings.warn(
         "Numba cannot write compiled kernels beside fastmu or in the user's cache folder; fastmu "
-        f"caches them in {folder}. Set NUMBA_CACHE_DIR to choose the folder", RuntimeWarning,
-        stacklevel=2)
+        f"set NUMBA_CACHE_DIR={folder} for this process. Set NUMBA_CACHE_DIR to choose the folder",
+        RuntimeWarning, stacklevel=2)
 
 
 _ensure_kernel_cache()

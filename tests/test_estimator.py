@@ -651,16 +651,22 @@ def test_random_state_none_draws_from_numpy_s_global_generator(solver):
     np.testing.assert_allclose(fits[0], fits[2], rtol=1e-9, atol=1e-12)
 
 
-def test_a_scikit_learn_too_old_for_the_estimator_is_named():
-    # scikit-learn < 1.6 has no validate_data: NMF then works as the plain fallback, and says why
+@pytest.mark.parametrize("case, says", [
+    ("import sklearn, sklearn.utils.validation as v; del v.validate_data; sklearn.__version__ = '1.5.2'",
+     "older than the 1.6"),
+    ("import sklearn, sys; sys.modules['sklearn.utils.validation'] = None", "could not import"),
+])
+def test_a_scikit_learn_the_estimator_cannot_use_is_named(case, says):
+    # scikit-learn < 1.6 has no validate_data, a broken install fails to import: NMF then
+    # works as the plain fallback, and says why
     import subprocess
     import sys
 
-    code = ("import warnings, sklearn.utils.validation as v; del v.validate_data; "
+    code = (f"import warnings; {case}; "
             "warnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    import fastmu.estimator as e\n"
-            "print(e._SKLEARN, any('older than the 1.6' in str(x.message) for x in w))\n"
+            f"print(e._SKLEARN, any({says!r} in str(x.message) for x in w))\n"
             "import numpy as np; print(e.NMF(2, max_iter=20, random_state=0).fit_transform(np.ones((4, 3))).shape)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -40,6 +40,8 @@ _SCRIPT = textwrap.dedent("""
         "nmf_cd_transform": lambda: NMF_CD.transform(np.tile(Xb.T, (4, 1))),
         "mix": lambda: fastmu.data.mix(np.ones((1, 65, 4)), np.ones((1, 4, 64, 64)), 60.0, seeds=[0]),
     }
+    if sys.argv[1] == "loss":  # small enough for the serial kernel: no threads started
+        calls["loss"]()
     if sys.argv[1] == "run":
         calls["mu"]()
         NMF_CD = fastmu.NMF(4, solver="cd", max_iter=3, init="random", random_state=0).fit(Xb.T)
@@ -78,6 +80,12 @@ def test_forked_child_gets_a_clear_error_under_openmp(call):
 
 def test_child_forked_before_any_run_works():
     code, out = _fork_child("idle", "mu")
+    assert code == 0, out
+
+
+def test_child_forked_after_serial_kernels_only_works():
+    # the parent ran a kernel too small for threads: none started, so nothing to inherit
+    code, out = _fork_child("loss", "mu")
     assert code == 0, out
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -92,11 +93,12 @@ def eager_under_compile(fn: Callable) -> Callable:
     The fused layers and loss hand NumPy views of tensor memory to Numba or
     launch Numba CUDA kernels, which TorchDynamo cannot trace: a compiled
     model would otherwise fail on its first call. ``torch._dynamo`` is imported
-    only under compilation (it takes about as long as torch itself to import).
+    only under compilation (it takes about as long as torch itself to import;
+    nothing can be compiling before it is imported).
     """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if "torch._dynamo" in sys.modules and torch.compiler.is_compiling():
             from torch import _dynamo
 
             return _dynamo.disable(fn, recursive=True)(*args, **kwargs)
