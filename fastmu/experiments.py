@@ -22,6 +22,7 @@ This module imports torch.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,14 @@ class ExperimentConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.train_spectra not in ("generated", "real"):
             raise ValueError(f"train_spectra must be 'generated' or 'real', got {self.train_spectra!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
+                                             and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0 ... 2**32 - 1, got {self.seed!r}")
+        if isinstance(self.snr_db, bool) or not (isinstance(self.snr_db, (int, float))
+                                                 and math.isfinite(self.snr_db)):
+            raise ValueError(f"snr_db must be a finite number, got {self.snr_db!r}")
         from fastmu.training import torch_device
 
         if torch_device(self.device).type == "meta":  # shapes only: nothing to train on or score
@@ -190,7 +197,7 @@ def _solver_curve(solve: Callable, X: torch.Tensor, n: int, n_iter: int, A_true,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_iter, desc=desc, unit="it", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n_iter, desc=desc, unit="it", leave=False, dynamic_ncols=True, disable=None)
     for p in pts:
         t0 = time.perf_counter()
         if A is None:
@@ -469,8 +476,9 @@ def _train_or_load(plan: _ModelPlan, cfg: ExperimentConfig, sets: dict, progress
     return model, hist.as_dicts(), seconds
 
 
-def _check_outputs(out: Path | None, models_dir: Path | None) -> None:
-    """Refuse unwritable outputs and a models "folder" that is a file, before the sets are built."""
+def _check_outputs(out: Path | None, models_dir: Path | None, kinds: Sequence[str] = ()) -> None:
+    """Refuse unwritable outputs, and a models folder or checkpoint path that is not what it
+    must be, before the sets are built (not after the training)."""
     from fastmu.paths import check_output_file, check_output_folder
 
     if models_dir is not None and models_dir.exists() and not models_dir.is_dir():
@@ -479,6 +487,12 @@ def _check_outputs(out: Path | None, models_dir: Path | None) -> None:
         check_output_folder(out, "output folder")
         for name in ("results.json", "table1.md", "table2.md", "fig2.png"):
             check_output_file(out / name, "output")
+    if models_dir is not None:
+        if out is not None and models_dir == out / "models":  # fastmu writes there (a given folder may be read-only)
+            check_output_folder(models_dir, "models folder")
+        for kind in kinds:
+            if (models_dir / f"{kind}.pt").is_dir():
+                raise ValueError(f"checkpoint {models_dir / f'{kind}.pt'} is a folder, not a file")
 
 
 @dataclass
@@ -581,7 +595,7 @@ def run_paper(config: ExperimentConfig | None = None, out_dir: str | Path | None
     out = Path(out_dir) if out_dir is not None else None
     own_dir = models_dir is None
     mdir = Path(models_dir) if models_dir is not None else (out / "models" if out is not None else None)
-    _check_outputs(out, None if own_dir else mdir)
+    _check_outputs(out, mdir, [k for k in cfg.methods if k in LEARNED])
     sets = make_sets(cfg)
     res = PaperResults(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},

@@ -179,6 +179,9 @@ def _summary(exc: BaseException) -> str:
     """Why ``torch.load`` failed, in a few words: its own text where that is short and about the file
     (a truncated archive), not its advice on ``weights_only=False``."""
     if isinstance(exc, pickle.UnpicklingError):
+        # the bytes are no pickle at all (JSON, an image): an opcode no pickle starts with
+        if re.search(r"invalid load key|Unsupported operand", str(exc)):
+            return "its bytes are neither a torch archive nor a pickle"
         return "it holds Python objects beyond tensors and plain values, as a pickled model does"
     if isinstance(exc, (KeyError, EOFError)):
         return "not a torch file, or an empty one"
@@ -691,4 +694,4 @@ def _bar(total: int, desc: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # None: off a terminal

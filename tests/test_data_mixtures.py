@@ -208,3 +208,20 @@ def test_mixtures_that_overflow_the_dtype_and_bad_seeds_are_refused():
             mix(A, S, 30, seeds=seeds)
     X, _, _ = mix(A, S, 30, seeds=np.array([3, 4]))
     torch.testing.assert_close(X, mix(A, S, 30, seeds=3)[0])
+
+
+def test_paper_sets_without_scikit_image_say_they_differ(monkeypatch):
+    import builtins
+
+    from fastmu.data.mixtures import paper_sets
+
+    real = builtins.__import__
+
+    def no_skimage(name, *args, **kwargs):
+        if name == "skimage" or name.startswith("skimage."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_skimage)
+    with pytest.warns(RuntimeWarning, match="without natural-photo crops"):
+        paper_sets(size=8, n_train=2, n_test=1, realistic_maps="remnant")

@@ -101,6 +101,27 @@ def test_config_errors():
         ExperimentConfig(device="meta")
     with pytest.raises(ValueError, match="torch device such as"):
         ExperimentConfig(device="gpu")
+    # refused up front, not after the training (the solvers' seeds must be below 2**32)
+    for bad in (2**40, -1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            ExperimentConfig(seed=bad)
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="lr must be"):
+            ExperimentConfig(lr=bad)
+    with pytest.raises(ValueError, match="snr_db must be"):
+        ExperimentConfig(snr_db=float("nan"))
+
+
+@pytest.mark.parametrize("plant", ["models_file", "checkpoint_folder"])
+def test_run_paper_refuses_unusable_model_paths_before_training(tmp_path, plant):
+    if plant == "models_file":
+        (tmp_path / "models").write_text("")
+    else:
+        (tmp_path / "models" / "nalmu.pt").mkdir(parents=True)
+    trained = []
+    with pytest.raises(ValueError, match="is a file, not a folder|is a folder, not a file"):
+        run_paper(ExperimentConfig(**NALMU_ONLY), tmp_path, log=trained.append, progress=False)
+    assert not any("trained" in line for line in trained)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible to torch")
@@ -248,6 +269,7 @@ def test_models_dir_checkpoint_without_settings_is_used_and_said_so(tmp_path, ca
      "--epochs, --layers, --cd-iters: not used by --methods mu; drop them"),
     (["paper", "--methods", "mu", "cd", "--models", "{f}"], "--models: not used by --methods mu cd"),
     (["paper", "--methods", "nalmu", "--dnmf-layers", "4"], "--dnmf-layers: not used by --methods nalmu; drop it"),
+    (["paper", "--methods", "mu", "--batch-size", "7"], "--batch-size: not used by --methods mu; drop it"),
 ])
 def test_cli_paper_and_train_refuse_before_the_work(tmp_path, capsys, argv, msg):
     f = tmp_path / "afile"
@@ -271,3 +293,17 @@ def test_real_training_spectra_without_the_reference_file_say_where_it_goes(tmp_
     monkeypatch.setenv("FASTMU_SHARED_DATA", str(tmp_path))  # a reference-data folder without the file
     with pytest.raises(FileNotFoundError, match="--train-spectra real\\) need chandra_mixing_matrices.npz"):
         make_sets(ExperimentConfig(**dict(TINY, train_spectra="real")))
+
+
+def test_ctrl_c_in_train_says_no_checkpoint_was_written(tmp_path, capsys, monkeypatch):
+    import fastmu.experiments
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastmu.experiments, "fit_model", interrupted)
+    out = tmp_path / "m.pt"
+    rc = main(["train", "nalmu", "--layers", "2", "--size", "8", "--n-train", "4", "--n-test", "2",
+               "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert rc == 130 and not out.exists()
+    assert capsys.readouterr().err == "fastmu train: interrupted; no checkpoint written: the training had not finished\n"

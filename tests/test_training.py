@@ -291,3 +291,13 @@ def test_evaluation_and_checkpoint_arguments_are_checked(tiny, tmp_path):
         train(build_model("nalmu", n_layers=2, m=8, n=3), tiny["train"], progress=False)
     with pytest.raises(IsADirectoryError, match="is a folder; give the checkpoint a file name"):
         save_model(model, tmp_path)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path):
+    # "invalid load key": bytes that are neither a torch archive nor a pickle (JSON, an image)
+    from fastmu.training import load_model
+
+    f = tmp_path / "results.pt"
+    f.write_text('{"config": {}}')
+    with pytest.raises(ValueError, match="neither a torch archive nor a pickle"):
+        load_model(f)

@@ -37,10 +37,9 @@ def blas_info() -> list[dict[str, Any]]:
         from threadpoolctl import threadpool_info
     except ImportError:
         return []
-    return [
-        {k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-        for d in threadpool_info()
-    ]
+    rows = [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+            for d in threadpool_info()]
+    return sorted(rows, key=lambda r: tuple(str(v) for v in r.values()))  # not load order: it varies by run
 
 
 def machine_info() -> dict[str, Any]:

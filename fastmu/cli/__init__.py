@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning(name, hint, warnings.showwarning)
             rc = args.func(args)
     except KeyboardInterrupt:
-        print(f"fastmu {name}: interrupted", file=sys.stderr)
+        note = getattr(args, "interrupt_note", "")  # what the command leaves behind
+        print(f"fastmu {name}: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
     except MemoryError as exc:
         if args.debug:

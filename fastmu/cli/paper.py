@@ -39,11 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", type=_checks.path, default=None,
                    help="folder of checkpoints to load, and to write the ones it trains (default: OUT/models; "
                         "see below)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="the methods to run and score (default: all)")
     p.add_argument("--epochs", type=_checks.int_at_least(1), default=None,
                    help="training epochs per model (ALMU: per stage; default 10)")
-    p.add_argument("--batch-size", type=_checks.int_at_least(1), default=25, help="default 25")
-    p.add_argument("--lr", type=_checks.positive_float, default=None, help="Adam learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=_checks.int_at_least(1), default=None,
+                   help="training batch size (default 25)")
+    p.add_argument("--lr", type=_checks.positive_float, default=None,
+                   help="Adam learning rate (default 0.01; ALMU's MLP stage uses lr/10)")
     p.add_argument("--layers", type=_checks.int_at_least(1), default=None,
                    help="NALMU depth (default 50); ALMU = half front, half adaptive, so >= 2 with almu")
     p.add_argument("--dnmf-layers", type=_checks.int_at_least(1), default=None, help="DNMF depth (default 10)")
@@ -55,13 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snr", type=_checks.finite_float, default=60.0, help="SNR in dB of every set (default 60)")
     _checks.add_set_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupt_note="the models trained so far are saved: the same command "
+                                           "reuses them")
 
 
 #: the options that only some methods use, their defaults, and the methods (refused, not ignored, without them)
 _LEARNED = {"nalmu", "almu", "dnmf", "snmf_net"}
 _METHOD_OPTIONS: dict[str, tuple[object, set[str]]] = {
-    "epochs": (10, _LEARNED), "lr": (1e-2, _LEARNED), "train_spectra": ("generated", _LEARNED),
+    "epochs": (10, _LEARNED), "lr": (1e-2, _LEARNED), "batch_size": (25, _LEARNED),
+    "train_spectra": ("generated", _LEARNED),
     "models": (None, _LEARNED), "n_train": (None, _LEARNED), "layers": (50, {"nalmu", "almu"}),
     "dnmf_layers": (10, {"dnmf"}), "snmf_layers": (9, {"snmf_net"}), "mu_iters": (10_000, {"mu"}),
     "cd_iters": (1_000, {"cd"}),

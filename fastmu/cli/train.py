@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on generated spectra (default) or on the real Chandra set of the reference-data folder")
     _checks.add_set_options(p)
     p.add_argument("--out", type=_checks.path, default=None, help="checkpoint path (default: fastmu-<kind>.pt)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
+    p.set_defaults(func=run, interrupt_note="no checkpoint written: the training had not finished")
 
 
 def run(args: argparse.Namespace) -> int:

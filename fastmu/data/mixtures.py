@@ -18,6 +18,7 @@ training step.
 from __future__ import annotations
 
 import operator
+import warnings
 
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -375,6 +376,11 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
             kinds = ("photo", "dead_leaves", "power_law")
         except ImportError:
             kinds = ("dead_leaves", "power_law")
+            # other maps, so other sets, other models and other scores than with scikit-image
+            warnings.warn("scikit-image is not installed: the training and simple test sets are made "
+                          "without natural-photo crops, so they differ from the sets made with it (and "
+                          "so do the models trained and the scores). Install scikit-image (fastmu's data "
+                          "extra) to reproduce published results", RuntimeWarning, stacklevel=2)
 
     ss = np.random.SeedSequence(seed)
     s_spec_tr, s_spec_te, s_spec_re, s_maps_tr, s_maps_te, s_noise, s_rem = (
