@@ -307,3 +307,30 @@ def test_ctrl_c_in_train_says_no_checkpoint_was_written(tmp_path, capsys, monkey
                "--epochs", "1", "--out", str(out), "--no-progress"])
     assert rc == 130 and not out.exists()
     assert capsys.readouterr().err == "fastmu train: interrupted; no checkpoint written: the training had not finished\n"
+
+
+def test_a_reader_that_leaves_does_not_stop_the_run(tmp_path, monkeypatch):
+    # `fastmu paper ... | head -1`: the pipe closes after a line; the run must still write its files
+    import sys
+
+    class ClosedPipe:
+        lines = 0
+
+        def write(self, text):
+            ClosedPipe.lines += 1
+            if ClosedPipe.lines > 1:
+                raise BrokenPipeError(32, "Broken pipe")
+            return len(text)
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = tmp_path / "p"
+    rc = main(["paper", "--methods", "mu", "--mu-iters", "20", "--size", "8", "--n-test", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0 and ClosedPipe.lines > 1
+    assert {"results.json", "table1.md", "table2.md"} <= {f.name for f in out.iterdir()}

@@ -60,9 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a command can name its own remedy for X's scale (unmix: --normalise)
     hint = getattr(args, "scale_hint", "")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _reader_may_leave() as out:
             warnings.showwarning = _show_warning(name, hint, warnings.showwarning)
             rc = args.func(args)
+        if out.broken:  # the reader (`| head`) left: the files were written, the rest of the log not
+            _silence_stdout()
     except KeyboardInterrupt:
         note = getattr(args, "interrupt_note", "")  # what the command leaves behind
         print(f"fastmu {name}: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
@@ -81,6 +83,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastmu {name}: error: {_one_line(exc)}{extra}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+class _PipeOut:
+    """``sys.stdout`` that outlives its reader: once the pipe is closed (``fastmu paper ... | head``)
+    writes are dropped, so the command goes on to write its files instead of dying mid-run."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self.broken = True
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+class _reader_may_leave:
+    def __enter__(self) -> _PipeOut:
+        self._saved = sys.stdout
+        sys.stdout = self.out = _PipeOut(sys.stdout)
+        return self.out
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stdout = self._saved
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's final flush of a closed pipe is quiet."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test's capture)
+        pass
 
 
 def _one_line(exc: BaseException) -> str:
