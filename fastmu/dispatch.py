@@ -123,7 +123,6 @@ class CPUEngine:
 
         from fastmu.kernels import cpu, cpu_tiled
 
-        fork_safety.check_cpu_kernels_usable()  # before make_tiled's parallel copy too
         self._nthreads = numba.config.NUMBA_NUM_THREADS
         self._cpu = cpu
         b, m, t = X.shape

@@ -110,17 +110,17 @@ def check_torch_usable(tensors: Any) -> None:
 
 def check_values(x: Any, name: str, kind: ArrayKind) -> None:
     """Finite and non-negative, or a ValueError that says which and where."""
-    if kind == "torch":
-        check_torch_usable([x])
     if kind == "numpy":
         finite = bool(np.isfinite(x).all())
         nonneg = bool((x >= 0).all()) if finite else True
         mn = float(x.min()) if not nonneg else 0.0
     else:
         if _dtype_name(x).startswith("uint"):
+            if kind == "torch":  # the solver's torch operations come next
+                check_torch_usable([x])
             return  # always finite and >= 0; torch has no comparisons for uint16/32/64
         if kind == "torch":
-            check_tensors_nonnegative_finite({name: x})
+            check_tensors_nonnegative_finite({name: x})  # checks check_torch_usable first
             return
         mod = _module(kind)
         finite = bool(mod.isfinite(x).all())

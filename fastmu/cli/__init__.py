@@ -8,10 +8,11 @@ Numba, matplotlib) only inside the function that runs the command, so that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 #: sub-command modules, in the order ``fastmu --help`` lists them
 _COMMAND_MODULES = ("unmix", "train", "paper", "bench", "data")
@@ -111,14 +112,14 @@ class _PipeOut:
         return getattr(self._stream, name)
 
 
-class _reader_may_leave:
-    def __enter__(self) -> _PipeOut:
-        self._saved = sys.stdout
-        sys.stdout = self.out = _PipeOut(sys.stdout)
-        return self.out
-
-    def __exit__(self, *exc: Any) -> None:
-        sys.stdout = self._saved
+@contextlib.contextmanager
+def _reader_may_leave() -> Iterator[_PipeOut]:
+    saved = sys.stdout
+    sys.stdout = out = _PipeOut(saved)
+    try:
+        yield out
+    finally:
+        sys.stdout = saved
 
 
 def _silence_stdout() -> None:
