@@ -34,7 +34,7 @@ import torch
 from fastmu.metrics import evaluate
 
 __all__ = ["METHODS", "LEARNED", "ExperimentConfig", "make_sets", "new_model", "fit_model", "run_paper", "format_table", "plot_figure2",
-           "iteration_checkpoints", "training_settings"]
+           "iteration_checkpoints", "training_settings", "fit_resumable", "partial_path"]
 
 #: every method, in table order
 METHODS = ("mu", "cd", "dnmf", "snmf_net", "nalmu", "almu")
@@ -309,7 +309,7 @@ def fit_model(kind: str, model: torch.nn.Module, cfg: ExperimentConfig, train_se
     train_set : MixtureSet
     **kwargs
         Passed to :func:`fastmu.training.train` (``val_set``, ``progress``,
-        ``on_epoch``).
+        ``on_epoch``, ``history``, ``snapshot``, ``resume``).
 
     Returns
     -------
@@ -358,15 +358,21 @@ def training_settings(kind: str, cfg: ExperimentConfig, train_set: Any) -> dict[
     return {"kind": kind, "m": m, "n": n, "layers": _depth(kind, cfg), "epochs": cfg.epochs, "lr": float(cfg.lr),
             "batch_size": cfg.batch_size, "snr_db": float(cfg.snr_db), "seed": cfg.seed, "preset": cfg.preset,
             "train_shape": [int(v) for v in train_set.shape], "train_spectra": cfg.train_spectra,
+            "train_maps": list(kinds) if (kinds := getattr(train_set, "map_kinds", None)) else None,
             "dtype": cfg.dtype}
 
 
 #: settings that fix a model's architecture: a checkpoint that differs in one is another model
 _ARCHITECTURE = ("kind", "m", "n", "layers")
-#: settings of its training; "preset" is left out, as it enters only through train_shape
-_TRAINING = ("epochs", "lr", "batch_size", "snr_db", "seed", "train_shape", "train_spectra", "dtype")
+#: settings of its training; "preset" too, as it places the noise seeds (a small preset grown to the paper's
+#: sizes has the paper's shapes but not its noise)
+_TRAINING = ("epochs", "lr", "batch_size", "snr_db", "seed", "preset", "train_shape", "train_spectra", "train_maps",
+             "dtype")
 _SETTING_NAMES = {"m": "channels m", "n": "components n", "batch_size": "batch size", "snr_db": "SNR (dB)",
-                  "train_shape": "training set shape", "train_spectra": "training spectra"}
+                  "train_shape": "training set shape", "train_spectra": "training spectra",
+                  "train_maps": "training maps"}
+#: settings that checkpoints saved before fastmu recorded them lack; unknown, they are not held against one
+_RECORDED_LATER = ("train_maps",)
 
 
 def _architecture(model: torch.nn.Module) -> dict[str, Any]:
@@ -431,13 +437,19 @@ def _plan_model(kind: str, cfg: ExperimentConfig, sets: dict, mdir: Path | None,
         raise ValueError(f"{exc}; remove it, or give another models folder, to train {LABELS[kind]} anew") from None
     have = extra.get("trained_with")
     have = have if isinstance(have, dict) else None
+    unrecorded = [k for k in _RECORDED_LATER if have is not None and k not in have]
     wrong_model = _differences(_ARCHITECTURE, arch, want)
-    trained_otherwise = _differences(_TRAINING, have, want) if have is not None else None
+    trained_otherwise = (_differences([k for k in _TRAINING if k not in unrecorded], have, want)
+                         if have is not None else None)
+    # e.g. the map kinds: whether it was trained on natural-photo crops cannot be told, so the tables say so
+    lacks = ("does not record its " + " or ".join(_SETTING_NAMES.get(k, k) for k in unrecorded)
+             + " (saved before fastmu recorded them)") if unrecorded else None
+    unknown = f"{LABELS[kind]}: loaded from {path}, which {lacks}" if lacks else None
     if own_dir:
         if wrong_model or trained_otherwise or have is None:
             why = ", ".join(d for d in (wrong_model, trained_otherwise) if d) or "it records no training settings"
             return _ModelPlan(kind, want, mdir / f"{kind}.pt", reason=f"{path} differs: {why}")
-        return _ModelPlan(kind, want, path, model, extra)
+        return _ModelPlan(kind, want, path, model, extra, note=unknown)
     if wrong_model:
         raise ValueError(f"{path} is not the {LABELS[kind]} this run asks for: {wrong_model}; give matching "
                          "options, or another models folder to train it anew")
@@ -445,8 +457,10 @@ def _plan_model(kind: str, cfg: ExperimentConfig, sets: dict, mdir: Path | None,
         note = f"{LABELS[kind]}: loaded from {path}, which records no training settings"
     elif trained_otherwise:
         note = f"{LABELS[kind]}: loaded from {path}, trained with other settings: {trained_otherwise}"
+        if lacks:
+            note += f"; it {lacks}"
     else:
-        note = None
+        note = unknown
     return _ModelPlan(kind, want, path, model, extra, note=note)
 
 
@@ -457,23 +471,149 @@ def _train_or_load(plan: _ModelPlan, cfg: ExperimentConfig, sets: dict, progress
     kind = plan.kind
     if plan.model is not None:
         log(f"{plan.note}" if plan.note else f"{LABELS[kind]}: loaded {plan.path}")
+        _drop_finished_partial(plan.path, plan.extra.get("trained_with"))
         return plan.model, plan.extra.get("history", []), plan.extra.get("train_seconds")
     if plan.reason:
         log(f"{LABELS[kind]}: {plan.reason}; training it anew")
-    model = new_model(kind, cfg, sets["train"])
-    t0 = time.perf_counter()
 
     def on_epoch(e: Any) -> None:
         # train() names the stage after the kind ("nalmu"); ALMU's are "almu front" and "almu mlps"
         stage = e.stage[len(kind):].strip() if e.stage.startswith(kind) else e.stage
         log(f"{LABELS[kind]} {stage + ' ' if stage else ''}epoch {e.epoch}: loss {e.train_loss:.4f}")
 
-    hist = fit_model(kind, model, cfg, sets["train"], progress=progress, on_epoch=on_epoch)
-    seconds = time.perf_counter() - t0
+    model, hist, seconds = fit_resumable(kind, cfg, sets["train"], plan.path, log=log, progress=progress,
+                                         on_epoch=on_epoch)
     if plan.path is not None:
         save_model(model, plan.path, history=hist.as_dicts(), train_seconds=seconds, trained_with=plan.want)
+        partial_path(plan.path).unlink(missing_ok=True)
         log(f"{LABELS[kind]}: trained in {seconds:.1f} s, saved {plan.path}")
     return model, hist.as_dicts(), seconds
+
+
+def _drop_finished_partial(path: Path | None, trained_with: Any) -> None:
+    """Remove the ``.part`` of a checkpoint that was written (a run stopped between the two writes)."""
+    from fastmu.training import load_model
+
+    part = partial_path(path) if path is not None else None
+    if part is None or not part.is_file() or not isinstance(trained_with, dict):
+        return
+    try:
+        if load_model(part)[1].get("trained_with") == trained_with:
+            part.unlink(missing_ok=True)
+    except (ValueError, OSError):
+        pass  # not ours to judge: it stays, and a training of these settings would replace it
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where the training of the checkpoint ``path`` keeps its state after every epoch.
+
+    Parameters
+    ----------
+    path : str or Path
+        The finished checkpoint's path.
+
+    Returns
+    -------
+    Path
+        ``<path>.part``, in the same folder.
+    """
+    path = Path(path)
+    return path.with_name(path.name + ".part")
+
+
+def fit_resumable(kind: str, cfg: ExperimentConfig, train_set: Any, path: str | Path | None, *,
+                  log: Callable[[str], None] | None = None, **kwargs: Any) -> tuple[torch.nn.Module, Any, float]:
+    """Train a new model of ``kind`` as :func:`fit_model` does, keeping ``<path>.part`` after every
+    epoch, and go on from that file when an earlier run left it.
+
+    The ``.part`` file is a checkpoint that also holds Adam's state and the
+    epochs done; it is used only when it records exactly this training's
+    settings (:func:`training_settings`), and then the result is the one the
+    uninterrupted run gives. Another one is replaced, and the log says so.
+    The caller saves the finished model and removes the ``.part`` file.
+
+    Parameters
+    ----------
+    kind, cfg, train_set
+        As for :func:`new_model` and :func:`fit_model`.
+    path : str or Path or None
+        The checkpoint the finished model goes to; None keeps nothing.
+    log : callable, optional
+        Told when a ``.part`` file is used or replaced.
+    **kwargs
+        Passed to :func:`fit_model` (``val_set``, ``progress``, ``on_epoch``).
+
+    Returns
+    -------
+    (model, History, seconds)
+        ``seconds``: training time, the interrupted runs' included.
+    """
+    from fastmu.training import History, load_model, save_model
+
+    taken = sorted({"history", "resume", "snapshot"} & set(kwargs))
+    if taken:
+        raise TypeError(f"fit_resumable sets {', '.join(taken)} itself (from and into the .part file)")
+    say = log if log is not None else (lambda _: None)
+    want = training_settings(kind, cfg, train_set)
+    part = partial_path(path) if path is not None else None
+    model, history, before, resume = None, History(), 0.0, None
+    if part is not None and part.is_file():
+        model, history, before, resume = _read_partial(part, kind, cfg, want, say)
+    if model is None:
+        model = new_model(kind, cfg, train_set)
+    t0 = time.perf_counter()
+
+    def keep(state: dict[str, Any]) -> None:
+        save_model(model, part, history=history.as_dicts(), train_seconds=before + time.perf_counter() - t0,
+                   trained_with=want, device=str(cfg.device), resume=state)
+
+    try:
+        hist = fit_model(kind, model, cfg, train_set, history=history, resume=resume,
+                         snapshot=keep if part is not None else None, **kwargs)
+    except ValueError as exc:
+        if resume is None or "resume" not in str(exc):  # only the saved state's own errors: before any step
+            raise
+        refused = f"{exc}"
+    else:
+        return model, hist, before + time.perf_counter() - t0
+    say(f"{LABELS[kind]}: cannot go on from {part} ({refused}); it will be replaced")
+    model, history, before = new_model(kind, cfg, train_set), History(), 0.0  # keep() writes these from now
+    t0 = time.perf_counter()
+    hist = fit_model(kind, model, cfg, train_set, history=history, snapshot=keep, **kwargs)
+    return model, hist, before + time.perf_counter() - t0
+
+
+def _read_partial(part: Path, kind: str, cfg: ExperimentConfig, want: dict[str, Any],
+                  say: Callable[[str], None]) -> tuple[Any, Any, float, dict[str, Any] | None]:
+    """(model, history, seconds, resume state) from a ``.part`` file that records ``want``;
+    (None, empty history, 0, None), said why, for any other."""
+    from fastmu.training import History, load_model
+
+    try:
+        model, extra = load_model(part, device=cfg.device, dtype=cfg.torch_dtype)
+    except ValueError as exc:
+        say(f"{LABELS[kind]}: {exc}; it will be replaced")
+        return None, History(), 0.0, None
+    have = extra.get("trained_with")
+    state = extra.get("resume")
+    if not isinstance(have, dict) or have != want:
+        differ = _differences(_ARCHITECTURE + _TRAINING, have, want) if isinstance(have, dict) else ""
+        say(f"{LABELS[kind]}: {part} was left by a training with other settings"
+            + (f" ({differ})" if differ else "") + "; it will be replaced")
+        return None, History(), 0.0, None
+    try:
+        if not (isinstance(state, dict) and isinstance(state.get("stage"), str)
+                and isinstance(state.get("epoch"), int) and isinstance(state.get("optimizer"), dict)):
+            raise TypeError("no resume state")
+        history = History.from_dicts(extra["history"])
+        seconds = float(extra.get("train_seconds") or 0.0)
+    except (KeyError, TypeError, ValueError):
+        say(f"{LABELS[kind]}: {part} holds no training state fastmu can go on from; it will be replaced")
+        return None, History(), 0.0, None
+    where = extra.get("device")
+    moved = f" (its epochs ran on {where}, these run on {cfg.device})" if where and where != str(cfg.device) else ""
+    say(f"{LABELS[kind]}: going on from {part}, after {state['stage']} epoch {state['epoch']}{moved}")
+    return model, history, seconds, state
 
 
 def _check_outputs(out: Path | None, models_dir: Path | None, kinds: Sequence[str] = ()) -> None:
@@ -491,8 +631,9 @@ def _check_outputs(out: Path | None, models_dir: Path | None, kinds: Sequence[st
         if out is not None and models_dir == out / "models":  # fastmu writes there (a given folder may be read-only)
             check_output_folder(models_dir, "models folder")
         for kind in kinds:
-            if (models_dir / f"{kind}.pt").is_dir():
-                raise ValueError(f"checkpoint {models_dir / f'{kind}.pt'} is a folder, not a file")
+            for f in (models_dir / f"{kind}.pt", partial_path(models_dir / f"{kind}.pt")):
+                if f.is_dir():
+                    raise ValueError(f"checkpoint {f} is a folder, not a file")
 
 
 @dataclass

@@ -25,12 +25,16 @@ This module imports torch.
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
 import numbers
 import operator
+import os
 import pickle
 import re
+import secrets
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,8 +232,21 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
         raise IsADirectoryError(f"{str(path)!r} is a folder; give the checkpoint a file name (e.g. model.pt)")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": "fastmu-model-1", "kind": kind, "kwargs": kwargs,
-                "state_dict": state, "extra": extra}, path)
+    # written beside it, then renamed over it: a Ctrl-C or a full disk mid-write leaves the old file whole
+    # (opened as a new file with mode 0666, so the umask applies as for any file, not mkstemp's 0600)
+    dest = path.resolve() if path.is_symlink() else path  # a link's file is replaced, not the link
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        if dest.exists():  # a file replaced keeps its permissions (a private 0600 checkpoint stays private)
+            os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": "fastmu-model-1", "kind": kind, "kwargs": kwargs,
+                        "state_dict": state, "extra": extra}, f)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -351,6 +368,11 @@ class History:
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(e) for e in self.epochs]
+
+    @classmethod
+    def from_dicts(cls, epochs: list[dict[str, Any]]) -> "History":
+        """The history :meth:`as_dicts` wrote (e.g. a checkpoint's ``history``)."""
+        return cls([EpochLog(**e) for e in epochs])
 
     @property
     def best_val(self) -> float | None:
@@ -503,6 +525,8 @@ def train(
     stage: str = "train",
     history: History | None = None,
     on_epoch: Callable[[EpochLog], Any] | None = None,
+    snapshot: Callable[[dict[str, Any]], Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> History:
     """Train ``model`` with Adam and the paper's layer-weighted loss.
 
@@ -538,6 +562,17 @@ def train(
         Appended to (for multi-stage training).
     on_epoch : callable, optional
         Called with each :class:`EpochLog`.
+    snapshot : callable, optional
+        Called after each epoch (before ``on_epoch``) with the state to resume
+        from: ``{"stage", "epoch", "optimizer"}`` (epochs done in this stage,
+        Adam's state dict). Save it beside the model's weights and the history
+        (:func:`save_model` stores it) to go on after an interruption.
+    resume : dict, optional
+        Such a state, with ``model`` holding the weights saved with it and
+        ``history`` the epochs before it: training goes on at the next epoch,
+        with Adam's moments restored (a copy: ``resume`` is left as it is) at
+        this call's ``lr``, and ends where the uninterrupted run would (the
+        batch order of epoch e depends on ``seed + e`` only).
 
     Returns
     -------
@@ -546,7 +581,9 @@ def train(
     Raises
     ------
     TypeError, ValueError
-        Bad arguments, found before the first step.
+        Bad arguments, found before the first step (a ``resume`` state of
+        another stage, of more epochs than ``epochs``, or whose optimizer state
+        does not fit the model's trainable parameters).
     FloatingPointError
         When the loss becomes NaN or infinite: the step is not applied, so the
         model keeps its last finite parameters. Also when the model's output
@@ -562,11 +599,19 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    if snapshot is not None and not callable(snapshot):
+        raise TypeError(f"snapshot must be callable (it is called with the state to resume from), "
+                        f"got {type(snapshot).__name__}")
+    start = _check_resume(resume, stage, epochs)
     p0 = params[0]
     opt = torch.optim.Adam(params, lr=float(lr))
+    if resume is not None:
+        _load_optimizer(opt, resume["optimizer"], params, stage)
+        for group in opt.param_groups:  # this call's rate, not the saved one (the same in a plain resume)
+            group["lr"] = float(lr)
     history = History() if history is None else history
     steps = math.ceil(len(train_set) / batch_size)
-    done = 0  # optimiser steps applied
+    done = start * steps  # optimiser steps applied
 
     def broke(exc: FloatingPointError, where: str) -> FloatingPointError:
         """The model's own non-finite-output error, as the training's once a step has changed it."""
@@ -576,7 +621,7 @@ def train(
                                   f"rate (lr={lr}) or use float64. The model said: {exc}")
 
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
         total, count = 0.0, 0
         bar = _bar(steps, f"{stage} {epoch + 1}/{epochs}", progress)
@@ -617,6 +662,9 @@ def train(
                     f"validation set; lower the learning rate (lr={lr}) or use float64")
         log = EpochLog(stage, epoch + 1, total / count, vA, vS, time.perf_counter() - t0)
         history.epochs.append(log)
+        if snapshot is not None:  # first: an interruption in on_epoch must not lose the epoch
+            # a copy: state_dict() shares Adam's moment tensors, which the next step updates in place
+            snapshot({"stage": stage, "epoch": epoch + 1, "optimizer": copy.deepcopy(opt.state_dict())})
         if on_epoch is not None:
             on_epoch(log)
     if val_set is None:
@@ -633,6 +681,42 @@ def train(
                 f"{stage}: the last step left a model whose loss is {value}; lower the learning rate "
                 f"(lr={lr}) or use float64")
     return history
+
+
+def _check_resume(resume: Any, stage: str, epochs: int) -> int:
+    """The epoch a ``resume`` state of :func:`train` goes on from (0 without one), or a clear error."""
+    if resume is None:
+        return 0
+    if not (isinstance(resume, dict) and {"stage", "epoch", "optimizer"} <= set(resume)):
+        raise TypeError("resume must be the dict given to snapshot ({'stage', 'epoch', 'optimizer'}), "
+                        f"got {type(resume).__name__}")
+    if resume["stage"] != stage:
+        raise ValueError(f"resume holds stage {resume['stage']!r}, but this training is stage {stage!r}")
+    done = resume["epoch"]
+    if isinstance(done, bool) or not isinstance(done, numbers.Integral) or not 0 <= done <= epochs:
+        raise ValueError(f"resume is after epoch {done!r}, but this training has {epochs} epochs")
+    return int(done)
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, state: Any, params: list[torch.Tensor], stage: str) -> None:
+    """Restore Adam's state, refusing one saved for other parameters (torch checks only their number)."""
+    try:
+        groups = state["param_groups"]
+        saved = {i: s for i, s in state["state"].items()}
+        if len(groups) != 1 or len(groups[0]["params"]) != len(params):
+            raise ValueError("it holds another number of parameters")
+        for i, p in zip(groups[0]["params"], params):
+            moments = saved.get(i, {})
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in moments and tuple(moments[name].shape) != tuple(p.shape):
+                    raise ValueError(f"a moment of shape {tuple(moments[name].shape)} for a parameter of "
+                                     f"shape {tuple(p.shape)}")
+        # a copy: load_state_dict keeps the caller's tensors where dtype and device match, and the
+        # steps would then move them on (a second resume from the same state would start later)
+        opt.load_state_dict(copy.deepcopy(state))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{stage}: resume's optimizer state does not fit the model's trainable parameters "
+                         f"({exc})") from None
 
 
 def train_almu(
@@ -654,7 +738,8 @@ def train_almu(
         different values). Epochs are integers.
     **kwargs
         Passed to :func:`train` (``batch_size``, ``val_set``, ``seed``, ``progress``, ``on_epoch``,
-        ``history``); not ``loss_layers`` or ``stage``, which each stage sets.
+        ``history``, ``snapshot``); not ``loss_layers`` or ``stage``, which each stage sets.
+        ``resume`` goes to the stage it was saved in (a stage-2 state skips stage 1).
 
     Returns
     -------
@@ -671,14 +756,23 @@ def train_almu(
         raise TypeError(f"train_almu sets {' and '.join(fixed)} itself (stage 2 scores the layers from "
                         f"model.nalmu_layers on); call train() for other choices")
     history = kwargs.pop("history", None) or History()
+    resume = kwargs.pop("resume", None)
     # both stages' arguments are checked before stage 1 runs (train checks the rest)
     _check_train_args(model, train_set, e2, kwargs.get("batch_size", 25), lr2,
                       **{k: kwargs[k] for k in ("val_set", "seed", "on_epoch") if k in kwargs})
-    model.freeze_front(False)
-    train(model.front, train_set, epochs=e1, lr=lr1, stage="almu front", history=history, **kwargs)
+    if resume is not None:
+        stage = resume.get("stage") if isinstance(resume, dict) else None
+        if stage not in ("almu front", "almu mlps"):
+            raise ValueError(f"resume must hold ALMU's stage 'almu front' or 'almu mlps', got {stage!r}")
+        _check_resume(resume, stage, e1 if stage == "almu front" else e2)
+    in_front = resume is None or resume["stage"] == "almu front"
+    if in_front:
+        model.freeze_front(False)
+        train(model.front, train_set, epochs=e1, lr=lr1, stage="almu front", history=history, resume=resume,
+              **kwargs)
     model.freeze_front(True)
-    train(model, train_set, epochs=e2, lr=lr2, stage="almu mlps",
-          loss_layers=slice(model.nalmu_layers, None), history=history, **kwargs)
+    train(model, train_set, epochs=e2, lr=lr2, stage="almu mlps", loss_layers=slice(model.nalmu_layers, None),
+          history=history, resume=None if in_front else resume, **kwargs)
     return history
 
 

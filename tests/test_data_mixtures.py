@@ -160,6 +160,32 @@ def test_paper_sets_bad_sizes(kw, exc, msg):
         paper_sets("small", kinds=("power_law",), realistic_maps="remnant", **kw)
 
 
+def test_test_sets_do_not_depend_on_the_training_set_size():
+    kw = dict(seed=0, size=8, kinds=("power_law",), realistic_maps="remnant")
+    few, many = paper_sets("small", n_train=4, **kw), paper_sets("small", n_train=100, **kw)
+    for name in ("test_simple", "test_realistic"):
+        np.testing.assert_array_equal(few[name].seeds, many[name].seeds)
+        torch.testing.assert_close(few[name].batch([0, 5])[0], many[name].batch([0, 5])[0], rtol=0, atol=0)
+    # a training sample keeps its noise whatever the set's size, and no two samples share a seed
+    np.testing.assert_array_equal(few["train"].seeds, many["train"].seeds[:4])
+    seeds = np.concatenate([many[k].seeds for k in ("train", "test_simple", "test_realistic")])
+    assert len(np.unique(seeds)) == len(seeds) == 132
+    # the realistic set's noise does not follow the simple set's size either (both are n_test)
+    small, large = paper_sets("small", n_test=3, **kw), paper_sets("small", n_test=40, **kw)
+    np.testing.assert_array_equal(small["test_realistic"].seeds, large["test_realistic"].seeds[:3])
+    np.testing.assert_array_equal(small["test_simple"].seeds, large["test_simple"].seeds[:3])
+
+
+def test_preset_sizes_keep_the_noise_seeds_of_one_stream():
+    # published tables were made at the preset's sizes: their sets must not change
+    ss = np.random.SeedSequence(7)
+    s_noise = int(ss.spawn(7)[5].generate_state(1, dtype=np.uint64)[0] >> 1)
+    one_stream = np.random.default_rng(s_noise).integers(0, 2**62, size=64 + 16 + 16)
+    sets = paper_sets("small", seed=7, kinds=("power_law",), realistic_maps="remnant")
+    got = np.concatenate([sets[k].seeds for k in ("train", "test_simple", "test_realistic")])
+    np.testing.assert_array_equal(got, one_stream)
+
+
 def test_paper_sets_none_means_preset():
     sets = paper_sets("small", kinds=("power_law",), realistic_maps="remnant",
                       size=None, n_train=None, n_test=3)

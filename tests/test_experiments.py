@@ -219,6 +219,59 @@ def test_run_paper_retrains_a_stale_checkpoint_in_its_own_folder(tmp_path, capsy
     assert res2.scores["test_simple"]["nalmu"] == res.scores["test_simple"]["nalmu"]
 
 
+def _rewrite_settings(path, **changes):
+    """Rewrite a checkpoint's recorded training settings (a key set to None is removed)."""
+    from fastmu.training import load_model, save_model
+
+    model, extra = load_model(path)
+    tw = dict(extra["trained_with"], **changes)
+    extra["trained_with"] = {k: v for k, v in tw.items() if v is not None}
+    save_model(model, path, **extra)
+
+
+def test_checkpoints_record_the_training_maps_and_other_maps_are_another_model(tmp_path):
+    from fastmu.training import load_model
+
+    cfg = ExperimentConfig(**NALMU_ONLY)
+    kinds = list(make_sets(cfg)["train"].map_kinds)
+    assert kinds in (["photo", "dead_leaves", "power_law"], ["dead_leaves", "power_law"])
+    run_paper(cfg, tmp_path, progress=False, log=None)
+    ck = tmp_path / "models" / "nalmu.pt"
+    assert load_model(ck)[1]["trained_with"]["train_maps"] == kinds
+
+    # made with other maps (scikit-image absent, say): in its own folder it is trained anew
+    _rewrite_settings(ck, train_maps=["power_law"])
+    lines = []
+    res = run_paper(cfg, tmp_path, progress=False, log=lines.append)
+    assert f"training maps ['power_law'] (this run: {kinds}); training it anew" in "\n".join(lines)
+    assert res.models["nalmu"]["source"] == "trained"
+
+    # in a folder the caller gave it is used, and the tables say how it differs
+    _rewrite_settings(ck, train_maps=["power_law"])
+    res = run_paper(cfg, tmp_path / "b", models_dir=tmp_path / "models", progress=False, log=None)
+    assert res.models["nalmu"]["source"] == "loaded"
+    assert f"trained with other settings: training maps ['power_law'] (this run: {kinds})" in format_table(
+        res, "test_simple")
+
+
+def test_a_checkpoint_from_before_the_maps_were_recorded_is_reused_and_said_so(tmp_path):
+    cfg = ExperimentConfig(**NALMU_ONLY)
+    first = run_paper(cfg, tmp_path, progress=False, log=None)
+    ck = tmp_path / "models" / "nalmu.pt"
+    _rewrite_settings(ck, train_maps=None)
+    lines = []
+    res = run_paper(cfg, tmp_path, progress=False, log=lines.append)
+    assert res.models["nalmu"]["source"] == "loaded"
+    assert res.scores["test_simple"]["nalmu"] == first.scores["test_simple"]["nalmu"]
+    said = "which does not record its training maps (saved before fastmu recorded them)"
+    assert said in "\n".join(lines) and said in format_table(res, "test_simple")
+    # beside a setting that does differ, both are said
+    _rewrite_settings(ck, epochs=7)
+    res = run_paper(cfg, tmp_path / "b", models_dir=tmp_path / "models", progress=False, log=None)
+    assert ("trained with other settings: epochs 7 (this run: 1); it does not record its training maps"
+            in res.models["nalmu"]["note"])
+
+
 def test_models_dir_checkpoints_are_checked_before_any_training(tmp_path):
     cfg = ExperimentConfig(**NALMU_ONLY)
     run_paper(cfg, tmp_path / "a", progress=False, log=None)
@@ -295,7 +348,7 @@ def test_real_training_spectra_without_the_reference_file_say_where_it_goes(tmp_
         make_sets(ExperimentConfig(**dict(TINY, train_spectra="real")))
 
 
-def test_ctrl_c_in_train_says_no_checkpoint_was_written(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_train_says_where_the_epochs_done_are(tmp_path, capsys, monkeypatch):
     import fastmu.experiments
 
     def interrupted(*args, **kwargs):
@@ -305,8 +358,9 @@ def test_ctrl_c_in_train_says_no_checkpoint_was_written(tmp_path, capsys, monkey
     out = tmp_path / "m.pt"
     rc = main(["train", "nalmu", "--layers", "2", "--size", "8", "--n-train", "4", "--n-test", "2",
                "--epochs", "1", "--out", str(out), "--no-progress"])
-    assert rc == 130 and not out.exists()
-    assert capsys.readouterr().err == "fastmu train: interrupted; no checkpoint written: the training had not finished\n"
+    assert rc == 130 and not out.exists() and not (tmp_path / "m.pt.part").exists()  # stopped before an epoch
+    assert capsys.readouterr().err == (f"fastmu train: interrupted; the epochs done are kept in {out}.part: "
+                                       "the same command goes on from there\n")
 
 
 def test_a_reader_that_leaves_does_not_stop_the_run(tmp_path, monkeypatch):

@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snr", type=_checks.finite_float, default=60.0, help="SNR in dB of every set (default 60)")
     _checks.add_set_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
-    p.set_defaults(func=run, interrupt_note="the models trained so far are saved: the same command "
-                                           "reuses them")
+    p.set_defaults(func=run, interrupt_note="the models trained so far are saved, and the one in training "
+                                           "after its last epoch: the same command reuses them and goes on")
 
 
 #: the options that only some methods use, their defaults, and the methods (refused, not ignored, without them)

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _checks.add_set_options(p)
     p.add_argument("--out", type=_checks.path, default=None, help="checkpoint path (default: fastmu-<kind>.pt)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
-    p.set_defaults(func=run, interrupt_note="no checkpoint written: the training had not finished")
+    p.set_defaults(func=run, interrupt_note="the epochs done are kept in the checkpoint path + '.part': "
+                                           "the same command goes on from there")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"fastmu-{args.kind}.pt")
     _checks.check_output_file(out, "--out")  # before the training, not after it
 
-    from fastmu.experiments import ExperimentConfig, fit_model, make_sets, new_model, training_settings
+    from fastmu.experiments import ExperimentConfig, fit_resumable, make_sets, partial_path, training_settings
     from fastmu.training import save_model
 
     # --layers sets the depth field of this kind; the others keep ExperimentConfig's defaults
@@ -59,20 +60,24 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset, seed=args.seed, methods=(args.kind,), **layers, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, train_spectra=args.train_spectra, device=args.device,
         dtype=args.dtype, size=args.size, n_train=args.n_train, n_test=args.n_test)
+    _checks.check_output_file(partial_path(out), "--out")
+    args.interrupt_note = f"the epochs done are kept in {partial_path(out)}: the same command goes on from there"
     sets = make_sets(cfg)
     tr = sets["train"]
-    model = new_model(args.kind, cfg, tr)
-    print(f"training {args.kind} ({sum(p.numel() for p in model.parameters())} parameters) on {tr.name} "
-          f"{tr.shape}, validating on {sets['test_simple'].name} {sets['test_simple'].shape}")
+    print(f"training {args.kind} on {tr.name} {tr.shape}, validating on {sets['test_simple'].name} "
+          f"{sets['test_simple'].shape}; each epoch is kept in {partial_path(out)}")
 
     def show(e) -> None:
         print(f"{e.stage} epoch {e.epoch}: loss {e.train_loss:.4f}, held-out cos A {e.val_cos_A:.4f}, "
               f"cos S {e.val_cos_S:.4f} ({e.seconds:.1f} s)")
 
-    hist = fit_model(args.kind, model, cfg, tr, val_set=sets["test_simple"], progress=not args.no_progress,
-                     on_epoch=show)
+    model, hist, seconds = fit_resumable(args.kind, cfg, tr, out, log=print, val_set=sets["test_simple"],
+                                         progress=not args.no_progress, on_epoch=show)
     # trained_with lets `fastmu paper --models` check that the checkpoint is the model it asks for
-    save_model(model, out, history=hist.as_dicts(), config=json.loads(json.dumps(cfg.__dict__, default=list)),
+    save_model(model, out, history=hist.as_dicts(), train_seconds=seconds,
+               config=json.loads(json.dumps(cfg.__dict__, default=list)),
                trained_with=training_settings(args.kind, cfg, tr))
-    print(f"saved {out}")
+    partial_path(out).unlink(missing_ok=True)
+    print(f"{args.kind}: {sum(p.numel() for p in model.parameters())} parameters, trained in {seconds:.1f} s; "
+          f"saved {out}")
     return 0

@@ -187,6 +187,9 @@ class MixtureSet:
         Which A and which map set each sample uses (default: sample i uses i).
     name : str
         For display.
+    map_kinds : tuple of str, optional
+        The natural-image kinds the maps were drawn from, when they were
+        (:func:`paper_sets` records them; checkpoints keep them as a training setting).
     """
 
     A: np.ndarray
@@ -197,6 +200,7 @@ class MixtureSet:
     map_index: np.ndarray | None = None
     n_maps: int | None = None
     name: str = "mixtures"
+    map_kinds: tuple[str, ...] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -204,6 +208,11 @@ class MixtureSet:
         if self.snr_db is not None:
             self.snr_db = _check_snr(self.snr_db)
         self.seeds = np.asarray(self.seeds, dtype=np.int64)
+        if self.map_kinds is not None:
+            if isinstance(self.map_kinds, str) or not all(isinstance(k, str) for k in self.map_kinds):
+                raise TypeError(f"map_kinds must be a sequence of kind names, e.g. ('photo',), "
+                                f"got {self.map_kinds!r}")
+            self.map_kinds = tuple(self.map_kinds)
         n = len(self.seeds)
         if callable(self.maps):
             if self.n_maps is None:
@@ -307,6 +316,28 @@ def _check_set_size(value, name: str, default: int) -> int:
     return int(value)
 
 
+def _noise_seeds(base: int, more: Sequence[int], preset_sizes: Sequence[int],
+                 sizes: Sequence[int]) -> list[np.ndarray]:
+    """One noise seed per sample of each set; sample i's depends on (set, i) only.
+
+    The preset's samples take consecutive slots of one stream, set after set,
+    at offsets fixed by the preset's sizes (not the requested ones), so a
+    larger training set cannot shift the test sets' noise; samples past the
+    preset's size come from the set's own extra stream. At the preset's sizes
+    this is the single stream fastmu has always cut, so published sets stay
+    as they were.
+    """
+    shared = np.random.default_rng(base).integers(0, 2**62, size=sum(preset_sizes))
+    out, start = [], 0
+    for extra, cap, n in zip(more, preset_sizes, sizes):
+        seeds = shared[start:start + min(n, cap)]
+        if n > cap:
+            seeds = np.concatenate([seeds, np.random.default_rng(extra).integers(0, 2**62, size=n - cap)])
+        out.append(seeds)
+        start += cap
+    return out
+
+
 #: set sizes and map size of each preset
 PRESETS: dict[str, dict[str, int]] = {
     "paper": {"train": 750, "test_simple": 150, "test_realistic": 150, "size": 128},
@@ -337,6 +368,8 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
     seed : int
         Master seed: spectra, maps and noise seeds of all sets derive from it,
         with distinct streams so the test spectra are held out from training.
+        A sample's noise seed depends on its set and index only, so
+        ``n_train`` does not change the test sets.
     snr_db : float
         SNR of all sets (paper: 60 dB).
     m : int
@@ -383,10 +416,13 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
                           "extra) to reproduce published results", RuntimeWarning, stacklevel=2)
 
     ss = np.random.SeedSequence(seed)
-    s_spec_tr, s_spec_te, s_spec_re, s_maps_tr, s_maps_te, s_noise, s_rem = (
-        int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for c in ss.spawn(7)
+    (s_spec_tr, s_spec_te, s_spec_re, s_maps_tr, s_maps_te, s_noise, s_rem,
+     s_more_tr, s_more_te, s_more_re) = (
+        int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for c in ss.spawn(10)
     )
-    noise = np.random.default_rng(s_noise).integers(0, 2**62, size=n_tr + n_te + n_re)
+    noise_tr, noise_te, noise_re = _noise_seeds(
+        s_noise, (s_more_tr, s_more_te, s_more_re),
+        (cfg["train"], cfg["test_simple"], cfg["test_realistic"]), (n_tr, n_te, n_re))
 
     def map_maker(base: int) -> Callable[[int], np.ndarray]:
         # map set j depends on (base, j) only: lazily made, identical in any order
@@ -395,10 +431,10 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
         return make
 
     A_tr = spectra(n_tr, seed=s_spec_tr, m=m) if train_spectra is None else validate_spectra(train_spectra)
-    train = MixtureSet(A_tr, map_maker(s_maps_tr), snr_db, noise[:n_tr],
-                       a_index=np.arange(n_tr) % A_tr.shape[0], n_maps=n_tr, name="train")
+    train = MixtureSet(A_tr, map_maker(s_maps_tr), snr_db, noise_tr,
+                       a_index=np.arange(n_tr) % A_tr.shape[0], n_maps=n_tr, name="train", map_kinds=kinds)
     test_simple = MixtureSet(spectra(n_te, seed=s_spec_te, m=m), map_maker(s_maps_te), snr_db,
-                             noise[n_tr:n_tr + n_te], n_maps=n_te, name="test_simple")
+                             noise_te, n_maps=n_te, name="test_simple", map_kinds=kinds)
 
     if isinstance(realistic_maps, str) and realistic_maps == "auto":
         d = shared_data_dir()
@@ -417,6 +453,6 @@ def paper_sets(preset: str = "paper", *, seed: int = 0, snr_db: float = 60.0, m:
         re_name = "test_realistic (Cas A maps)"
     S_re = normalise_maps(resample_maps(S_re, size), "max")
     test_realistic = MixtureSet(spectra(n_re, seed=s_spec_re, m=m), S_re, snr_db,
-                                noise[n_tr + n_te:], map_index=np.zeros(n_re, dtype=np.int64) % S_re.shape[0],
+                                noise_re, map_index=np.zeros(n_re, dtype=np.int64) % S_re.shape[0],
                                 name=re_name)
     return {"train": train, "test_simple": test_simple, "test_realistic": test_realistic}
