@@ -22,6 +22,8 @@ def check_output_file(target: Path, option: str) -> None:
         except OSError as exc:
             raise ValueError(f"{option} {target} cannot be written ({exc.strerror})") from None
     check_output_folder(target.parent, option)
+    if target.is_symlink():  # checkpoints are written beside the file a link points to, then renamed
+        check_output_folder(target.resolve().parent, option)
 
 
 def check_output_folder(folder: Path, option: str) -> None:

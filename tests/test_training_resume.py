@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,3 +373,25 @@ def test_fit_resumable_and_mixture_sets_refuse_what_they_cannot_take(sets, tmp_p
     tr = sets["train"]
     with pytest.raises(TypeError, match="map_kinds must be a sequence of kind names"):
         MixtureSet(tr.A, tr.map_set(0)[None], 60.0, [1], map_kinds="photo")
+
+
+def test_an_out_link_into_a_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys,
+                                                                                     monkeypatch):
+    from fastmu import paths
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "m.pt").write_bytes(b"")
+    (tmp_path / "m.pt").symlink_to(tmp_path / "ro" / "m.pt")
+    real = paths.tempfile.TemporaryFile
+
+    def read_only_there(*args, dir=None, **kwargs):  # root may write anywhere: simulated
+        if dir is not None and Path(dir) == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(paths.tempfile, "TemporaryFile", read_only_there)
+    rc = main(["train", "nalmu", "--size", "8", "--n-train", "4", "--n-test", "2", "--layers", "2", "--epochs", "1",
+               "--out", str(tmp_path / "m.pt"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and f"--out: cannot write in {tmp_path / 'ro'} (Permission denied)" in captured.err
+    assert "epoch" not in captured.out
