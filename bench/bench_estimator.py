@@ -40,7 +40,7 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
     from sklearn.decomposition import NMF as SkNMF
 
     from fastmu import NMF
-    from fastmu.benchmarks.machine import machine_info
+    from fastmu.benchmarks.machine import machine_info, settle
 
     rng = np.random.default_rng(0)
     X_wide = (rng.random((m, n)) @ rng.random((n, t)) + 0.01 * rng.random((m, t))).astype(dtype)
@@ -64,6 +64,7 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
         for _ in range(repeats):
             for k, make in makers.items():
                 est = make()
+                settle()  # the last fit's BLAS/OpenMP threads must not spin into this one
                 t0 = time.perf_counter()
                 est.fit(X)
                 times[k].append(time.perf_counter() - t0)

@@ -30,7 +30,7 @@ SHAPES = [
 
 def run(iters: int = 100, rounds: int = 3, shapes: list | None = None) -> dict:
     import fastmu
-    from fastmu.benchmarks.machine import machine_info
+    from fastmu.benchmarks.machine import machine_info, settle
     from fastmu.reference import mu_numpy
 
     rows = []
@@ -49,6 +49,7 @@ def run(iters: int = 100, rounds: int = 3, shapes: list | None = None) -> dict:
         times: dict[str, list[float]] = {k: [] for k in peers}
         for _ in range(rounds):
             for k, fn in peers.items():
+                settle()  # the last peer's BLAS/OpenMP threads must not spin into this one's run
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(1e3 * (time.perf_counter() - t0) / iters)

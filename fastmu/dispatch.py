@@ -81,6 +81,41 @@ def _copy_affordable(nbytes: int) -> bool:
     return avail is None or 2 * nbytes <= avail
 
 
+def cpu_kernel_for(shape: tuple[int, int, int], n: int, dtype: Any = np.float32, nthreads: int | None = None) -> str:
+    """``"tiled"`` or ``"blocked"``: the CPU kernel :func:`fastmu.mu` runs for an X of ``shape`` (b, m, t).
+
+    The tiled kernel serves ranks up to 4 with 512-bit vectors
+    (:func:`fastmu.kernels.cpu_tiled.available`), on a copy of X that must leave
+    half the available memory free; a tall X with too few pixels to share out
+    runs the blocked kernel, which shares out its rows
+    (:func:`fastmu.kernels.cpu.row_chunks`).
+
+    Parameters
+    ----------
+    shape : (int, int, int)
+        X's (b, m, t).
+    n : int
+        Rank.
+    dtype : dtype, default float32
+    nthreads : int, optional
+        Numba's thread count (default: ``numba.config.NUMBA_NUM_THREADS``).
+
+    Returns
+    -------
+    str
+    """
+    import numba
+
+    from fastmu.kernels import cpu, cpu_tiled
+
+    b, m, t = (int(v) for v in shape)
+    itemsize = np.dtype(dtype).itemsize
+    nthreads = numba.config.NUMBA_NUM_THREADS if nthreads is None else nthreads
+    if not cpu_tiled.available(n) or cpu.row_chunks(b, m, t, itemsize, nthreads) > 0:
+        return "blocked"
+    return "tiled" if _copy_affordable(b * m * t * itemsize) else "blocked"
+
+
 def blocked_kernel_x(X: np.ndarray, nthreads: int) -> np.ndarray:
     """The array the blocked CPU kernels should read for ``X (b, m, t)``: X itself, or a copy.
 
@@ -145,9 +180,7 @@ class CPUEngine:
         # (blocked_kernel_x). A tall X with too few pixels to share out runs
         # the blocked kernel, which shares out its rows instead
         # (kernels.cpu.row_chunks).
-        affordable = _copy_affordable(X.nbytes)
-        by_rows = cpu.row_chunks(b, m, t, X.itemsize, self._nthreads) > 0
-        self._tiled = cpu_tiled.available(n) and affordable and not by_rows
+        self._tiled = cpu_kernel_for(X.shape, n, X.dtype, self._nthreads) == "tiled"
         nk = 4 if self._tiled else cpu.padded_rank(n)
         self._ka, self._ks, self._kw = (A, S, self.W) if nk == n else cpu.pad_rank(A, S, self.W, nk)
         with fork_safety.cpu_kernels():  # the tiled copy is a parallel kernel too

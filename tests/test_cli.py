@@ -194,6 +194,23 @@ def test_bench_says_when_scikit_learn_is_missing(monkeypatch):
     assert [r.peer for r in rows] == ["fastmu"]
 
 
+def test_every_timed_cpu_run_starts_after_a_rest(monkeypatch):
+    # a peer right after NumPy's or scikit-learn's run shared the cores with OpenBLAS's spinning threads
+    import time
+
+    from fastmu.benchmarks import machine
+    from fastmu.benchmarks.mu_cpu import run_workload
+
+    events = []
+    monkeypatch.setattr(machine, "settle", lambda seconds=machine.SETTLE_S: events.append("rest"))
+    real = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: events.append("clock") or real())
+    rows = run_workload("tall", n_iter=2, repeats=2, progress=False)
+    starts = [i for i in range(1, len(events)) if events[i] == "clock" and events[i - 1] == "rest"]
+    assert len(starts) == 2 * len(rows) and events.count("rest") == 2 * len(rows)  # one rest per timed run
+    assert [r.peer for r in rows][:1] == ["fastmu"]
+
+
 def test_cuda_without_gpu_is_a_clean_error(tmp_path, capsys, monkeypatch):
     import fastmu.dispatch as dispatch
     import fastmu.solver as solver

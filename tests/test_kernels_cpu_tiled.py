@@ -181,6 +181,28 @@ def test_tall_x_runs_the_blocked_kernel_where_its_rows_are_shared_out(rng, monke
     assert CPUEngine(Xt, At, St, None, EPS).kernel == ("blocked" if by_rows else "tiled")
     Xw, Aw, Sw = low_rank_problem(rng, 2, 6, 4, 100, np.float32)
     assert CPUEngine(Xw, Aw, Sw, None, EPS).kernel == "tiled"
+    # one answer for the engine and for those who ask without an X (the benchmark's peers)
+    from fastmu.dispatch import cpu_kernel_for
+
+    assert cpu_kernel_for(Xt.shape, 4, Xt.dtype) == CPUEngine(Xt, At, St, None, EPS).kernel
+    assert cpu_kernel_for(Xw.shape, 4, Xw.dtype) == "tiled"
+
+
+def test_the_benchmark_times_the_blocked_kernel_only_where_it_is_not_fastmus_own(monkeypatch):
+    import numba
+
+    from fastmu.benchmarks import mu_cpu
+    from fastmu.kernels import cpu
+
+    monkeypatch.setattr(cpu_tiled, "available", lambda n: True)
+    w = mu_cpu.WORKLOADS["tall"]
+    by_rows = cpu.row_chunks(1, w["m"], w["t"], 4, numba.config.NUMBA_NUM_THREADS) > 0  # not on one thread
+    assert mu_cpu.workload_kernel("tall") == ("blocked" if by_rows else "tiled")
+    assert mu_cpu.workload_kernel("paper") == "tiled"
+    for name, listed in (("tall", not by_rows), ("paper", True)):
+        w = mu_cpu.WORKLOADS[name]
+        X, A0, S0 = mu_cpu.make_problem(1, w["m"], w["n"], w["t"])
+        assert ("fastmu-blocked" in mu_cpu._peers(X, A0, S0, 2, with_sklearn=False)) == listed, name
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

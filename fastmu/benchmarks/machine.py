@@ -8,6 +8,21 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+#: seconds every timed CPU run waits first: OpenBLAS's idle threads spin for about a tenth of a
+#: second after a NumPy or scikit-learn call (torch's and Numba's OpenMP threads for less), and on
+#: a 2-core machine the run that follows shares its cores with them. Measured on the 2-core Xeon
+#: dev machine (2026-11-29): fastmu's single-problem MU right after a NumPy MU loop took a median
+#: 0.268 s per 1000 iterations, 0.248 after a 0.1 s pause and 0.183 after 0.3 s.
+SETTLE_S = 0.3
+
+
+def settle(seconds: float = SETTLE_S) -> None:
+    """Wait until the peers' idle threads have stopped spinning, so that no peer times the last one's."""
+    import time
+
+    time.sleep(seconds)
+
+
 _PACKAGES = ("fastmu", "numpy", "scipy", "numba", "numba-cuda", "llvmlite", "torch", "scikit-learn", "cupy-cuda12x", "cupy-cuda13x")
 
 

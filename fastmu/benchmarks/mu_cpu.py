@@ -13,7 +13,9 @@ Peers, all on the same inputs and the same start, all running exactly
 ``fastmu``       :func:`fastmu.mu` on the fused Numba CPU kernels (the kernel the
                  solver picks: ``tiled`` for ranks ≤ 4 with 512-bit vectors);
 ``fastmu-blocked`` the same call forced onto the blocked kernel
-                 (``FASTMU_CPU_TILED=0``), listed when the tiled one is the default;
+                 (``FASTMU_CPU_TILED=0``), listed where the tiled one is the default
+                 for the workload (not for ``tall``, which shares out rows in the
+                 blocked kernel: the two would time the same code);
 ``numpy``        the plain NumPy loop (:func:`fastmu.reference.mu_numpy`), one problem
                  after another for the batch;
 ``torch``        torch eager on CPU, batched (``@`` on 3-D tensors is ``bmm``);
@@ -65,11 +67,22 @@ def make_problem(b: int, m: int, n: int, t: int, seed: int = 0, dtype: Any = np.
     return X.astype(dtype), A0.astype(dtype), S0.astype(dtype)
 
 
-def cpu_kernel(n_components: int) -> str:
-    """The CPU kernel :func:`fastmu.mu` uses for rank ``n_components`` in this process."""
-    from fastmu.kernels import cpu_tiled
+def cpu_kernel(n_components: int, shape: tuple[int, int, int] | None = None) -> str:
+    """The CPU kernel :func:`fastmu.mu` uses for rank ``n_components`` in this process: for an
+    X of ``shape`` (b, m, t) when given (a tall X runs the blocked kernel), else for a wide one."""
+    if shape is None:
+        from fastmu.kernels import cpu_tiled
 
-    return "tiled" if cpu_tiled.available(n_components) else "blocked"
+        return "tiled" if cpu_tiled.available(n_components) else "blocked"
+    from fastmu.dispatch import cpu_kernel_for
+
+    return cpu_kernel_for(shape, n_components)
+
+
+def workload_kernel(name: str) -> str:
+    """The CPU kernel :func:`fastmu.mu` runs for workload ``name`` here."""
+    w = WORKLOADS[name]
+    return cpu_kernel(w["n"], (w["b"], w["m"], w["t"]))
 
 
 def _blocked(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -95,7 +108,7 @@ def _peers(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, n_iter: int, with_skle
         return fastmu.mu(X, A0=A0, S0=S0, n_iter=n_iter, backend="cpu")
 
     peers: dict[str, Callable[[], Any]] = {"fastmu": fm}
-    if cpu_kernel(A0.shape[2]) == "tiled":
+    if cpu_kernel(A0.shape[2], X.shape) == "tiled":  # else "fastmu" already is the blocked kernel
         peers["fastmu-blocked"] = _blocked(fm)
     peers["numpy"] = lambda: [mu_numpy(X[p], A0[p], S0[p], n_iter) for p in range(X.shape[0])]
     try:
@@ -139,7 +152,11 @@ def run_workload(name: str, *, n_iter: int | None = None, repeats: int = 3, peer
     """Time every peer on workload ``name``; the fastest of ``repeats`` runs counts.
 
     The peers take turns (one run of each per round), so a drift of the
-    machine's speed during the benchmark reaches all of them alike.
+    machine's speed during the benchmark reaches all of them alike, and each
+    run starts after :data:`fastmu.benchmarks.machine.SETTLE_S` seconds of
+    rest, so that the previous peer's spinning BLAS or OpenMP threads do not
+    share its cores (without the rest, fastmu's runs, which followed
+    NumPy's and scikit-learn's, measured up to 1.5x slower on 2 cores).
     """
     spec = dict(WORKLOADS[name])
     if n_iter is not None:
@@ -166,8 +183,11 @@ def run_workload(name: str, *, n_iter: int | None = None, repeats: int = 3, peer
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(fns) * repeats, desc=f"bench {name}", unit="run", leave=False)
+    from fastmu.benchmarks.machine import settle
+
     for _ in range(repeats):
         for peer, fn in fns.items():
+            settle()  # the last peer's BLAS/OpenMP threads must not spin into this one's run
             t0 = time.perf_counter()
             fn()
             times[peer].append(time.perf_counter() - t0)
