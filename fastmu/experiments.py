@@ -34,7 +34,7 @@ import torch
 from fastmu.metrics import evaluate
 
 __all__ = ["METHODS", "LEARNED", "ExperimentConfig", "make_sets", "new_model", "fit_model", "run_paper", "format_table", "plot_figure2",
-           "iteration_checkpoints", "training_settings", "fit_resumable", "partial_path"]
+           "iteration_checkpoints", "training_settings", "fit_resumable", "save_finished", "partial_path"]
 
 #: every method, in table order
 METHODS = ("mu", "cd", "dnmf", "snmf_net", "nalmu", "almu")
@@ -466,8 +466,6 @@ def _plan_model(kind: str, cfg: ExperimentConfig, sets: dict, mdir: Path | None,
 
 def _train_or_load(plan: _ModelPlan, cfg: ExperimentConfig, sets: dict, progress: bool,
                    log: Callable[[str], None]) -> tuple[torch.nn.Module, list, float | None]:
-    from fastmu.training import save_model
-
     kind = plan.kind
     if plan.model is not None:
         log(f"{plan.note}" if plan.note else f"{LABELS[kind]}: loaded {plan.path}")
@@ -484,8 +482,7 @@ def _train_or_load(plan: _ModelPlan, cfg: ExperimentConfig, sets: dict, progress
     model, hist, seconds = fit_resumable(kind, cfg, sets["train"], plan.path, log=log, progress=progress,
                                          on_epoch=on_epoch)
     if plan.path is not None:
-        save_model(model, plan.path, history=hist.as_dicts(), train_seconds=seconds, trained_with=plan.want)
-        partial_path(plan.path).unlink(missing_ok=True)
+        save_finished(model, plan.path, hist, seconds, trained_with=plan.want)
         log(f"{LABELS[kind]}: trained in {seconds:.1f} s, saved {plan.path}")
     return model, hist.as_dicts(), seconds
 
@@ -521,6 +518,30 @@ def partial_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
+def save_finished(model: torch.nn.Module, path: str | Path, history: Any, seconds: float, **extra: Any) -> Path:
+    """Save a model :func:`fit_resumable` trained to ``path``, then remove its ``.part`` file.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    path : str or Path
+    history : fastmu.training.History
+    seconds : float
+        Training time, stored as ``train_seconds``.
+    **extra
+        Stored beside them (:func:`fastmu.training.save_model`), e.g. ``trained_with``.
+
+    Returns
+    -------
+    Path
+    """
+    from fastmu.training import save_model
+
+    saved = save_model(model, path, history=history.as_dicts(), train_seconds=seconds, **extra)
+    partial_path(path).unlink(missing_ok=True)  # only once the checkpoint is whole
+    return saved
+
+
 def fit_resumable(kind: str, cfg: ExperimentConfig, train_set: Any, path: str | Path | None, *,
                   log: Callable[[str], None] | None = None, **kwargs: Any) -> tuple[torch.nn.Module, Any, float]:
     """Train a new model of ``kind`` as :func:`fit_model` does, keeping ``<path>.part`` after every
@@ -530,7 +551,8 @@ def fit_resumable(kind: str, cfg: ExperimentConfig, train_set: Any, path: str | 
     epochs done; it is used only when it records exactly this training's
     settings (:func:`training_settings`), and then the result is the one the
     uninterrupted run gives. Another one is replaced, and the log says so.
-    The caller saves the finished model and removes the ``.part`` file.
+    The caller saves the finished model with :func:`save_finished`, which
+    removes the ``.part`` file.
 
     Parameters
     ----------
@@ -548,7 +570,7 @@ def fit_resumable(kind: str, cfg: ExperimentConfig, train_set: Any, path: str | 
     (model, History, seconds)
         ``seconds``: training time, the interrupted runs' included.
     """
-    from fastmu.training import History, load_model, save_model
+    from fastmu.training import History, ResumeError, save_model
 
     taken = sorted({"history", "resume", "snapshot"} & set(kwargs))
     if taken:
@@ -570,9 +592,7 @@ def fit_resumable(kind: str, cfg: ExperimentConfig, train_set: Any, path: str | 
     try:
         hist = fit_model(kind, model, cfg, train_set, history=history, resume=resume,
                          snapshot=keep if part is not None else None, **kwargs)
-    except ValueError as exc:
-        if resume is None or "resume" not in str(exc):  # only the saved state's own errors: before any step
-            raise
+    except ResumeError as exc:  # raised before any step: the saved state does not fit this training
         refused = f"{exc}"
     else:
         return model, hist, before + time.perf_counter() - t0

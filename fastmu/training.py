@@ -52,6 +52,7 @@ __all__ = [
     "MODEL_KINDS",
     "EpochLog",
     "History",
+    "ResumeError",
     "build_model",
     "load_model",
     "model_kind",
@@ -581,9 +582,10 @@ def train(
     Raises
     ------
     TypeError, ValueError
-        Bad arguments, found before the first step (a ``resume`` state of
+        Bad arguments, found before the first step. A ``resume`` state of
         another stage, of more epochs than ``epochs``, or whose optimizer state
-        does not fit the model's trainable parameters).
+        does not fit the model's trainable parameters raises
+        :class:`ResumeError` (a ValueError).
     FloatingPointError
         When the loss becomes NaN or infinite: the step is not applied, so the
         model keeps its last finite parameters. Also when the model's output
@@ -683,6 +685,11 @@ def train(
     return history
 
 
+class ResumeError(ValueError):
+    """A ``resume`` state that this training cannot go on from (another stage, more epochs, an optimizer
+    state of other parameters); raised before any step, so the model is as it was given."""
+
+
 def _check_resume(resume: Any, stage: str, epochs: int) -> int:
     """The epoch a ``resume`` state of :func:`train` goes on from (0 without one), or a clear error."""
     if resume is None:
@@ -691,10 +698,10 @@ def _check_resume(resume: Any, stage: str, epochs: int) -> int:
         raise TypeError("resume must be the dict given to snapshot ({'stage', 'epoch', 'optimizer'}), "
                         f"got {type(resume).__name__}")
     if resume["stage"] != stage:
-        raise ValueError(f"resume holds stage {resume['stage']!r}, but this training is stage {stage!r}")
+        raise ResumeError(f"resume holds stage {resume['stage']!r}, but this training is stage {stage!r}")
     done = resume["epoch"]
     if isinstance(done, bool) or not isinstance(done, numbers.Integral) or not 0 <= done <= epochs:
-        raise ValueError(f"resume is after epoch {done!r}, but this training has {epochs} epochs")
+        raise ResumeError(f"resume is after epoch {done!r}, but this training has {epochs} epochs")
     return int(done)
 
 
@@ -702,7 +709,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, state: Any, params: list[torch.T
     """Restore Adam's state, refusing one saved for other parameters (torch checks only their number)."""
     try:
         groups = state["param_groups"]
-        saved = {i: s for i, s in state["state"].items()}
+        saved = state["state"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(params):
             raise ValueError("it holds another number of parameters")
         for i, p in zip(groups[0]["params"], params):
@@ -715,7 +722,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, state: Any, params: list[torch.T
         # steps would then move them on (a second resume from the same state would start later)
         opt.load_state_dict(copy.deepcopy(state))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ValueError(f"{stage}: resume's optimizer state does not fit the model's trainable parameters "
+        raise ResumeError(f"{stage}: resume's optimizer state does not fit the model's trainable parameters "
                          f"({exc})") from None
 
 
@@ -763,7 +770,7 @@ def train_almu(
     if resume is not None:
         stage = resume.get("stage") if isinstance(resume, dict) else None
         if stage not in ("almu front", "almu mlps"):
-            raise ValueError(f"resume must hold ALMU's stage 'almu front' or 'almu mlps', got {stage!r}")
+            raise ResumeError(f"resume must hold ALMU's stage 'almu front' or 'almu mlps', got {stage!r}")
         _check_resume(resume, stage, e1 if stage == "almu front" else e2)
     in_front = resume is None or resume["stage"] == "almu front"
     if in_front:

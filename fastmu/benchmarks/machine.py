@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -18,8 +19,6 @@ SETTLE_S = 0.3
 
 def settle(seconds: float = SETTLE_S) -> None:
     """Wait until the peers' idle threads have stopped spinning, so that no peer times the last one's."""
-    import time
-
     time.sleep(seconds)
 
 

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"fastmu-{args.kind}.pt")
     _checks.check_output_file(out, "--out")  # before the training, not after it
 
-    from fastmu.experiments import ExperimentConfig, fit_resumable, make_sets, partial_path, training_settings
-    from fastmu.training import save_model
+    from fastmu.experiments import (ExperimentConfig, fit_resumable, make_sets, partial_path, save_finished,
+                                    training_settings)
 
     # --layers sets the depth field of this kind; the others keep ExperimentConfig's defaults
     depth = {"nalmu": "nalmu_layers", "almu": "nalmu_layers", "dnmf": "dnmf_layers", "snmf_net": "snmf_layers"}
@@ -74,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
     model, hist, seconds = fit_resumable(args.kind, cfg, tr, out, log=print, val_set=sets["test_simple"],
                                          progress=not args.no_progress, on_epoch=show)
     # trained_with lets `fastmu paper --models` check that the checkpoint is the model it asks for
-    save_model(model, out, history=hist.as_dicts(), train_seconds=seconds,
-               config=json.loads(json.dumps(cfg.__dict__, default=list)),
-               trained_with=training_settings(args.kind, cfg, tr))
-    partial_path(out).unlink(missing_ok=True)
+    save_finished(model, out, hist, seconds, config=json.loads(json.dumps(cfg.__dict__, default=list)),
+                  trained_with=training_settings(args.kind, cfg, tr))
     print(f"{args.kind}: {sum(p.numel() for p in model.parameters())} parameters, trained in {seconds:.1f} s; "
           f"saved {out}")
     return 0
