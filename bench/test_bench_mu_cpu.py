@@ -18,13 +18,13 @@ def workload(request):
     spec = WORKLOADS[request.param]
     X, A0, S0 = make_problem(spec["b"], spec["m"], spec["n"], spec["t"])
     peers = _peers(X, A0, S0, ITERS, with_sklearn=spec["b"] == 1)
-    for warm in ("fastmu", "fastmu-blocked"):  # compile / load the Numba cache outside the timing
+    for warm in ("fastmu", "fastmu-blocked", "fastmu-untransposed"):  # compile / load outside the timing
         if warm in peers:
             peers[warm]()
     return request.param, peers
 
 
-@pytest.mark.parametrize("peer", ["fastmu", "fastmu-blocked", "numpy", "torch", "sklearn"])
+@pytest.mark.parametrize("peer", ["fastmu", "fastmu-blocked", "fastmu-untransposed", "numpy", "torch", "sklearn"])
 def test_mu_cpu(benchmark, workload, peer):
     name, peers = workload
     if peer not in peers:

@@ -17,7 +17,9 @@ Engines:
 
 ``cpu``
     Numba parallel fused kernels (:mod:`fastmu.kernels.cpu`), NumPy arrays;
-    on as many threads as measures fastest (:mod:`fastmu.cpu_threads`).
+    on as many threads as measures fastest (:mod:`fastmu.cpu_threads`). A
+    tall X runs on its transpose (:mod:`fastmu.transposed`; :func:`new_engine`
+    decides).
 ``torch``
     The pure-torch reference update, on whatever device the tensors live on.
 ``cuda``
@@ -88,7 +90,8 @@ def cpu_kernel_for(shape: tuple[int, int, int], n: int, dtype: Any = np.float32,
     (:func:`fastmu.kernels.cpu_tiled.available`), on a copy of X that must leave
     half the available memory free; a tall X with too few pixels to share out
     runs the blocked kernel, which shares out its rows
-    (:func:`fastmu.kernels.cpu.row_chunks`).
+    (:func:`fastmu.kernels.cpu.row_chunks`). Where MU runs a tall X on its
+    transpose (:func:`cpu_transposes`), the kernel is the one for ``Xᵀ``.
 
     Parameters
     ----------
@@ -104,6 +107,14 @@ def cpu_kernel_for(shape: tuple[int, int, int], n: int, dtype: Any = np.float32,
     -------
     str
     """
+    b, m, t = (int(v) for v in shape)
+    if cpu_transposes(shape, dtype):  # the kernels run Xᵀ
+        m, t = t, m
+    return _engine_kernel((b, m, t), n, dtype, nthreads)
+
+
+def _engine_kernel(shape: tuple[int, int, int], n: int, dtype: Any, nthreads: int | None) -> str:
+    """:func:`cpu_kernel_for` for the X the kernels read, as given."""
     import numba
 
     from fastmu.kernels import cpu, cpu_tiled
@@ -114,6 +125,29 @@ def cpu_kernel_for(shape: tuple[int, int, int], n: int, dtype: Any = np.float32,
     if not cpu_tiled.available(n) or cpu.row_chunks(b, m, t, itemsize, nthreads) > 0:
         return "blocked"
     return "tiled" if _copy_affordable(b * m * t * itemsize) else "blocked"
+
+
+def cpu_transposes(shape: tuple[int, int, int], dtype: Any = np.float32, learned: bool = False) -> bool:
+    """Whether :func:`fastmu.mu`'s CPU engine runs an X of ``shape`` (b, m, t) on its transpose.
+
+    A tall X (:func:`fastmu.transposed.transposes`) whose transposed copy, with
+    the kernels' own copy of it, leaves half the available memory free.
+    """
+    from fastmu.transposed import transposes
+
+    nbytes = int(np.prod([int(v) for v in shape])) * np.dtype(dtype).itemsize
+    return transposes(shape, learned) and _copy_affordable(2 * nbytes)
+
+
+def new_engine(engine_cls: type, X: Any, A: Any, S: Any, W: Any, eps: float, penalty: Penalty | None = None) -> Any:
+    """An engine of ``engine_cls`` for this state: for the CPU and a tall X, the
+    transposed run of :class:`fastmu.transposed.TransposedCPUEngine` (the same
+    iterates, the kernels streaming over X's rows)."""
+    if engine_cls is CPUEngine and cpu_transposes(X.shape, X.dtype, learned=W is not None):
+        from fastmu.transposed import TransposedCPUEngine
+
+        return TransposedCPUEngine(X, A, S, eps, penalty)
+    return engine_cls(X, A, S, W, eps, penalty=penalty)
 
 
 def blocked_kernel_x(X: np.ndarray, nthreads: int) -> np.ndarray:
@@ -180,7 +214,7 @@ class CPUEngine:
         # (blocked_kernel_x). A tall X with too few pixels to share out runs
         # the blocked kernel, which shares out its rows instead
         # (kernels.cpu.row_chunks).
-        self._tiled = cpu_kernel_for(X.shape, n, X.dtype, self._nthreads) == "tiled"
+        self._tiled = _engine_kernel(X.shape, n, X.dtype, self._nthreads) == "tiled"
         nk = 4 if self._tiled else cpu.padded_rank(n)
         self._ka, self._ks, self._kw = (A, S, self.W) if nk == n else cpu.pad_rank(A, S, self.W, nk)
         with fork_safety.cpu_kernels():  # the tiled copy is a parallel kernel too
@@ -229,28 +263,29 @@ class CPUEngine:
         self._pg_valid = True
         self._stale = self._ks is not self.S or self._ka is not self.A
 
-    def objective(self) -> np.ndarray:
+    def objective(self, A: np.ndarray | None = None) -> np.ndarray:
+        """``0.5‖X − A S‖²`` per problem; ``A``: another A in the kernel's layout
+        (``(b, m, nk)``, padded as the kernel's) in place of the current one."""
         with fork_safety.cpu_kernels():
-            return self._objective()
+            return self._objective(self._ka if A is None else A)
 
-    def _objective(self) -> np.ndarray:
+    def _objective(self, ka: np.ndarray) -> np.ndarray:
         if self.X.dtype == np.float32:  # one pass over X: see kernels.cpu.objective_from_pg
             if not self._pg_valid:
                 self.run(0)  # (the tiled S is current only once a run has packed it)
             if self._tiled:  # the copy the iterations read: it stays in cache
                 parts = np.empty((self._Xt.shape[0], self._k.residual_items(self._Xt)))
-                self._k.residual_partials(self._Xt, self._ka, self._ks, parts)
+                self._k.residual_partials(self._Xt, ka, self._ks, parts)
             else:  # the blocked kernel's X (itself, or its aligned copy)
-                A, S = self._ka, self._ks
-                parts = np.empty((A.shape[0], -(-self.S.shape[2] // self._cpu.RESIDUAL_TILE)))
-                self._cpu.residual_partials(self.X, A, S, parts)
+                parts = np.empty((ka.shape[0], -(-self.S.shape[2] // self._cpu.RESIDUAL_TILE)))
+                self._cpu.residual_partials(self.X, ka, self._ks, parts)
             return 0.5 * parts.sum(axis=1)
         if not self._pg_valid:
             self.run(0)
         if self._x2 is None:
             self._x2 = np.einsum("bij,bij->b", self.X, self.X, dtype=np.float64)
         out = np.empty(self.X.shape[0], np.float64)
-        self._cpu.objective_from_pg(self._x2, self._ka, self.P, self.G, out)  # padding adds zeros
+        self._cpu.objective_from_pg(self._x2, ka, self.P, self.G, out)  # padding adds zeros
         return out
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:

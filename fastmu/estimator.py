@@ -313,7 +313,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if self.solver == "cd":  # on X as given, either orientation: no transposed run needed
             _check_cd_backend(self.backend, X)
             A, S, n_iter = self._fit_cd(X, n, A0, S0, init, max_iter, tol, pen)
-        elif n_samples <= n_features:
+        elif n_samples <= n_features or _backend_of(self.backend, X) == "cpu":
+            # the CPU engine itself runs a tall X on Xᵀ, with scikit-learn's checks (fastmu.transposed)
             A, S, n_iter = solve(X, None if A0 is not None else n, A0=A0, S0=S0, n_iter=max_iter, init=init,
                                  random_state=self._start_state(), penalty=pen, **run)
         else:
@@ -354,11 +355,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _fit_tall(self, X: Any, n: int, W0: Any, H0: Any, init: str, max_iter: int,
                   run: dict[str, Any], pen: Penalty) -> tuple[Any, Any, int]:
-        """fit for ``n_samples > n_features``, on ``Xᵀ`` (features × samples).
+        """fit for ``n_samples > n_features`` off the CPU engine, on ``Xᵀ`` (features × samples).
 
         fastmu's kernels stream over the second axis of X (pixels): a tall X
         in scikit-learn's orientation (pixels as samples) has few columns to
-        stream over. On ``Xᵀ ≈ Hᵀ Wᵀ`` fastmu updates Hᵀ first, so the
+        stream over. (The CPU engine does the same itself, with the checks
+        where scikit-learn has them: :mod:`fastmu.transposed`; this path
+        serves the GPU and torch engines.) On ``Xᵀ ≈ Hᵀ Wᵀ`` fastmu updates Hᵀ first, so the
         scikit-learn sequence ``W₁, H₁, W₂, …, W_k, H_k`` is kept by updating
         W once before (from scikit-learn's start) and H once after: the
         iterates are scikit-learn's. Only the ``tol`` checks fall half an
@@ -616,6 +619,13 @@ def _as_kind(F: Any, X: Any, name: str) -> Any:
     elif kind == "torch":
         F = F.detach()
     return _cast(F, kind, check_dtype(F, name, kind))
+
+
+def _backend_of(backend: str, X: Any) -> str:
+    """The engine :func:`fastmu.solver.solve` picks for ``X`` and ``backend``."""
+    from fastmu.solver import _resolve_backend
+
+    return _resolve_backend(backend, X, array_kind(X))
 
 
 def _transposed(X: Any) -> Any:

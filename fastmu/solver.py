@@ -6,7 +6,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fastmu import EPS
-from fastmu.dispatch import BACKENDS, cuda_available, get_engine
+from fastmu.dispatch import BACKENDS, cuda_available, get_engine, new_engine
 from fastmu.interop import ArrayKind, array_kind, is_device_array
 from fastmu.penalty import Penalty, check_penalty
 from fastmu.validation import (
@@ -110,6 +110,9 @@ def mu(
         CPU, one or a few problems run on as many of Numba's threads as
         measures fastest while they run (:mod:`fastmu.cpu_threads`: fewer on
         a machine busy with other work); the results are the same bit for bit.
+        A tall X with few columns (pixels as rows) runs on its transpose, with
+        the same iterates, checks and callbacks (:mod:`fastmu.transposed`;
+        ``FASTMU_CPU_TRANSPOSE=0`` turns that off).
     callback : callable(iteration, A, S), optional
         Called after every ``callback_every`` iterations with the current
         factors in the caller's array type (views of the solver state: copy
@@ -217,7 +220,7 @@ def solve(
     A, S = _initial_factors(
         X, Xc, kind, dtype, n_components, A0, S0, init, random_state, engine_cls, Xn, means
     )
-    engine = engine_cls(Xn, A, S, None, eps, penalty=penalty if penalty is not None and penalty.active else None)
+    engine = new_engine(engine_cls, Xn, A, S, None, eps, penalty if penalty is not None and penalty.active else None)
     warn_if_eps_dominates(means, m, t, A.shape[2], eps)  # A: (b, m, n), maybe a device array
 
     bar = None

@@ -173,7 +173,11 @@ def test_bench_quick_writes_json(tmp_path, capsys, workload):
     assert {"fastmu", "numpy", "torch"} <= peers
     assert list(res["workloads"]) == [workload]
     assert res["machine"]["cpu"] and res["machine"]["packages"]["numpy"]
-    assert "fastmu speedup" in capsys.readouterr().out
+    # the tall X runs on its transpose, and X as given is timed beside it
+    assert res["cpu_transposed"] == {workload: workload == "tall"}
+    assert ("fastmu-untransposed" in peers) == (workload == "tall")
+    out = capsys.readouterr().out
+    assert "fastmu speedup" in out and ("(on Xᵀ)" in out) == (workload == "tall")
 
 
 def test_bench_says_when_scikit_learn_is_missing(monkeypatch):

@@ -46,9 +46,9 @@ def test_passes_check_estimator():
 def test_matches_scikit_learn_mu(init, shape):
     """Same start (scikit-learn's random draw for an integer seed; its NNDSVDa by default, and
     its other NNDSVD starts, from an exact SVD where scikit-learn's is randomized),
-    same updates, same tol rule: W, H, the iteration count and the error agree. A tall X
-    (more samples than features) runs on Xᵀ, where the tol checks fall half an
-    iteration later: its iteration count may differ by one check."""
+    same updates, same tol rule: W, H, the iteration count and the error agree, in
+    either orientation (the CPU engine runs a tall X on Xᵀ with the checks where
+    scikit-learn has them: fastmu.transposed)."""
     X = _data(*shape)
     kw = dict(n_components=3, init=init, random_state=0, tol=1e-3, max_iter=1000)  # nndsvdar: 420-610
     ours = NMF(**kw)
@@ -56,13 +56,7 @@ def test_matches_scikit_learn_mu(init, shape):
     W = ours.fit_transform(X)
     W_sk = theirs.fit_transform(X)
     assert theirs.n_iter_ < 1000
-    if shape[0] <= shape[1]:
-        assert ours.n_iter_ == theirs.n_iter_
-    else:
-        assert abs(ours.n_iter_ - theirs.n_iter_) <= 10
-        ours.set_params(tol=0, max_iter=theirs.n_iter_)
-        W = ours.fit_transform(X)  # the same iterates, step for step
-        ours.set_params(**kw)
+    assert ours.n_iter_ == theirs.n_iter_
     np.testing.assert_allclose(W, W_sk, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(ours.components_, theirs.components_, rtol=1e-6, atol=1e-9)
     assert ours.reconstruction_err_ == pytest.approx(theirs.reconstruction_err_, rel=1e-9)
@@ -73,6 +67,24 @@ def test_matches_scikit_learn_mu(init, shape):
         m.set_params(tol=0, max_iter=5)
     np.testing.assert_allclose(ours.transform(X_new), theirs.transform(X_new), rtol=1e-9)
     np.testing.assert_allclose(ours.inverse_transform(W), theirs.inverse_transform(W_sk), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("init", ["random", None])
+def test_tall_x_off_the_cpu_engine_runs_on_its_transpose_with_checks_half_an_iteration_later(init):
+    """The torch engine (and the GPU's) gets a tall X as Xᵀ from the estimator itself
+    (NMF._fit_tall): the same iterates, the tol checks half an iteration later, so the
+    count may differ by one check; run for scikit-learn's count, W and H agree."""
+    X = _data(120, 30)
+    kw = dict(n_components=3, init=init, random_state=0, tol=1e-3, max_iter=1000)
+    ours = NMF(backend="torch", **kw)
+    theirs = SkNMF(solver="mu", **kw)
+    ours.fit(X)
+    W_sk = theirs.fit_transform(X)
+    assert abs(ours.n_iter_ - theirs.n_iter_) <= 10
+    ours.set_params(tol=0, max_iter=theirs.n_iter_)
+    W = ours.fit_transform(X)  # the same iterates, step for step
+    np.testing.assert_allclose(W, W_sk, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ours.components_, theirs.components_, rtol=1e-6, atol=1e-9)
 
 
 def test_custom_start_and_auto_rank():
@@ -625,10 +637,18 @@ def test_convergence_warnings_as_scikit_learn_gives_them():
     rng = np.random.default_rng(5)
     X = rng.random((60, 3)) @ rng.random((3, 30)) + 0.05 * rng.random((60, 30))  # tall: run on Xᵀ
     stop = NMF(3, init="random", random_state=0, max_iter=500).fit(X).n_iter_
+    assert stop == SkNMF(3, init="random", random_state=0, max_iter=500, solver="mu").fit(X).n_iter_
+    # the same tol stop, now on the last iteration the budget allows: scikit-learn counts it as
+    # max_iter reached, and so does fastmu
+    for Est, kw in ((NMF, {}), (SkNMF, dict(solver="mu"))):
+        with pytest.warns(ConvergenceWarning, match=f"Maximum number of iterations {stop} reached"):
+            assert Est(3, init="random", random_state=0, max_iter=stop, **kw).fit(X).n_iter_ == stop
+    # off the CPU engine the estimator runs Xᵀ itself (NMF._fit_tall): its checks fall half an
+    # iteration later, on the budget's last iteration too, and a stop there is a stop
+    stop = NMF(3, init="random", random_state=0, max_iter=500, backend="torch").fit(X).n_iter_
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        # the same tol stop, now at the last check the budget allows: a stop, not max_iter reached
-        assert NMF(3, init="random", random_state=0, max_iter=stop).fit(X).n_iter_ == stop
+        assert NMF(3, init="random", random_state=0, max_iter=stop, backend="torch").fit(X).n_iter_ == stop
     est = NMF(3, max_iter=5, random_state=0)
     with pytest.warns(ConvergenceWarning):
         est.fit(X)

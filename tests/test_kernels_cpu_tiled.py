@@ -181,28 +181,47 @@ def test_tall_x_runs_the_blocked_kernel_where_its_rows_are_shared_out(rng, monke
     assert CPUEngine(Xt, At, St, None, EPS).kernel == ("blocked" if by_rows else "tiled")
     Xw, Aw, Sw = low_rank_problem(rng, 2, 6, 4, 100, np.float32)
     assert CPUEngine(Xw, Aw, Sw, None, EPS).kernel == "tiled"
-    # one answer for the engine and for those who ask without an X (the benchmark's peers)
-    from fastmu.dispatch import cpu_kernel_for
+    # one answer for the engine fastmu.mu builds and for those who ask without an X (the
+    # benchmark's peers): fastmu.mu runs this tall X on its transpose, a wide X for the kernels
+    from fastmu.dispatch import cpu_kernel_for, new_engine
 
+    eng = new_engine(CPUEngine, Xt, At.copy(), St.copy(), None, EPS)
+    assert eng.transposed and eng.kernel == "tiled"
+    assert cpu_kernel_for(Xt.shape, 4, Xt.dtype) == eng.kernel
+    monkeypatch.setenv("FASTMU_CPU_TRANSPOSE", "0")
+    assert not getattr(new_engine(CPUEngine, Xt, At.copy(), St.copy(), None, EPS), "transposed", False)
     assert cpu_kernel_for(Xt.shape, 4, Xt.dtype) == CPUEngine(Xt, At, St, None, EPS).kernel
     assert cpu_kernel_for(Xw.shape, 4, Xw.dtype) == "tiled"
 
 
-def test_the_benchmark_times_the_blocked_kernel_only_where_it_is_not_fastmus_own(monkeypatch):
+def test_the_benchmark_times_the_variants_only_where_fastmu_does_not_run_them_itself(monkeypatch):
+    """The blocked kernel where fastmu's own is the tiled one; X as given where fastmu runs Xᵀ.
+    Elsewhere a variant would time the same code as the "fastmu" line."""
     import numba
 
     from fastmu.benchmarks import mu_cpu
     from fastmu.kernels import cpu
 
+    def listed(name):
+        w = mu_cpu.WORKLOADS[name]
+        X, A0, S0 = mu_cpu.make_problem(w["b"], w["m"], w["n"], w["t"])
+        peers = mu_cpu._peers(X, A0, S0, 2, with_sklearn=False)
+        return "fastmu-blocked" in peers, "fastmu-untransposed" in peers
+
     monkeypatch.setattr(cpu_tiled, "available", lambda n: True)
+    assert mu_cpu.workload_transposed("tall") and not mu_cpu.workload_transposed("paper")
+    assert mu_cpu.workload_kernel("tall") == "tiled"  # on Xᵀ, the paper's shape
+    assert mu_cpu.workload_kernel("paper") == "tiled"
+    assert listed("tall") == (True, True)
+    assert listed("paper") == (True, False)
+    monkeypatch.setenv("FASTMU_CPU_TRANSPOSE", "0")  # the tall X as given: its rows shared out
     w = mu_cpu.WORKLOADS["tall"]
     by_rows = cpu.row_chunks(1, w["m"], w["t"], 4, numba.config.NUMBA_NUM_THREADS) > 0  # not on one thread
     assert mu_cpu.workload_kernel("tall") == ("blocked" if by_rows else "tiled")
-    assert mu_cpu.workload_kernel("paper") == "tiled"
-    for name, listed in (("tall", not by_rows), ("paper", True)):
-        w = mu_cpu.WORKLOADS[name]
-        X, A0, S0 = mu_cpu.make_problem(1, w["m"], w["n"], w["t"])
-        assert ("fastmu-blocked" in mu_cpu._peers(X, A0, S0, 2, with_sklearn=False)) == listed, name
+    assert listed("tall") == (not by_rows, False)
+    monkeypatch.setattr(cpu_tiled, "available", lambda n: False)
+    monkeypatch.delenv("FASTMU_CPU_TRANSPOSE")
+    assert listed("tall") == (False, True)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

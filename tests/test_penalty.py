@@ -188,7 +188,7 @@ def _data(n_samples, n_features, dtype=np.float64, seed=0):
 
 
 def _tall_mu_stop(X, kw, sk_model) -> int:
-    """Where fastmu's tall-X path stops (a slow NumPy oracle): scikit-learn's penalised
+    """Where fastmu's tall-X path off the CPU engine stops (a slow NumPy oracle): scikit-learn's penalised
     updates from its own start, the ``tol`` check every 10 solver iterations on Xᵀ, at
     ``(W_{j+1}, H_j)`` instead of scikit-learn's ``(W_j, H_j)``. With a penalty the
     unpenalised error scikit-learn checks flattens slowly, so half an iteration moves the
@@ -220,7 +220,7 @@ REGS = [dict(alpha_W=0.01, alpha_H="same", l1_ratio=0.0), dict(alpha_W=0.005, al
 @pytest.mark.parametrize("shape", [(30, 120), (120, 30)])
 def test_nmf_matches_scikit_learns_regularised_nmf(shape, solver, reg):
     """Fixed iteration counts from the same start: W, H, the error and transform agree; with
-    tol, the same iteration count (a tall X under mu: checks half an iteration later, the oracle's)."""
+    tol, the same iteration count (on the CPU engine also for a tall X: fastmu.transposed)."""
     X, X_new = _data(*shape), _data(*shape, seed=1)
     base = dict(n_components=3, init="random", random_state=0, solver=solver, **REGS[reg])
     for tol, max_iter in ((0, 40), (1e-4, 3000)):
@@ -230,9 +230,6 @@ def test_nmf_matches_scikit_learns_regularised_nmf(shape, solver, reg):
             ours, theirs = NMF(**kw), sk_decomposition.NMF(**kw)
             W, W_sk = ours.fit_transform(X), theirs.fit_transform(X)
         if tol:  # (CD with only H's L1 weight runs all 3000 on the wide X, both: then the counts agree too)
-            if solver == "mu" and shape[0] > shape[1]:
-                assert ours.n_iter_ == _tall_mu_stop(X, kw, theirs)
-                continue
             assert ours.n_iter_ == theirs.n_iter_
         rtol = 1e-6
         np.testing.assert_allclose(W, W_sk, rtol=rtol, atol=rtol * np.abs(W_sk).max())
@@ -246,6 +243,21 @@ def test_nmf_matches_scikit_learns_regularised_nmf(shape, solver, reg):
     # and the penalty changed the answer
     plain = NMF(**dict(base, alpha_W=0.0, alpha_H=0.0, tol=0, max_iter=40)).fit(X).components_
     assert np.abs(plain - ours.components_).max() > 1e-4 * np.abs(plain).max()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("reg", range(len(REGS)))
+def test_tall_x_off_the_cpu_engine_stops_where_the_half_shifted_oracle_does(reg):
+    """The torch engine gets a tall X as Xᵀ from the estimator (NMF._fit_tall), its checks
+    half an iteration later than scikit-learn's: with a penalty that can move the stop by
+    several checks, so the stop is checked against a NumPy oracle of that rule."""
+    X = _data(120, 30)
+    kw = dict(n_components=3, init="random", random_state=0, solver="mu", tol=1e-4, max_iter=3000, **REGS[reg])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning, both
+        ours = NMF(backend="torch", **kw).fit(X)
+        theirs = sk_decomposition.NMF(**kw).fit(X)
+    assert ours.n_iter_ == _tall_mu_stop(X, kw, theirs)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -14,8 +14,10 @@ Peers, all on the same inputs and the same start, all running exactly
                  solver picks: ``tiled`` for ranks ≤ 4 with 512-bit vectors);
 ``fastmu-blocked`` the same call forced onto the blocked kernel
                  (``FASTMU_CPU_TILED=0``), listed where the tiled one is the default
-                 for the workload (not for ``tall``, which shares out rows in the
-                 blocked kernel: the two would time the same code);
+                 for the workload (where it is not, the two would time the same code);
+``fastmu-untransposed`` the same call on X as given (``FASTMU_CPU_TRANSPOSE=0``),
+                 listed where fastmu runs the workload on Xᵀ (``tall``:
+                 :mod:`fastmu.transposed`);
 ``numpy``        the plain NumPy loop (:func:`fastmu.reference.mu_numpy`), one problem
                  after another for the batch;
 ``torch``        torch eager on CPU, batched (``@`` on 3-D tensors is ``bmm``);
@@ -39,7 +41,7 @@ import numpy as np
 WORKLOADS: dict[str, dict[str, int]] = {
     "paper": dict(b=1, m=65, n=4, t=16384, n_iter=1000),
     "batched": dict(b=150, m=65, n=4, t=1024, n_iter=1000),
-    # the paper's problem transposed (pixels as rows): the kernels' row-parallel schedule
+    # the paper's problem transposed (pixels as rows): the kernels run it on Xᵀ (fastmu.transposed)
     "tall": dict(b=1, m=16384, n=4, t=65, n_iter=1000),
 }
 
@@ -69,7 +71,7 @@ def make_problem(b: int, m: int, n: int, t: int, seed: int = 0, dtype: Any = np.
 
 def cpu_kernel(n_components: int, shape: tuple[int, int, int] | None = None) -> str:
     """The CPU kernel :func:`fastmu.mu` uses for rank ``n_components`` in this process: for an
-    X of ``shape`` (b, m, t) when given (a tall X runs the blocked kernel), else for a wide one."""
+    X of ``shape`` (b, m, t) when given (:func:`fastmu.dispatch.cpu_kernel_for`), else for a wide one."""
     if shape is None:
         from fastmu.kernels import cpu_tiled
 
@@ -85,19 +87,33 @@ def workload_kernel(name: str) -> str:
     return cpu_kernel(w["n"], (w["b"], w["m"], w["t"]))
 
 
-def _blocked(fn: Callable[[], Any]) -> Callable[[], Any]:
+def workload_transposed(name: str) -> bool:
+    """Whether :func:`fastmu.mu` runs workload ``name`` on Xᵀ here (:mod:`fastmu.transposed`)."""
+    from fastmu.dispatch import cpu_transposes
+
+    w = WORKLOADS[name]
+    return cpu_transposes((w["b"], w["m"], w["t"]))
+
+
+def _with_env(fn: Callable[[], Any], var: str, value: str) -> Callable[[], Any]:
+    """``fn`` run with the environment variable ``var`` set to ``value`` (fastmu reads its
+    kernel switches on every call)."""
     def run() -> Any:
-        old = os.environ.get("FASTMU_CPU_TILED")
-        os.environ["FASTMU_CPU_TILED"] = "0"
+        old = os.environ.get(var)
+        os.environ[var] = value
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["FASTMU_CPU_TILED"]
+                del os.environ[var]
             else:
-                os.environ["FASTMU_CPU_TILED"] = old
+                os.environ[var] = old
 
     return run
+
+
+#: the environment switch of each fastmu variant peer
+_VARIANT_ENV = {"fastmu-blocked": ("FASTMU_CPU_TILED", "0"), "fastmu-untransposed": ("FASTMU_CPU_TRANSPOSE", "0")}
 
 
 def _peers(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, n_iter: int, with_sklearn: bool) -> dict[str, Callable[[], Any]]:
@@ -108,8 +124,12 @@ def _peers(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, n_iter: int, with_skle
         return fastmu.mu(X, A0=A0, S0=S0, n_iter=n_iter, backend="cpu")
 
     peers: dict[str, Callable[[], Any]] = {"fastmu": fm}
+    from fastmu.dispatch import cpu_transposes
+
     if cpu_kernel(A0.shape[2], X.shape) == "tiled":  # else "fastmu" already is the blocked kernel
-        peers["fastmu-blocked"] = _blocked(fm)
+        peers["fastmu-blocked"] = _with_env(fm, *_VARIANT_ENV["fastmu-blocked"])
+    if cpu_transposes(X.shape, X.dtype):
+        peers["fastmu-untransposed"] = _with_env(fm, *_VARIANT_ENV["fastmu-untransposed"])
     peers["numpy"] = lambda: [mu_numpy(X[p], A0[p], S0[p], n_iter) for p in range(X.shape[0])]
     try:
         import torch
@@ -175,8 +195,9 @@ def run_workload(name: str, *, n_iter: int | None = None, repeats: int = 3, peer
     import fastmu
 
     fastmu.mu(X, A0=A0, S0=S0, n_iter=2, backend="cpu")
-    if "fastmu-blocked" in fns:
-        fns["fastmu-blocked"]()  # compile / load the blocked kernel outside the timing
+    for variant in ("fastmu-blocked", "fastmu-untransposed"):
+        if variant in fns:  # compile / load its kernels outside the timing
+            _with_env(lambda: fastmu.mu(X, A0=A0, S0=S0, n_iter=2, backend="cpu"), *_VARIANT_ENV[variant])()
     times: dict[str, list[float]] = {peer: [] for peer in fns}
     bar = None
     if progress:

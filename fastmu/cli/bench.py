@@ -66,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
             rows += mu_cpu.run_workload(name, n_iter=iters, repeats=repeats)
         print(mu_cpu.format_table(rows))
         kernels = {k: mu_cpu.workload_kernel(k) for k in names}
-        print("fastmu's kernel: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
+        transposed = {k: mu_cpu.workload_transposed(k) for k in names}
+        print("fastmu's kernel: " + ", ".join(f"{k} {v}" + (" (on Xᵀ)" if transposed[k] else "")
+                                              for k, v in kernels.items()))
         result["workloads"] = {k: dict(mu_cpu.WORKLOADS[k], n_iter=iters or mu_cpu.WORKLOADS[k]["n_iter"]) for k in names}
         result["cpu_kernel"] = kernels  # per workload (one string, the wide shapes', before 2026-11-29)
+        result["cpu_transposed"] = transposed  # per workload: run on Xᵀ (since 2026-11-29, second session)
         from fastmu.benchmarks.machine import SETTLE_S
 
         result["settle_s"] = SETTLE_S  # the rest before every timed run (since 2026-11-29)

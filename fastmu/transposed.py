@@ -1,0 +1,160 @@
+"""MU on a tall X, run by the CPU kernels on its transpose.
+
+fastmu's CPU kernels stream over X's second axis (pixels). A tall X (many
+rows, few columns: 16384 × 65, pixels as rows) gives them few pixels to
+stream over; on its transpose the same iterations ran 1.8–3.5× faster
+(:data:`FEW_PIXELS`). MU is symmetric under transposition,
+``Xᵀ ≈ Sᵀ Aᵀ``, except for the order of the two updates: the kernels on
+``Xᵀ`` update ``Sᵀ`` first. So :class:`TransposedCPUEngine` keeps MU's
+sequence ``A₁, S₁, A₂, …`` by running the kernels half an iteration ahead:
+
+- once, before the first iteration, A's update alone on X
+  (:func:`fastmu.kernels.cpu_transposed.a_half_step`);
+- then the kernels on Xᵀ, whose state after the k-th call is ``S_{k−1}``,
+  ``A_k`` and the ``Xᵀ A_k``, ``A_kᵀ A_k`` that S's next update reads;
+- ``S_k`` for the caller (factors, objective) from those, by the kernels'
+  own update (:func:`~fastmu.kernels.cpu_transposed.a_update_from_pg`), on
+  a copy; the next call's first iteration computes the same ``S_k`` itself.
+
+The iterates are MU's, the objective is measured at ``(A_k, S_k)``, and a
+run in slices is the same as one run (the kernels' state does not depend on
+where the caller stops).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from fastmu import fork_safety
+from fastmu.penalty import NONE, Penalty
+
+#: a tall X (``m ≥ TALL_RATIO · t``) runs on its transpose when it has at most
+#: FEW_PIXELS columns, or at most WIDE_PIXELS and at least MANY_ROWS rows.
+#: ``python bench/bench_tall.py`` (``bench/results/mu_cpu_tall.json``, 2-core
+#: Xeon, float32, rank 4) timed MU on Xᵀ at 1.8–3.5× the speed of X as given
+#: with 65–120 columns, 0.98–2.1× with 256–512 columns and 2000–16384 rows,
+#: 0.82–1.03× with 200–400 columns and at most 1024 rows, and 0.85–1.38×
+#: with 1024–2048 columns (the rule leaves the last two groups as given).
+TALL_RATIO = 2
+FEW_PIXELS = 128
+WIDE_PIXELS = 512
+MANY_ROWS = 2000
+
+
+def transposes(shape: tuple[int, int, int], learned: bool = False) -> bool:
+    """Whether the CPU engine runs an X of ``shape`` (b, m, t) on its transpose.
+
+    For a tall X with few columns (:data:`TALL_RATIO`, :data:`FEW_PIXELS`,
+    :data:`WIDE_PIXELS`, :data:`MANY_ROWS`) of plain or penalised MU; not for
+    learned W (the learned layers weight A's update, which on Xᵀ is not the
+    one the kernels weight). ``FASTMU_CPU_TRANSPOSE=0`` turns it off and
+    ``=1`` on for every X with more rows than columns (read on every call,
+    for A/B runs). The memory check is :func:`fastmu.dispatch.cpu_transposes`'.
+    """
+    _, m, t = (int(v) for v in shape)
+    flag = os.environ.get("FASTMU_CPU_TRANSPOSE", "auto")
+    if learned or flag == "0":
+        return False
+    if flag == "1":
+        return m > t
+    return m >= TALL_RATIO * t and (t <= FEW_PIXELS or (t <= WIDE_PIXELS and m >= MANY_ROWS))
+
+
+class TransposedCPUEngine:
+    """The ``cpu`` engine for a tall X (:func:`transposes`): the fused kernels on ``Xᵀ``.
+
+    The engine interface of :mod:`fastmu.dispatch`; ``X (b, m, t)``, ``A``,
+    ``S`` C-contiguous NumPy arrays, A and S owned (they hold the factors
+    :meth:`factors` returns).
+    """
+
+    name = "cpu"
+    native = "numpy"
+
+    def __init__(self, X: np.ndarray, A: np.ndarray, S: np.ndarray, eps: float, penalty: Penalty | None = None):
+        from fastmu.dispatch import CPUEngine
+        from fastmu.kernels import cpu, cpu_transposed
+
+        self._ops = cpu_transposed
+        self.X, self.A, self.S = X, A, S
+        self.eps = float(eps)
+        self._penalty = cpu.penalty_tuple(penalty)
+        pen = penalty if penalty is not None else NONE
+        # A₁ now: the transposed kernels' first iteration is an S update
+        A1 = np.empty_like(A)
+        with fork_safety.cpu_kernels():
+            self._ops.a_half_step(X, A, S, self.eps, self._penalty, A1)
+        Y = np.ascontiguousarray(X.transpose(0, 2, 1))
+        self._inner = CPUEngine(
+            Y, np.ascontiguousarray(S.transpose(0, 2, 1)), np.ascontiguousarray(A1.transpose(0, 2, 1)),
+            None, eps, pen.transposed() if pen.active else None,
+        )
+        self._ahead = False  # the kernels hold A_k and S_{k-1} (else: still A₁ and S₀, none run)
+        self._s_now: np.ndarray | None = None  # S_k in the kernels' layout (b, t, nk), once ahead
+        self._stale = False  # A, S must be copied out of the kernels' state
+        self._start_objective: np.ndarray | None = None
+
+    @property
+    def kernel(self) -> str:
+        """``"tiled"`` or ``"blocked"``: which CPU kernel runs the iterations (on Xᵀ)."""
+        return self._inner.kernel
+
+    @property
+    def governor(self) -> Any:
+        """The transposed run's :class:`~fastmu.cpu_threads.ThreadGovernor`, or None."""
+        return self._inner.governor
+
+    transposed = True
+
+    def run(self, n_iter: int) -> None:
+        n_iter = int(n_iter)
+        if n_iter == 0:
+            if not self._ahead:
+                self._inner.run(0)  # compiles, and forms Xᵀ A₁, A₁ᵀ A₁ for the first S update
+            return
+        # A₁ is already done: the first call runs one transposed iteration fewer
+        self._inner.run(n_iter if self._ahead else n_iter - 1)
+        self._ahead = True
+        inner = self._inner
+        s_now = np.empty_like(inner._ka)
+        with fork_safety.cpu_kernels():
+            # S_k from the carried P = Xᵀ A_k, G = A_kᵀ A_k: S's weights are A's on Xᵀ
+            self._ops.a_update_from_pg(inner._ka, inner._kw, inner.P, inner.G, self.eps,
+                                       inner._penalty, s_now)
+        self._s_now = s_now
+        self._stale = True
+
+    def objective(self) -> np.ndarray:
+        if self._ahead:
+            return self._inner.objective(self._s_now)
+        if self._start_objective is None:  # at (A₀, S₀), which the kernels never hold
+            from fastmu.kernels import cpu
+
+            parts = np.empty((self.X.shape[0], -(-self.X.shape[2] // cpu.RESIDUAL_TILE)))
+            with fork_safety.cpu_kernels():  # a kernel, not NumPy: OpenBLAS's threads would spin on
+                cpu.residual_partials(self.X, self.A, self.S, parts)
+            self._start_objective = 0.5 * parts.sum(axis=1)
+        return self._start_objective.copy()
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._stale:
+            n = self.A.shape[2]
+            _, At = self._inner.factors()  # (Sᵀ of the iteration before, Aᵀ)
+            self.A[...] = At.transpose(0, 2, 1)
+            self.S[...] = self._s_now[:, :, :n].transpose(0, 2, 1)
+            self._stale = False
+        return self.A, self.S
+
+    @staticmethod
+    def adopt(x: Any, like: Any | None) -> np.ndarray:
+        from fastmu.dispatch import CPUEngine
+
+        return CPUEngine.adopt(x, like)
+
+    @staticmethod
+    def release(x: np.ndarray, kind: str, like: Any) -> Any:
+        from fastmu.dispatch import CPUEngine
+
+        return CPUEngine.release(x, kind, like)
