@@ -183,6 +183,8 @@ class CPUEngine:
 
     name = "cpu"
     native = "numpy"
+    #: whether the kernels run Xᵀ (:class:`fastmu.transposed.TransposedCPUEngine`: True)
+    transposed = False
 
     def __init__(
         self, X: np.ndarray, A: np.ndarray, S: np.ndarray, W: np.ndarray | None, eps: float,

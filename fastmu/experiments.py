@@ -186,7 +186,9 @@ def _solver_curve(solve: Callable, X: torch.Tensor, n: int, n_iter: int, A_true,
     """Run an iterative solver in chunks up to log-spaced checkpoints; score at each.
 
     Chunking changes nothing: MU and CD carry no state besides (A, S), so
-    restarting from the last factors continues the same sequence of iterates.
+    restarting from the last factors continues the same sequence of iterates
+    (to rounding for MU on a tall X on the CPU, whose restart forms its first
+    A update outside the kernels: :mod:`fastmu.transposed`).
     """
     pts = iteration_checkpoints(n_iter, per_decade)
     A = S = None

@@ -2,7 +2,7 @@
 
 fastmu's CPU kernels stream over X's second axis (pixels). A tall X (many
 rows, few columns: 16384 × 65, pixels as rows) gives them few pixels to
-stream over; on its transpose the same iterations ran 1.8–3.5× faster
+stream over; on its transpose the same iterations ran 1.7–3.5× faster
 (:data:`FEW_PIXELS`). MU is symmetric under transposition,
 ``Xᵀ ≈ Sᵀ Aᵀ``, except for the order of the two updates: the kernels on
 ``Xᵀ`` update ``Sᵀ`` first. So :class:`TransposedCPUEngine` keeps MU's
@@ -18,11 +18,15 @@ sequence ``A₁, S₁, A₂, …`` by running the kernels half an iteration ahea
 
 The iterates are MU's, the objective is measured at ``(A_k, S_k)``, and a
 run in slices is the same as one run (the kernels' state does not depend on
-where the caller stops).
+where the caller stops). A new call from the returned factors is not the
+same to the bit: its first A update is the half step's, which sums
+``X Sᵀ`` in another order than the kernels, so the two sequences differ
+by rounding; on X as given such a restart repeats the sequence exactly.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,35 +35,46 @@ from fastmu import fork_safety
 from fastmu.penalty import NONE, Penalty
 
 #: a tall X (``m ≥ TALL_RATIO · t``) runs on its transpose when it has at most
-#: FEW_PIXELS columns, or at most WIDE_PIXELS and at least MANY_ROWS rows.
-#: ``python bench/bench_tall.py`` (``bench/results/mu_cpu_tall.json``, 2-core
-#: Xeon, float32, rank 4) timed MU on Xᵀ at 1.8–3.5× the speed of X as given
-#: with 65–120 columns, 0.98–2.1× with 256–512 columns and 2000–16384 rows,
-#: 0.82–1.03× with 200–400 columns and at most 1024 rows, and 0.85–1.38×
-#: with 1024–2048 columns (the rule leaves the last two groups as given).
+#: FEW_PIXELS columns, or at most WIDE_PIXELS and at least MANY_ROWS and
+#: WIDE_RATIO · t rows. ``python bench/bench_tall.py`` (2-core Xeon, float32,
+#: rank 4; ``bench/results/mu_cpu_tall*.json``, two runs) timed MU on Xᵀ at
+#: 1.7–3.5× the speed of X as given with 65–120 columns in both runs, and at
+#: 1.3–2.4× with 256–768 columns and 4096–16384 rows; between those, runs
+#: disagreed (0.80× and 1.46× at 2000 × 500), and 1024 columns measured
+#: 0.79–1.49× on one problem, 0.73–0.92× on two (README, Architecture).
 TALL_RATIO = 2
 FEW_PIXELS = 128
-WIDE_PIXELS = 512
+WIDE_PIXELS = 768
 MANY_ROWS = 2000
+WIDE_RATIO = 4
+_OFF = ("0", "off", "false", "no")
+_ON = ("1", "on", "true", "yes")
 
 
 def transposes(shape: tuple[int, int, int], learned: bool = False) -> bool:
     """Whether the CPU engine runs an X of ``shape`` (b, m, t) on its transpose.
 
     For a tall X with few columns (:data:`TALL_RATIO`, :data:`FEW_PIXELS`,
-    :data:`WIDE_PIXELS`, :data:`MANY_ROWS`) of plain or penalised MU; not for
+    :data:`WIDE_PIXELS`, :data:`MANY_ROWS`, :data:`WIDE_RATIO`) of plain or penalised MU; not for
     learned W (the learned layers weight A's update, which on Xᵀ is not the
-    one the kernels weight). ``FASTMU_CPU_TRANSPOSE=0`` turns it off and
-    ``=1`` on for every X with more rows than columns (read on every call,
-    for A/B runs). The memory check is :func:`fastmu.dispatch.cpu_transposes`'.
+    one the kernels weight). ``FASTMU_CPU_TRANSPOSE=0`` (or off, false, no)
+    turns it off and ``=1`` (on, true, yes) on for every X with more rows
+    than columns; other values warn and mean the default, ``auto`` (read on
+    every call, for A/B runs). The memory check is :func:`fastmu.dispatch.cpu_transposes`'.
     """
     _, m, t = (int(v) for v in shape)
-    flag = os.environ.get("FASTMU_CPU_TRANSPOSE", "auto")
-    if learned or flag == "0":
+    flag = os.environ.get("FASTMU_CPU_TRANSPOSE", "auto").strip().lower()
+    if flag in _OFF:
         return False
-    if flag == "1":
+    if learned:
+        return False
+    if flag in _ON:
         return m > t
-    return m >= TALL_RATIO * t and (t <= FEW_PIXELS or (t <= WIDE_PIXELS and m >= MANY_ROWS))
+    if flag not in ("", "auto"):
+        warnings.warn(f"FASTMU_CPU_TRANSPOSE={os.environ['FASTMU_CPU_TRANSPOSE']!r} is not one of 0/1, "
+                      "off/on, false/true, no/yes or auto: using auto", RuntimeWarning, stacklevel=2)
+    return m >= TALL_RATIO * t and (
+        t <= FEW_PIXELS or (t <= WIDE_PIXELS and m >= max(MANY_ROWS, WIDE_RATIO * t)))
 
 
 class TransposedCPUEngine:
@@ -72,6 +87,7 @@ class TransposedCPUEngine:
 
     name = "cpu"
     native = "numpy"
+    transposed = True
 
     def __init__(self, X: np.ndarray, A: np.ndarray, S: np.ndarray, eps: float, penalty: Penalty | None = None):
         from fastmu.dispatch import CPUEngine
@@ -105,8 +121,6 @@ class TransposedCPUEngine:
     def governor(self) -> Any:
         """The transposed run's :class:`~fastmu.cpu_threads.ThreadGovernor`, or None."""
         return self._inner.governor
-
-    transposed = True
 
     def run(self, n_iter: int) -> None:
         n_iter = int(n_iter)

@@ -189,7 +189,7 @@ def test_tall_x_runs_the_blocked_kernel_where_its_rows_are_shared_out(rng, monke
     assert eng.transposed and eng.kernel == "tiled"
     assert cpu_kernel_for(Xt.shape, 4, Xt.dtype) == eng.kernel
     monkeypatch.setenv("FASTMU_CPU_TRANSPOSE", "0")
-    assert not getattr(new_engine(CPUEngine, Xt, At.copy(), St.copy(), None, EPS), "transposed", False)
+    assert not new_engine(CPUEngine, Xt, At.copy(), St.copy(), None, EPS).transposed
     assert cpu_kernel_for(Xt.shape, 4, Xt.dtype) == CPUEngine(Xt, At, St, None, EPS).kernel
     assert cpu_kernel_for(Xw.shape, 4, Xw.dtype) == "tiled"
 
