@@ -492,7 +492,8 @@ def choose_staging(dtype: Any, m: int, n: int, threads: int | None = None) -> st
         raise ValueError(
             f"m = {m} channels do not fit the CUDA kernels' shared memory at n = {n}, {np.dtype(dtype)}, "
             f"{tpb} threads per block (at most m = {m_max}); use fewer threads per block "
-            "(fastmu.kernels.cuda.set_threads) or backend='cpu'"
+            "(fastmu.kernels.cuda.set_threads) or backend='cpu', which runs a tall X on its transpose "
+            "itself, or factorise Xᵀ ≈ Sᵀ Aᵀ if X is tall (fastmu.NMF does that on the GPU)"
         )
     return want
 

@@ -460,9 +460,10 @@ def test_m_too_large_for_shared_memory():
     kc.set_threads(1024)
     X = np.ones((1, 2000, 8), np.float64)
     d = cuda.to_device
-    with pytest.raises(ValueError, match="shared memory"):
+    with pytest.raises(ValueError, match="shared memory") as err:
         kc.mu_run(d(X), d(np.ones((1, 2000, 8))), d(np.ones((1, 8, 8))), d(np.ones((1, 2000, 8))),
                   d(np.ones((1, 2000, 8))), d(np.ones((1, 8, 8))), 1, EPS, False, True)
+    assert "backend='cpu'" in str(err.value) and "factorise Xᵀ" in str(err.value)  # the ways out
 
 
 # ----------------------------------------------------------------------------- engine / solver
