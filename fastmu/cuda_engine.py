@@ -174,21 +174,23 @@ class CUDAEngine:
         )
         self._pg_valid = True
 
-    def objective(self) -> np.ndarray:
+    def objective(self, A: Any = None) -> np.ndarray:
         """``0.5‖X − AS‖²`` per problem (float64 NumPy): in float64 from P and G (no pass
         over X except once for ``‖X‖²``), in float32 from one pass over X (P and G are
-        too coarse there: :func:`fastmu.kernels.cuda.residual_squares`). Synchronises
+        too coarse there: :func:`fastmu.kernels.cuda.residual_squares`). ``A``: another
+        A (a device array like the engine's) in place of the current one. Synchronises
         the stream."""
         if not self._pg_valid:
             self.run(0)
         s = self._stream_obj
+        A_dev = self.A if A is None else A
         if np.dtype(self.X.dtype) == np.float32:  # one pass over X: see kernels.cuda.residual_squares
-            r2 = self._k.residual_squares(self.X, self.A, self.S, stream=s).copy_to_host(stream=s)
+            r2 = self._k.residual_squares(self.X, A_dev, self.S, stream=s).copy_to_host(stream=s)
             self._sync()
             return 0.5 * r2
         if self._x2 is None:
             self._x2 = self._k.sum_squares(self.X, stream=s).copy_to_host(stream=s)
-        A = self.A.copy_to_host(stream=s)
+        A = A_dev.copy_to_host(stream=s)
         P = self.P.copy_to_host(stream=s)
         G = self.G.copy_to_host(stream=s)
         self._sync()

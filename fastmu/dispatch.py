@@ -142,11 +142,18 @@ def cpu_transposes(shape: tuple[int, int, int], dtype: Any = np.float32, learned
 def new_engine(engine_cls: type, X: Any, A: Any, S: Any, W: Any, eps: float, penalty: Penalty | None = None) -> Any:
     """An engine of ``engine_cls`` for this state: for the CPU and a tall X, the
     transposed run of :class:`fastmu.transposed.TransposedCPUEngine` (the same
-    iterates, the kernels streaming over X's rows)."""
+    iterates, the kernels streaming over X's rows); for CUDA, that of
+    :class:`~fastmu.transposed.TransposedCUDAEngine` where X as given has too
+    many rows for the kernels."""
     if engine_cls is CPUEngine and cpu_transposes(X.shape, X.dtype, learned=W is not None):
         from fastmu.transposed import TransposedCPUEngine
 
         return TransposedCPUEngine(X, A, S, eps, penalty)
+    if getattr(engine_cls, "name", None) == "cuda":
+        from fastmu.transposed import TransposedCUDAEngine, cuda_transposes
+
+        if cuda_transposes(X.shape, A.shape[2], X.dtype, learned=W is not None):
+            return TransposedCUDAEngine(X, A, S, eps, penalty)
     return engine_cls(X, A, S, W, eps, penalty=penalty)
 
 

@@ -172,3 +172,122 @@ class TransposedCPUEngine:
         from fastmu.dispatch import CPUEngine
 
         return CPUEngine.release(x, kind, like)
+
+
+def cuda_transposes(shape: tuple[int, int, int], n: int, dtype: Any, learned: bool = False) -> bool:
+    """Whether the CUDA engine runs an X of ``shape`` (b, m, t) on its transpose: only where
+    X as given does not fit the kernels' shared memory (too many rows) and ``Xᵀ`` does.
+
+    The kernels have not been timed on a tall X that fits, so this turns an
+    error into a run and claims no speed. ``FASTMU_CPU_TRANSPOSE``'s off
+    values turn it off here too.
+    """
+    from fastmu.kernels import cuda as kc
+
+    _, m, t = (int(v) for v in shape)
+    flag = os.environ.get("FASTMU_CPU_TRANSPOSE", "auto").strip().lower()
+    if learned or flag in _OFF or m <= t or n > kc.MAX_N:
+        return False
+    try:
+        kc.choose_staging(dtype, m, n)
+        return False  # X as given fits
+    except ValueError:
+        pass
+    try:
+        kc.choose_staging(dtype, t, n)
+    except ValueError:
+        return False  # neither fits: X as given raises its clear error
+    return True
+
+
+class TransposedCUDAEngine:
+    """The ``cuda`` engine for a tall X too large for the kernels as given
+    (:func:`cuda_transposes`): the fused CUDA kernels on ``Xᵀ``, half an iteration
+    ahead, as :class:`TransposedCPUEngine` (the same logic, on device arrays).
+    """
+
+    name = "cuda"
+    native = "cuda"
+    transposed = True
+
+    def __init__(self, X: Any, A: Any, S: Any, eps: float, penalty: Penalty | None = None):
+        from numba import cuda
+
+        from fastmu.cuda_engine import CUDAEngine, _source, _tag
+        from fastmu.kernels import cuda_transposed
+
+        self._ops = cuda_transposed
+        self.X, self.A, self.S = X, A, S
+        self.eps = float(eps)
+        pen = penalty if penalty is not None else NONE
+        self._penalty = tuple(float(v) for v in pen)
+        b, m, t = X.shape
+        n = A.shape[2]
+        src = _source(X)
+        stream = CUDAEngine._stream_for(src) if src[0] in ("torch", "cupy") else 0
+        self._stream = stream
+
+        def empty(shape: tuple[int, ...]) -> Any:
+            return _tag(cuda.device_array(shape, X.dtype, stream=stream), *src)
+
+        A1 = empty((b, m, n))
+        self._ops.a_half_step(X, A, S, self.eps, self._penalty, A1, stream=stream)
+        Y, B, R = empty((b, t, m)), empty((b, t, n)), empty((b, n, m))
+        self._ops.transpose(X, Y, stream=stream)
+        self._ops.transpose(S, B, stream=stream)
+        self._ops.transpose(A1, R, stream=stream)
+        self._inner = CUDAEngine(Y, B, R, None, eps, pen.transposed() if pen.active else None)
+        self._s_now = empty((b, t, n))
+        self._ahead = False
+        self._stale = False
+        self._start_objective: np.ndarray | None = None
+
+    def run(self, n_iter: int) -> None:
+        n_iter = int(n_iter)
+        if n_iter == 0:
+            if not self._ahead:
+                self._inner.run(0)
+            return
+        self._inner.run(n_iter if self._ahead else n_iter - 1)
+        self._ahead = True
+        inner = self._inner
+        # S's weights are A's on Xᵀ: the inner engine's first two
+        self._ops.a_update_from_pg(inner.A, inner.P, inner.G, self.eps, inner.penalty, self._s_now,
+                                   stream=self._stream)
+        self._stale = True
+
+    def objective(self) -> np.ndarray:
+        if self._ahead:
+            return self._inner.objective(self._s_now)
+        if self._start_objective is None:  # at (A₀, S₀), which the kernels never hold
+            from fastmu.kernels import cuda as kc
+
+            r2 = kc.residual_squares(self.X, self.A, self.S, stream=self._stream).copy_to_host(stream=self._stream)
+            self._inner._sync()
+            self._start_objective = 0.5 * r2
+        return self._start_objective.copy()
+
+    def factors(self) -> tuple[Any, Any]:
+        if self._stale:
+            self._ops.transpose(self._inner.S, self.A, stream=self._stream)  # (b, n, m) -> (b, m, n)
+            self._ops.transpose(self._s_now, self.S, stream=self._stream)  # (b, t, n) -> (b, n, t)
+            self._stale = False
+        return self.A, self.S
+
+    @staticmethod
+    def adopt(x: Any, like: Any | None) -> Any:
+        from fastmu.cuda_engine import CUDAEngine
+
+        return CUDAEngine.adopt(x, like)
+
+    @staticmethod
+    def release(x: Any, kind: str, like: Any) -> Any:
+        from fastmu.cuda_engine import CUDAEngine
+
+        return CUDAEngine.release(x, kind, like)
+
+    @staticmethod
+    def copy(x: Any) -> Any:
+        from fastmu.cuda_engine import CUDAEngine
+
+        return CUDAEngine.copy(x)

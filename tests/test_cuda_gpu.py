@@ -228,3 +228,28 @@ def test_float32_tol_reads_the_residual_and_stops_where_the_cpu_does():
     kw = dict(n_iter=3000, tol=1e-6, random_state=0, init="random", return_n_iter=True)
     n_gpu, n_cpu = fastmu.mu(X1, 4, backend="cuda", **kw)[2], fastmu.mu(X1, 4, backend="cpu", **kw)[2]
     assert abs(n_gpu - n_cpu) <= 10 and n_cpu < 3000  # rounding may move a stop by one check, not more
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-3), (np.float64, 1e-9)])
+def test_tall_x_too_large_for_the_kernels_runs_on_its_transpose(dtype, rtol):
+    """16384 × 65 pixels as rows: A' and P of 16384 rows do not fit a block's shared memory,
+    so fastmu.mu runs Xᵀ half an iteration ahead (fastmu.transposed.TransposedCUDAEngine):
+    MU's iterates, a torch CUDA tensor in and out, the tol stop where the CPU's run stops."""
+    torch = pytest.importorskip("torch")
+    from fastmu.penalty import Penalty
+    from fastmu.transposed import cuda_transposes
+
+    X, A0, S0 = _problem(2, 16384, 4, 65)
+    X, A0, S0 = (a.astype(dtype) for a in (X, A0, S0))
+    assert cuda_transposes(X.shape, 4, dtype)
+    A, S = fastmu.mu(X, A0=A0, S0=S0, n_iter=50, backend="cuda", l2_S=0.01)
+    Ar, Sr = mu_numpy(*(a.astype(np.float64) for a in (X, A0, S0)), 50,
+                      penalty=Penalty(0.0, 0.0, 0.0, 0.01))
+    np.testing.assert_allclose(A, Ar, rtol=rtol, atol=rtol * np.abs(Ar).max())
+    np.testing.assert_allclose(S, Sr, rtol=rtol, atol=rtol * np.abs(Sr).max())
+    Xt = torch.from_numpy(X[0]).cuda()
+    kw = dict(n_iter=2000, tol=1e-5, random_state=0, init="random", return_n_iter=True)
+    A_g, S_g, n_gpu = fastmu.mu(Xt, 4, **kw)
+    assert A_g.is_cuda and S_g.is_cuda and A_g.shape == (16384, 4)
+    n_cpu = fastmu.mu(X[0], 4, **kw)[2]
+    assert abs(n_gpu - n_cpu) <= 10 and n_cpu < 2000

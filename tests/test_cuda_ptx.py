@@ -157,3 +157,18 @@ def test_wide_regs_tiles_compile_to_ptx(no_device, ppl):
     assert _longest_global_load_run(ptx) >= rows * ppl
     _compile(k.mu_flat_step.py_func, (a3, a3, a3, a4, a4, a4, types.int64, f, b, b), k.launch_bounds)
     _compile(k.layer_step.py_func, (a3,) * 10 + (f, b, b), k.launch_bounds)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_transposed_run_kernels_compile_to_ptx(no_device, dtype):
+    """The kernels of a tall X's transposed run (kernels/cuda_transposed.py), in both uses of
+    the row update: from X (G in float64) and from carried P, G (in X's dtype)."""
+    from fastmu.kernels import cuda_transposed as kt
+
+    f = getattr(types, dtype)
+    a3, g3 = types.Array(f, 3, "C"), types.Array(types.float64, 3, "C")
+    assert ".entry" in _compile(kt._transpose.py_func, (a3, a3), None)
+    assert ".entry" in _compile(kt._gram.py_func, (a3, types.float64, g3), None)
+    for G in (g3, a3):
+        ptx = _compile(kt._a_update_rows.py_func, (a3, a3, a3, a3, G, f, f, a3, types.boolean), None)
+        assert ".entry" in ptx and "div.rn.f64" in ptx
