@@ -27,6 +27,27 @@ def learned_layer_inputs(b, m, n, t, dtype=None, per_problem=False, seed=0):
     return X, A, S, W
 
 
+def require_cudasim() -> None:
+    """Skip the calling test module unless Numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1``
+    must be set before Numba is imported, so the simulator tests run in a process of their own)."""
+    import os
+
+    import pytest
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip(
+            "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
+            allow_module_level=True,
+        )
+
+
+#: the simulator tests' CUDA kernel knobs (fastmu.kernels.cuda.set_config): 32 threads per block
+#: (32-pixel tiles), so that tiny problems span several tiles and blocks, automatic mode, X staged
+#: in row chunks
+TINY_CUDA_BLOCKS = dict(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
+                        prefetch=False, pixels_per_lane=1)
+
+
 def real_cuda_gpu() -> bool:
     """True when Numba sees a real CUDA GPU (and the simulator is off)."""
     import os

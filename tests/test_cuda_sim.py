@@ -11,18 +11,15 @@ problem in grid mode, and several row chunks of X in the P reduction.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 
+from helpers import TINY_CUDA_BLOCKS, require_cudasim
+
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
@@ -39,8 +36,7 @@ EPS = 1e-12
 def _tiny_blocks():
     """32 threads per block, automatic mode, row staging, for every test (restored afterwards)."""
     saved = kc.get_config()
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
-                  prefetch=False, pixels_per_lane=1)
+    kc.set_config(**TINY_CUDA_BLOCKS)
     yield
     kc.set_config(**saved)
 

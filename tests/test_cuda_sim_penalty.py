@@ -16,17 +16,13 @@ every thread in Python.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from helpers import TINY_CUDA_BLOCKS, require_cudasim
 
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
@@ -63,8 +59,7 @@ def _tiny_blocks(monkeypatch):
     (restored afterwards): flat mode's automatic wave is then 4 "regs" blocks of 64 threads
     (8 of the other stagings), dealing 3 × 2 tiles in ranges that cross problems."""
     saved = kc.get_config()
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
-                  prefetch=False, pixels_per_lane=1, unroll=None, occupancy=256)
+    kc.set_config(**TINY_CUDA_BLOCKS, unroll=None, occupancy=256)
     monkeypatch.setattr(kc, "_multiprocessors", lambda: 1)
     yield
     kc.set_config(**saved)

@@ -14,17 +14,13 @@ row; plus regressions for bugs found on such shapes.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from helpers import TINY_CUDA_BLOCKS, require_cudasim
 
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
@@ -42,8 +38,7 @@ EPS = 1e-12
 def _tiny_blocks():
     """32 threads per block, automatic mode, row staging, for every test (restored afterwards)."""
     saved, saved_bwd = kc.get_config(), kb._threads
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
-                  prefetch=False, pixels_per_lane=1)
+    kc.set_config(**TINY_CUDA_BLOCKS)
     yield
     kc.set_config(**saved)
     kb.set_threads(saved_bwd)

@@ -10,17 +10,13 @@ need thousands of rows, minutes here).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from helpers import TINY_CUDA_BLOCKS, require_cudasim
 
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
@@ -41,8 +37,7 @@ SMALL_SHARED = {np.float64: 10 * 1024, np.float32: 6 * 1024}
 @pytest.fixture(autouse=True)
 def _tiny_blocks_and_shared_memory(monkeypatch):
     saved = kc.get_config()
-    kc.set_config(threads=32, mode="auto", blocks_per_problem=None, staging="rows", rows_per_thread=None,
-                  prefetch=False, pixels_per_lane=1)
+    kc.set_config(**TINY_CUDA_BLOCKS)
     monkeypatch.setattr(kc, "_SHARED_LIMIT", SMALL_SHARED[np.float64])
     yield
     kc.set_config(**saved)

@@ -11,17 +11,13 @@ reduction of several levels, and a backward grid of several blocks with a partia
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from helpers import require_cudasim
 
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 import torch  # noqa: E402
 

@@ -12,17 +12,13 @@ Blocks of 16 threads (backward; the forward kernels need ≥ 32) make the tiny p
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from helpers import require_cudasim
 
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 import contextlib  # noqa: E402
 

@@ -7,18 +7,15 @@ blocks than a problem has tiles.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
+from helpers import require_cudasim
+
 pytestmark = pytest.mark.cudasim
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-    pytest.skip(
-        "CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/",
-        allow_module_level=True,
-    )
+require_cudasim()
 
 from fastmu.benchmarks import read_patterns  # noqa: E402
 
