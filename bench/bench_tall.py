@@ -1,16 +1,18 @@
-"""MU on a tall X on the CPU: fastmu.mu on X as given beside the same call on Xᵀ.
+"""MU or CD on a tall X on the CPU: X as given beside the same call on Xᵀ.
 
-fastmu runs a tall X with few columns on its transpose (:mod:`fastmu.transposed`);
-this is the measurement behind that rule. For each shape (b, m, t), rank 4,
-float32, the same start: ``fastmu.mu`` with ``FASTMU_CPU_TRANSPOSE=1`` (on Xᵀ,
-for any X with more rows than columns) and ``=0`` (X as given), taking turns,
-each run after the benchmarks' rest; the median of the rounds counts. Both
-compute MU's iterates; each run includes its copies of X and, on Xᵀ, the
-half iteration before.
+fastmu runs a tall X with few columns on its transpose (:mod:`fastmu.transposed`,
+:mod:`fastmu.baselines.cd_transposed`); this is the measurement behind that rule.
+For each shape (b, m, t), rank 4, float32, the same start: ``fastmu.mu`` (or
+``fastmu.baselines.cd`` with ``--solver cd``) with ``FASTMU_CPU_TRANSPOSE=1``
+(on Xᵀ, for any X with more rows than columns) and ``=0`` (X as given), taking
+turns, each run after the benchmarks' rest; the median of the rounds counts.
+Both compute the solver's iterates; each run includes its copies of X and, on
+Xᵀ, the half iteration before.
 
 Usage::
 
     python bench/bench_tall.py                    # writes bench/results/mu_cpu_tall.json
+    python bench/bench_tall.py --solver cd        # writes bench/results/cd_cpu_tall.json
     python bench/bench_tall.py --rounds 1 --work 1e8 --out /tmp/tall.json
 """
 from __future__ import annotations
@@ -34,10 +36,21 @@ SHAPES = [
 ]
 
 
-def run(rounds: int = 5, work: float = 6e8, shapes: list | None = None) -> dict:
+def run(rounds: int = 5, work: float = 6e8, shapes: list | None = None, solver: str = "mu") -> dict:
     import fastmu
+    from fastmu.baselines import cd
     from fastmu.benchmarks.machine import SETTLE_S, machine_info, settle
+    from fastmu.baselines.cd_transposed import cd_transposes
     from fastmu.transposed import transposes
+
+    def rule(shape: tuple[int, int, int]) -> bool:
+        return cd_transposes(shape, np.float32) if solver == "cd" else transposes(shape)
+
+    def fit(X: np.ndarray, A0: np.ndarray, S0: np.ndarray, n_iter: int) -> None:
+        if solver == "cd":
+            cd(X, A0=A0, S0=S0, n_iter=n_iter)
+        else:
+            fastmu.mu(X, A0=A0, S0=S0, n_iter=n_iter, backend="cpu")
 
     rows = []
     for b, m, t in shapes or SHAPES:
@@ -49,34 +62,38 @@ def run(rounds: int = 5, work: float = 6e8, shapes: list | None = None) -> dict:
         times: dict[str, list[float]] = {"1": [], "0": []}
         for flag in times:  # warm-up: compilation or the cache's load
             os.environ["FASTMU_CPU_TRANSPOSE"] = flag
-            fastmu.mu(X, A0=A0, S0=S0, n_iter=2, backend="cpu")
+            fit(X, A0, S0, 2)
         for _ in range(rounds):
             for flag in times:
                 os.environ["FASTMU_CPU_TRANSPOSE"] = flag
                 settle()
                 t0 = time.perf_counter()
-                fastmu.mu(X, A0=A0, S0=S0, n_iter=iters, backend="cpu")
+                fit(X, A0, S0, iters)
                 times[flag].append(1e3 * (time.perf_counter() - t0) / iters)
         del os.environ["FASTMU_CPU_TRANSPOSE"]
         on_xt, as_given = (float(np.median(times[f])) for f in ("1", "0"))
-        row = {"b": b, "m": m, "t": t, "rank": 4, "dtype": "float32", "iters": iters, "rounds": rounds,
+        row = {"solver": solver, "b": b, "m": m, "t": t, "rank": 4, "dtype": "float32", "iters": iters, "rounds": rounds,
                "ms_per_iter_on_xt": on_xt, "ms_per_iter_as_given": as_given,
-               "speedup_on_xt": as_given / on_xt, "fastmu_transposes": transposes((b, m, t))}
+               "speedup_on_xt": as_given / on_xt, "fastmu_transposes": rule((b, m, t))}
         rows.append(row)
         print(f"{b:>4} × {m:>6} × {t:>5}  {iters:>5} it  on Xᵀ {on_xt:8.4f}  as given {as_given:8.4f} ms/it  "
               f"× {as_given / on_xt:4.2f}  {'transposed' if row['fastmu_transposes'] else 'as given'}", flush=True)
-    return {"machine": machine_info(), "settle_s": SETTLE_S, "rows": rows}
+    return {"machine": machine_info(), "solver": solver, "settle_s": SETTLE_S, "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--work", type=float, default=6e8, help="bytes of X read per run (sets the iterations)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mu_cpu_tall.json")
+    ap.add_argument("--solver", choices=("mu", "cd"), default="mu")
+    ap.add_argument("--shapes", type=int, default=None, help="time only the first this many shapes")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/results/{mu,cd}_cpu_tall.json")
     args = ap.parse_args()
-    res = run(args.rounds, args.work)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
-    print("wrote", args.out)
+    out = args.out or Path(__file__).parent / "results" / f"{args.solver}_cpu_tall.json"
+    res = run(args.rounds, args.work, SHAPES[:args.shapes] if args.shapes else None, args.solver)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -209,13 +209,15 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen):
             _gram_block(R, n, L, Gpart[u])
             leave_ftz(fp)
         _sum_units(Gpart, nsu, G)
-        for p in range(b):  # A's violation (chunk order), then S's (unit order)
-            v = 0.0
+        for p in range(b):  # A's violation (chunk order), S's (unit order)
+            va = 0.0
             for c in range(p * cpp, (p + 1) * cpp):
-                v += vpart[c]
+                va += vpart[c]
+            v = 0.0
             for u in range(p * nsu, (p + 1) * nsu):
                 v += vs[u]
-            viol[it, p] = v
+            viol[it, p, 0] = va
+            viol[it, p, 1] = v
 
 
 def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0.0, 0.0)) -> None:
@@ -233,8 +235,11 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0
     n_iter
         Number of iterations.
     viol
-        ``(≥ n_iter, b)`` float64: row ``it`` receives each problem's violation
-        of iteration ``it`` (A's sweep plus S's), as scikit-learn sums it.
+        ``(≥ n_iter, b, 2)`` float64: ``viol[it, p, 0]`` receives problem
+        p's violation of iteration ``it`` in A's sweep, ``viol[it, p, 1]`` in
+        S's; scikit-learn's is their sum. (Apart, so that a run on ``Xᵀ``,
+        whose sweeps are the other way round, can pair them:
+        :mod:`fastmu.baselines.cd_transposed`.)
     nthreads
         ``numba.config.NUMBA_NUM_THREADS`` (sizes the per-thread scratch).
     penalty
@@ -300,14 +305,15 @@ def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             Gp[:, :] = 0
             _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
         for it in range(n_iter):
-            v = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
+            viol[it, p, 0] = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
             Pp[:, :] = 0
             Gp[:, :] = 0
+            v = 0.0
             for blk in range(nblk):
                 j0 = blk * tb
                 v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot,
                                l1s, l2s)
-            viol[it, p] = v
+            viol[it, p, 1] = v
         leave_ftz(fp)
 
 
@@ -332,6 +338,7 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
     hot = _hot(b, m, t, X.itemsize, n_iter, False)
     Ppart, Gpart, Abuf, (Al, Pl, Gl, Hl, _) = _block_parallel_state(A, P, G, cpp, nthreads, pg_valid)
     vpart = np.zeros(b * cpp, np.float64)
+    vfirst = np.zeros(b, np.float64)
     if not pg_valid:
         _block_parallel_pg(X, S, Ppart[0], Gpart[0], cpp, pc, tb, R)
 
@@ -345,11 +352,12 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
             _copy(Al[tid], Abuf[src, p])
             va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
-            if c % cpp == 0:
+            if c % cpp == 0:  # every chunk's A is the same: the first one's is kept, and its violation
                 _copy(Abuf[dst, p], Al[tid])
+                vfirst[p] = va
             Ppart[dst, c] = 0
             Gpart[dst, c] = 0
-            v = va if c % cpp == 0 else 0.0
+            v = 0.0
             c0, c1 = _chunk_pixels(c, cpp, pc, t)
             for j0 in range(c0, c1, tb):
                 v += _cd_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), Ppart[dst, c], Gpart[dst, c],
@@ -360,5 +368,6 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             acc = 0.0
             for c in range(p * cpp, (p + 1) * cpp):
                 acc += vpart[c]
-            viol[it, p] = acc
+            viol[it, p, 0] = vfirst[p]
+            viol[it, p, 1] = acc
     _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, True)

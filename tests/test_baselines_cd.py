@@ -253,16 +253,17 @@ def test_bad_input_is_refused():
 # The fused CPU kernel (fastmu.kernels.cpu_cd), against the torch sweeps as the slow oracle.
 
 def _torch_iterations(X, A0, S0, n_iter):
-    """The torch path's iterations (coordinate_descent._sweep) and each one's violation."""
+    """The torch path's iterations (coordinate_descent._sweep) and each one's violation,
+    A's sweep's and S's apart: ``(n_iter, b, 2)``."""
     from fastmu.baselines import coordinate_descent as cdm
 
     Xt = torch.from_numpy(X)
     At, St = torch.from_numpy(A0.copy()).mT.contiguous(), torch.from_numpy(S0.copy())
     viol = []
     for _ in range(n_iter):
-        v = cdm._sweep(At, torch.bmm(St, St.mT), torch.bmm(St, Xt.mT), True)
-        v = v + cdm._sweep(St, torch.bmm(At, At.mT), torch.bmm(At, Xt), True)
-        viol.append(v.numpy())
+        va = cdm._sweep(At, torch.bmm(St, St.mT), torch.bmm(St, Xt.mT), True)
+        vs = cdm._sweep(St, torch.bmm(At, At.mT), torch.bmm(At, Xt), True)
+        viol.append(np.stack([va.numpy(), vs.numpy()], axis=-1))
     return At.mT.numpy(), St.numpy(), np.array(viol)
 
 
@@ -273,7 +274,8 @@ def _fused_case(seed, b, m, n, t, dtype, n_iter):
     X, A0, S0 = low_rank_problem(np.random.default_rng(seed), b, m, n, t, dtype=dtype, noise=0.05)
     S0[:, :, ::7] = 0
     ref = _torch_iterations(X, A0, S0, n_iter)
-    bufs = (A0.copy(), S0.copy(), np.empty((b, m, n), dtype), np.empty((b, n, n), dtype), np.zeros((n_iter, b)))
+    bufs = (A0.copy(), S0.copy(), np.empty((b, m, n), dtype), np.empty((b, n, n), dtype),
+            np.zeros((n_iter, b, 2)))
     return X, S0, ref, bufs
 
 

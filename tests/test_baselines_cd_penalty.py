@@ -47,13 +47,14 @@ def sk_fit(X, A0, S0, pen, max_iter, tol=0.0, update_H=True, shuffle=False, rand
 def sk_iterations(X, A0, S0, pen, n_iter):
     """scikit-learn's iterations (``_update_coordinate_descent`` for W, then H, as
     ``_fit_coordinate_descent`` runs them) on a batch, one problem at a time:
-    ``A (b, m, n)``, ``S (b, n, t)`` and each iteration's violation ``(n_iter, b)``."""
-    A, S, viol = A0.copy(), S0.copy(), np.zeros((n_iter, X.shape[0]))
+    ``A (b, m, n)``, ``S (b, n, t)`` and each iteration's violations, W's sweep's and H's
+    apart, ``(n_iter, b, 2)``."""
+    A, S, viol = A0.copy(), S0.copy(), np.zeros((n_iter, X.shape[0], 2))
     for p in range(X.shape[0]):
-        W, Ht = A0[p].copy(), np.ascontiguousarray(S0[p].T)  # copies: updated in place
+        W, Ht = A0[p].copy(), S0[p].T.copy()  # copies: sklearn updates them in place
         for it in range(n_iter):
-            viol[it, p] = (_nmf._update_coordinate_descent(X[p], W, Ht, pen.l1_A, pen.l2_A, False, None)
-                           + _nmf._update_coordinate_descent(X[p].T, Ht, W, pen.l1_S, pen.l2_S, False, None))
+            viol[it, p, 0] = _nmf._update_coordinate_descent(X[p], W, Ht, pen.l1_A, pen.l2_A, False, None)
+            viol[it, p, 1] = _nmf._update_coordinate_descent(X[p].T, Ht, W, pen.l1_S, pen.l2_S, False, None)
         A[p], S[p] = W, Ht.T
     return A, S, viol
 
@@ -71,7 +72,7 @@ def problem(seed, b, m, n, t, dtype=np.float64):
 
 def kernel_buffers(A0, S0, n_iter):
     b, m, n = A0.shape
-    return A0.copy(), S0.copy(), np.empty((b, m, n), A0.dtype), np.empty((b, n, n), A0.dtype), np.zeros((n_iter, b))
+    return A0.copy(), S0.copy(), np.empty((b, m, n), A0.dtype), np.empty((b, n, n), A0.dtype), np.zeros((n_iter, b, 2))
 
 
 def check_kernel_against_sklearn(X, A0, S0, pen, nthreads, dtype, calls=(2, 3)):

@@ -142,7 +142,7 @@ def test_cd_run_on_a_padded_stride_is_bitwise_the_same(rng, dtype):
     for Xk in (X, padded(X)):
         A, S = A0.copy(), S0.copy()
         P, G = np.empty((b, m, n), dtype), np.empty((b, n, n), dtype)
-        viol = np.zeros((4, b))
+        viol = np.zeros((4, b, 2))
         cpu_cd.cd_run(Xk, A, S, P, G, 4, False, viol, NT)
         out.append((A, S, P, G, viol))
     for got, want in zip(out[1], out[0]):

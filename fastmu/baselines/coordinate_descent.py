@@ -304,20 +304,20 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     many iterations as the stopping rule, the callback and the progress bar allow (one at a
     time under ``tol``, since a batch stops at the first iteration where all have converged),
     with ``P``, ``G`` carried from call to call, so slicing adds no pass over X (the kernel
-    applies the penalty as it reads them, so they carry over unshifted)."""
+    applies the penalty as it reads them, so they carry over unshifted). A tall X runs on
+    its transpose (:mod:`fastmu.baselines.cd_transposed`)."""
     import numba
     import torch
 
     from fastmu import cpu_threads, fork_safety
-    from fastmu.dispatch import blocked_kernel_x
-    from fastmu.kernels import cpu_cd
+    from fastmu.baselines.cd_transposed import new_cd_run
 
-    X = blocked_kernel_x(np.ascontiguousarray(Xt.detach().numpy()), numba.config.NUMBA_NUM_THREADS)
+    if n_iter == 0:
+        return 0
+    X = np.ascontiguousarray(Xt.detach().numpy())
     A = np.ascontiguousarray(At.detach().mT.numpy())  # the kernel's layout, (b, m, n)
     Sn = S.detach().numpy()  # contiguous (the callers make it so): updated in place
-    b, m, _ = X.shape
-    n = A.shape[2]
-    P, G = np.empty((b, m, n), X.dtype), np.empty((b, n, n), X.dtype)
+    b = X.shape[0]
     step = 1 if tol is not None else (every if on_iter is not None else n_iter)
     bar = None
     if progress:
@@ -327,20 +327,22 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
         step = min(step, max(1, n_iter // 100))
     stop = _Stopping(tol)
     nthreads = numba.config.NUMBA_NUM_THREADS
-    pg_valid = False
+    kernel_run = new_cd_run(X, A, Sn, tuple(float(w) for w in penalty), nthreads)
     viol = np.zeros((0, b))
     filled = 0
-    pen = tuple(float(w) for w in penalty)  # a plain tuple for the compiled kernel
 
     def advance(kk: int) -> None:  # the next kk iterations, their violations in viol's next rows
-        nonlocal pg_valid, filled
-        cpu_cd.cd_run(X, A, Sn, P, G, kk, pg_valid, viol[filled:filled + kk], nthreads, pen)
-        pg_valid = True
+        nonlocal filled
+        kernel_run.run(kk, viol[filled:filled + kk])
         filled += kk
+
+    def publish() -> None:  # the current factors into At and S
+        kernel_run.sync()
+        At.copy_(torch.from_numpy(A).mT)
 
     # Like MU's engine: schedules with a parallel region per iteration run on as many
     # threads as measures fastest (fastmu.cpu_threads); the bits do not change.
-    governor = cpu_threads.governor_for(cpu_cd.schedule(b, m, Sn.shape[2], X.itemsize, nthreads))
+    governor = cpu_threads.governor_for(kernel_run.schedule)
     slice_k = 1  # iterations per call of an ungoverned run (cpu_threads.run_in_slices)
     done = 0
     try:
@@ -359,7 +361,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
             if bar is not None:
                 bar.update(k)
             if on_iter is not None and done % every == 0:
-                At.copy_(torch.from_numpy(A).mT)
+                publish()
                 if on_iter(done):
                     break
             if tol is not None and stop(viol[0]):
@@ -367,7 +369,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     finally:
         if bar is not None:
             bar.close()
-        At.copy_(torch.from_numpy(A).mT)
+        publish()
     return done
 
 
