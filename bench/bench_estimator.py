@@ -7,9 +7,13 @@ rule, each estimator then running to its own stop), scikit-learn's random start.
 each solver the two estimators (``NMF(solver=s)`` from fastmu and from
 scikit-learn) take turns after a warm-up (fastmu's compiles its kernels), and
 the median fit is the figure; both factorisations are checked to agree.
+Then each fitted model's ``transform`` of the same X is timed the same way,
+at ``--transform-tol`` (scikit-learn's default tol, 1e-4: at ``tol=0`` it
+would run ``max_iter`` sweeps), under ``transform`` in the JSON.
 
     python bench/bench_estimator.py [--solver {mu,cd,both}] [--iters 1000] [--repeats 5]
                                     [--dtype float32] [--alpha 0] [--l1-ratio 0] [--tol 0]
+                                    [--transform-tol 1e-4]
                                     [--out bench/results/estimator_cpu.json]
 
 ``--alpha`` > 0 times the regularised fit (``alpha_W=alpha``, ``alpha_H="same"``,
@@ -36,7 +40,7 @@ SOLVERS = ("mu", "cd")
 
 def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: int = 4,
         solvers: tuple[str, ...] = SOLVERS, alpha: float = 0.0, l1_ratio: float = 0.0,
-        tol: float = 0.0) -> dict[str, Any]:
+        tol: float = 0.0, transform_tol: float = 1e-4) -> dict[str, Any]:
     from sklearn.decomposition import NMF as SkNMF
 
     from fastmu import NMF
@@ -70,6 +74,19 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
                 times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         scale = float(np.abs(W["sklearn"]).max())
+        # transform of the same X by each fitted model, at scikit-learn's default tol (at tol=0
+        # it would run max_iter sweeps)
+        for est in fitted.values():
+            est.set_params(tol=transform_tol)
+        Wt = {k: est.transform(X) for k, est in fitted.items()}  # warm-up
+        ttimes: dict[str, list[float]] = {k: [] for k in fitted}
+        for _ in range(repeats):
+            for k, est in fitted.items():
+                settle()
+                t0 = time.perf_counter()
+                est.transform(X)
+                ttimes[k].append(time.perf_counter() - t0)
+        tmed = {k: statistics.median(v) for k, v in ttimes.items()}
         res["shapes"][name] = {
             "solver": solver,
             "shape": list(X.shape),
@@ -79,6 +96,14 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
             "speedup_best": min(times["sklearn"]) / min(times["fastmu"]),
             "max_abs_diff_W_relative": float(np.abs(W["fastmu"] - W["sklearn"]).max()) / scale,
             "n_iter": {k: int(est.n_iter_) for k, est in fitted.items()},
+            "transform": {
+                "tol": transform_tol,
+                "seconds": ttimes,
+                "median_s": tmed,
+                "speedup_median": tmed["sklearn"] / tmed["fastmu"],
+                "max_abs_diff_W_relative": float(np.abs(Wt["fastmu"] - Wt["sklearn"]).max())
+                / float(np.abs(Wt["sklearn"]).max()),
+            },
         }
     return res
 
@@ -95,19 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l1-ratio", type=float, default=0.0, help="l1_ratio of both estimators (default 0)")
     ap.add_argument("--tol", type=float, default=0.0,
                     help="tol of both estimators (default 0: --iters iterations; scikit-learn's default is 1e-4)")
+    ap.add_argument("--transform-tol", type=float, default=1e-4,
+                    help="tol of both fitted models' transform of X, timed after the fits (default 1e-4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's ConvergenceWarning-free at tol=0; threadpool notes
         res = run(args.iters, args.repeats, args.dtype,
                   solvers=SOLVERS if args.solver == "both" else (args.solver,), alpha=args.alpha,
-                  l1_ratio=args.l1_ratio, tol=args.tol)
+                  l1_ratio=args.l1_ratio, tol=args.tol, transform_tol=args.transform_tol)
     for name, r in res["shapes"].items():
         orient = name.split("-")[0]
         print(f"{r['solver']:2s} {orient:4s} {tuple(r['shape'])}: fastmu {r['median_s']['fastmu'] * 1e3:8.1f} ms, "
               f"scikit-learn {r['median_s']['sklearn'] * 1e3:8.1f} ms -> {r['speedup_median']:.2f}x "
               f"(best {r['speedup_best']:.2f}x); |ΔW|/max|W| = {r['max_abs_diff_W_relative']:.1e}; "
               f"iterations {r['n_iter']['fastmu']} and {r['n_iter']['sklearn']}")
+        tr = r["transform"]
+        print(f"   transform (tol={tr['tol']:g}): fastmu {tr['median_s']['fastmu'] * 1e3:8.1f} ms, scikit-learn "
+              f"{tr['median_s']['sklearn'] * 1e3:8.1f} ms -> {tr['speedup_median']:.2f}x; "
+              f"|ΔW|/max|W| = {tr['max_abs_diff_W_relative']:.1e}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -293,7 +293,7 @@ class ThreadGovernor:
 SLICE_S = 0.25
 
 
-def run_in_slices(step: Callable[[int], None], n_iter: int, first: int = 1, slice_s: float = SLICE_S,
+def run_in_slices(step: Callable[[int], bool | None], n_iter: int, first: int = 1, slice_s: float = SLICE_S,
                   clock: Callable[[], float] = time.perf_counter) -> int:
     """``step(k)`` calls for ``n_iter`` iterations in all, each of about ``slice_s`` seconds.
 
@@ -304,7 +304,8 @@ def run_in_slices(step: Callable[[int], None], n_iter: int, first: int = 1, slic
     one is sized from the last one's rate, at most 16 times the last size, so a
     slice timed with a cold cache or a compile cannot make the next one run
     long. The kernels carry their state from call to call, so the slices
-    change no result.
+    change no result. A step that returns True ends the run there (its own
+    stopping rule, which it may have met before its last iteration).
 
     Returns
     -------
@@ -317,8 +318,10 @@ def run_in_slices(step: Callable[[int], None], n_iter: int, first: int = 1, slic
     while done < n_iter:
         take = min(k, n_iter - done)
         t0 = clock()
-        step(take)
+        stop = step(take)
         dt = clock() - t0
+        if stop is True:  # the step's own stopping rule (fewer iterations than take, perhaps)
+            break
         done += take
         per_iter = dt / take
         k = max(1, min(16 * k, int(slice_s / per_iter))) if per_iter > 0 else 16 * k

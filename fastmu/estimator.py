@@ -6,8 +6,8 @@ A drop-in for ``sklearn.decomposition.NMF(solver="mu")`` and
 (n_samples, n_features), ``W`` (the transform) of shape (n_samples,
 n_components) and ``H`` (``components_``) of shape (n_components,
 n_features). Multiplicative updates run on fastmu's fused kernels,
-coordinate descent on its fused CPU kernel for host arrays (on torch for GPU
-arrays, ``shuffle=True`` and ``transform``); NumPy, torch (CPU or CUDA) and CuPy arrays go in
+coordinate descent on its fused CPU kernels for host arrays (on torch for GPU
+arrays and ``shuffle=True``); NumPy, torch (CPU or CUDA) and CuPy arrays go in
 and the same kind comes out (``components_`` too), without copies on the GPU.
 
 With scikit-learn installed the class is a real scikit-learn estimator
@@ -176,9 +176,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     backend : {"auto", "cpu", "cuda", "torch"}, default "auto"
         Where multiplicative updates run (see :func:`fastmu.mu`): host arrays
         on the CPU kernels, GPU arrays on the CUDA kernels. ``solver="cd"``
-        runs where X is: its fit on the fused CPU kernel for host arrays, in
-        torch on X's device otherwise (and for ``shuffle=True`` and
-        ``transform``); it takes ``"auto"``, or the backend naming where X is
+        runs where X is: its fit and ``transform`` on the fused CPU kernels
+        for host arrays, in torch on X's device otherwise (and for
+        ``shuffle=True``); it takes ``"auto"``, or the backend naming where X is
         (``"cpu"``, ``"cuda"``), and refuses others rather than ignore them.
     eps : float, default :data:`fastmu.EPS`
         Added to every denominator of the multiplicative updates (unused by

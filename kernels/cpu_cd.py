@@ -371,3 +371,51 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             viol[it, p, 0] = vfirst[p]
             viol[it, p, 1] = acc
     _block_parallel_finish(A, P, G, Abuf, Ppart, Gpart, cpp, n_iter, True)
+
+
+#: pixels per parallel work item of :func:`cd_sweeps`
+SWEEP_PIXELS = 2048
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
+def cd_sweeps(F, P, G, l1, l2, n_iter, tol, viol, first, converged):
+    """Up to ``n_iter`` CD sweeps over the components of ``F (b, n, r)`` (in place) from a fixed
+    linear term ``P (b, n, r)`` and Gram matrix ``G (b, n, n)``: scikit-learn's
+    ``_fit_coordinate_descent`` with ``update_H=False`` (``transform``), F being Wᵀ.
+
+    Each sweep is :func:`_s_cd_block`'s on ``P − l1`` and ``G + l2 I``, its
+    columns shared out in runs of :data:`SWEEP_PIXELS` (they are independent),
+    the runs' violations added in order into ``viol[it, p]`` (float64,
+    ``(≥ n_iter, b)``). With ``tol ≥ 0`` the sweeps stop after the first one
+    at which every problem has had a violation at most ``tol`` times its first
+    (or a first of 0), scikit-learn's rule; ``tol < 0`` runs all ``n_iter``.
+    ``first`` (float64, ``(b,)``, negative until the first sweep) and
+    ``converged`` (bool, ``(b,)``) carry that rule's state from call to call.
+    Returns the number of sweeps run. Never reads X: ``P`` and ``G`` are formed once.
+    """
+    b, n, r = F.shape
+    dt = F.dtype
+    per = (r + SWEEP_PIXELS - 1) // SWEEP_PIXELS
+    vpart = np.zeros(b * per, np.float64)
+    for it in range(n_iter):
+        for c in prange(b * per):
+            fp = enter_ftz()
+            p = c // per
+            j0 = (c % per) * SWEEP_PIXELS
+            L = min(r, j0 + SWEEP_PIXELS) - j0
+            vpart[c] = _s_cd_block(G[p], F[p], j0, L, P[p, :, j0:j0 + L], np.empty(L, dt), l1, l2)
+            leave_ftz(fp)
+        every = True
+        for p in range(b):
+            v = 0.0
+            for c in range(p * per, (p + 1) * per):
+                v += vpart[c]
+            viol[it, p] = v
+            if first[p] < 0:
+                first[p] = v
+            if first[p] == 0 or v / first[p] <= tol:
+                converged[p] = True
+            every = every and converged[p]
+        if tol >= 0 and every:
+            return it + 1
+    return n_iter

@@ -14,6 +14,7 @@ from fastmu.baselines.coordinate_descent import cd
 from helpers import low_rank_problem, record_calls, schedule_shapes
 
 sk = pytest.importorskip("sklearn.decomposition")
+sk_exceptions = pytest.importorskip("sklearn.exceptions")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -420,3 +421,95 @@ def test_read_only_x_is_read_without_a_warning():
             "cd(X, 2, n_iter=3, random_state=0); fastmu.mu(X, 2, n_iter=3, backend='torch', random_state=0)\n")
     run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ---- S fixed (transform): the sweep kernel
+
+
+def _torch_sweeps(F0, P, G, n_iter, tol, l1=0.0, l2=0.0):
+    """The torch path's sweeps of F (b, n, r) from a fixed P, G and its stopping rule: F, sweeps run,
+    each sweep's violation."""
+    from fastmu.baselines import coordinate_descent as cdm
+
+    F = torch.from_numpy(F0.copy())
+    Pt, Gt = torch.from_numpy(P), torch.from_numpy(G)
+    stop = cdm._Stopping(tol)
+    viol = []
+    for it in range(n_iter):
+        viol.append(cdm._sweep(F, Gt, Pt, True, l1, l2).numpy())
+        if tol is not None and stop(viol[-1]):
+            break
+    return F.numpy(), len(viol), np.array(viol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b,n,r", [(1, 3, 4500), (3, 4, 700), (2, 1, 50)])  # r > 2 runs of SWEEP_PIXELS
+@pytest.mark.parametrize("calls", [(12,), (1, 2, 9)], ids=["one call", "three calls"])
+def test_sweep_kernel_matches_the_torch_sweeps(dtype, b, n, r, calls):
+    from fastmu.kernels import cpu_cd
+
+    rng = np.random.default_rng(r + n)
+    S = rng.random((b, n, 30)) + 0.05
+    X = rng.random((b, r, n)) @ S + 0.05 * rng.random((b, r, 30))
+    P, G = (S @ X.transpose(0, 2, 1)).astype(dtype), (S @ S.transpose(0, 2, 1)).astype(dtype)
+    F0 = np.zeros((b, n, r), dtype)
+    F0[:, :, ::5] = 0.3  # some coordinates start above 0, others at 0 (pg's other branch)
+    for l1, l2 in [(0.0, 0.0), (0.2, 0.5)]:
+        Fr, _, vr = _torch_sweeps(F0, P, G, sum(calls), None, l1, l2)
+        F, viol = F0.copy(), np.zeros((sum(calls), b))
+        first, converged = np.full(b, -1.0), np.zeros(b, np.bool_)
+        done = 0
+        for k in calls:
+            assert cpu_cd.cd_sweeps(F, P, G, l1, l2, k, -1.0, viol[done:], first, converged) == k
+            done += k
+        close(F, Fr, dtype, scale_of=Fr)
+        close(viol, vr, dtype, scale_of=vr)
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4])
+def test_sweep_kernel_stops_where_the_rule_does_across_calls(tol):
+    """scikit-learn's rule over a batch, its state carried from call to call: the same stop
+    whether the sweeps come in one call or one at a time."""
+    from fastmu.kernels import cpu_cd
+
+    rng = np.random.default_rng(7)
+    b, n, r = 3, 4, 600
+    S = rng.random((b, n, 40)) + 0.05
+    X = rng.random((b, r, n)) @ S + 0.05 * rng.random((b, r, 40))
+    P, G = S @ X.transpose(0, 2, 1), S @ S.transpose(0, 2, 1)
+    F0 = np.zeros((b, n, r))
+    Fr, n_ref, vr = _torch_sweeps(F0, P, G, 500, tol)
+    assert 2 < n_ref < 500
+    for k in (500, 1):
+        F, viol = F0.copy(), np.zeros((500, b))
+        first, converged = np.full(b, -1.0), np.zeros(b, np.bool_)
+        done = 0
+        while done < 500:
+            ran = cpu_cd.cd_sweeps(F, P, G, 0.0, 0.0, min(k, 500 - done), tol, viol[done:], first, converged)
+            done += ran
+            if converged.all():
+                break
+        assert done == n_ref
+        close(F, Fr, np.float64, scale_of=Fr)
+        close(viol[:done], vr, np.float64, scale_of=vr)
+
+
+def test_transform_on_the_cpu_runs_the_sweep_kernel(monkeypatch):
+    """NMF(solver="cd").transform on host arrays goes through kernels.cpu_cd.cd_sweeps, stopping
+    where scikit-learn's transform does (to the iterate)."""
+    from fastmu.kernels import cpu_cd
+
+    calls = record_calls(monkeypatch, cpu_cd, "cd_sweeps")
+    rng = np.random.default_rng(1)
+    H = rng.random((5, 40))
+    X, X_new = (rng.random((60, 5)) @ H + 0.01 * rng.random((60, 40)) for _ in range(2))
+    kw = dict(n_components=5, solver="cd", init="random", random_state=0, tol=1e-2, max_iter=400)
+    ours, theirs = fastmu.NMF(**kw).fit(X), sk.NMF(**kw).fit(X)
+    ours.components_ = theirs.components_.copy()  # the same H: transform alone compared
+    for m in (ours, theirs):
+        m.set_params(tol=1e-4, max_iter=2000)
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sk_exceptions.ConvergenceWarning)  # stopped by tol, before max_iter
+        np.testing.assert_allclose(ours.transform(X_new), theirs.transform(X_new), rtol=1e-9, atol=1e-12)
+    assert calls

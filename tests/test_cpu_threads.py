@@ -419,6 +419,17 @@ def test_run_in_slices_runs_every_iteration_in_bounded_slices():
     assert calls == [10]
 
 
+def test_run_in_slices_ends_where_a_step_says_stop():
+    calls = []
+
+    def step(k):
+        calls.append(k)
+        return sum(calls) >= 40  # a stopping rule met within this slice
+
+    cpu_threads.run_in_slices(step, 10_000, slice_s=1.0, clock=lambda: float(len(calls)) * 1e-6)
+    assert sum(calls) >= 40 and sum(calls) - calls[-1] < 40  # no slice after the one that stopped
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
 def test_ctrl_c_stops_a_long_problem_major_run_quickly():
     """One parallel region per run (a batch): without slices Ctrl-C would wait for the whole run."""

@@ -233,7 +233,9 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     On CPU tensors in natural order with S updated (:func:`cd`,
     ``NMF(solver="cd")``'s fit without shuffling), the iterations run in the
     fused Numba kernel (:mod:`fastmu.kernels.cpu_cd`, one pass over X per
-    iteration); otherwise as torch operations, on any device.
+    iteration); with S fixed (``transform``), without callback or progress
+    bar, in its sweep kernel (:func:`fastmu.kernels.cpu_cd.cd_sweeps`);
+    otherwise as torch operations, on any device.
     """
     import torch
 
@@ -242,9 +244,12 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     penalty = _check_penalty_arg(penalty)
     if Xt.device.type == "cpu":  # the kernel, or torch's OpenMP, in a forked child
         fork_safety.check_cpu_kernels_usable()
-    if (update_S and order is None and Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
-            and At.dtype == S.dtype == Xt.dtype and S.is_contiguous()):
+    fusable = (order is None and Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
+               and At.dtype == S.dtype == Xt.dtype)
+    if fusable and update_S and S.is_contiguous():
         return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress, penalty)
+    if fusable and not update_S and At.is_contiguous() and on_iter is None and not progress:
+        return _iterate_a_fused(Xt, At, S, n_iter, tol, penalty)
     l1_A, l2_A, l1_S, l2_S = penalty
     want_violation = tol is not None
     if not update_S:
@@ -370,6 +375,38 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
         if bar is not None:
             bar.close()
         publish()
+    return done
+
+
+def _iterate_a_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, penalty: Penalty = NONE) -> int:
+    """:func:`_iterate` with S fixed on the CPU: ``P = S Xᵀ`` and ``G = S Sᵀ`` formed once, then
+    :func:`fastmu.kernels.cpu_cd.cd_sweeps` over ``At (b, n, m)`` in place, in slices of about
+    :data:`fastmu.cpu_threads.SLICE_S` (Ctrl-C), the stopping rule's state carried between them."""
+    import torch
+
+    from fastmu import cpu_threads, fork_safety
+    from fastmu.kernels import cpu_cd
+
+    if n_iter == 0:
+        return 0
+    F = At.detach().numpy()  # contiguous (checked by the caller): updated in place
+    P = torch.bmm(S, Xt.mT).contiguous().numpy()
+    G = torch.bmm(S, S.mT).contiguous().numpy()
+    b = F.shape[0]
+    viol = np.zeros((n_iter, b))
+    first, converged = np.full(b, -1.0), np.zeros(b, np.bool_)
+    rule = -1.0 if tol is None else float(tol)
+    done = 0
+
+    def sweeps(k: int) -> bool:
+        nonlocal done
+        ran = cpu_cd.cd_sweeps(F, P, G, float(penalty.l1_A), float(penalty.l2_A), k, rule, viol[done:],
+                               first, converged)
+        done += ran
+        return rule >= 0 and bool(converged.all())
+
+    with fork_safety.cpu_kernels():
+        cpu_threads.run_in_slices(sweeps, n_iter)
     return done
 
 
