@@ -712,17 +712,20 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty
     ``tol`` (the data term alone, as scikit-learn's) comes from the same products,
     formed once more in float64 for float32 X: ``‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩``
     cancels, and from float32 products its error (~1e-7·‖X‖²) passed the
-    decreases ``tol`` looks for, stopping transforms early.
+    decreases ``tol`` looks for, stopping transforms early. Host arrays run the
+    same loop in kernels (:func:`_solve_w_on_the_cpu`).
     """
     from fastmu.solver import _cast
 
+    kind = array_kind(X)
+    if kind == "numpy" or (kind == "torch" and X.device.type == "cpu"):
+        return _solve_w_on_the_cpu(X, H, kind, max_iter, tol, eps, pen)
     n = H.shape[0]
     mean = float(X.mean())
     XHt = X @ H.T
     HHt = H @ H.T
     W = XHt * 0 + math.sqrt(mean / n)  # scikit-learn's start for transform, in X's kind and dtype
     if tol > 0:
-        kind = array_kind(X)
         X64, H64 = (_cast(v, kind, "float64") for v in (X, H))
         XHt64, HHt64 = (XHt, HHt) if X64 is X else (X64 @ H64.T, H64 @ H64.T)
         x2 = float((X64 * X64).sum())
@@ -743,6 +746,62 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty
                 break
             e_prev = e
     return W, it
+
+
+def _solve_w_on_the_cpu(X: Any, H: Any, kind: str, max_iter: int, tol: float, eps: float,
+                        pen: Penalty) -> tuple[Any, int]:
+    """:func:`_solve_w` for host arrays (NumPy, or torch on the CPU), on the kernels of
+    :mod:`fastmu.kernels.cpu_transform`: the products in one pass over X, then the updates
+    on ``Wᵀ`` in calls of 10, each ending at a ``tol`` check whose two terms the kernel
+    sums as it goes, or, without ``tol``, in slices of about
+    :data:`fastmu.cpu_threads.SLICE_S` (Ctrl-C). The same updates and checks as the
+    generic loop, in X's dtype, with the residual's terms in float64."""
+    from fastmu import cpu_threads
+    from fastmu.kernels import cpu_transform
+
+    torch_in = kind == "torch"
+    Xn = np.ascontiguousarray(X.detach().numpy() if torch_in else X)
+    Hn = np.ascontiguousarray(H.detach().numpy() if torch_in else H)
+    m, n = Xn.shape[0], Hn.shape[0]
+    dt = Xn.dtype
+    measure = tol > 0
+    Wt = np.full((n, m), math.sqrt(float(Xn.mean()) / n), dt)  # scikit-learn's start, transposed
+    Pt, HHt = np.empty((n, m), dt), np.empty((n, n), dt)
+    Pt64, HHt64 = (np.empty((n, m)), np.empty((n, n))) if measure else (np.empty((0, 0)), np.empty((0, 0)))
+    weights = (float(eps), float(pen.l1_A), float(pen.l2_A))
+    done = 0
+    with fork_safety.cpu_kernels():
+        x2 = cpu_transform.mu_w_products(Xn, Hn, Pt, HHt, Pt64, HHt64, measure)
+        if not measure:
+            def updates(k: int) -> None:
+                nonlocal done
+                cpu_transform.mu_w_run(Wt, Pt, HHt, *weights, k, Pt64, HHt64, False)
+                done += k
+
+            cpu_threads.run_in_slices(updates, max_iter)
+        else:
+            def residual(k: int) -> float:  # k updates, then the residual norm of the result
+                wx, ww = cpu_transform.mu_w_run(Wt, Pt, HHt, *weights, k, Pt64, HHt64, True)
+                return math.sqrt(max(x2 - 2.0 * wx + ww, 0.0))
+
+            e_init = e_prev = residual(0)
+            while done < max_iter:
+                k = min(10, max_iter - done)
+                if k < 10:  # no check after a last, partial run of updates, as the generic loop
+                    cpu_transform.mu_w_run(Wt, Pt, HHt, *weights, k, Pt64, HHt64, False)
+                    done += k
+                    break
+                e = residual(k)
+                done += k
+                if (e_prev - e) / (e_init if e_init > 0 else 1.0) < tol:
+                    break
+                e_prev = e
+    W = np.ascontiguousarray(Wt.T)
+    if torch_in:
+        import torch
+
+        W = torch.from_numpy(W)
+    return W, done
 
 
 __all__ = ["NMF"]
