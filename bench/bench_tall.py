@@ -72,7 +72,8 @@ def run(rounds: int = 5, work: float = 6e8, shapes: list | None = None, solver: 
                 times[flag].append(1e3 * (time.perf_counter() - t0) / iters)
         del os.environ["FASTMU_CPU_TRANSPOSE"]
         on_xt, as_given = (float(np.median(times[f])) for f in ("1", "0"))
-        row = {"solver": solver, "b": b, "m": m, "t": t, "rank": 4, "dtype": "float32", "iters": iters, "rounds": rounds,
+        row = {"solver": solver, "b": b, "m": m, "t": t, "rank": 4, "dtype": "float32", "iters": iters,
+               "rounds": rounds,
                "ms_per_iter_on_xt": on_xt, "ms_per_iter_as_given": as_given,
                "speedup_on_xt": as_given / on_xt, "fastmu_transposes": rule((b, m, t))}
         rows.append(row)

@@ -712,14 +712,22 @@ def _solve_w(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty
     ``tol`` (the data term alone, as scikit-learn's) comes from the same products,
     formed once more in float64 for float32 X: ``‖X‖² − 2⟨W, XHᵀ⟩ + ⟨WᵀW, HHᵀ⟩``
     cancels, and from float32 products its error (~1e-7·‖X‖²) passed the
-    decreases ``tol`` looks for, stopping transforms early. Host arrays run the
-    same loop in kernels (:func:`_solve_w_on_the_cpu`).
+    decreases ``tol`` looks for, stopping transforms early. Host arrays run this
+    loop in kernels (:func:`_solve_w_on_the_cpu`), other arrays in their own
+    array operations (:func:`_solve_w_generic`).
     """
-    from fastmu.solver import _cast
-
     kind = array_kind(X)
     if kind == "numpy" or (kind == "torch" and X.device.type == "cpu"):
         return _solve_w_on_the_cpu(X, H, kind, max_iter, tol, eps, pen)
+    return _solve_w_generic(X, H, max_iter, tol, eps, pen)
+
+
+def _solve_w_generic(X: Any, H: Any, max_iter: int, tol: float, eps: float, pen: Penalty) -> tuple[Any, int]:
+    """:func:`_solve_w` in the operations of X's array type (CuPy, torch on any device, or
+    NumPy: the tests' oracle for the kernels)."""
+    from fastmu.solver import _cast
+
+    kind = array_kind(X)
     n = H.shape[0]
     mean = float(X.mean())
     XHt = X @ H.T
