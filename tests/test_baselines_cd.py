@@ -513,3 +513,16 @@ def test_transform_on_the_cpu_runs_the_sweep_kernel(monkeypatch):
         warnings.simplefilter("error", sk_exceptions.ConvergenceWarning)  # stopped by tol, before max_iter
         np.testing.assert_allclose(ours.transform(X_new), theirs.transform(X_new), rtol=1e-9, atol=1e-12)
     assert calls
+
+
+def test_a_huge_iteration_limit_allocates_nothing_for_iterations_that_never_run():
+    """tol stops these long before n_iter / max_iter: nothing is sized by the limit (a
+    MemoryError for 10¹² iterations' violations)."""
+    rng = np.random.default_rng(2)
+    X = rng.random((60, 3)) @ rng.random((3, 40)) + 0.01 * rng.random((60, 40))
+    for Xk in (X, np.ascontiguousarray(X.T)):  # on X as given, and a tall X on its transpose
+        A, S, n_it = cd(Xk, 3, n_iter=10**12, tol=1e-2, random_state=0, return_n_iter=True)
+        assert n_it < 10_000
+    model = fastmu.NMF(3, solver="cd", init="random", random_state=0, tol=1e-2, max_iter=200).fit(X)
+    W = model.set_params(tol=1e-4, max_iter=10**12).transform(X)
+    assert W.shape == (60, 3) and np.isfinite(W).all()

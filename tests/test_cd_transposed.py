@@ -23,6 +23,13 @@ TOL = {np.float64: 1e-10, np.float32: 5e-5}
 VTOL = {np.float64: 1e-10, np.float32: 1e-3}
 
 
+@pytest.fixture(autouse=True)
+def _default_rule(monkeypatch):
+    """The rule's default (``auto``) whatever the environment says, so that these tests take the
+    transposed run where they say they do."""
+    monkeypatch.delenv("FASTMU_CPU_TRANSPOSE", raising=False)
+
+
 def _close(got, want, tol):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
@@ -173,9 +180,13 @@ def test_callbacks_see_the_iterates_of_the_run_on_x_as_given(rng, monkeypatch):
         cb = lambda it, A, S: seen[key].append((it, A.copy(), S.copy()))  # noqa: E731
         return cd(X, A0=A0, S0=S0, n_iter=12, callback=cb, callback_every=5, progress=True)
 
+    runs = record_calls(monkeypatch, TransposedCD, "run")
     got = fit("T")
+    assert runs  # the transposed run served the first fit
     monkeypatch.setenv("FASTMU_CPU_TRANSPOSE", "0")
+    runs.clear()
     want = fit("X")
+    assert not runs
     assert [s[0] for s in seen["T"]] == [s[0] for s in seen["X"]] == [5, 10]
     for (_, a, s), (_, a2, s2) in zip(seen["T"], seen["X"]):
         _close(a, a2, 1e-10)
@@ -184,7 +195,7 @@ def test_callbacks_see_the_iterates_of_the_run_on_x_as_given(rng, monkeypatch):
         _close(g, w, 1e-10)
 
 
-def test_a_callback_that_stops_gets_the_factors_returned(rng):
+def test_a_callback_that_stops_gets_the_factors_returned(rng, monkeypatch):
     X, A0, S0 = low_rank_problem(rng, 1, 300, 3, 20, np.float64, noise=0.05)
     seen = []
 
@@ -192,13 +203,15 @@ def test_a_callback_that_stops_gets_the_factors_returned(rng):
         seen.append((A.copy(), S.copy()))
         return it == 3
 
+    runs = record_calls(monkeypatch, TransposedCD, "run")
     A, S, n_it = cd(X, A0=A0, S0=S0, n_iter=50, callback=cb, return_n_iter=True)
-    assert n_it == 3
+    assert n_it == 3 and runs
     np.testing.assert_array_equal(seen[-1][0], A)
     np.testing.assert_array_equal(seen[-1][1], S)
 
 
 def test_zero_iterations_return_the_start(rng):
+    """No kernel runs at all (nothing to transpose), and the start comes back."""
     X, A0, S0 = low_rank_problem(rng, 1, 300, 3, 20, np.float32)
     A, S = cd(X, A0=A0, S0=S0, n_iter=0)
     np.testing.assert_array_equal(A, A0)
@@ -268,3 +281,27 @@ def test_property_tall_runs_match_scikit_learn_and_never_raise_the_objective(b, 
     before = np.linalg.norm(X - A0 @ S0, axis=(1, 2))
     after = np.linalg.norm(X - A @ S, axis=(1, 2))
     assert np.all(after <= before * (1 + 1e-12))
+
+
+def test_an_interrupted_call_leaves_a_consistent_pair(rng, monkeypatch):
+    """Ctrl-C between the kernel and the copy's sweep (a KeyboardInterrupt there): sync keeps the
+    last pair written, (A₂, S₂), rather than the kernel's A₄ with the copy's S₃."""
+    from fastmu.kernels import cpu_cd_transposed
+
+    X, A0, S0 = _problem(rng, 1, 300, 3, 20, np.float64)
+    A, S = A0.copy(), S0.copy()
+    run = TransposedCD(X, A, S, (0.0,) * 4, NT)
+    run.run(2, np.zeros((2, 1)))
+    run.sync()
+    A2, S2 = A.copy(), S.copy()
+    run.run(1, np.zeros((1, 1)))  # (A₃, S₃) in the state, not yet written
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpu_cd_transposed, "cd_sweep_from_pg", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.run(1, np.zeros((1, 1)))  # the kernel has swept A₄ when the interrupt comes
+    run.sync()
+    np.testing.assert_array_equal(A, A2)
+    np.testing.assert_array_equal(S, S2)

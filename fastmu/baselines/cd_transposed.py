@@ -35,8 +35,8 @@ from fastmu import fork_safety
 #: ``python bench/bench_tall.py --solver cd`` (2-core Xeon, float32, rank 4;
 #: ``bench/results/cd_cpu_tall*.json``) timed CD on Xᵀ faster than on X as
 #: given at every shape with 1600 rows or more, up to 2048 columns, by
-#: 1.03–4.44× in two runs; with 200–400 columns and at most 1024 rows neither
-#: way won in both (0.74–1.18×; README, Architecture).
+#: 1.03–4.44× in two runs; with 200–400 columns and at most 1024 rows the two
+#: measured 0.74–1.18×, with no consistent winner (README, Architecture).
 TALL_RATIO = 2
 MANY_ROWS = 1500
 
@@ -133,6 +133,7 @@ class TransposedCD:
         self._nthreads = nthreads
         self._ahead = False  # the kernel holds A_k and S_{k-1} (else: A₁ and S₀, none run)
         self._stale = False
+        self._between = False
         self.schedule = cpu_cd.schedule(b, t, m, X.itemsize, nthreads)
 
     def run(self, k: int, viol: np.ndarray) -> None:
@@ -142,6 +143,7 @@ class TransposedCD:
         b = viol.shape[1]
         inner = k if self._ahead else k - 1  # A₁ is done: the first call runs one iteration fewer
         halves = np.zeros((inner, b, 2))
+        self._between = True  # until S_k is swept: the kernel's A is ahead of _s_now
         cpu_cd.cd_run(self._Y, self._ka, self._ks, self._P, self._G, inner, self._ahead, halves, self._nthreads,
                       self._pen)
         last_s = np.zeros(b)
@@ -154,10 +156,12 @@ class TransposedCD:
         viol[...] = seq[0::2] + seq[1::2]
         self._ahead = True
         self._stale = True
+        self._between = False
 
     def sync(self) -> None:
-        """Write the current factors ``A_k``, ``S_k`` into ``A`` and ``S``."""
-        if self._stale:
+        """Write the current factors ``A_k``, ``S_k`` into ``A`` and ``S`` (after a call that was
+        interrupted between its two kernels, Ctrl-C, they keep the last pair written)."""
+        if self._stale and not self._between:
             self.A[...] = self._ks.transpose(0, 2, 1)
             self.S[...] = self._s_now.transpose(0, 2, 1)
             self._stale = False

@@ -333,13 +333,12 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     stop = _Stopping(tol)
     nthreads = numba.config.NUMBA_NUM_THREADS
     kernel_run = new_cd_run(X, A, Sn, tuple(float(w) for w in penalty), nthreads)
-    viol = np.zeros((0, b))
-    filled = 0
+    last = np.zeros(b)  # the violations of the last iteration run
 
-    def advance(kk: int) -> None:  # the next kk iterations, their violations in viol's next rows
-        nonlocal filled
-        kernel_run.run(kk, viol[filled:filled + kk])
-        filled += kk
+    def advance(kk: int) -> None:  # the next kk iterations (a slice: never all of a huge n_iter at once)
+        viol = np.zeros((kk, b))
+        kernel_run.run(kk, viol)
+        last[...] = viol[-1]
 
     def publish() -> None:  # the current factors into At and S
         kernel_run.sync()
@@ -355,8 +354,6 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
             k = max(1, min(step, n_iter - done))
             if on_iter is not None:  # end the call at the next callback
                 k = min(k, every - done % every)
-            viol = np.zeros((k, b))
-            filled = 0
             with fork_safety.cpu_kernels():  # outside the governor: it must not time a wait for the lock
                 if governor is None:  # slices keep Ctrl-C working in a long run
                     slice_k = cpu_threads.run_in_slices(advance, k, slice_k)
@@ -369,7 +366,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
                 publish()
                 if on_iter(done):
                     break
-            if tol is not None and stop(viol[0]):
+            if tol is not None and stop(last.copy()):  # k is 1 under tol; the rule keeps the first
                 break
     finally:
         if bar is not None:
@@ -393,15 +390,15 @@ def _iterate_a_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, p
     P = torch.bmm(S, Xt.mT).contiguous().numpy()
     G = torch.bmm(S, S.mT).contiguous().numpy()
     b = F.shape[0]
-    viol = np.zeros((n_iter, b))
     first, converged = np.full(b, -1.0), np.zeros(b, np.bool_)
     rule = -1.0 if tol is None else float(tol)
     done = 0
 
     def sweeps(k: int) -> bool:
         nonlocal done
-        ran = cpu_cd.cd_sweeps(F, P, G, float(penalty.l1_A), float(penalty.l2_A), k, rule, viol[done:],
-                               first, converged)
+        viol = np.zeros((k, b))  # the slice's own: max_iter may be far more than will run
+        ran = cpu_cd.cd_sweeps(F, P, G, float(penalty.l1_A), float(penalty.l2_A), k, rule, viol, first,
+                               converged)
         done += ran
         return rule >= 0 and bool(converged.all())
 
