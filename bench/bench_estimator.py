@@ -13,7 +13,7 @@ would run ``max_iter`` sweeps), under ``transform`` in the JSON.
 
     python bench/bench_estimator.py [--solver {mu,cd,both}] [--iters 1000] [--repeats 5]
                                     [--dtype float32] [--alpha 0] [--l1-ratio 0] [--tol 0]
-                                    [--transform-tol 1e-4]
+                                    [--transform-tol 1e-4] [--shuffle]
                                     [--out bench/results/estimator_cpu.json]
 
 ``--alpha`` > 0 times the regularised fit (``alpha_W=alpha``, ``alpha_H="same"``,
@@ -40,7 +40,7 @@ SOLVERS = ("mu", "cd")
 
 def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: int = 4,
         solvers: tuple[str, ...] = SOLVERS, alpha: float = 0.0, l1_ratio: float = 0.0,
-        tol: float = 0.0, transform_tol: float = 1e-4) -> dict[str, Any]:
+        tol: float = 0.0, transform_tol: float = 1e-4, shuffle: bool = False) -> dict[str, Any]:
     from sklearn.decomposition import NMF as SkNMF
 
     from fastmu import NMF
@@ -51,13 +51,13 @@ def run(iters: int, repeats: int, dtype: str, m: int = 65, t: int = 16384, n: in
     res: dict[str, Any] = {"suite": "estimator", "machine": machine_info(),
                            "workload": {"iters": iters, "repeats": repeats, "dtype": dtype, "rank": n,
                                         "solvers": list(solvers), "alpha_W": alpha, "alpha_H": "same",
-                                        "l1_ratio": l1_ratio, "tol": tol}, "shapes": {}}
+                                        "l1_ratio": l1_ratio, "tol": tol, "shuffle": shuffle}, "shapes": {}}
     cases = [(solver, orient) for solver in solvers for orient in ("tall", "wide")]
     for solver, orient in cases:
         X = np.ascontiguousarray(X_wide.T) if orient == "tall" else X_wide
         name = orient if solver == "mu" else f"{orient}-{solver}"
         kw = dict(init="random", solver=solver, random_state=0, tol=tol, max_iter=iters, alpha_W=alpha,
-                  l1_ratio=l1_ratio)
+                  l1_ratio=l1_ratio, shuffle=shuffle)
         makers = {
             "fastmu": lambda kw=kw: NMF(n, **kw),
             "sklearn": lambda kw=kw: SkNMF(n, **kw),
@@ -122,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="tol of both estimators (default 0: --iters iterations; scikit-learn's default is 1e-4)")
     ap.add_argument("--transform-tol", type=float, default=1e-4,
                     help="tol of both fitted models' transform of X, timed after the fits (default 1e-4)")
+    ap.add_argument("--shuffle", action="store_true",
+                    help="shuffle=True for both estimators (solver='cd': a new order of the components each sweep)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's ConvergenceWarning-free at tol=0; threadpool notes
         res = run(args.iters, args.repeats, args.dtype,
                   solvers=SOLVERS if args.solver == "both" else (args.solver,), alpha=args.alpha,
-                  l1_ratio=args.l1_ratio, tol=args.tol, transform_tol=args.transform_tol)
+                  l1_ratio=args.l1_ratio, tol=args.tol, transform_tol=args.transform_tol, shuffle=args.shuffle)
     for name, r in res["shapes"].items():
         orient = name.split("-")[0]
         print(f"{r['solver']:2s} {orient:4s} {tuple(r['shape'])}: fastmu {r['median_s']['fastmu'] * 1e3:8.1f} ms, "

@@ -7,7 +7,7 @@ A drop-in for ``sklearn.decomposition.NMF(solver="mu")`` and
 n_components) and ``H`` (``components_``) of shape (n_components,
 n_features). Multiplicative updates run on fastmu's fused kernels,
 coordinate descent on its fused CPU kernels for host arrays (on torch for GPU
-arrays and ``shuffle=True``); NumPy, torch (CPU or CUDA) and CuPy arrays go in
+arrays); NumPy, torch (CPU or CUDA) and CuPy arrays go in
 and the same kind comes out (``components_`` too), without copies on the GPU.
 
 With scikit-learn installed the class is a real scikit-learn estimator
@@ -115,8 +115,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     ``solver="mu"``: multiplicative updates on fastmu's fused kernels
     (:func:`fastmu.mu` with ``A = W``, ``S = H``). ``solver="cd"``:
     scikit-learn's coordinate descent (:func:`fastmu.baselines.cd`: a fused
-    Numba kernel for CPU arrays without ``shuffle``, torch operations on X's
-    device otherwise), with scikit-learn's stopping rule and iterates.
+    Numba kernel for CPU arrays, torch operations on X's device otherwise),
+    with scikit-learn's stopping rule and iterates.
 
     Parameters
     ----------
@@ -177,8 +177,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Where multiplicative updates run (see :func:`fastmu.mu`): host arrays
         on the CPU kernels, GPU arrays on the CUDA kernels. ``solver="cd"``
         runs where X is: its fit and ``transform`` on the fused CPU kernels
-        for host arrays, in torch on X's device otherwise (and for
-        ``shuffle=True``); it takes ``"auto"``, or the backend naming where X is
+        for host arrays, in torch on X's device otherwise; it takes
+        ``"auto"``, or the backend naming where X is
         (``"cpu"``, ``"cuda"``), and refuses others rather than ignore them.
     eps : float, default :data:`fastmu.EPS`
         Added to every denominator of the multiplicative updates (unused by

@@ -67,7 +67,7 @@ from fastmu.kernels.fpenv import enter_ftz, leave_ftz
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga, l1, l2):
+def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga, l1, l2, perm):
     """One CD sweep over the components of A (in place) from ``P − l1``, ``G + l2 I``;
     then ``H = AᵀA`` (unshifted: S's sweep adds its own weights).
 
@@ -82,7 +82,7 @@ def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga, l1, l2):
         for k in range(n):
             Ft[k, i] = Ap[i, k]
             Rt[k, i] = Pp[i, k]
-    v = _s_cd_block(Gp, Ft, 0, m, Rt, ga, l1, l2)
+    v = _s_cd_block(Gp, Ft, 0, m, Rt, ga, l1, l2, perm)
     for i in range(m):
         for k in range(n):
             Ap[i, k] = Ft[k, i]
@@ -92,7 +92,7 @@ def _a_cd(Ap, Pp, Gp, Hp, Ft, Rt, ga, l1, l2):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2):
+def _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2, perm):
     """CD sweep over the components of S's pixels ``j0 … j0+L−1`` (in place), from
     ``R[:, :L] = (AᵀX)`` of the block and ``H = AᵀA``, penalised: the sweep of
     scikit-learn on ``R − l1`` and ``H + l2 I``; ``gk`` (≥ L) is scratch.
@@ -105,7 +105,9 @@ def _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2):
     ``r − 0`` is ``r`` and ``h + 0`` is ``h`` (a Gram diagonal is not −0).
 
     Vectorised over the pixels: component k's gradient for the whole block,
-    then its step. Returns the block's violation (float64).
+    then its step, the components in the order ``perm`` (``arange(n)``, or
+    scikit-learn's ``shuffle=True`` permutation). Returns the block's
+    violation (float64).
     """
     n = Sp.shape[0]
     z = Sp.dtype.type(0)
@@ -113,7 +115,8 @@ def _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2):
     l2c = Sp.dtype.type(l2)
     v = 0.0
     g = gk[:L]
-    for k in range(n):
+    for kk in range(n):
+        k = perm[kk]
         hess = Hp[k, k] + l2c
         rk = R[k, :L]
         for jj in range(L):
@@ -137,7 +140,7 @@ def _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2):
 
 
 @nb.njit(cache=True, error_model="numpy", fastmath=_FM)
-def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot, l1, l2):
+def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot, l1, l2, perm):
     """S's CD sweep on one column block (on ``AᵀX − l1``, ``H + l2 I``: S's weights), then
     its ``X S'ᵀ``, ``S'S'ᵀ`` (unshifted) added to ``Pc``, ``Gc``.
 
@@ -146,7 +149,7 @@ def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot, l1, l2):
     m = Xp.shape[0]
     n = Sp.shape[0]
     _r_block(Xp, Ap, m, n, j0, L, R, hot)
-    v = _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2)
+    v = _s_cd_block(Hp, Sp, j0, L, R, gk, l1, l2, perm)
     for k in range(n):  # the new S, contiguous, for the fused second use of the block
         for jj in range(L):
             R[k, jj] = Sp[k, j0 + jj]
@@ -156,7 +159,7 @@ def _cd_chunk(Xp, Ap, Hp, Sp, j0, L, Pc, Gc, R, gk, hot, l1, l2):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen):
+def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen, order):
     """:func:`cd_run` with the rows shared out (``cpp`` chunks per problem; :func:`row_chunks`).
 
     Per iteration two parallel regions. Over the chunks: the chunk's rows of
@@ -190,7 +193,8 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen):
                 _rows_p(Xc, S[p], P[p, r0:r1], tb, Rb[tid])
             if not last:
                 Ac = A[p, r0:r1]
-                vpart[c] = _a_cd(Ac, P[p, r0:r1], G[p], Hpart[c], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
+                vpart[c] = _a_cd(Ac, P[p, r0:r1], G[p], Hpart[c], Ft[tid], Rt[tid], ga[tid], l1a, l2a,
+                                 order[it, 0])
                 _rows_r(Xc, Ac, Rpart[c], tb, Rb[tid])
             leave_ftz(fp)
         if last:
@@ -201,7 +205,7 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen):
             tid = nb.get_thread_id()
             R = Rb[tid]
             p, j0, L = _s_unit(u, nsu, Rsum, R)
-            vs[u] = _s_cd_block(H[p], S[p], j0, L, R, ga[tid], l1s, l2s)
+            vs[u] = _s_cd_block(H[p], S[p], j0, L, R, ga[tid], l1s, l2s, order[it, 1])
             for k in range(n):  # the new S, contiguous
                 for jj in range(L):
                     R[k, jj] = S[p, k, j0 + jj]
@@ -220,7 +224,14 @@ def _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen):
             viol[it, p, 1] = v
 
 
-def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0.0, 0.0)) -> None:
+def natural_order(n_iter: int, n: int, sweeps: int = 2) -> np.ndarray:
+    """The components in their natural order for every sweep: ``order`` of :func:`cd_run`
+    (``sweeps=2``, shape ``(n_iter, 2, n)``) or, with ``sweeps=1``, of :func:`cd_sweeps`."""
+    shape = (n_iter, sweeps, n) if sweeps > 1 else (n_iter, n)
+    return np.broadcast_to(np.arange(n, dtype=np.int64), shape).copy()
+
+
+def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0.0, 0.0), order=None) -> None:
     """Run ``n_iter`` fused CD iterations (A's sweep, then S's) in place on ``A`` and ``S``.
 
     Parameters
@@ -247,6 +258,11 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0
         (:class:`fastmu.penalty.Penalty`, or any sequence of four reals):
         the sweeps are scikit-learn's regularised ones (module docstring).
         Zeros (the default) give the unpenalised iterates bit for bit.
+    order
+        ``(≥ n_iter, 2, n)`` integers: iteration ``it`` sweeps A's components
+        in the order ``order[it, 0]`` and S's in ``order[it, 1]``
+        (scikit-learn's ``shuffle=True``: a permutation for each sweep); None
+        (the default) for the natural order, every sweep.
 
     Notes
     -----
@@ -262,14 +278,16 @@ def cd_run(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, penalty=(0.0, 0.0, 0
     # NamedTuple, which Numba would type, and compile for, separately)
     l1a, l2a, l1s, l2s = penalty
     pen = (float(l1a), float(l2a), float(l1s), float(l2s))
+    if order is None:
+        order = natural_order(n_iter, A.shape[2])
     which = schedule(b, m, t, X.itemsize, nthreads)  # MU's choice, for the same reasons
     if which == "rows":  # tall X, few pixels: share out the rows
         cpp = row_chunks(b, m, t, X.itemsize, nthreads)
-        _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen)
+        _cd_rows(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, cpp, pen, order)
     elif which == "problem-major":
-        _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen)
+        _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen, order)
     else:
-        _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen)
+        _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen, order)
 
 
 @nb.njit(cache=True)
@@ -283,7 +301,7 @@ def _cd_scratch(X, n, nthreads):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
+def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen, order):
     """Problem-major: each thread runs every iteration of its own problems (``pen``: the
     weights ``(l1_A, l2_A, l1_S, l2_S)``)."""
     l1a, l2a, l1s, l2s = pen
@@ -305,20 +323,20 @@ def _cd_problem_major(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             Gp[:, :] = 0
             _pg_range(X[p], S[p], 0, t, tb, Pp, Gp, R[tid])
         for it in range(n_iter):
-            viol[it, p, 0] = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
+            viol[it, p, 0] = _a_cd(A[p], Pp, Gp, H[p], Ft[tid], Rt[tid], ga[tid], l1a, l2a, order[it, 0])
             Pp[:, :] = 0
             Gp[:, :] = 0
             v = 0.0
             for blk in range(nblk):
                 j0 = blk * tb
                 v += _cd_chunk(X[p], A[p], H[p], S[p], j0, min(tb, t - j0), Pp, Gp, R[tid], gk[tid], hot,
-                               l1s, l2s)
+                               l1s, l2s, order[it, 1])
             viol[it, p, 1] = v
         leave_ftz(fp)
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
+def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen, order):
     """Block-parallel, as MU's (:func:`fastmu.kernels.cpu._mu_block_parallel`).
 
     Every chunk sums its problem's partial P, G and repeats the tiny A sweep
@@ -351,7 +369,7 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             tid = nb.get_thread_id()
             _reduce_problem(Ppart[src], Gpart[src], p * cpp, cpp, Pl[tid], Gl[tid])
             _copy(Al[tid], Abuf[src, p])
-            va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid], l1a, l2a)
+            va = _a_cd(Al[tid], Pl[tid], Gl[tid], Hl[tid], Ft[tid], Rt[tid], ga[tid], l1a, l2a, order[it, 0])
             if c % cpp == 0:  # every chunk's A is the same: the first one's is kept, and its violation
                 _copy(Abuf[dst, p], Al[tid])
                 vfirst[p] = va
@@ -361,7 +379,7 @@ def _cd_block_parallel(X, A, S, P, G, n_iter, pg_valid, viol, nthreads, pen):
             c0, c1 = _chunk_pixels(c, cpp, pc, t)
             for j0 in range(c0, c1, tb):
                 v += _cd_chunk(X[p], Al[tid], Hl[tid], S[p], j0, min(tb, c1 - j0), Ppart[dst, c], Gpart[dst, c],
-                               R[tid], gk[tid], hot, l1s, l2s)
+                               R[tid], gk[tid], hot, l1s, l2s, order[it, 1])
             vpart[c] = v
             leave_ftz(fp)
         for p in range(b):
@@ -378,7 +396,7 @@ SWEEP_PIXELS = 2048
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_FM)
-def cd_sweeps(F, P, G, l1, l2, n_iter, tol, viol, first, converged):
+def cd_sweeps(F, P, G, l1, l2, n_iter, tol, viol, first, converged, order):
     """Up to ``n_iter`` CD sweeps over the components of ``F (b, n, r)`` (in place) from a fixed
     linear term ``P (b, n, r)`` and Gram matrix ``G (b, n, n)``: scikit-learn's
     ``_fit_coordinate_descent`` with ``update_H=False`` (``transform``), F being Wᵀ.
@@ -391,6 +409,8 @@ def cd_sweeps(F, P, G, l1, l2, n_iter, tol, viol, first, converged):
     (or a first of 0), scikit-learn's rule; ``tol < 0`` runs all ``n_iter``.
     ``first`` (float64, ``(b,)``, negative until the first sweep) and
     ``converged`` (bool, ``(b,)``) carry that rule's state from call to call.
+    ``order (≥ n_iter, n)``: sweep ``it`` visits the components in the order
+    ``order[it]`` (:func:`natural_order` with ``sweeps=1``, or permutations).
     Returns the number of sweeps run. Never reads X: ``P`` and ``G`` are formed once.
     """
     b, n, r = F.shape
@@ -403,7 +423,7 @@ def cd_sweeps(F, P, G, l1, l2, n_iter, tol, viol, first, converged):
             p = c // per
             j0 = (c % per) * SWEEP_PIXELS
             L = min(r, j0 + SWEEP_PIXELS) - j0
-            vpart[c] = _s_cd_block(G[p], F[p], j0, L, P[p, :, j0:j0 + L], np.empty(L, dt), l1, l2)
+            vpart[c] = _s_cd_block(G[p], F[p], j0, L, P[p, :, j0:j0 + L], np.empty(L, dt), l1, l2, order[it])
             leave_ftz(fp)
         every = True
         for p in range(b):

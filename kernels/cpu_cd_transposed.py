@@ -23,12 +23,13 @@ HALF_STEP_ROWS = 256
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=FASTMATH)
-def cd_a_half_step(X, A, S, l1, l2, viol):
+def cd_a_half_step(X, A, S, l1, l2, viol, perm):
     """A's CD sweep alone, in place: from ``P = X Sᵀ − l1`` and ``G = S Sᵀ + l2 I``.
 
     ``X (b, m, t)``, ``A (b, m, n)``, ``S (b, n, t)``, one float dtype,
     C-contiguous; ``l1``, ``l2``: A's penalty weights. ``viol (b,)`` float64
-    receives each problem's violation of the sweep. One pass over X, its
+    receives each problem's violation of the sweep; ``perm``: the order of its
+    components (``arange(n)`` or a permutation). One pass over X, its
     rows shared out in runs of :data:`HALF_STEP_ROWS` (A's rows are
     independent, so each run sweeps its own).
     """
@@ -60,7 +61,7 @@ def cd_a_half_step(X, A, S, l1, l2, viol):
                 Pc[i, k] = acc
         H = np.empty((n, n), dt)  # AᵀA of the rows: not needed here
         vpart[c] = _a_cd(A[p, i0:i0 + L], Pc, G[p], H, np.empty((n, L), dt), np.empty((n, L), dt),
-                         np.empty(L, dt), l1, l2)
+                         np.empty(L, dt), l1, l2, perm)
         leave_ftz(fp)
     for p in range(b):
         v = 0.0
@@ -70,13 +71,14 @@ def cd_a_half_step(X, A, S, l1, l2, viol):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=FASTMATH)
-def cd_sweep_from_pg(A, P, G, l1, l2, out, viol):
+def cd_sweep_from_pg(A, P, G, l1, l2, out, viol, perm):
     """``out = A`` swept once from ``P − l1``, ``G + l2 I``: the CD kernel's A sweep, on a copy.
 
     ``A``, ``P``, ``out (b, m, n)``, ``G (b, n, n)``: the kernel's own sweep
     (:func:`fastmu.kernels.cpu_cd._a_cd`), so the kernel's next call, which
     sweeps the same A from the same carried ``P``, ``G``, computes the same
-    values. ``viol (b,)`` float64 receives each problem's violation.
+    values. ``viol (b,)`` float64 receives each problem's violation; ``perm``:
+    the order of the components.
     """
     b, m, n = A.shape
     dt = A.dtype
@@ -85,5 +87,5 @@ def cd_sweep_from_pg(A, P, G, l1, l2, out, viol):
         out[p, :, :] = A[p]
         H = np.empty((n, n), dt)
         viol[p] = _a_cd(out[p], P[p], G[p], H, np.empty((n, m), dt), np.empty((n, m), dt), np.empty(m, dt),
-                        l1, l2)
+                        l1, l2, perm)
         leave_ftz(fp)

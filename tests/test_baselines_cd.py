@@ -460,7 +460,8 @@ def test_sweep_kernel_matches_the_torch_sweeps(dtype, b, n, r, calls):
         first, converged = np.full(b, -1.0), np.zeros(b, np.bool_)
         done = 0
         for k in calls:
-            assert cpu_cd.cd_sweeps(F, P, G, l1, l2, k, -1.0, viol[done:], first, converged) == k
+            assert cpu_cd.cd_sweeps(F, P, G, l1, l2, k, -1.0, viol[done:], first, converged,
+                                    cpu_cd.natural_order(k, n, sweeps=1)) == k
             done += k
         close(F, Fr, dtype, scale_of=Fr)
         close(viol, vr, dtype, scale_of=vr)
@@ -485,7 +486,9 @@ def test_sweep_kernel_stops_where_the_rule_does_across_calls(tol):
         first, converged = np.full(b, -1.0), np.zeros(b, np.bool_)
         done = 0
         while done < 500:
-            ran = cpu_cd.cd_sweeps(F, P, G, 0.0, 0.0, min(k, 500 - done), tol, viol[done:], first, converged)
+            kk = min(k, 500 - done)
+            ran = cpu_cd.cd_sweeps(F, P, G, 0.0, 0.0, kk, tol, viol[done:], first, converged,
+                                   cpu_cd.natural_order(kk, n, sweeps=1))
             done += ran
             if converged.all():
                 break

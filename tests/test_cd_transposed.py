@@ -129,7 +129,7 @@ def test_the_sweep_on_a_copy_is_the_kernels_next_sweep(rng, dtype, schedule):
     viol = np.zeros((3, b, 2))
     cpu_cd.cd_run(X, A, S, P, G, 2, False, viol[:2], NT, tuple(PEN))
     copy, vcopy = np.empty_like(A), np.zeros(b)
-    cpu_cd_transposed.cd_sweep_from_pg(A, P, G, PEN.l1_A, PEN.l2_A, copy, vcopy)
+    cpu_cd_transposed.cd_sweep_from_pg(A, P, G, PEN.l1_A, PEN.l2_A, copy, vcopy, np.arange(n))
     assert cpu_cd.schedule(b, m, t, X.itemsize, NT) == schedule.replace("_", "-")
     cpu_cd.cd_run(X, A, S, P, G, 1, True, viol[2:], NT, tuple(PEN))  # A's sweep leaves A as the copy's
     np.testing.assert_array_equal(A, copy)
@@ -145,7 +145,7 @@ def test_half_step_kernel_matches_scikit_learns_sweep(rng, dtype, n):
     b, m, t = 2, 2 * cpu_cd_transposed.HALF_STEP_ROWS + 37, 25
     X, A0, S0 = _problem(rng, b, m, n, t, dtype)
     A, viol = A0.copy(), np.zeros(b)
-    cpu_cd_transposed.cd_a_half_step(X, A, S0, PEN.l1_A, PEN.l2_A, viol)
+    cpu_cd_transposed.cd_a_half_step(X, A, S0, PEN.l1_A, PEN.l2_A, viol, np.arange(n))
     for p in range(b):
         W, Ht = A0[p].copy(), S0[p].T.copy()  # copies: sklearn updates them in place
         v = _nmf._update_coordinate_descent(X[p], W, Ht, PEN.l1_A, PEN.l2_A, False, None)
@@ -305,3 +305,62 @@ def test_an_interrupted_call_leaves_a_consistent_pair(rng, monkeypatch):
     run.sync()
     np.testing.assert_array_equal(A, A2)
     np.testing.assert_array_equal(S, S2)
+
+
+def sk_shuffled(X, A0, S0, pen, n_iter, seed):
+    """scikit-learn's iterations with shuffle=True (a permutation per sweep from one RandomState,
+    W's before H's), and each iteration's violation."""
+    A, S, viol = A0.copy(), S0.copy(), np.zeros((n_iter, X.shape[0]))
+    rs = np.random.RandomState(seed)
+    for p in range(X.shape[0]):
+        W, Ht = A0[p].copy(), S0[p].T.copy()
+        for it in range(n_iter):
+            viol[it, p] = (_nmf._update_coordinate_descent(X[p], W, Ht, pen.l1_A, pen.l2_A, True, rs)
+                           + _nmf._update_coordinate_descent(X[p].T, Ht, W, pen.l1_S, pen.l2_S, True, rs))
+        A[p], S[p] = W, Ht.T
+    return A, S, viol
+
+
+@pytest.mark.parametrize("cls", [TransposedCD, KernelCD])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("calls", [(6,), (1, 2, 3), (2, 1, 1, 2)])
+def test_permuted_sweeps_are_scikit_learns_shuffle(rng, cls, dtype, calls):
+    """``order``: each iteration's permutations (A's, S's), as scikit-learn draws them; on Xᵀ
+    the kernel's iterations pair S's permutation with the next A's, across calls too."""
+    n = 5
+    X, A0, S0 = _problem(rng, 1, 400, n, 40, dtype)
+    Ar, Sr, vr = sk_shuffled(X, A0, S0, PEN, sum(calls), seed=3)
+    rs = np.random.RandomState(3)
+    order = np.array([[rs.permutation(n), rs.permutation(n)] for _ in range(sum(calls))])
+    assert (order != np.arange(n)).any()  # not the natural order
+    A, S = A0.copy(), S0.copy()
+    run = cls(X, A, S, tuple(PEN), NT)
+    viol = np.zeros((sum(calls), 1))
+    done = 0
+    for k in calls:
+        run.run(k, viol[done:done + k], order[done:done + k])
+        done += k
+    run.sync()
+    _close(A, Ar, TOL[dtype])
+    _close(S, Sr, TOL[dtype])
+    _close(viol, vr, VTOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(300, 20), (20, 300)])  # tall (on Xᵀ) and wide
+def test_shuffle_runs_in_the_fused_kernel_and_follows_scikit_learn(monkeypatch, shape):
+    from sklearn.decomposition import NMF as SkNMF
+
+    from fastmu import NMF
+    from fastmu.kernels import cpu_cd
+
+    calls = record_calls(monkeypatch, cpu_cd, "cd_run", "cd_sweeps")
+    rng = np.random.default_rng(5)
+    X = rng.random((shape[0], 3)) @ rng.random((3, shape[1])) + 0.01 * rng.random(shape)
+    kw = dict(n_components=3, solver="cd", shuffle=True, init="random", random_state=7, tol=1e-3, max_iter=500)
+    ours, theirs = NMF(**kw), SkNMF(**kw)
+    W, Wsk = ours.fit_transform(X), theirs.fit_transform(X)
+    assert "cd_run" in calls and 1 < theirs.n_iter_ < 500 and ours.n_iter_ == theirs.n_iter_
+    _close(W, Wsk, 1e-8)
+    calls.clear()
+    _close(ours.transform(X), theirs.transform(X), 1e-8)
+    assert calls == ["cd_sweeps"] * len(calls) and calls

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastmu import fork_safety
-
 
 #: a tall X (``m ≥ TALL_RATIO · t``) runs on its transpose when it has at most
 #: :data:`fastmu.transposed.FEW_PIXELS` columns or at least MANY_ROWS rows.
@@ -89,13 +87,14 @@ class KernelCD:
         #: the kernel's schedule (:func:`fastmu.kernels.cpu.schedule`), for the thread governor
         self.schedule = cpu_cd.schedule(b, m, S.shape[2], X.itemsize, nthreads)
 
-    def run(self, k: int, viol: np.ndarray) -> None:
-        """``k`` iterations; ``viol (k, b)`` receives each one's violation (A's sweep plus S's)."""
+    def run(self, k: int, viol: np.ndarray, order: np.ndarray | None = None) -> None:
+        """``k`` iterations; ``viol (k, b)`` receives each one's violation (A's sweep plus S's).
+        ``order (k, 2, n)``: each iteration's orders of A's and S's components (None: natural)."""
         from fastmu.kernels import cpu_cd
 
         halves = np.zeros((k, viol.shape[1], 2))
         cpu_cd.cd_run(self._X, self.A, self.S, self._P, self._G, k, self._pg_valid, halves, self._nthreads,
-                      self._pen)
+                      self._pen, order)
         self._pg_valid = True
         viol[...] = halves[:, :, 0] + halves[:, :, 1]
 
@@ -111,47 +110,75 @@ class TransposedCD:
     transposed = True
 
     def __init__(self, X: np.ndarray, A: np.ndarray, S: np.ndarray, penalty: tuple[float, ...], nthreads: int):
-        from fastmu.dispatch import blocked_kernel_x
-        from fastmu.kernels import cpu_cd, cpu_cd_transposed
+        from fastmu.kernels import cpu_cd
 
         self.A, self.S = A, S
+        self._X = X
         b, m, t = X.shape
         n = A.shape[2]
+        self._n = n
         l1a, l2a, l1s, l2s = penalty
-        self._s_weights = (l1s, l2s)
+        self._a_weights, self._s_weights = (l1a, l2a), (l1s, l2s)
+        self._pen = (l1s, l2s, l1a, l2a)  # on Xᵀ the kernel's "A" is Sᵀ
+        self._nthreads = nthreads
+        self._started = False  # A₁'s half step done, the kernel's state built (the first run)
+        self._ahead = False  # the kernel holds A_k and S_{k-1} (else: A₁ and S₀, none run)
+        self._stale = False
+        self._between = False
+        self._last_s_order = np.arange(n, dtype=np.int64)  # the order of the last S sweep (S_k's)
+        self.schedule = cpu_cd.schedule(b, t, m, X.itemsize, nthreads)
+
+    def _start(self, a_order: np.ndarray) -> np.ndarray:
+        """A₁'s sweep alone on X (components in ``a_order``), and the kernel's state on Xᵀ;
+        returns the sweep's violations."""
+        from fastmu.dispatch import blocked_kernel_x
+        from fastmu.kernels import cpu_cd_transposed
+
+        X, A, S = self._X, self.A, self.S
+        b, m, t = X.shape
+        n = self._n
         A1 = A.copy()
-        self._first_a = np.zeros(b)  # A₁'s sweep's violation: the first iteration's first half
-        with fork_safety.cpu_kernels():
-            cpu_cd_transposed.cd_a_half_step(X, A1, S, l1a, l2a, self._first_a)
-        self._Y = blocked_kernel_x(np.ascontiguousarray(X.transpose(0, 2, 1)), nthreads)
+        first_a = np.zeros(b)
+        cpu_cd_transposed.cd_a_half_step(X, A1, S, *self._a_weights, first_a, a_order)
+        self._Y = blocked_kernel_x(np.ascontiguousarray(X.transpose(0, 2, 1)), self._nthreads)
         # the kernel's A and S on Xᵀ: Sᵀ (b, t, n) and A₁ᵀ (b, n, m)
         self._ka = np.ascontiguousarray(S.transpose(0, 2, 1))
         self._ks = np.ascontiguousarray(A1.transpose(0, 2, 1))
         self._P, self._G = np.empty((b, t, n), X.dtype), np.empty((b, n, n), X.dtype)
         self._s_now = np.empty_like(self._ka)  # S_k, transposed
-        self._pen = (l1s, l2s, l1a, l2a)  # on Xᵀ the kernel's "A" is Sᵀ
-        self._nthreads = nthreads
-        self._ahead = False  # the kernel holds A_k and S_{k-1} (else: A₁ and S₀, none run)
-        self._stale = False
-        self._between = False
-        self.schedule = cpu_cd.schedule(b, t, m, X.itemsize, nthreads)
+        self._started = True
+        return first_a
 
-    def run(self, k: int, viol: np.ndarray) -> None:
-        """``k`` of the caller's iterations; ``viol (k, b)`` receives each one's violation."""
+    def run(self, k: int, viol: np.ndarray, order: np.ndarray | None = None) -> None:
+        """``k`` of the caller's iterations; ``viol (k, b)`` receives each one's violation.
+        ``order (k, 2, n)``: each iteration's orders of A's and S's components (None: natural)."""
         from fastmu.kernels import cpu_cd, cpu_cd_transposed
 
         b = viol.shape[1]
-        inner = k if self._ahead else k - 1  # A₁ is done: the first call runs one iteration fewer
+        if order is None:
+            order = cpu_cd.natural_order(k, self._n)
+        first_a = None if self._started else self._start(order[0, 0])
+        # The kernel's iterations are (S's sweep, the next A's): the first call runs one fewer
+        # (A₁ is done), and each later one starts with S_k's sweep, which the copy's of the call
+        # before computed with the same order.
+        inner = k if self._ahead else k - 1
+        k_order = np.empty((inner, 2, self._n), np.int64)
+        if inner:
+            k_order[:, 0] = (order[:, 1] if not self._ahead else
+                             np.concatenate([self._last_s_order[None], order[:-1, 1]]))[:inner]
+            k_order[:, 1] = order[1:, 0] if not self._ahead else order[:, 0]
         halves = np.zeros((inner, b, 2))
         self._between = True  # until S_k is swept: the kernel's A is ahead of _s_now
         cpu_cd.cd_run(self._Y, self._ka, self._ks, self._P, self._G, inner, self._ahead, halves, self._nthreads,
-                      self._pen)
+                      self._pen, k_order)
         last_s = np.zeros(b)
-        cpu_cd_transposed.cd_sweep_from_pg(self._ka, self._P, self._G, *self._s_weights, self._s_now, last_s)
+        cpu_cd_transposed.cd_sweep_from_pg(self._ka, self._P, self._G, *self._s_weights, self._s_now, last_s,
+                                           order[-1, 1])
+        self._last_s_order = order[-1, 1].copy()
         # the sweeps in the caller's order: A's, S's, A's, ... The kernel's rows are (S's, next A's);
         # after the first call its first S sweep repeats the copy's of the call before.
         seq = halves.transpose(0, 2, 1).reshape(2 * inner, b)
-        head = seq[1:] if self._ahead else np.concatenate([self._first_a[None], seq])
+        head = seq[1:] if self._ahead else np.concatenate([first_a[None], seq])
         seq = np.concatenate([head, last_s[None]])
         viol[...] = seq[0::2] + seq[1::2]
         self._ahead = True

@@ -230,12 +230,13 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     and ``AᵀX − l1_S``, as scikit-learn's; with ``update_S=False`` only A's
     weights are used.
 
-    On CPU tensors in natural order with S updated (:func:`cd`,
-    ``NMF(solver="cd")``'s fit without shuffling), the iterations run in the
-    fused Numba kernel (:mod:`fastmu.kernels.cpu_cd`, one pass over X per
-    iteration); with S fixed (``transform``), without callback or progress
-    bar, in its sweep kernel (:func:`fastmu.kernels.cpu_cd.cd_sweeps`);
-    otherwise as torch operations, on any device.
+    On CPU tensors with S updated (:func:`cd`, ``NMF(solver="cd")``'s fit),
+    the iterations run in the fused Numba kernel (:mod:`fastmu.kernels.cpu_cd`,
+    one pass over X per iteration); with S fixed (``transform``), without
+    callback or progress bar, in its sweep kernel
+    (:func:`fastmu.kernels.cpu_cd.cd_sweeps`); otherwise as torch operations,
+    on any device. ``order``'s permutations are drawn as the torch path draws
+    them, one per sweep, A's before S's, and only for sweeps that run.
     """
     import torch
 
@@ -244,12 +245,12 @@ def _iterate(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, *, update
     penalty = _check_penalty_arg(penalty)
     if Xt.device.type == "cpu":  # the kernel, or torch's OpenMP, in a forked child
         fork_safety.check_cpu_kernels_usable()
-    fusable = (order is None and Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
+    fusable = (Xt.device.type == "cpu" and Xt.dtype in (torch.float32, torch.float64)
                and At.dtype == S.dtype == Xt.dtype)
     if fusable and update_S and S.is_contiguous():
-        return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress, penalty)
+        return _iterate_fused(Xt, At, S, n_iter, tol, on_iter, every, progress, penalty, order)
     if fusable and not update_S and At.is_contiguous() and on_iter is None and not progress:
-        return _iterate_a_fused(Xt, At, S, n_iter, tol, penalty)
+        return _iterate_a_fused(Xt, At, S, n_iter, tol, penalty, order)
     l1_A, l2_A, l1_S, l2_S = penalty
     want_violation = tol is not None
     if not update_S:
@@ -304,7 +305,7 @@ class _Stopping:
 
 def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
                    on_iter: Callable[[int], bool] | None, every: int, progress: bool,
-                   penalty: Penalty = NONE) -> int:
+                   penalty: Penalty = NONE, order: np.random.RandomState | None = None) -> int:
     """:func:`_iterate` on the CPU kernel: calls of :func:`fastmu.kernels.cpu_cd.cd_run` of as
     many iterations as the stopping rule, the callback and the progress bar allow (one at a
     time under ``tol``, since a batch stops at the first iteration where all have converged),
@@ -335,9 +336,11 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     kernel_run = new_cd_run(X, A, Sn, tuple(float(w) for w in penalty), nthreads)
     last = np.zeros(b)  # the violations of the last iteration run
 
+    n = A.shape[2]
+
     def advance(kk: int) -> None:  # the next kk iterations (a slice: never all of a huge n_iter at once)
         viol = np.zeros((kk, b))
-        kernel_run.run(kk, viol)
+        kernel_run.run(kk, viol, None if order is None else _permutations(order, kk, 2, n))
         last[...] = viol[-1]
 
     def publish() -> None:  # the current factors into At and S
@@ -375,10 +378,23 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     return done
 
 
-def _iterate_a_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, penalty: Penalty = NONE) -> int:
+def _permutations(order: np.random.RandomState, k: int, sweeps: int, n: int) -> np.ndarray:
+    """``k`` iterations' permutations of the ``n`` components, ``sweeps`` per iteration, drawn
+    from ``order`` in the torch path's order: ``(k, sweeps, n)``, or ``(k, n)`` for one sweep."""
+    out = np.empty((k, sweeps, n), np.int64)
+    for i in range(k):
+        for s in range(sweeps):
+            out[i, s] = order.permutation(n)
+    return out if sweeps > 1 else out[:, 0]
+
+
+def _iterate_a_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, penalty: Penalty = NONE,
+                     order: np.random.RandomState | None = None) -> int:
     """:func:`_iterate` with S fixed on the CPU: ``P = S Xᵀ`` and ``G = S Sᵀ`` formed once, then
     :func:`fastmu.kernels.cpu_cd.cd_sweeps` over ``At (b, n, m)`` in place, in slices of about
-    :data:`fastmu.cpu_threads.SLICE_S` (Ctrl-C), the stopping rule's state carried between them."""
+    :data:`fastmu.cpu_threads.SLICE_S` (Ctrl-C), the stopping rule's state carried between them.
+    With ``order`` and ``tol`` one sweep per call, so that no permutation is drawn for a sweep
+    that the rule stops before."""
     import torch
 
     from fastmu import cpu_threads, fork_safety
@@ -394,16 +410,23 @@ def _iterate_a_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None, p
     rule = -1.0 if tol is None else float(tol)
     done = 0
 
+    n = F.shape[1]
+
     def sweeps(k: int) -> bool:
         nonlocal done
         viol = np.zeros((k, b))  # the slice's own: max_iter may be far more than will run
+        perms = cpu_cd.natural_order(k, n, sweeps=1) if order is None else _permutations(order, k, 1, n)
         ran = cpu_cd.cd_sweeps(F, P, G, float(penalty.l1_A), float(penalty.l2_A), k, rule, viol, first,
-                               converged)
+                               converged, perms)
         done += ran
         return rule >= 0 and bool(converged.all())
 
     with fork_safety.cpu_kernels():
-        cpu_threads.run_in_slices(sweeps, n_iter)
+        if order is not None and tol is not None:
+            while done < n_iter and not sweeps(1):
+                pass
+        else:
+            cpu_threads.run_in_slices(sweeps, n_iter)
     return done
 
 
