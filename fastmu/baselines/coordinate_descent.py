@@ -323,7 +323,7 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     X = np.ascontiguousarray(Xt.detach().numpy())
     A = np.ascontiguousarray(At.detach().mT.numpy())  # the kernel's layout, (b, m, n)
     Sn = S.detach().numpy()  # contiguous (the callers make it so): updated in place
-    b = X.shape[0]
+    b, n = X.shape[0], A.shape[2]
     step = 1 if tol is not None else (every if on_iter is not None else n_iter)
     bar = None
     if progress:
@@ -335,8 +335,6 @@ def _iterate_fused(Xt: Any, At: Any, S: Any, n_iter: int, tol: float | None,
     nthreads = numba.config.NUMBA_NUM_THREADS
     kernel_run = new_cd_run(X, A, Sn, tuple(float(w) for w in penalty), nthreads)
     last = np.zeros(b)  # the violations of the last iteration run
-
-    n = A.shape[2]
 
     def advance(kk: int) -> None:  # the next kk iterations (a slice: never all of a huge n_iter at once)
         viol = np.zeros((kk, b))
